@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh machine: starts PostgreSQL (with
+# pg_stat_statements, through which the tests count statements), installs the
+# npm test peers, then runs every test and doctest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/pg.sh
+ensure_postgres
+export DATABASE_URL="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}"
+
+# Schemas left by interrupted runs.
+pg_psql -d test -c "do \$\$ declare s text; begin
+  for s in select nspname from pg_namespace where nspname ~ '^t_[a-z]{10}$' loop
+    execute format('drop schema %I cascade', s); end loop; end \$\$;" >/dev/null
+
+for dir in tests/idp tests/express; do
+  if [ -f "$dir/package-lock.json" ]; then
+    (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+  fi
+done
+
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --all-features --no-fail-fast "$@"
+else
+  cargo test --all-features --no-fail-fast "$@"
+fi
+cargo test --all-features --doc "$@"

@@ -1,0 +1,52 @@
+//! Configuration errors, reported before any request or SQL runs.
+
+/// A configuration value was rejected.
+///
+/// Every variant carries the offending input (secrets excepted) so the message
+/// points at the exact setting to fix.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A schema or table name is empty, too long, or has characters outside
+    /// `[A-Za-z0-9_]` (a leading digit is also refused).
+    #[error("invalid SQL identifier {name:?}: {reason}")]
+    InvalidIdentifier {
+        /// The rejected name.
+        name: String,
+        /// Why it was rejected.
+        reason: &'static str,
+    },
+    /// A time zone name has characters no IANA zone name has.
+    #[error("invalid time zone name {0:?}")]
+    InvalidTimeZone(String),
+    /// A cookie signing key is shorter than the minimum.
+    #[error("cookie signing key {index} is {len} bytes; at least {min} are required")]
+    KeyTooShort {
+        /// Position of the key in the list (0 signs).
+        index: usize,
+        /// Its length in bytes.
+        len: usize,
+        /// The minimum length in bytes.
+        min: usize,
+    },
+    /// No cookie signing key was given.
+    #[error("at least one cookie signing key is required")]
+    NoKeys,
+    /// A cookie name is empty or has characters a cookie name may not have.
+    #[error("invalid cookie name {0:?}")]
+    InvalidCookieName(String),
+    /// A cookie domain has characters a domain may not have.
+    #[error("invalid cookie domain {0:?}")]
+    InvalidCookieDomain(String),
+    /// Two settings contradict each other.
+    #[error("conflicting settings: {0}")]
+    Conflict(&'static str),
+    /// A duration setting is out of range.
+    #[error("invalid duration for {setting}: {reason}")]
+    InvalidDuration {
+        /// Which setting.
+        setting: &'static str,
+        /// Why it was rejected.
+        reason: &'static str,
+    },
+}

@@ -1,0 +1,471 @@
+//! Session ids and the signed cookie that carries them.
+//!
+//! The cookie value is `<id>.<tag>`: the id is 24 bytes from the OS CSPRNG in
+//! base64url (192 bits), the tag is HMAC-SHA256 of the id under the first
+//! signing key, base64url without padding. Any key of the list verifies, so a
+//! new key can be put first while the old ones still accept existing cookies.
+
+use std::fmt;
+
+use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
+use hmac::{Hmac, Mac};
+use http::{header, HeaderMap, HeaderValue};
+use rand::{rngs::OsRng, RngCore};
+use sha2::{Digest, Sha256};
+
+use crate::error::ConfigError;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// Minimum signing key length: HMAC-SHA256 keys shorter than its 256-bit
+/// output weaken it.
+pub(crate) const MIN_KEY_LEN: usize = 32;
+
+/// Cookie values longer than this are not even parsed: no value this crate
+/// writes comes close, and a huge one is an attack or a mix-up.
+const MAX_COOKIE_VALUE: usize = 512;
+
+/// Random bytes in a session id.
+const ID_BYTES: usize = 24;
+
+/// The keys that sign and verify session cookies. The first signs; all verify.
+///
+/// ```
+/// use tower_pg_session::SigningKeys;
+/// let keys = SigningKeys::new(["a new key of at least 32 bytes......", "the previous key, still accepted....."])?;
+/// assert!(SigningKeys::new(["short"]).is_err());
+/// # Ok::<(), tower_pg_session::ConfigError>(())
+/// ```
+#[derive(Clone)]
+pub struct SigningKeys {
+    keys: Vec<HmacSha256>,
+}
+
+impl fmt::Debug for SigningKeys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SigningKeys([redacted; {}])", self.keys.len())
+    }
+}
+
+impl SigningKeys {
+    /// Builds the key list; each key is at least 32 bytes.
+    ///
+    /// # Errors
+    /// [`ConfigError::NoKeys`] for an empty list, [`ConfigError::KeyTooShort`]
+    /// naming the position of a short key.
+    pub fn new<I, K>(keys: I) -> Result<Self, ConfigError>
+    where
+        I: IntoIterator<Item = K>,
+        K: AsRef<[u8]>,
+    {
+        let mut out = Vec::new();
+        for (index, key) in keys.into_iter().enumerate() {
+            let key = key.as_ref();
+            if key.len() < MIN_KEY_LEN {
+                return Err(ConfigError::KeyTooShort {
+                    index,
+                    len: key.len(),
+                    min: MIN_KEY_LEN,
+                });
+            }
+            out.push(HmacSha256::new_from_slice(key).map_err(|_| ConfigError::NoKeys)?);
+        }
+        if out.is_empty() {
+            return Err(ConfigError::NoKeys);
+        }
+        Ok(Self { keys: out })
+    }
+
+    /// A fresh random key list, for tests and throwaway demos: cookies do not
+    /// survive a restart with it.
+    pub fn generate() -> Self {
+        let mut key = [0u8; 32];
+        OsRng.fill_bytes(&mut key);
+        Self {
+            keys: vec![HmacSha256::new_from_slice(&key).unwrap_or_else(|_| unreachable!())],
+        }
+    }
+
+    fn tag(&self, id: &str) -> String {
+        let mut mac = self.keys[0].clone();
+        mac.update(id.as_bytes());
+        URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
+    }
+
+    /// Constant-time check of `tag` against every key.
+    fn verify(&self, id: &str, tag: &[u8]) -> bool {
+        self.keys.iter().any(|key| {
+            let mut mac = key.clone();
+            mac.update(id.as_bytes());
+            mac.verify_slice(tag).is_ok()
+        })
+    }
+}
+
+/// A session id taken from a verified cookie or freshly generated.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) struct SessionId(String);
+
+impl fmt::Debug for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SessionId({})", self.log_id())
+    }
+}
+
+impl SessionId {
+    pub(crate) fn generate() -> Self {
+        let mut bytes = [0u8; ID_BYTES];
+        OsRng.fill_bytes(&mut bytes);
+        Self(URL_SAFE_NO_PAD.encode(bytes))
+    }
+
+    pub(crate) fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The key the row is stored under: the id itself, or its SHA-256 so that a
+    /// copy of the table holds no usable session id.
+    pub(crate) fn storage_key(&self, hashed: bool) -> String {
+        if hashed {
+            hex(&Sha256::digest(self.0.as_bytes()))
+        } else {
+            self.0.clone()
+        }
+    }
+
+    /// A short digest that identifies the session in logs without revealing it.
+    pub(crate) fn log_id(&self) -> String {
+        hex(&Sha256::digest(self.0.as_bytes())[..6])
+    }
+
+    /// Ids this crate or a peer could have written: base64url, 22 to 64 chars.
+    fn plausible(id: &str) -> bool {
+        (22..=64).contains(&id.len())
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use fmt::Write;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}
+
+/// The `SameSite` attribute of the session cookie.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SameSite {
+    /// Sent on top-level navigations from other sites, the default: needed for
+    /// the return from an identity provider.
+    Lax,
+    /// Never sent on cross-site requests.
+    Strict,
+    /// Sent on every request; requires `Secure`.
+    None,
+}
+
+/// How the session cookie is named, scoped and flagged.
+#[derive(Debug, Clone)]
+pub(crate) struct CookieConfig {
+    pub(crate) name: String,
+    pub(crate) host_prefix: bool,
+    pub(crate) domain: Option<String>,
+    pub(crate) path: String,
+    pub(crate) secure: bool,
+    pub(crate) same_site: SameSite,
+    pub(crate) persistent: bool,
+    pub(crate) keys: SigningKeys,
+}
+
+impl CookieConfig {
+    pub(crate) fn new(keys: SigningKeys) -> Self {
+        Self {
+            name: "session".to_owned(),
+            host_prefix: false,
+            domain: None,
+            path: "/".to_owned(),
+            secure: true,
+            same_site: SameSite::Lax,
+            persistent: true,
+            keys,
+        }
+    }
+
+    /// The name as sent, with the `__Host-` prefix when enabled.
+    pub(crate) fn full_name(&self) -> String {
+        if self.host_prefix {
+            format!("__Host-{}", self.name)
+        } else {
+            self.name.clone()
+        }
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        if self.host_prefix {
+            if self.domain.is_some() {
+                return Err(ConfigError::Conflict("the __Host- prefix forbids a Domain"));
+            }
+            if !self.secure {
+                return Err(ConfigError::Conflict("the __Host- prefix requires Secure"));
+            }
+            if self.path != "/" {
+                return Err(ConfigError::Conflict("the __Host- prefix requires Path=/"));
+            }
+        }
+        if self.same_site == SameSite::None && !self.secure {
+            return Err(ConfigError::Conflict("SameSite=None requires Secure"));
+        }
+        Ok(())
+    }
+
+    /// The verified session id of the request, if any. Values that are
+    /// malformed, oversized or fail verification are ignored, as if absent.
+    pub(crate) fn read(&self, headers: &HeaderMap, name: &str) -> Option<SessionId> {
+        let mut seen_invalid = false;
+        for header in headers.get_all(header::COOKIE) {
+            let Ok(header) = header.to_str() else {
+                continue;
+            };
+            for pair in header.split(';') {
+                let Some((k, v)) = pair.trim().split_once('=') else {
+                    continue;
+                };
+                if k != name {
+                    continue;
+                }
+                match self.verify_value(v.trim_matches('"')) {
+                    Some(id) => return Some(id),
+                    None => seen_invalid = true,
+                }
+            }
+        }
+        if seen_invalid {
+            tracing::debug!(
+                cookie = name,
+                "ignoring a session cookie that failed verification"
+            );
+        }
+        None
+    }
+
+    fn verify_value(&self, value: &str) -> Option<SessionId> {
+        if value.len() > MAX_COOKIE_VALUE {
+            return None;
+        }
+        let (id, tag) = value.rsplit_once('.')?;
+        if !SessionId::plausible(id) {
+            return None;
+        }
+        let tag = URL_SAFE_NO_PAD.decode(tag).ok()?;
+        self.keys.verify(id, &tag).then(|| SessionId(id.to_owned()))
+    }
+
+    /// `Set-Cookie` carrying `id`, valid for `max_age_secs` when persistent.
+    pub(crate) fn set(&self, name: &str, id: &SessionId, max_age_secs: i64) -> HeaderValue {
+        let value = format!("{}.{}", id.as_str(), self.keys.tag(id.as_str()));
+        let max_age = self.persistent.then_some(max_age_secs.max(0));
+        self.header(name, &value, max_age)
+    }
+
+    /// `Set-Cookie` that makes the browser drop the cookie.
+    pub(crate) fn remove(&self, name: &str) -> HeaderValue {
+        self.header(name, "", Some(0))
+    }
+
+    fn header(&self, name: &str, value: &str, max_age: Option<i64>) -> HeaderValue {
+        let mut s = format!("{name}={value}; Path={}; HttpOnly", self.path);
+        if let Some(domain) = &self.domain {
+            s.push_str("; Domain=");
+            s.push_str(domain);
+        }
+        if self.secure {
+            s.push_str("; Secure");
+        }
+        s.push_str(match self.same_site {
+            SameSite::Lax => "; SameSite=Lax",
+            SameSite::Strict => "; SameSite=Strict",
+            SameSite::None => "; SameSite=None",
+        });
+        if let Some(age) = max_age {
+            s.push_str(&format!("; Max-Age={age}"));
+        }
+        // Every part was validated when configured or generated by us.
+        HeaderValue::from_str(&s).unwrap_or_else(|_| HeaderValue::from_static(""))
+    }
+}
+
+/// Cookie names are RFC 6265 tokens.
+pub(crate) fn check_cookie_name(name: &str) -> Result<(), ConfigError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+    ok.then_some(())
+        .ok_or_else(|| ConfigError::InvalidCookieName(name.to_owned()))
+}
+
+pub(crate) fn check_domain(domain: &str) -> Result<(), ConfigError> {
+    let ok = !domain.is_empty()
+        && domain.len() <= 253
+        && domain
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+    ok.then_some(())
+        .ok_or_else(|| ConfigError::InvalidCookieDomain(domain.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(keys: &[&str]) -> CookieConfig {
+        CookieConfig::new(SigningKeys::new(keys).expect("keys"))
+    }
+
+    fn request_with(cookie: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_str(cookie).expect("header"),
+        );
+        h
+    }
+
+    fn value_of(set_cookie: &HeaderValue) -> String {
+        let s = set_cookie.to_str().expect("ascii");
+        let (pair, _) = s.split_once(';').expect("attributes");
+        pair.split_once('=').expect("pair").1.to_owned()
+    }
+
+    const K1: &str = "k1-0123456789abcdef0123456789abcdef";
+    const K2: &str = "k2-0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn ids_are_192_bit_base64url() {
+        let a = SessionId::generate();
+        let b = SessionId::generate();
+        assert_eq!(a.as_str().len(), 32);
+        assert_ne!(a, b);
+        assert!(SessionId::plausible(a.as_str()));
+        assert_eq!(a.storage_key(true).len(), 64);
+        assert_eq!(a.storage_key(false), a.as_str());
+        assert!(!format!("{a:?}").contains(a.as_str()));
+    }
+
+    #[test]
+    fn round_trip_and_rotation() {
+        let id = SessionId::generate();
+        let old = config(&[K1]);
+        let cookie = value_of(&old.set("session", &id, 60));
+        // The old key alone, then the old key behind a new one: both accept.
+        assert_eq!(
+            old.read(&request_with(&format!("session={cookie}")), "session"),
+            Some(id.clone())
+        );
+        let rotated = config(&[K2, K1]);
+        assert_eq!(
+            rotated.read(&request_with(&format!("a=b; session={cookie}")), "session"),
+            Some(id.clone())
+        );
+        // Once the old key is dropped, its cookies are refused.
+        assert_eq!(
+            config(&[K2]).read(&request_with(&format!("session={cookie}")), "session"),
+            None
+        );
+        // New cookies are signed by the first key.
+        let fresh = value_of(&rotated.set("session", &id, 60));
+        assert_eq!(
+            config(&[K2]).read(&request_with(&format!("session={fresh}")), "session"),
+            Some(id)
+        );
+    }
+
+    #[test]
+    fn bad_values_are_ignored() {
+        let c = config(&[K1]);
+        let id = SessionId::generate();
+        let good = value_of(&c.set("session", &id, 60));
+        let (raw_id, tag) = good.rsplit_once('.').expect("dot");
+        let mut flipped = tag.as_bytes().to_vec();
+        flipped[3] = if flipped[3] == b'A' { b'B' } else { b'A' };
+        let other = SessionId::generate();
+        for bad in [
+            String::new(),
+            raw_id.to_owned(),
+            format!("{raw_id}."),
+            format!("{raw_id}.{}", String::from_utf8(flipped).expect("ascii")),
+            format!("{}.{tag}", other.as_str()),
+            format!("{raw_id}x.{tag}"),
+            format!("{raw_id}.{tag}{}", "A".repeat(600)),
+            "../../etc/passwd.abc".to_owned(),
+            format!("{raw_id}';--.{tag}"),
+        ] {
+            assert_eq!(
+                c.read(&request_with(&format!("session={bad}")), "session"),
+                None,
+                "{bad}"
+            );
+        }
+        // A forged cookie before the real one does not hide it.
+        let both = format!("session=forged.AAAA; session={good}");
+        assert_eq!(c.read(&request_with(&both), "session"), Some(id));
+    }
+
+    #[test]
+    fn attributes_default_to_secure() {
+        let c = config(&[K1]);
+        let s = c.set("session", &SessionId::generate(), 3600);
+        let s = s.to_str().expect("ascii");
+        for attr in [
+            "Path=/",
+            "HttpOnly",
+            "Secure",
+            "SameSite=Lax",
+            "Max-Age=3600",
+        ] {
+            assert!(s.contains(attr), "{s}");
+        }
+        let gone = c.remove("session");
+        assert!(gone.to_str().expect("ascii").contains("Max-Age=0"));
+    }
+
+    #[test]
+    fn host_prefix_rules() {
+        let mut c = config(&[K1]);
+        c.host_prefix = true;
+        assert!(c.validate().is_ok());
+        assert_eq!(c.full_name(), "__Host-session");
+        c.domain = Some("example.com".into());
+        assert!(c.validate().is_err());
+        c.domain = None;
+        c.secure = false;
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn names_and_keys_are_checked() {
+        assert!(check_cookie_name("connect.sid").is_ok());
+        assert!(check_cookie_name("a b").is_err());
+        assert!(check_cookie_name("a;b").is_err());
+        assert!(check_domain("example.com").is_ok());
+        assert!(check_domain("example.com; x").is_err());
+        let err = SigningKeys::new([K1, "short"]).expect_err("short");
+        assert!(matches!(
+            err,
+            ConfigError::KeyTooShort {
+                index: 1,
+                len: 5,
+                ..
+            }
+        ));
+        assert!(SigningKeys::new(Vec::<&str>::new()).is_err());
+        assert!(!format!("{:?}", SigningKeys::new([K1]).expect("ok")).contains("k1"));
+    }
+}

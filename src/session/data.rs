@@ -1,0 +1,138 @@
+//! The session's data: a JSON object kept as raw values in their original order,
+//! so a key this process never touches is written back exactly as it was read
+//! (another application may share the row).
+
+use std::fmt;
+
+use serde::de::{self, Deserialize, Deserializer, MapAccess, Visitor};
+use serde_json::value::RawValue;
+
+#[derive(Clone, Default)]
+pub(crate) struct Data {
+    entries: Vec<(String, Box<RawValue>)>,
+}
+
+impl fmt::Debug for Data {
+    // Values may be secrets; keys are enough to debug with.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_set()
+            .entries(self.entries.iter().map(|(k, _)| k))
+            .finish()
+    }
+}
+
+impl Data {
+    /// Parses a `sess` column; `None` unless it is a JSON object.
+    pub(crate) fn parse(text: &str) -> Option<Self> {
+        serde_json::from_str(text).ok()
+    }
+
+    pub(crate) fn get(&self, key: &str) -> Option<&RawValue> {
+        self.entries
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| &**v)
+    }
+
+    pub(crate) fn set(&mut self, key: &str, value: Box<RawValue>) {
+        match self.entries.iter_mut().find(|(k, _)| k == key) {
+            Some(slot) => slot.1 = value,
+            None => self.entries.push((key.to_owned(), value)),
+        }
+    }
+
+    pub(crate) fn remove(&mut self, key: &str) -> bool {
+        let before = self.entries.len();
+        self.entries.retain(|(k, _)| k != key);
+        before != self.entries.len()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&str, &RawValue)> {
+        self.entries.iter().map(|(k, v)| (k.as_str(), &**v))
+    }
+
+    /// The serialized form: `{"key":<raw>,…}`.
+    pub(crate) fn to_json(&self) -> String {
+        let mut out = String::with_capacity(self.encoded_len());
+        out.push('{');
+        for (i, (k, v)) in self.entries.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push_str(&serde_json::to_string(k).unwrap_or_default());
+            out.push(':');
+            out.push_str(v.get());
+        }
+        out.push('}');
+        out
+    }
+
+    /// Length of [`Self::to_json`] without building it (keys are rarely escaped;
+    /// the estimate counts them unescaped plus quotes).
+    pub(crate) fn encoded_len(&self) -> usize {
+        2 + self
+            .entries
+            .iter()
+            .map(|(k, v)| k.len() + 3 + v.get().len())
+            .sum::<usize>()
+            + self.entries.len().saturating_sub(1)
+    }
+}
+
+impl<'de> Deserialize<'de> for Data {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Data;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Data, A::Error> {
+                let mut data = Data::default();
+                while let Some((k, v)) = map.next_entry::<String, Box<RawValue>>()? {
+                    data.set(&k, v);
+                }
+                Ok(data)
+            }
+        }
+        d.deserialize_map(V).map_err(de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_values_survive_byte_for_byte() {
+        let text = r#"{"cookie":{"originalMaxAge":86400000,"expires":"2030-01-01T00:00:00.000Z"},"passport":{"user": 42 },"flash":{}}"#;
+        let mut data = Data::parse(text).expect("object");
+        data.set("count", RawValue::from_string("3".into()).expect("raw"));
+        assert_eq!(
+            data.to_json(),
+            r#"{"cookie":{"originalMaxAge":86400000,"expires":"2030-01-01T00:00:00.000Z"},"passport":{"user": 42 },"flash":{},"count":3}"#
+        );
+        assert_eq!(data.encoded_len(), data.to_json().len());
+    }
+
+    #[test]
+    fn only_objects_parse() {
+        for bad in ["[]", "\"x\"", "1", "null", "{", "not json", ""] {
+            assert!(Data::parse(bad).is_none(), "{bad}");
+        }
+        assert!(Data::parse("{}").expect("empty").is_empty());
+    }
+
+    #[test]
+    fn set_replaces_and_remove_removes() {
+        let mut data = Data::parse(r#"{"a":1,"b":2}"#).expect("object");
+        data.set("a", RawValue::from_string("10".into()).expect("raw"));
+        assert!(data.remove("b"));
+        assert!(!data.remove("b"));
+        assert_eq!(data.to_json(), r#"{"a":10}"#);
+    }
+}

@@ -1,0 +1,527 @@
+//! The [`Session`] handle that handlers use.
+
+use std::{fmt, sync::Arc};
+
+use serde::{de::DeserializeOwned, Serialize};
+use serde_json::value::RawValue;
+use time::OffsetDateTime;
+use tokio::sync::Mutex;
+
+use super::{cookie::SessionId, data::Data, layer::Config, SessionError};
+use crate::store::{NewRow, OwnedRow, PgStore, StoreError};
+
+/// The session of the current request, found in the request extensions.
+///
+/// Nothing is read from the database until a method needs the data, so a
+/// request that never looks at its session costs no query. Changes are kept
+/// per key and written once, when the response is ready (or at
+/// [`Session::save`]); if another request changed the same session meanwhile,
+/// this request's changes are re-applied on top of the other's rather than
+/// overwriting them.
+#[derive(Clone)]
+pub struct Session {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    store: PgStore,
+    config: Arc<Config>,
+    incoming: Option<SessionId>,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    loaded: bool,
+    row: Option<Row>,
+    data: Data,
+    /// Key-level changes in the order made: `None` removes the key.
+    changes: Vec<(String, Option<Box<RawValue>>)>,
+    user_id: Option<String>,
+    provider_sid: Option<String>,
+    meta_changed: bool,
+    cycle: bool,
+    delete_key: Option<String>,
+    cookie: CookieAction,
+    failure: Option<Failure>,
+}
+
+/// The stored row this session is bound to.
+#[derive(Clone)]
+struct Row {
+    id: SessionId,
+    version: String,
+    created_at: Option<OffsetDateTime>,
+}
+
+/// What the response must say to the browser about the cookie.
+#[derive(Debug, Clone, Default)]
+pub(crate) enum CookieAction {
+    #[default]
+    Keep,
+    Set(SessionId, OffsetDateTime),
+    Remove,
+}
+
+/// A failure the response must report, whatever the handler returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Failure {
+    Unavailable,
+    TooLarge,
+}
+
+/// What the response future applies once the handler is done.
+#[derive(Debug)]
+pub(crate) struct Outcome {
+    pub(crate) cookie: CookieAction,
+    pub(crate) failure: Option<Failure>,
+}
+
+impl fmt::Debug for Session {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Session")
+            .field("id", &self.shared.incoming.as_ref().map(SessionId::log_id))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Session {
+    pub(crate) fn new(store: PgStore, config: Arc<Config>, incoming: Option<SessionId>) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                store,
+                config,
+                incoming,
+                state: Mutex::new(State::default()),
+            }),
+        }
+    }
+
+    /// The value under `key`, if any.
+    ///
+    /// # Errors
+    /// [`SessionError::Store`] when the session cannot be loaded (the response
+    /// then becomes 503), [`SessionError::Serde`] when the stored value does
+    /// not deserialize into `T`.
+    pub async fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, SessionError> {
+        let mut st = self.shared.state.lock().await;
+        self.ensure_loaded(&mut st).await?;
+        st.data
+            .get(key)
+            .map(|raw| serde_json::from_str(raw.get()))
+            .transpose()
+            .map_err(|source| SessionError::Serde {
+                key: key.to_owned(),
+                source,
+            })
+    }
+
+    /// Stores `value` under `key`.
+    ///
+    /// # Errors
+    /// [`SessionError::TooLarge`] when the data would exceed the size limit
+    /// (the session is left as it was), [`SessionError::Serde`] when `value`
+    /// does not serialize, [`SessionError::Store`] when loading fails.
+    pub async fn insert<T: Serialize + ?Sized>(
+        &self,
+        key: &str,
+        value: &T,
+    ) -> Result<(), SessionError> {
+        let raw = serde_json::value::to_raw_value(value).map_err(|source| SessionError::Serde {
+            key: key.to_owned(),
+            source,
+        })?;
+        let mut st = self.shared.state.lock().await;
+        self.ensure_loaded(&mut st).await?;
+        let mut next = st.data.clone();
+        next.set(key, raw.clone());
+        let size = next.encoded_len();
+        let limit = self.shared.config.max_size;
+        if size > limit {
+            return Err(SessionError::TooLarge { size, limit });
+        }
+        st.data = next;
+        st.changes.push((key.to_owned(), Some(raw)));
+        Ok(())
+    }
+
+    /// Removes `key`, returning its value.
+    ///
+    /// # Errors
+    /// As [`Session::get`].
+    pub async fn remove<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, SessionError> {
+        let mut st = self.shared.state.lock().await;
+        self.ensure_loaded(&mut st).await?;
+        let old = st
+            .data
+            .get(key)
+            .map(|raw| serde_json::from_str(raw.get()))
+            .transpose()
+            .map_err(|source| SessionError::Serde {
+                key: key.to_owned(),
+                source,
+            })?;
+        if st.data.remove(key) {
+            st.changes.push((key.to_owned(), None));
+        }
+        Ok(old)
+    }
+
+    /// All the data as a JSON object (`{}` for a new session).
+    ///
+    /// # Errors
+    /// As [`Session::get`].
+    pub async fn to_json(
+        &self,
+    ) -> Result<serde_json::Map<String, serde_json::Value>, SessionError> {
+        let mut st = self.shared.state.lock().await;
+        self.ensure_loaded(&mut st).await?;
+        st.data
+            .iter()
+            .map(|(k, v)| {
+                serde_json::from_str(v.get())
+                    .map(|v| (k.to_owned(), v))
+                    .map_err(|source| SessionError::Serde {
+                        key: k.to_owned(),
+                        source,
+                    })
+            })
+            .collect()
+    }
+
+    /// True when the session holds no data (new, expired or destroyed).
+    ///
+    /// # Errors
+    /// As [`Session::get`].
+    pub async fn is_empty(&self) -> Result<bool, SessionError> {
+        let mut st = self.shared.state.lock().await;
+        self.ensure_loaded(&mut st).await?;
+        Ok(st.data.is_empty())
+    }
+
+    /// Gives the session a new id, keeping its data; call it on login so an id
+    /// planted before login is worthless after (session fixation). Costs one
+    /// statement at save, folded into the data write if there is one.
+    ///
+    /// # Errors
+    /// As [`Session::get`].
+    pub async fn cycle_id(&self) -> Result<(), SessionError> {
+        let mut st = self.shared.state.lock().await;
+        self.ensure_loaded(&mut st).await?;
+        st.cycle = true;
+        Ok(())
+    }
+
+    /// Ends the session: its row is deleted and the browser told to drop the
+    /// cookie. Data inserted afterwards starts a new session under a new id.
+    pub async fn destroy(&self) {
+        let mut st = self.shared.state.lock().await;
+        let hashed = self.shared.config.hashed_ids;
+        let key = match (&st.row, &self.shared.incoming, st.loaded) {
+            (Some(row), _, _) => Some(row.id.storage_key(hashed)),
+            (None, Some(id), false) => Some(id.storage_key(hashed)),
+            _ => None,
+        };
+        *st = State {
+            loaded: true,
+            delete_key: key.or(st.delete_key.take()),
+            cookie: CookieAction::Remove,
+            ..State::default()
+        };
+    }
+
+    /// The user this session belongs to, kept in the indexed `user_id` column
+    /// (so that all of a user's sessions can be found and revoked).
+    ///
+    /// # Errors
+    /// As [`Session::get`].
+    pub async fn user_id(&self) -> Result<Option<String>, SessionError> {
+        let mut st = self.shared.state.lock().await;
+        self.ensure_loaded(&mut st).await?;
+        Ok(st.user_id.clone())
+    }
+
+    /// Sets or clears the owning user (see [`Session::user_id`]).
+    ///
+    /// # Errors
+    /// As [`Session::get`]; [`SessionError::Unsupported`] when the table lacks
+    /// the column and may not be upgraded.
+    pub async fn set_user_id(&self, user: Option<&str>) -> Result<(), SessionError> {
+        self.set_meta(|st| st.user_id = user.map(str::to_owned))
+            .await
+    }
+
+    /// Sets or clears the identity provider's session id (the OIDC `sid`
+    /// claim), kept in the indexed `provider_sid` column for back-channel logout.
+    ///
+    /// # Errors
+    /// As [`Session::set_user_id`].
+    pub async fn set_provider_sid(&self, sid: Option<&str>) -> Result<(), SessionError> {
+        self.set_meta(|st| st.provider_sid = sid.map(str::to_owned))
+            .await
+    }
+
+    async fn set_meta(&self, f: impl FnOnce(&mut State)) -> Result<(), SessionError> {
+        if !self.shared.store.has_extended_columns() {
+            return Err(SessionError::Unsupported(
+                "the session table has no user_id/provider_sid columns",
+            ));
+        }
+        let mut st = self.shared.state.lock().await;
+        self.ensure_loaded(&mut st).await?;
+        f(&mut st);
+        st.meta_changed = true;
+        Ok(())
+    }
+
+    /// Writes pending changes now instead of when the response is ready, so
+    /// the handler sees a failure itself.
+    ///
+    /// # Errors
+    /// [`SessionError::Store`] when the write fails, [`SessionError::TooLarge`]
+    /// when re-applying this request's changes over a concurrent write exceeds
+    /// the limit; the stored session is then left as it was.
+    pub async fn save(&self) -> Result<(), SessionError> {
+        let mut st = self.shared.state.lock().await;
+        self.save_locked(&mut st).await
+    }
+
+    /// What the response needs without any further I/O, when nothing is left
+    /// to write; `None` when a save is due.
+    pub(crate) fn try_finish_now(&self) -> Option<Outcome> {
+        let st = self.shared.state.try_lock().ok()?;
+        let pending =
+            st.delete_key.is_some() || st.cycle || st.meta_changed || !st.changes.is_empty();
+        (!pending).then(|| self.outcome(&st))
+    }
+
+    /// Saves what is pending and reports what the response must carry.
+    pub(crate) async fn finish(self) -> Outcome {
+        let mut st = self.shared.state.lock().await;
+        // A failure is recorded in the state and reported in the outcome.
+        let _ = self.save_locked(&mut st).await;
+        self.outcome(&st)
+    }
+
+    fn outcome(&self, st: &State) -> Outcome {
+        Outcome {
+            cookie: st.cookie.clone(),
+            failure: st.failure,
+        }
+    }
+
+    async fn ensure_loaded(&self, st: &mut State) -> Result<(), SessionError> {
+        if st.loaded {
+            return Ok(());
+        }
+        let Some(id) = &self.shared.incoming else {
+            st.loaded = true;
+            return Ok(());
+        };
+        let config = &self.shared.config;
+        let params = config.load_params(OffsetDateTime::now_utc());
+        let loaded = self
+            .shared
+            .store
+            .load(&id.storage_key(config.hashed_ids), &params)
+            .await
+            .map_err(|e| self.fail(st, Failure::Unavailable, e))?;
+        st.loaded = true;
+        let Some(loaded) = loaded else {
+            tracing::debug!(session = %id.log_id(), "no live session for cookie");
+            return Ok(());
+        };
+        let Some(data) = Data::parse(&loaded.sess) else {
+            // Written by someone else; leave the row alone and start afresh:
+            // a later write creates a new session under a new id.
+            tracing::warn!(session = %id.log_id(), "stored session data is not a JSON object; ignoring it");
+            return Ok(());
+        };
+        st.data = data;
+        st.user_id = loaded.user_id;
+        st.provider_sid = loaded.provider_sid;
+        st.row = Some(Row {
+            id: id.clone(),
+            version: loaded.version,
+            created_at: loaded.created_at,
+        });
+        if loaded.touched {
+            st.cookie = CookieAction::Set(id.clone(), loaded.expire);
+        }
+        Ok(())
+    }
+
+    fn fail(&self, st: &mut State, failure: Failure, error: StoreError) -> SessionError {
+        tracing::error!(error = %error, source = ?std::error::Error::source(&error), "session store failed");
+        st.failure = Some(failure);
+        SessionError::Store(error)
+    }
+
+    async fn save_locked(&self, st: &mut State) -> Result<(), SessionError> {
+        let store = &self.shared.store;
+        let config = &self.shared.config;
+        let hashed = config.hashed_ids;
+        if let Some(key) = st.delete_key.clone() {
+            store
+                .delete(&key)
+                .await
+                .map_err(|e| self.fail(st, Failure::Unavailable, e))?;
+            st.delete_key = None;
+        }
+        if st.changes.is_empty() && !st.cycle && !st.meta_changed {
+            return Ok(());
+        }
+        let size = st.data.encoded_len();
+        if size > config.max_size {
+            st.failure = Some(Failure::TooLarge);
+            return Err(SessionError::TooLarge {
+                size,
+                limit: config.max_size,
+            });
+        }
+        let now = OffsetDateTime::now_utc();
+        let sess = st.data.to_json();
+        let (user_id, provider_sid) = (st.user_id.clone(), st.provider_sid.clone());
+        let Some(row) = st.row.clone() else {
+            if st.data.is_empty() && !st.meta_changed {
+                st.changes.clear();
+                st.cycle = false;
+                return Ok(());
+            }
+            let expire = config.expire_at(now, None);
+            let new = NewRow {
+                sess: &sess,
+                expire,
+                user_id: user_id.as_deref(),
+                provider_sid: provider_sid.as_deref(),
+            };
+            // 192 random bits do not collide; the loop is for the impossible case.
+            for _ in 0..3 {
+                let id = SessionId::generate();
+                let inserted = store
+                    .insert(&id.storage_key(hashed), &new, now)
+                    .await
+                    .map_err(|e| self.fail(st, Failure::Unavailable, e))?;
+                if let Some(version) = inserted {
+                    self.saved(st, id, version, Some(now), expire);
+                    return Ok(());
+                }
+            }
+            let e = StoreError::Schema("could not allocate a unique session id".into());
+            return Err(self.fail(st, Failure::Unavailable, e));
+        };
+        let key = row.id.storage_key(hashed);
+        let new_id = if st.cycle {
+            SessionId::generate()
+        } else {
+            row.id.clone()
+        };
+        let new_key = new_id.storage_key(hashed);
+        let expire = config.expire_at(now, row.created_at);
+        let new = NewRow {
+            sess: &sess,
+            expire,
+            user_id: user_id.as_deref(),
+            provider_sid: provider_sid.as_deref(),
+        };
+        let updated = store
+            .update(&key, &new_key, &row.version, &new, now)
+            .await
+            .map_err(|e| self.fail(st, Failure::Unavailable, e))?;
+        if let Some(version) = updated {
+            self.saved(st, new_id, version, row.created_at, expire);
+            return Ok(());
+        }
+        // Someone else wrote the row since we read it (or it is gone): lock it,
+        // re-apply this request's changes to what is there now, write again.
+        let changes = st.changes.clone();
+        let meta = st
+            .meta_changed
+            .then(|| (st.user_id.clone(), st.provider_sid.clone()));
+        let max_size = config.max_size;
+        let mut merged = None;
+        let result = store
+            .update_locked(&key, &new_key, now, |fresh| {
+                let mut data = Data::parse(&fresh.sess).unwrap_or_default();
+                for (k, v) in &changes {
+                    match v {
+                        Some(v) => data.set(k, v.clone()),
+                        None => {
+                            data.remove(k);
+                        }
+                    }
+                }
+                let size = data.encoded_len();
+                if size > max_size {
+                    return Err(SessionError::TooLarge {
+                        size,
+                        limit: max_size,
+                    });
+                }
+                let (user_id, provider_sid) =
+                    meta.clone().unwrap_or((fresh.user_id, fresh.provider_sid));
+                let out = OwnedRow {
+                    sess: data.to_json(),
+                    expire: config.expire_at(now, fresh.created_at),
+                    user_id,
+                    provider_sid,
+                };
+                merged = Some((
+                    data,
+                    fresh.created_at,
+                    out.user_id.clone(),
+                    out.provider_sid.clone(),
+                    out.expire,
+                ));
+                Ok(out)
+            })
+            .await
+            .map_err(|e| self.fail(st, Failure::Unavailable, e))?;
+        match result {
+            Ok(Some(version)) => {
+                let (data, created_at, user_id, provider_sid, expire) =
+                    merged.unwrap_or_else(|| unreachable!("set when the update ran"));
+                st.data = data;
+                st.user_id = user_id;
+                st.provider_sid = provider_sid;
+                self.saved(st, new_id, version, created_at, expire);
+                tracing::debug!(session = %row.id.log_id(), "re-applied changes after a concurrent write");
+                Ok(())
+            }
+            Ok(None) => {
+                // Destroyed (logout, revocation, prune) while this request ran:
+                // its changes are dropped rather than bringing the session back.
+                tracing::info!(session = %row.id.log_id(), "session ended during the request; changes dropped");
+                *st = State {
+                    loaded: true,
+                    cookie: CookieAction::Remove,
+                    ..State::default()
+                };
+                Ok(())
+            }
+            Err(e) => {
+                st.failure = Some(Failure::TooLarge);
+                Err(e)
+            }
+        }
+    }
+
+    fn saved(
+        &self,
+        st: &mut State,
+        id: SessionId,
+        version: String,
+        created_at: Option<OffsetDateTime>,
+        expire: OffsetDateTime,
+    ) {
+        st.changes.clear();
+        st.cycle = false;
+        st.meta_changed = false;
+        st.cookie = CookieAction::Set(id.clone(), expire);
+        st.row = Some(Row {
+            id,
+            version,
+            created_at,
+        });
+    }
+}

@@ -1,0 +1,368 @@
+//! [`SessionLayer`]: configuration and the tower `Layer`.
+
+use std::{fmt, sync::Arc, time::Duration};
+
+use http::StatusCode;
+use time::OffsetDateTime;
+use tower_layer::Layer;
+
+use super::{
+    cookie::{check_cookie_name, check_domain, CookieConfig, SameSite, SigningKeys},
+    service::SessionService,
+};
+use crate::{
+    error::ConfigError,
+    store::{LoadParams, PgStore},
+};
+
+/// Everything the service and the handles share, fixed at construction.
+#[derive(Clone)]
+pub(crate) struct Config {
+    pub(crate) cookie: CookieConfig,
+    pub(crate) cookie_name: String,
+    pub(crate) idle: Option<Duration>,
+    pub(crate) absolute: Option<Duration>,
+    pub(crate) touch_fraction: f64,
+    pub(crate) max_size: usize,
+    pub(crate) hashed_ids: bool,
+    pub(crate) unavailable_status: StatusCode,
+}
+
+impl Config {
+    pub(crate) fn load_params(&self, now: OffsetDateTime) -> LoadParams {
+        let absolute_secs = self.absolute.map(|d| d.as_secs_f64());
+        match self.idle {
+            Some(idle) => LoadParams {
+                now,
+                extend_to: now + idle,
+                // The row is rewritten only once this share of the idle timeout
+                // has passed since the last write, not on every read.
+                touch_before: now + idle.mul_f64(1.0 - self.touch_fraction),
+                absolute_secs,
+            },
+            None => LoadParams {
+                now,
+                extend_to: now,
+                touch_before: now,
+                absolute_secs,
+            },
+        }
+    }
+
+    /// The expiry a row written now gets.
+    pub(crate) fn expire_at(
+        &self,
+        now: OffsetDateTime,
+        created: Option<OffsetDateTime>,
+    ) -> OffsetDateTime {
+        let idle = self.idle.map(|d| now + d);
+        let absolute = self.absolute.map(|d| created.unwrap_or(now) + d);
+        match (idle, absolute) {
+            (Some(a), Some(b)) => a.min(b),
+            (Some(a), None) => a,
+            (None, Some(b)) => b,
+            (None, None) => now + DEFAULT_IDLE,
+        }
+    }
+}
+
+const DEFAULT_IDLE: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// Adds a [`Session`](super::Session) to every request and saves it when the
+/// response is ready.
+///
+/// ```
+/// # async fn run(store: tower_pg_session::PgStore) -> Result<(), tower_pg_session::ConfigError> {
+/// use std::time::Duration;
+/// use tower_pg_session::{SessionLayer, SigningKeys};
+///
+/// let keys = SigningKeys::new([std::env::var("SESSION_SECRET").unwrap_or_default()])?;
+/// let layer = SessionLayer::new(store, keys)
+///     .with_cookie_name("app_session")?
+///     .with_idle_timeout(Some(Duration::from_secs(8 * 3600)))?
+///     .with_absolute_timeout(Some(Duration::from_secs(7 * 24 * 3600)))?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+#[must_use]
+pub struct SessionLayer {
+    store: PgStore,
+    config: Arc<Config>,
+}
+
+impl fmt::Debug for SessionLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let c = &self.config;
+        f.debug_struct("SessionLayer")
+            .field("store", &self.store)
+            .field("cookie", &c.cookie_name)
+            .field("idle", &c.idle)
+            .field("absolute", &c.absolute)
+            .field("hashed_ids", &c.hashed_ids)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SessionLayer {
+    /// Sessions in `store`, cookies signed with `keys`. Defaults: cookie
+    /// `session` with `HttpOnly; Secure; SameSite=Lax; Path=/`, a persistent
+    /// cookie, 24 h idle timeout, no absolute timeout, 64 KiB of data at most,
+    /// plain ids at rest (shareable with other applications).
+    pub fn new(store: PgStore, keys: SigningKeys) -> Self {
+        let cookie = CookieConfig::new(keys);
+        Self {
+            store,
+            config: Arc::new(Config {
+                cookie_name: cookie.full_name(),
+                cookie,
+                idle: Some(DEFAULT_IDLE),
+                absolute: None,
+                touch_fraction: 0.1,
+                max_size: 64 * 1024,
+                hashed_ids: false,
+                unavailable_status: StatusCode::SERVICE_UNAVAILABLE,
+            }),
+        }
+    }
+
+    fn edit(mut self, f: impl FnOnce(&mut Config)) -> Result<Self, ConfigError> {
+        let config = Arc::make_mut(&mut self.config);
+        f(config);
+        config.cookie_name = config.cookie.full_name();
+        config.cookie.validate()?;
+        if config.idle.is_none() && config.absolute.is_none() {
+            return Err(ConfigError::Conflict(
+                "an idle or an absolute timeout is required",
+            ));
+        }
+        if config.absolute.is_some() && !self.store.has_extended_columns() {
+            return Err(ConfigError::Conflict(
+                "an absolute timeout needs the created_at column; let the store upgrade the table",
+            ));
+        }
+        Ok(self)
+    }
+
+    /// The cookie name (default `session`).
+    ///
+    /// ```
+    /// # async fn run(layer: tower_pg_session::SessionLayer) {
+    /// assert!(layer.clone().with_cookie_name("sid").is_ok());
+    /// assert!(layer.with_cookie_name("bad name").is_err());
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// [`ConfigError::InvalidCookieName`] for a name that is not a cookie token.
+    pub fn with_cookie_name(self, name: &str) -> Result<Self, ConfigError> {
+        check_cookie_name(name)?;
+        self.edit(|c| c.cookie.name = name.to_owned())
+    }
+
+    /// Prefixes the name with `__Host-`, which browsers accept only with
+    /// `Secure`, `Path=/` and no `Domain`: a sibling subdomain cannot then set
+    /// or shadow the cookie.
+    ///
+    /// ```
+    /// # async fn run(layer: tower_pg_session::SessionLayer) -> Result<(), tower_pg_session::ConfigError> {
+    /// let layer = layer.with_host_prefix()?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`ConfigError::Conflict`] when a domain is set or `Secure` is off.
+    pub fn with_host_prefix(self) -> Result<Self, ConfigError> {
+        self.edit(|c| c.cookie.host_prefix = true)
+    }
+
+    /// Sends the cookie to this domain and its subdomains (default: the host only).
+    ///
+    /// ```
+    /// # async fn run(layer: tower_pg_session::SessionLayer) -> Result<(), tower_pg_session::ConfigError> {
+    /// let layer = layer.with_domain("example.com")?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`ConfigError::InvalidCookieDomain`], or [`ConfigError::Conflict`] with
+    /// the `__Host-` prefix.
+    pub fn with_domain(self, domain: &str) -> Result<Self, ConfigError> {
+        check_domain(domain)?;
+        self.edit(|c| c.cookie.domain = Some(domain.to_owned()))
+    }
+
+    /// The `SameSite` attribute (default `Lax`).
+    ///
+    /// ```
+    /// # async fn run(layer: tower_pg_session::SessionLayer) -> Result<(), tower_pg_session::ConfigError> {
+    /// let layer = layer.with_same_site(tower_pg_session::SameSite::Strict)?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`ConfigError::Conflict`] for `None` without `Secure`.
+    pub fn with_same_site(self, same_site: SameSite) -> Result<Self, ConfigError> {
+        self.edit(|c| c.cookie.same_site = same_site)
+    }
+
+    /// Drops the `Secure` flag so the cookie works over plain `http://` (local
+    /// development only: the session id then crosses the network in clear).
+    ///
+    /// ```
+    /// # async fn run(layer: tower_pg_session::SessionLayer) -> Result<(), tower_pg_session::ConfigError> {
+    /// let layer = layer.with_insecure_http_cookie()?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`ConfigError::Conflict`] with the `__Host-` prefix or `SameSite=None`.
+    pub fn with_insecure_http_cookie(self) -> Result<Self, ConfigError> {
+        self.edit(|c| c.cookie.secure = false)
+    }
+
+    /// Whether the cookie carries `Max-Age` (default `true`); without it the
+    /// browser forgets the session when it closes.
+    ///
+    /// ```
+    /// # async fn run(layer: tower_pg_session::SessionLayer) -> Result<(), tower_pg_session::ConfigError> {
+    /// let layer = layer.with_persistent_cookie(false)?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// Never in practice; returns `Result` like every cookie setting.
+    pub fn with_persistent_cookie(self, persistent: bool) -> Result<Self, ConfigError> {
+        self.edit(|c| c.cookie.persistent = persistent)
+    }
+
+    /// Ends sessions unused for this long (default 24 h; `None` for no idle limit).
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # async fn run(layer: tower_pg_session::SessionLayer) -> Result<(), tower_pg_session::ConfigError> {
+    /// let layer = layer.with_idle_timeout(Some(Duration::from_secs(30 * 60)))?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`ConfigError::InvalidDuration`] under one second, or
+    /// [`ConfigError::Conflict`] when neither timeout remains.
+    pub fn with_idle_timeout(self, idle: Option<Duration>) -> Result<Self, ConfigError> {
+        check_duration("idle timeout", idle)?;
+        self.edit(|c| c.idle = idle)
+    }
+
+    /// Ends sessions this long after they were created, however active
+    /// (default: no absolute limit).
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # async fn run(layer: tower_pg_session::SessionLayer) -> Result<(), tower_pg_session::ConfigError> {
+    /// let layer = layer.with_absolute_timeout(Some(Duration::from_secs(12 * 3600)))?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// As [`Self::with_idle_timeout`], and [`ConfigError::Conflict`] when the
+    /// table lacks the `created_at` column.
+    pub fn with_absolute_timeout(self, absolute: Option<Duration>) -> Result<Self, ConfigError> {
+        check_duration("absolute timeout", absolute)?;
+        self.edit(|c| c.absolute = absolute)
+    }
+
+    /// Share of the idle timeout that must pass before a read rewrites the
+    /// row's expiry (default 0.1: a 24 h session is extended at most every
+    /// 2.4 h; reads in between cost no write).
+    ///
+    /// ```
+    /// # async fn run(layer: tower_pg_session::SessionLayer) -> Result<(), tower_pg_session::ConfigError> {
+    /// let layer = layer.with_touch_after(0.25)?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`ConfigError::InvalidDuration`] outside 0 to 0.5.
+    pub fn with_touch_after(self, fraction: f64) -> Result<Self, ConfigError> {
+        if !(0.0..=0.5).contains(&fraction) {
+            return Err(ConfigError::InvalidDuration {
+                setting: "touch fraction",
+                reason: "must be between 0 and 0.5",
+            });
+        }
+        self.edit(|c| c.touch_fraction = fraction)
+    }
+
+    /// Largest session data, serialized, in bytes (default 64 KiB).
+    ///
+    /// ```
+    /// # async fn run(layer: tower_pg_session::SessionLayer) -> Result<(), tower_pg_session::ConfigError> {
+    /// let layer = layer.with_max_data_size(16 * 1024)?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// Never in practice; returns `Result` like every other setting.
+    pub fn with_max_data_size(self, bytes: usize) -> Result<Self, ConfigError> {
+        self.edit(|c| c.max_size = bytes.max(2))
+    }
+
+    /// Stores only the SHA-256 of each session id, so a copy of the table
+    /// gives no one a live session. Not for tables shared with Node, which
+    /// looks rows up by the plain id.
+    ///
+    /// ```
+    /// # async fn run(layer: tower_pg_session::SessionLayer) -> Result<(), tower_pg_session::ConfigError> {
+    /// let layer = layer.with_hashed_ids(true)?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// Never in practice; returns `Result` like every other setting.
+    pub fn with_hashed_ids(self, hashed: bool) -> Result<Self, ConfigError> {
+        self.edit(|c| c.hashed_ids = hashed)
+    }
+
+    /// Status of the response when the session store fails during a request
+    /// (default 503).
+    ///
+    /// ```
+    /// # async fn run(layer: tower_pg_session::SessionLayer) -> Result<(), tower_pg_session::ConfigError> {
+    /// let layer = layer.with_unavailable_status(http::StatusCode::INTERNAL_SERVER_ERROR)?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// Never in practice; returns `Result` like every other setting.
+    pub fn with_unavailable_status(self, status: http::StatusCode) -> Result<Self, ConfigError> {
+        self.edit(|c| c.unavailable_status = status)
+    }
+
+    /// The store sessions are kept in.
+    pub fn store(&self) -> &PgStore {
+        &self.store
+    }
+}
+
+fn check_duration(setting: &'static str, d: Option<Duration>) -> Result<(), ConfigError> {
+    match d {
+        Some(d) if d < Duration::from_secs(1) => Err(ConfigError::InvalidDuration {
+            setting,
+            reason: "must be at least one second",
+        }),
+        Some(d) if d > Duration::from_secs(10 * 365 * 24 * 3600) => {
+            Err(ConfigError::InvalidDuration {
+                setting,
+                reason: "must be at most ten years",
+            })
+        }
+        _ => Ok(()),
+    }
+}
+
+impl<S> Layer<S> for SessionLayer {
+    type Service = SessionService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        SessionService::new(inner, self.store.clone(), self.config.clone())
+    }
+}

@@ -1,0 +1,81 @@
+//! The session layer: signed cookies, lazy loading, key-level saves.
+//!
+//! [`SessionLayer`] reads the session cookie of each request, puts a
+//! [`Session`] handle into the request extensions, and after the inner service
+//! has answered writes whatever the handler changed and sets the cookie.
+//!
+//! | the request… | statements |
+//! |---|---|
+//! | never looks at its session, or has no cookie and only reads | 0 |
+//! | reads a valid session | 1 (the idle extension is folded in, and written only when due) |
+//! | changes a valid session | 2: load, then one `UPDATE` checked against the row version |
+//! | creates a session | 1 `INSERT … ON CONFLICT DO NOTHING` |
+//!
+//! ```
+//! use http::{Request, Response};
+//! use tower::{service_fn, ServiceBuilder, ServiceExt};
+//! use tower_pg_session::{Session, SessionLayer};
+//!
+//! # async fn run(layer: SessionLayer) -> Result<(), Box<dyn std::error::Error>> {
+//! let app = ServiceBuilder::new().layer(layer).service(service_fn(|req: Request<String>| async move {
+//!     let session = req.extensions().get::<Session>().expect("SessionLayer is installed").clone();
+//!     let visits: u64 = session.get("visits").await?.unwrap_or(0) + 1;
+//!     session.insert("visits", &visits).await?;
+//!     Ok::<_, tower_pg_session::SessionError>(Response::new(format!("visit {visits}")))
+//! }));
+//! let response = app.oneshot(Request::new(String::new())).await?;
+//! assert!(response.headers().contains_key(http::header::SET_COOKIE));
+//! # Ok(()) }
+//! ```
+//!
+//! A cookie that is malformed, oversized, or fails verification is treated as
+//! absent: the request gets a fresh, empty session and the row the cookie named
+//! is not touched.
+
+mod cookie;
+mod data;
+#[cfg(feature = "axum")]
+mod extract;
+mod future;
+mod handle;
+mod layer;
+mod service;
+
+pub use self::{
+    cookie::{SameSite, SigningKeys},
+    future::ResponseFuture,
+    handle::Session,
+    layer::SessionLayer,
+    service::SessionService,
+};
+use crate::store::StoreError;
+
+/// Errors a handler gets from [`Session`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SessionError {
+    /// The store failed; the response will be replaced by the configured
+    /// status (503 by default).
+    #[error("session store unavailable")]
+    Store(#[source] StoreError),
+    /// A value did not (de)serialize.
+    #[error("session value {key:?} could not be converted")]
+    Serde {
+        /// The key.
+        key: String,
+        /// What serde reported.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The data would exceed the size limit; nothing was changed.
+    #[error("session data would be {size} bytes, over the limit of {limit}")]
+    TooLarge {
+        /// Serialized size the change would produce.
+        size: usize,
+        /// The configured limit.
+        limit: usize,
+    },
+    /// The operation needs something the store lacks.
+    #[error("unsupported: {0}")]
+    Unsupported(&'static str),
+}

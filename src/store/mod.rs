@@ -1,0 +1,591 @@
+//! [`PgStore`]: sessions in a Postgres table shaped like connect-pg-simple's.
+//!
+//! The table is `session(sid varchar PRIMARY KEY, sess json NOT NULL, expire
+//! timestamp(6) NOT NULL)` with the index `IDX_session_expire`, so a table that
+//! an Express app already uses works unchanged. [`PgStore::new`] creates it when
+//! missing and adds three nullable columns that Node ignores (`created_at`,
+//! `user_id`, `provider_sid`, each indexed where not null).
+//!
+//! Each operation the session layer needs is one statement:
+//!
+//! | operation | statement |
+//! |---|---|
+//! | load (and extend the idle expiry when it is due) | one `WITH … UPDATE … RETURNING` + `SELECT` |
+//! | create | `INSERT … ON CONFLICT DO NOTHING` |
+//! | save | `UPDATE … WHERE sid = $1 AND xmin = $2` (never re-creates a deleted row) |
+//! | cycle the id | the same `UPDATE`, setting a new `sid` |
+//! | destroy | `DELETE` |
+//!
+//! A save whose optimistic check fails (another request or instance wrote the
+//! row since it was loaded) falls back to `SELECT … FOR UPDATE`, re-applies the
+//! request's key-level changes to the fresh data, and writes once more.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), tower_pg_session::StoreError> {
+//! use tower_pg_session::{PgStore, PgStoreConfig};
+//!
+//! let pool = sqlx::PgPool::connect("postgres://postgres@127.0.0.1/postgres").await?;
+//! let config = PgStoreConfig::new().with_schema_name("auth")?.with_table_name("web_sessions")?;
+//! let store = PgStore::new(pool, config).await?;
+//! # Ok(()) }
+//! ```
+
+mod prune;
+mod schema;
+#[cfg(feature = "tower-sessions")]
+mod tower_sessions;
+
+use std::{fmt, str::FromStr, sync::Arc};
+
+use sqlx::{
+    postgres::{PgConnectOptions, PgPoolOptions},
+    PgPool, Row,
+};
+use time::OffsetDateTime;
+
+pub use self::prune::{PruneConfig, Pruner};
+use self::schema::{ExpireType, Ident, Layout, SessType, TableName};
+use crate::error::ConfigError;
+
+/// Errors from the store.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The database could not be reached when the store was created.
+    #[error("cannot connect to the session database at {host}")]
+    Connect {
+        /// Host (and port) from the URL; never the password.
+        host: String,
+        /// What the driver reported.
+        #[source]
+        source: sqlx::Error,
+    },
+    /// The database URL could not be parsed; it is not repeated, as it may hold a password.
+    #[error("invalid database URL")]
+    InvalidUrl,
+    /// A query failed.
+    #[error("session database error")]
+    Database(#[from] sqlx::Error),
+    /// The table does not exist and creating it was turned off.
+    #[error("session table {0} does not exist")]
+    MissingTable(String),
+    /// The table exists but its columns cannot hold sessions.
+    #[error("unusable session table: {0}")]
+    Schema(String),
+    /// The session data is larger than the configured limit.
+    #[error("session data is {size} bytes, over the limit of {limit}")]
+    TooLarge {
+        /// Serialized size in bytes.
+        size: usize,
+        /// The configured limit in bytes.
+        limit: usize,
+    },
+    /// A configuration value was rejected.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+}
+
+impl StoreError {
+    /// True when the database could not be reached or answered with a
+    /// connection-level failure: a retry later may succeed.
+    #[must_use]
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            Self::Connect { .. } => true,
+            Self::Database(e) => {
+                matches!(
+                    e,
+                    sqlx::Error::Io(_)
+                        | sqlx::Error::PoolTimedOut
+                        | sqlx::Error::PoolClosed
+                        | sqlx::Error::Tls(_)
+                        | sqlx::Error::Protocol(_)
+                        | sqlx::Error::WorkerCrashed
+                ) || matches!(e, sqlx::Error::Database(d) if d.code().is_some_and(|c| c.starts_with("08") || c.starts_with("57P")))
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Where and how [`PgStore`] keeps its table.
+#[derive(Debug, Clone)]
+pub struct PgStoreConfig {
+    schema: Option<Ident>,
+    table: Ident,
+    create_table: bool,
+    timestamp_zone: Option<String>,
+}
+
+impl Default for PgStoreConfig {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PgStoreConfig {
+    /// Table `session` in the connection's search path, created when missing.
+    pub fn new() -> Self {
+        Self {
+            schema: None,
+            table: Ident::new("session").unwrap_or_else(|_| unreachable!()),
+            create_table: true,
+            timestamp_zone: None,
+        }
+    }
+
+    /// Puts the table in this schema (created when missing).
+    ///
+    /// ```
+    /// # use tower_pg_session::PgStoreConfig;
+    /// assert!(PgStoreConfig::new().with_schema_name("auth").is_ok());
+    /// assert!(PgStoreConfig::new().with_schema_name("x; drop table y").is_err());
+    /// ```
+    ///
+    /// # Errors
+    /// [`ConfigError::InvalidIdentifier`] unless the name is 1–63 ASCII letters,
+    /// digits or `_`, not starting with a digit.
+    pub fn with_schema_name(mut self, name: &str) -> Result<Self, ConfigError> {
+        self.schema = Some(Ident::new(name)?);
+        Ok(self)
+    }
+
+    /// Names the table (default `session`, as connect-pg-simple).
+    ///
+    /// ```
+    /// # use tower_pg_session::PgStoreConfig;
+    /// assert!(PgStoreConfig::new().with_table_name("web_sessions").is_ok());
+    /// assert!(PgStoreConfig::new().with_table_name("").is_err());
+    /// ```
+    ///
+    /// # Errors
+    /// [`ConfigError::InvalidIdentifier`], as for [`Self::with_schema_name`].
+    pub fn with_table_name(mut self, name: &str) -> Result<Self, ConfigError> {
+        self.table = Ident::new(name)?;
+        Ok(self)
+    }
+
+    /// Whether [`PgStore::new`] may create or upgrade the table (default
+    /// `true`). Turn it off where the application's role has no DDL rights.
+    ///
+    /// ```
+    /// # use tower_pg_session::PgStoreConfig;
+    /// let config = PgStoreConfig::new().with_create_table(false);
+    /// ```
+    pub fn with_create_table(mut self, create: bool) -> Self {
+        self.create_table = create;
+        self
+    }
+
+    /// The zone in which a `timestamp without time zone` `expire` column is
+    /// read and written. By default it is the zone a client that sets none
+    /// (such as Node's `pg`) gets from the server, detected at start-up.
+    ///
+    /// ```
+    /// # use tower_pg_session::PgStoreConfig;
+    /// let config = PgStoreConfig::new().with_timestamp_zone("Europe/Berlin")?;
+    /// # Ok::<(), tower_pg_session::ConfigError>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`ConfigError::InvalidTimeZone`] for names with characters no zone has.
+    pub fn with_timestamp_zone(mut self, zone: &str) -> Result<Self, ConfigError> {
+        schema::check_zone(zone)?;
+        self.timestamp_zone = Some(zone.to_owned());
+        Ok(self)
+    }
+}
+
+/// Sessions in Postgres. Cheap to clone; clones share the pool.
+#[derive(Clone)]
+pub struct PgStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: PgPool,
+    name: TableName,
+    layout: Layout,
+    sql: Sql,
+}
+
+impl fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgStore")
+            .field("table", &self.inner.name.qualified())
+            .field("layout", &self.inner.layout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PgStore {
+    /// Connects a pool to `url` and prepares the default table.
+    ///
+    /// # Errors
+    /// [`StoreError::Connect`] naming the host when the database cannot be
+    /// reached, [`StoreError::InvalidUrl`], or any error of [`Self::new`].
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::connect_with(url, 10, PgStoreConfig::new()).await
+    }
+
+    /// Connects a pool of at most `max_connections` to `url` and prepares the
+    /// table described by `config`.
+    ///
+    /// # Errors
+    /// As [`Self::connect`].
+    pub async fn connect_with(
+        url: &str,
+        max_connections: u32,
+        config: PgStoreConfig,
+    ) -> Result<Self, StoreError> {
+        let options = PgConnectOptions::from_str(url).map_err(|_| StoreError::InvalidUrl)?;
+        let host = format!("{}:{}", options.get_host(), options.get_port());
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(std::time::Duration::from_secs(5))
+            .connect_with(options)
+            .await
+            .map_err(|source| StoreError::Connect { host, source })?;
+        Self::new(pool, config).await
+    }
+
+    /// Prepares the table described by `config` on `pool`: creates it when
+    /// missing (unless turned off), adds the optional columns, and detects
+    /// whether `sess` is `json` or `jsonb` and `expire` has a time zone.
+    ///
+    /// Safe to run from many instances at once: DDL is serialised by an
+    /// advisory lock and is idempotent.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] when a query fails, [`StoreError::MissingTable`]
+    /// or [`StoreError::Schema`] when the table cannot be used.
+    pub async fn new(pool: PgPool, config: PgStoreConfig) -> Result<Self, StoreError> {
+        let name = TableName {
+            schema: config.schema,
+            table: config.table,
+        };
+        let layout = schema::prepare(
+            &pool,
+            &name,
+            config.create_table,
+            config.timestamp_zone.as_deref(),
+        )
+        .await?;
+        let sql = Sql::new(&name, &layout);
+        tracing::debug!(table = %name.qualified(), ?layout, "session store ready");
+        Ok(Self {
+            inner: Arc::new(Inner {
+                pool,
+                name,
+                layout,
+                sql,
+            }),
+        })
+    }
+
+    /// The pool the store runs on.
+    pub fn pool(&self) -> &PgPool {
+        &self.inner.pool
+    }
+
+    /// The quoted, qualified table name, as it appears in the store's SQL.
+    pub fn table_name(&self) -> String {
+        self.inner.name.qualified()
+    }
+
+    /// Checks that the database answers.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] when it does not.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.inner.pool).await?;
+        Ok(())
+    }
+
+    pub(crate) fn has_extended_columns(&self) -> bool {
+        self.inner.layout.extended
+    }
+
+    /// Loads a live row, extending its expiry in the same statement when the
+    /// extension is due.
+    pub(crate) async fn load(
+        &self,
+        key: &str,
+        at: &LoadParams,
+    ) -> Result<Option<Loaded>, StoreError> {
+        let row = sqlx::query(&self.inner.sql.load)
+            .bind(key)
+            .bind(at.extend_to)
+            .bind(at.now)
+            .bind(at.absolute_secs)
+            .bind(at.touch_before)
+            .fetch_optional(&self.inner.pool)
+            .await?;
+        row.map(|r| Loaded::from_row(&r)).transpose()
+    }
+
+    /// Inserts a new row; `None` when the id is taken.
+    pub(crate) async fn insert(
+        &self,
+        key: &str,
+        row: &NewRow<'_>,
+        now: OffsetDateTime,
+    ) -> Result<Option<String>, StoreError> {
+        let mut q = sqlx::query_scalar(&self.inner.sql.insert)
+            .bind(key)
+            .bind(row.sess)
+            .bind(row.expire);
+        if self.inner.layout.extended {
+            q = q.bind(now).bind(row.user_id).bind(row.provider_sid);
+        }
+        Ok(q.fetch_optional(&self.inner.pool).await?)
+    }
+
+    /// Writes a row loaded as `version`, optionally under a new key. `None`
+    /// when the row changed or went away since.
+    pub(crate) async fn update(
+        &self,
+        key: &str,
+        new_key: &str,
+        version: &str,
+        row: &NewRow<'_>,
+        now: OffsetDateTime,
+    ) -> Result<Option<String>, StoreError> {
+        let mut q = sqlx::query_scalar(&self.inner.sql.update)
+            .bind(key)
+            .bind(new_key)
+            .bind(row.sess)
+            .bind(row.expire)
+            .bind(version)
+            .bind(now);
+        if self.inner.layout.extended {
+            q = q.bind(row.user_id).bind(row.provider_sid);
+        }
+        Ok(q.fetch_optional(&self.inner.pool).await?)
+    }
+
+    /// Locks the live row, lets `apply` compute its new state from the fresh
+    /// data, and writes it. `Ok(None)` when the row no longer exists: it is not
+    /// re-created. `apply` may fail, which rolls back and leaves the row as it was.
+    pub(crate) async fn update_locked<E>(
+        &self,
+        key: &str,
+        new_key: &str,
+        now: OffsetDateTime,
+        apply: impl FnOnce(Loaded) -> Result<OwnedRow, E>,
+    ) -> Result<Result<Option<String>, E>, StoreError> {
+        let mut tx = self.inner.pool.begin().await?;
+        let row = sqlx::query(&self.inner.sql.select_for_update)
+            .bind(key)
+            .bind(now)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(row) = row else {
+            tx.rollback().await?;
+            return Ok(Ok(None));
+        };
+        let new = match apply(Loaded::from_row(&row)?) {
+            Ok(new) => new,
+            Err(e) => {
+                tx.rollback().await?;
+                return Ok(Err(e));
+            }
+        };
+        let mut q = sqlx::query_scalar(&self.inner.sql.update_locked)
+            .bind(key)
+            .bind(new_key)
+            .bind(&new.sess)
+            .bind(new.expire);
+        if self.inner.layout.extended {
+            q = q.bind(&new.user_id).bind(&new.provider_sid);
+        }
+        let version: String = q.fetch_one(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(Ok(Some(version)))
+    }
+
+    /// Deletes a row; true when one was there.
+    pub(crate) async fn delete(&self, key: &str) -> Result<bool, StoreError> {
+        let done = sqlx::query(&self.inner.sql.delete)
+            .bind(key)
+            .execute(&self.inner.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+}
+
+/// Times for one load: the idle extension is written only when the row
+/// expires before `touch_before`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LoadParams {
+    pub(crate) now: OffsetDateTime,
+    pub(crate) extend_to: OffsetDateTime,
+    pub(crate) touch_before: OffsetDateTime,
+    pub(crate) absolute_secs: Option<f64>,
+}
+
+/// A live row as loaded.
+#[derive(Debug, Clone)]
+pub(crate) struct Loaded {
+    pub(crate) sess: String,
+    pub(crate) expire: OffsetDateTime,
+    pub(crate) version: String,
+    pub(crate) created_at: Option<OffsetDateTime>,
+    pub(crate) user_id: Option<String>,
+    pub(crate) provider_sid: Option<String>,
+    pub(crate) touched: bool,
+}
+
+impl Loaded {
+    fn from_row(r: &sqlx::postgres::PgRow) -> Result<Self, StoreError> {
+        Ok(Self {
+            sess: r.try_get(0)?,
+            expire: r.try_get(1)?,
+            version: r.try_get(2)?,
+            created_at: r.try_get(3)?,
+            user_id: r.try_get(4)?,
+            provider_sid: r.try_get(5)?,
+            touched: r.try_get(6)?,
+        })
+    }
+}
+
+/// The values a save writes.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct NewRow<'a> {
+    pub(crate) sess: &'a str,
+    pub(crate) expire: OffsetDateTime,
+    pub(crate) user_id: Option<&'a str>,
+    pub(crate) provider_sid: Option<&'a str>,
+}
+
+/// [`NewRow`], owned, as computed inside a locked re-apply.
+#[derive(Debug, Clone)]
+pub(crate) struct OwnedRow {
+    pub(crate) sess: String,
+    pub(crate) expire: OffsetDateTime,
+    pub(crate) user_id: Option<String>,
+    pub(crate) provider_sid: Option<String>,
+}
+
+/// The statements, built once from the validated names and detected layout.
+#[derive(Debug)]
+struct Sql {
+    load: String,
+    insert: String,
+    update: String,
+    select_for_update: String,
+    update_locked: String,
+    delete: String,
+    prune_batch: String,
+    /// Unconditional update of a live row (the tower-sessions `save`).
+    #[cfg_attr(not(feature = "tower-sessions"), allow(dead_code))]
+    save_any: String,
+}
+
+impl Sql {
+    fn new(name: &TableName, layout: &Layout) -> Self {
+        let t = name.qualified();
+        let to_col = |p: &str| to_col(&layout.expire, p);
+        let from_col = to_instant(&layout.expire, "expire");
+        let json = match layout.sess {
+            SessType::Json => "json",
+            SessType::Jsonb => "jsonb",
+        };
+        let (ext_cols, extend_expr) = if layout.extended {
+            (
+                "created_at, user_id, provider_sid",
+                to_col("LEAST($2, created_at + $4 * interval '1 second')"),
+            )
+        } else {
+            (
+                "NULL::timestamptz AS created_at, NULL::text AS user_id, NULL::text AS provider_sid",
+                to_col("$2"),
+            )
+        };
+        let load = format!(
+            "WITH touched AS (\
+               UPDATE {t} SET expire = {extend_expr} \
+               WHERE sid = $1 AND expire > {now} AND expire < {before} AND expire < {extend_expr} \
+               RETURNING sess::text AS sess, {from_col} AS expire, xmin::text AS version, {ext_cols}) \
+             SELECT sess, expire, version, created_at, user_id, provider_sid, true FROM touched \
+             UNION ALL \
+             SELECT sess::text, {from_col}, xmin::text, {ext_cols}, false FROM {t} \
+             WHERE sid = $1 AND expire > {now} AND NOT EXISTS (SELECT 1 FROM touched)",
+            now = to_col("$3"),
+            before = to_col("$5"),
+        );
+        let (insert_cols, insert_vals, set_ext, set_ext_locked) = if layout.extended {
+            (
+                ", created_at, user_id, provider_sid",
+                ", $4, $5, $6",
+                ", user_id = $7, provider_sid = $8",
+                ", user_id = $5, provider_sid = $6",
+            )
+        } else {
+            ("", "", "", "")
+        };
+        let insert = format!(
+            "INSERT INTO {t} (sid, sess, expire{insert_cols}) \
+             VALUES ($1, $2::{json}, {expire}{insert_vals}) \
+             ON CONFLICT (sid) DO NOTHING RETURNING xmin::text",
+            expire = to_col("$3"),
+        );
+        let update = format!(
+            "UPDATE {t} SET sid = $2, sess = $3::{json}, expire = {expire}{set_ext} \
+             WHERE sid = $1 AND xmin = $5::xid AND expire > {now} RETURNING xmin::text",
+            expire = to_col("$4"),
+            now = to_col("$6"),
+        );
+        let select_for_update = format!(
+            "SELECT sess::text, {from_col}, xmin::text, {ext_cols}, false FROM {t} \
+             WHERE sid = $1 AND expire > {now} FOR UPDATE",
+            now = to_col("$2"),
+        );
+        let update_locked = format!(
+            "UPDATE {t} SET sid = $2, sess = $3::{json}, expire = {expire}{set_ext_locked} \
+             WHERE sid = $1 RETURNING xmin::text",
+            expire = to_col("$4"),
+        );
+        let delete = format!("DELETE FROM {t} WHERE sid = $1");
+        // SKIP LOCKED: a row a request holds is left for the next batch rather
+        // than waited for; the outer re-check keeps a row extended meanwhile.
+        let prune_batch = format!(
+            "DELETE FROM {t} WHERE sid IN (\
+               SELECT sid FROM {t} WHERE expire < {now} LIMIT $2 FOR UPDATE SKIP LOCKED) \
+             AND expire < {now}",
+            now = to_col("$1"),
+        );
+        let save_any = format!(
+            "UPDATE {t} SET sess = $2::{json}, expire = {expire} WHERE sid = $1",
+            expire = to_col("$3"),
+        );
+        Self {
+            load,
+            insert,
+            update,
+            select_for_update,
+            update_locked,
+            delete,
+            prune_batch,
+            save_any,
+        }
+    }
+}
+
+/// Instants travel as timestamptz; a `timestamp` column holds wall-clock time
+/// in the zone Node writes it in, so values are converted on the way in…
+fn to_col(expire: &ExpireType, param: &str) -> String {
+    match expire {
+        ExpireType::WithTimeZone => param.to_owned(),
+        ExpireType::WithoutTimeZone(zone) => format!("({param} AT TIME ZONE '{zone}')"),
+    }
+}
+
+/// …and on the way out.
+fn to_instant(expire: &ExpireType, column: &str) -> String {
+    match expire {
+        ExpireType::WithTimeZone => column.to_owned(),
+        ExpireType::WithoutTimeZone(zone) => format!("({column} AT TIME ZONE '{zone}')"),
+    }
+}

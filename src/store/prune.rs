@@ -1,0 +1,207 @@
+//! Deleting expired rows: in bounded batches, one instance at a time.
+
+use std::{fmt, time::Duration};
+
+use rand::Rng;
+use time::OffsetDateTime;
+use tokio::{sync::watch, task::JoinHandle};
+
+use super::{PgStore, StoreError};
+
+/// How the background pruner runs.
+#[derive(Debug, Clone)]
+pub struct PruneConfig {
+    interval: Duration,
+    jitter: f64,
+    batch_size: u32,
+    max_backoff: Duration,
+}
+
+impl Default for PruneConfig {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PruneConfig {
+    /// Every 15 minutes ± 10 %, batches of 5,000 rows.
+    pub fn new() -> Self {
+        Self {
+            interval: Duration::from_secs(15 * 60),
+            jitter: 0.1,
+            batch_size: 5_000,
+            max_backoff: Duration::from_secs(5 * 60),
+        }
+    }
+
+    /// Time between runs (default 15 min). Each wait is spread by the jitter so
+    /// that instances started together do not all wake at once.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use tower_pg_session::PruneConfig;
+    /// let config = PruneConfig::new().with_interval(Duration::from_secs(60));
+    /// ```
+    pub fn with_interval(mut self, interval: Duration) -> Self {
+        self.interval = interval.max(Duration::from_millis(10));
+        self
+    }
+
+    /// Fraction of the interval by which each wait varies (default 0.1, clamped to 0–0.5).
+    ///
+    /// ```
+    /// # use tower_pg_session::PruneConfig;
+    /// let config = PruneConfig::new().with_jitter(0.0);
+    /// ```
+    pub fn with_jitter(mut self, jitter: f64) -> Self {
+        self.jitter = jitter.clamp(0.0, 0.5);
+        self
+    }
+
+    /// Rows one statement deletes at most (default 5,000, at least 1), which
+    /// bounds how long its row locks are held.
+    ///
+    /// ```
+    /// # use tower_pg_session::PruneConfig;
+    /// let config = PruneConfig::new().with_batch_size(1_000);
+    /// ```
+    pub fn with_batch_size(mut self, rows: u32) -> Self {
+        self.batch_size = rows.max(1);
+        self
+    }
+
+    fn next_wait(&self) -> Duration {
+        let spread = self.jitter * rand::thread_rng().gen_range(-1.0..=1.0);
+        self.interval.mul_f64(1.0 + spread)
+    }
+}
+
+/// What one prune run did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PruneOutcome {
+    /// This instance pruned; the count of rows deleted.
+    Pruned(u64),
+    /// Another instance holds the prune lock; nothing was done.
+    Skipped,
+}
+
+impl PgStore {
+    /// Deletes every expired row, in batches of at most `batch_size`, unless
+    /// another instance is pruning the same table right now.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] when a statement fails; batches already
+    /// committed stay deleted.
+    pub async fn prune_expired(&self, batch_size: u32) -> Result<PruneOutcome, StoreError> {
+        let inner = &self.inner;
+        // A session-level advisory lock lives as long as the connection that
+        // took it. A detached connection closes when dropped, so a run that is
+        // cancelled midway cannot leave the lock behind on a pooled connection.
+        let mut conn = inner.pool.acquire().await?.detach();
+        let key = inner.name.lock_key("prune");
+        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(key)
+            .fetch_one(&mut conn)
+            .await?;
+        if !locked {
+            return Ok(PruneOutcome::Skipped);
+        }
+        let run = async {
+            let mut total = 0u64;
+            loop {
+                let deleted = sqlx::query(&inner.sql.prune_batch)
+                    .bind(OffsetDateTime::now_utc())
+                    .bind(i64::from(batch_size.max(1)))
+                    .execute(&mut conn)
+                    .await?
+                    .rows_affected();
+                total += deleted;
+                if deleted < u64::from(batch_size.max(1)) {
+                    return Ok::<_, StoreError>(total);
+                }
+                // Let requests and autovacuum in between batches.
+                tokio::task::yield_now().await;
+            }
+        }
+        .await;
+        // Closing the connection releases the lock.
+        let _ = sqlx::Connection::close(conn).await;
+        let total = run?;
+        tracing::info!(table = %inner.name.qualified(), deleted = total, "pruned expired sessions");
+        Ok(PruneOutcome::Pruned(total))
+    }
+
+    /// Starts pruning in the background on the current tokio runtime. The task
+    /// keeps going after database errors, backing off up to 5 minutes, and ends
+    /// when [`Pruner::shutdown`] is called or the [`Pruner`] is dropped.
+    pub fn spawn_pruner(&self, config: PruneConfig) -> Pruner {
+        let (stop, mut stopped) = watch::channel(false);
+        let store = self.clone();
+        let task = tokio::spawn(async move {
+            let mut backoff = Duration::from_secs(1);
+            let mut wait = config.next_wait();
+            loop {
+                tokio::select! {
+                    _ = stopped.changed() => return,
+                    () = tokio::time::sleep(wait) => {}
+                }
+                let run = store.prune_expired(config.batch_size);
+                let result = tokio::select! {
+                    _ = stopped.changed() => return,
+                    r = run => r,
+                };
+                wait = match result {
+                    Ok(_) => {
+                        backoff = Duration::from_secs(1);
+                        config.next_wait()
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, retry_in = ?backoff, "session prune failed");
+                        let this = backoff;
+                        backoff = (backoff * 2).min(config.max_backoff).min(config.interval);
+                        this.min(config.interval)
+                    }
+                };
+            }
+        });
+        Pruner {
+            stop,
+            task: Some(task),
+        }
+    }
+}
+
+/// Handle to the background pruner of [`PgStore::spawn_pruner`].
+pub struct Pruner {
+    stop: watch::Sender<bool>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl fmt::Debug for Pruner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pruner")
+            .field(
+                "running",
+                &self.task.as_ref().is_some_and(|t| !t.is_finished()),
+            )
+            .finish()
+    }
+}
+
+impl Pruner {
+    /// Stops the pruner and waits for it: a batch in flight is abandoned (its
+    /// transaction rolls back), committed batches stay deleted.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for Pruner {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}

@@ -1,0 +1,93 @@
+//! [`PgStore`] as a `tower_sessions::SessionStore`, for tower-sessions and
+//! axum-login users. Rows share the table and its guarantees: creation is one
+//! atomic insert, a save never re-creates a row deleted meanwhile.
+
+use async_trait::async_trait;
+use time::OffsetDateTime;
+use tower_sessions_core::{
+    session::{Id, Record},
+    session_store::{self, ExpiredDeletion, SessionStore},
+};
+
+use super::{LoadParams, NewRow, PgStore, StoreError};
+
+impl From<StoreError> for session_store::Error {
+    fn from(e: StoreError) -> Self {
+        session_store::Error::Backend(e.to_string())
+    }
+}
+
+fn encode(record: &Record) -> session_store::Result<String> {
+    serde_json::to_string(&record.data).map_err(|e| session_store::Error::Encode(e.to_string()))
+}
+
+#[async_trait]
+impl SessionStore for PgStore {
+    async fn create(&self, record: &mut Record) -> session_store::Result<()> {
+        let sess = encode(record)?;
+        let now = OffsetDateTime::now_utc();
+        let row = NewRow {
+            sess: &sess,
+            expire: record.expiry_date,
+            user_id: None,
+            provider_sid: None,
+        };
+        loop {
+            if self
+                .insert(&record.id.to_string(), &row, now)
+                .await?
+                .is_some()
+            {
+                return Ok(());
+            }
+            // Taken: pick another id, as the trait asks of stores.
+            record.id = Id::default();
+        }
+    }
+
+    async fn save(&self, record: &Record) -> session_store::Result<()> {
+        let sess = encode(record)?;
+        sqlx::query(&self.inner.sql.save_any)
+            .bind(record.id.to_string())
+            .bind(&sess)
+            .bind(record.expiry_date)
+            .execute(&self.inner.pool)
+            .await
+            .map_err(StoreError::from)?;
+        Ok(())
+    }
+
+    async fn load(&self, id: &Id) -> session_store::Result<Option<Record>> {
+        let now = OffsetDateTime::now_utc();
+        // tower-sessions extends expiry through `save`; never touch here.
+        let at = LoadParams {
+            now,
+            extend_to: now,
+            touch_before: now,
+            absolute_secs: None,
+        };
+        let Some(row) = PgStore::load(self, &id.to_string(), &at).await? else {
+            return Ok(None);
+        };
+        let data = serde_json::from_str(&row.sess)
+            .map_err(|e| session_store::Error::Decode(e.to_string()))?;
+        Ok(Some(Record {
+            id: *id,
+            data,
+            expiry_date: row.expire,
+        }))
+    }
+
+    async fn delete(&self, id: &Id) -> session_store::Result<()> {
+        PgStore::delete(self, &id.to_string()).await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl ExpiredDeletion for PgStore {
+    async fn delete_expired(&self) -> session_store::Result<()> {
+        self.prune_expired(5_000).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,282 @@
+//! Fixtures shared by the integration tests: a private schema per test on the
+//! real Postgres, statement counts from pg_stat_statements, and an axum app
+//! with a cookie jar.
+#![allow(dead_code, unreachable_pub, missing_docs, clippy::unwrap_used)]
+
+use std::{sync::Arc, time::Duration};
+
+use axum::{
+    body::Body,
+    extract::{Path, State},
+    http::{header, HeaderMap, Request, Response, StatusCode},
+    routing::{get, post, put},
+    Json, Router,
+};
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+use sqlx::{postgres::PgPoolOptions, PgPool};
+use tokio::sync::Notify;
+use tower::ServiceExt;
+use tower_pg_session::{PgStore, PgStoreConfig, Session, SessionError, SessionLayer, SigningKeys};
+
+pub const KEY_A: &str = "test-key-A-0123456789abcdef0123456789";
+pub const KEY_B: &str = "test-key-B-0123456789abcdef0123456789";
+
+pub fn database_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
+/// A schema of its own for one test, so tests run in parallel.
+pub struct Db {
+    pub pool: PgPool,
+    pub schema: String,
+}
+
+impl Db {
+    pub async fn new() -> Self {
+        Self::with_pool_size(8).await
+    }
+
+    pub async fn with_pool_size(size: u32) -> Self {
+        let pool = PgPoolOptions::new()
+            .max_connections(size)
+            .connect(&database_url())
+            .await
+            .expect("the test database answers (run the tests through scripts/test.sh)");
+        let schema = format!("t_{}", random_suffix());
+        Self { pool, schema }
+    }
+
+    pub fn config(&self) -> PgStoreConfig {
+        PgStoreConfig::new().with_schema_name(&self.schema).unwrap()
+    }
+
+    pub async fn store(&self) -> PgStore {
+        PgStore::new(self.pool.clone(), self.config())
+            .await
+            .unwrap()
+    }
+
+    pub fn table(&self) -> String {
+        format!("\"{}\".\"session\"", self.schema)
+    }
+
+    /// Statements run so far on this test's schema, by any connection.
+    pub async fn statements(&self) -> i64 {
+        sqlx::query_scalar(
+            "SELECT COALESCE(sum(calls), 0)::int8 FROM pg_stat_statements WHERE query LIKE $1",
+        )
+        .bind(format!("%\"{}\"%", self.schema))
+        .fetch_one(&self.pool)
+        .await
+        .expect("pg_stat_statements is loaded (scripts/test.sh enables it)")
+    }
+
+    pub async fn rows(&self) -> i64 {
+        sqlx::query_scalar(&format!("SELECT count(*) FROM {}", self.table()))
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+    }
+
+    pub async fn only_sess(&self) -> Value {
+        let all: Vec<String> =
+            sqlx::query_scalar(&format!("SELECT sess::text FROM {}", self.table()))
+                .fetch_all(&self.pool)
+                .await
+                .unwrap();
+        assert_eq!(all.len(), 1, "exactly one session row expected");
+        serde_json::from_str(&all[0]).unwrap()
+    }
+
+    pub async fn drop_schema(self) {
+        let _ = sqlx::query(&format!(
+            "DROP SCHEMA IF EXISTS \"{}\" CASCADE",
+            self.schema
+        ))
+        .execute(&self.pool)
+        .await;
+    }
+}
+
+pub fn random_suffix() -> String {
+    use rand::Rng;
+    let mut rng = rand::thread_rng();
+    (0..10)
+        .map(|_| (b'a' + rng.gen_range(0..26)) as char)
+        .collect()
+}
+
+pub fn layer(store: PgStore) -> SessionLayer {
+    SessionLayer::new(store, SigningKeys::new([KEY_A]).unwrap())
+        .with_insecure_http_cookie()
+        .unwrap()
+}
+
+/// Lets a test hold a request inside its handler.
+#[derive(Clone, Default)]
+pub struct Gate {
+    pub entered: Arc<Notify>,
+    pub release: Arc<Notify>,
+}
+
+/// The demo's routes plus a few for tests.
+pub fn app(layer: SessionLayer, gate: Gate) -> Router {
+    Router::new()
+        .route("/untouched", get(|| async { "ok" }))
+        .route(
+            "/counter",
+            get(|s: Session| async move {
+                let n: u64 = s.get("count").await?.unwrap_or(0) + 1;
+                s.insert("count", &n).await?;
+                Ok::<_, SessionError>(Json(json!({ "count": n })))
+            }),
+        )
+        .route(
+            "/peek",
+            get(|s: Session| async move {
+                let n: u64 = s.get("count").await?.unwrap_or(0);
+                Ok::<_, SessionError>(Json(json!({ "count": n })))
+            }),
+        )
+        .route(
+            "/kv/{key}",
+            put(
+                |s: Session, Path(key): Path<String>, Json(v): Json<Value>| async move {
+                    s.insert(&key, &v).await?;
+                    Ok::<_, SessionError>(StatusCode::NO_CONTENT)
+                },
+            ),
+        )
+        .route(
+            "/kv",
+            get(|s: Session| async move { Ok::<_, SessionError>(Json(s.to_json().await?)) }),
+        )
+        .route(
+            "/cycle",
+            post(|s: Session| async move {
+                s.cycle_id().await?;
+                Ok::<_, SessionError>(StatusCode::NO_CONTENT)
+            }),
+        )
+        .route(
+            "/login/{user}",
+            post(|s: Session, Path(user): Path<String>| async move {
+                s.cycle_id().await?;
+                s.set_user_id(Some(&user)).await?;
+                s.insert("user", &user).await?;
+                Ok::<_, SessionError>(StatusCode::NO_CONTENT)
+            }),
+        )
+        .route(
+            "/logout",
+            post(|s: Session| async move {
+                s.destroy().await;
+                StatusCode::NO_CONTENT
+            }),
+        )
+        .route(
+            "/slow/{key}",
+            put(
+                |State(gate): State<Gate>, s: Session, Path(key): Path<String>| async move {
+                    // Load first, then wait, then write: the window in which
+                    // other requests change or end the session.
+                    let _ = s.is_empty().await?;
+                    gate.entered.notify_one();
+                    gate.release.notified().await;
+                    s.insert(&key, &true).await?;
+                    Ok::<_, SessionError>(StatusCode::NO_CONTENT)
+                },
+            ),
+        )
+        .with_state(gate)
+        .layer(layer)
+}
+
+/// One browser: an app and the session cookie it holds.
+#[derive(Clone)]
+pub struct Client {
+    pub app: Router,
+    pub cookie: Option<String>,
+    pub cookie_name: String,
+}
+
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Value,
+}
+
+impl Reply {
+    pub fn set_cookie(&self) -> Option<&str> {
+        self.headers
+            .get(header::SET_COOKIE)
+            .map(|v| v.to_str().unwrap())
+    }
+}
+
+impl Client {
+    pub fn new(app: Router) -> Self {
+        Self {
+            app,
+            cookie: None,
+            cookie_name: "session".into(),
+        }
+    }
+
+    pub async fn send(&mut self, method: &str, path: &str, body: Option<Value>) -> Reply {
+        let mut req = Request::builder().method(method).uri(path);
+        if let Some(c) = &self.cookie {
+            req = req.header(header::COOKIE, format!("{}={c}", self.cookie_name));
+        }
+        let req = match body {
+            Some(b) => req
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from(b.to_string())),
+            None => req.body(Body::empty()),
+        }
+        .unwrap();
+        let res: Response<Body> = self.app.clone().oneshot(req).await.unwrap();
+        let (parts, body) = res.into_parts();
+        if let Some(sc) = parts.headers.get(header::SET_COOKIE) {
+            let sc = sc.to_str().unwrap();
+            let value = sc.split(';').next().unwrap().split_once('=').unwrap().1;
+            self.cookie = (!sc.contains("Max-Age=0")).then(|| value.to_owned());
+        }
+        let bytes = body.collect().await.unwrap().to_bytes();
+        let body = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+        Reply {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        }
+    }
+
+    pub async fn get(&mut self, path: &str) -> Reply {
+        self.send("GET", path, None).await
+    }
+
+    pub async fn post(&mut self, path: &str) -> Reply {
+        self.send("POST", path, None).await
+    }
+
+    pub async fn put(&mut self, path: &str, v: Value) -> Reply {
+        self.send("PUT", path, Some(v)).await
+    }
+}
+
+pub async fn eventually<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..200 {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
