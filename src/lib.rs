@@ -8,5 +8,5 @@ pub mod store;
 pub use crate::{
     error::ConfigError,
     session::{SameSite, Session, SessionError, SessionLayer, SessionService, SigningKeys},
-    store::{PgStore, PgStoreConfig, PruneConfig, Pruner, StoreError},
+    store::{PgStore, PgStoreConfig, PruneConfig, PruneOutcome, Pruner, StoreError},
 };

@@ -43,7 +43,7 @@ use sqlx::{
 };
 use time::OffsetDateTime;
 
-pub use self::prune::{PruneConfig, Pruner};
+pub use self::prune::{PruneConfig, PruneOutcome, Pruner};
 use self::schema::{ExpireType, Ident, Layout, SessType, TableName};
 use crate::error::ConfigError;
 

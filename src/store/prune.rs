@@ -87,6 +87,12 @@ pub enum PruneOutcome {
 }
 
 impl PgStore {
+    /// The key of the advisory lock a prune run holds; `pg_locks` shows which
+    /// backend prunes this table (`classid`/`objid` are its two halves).
+    pub fn prune_lock_id(&self) -> i64 {
+        self.inner.name.lock_key("prune")
+    }
+
     /// Deletes every expired row, in batches of at most `batch_size`, unless
     /// another instance is pruning the same table right now.
     ///
@@ -99,7 +105,7 @@ impl PgStore {
         // took it. A detached connection closes when dropped, so a run that is
         // cancelled midway cannot leave the lock behind on a pooled connection.
         let mut conn = inner.pool.acquire().await?.detach();
-        let key = inner.name.lock_key("prune");
+        let key = self.prune_lock_id();
         let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
             .bind(key)
             .fetch_one(&mut conn)

@@ -280,3 +280,66 @@ where
     }
     panic!("timed out waiting for {what}");
 }
+
+/// A cookie value for `id` signed with `key`, as the layer writes it.
+pub fn signed(id: &str, key: &str) -> String {
+    use base64::Engine;
+    use hmac::Mac;
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key.as_bytes()).unwrap();
+    mac.update(id.as_bytes());
+    let tag = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
+    format!("{id}.{tag}")
+}
+
+/// A TCP relay to the test database that a test can cut and restore, to see
+/// what requests do while the database is unreachable.
+pub struct Relay {
+    pub port: u16,
+    up: tokio::sync::watch::Sender<bool>,
+}
+
+impl Relay {
+    pub async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (up, _) = tokio::sync::watch::channel(true);
+        let state = up.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    return;
+                };
+                let mut down = state.subscribe();
+                if !*down.borrow() {
+                    continue; // refused: dropped at once
+                }
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect("127.0.0.1:5432").await
+                    else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = down.wait_for(|up| !*up) => {}
+                    }
+                });
+            }
+        });
+        Self { port, up }
+    }
+
+    pub fn url(&self) -> String {
+        let base = database_url();
+        let (_, rest) = base.split_once("@").unwrap();
+        let (_, db) = rest.split_once('/').unwrap();
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+
+    pub fn cut(&self) {
+        self.up.send_replace(false);
+    }
+
+    pub fn restore(&self) {
+        self.up.send_replace(true);
+    }
+}
