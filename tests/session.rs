@@ -419,3 +419,35 @@ async fn cookie_attributes_are_secure_by_default() {
     assert_eq!(c.get("/counter").await.body, json!({"count": 2}));
     db.drop_schema().await;
 }
+
+#[tokio::test]
+async fn take_once_hands_a_value_to_exactly_one_of_twenty_concurrent_requests() {
+    let (db, mut c) = setup().await;
+    c.put("/kv/ticket", json!("only-once")).await;
+    c.put("/kv/other", json!(1)).await;
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let mut c = c.clone();
+        tasks.push(tokio::spawn(async move { c.post("/take/ticket").await }));
+    }
+    let mut winners = 0;
+    for t in tasks {
+        let r = t.await.unwrap();
+        match r.status {
+            StatusCode::OK => {
+                winners += 1;
+                assert_eq!(r.body, json!("only-once"));
+            }
+            StatusCode::NOT_FOUND => {}
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!(winners, 1);
+    assert_eq!(
+        c.post("/take/ticket").await.status,
+        StatusCode::NOT_FOUND,
+        "a replay after success fails"
+    );
+    assert_eq!(db.only_sess().await, json!({"other": 1}));
+    db.drop_schema().await;
+}

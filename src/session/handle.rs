@@ -8,7 +8,7 @@ use time::OffsetDateTime;
 use tokio::sync::Mutex;
 
 use super::{cookie::SessionId, data::Data, layer::Config, SessionError};
-use crate::store::{NewRow, OwnedRow, PgStore, StoreError};
+use crate::store::{NewRow, PgStore, StoreError};
 
 /// The session of the current request, found in the request extensions.
 ///
@@ -36,11 +36,14 @@ struct State {
     row: Option<Row>,
     data: Data,
     /// Key-level changes in the order made: `None` removes the key.
-    changes: Vec<(String, Option<Box<RawValue>>)>,
+    changes: Changes,
     user_id: Option<String>,
     provider_sid: Option<String>,
     meta_changed: bool,
     cycle: bool,
+    /// The id a new or cycled session will get, fixed early when something
+    /// must be bound to it before the save (see [`Session::binding_key`]).
+    next_id: Option<SessionId>,
     delete_key: Option<String>,
     cookie: CookieAction,
     failure: Option<Failure>,
@@ -52,6 +55,16 @@ struct Row {
     id: SessionId,
     version: String,
     created_at: Option<OffsetDateTime>,
+}
+
+/// Key-level changes: `None` removes the key.
+pub(crate) type Changes = Vec<(String, Option<Box<RawValue>>)>;
+
+/// The result of [`Session::exclusive`].
+#[derive(Debug)]
+pub(crate) enum Exclusive<T> {
+    Done(T),
+    Gone,
 }
 
 /// What the response must say to the browser about the cookie.
@@ -286,6 +299,125 @@ impl Session {
         self.save_locked(&mut st).await
     }
 
+    /// Removes `key` and returns its value, atomically across every request
+    /// and instance: of many concurrent callers, exactly one gets the value.
+    /// For single-use values such as login state. Written at once (a row
+    /// lock, a read, a write), not at the end of the request.
+    ///
+    /// # Errors
+    /// As [`Session::save`], and [`SessionError::Serde`] when the value does
+    /// not deserialize into `T` (it is consumed all the same).
+    pub async fn take_once<T: DeserializeOwned>(
+        &self,
+        key: &str,
+    ) -> Result<Option<T>, SessionError> {
+        let taken = self
+            .exclusive(|data| {
+                let value = data.get(key).map(|v| v.to_owned());
+                let changes = match value {
+                    Some(_) => vec![(key.to_owned(), None)],
+                    None => Vec::new(),
+                };
+                std::future::ready(Ok::<_, std::convert::Infallible>((changes, value)))
+            })
+            .await?;
+        let Ok(Exclusive::Done(Some(raw))) = taken else {
+            return Ok(None);
+        };
+        serde_json::from_str(raw.get())
+            .map(Some)
+            .map_err(|source| SessionError::Serde {
+                key: key.to_owned(),
+                source,
+            })
+    }
+
+    /// The storage key the session's row will have once this request's
+    /// changes are saved: values sealed for this session are bound to it.
+    #[allow(dead_code)] // used by the OIDC guard
+    pub(crate) async fn binding_key(&self) -> Result<String, SessionError> {
+        let mut st = self.shared.state.lock().await;
+        self.ensure_loaded(&mut st).await?;
+        let hashed = self.shared.config.hashed_ids;
+        Ok(match (&st.row, st.cycle) {
+            (Some(row), false) => row.id.storage_key(hashed),
+            _ => st
+                .next_id
+                .get_or_insert_with(SessionId::generate)
+                .storage_key(hashed),
+        })
+    }
+
+    /// Runs `f` on the freshest stored data while holding the row lock (so at
+    /// most one `f` runs per session at a time, across instances), writes the
+    /// changes it returns, and refreshes this handle's view. This request's
+    /// own pending changes stay pending. `Gone` when no live row exists.
+    pub(crate) async fn exclusive<T, E, F, Fut>(
+        &self,
+        f: F,
+    ) -> Result<Result<Exclusive<T>, E>, SessionError>
+    where
+        F: FnOnce(Data) -> Fut,
+        Fut: std::future::Future<Output = Result<(Changes, T), E>>,
+    {
+        let store = &self.shared.store;
+        let config = &self.shared.config;
+        let mut st = self.shared.state.lock().await;
+        self.ensure_loaded(&mut st).await?;
+        let Some(row) = st.row.clone() else {
+            return Ok(Ok(Exclusive::Gone));
+        };
+        let key = row.id.storage_key(config.hashed_ids);
+        let now = OffsetDateTime::now_utc();
+        let locked = store
+            .lock_row(&key, now)
+            .await
+            .map_err(|e| self.fail(&mut st, Failure::Unavailable, e))?;
+        let Some((tx, fresh)) = locked else {
+            *st = State {
+                loaded: true,
+                cookie: CookieAction::Remove,
+                ..State::default()
+            };
+            return Ok(Ok(Exclusive::Gone));
+        };
+        let Some(mut data) = Data::parse(&fresh.sess) else {
+            return Ok(Ok(Exclusive::Gone));
+        };
+        let (changes, value) = match f(data.clone()).await {
+            Ok(done) => done,
+            Err(e) => return Ok(Err(e)),
+        };
+        let mut version = fresh.version.clone();
+        if !changes.is_empty() {
+            apply_changes(&mut data, &changes);
+            let sess = data.to_json();
+            let new = NewRow {
+                sess: &sess,
+                expire: fresh.expire,
+                user_id: fresh.user_id.as_deref(),
+                provider_sid: fresh.provider_sid.as_deref(),
+            };
+            version = store
+                .write_locked(tx, &key, &key, &new)
+                .await
+                .map_err(|e| self.fail(&mut st, Failure::Unavailable, e))?;
+        } else if let Err(e) = tx.commit().await {
+            return Err(self.fail(&mut st, Failure::Unavailable, e.into()));
+        }
+        // The handle now starts from the stored state; its own pending
+        // changes are applied on top, as a save would.
+        let pending = st.changes.clone();
+        apply_changes(&mut data, &pending);
+        st.data = data;
+        if !st.meta_changed {
+            st.user_id = fresh.user_id;
+            st.provider_sid = fresh.provider_sid;
+        }
+        st.row = Some(Row { version, ..row });
+        Ok(Ok(Exclusive::Done(value)))
+    }
+
     /// What the response needs without any further I/O, when nothing is left
     /// to write; `None` when a save is due.
     pub(crate) fn try_finish_now(&self) -> Option<Outcome> {
@@ -397,7 +529,7 @@ impl Session {
             };
             // 192 random bits do not collide; the loop is for the impossible case.
             for _ in 0..3 {
-                let id = SessionId::generate();
+                let id = st.next_id.take().unwrap_or_else(SessionId::generate);
                 let inserted = store
                     .insert(&id.storage_key(hashed), &new, now)
                     .await
@@ -434,76 +566,52 @@ impl Session {
         }
         // Someone else wrote the row since we read it (or it is gone): lock it,
         // re-apply this request's changes to what is there now, write again.
-        let changes = st.changes.clone();
-        let meta = st
-            .meta_changed
-            .then(|| (st.user_id.clone(), st.provider_sid.clone()));
-        let max_size = config.max_size;
-        let mut merged = None;
-        let result = store
-            .update_locked(&key, &new_key, now, |fresh| {
-                let mut data = Data::parse(&fresh.sess).unwrap_or_default();
-                for (k, v) in &changes {
-                    match v {
-                        Some(v) => data.set(k, v.clone()),
-                        None => {
-                            data.remove(k);
-                        }
-                    }
-                }
-                let size = data.encoded_len();
-                if size > max_size {
-                    return Err(SessionError::TooLarge {
-                        size,
-                        limit: max_size,
-                    });
-                }
-                let (user_id, provider_sid) =
-                    meta.clone().unwrap_or((fresh.user_id, fresh.provider_sid));
-                let out = OwnedRow {
-                    sess: data.to_json(),
-                    expire: config.expire_at(now, fresh.created_at),
-                    user_id,
-                    provider_sid,
-                };
-                merged = Some((
-                    data,
-                    fresh.created_at,
-                    out.user_id.clone(),
-                    out.provider_sid.clone(),
-                    out.expire,
-                ));
-                Ok(out)
-            })
+        let locked = store
+            .lock_row(&key, now)
             .await
             .map_err(|e| self.fail(st, Failure::Unavailable, e))?;
-        match result {
-            Ok(Some(version)) => {
-                let (data, created_at, user_id, provider_sid, expire) =
-                    merged.unwrap_or_else(|| unreachable!("set when the update ran"));
-                st.data = data;
-                st.user_id = user_id;
-                st.provider_sid = provider_sid;
-                self.saved(st, new_id, version, created_at, expire);
-                tracing::debug!(session = %row.id.log_id(), "re-applied changes after a concurrent write");
-                Ok(())
-            }
-            Ok(None) => {
-                // Destroyed (logout, revocation, prune) while this request ran:
-                // its changes are dropped rather than bringing the session back.
-                tracing::info!(session = %row.id.log_id(), "session ended during the request; changes dropped");
-                *st = State {
-                    loaded: true,
-                    cookie: CookieAction::Remove,
-                    ..State::default()
-                };
-                Ok(())
-            }
-            Err(e) => {
-                st.failure = Some(Failure::TooLarge);
-                Err(e)
-            }
+        let Some((tx, fresh)) = locked else {
+            // Destroyed (logout, revocation, prune) while this request ran:
+            // its changes are dropped rather than bringing the session back.
+            tracing::info!(session = %row.id.log_id(), "session ended during the request; changes dropped");
+            *st = State {
+                loaded: true,
+                cookie: CookieAction::Remove,
+                ..State::default()
+            };
+            return Ok(());
+        };
+        let mut data = Data::parse(&fresh.sess).unwrap_or_default();
+        apply_changes(&mut data, &st.changes);
+        let size = data.encoded_len();
+        if size > config.max_size {
+            // Dropping `tx` rolls back: the stored session stays as it was.
+            st.failure = Some(Failure::TooLarge);
+            return Err(SessionError::TooLarge {
+                size,
+                limit: config.max_size,
+            });
         }
+        if !st.meta_changed {
+            st.user_id = fresh.user_id;
+            st.provider_sid = fresh.provider_sid;
+        }
+        let expire = config.expire_at(now, fresh.created_at);
+        let sess = data.to_json();
+        let new = NewRow {
+            sess: &sess,
+            expire,
+            user_id: st.user_id.as_deref(),
+            provider_sid: st.provider_sid.as_deref(),
+        };
+        let version = store
+            .write_locked(tx, &key, &new_key, &new)
+            .await
+            .map_err(|e| self.fail(st, Failure::Unavailable, e))?;
+        st.data = data;
+        self.saved(st, new_id, version, fresh.created_at, expire);
+        tracing::debug!(session = %row.id.log_id(), "re-applied changes after a concurrent write");
+        Ok(())
     }
 
     fn saved(
@@ -516,6 +624,7 @@ impl Session {
     ) {
         st.changes.clear();
         st.cycle = false;
+        st.next_id = None;
         st.meta_changed = false;
         st.cookie = CookieAction::Set(id.clone(), expire);
         st.row = Some(Row {
@@ -523,5 +632,16 @@ impl Session {
             version,
             created_at,
         });
+    }
+}
+
+fn apply_changes(data: &mut Data, changes: &[(String, Option<Box<RawValue>>)]) {
+    for (k, v) in changes {
+        match v {
+            Some(v) => data.set(k, v.clone()),
+            None => {
+                data.remove(k);
+            }
+        }
     }
 }

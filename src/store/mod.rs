@@ -364,44 +364,85 @@ impl PgStore {
         Ok(q.fetch_optional(&self.inner.pool).await?)
     }
 
-    /// Locks the live row, lets `apply` compute its new state from the fresh
-    /// data, and writes it. `Ok(None)` when the row no longer exists: it is not
-    /// re-created. `apply` may fail, which rolls back and leaves the row as it was.
-    pub(crate) async fn update_locked<E>(
+    /// Locks the live row for the rest of the returned transaction. `None`
+    /// when there is no live row: it is then not re-created by anyone holding
+    /// this result.
+    pub(crate) async fn lock_row(
         &self,
         key: &str,
-        new_key: &str,
         now: OffsetDateTime,
-        apply: impl FnOnce(Loaded) -> Result<OwnedRow, E>,
-    ) -> Result<Result<Option<String>, E>, StoreError> {
+    ) -> Result<Option<(Tx, Loaded)>, StoreError> {
         let mut tx = self.inner.pool.begin().await?;
         let row = sqlx::query(&self.inner.sql.select_for_update)
             .bind(key)
             .bind(now)
             .fetch_optional(&mut *tx)
             .await?;
-        let Some(row) = row else {
-            tx.rollback().await?;
-            return Ok(Ok(None));
-        };
-        let new = match apply(Loaded::from_row(&row)?) {
-            Ok(new) => new,
-            Err(e) => {
+        match row {
+            Some(row) => Ok(Some((tx, Loaded::from_row(&row)?))),
+            None => {
                 tx.rollback().await?;
-                return Ok(Err(e));
+                Ok(None)
             }
-        };
+        }
+    }
+
+    /// Writes a row locked by [`Self::lock_row`] (optionally under a new key)
+    /// and commits.
+    pub(crate) async fn write_locked(
+        &self,
+        mut tx: Tx,
+        key: &str,
+        new_key: &str,
+        row: &NewRow<'_>,
+    ) -> Result<String, StoreError> {
         let mut q = sqlx::query_scalar(&self.inner.sql.update_locked)
             .bind(key)
             .bind(new_key)
-            .bind(&new.sess)
-            .bind(new.expire);
+            .bind(row.sess)
+            .bind(row.expire);
         if self.inner.layout.extended {
-            q = q.bind(&new.user_id).bind(&new.provider_sid);
+            q = q.bind(row.user_id).bind(row.provider_sid);
         }
         let version: String = q.fetch_one(&mut *tx).await?;
         tx.commit().await?;
-        Ok(Ok(Some(version)))
+        Ok(version)
+    }
+
+    /// Deletes every session of `user` (the `user_id` column); returns how many.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] when the statement fails;
+    /// [`StoreError::Schema`] when the table lacks the column.
+    pub async fn delete_user_sessions(&self, user: &str) -> Result<u64, StoreError> {
+        self.delete_by("user_id", user).await
+    }
+
+    /// Deletes every session bound to the identity provider's session `sid`
+    /// (the `provider_sid` column); returns how many.
+    ///
+    /// # Errors
+    /// As [`Self::delete_user_sessions`].
+    pub async fn delete_provider_sessions(&self, sid: &str) -> Result<u64, StoreError> {
+        self.delete_by("provider_sid", sid).await
+    }
+
+    async fn delete_by(&self, column: &'static str, value: &str) -> Result<u64, StoreError> {
+        if !self.inner.layout.extended {
+            return Err(StoreError::Schema(format!(
+                "table {} has no {column} column",
+                self.inner.name.qualified()
+            )));
+        }
+        let sql = format!(
+            "DELETE FROM {} WHERE {column} = $1",
+            self.inner.name.qualified()
+        );
+        Ok(sqlx::query(&sql)
+            .bind(value)
+            .execute(&self.inner.pool)
+            .await?
+            .rows_affected())
     }
 
     /// Deletes a row; true when one was there.
@@ -413,6 +454,9 @@ impl PgStore {
         Ok(done.rows_affected() > 0)
     }
 }
+
+/// A transaction holding a session row lock.
+pub(crate) type Tx = sqlx::Transaction<'static, sqlx::Postgres>;
 
 /// Times for one load: the idle extension is written only when the row
 /// expires before `touch_before`.
@@ -457,15 +501,6 @@ pub(crate) struct NewRow<'a> {
     pub(crate) expire: OffsetDateTime,
     pub(crate) user_id: Option<&'a str>,
     pub(crate) provider_sid: Option<&'a str>,
-}
-
-/// [`NewRow`], owned, as computed inside a locked re-apply.
-#[derive(Debug, Clone)]
-pub(crate) struct OwnedRow {
-    pub(crate) sess: String,
-    pub(crate) expire: OffsetDateTime,
-    pub(crate) user_id: Option<String>,
-    pub(crate) provider_sid: Option<String>,
 }
 
 /// The statements, built once from the validated names and detected layout.

@@ -170,6 +170,15 @@ pub fn app(layer: SessionLayer, gate: Gate) -> Router {
             }),
         )
         .route(
+            "/take/{key}",
+            post(|s: Session, Path(key): Path<String>| async move {
+                match s.take_once::<Value>(&key).await? {
+                    Some(v) => Ok::<_, SessionError>((StatusCode::OK, Json(v))),
+                    None => Ok((StatusCode::NOT_FOUND, Json(Value::Null))),
+                }
+            }),
+        )
+        .route(
             "/logout",
             post(|s: Session| async move {
                 s.destroy().await;
