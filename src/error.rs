@@ -41,6 +41,18 @@ pub enum ConfigError {
     /// Two settings contradict each other.
     #[error("conflicting settings: {0}")]
     Conflict(&'static str),
+    /// A URL setting does not parse or has the wrong form.
+    #[error("invalid URL for {setting}: {value:?}")]
+    InvalidUrl {
+        /// Which setting.
+        setting: &'static str,
+        /// The rejected value.
+        value: String,
+    },
+    /// Token encryption keys were rejected.
+    #[cfg(feature = "oidc")]
+    #[error("invalid token encryption keys")]
+    TokenKeys(#[from] crate::crypto::KeyError),
     /// A duration setting is out of range.
     #[error("invalid duration for {setting}: {reason}")]
     InvalidDuration {

@@ -1,7 +1,11 @@
 #![doc = include_str!("../README.md")]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+#[cfg(feature = "oidc")]
+pub mod crypto;
 pub mod error;
+#[cfg(feature = "oidc")]
+pub mod oidc;
 pub mod session;
 pub mod store;
 

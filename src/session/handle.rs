@@ -202,6 +202,16 @@ impl Session {
             .collect()
     }
 
+    /// The keys of the session's data, in stored order.
+    ///
+    /// # Errors
+    /// As [`Session::get`].
+    pub async fn keys(&self) -> Result<Vec<String>, SessionError> {
+        let mut st = self.shared.state.lock().await;
+        self.ensure_loaded(&mut st).await?;
+        Ok(st.data.iter().map(|(k, _)| k.to_owned()).collect())
+    }
+
     /// True when the session holds no data (new, expired or destroyed).
     ///
     /// # Errors
@@ -312,7 +322,7 @@ impl Session {
         key: &str,
     ) -> Result<Option<T>, SessionError> {
         let taken = self
-            .exclusive(|data| {
+            .exclusive(|data, _| {
                 let value = data.get(key).map(|v| v.to_owned());
                 let changes = match value {
                     Some(_) => vec![(key.to_owned(), None)],
@@ -334,7 +344,7 @@ impl Session {
 
     /// The storage key the session's row will have once this request's
     /// changes are saved: values sealed for this session are bound to it.
-    #[allow(dead_code)] // used by the OIDC guard
+    #[cfg_attr(not(feature = "oidc"), allow(dead_code))]
     pub(crate) async fn binding_key(&self) -> Result<String, SessionError> {
         let mut st = self.shared.state.lock().await;
         self.ensure_loaded(&mut st).await?;
@@ -348,7 +358,8 @@ impl Session {
         })
     }
 
-    /// Runs `f` on the freshest stored data while holding the row lock (so at
+    /// Runs `f` on the freshest stored data (and the row's storage key) while
+    /// holding the row lock (so at
     /// most one `f` runs per session at a time, across instances), writes the
     /// changes it returns, and refreshes this handle's view. This request's
     /// own pending changes stay pending. `Gone` when no live row exists.
@@ -357,7 +368,7 @@ impl Session {
         f: F,
     ) -> Result<Result<Exclusive<T>, E>, SessionError>
     where
-        F: FnOnce(Data) -> Fut,
+        F: FnOnce(Data, String) -> Fut,
         Fut: std::future::Future<Output = Result<(Changes, T), E>>,
     {
         let store = &self.shared.store;
@@ -384,7 +395,7 @@ impl Session {
         let Some(mut data) = Data::parse(&fresh.sess) else {
             return Ok(Ok(Exclusive::Gone));
         };
-        let (changes, value) = match f(data.clone()).await {
+        let (changes, value) = match f(data.clone(), key.clone()).await {
             Ok(done) => done,
             Err(e) => return Ok(Err(e)),
         };

@@ -41,6 +41,8 @@ mod handle;
 mod layer;
 mod service;
 
+#[cfg(feature = "oidc")]
+pub(crate) use self::handle::Exclusive;
 pub use self::{
     cookie::{SameSite, SigningKeys},
     future::ResponseFuture,

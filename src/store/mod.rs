@@ -427,6 +427,44 @@ impl PgStore {
         self.delete_by("provider_sid", sid).await
     }
 
+    /// Creates the companion table of [`Self::remember_once`] when missing.
+    pub(crate) async fn ensure_seen_table(&self) -> Result<(), StoreError> {
+        let t = self.inner.name.seen_table();
+        let mut tx = self.inner.pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(self.inner.name.lock_key("ddl"))
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(&format!(
+            "CREATE TABLE IF NOT EXISTS {t} (key text PRIMARY KEY, expire timestamptz NOT NULL)"
+        ))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Records `key` until `expire`; false when it was recorded before (a
+    /// replay). Atomic across instances.
+    pub(crate) async fn remember_once(
+        &self,
+        key: &str,
+        expire: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        let t = self.inner.name.seen_table();
+        // An expired entry may be reused; a live one may not.
+        let inserted: Option<i32> = sqlx::query_scalar(&format!(
+            "INSERT INTO {t} (key, expire) VALUES ($1, $2) \
+             ON CONFLICT (key) DO UPDATE SET expire = EXCLUDED.expire WHERE {t}.expire < now() \
+             RETURNING 1"
+        ))
+        .bind(key)
+        .bind(expire)
+        .fetch_optional(&self.inner.pool)
+        .await?;
+        Ok(inserted.is_some())
+    }
+
     async fn delete_by(&self, column: &'static str, value: &str) -> Result<u64, StoreError> {
         if !self.inner.layout.extended {
             return Err(StoreError::Schema(format!(

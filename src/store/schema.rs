@@ -97,6 +97,16 @@ impl TableName {
         }
     }
 
+    /// The companion table that remembers single-use values (logout token ids).
+    pub(crate) fn seen_table(&self) -> String {
+        let mut name = format!("{}_seen", self.table.as_str());
+        name.truncate(MAX_IDENT);
+        match &self.schema {
+            Some(s) => format!("{s}.{}", Ident(name)),
+            None => Ident(name).to_string(),
+        }
+    }
+
     fn index(&self, what: &str) -> Ident {
         // connect-pg-simple names its index "IDX_session_expire"; derived names keep
         // that pattern and are shortened (not rejected) to the identifier limit.

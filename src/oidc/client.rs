@@ -1,0 +1,627 @@
+//! [`OidcClient`]: discovery, code exchange, refresh, revocation, and the
+//! verification of ID and logout tokens.
+
+use std::{
+    fmt,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
+use openidconnect::{
+    core::{
+        CoreAuthDisplay, CoreClaimName, CoreClaimType, CoreClient, CoreClientAuthMethod,
+        CoreErrorResponseType, CoreGrantType, CoreIdToken, CoreIdTokenVerifier, CoreJsonWebKey,
+        CoreJsonWebKeySet, CoreJweContentEncryptionAlgorithm, CoreJweKeyManagementAlgorithm,
+        CoreJwsSigningAlgorithm, CoreResponseMode, CoreResponseType, CoreSubjectIdentifierType,
+        CoreTokenResponse,
+    },
+    reqwest,
+    url::Url,
+    AdditionalProviderMetadata, ClientId, ClientSecret, EndpointMaybeSet, EndpointNotSet,
+    EndpointSet, IssuerUrl, JsonWebKey, Nonce, OAuth2TokenResponse, ProviderMetadata, RedirectUrl,
+    RefreshToken, RequestTokenError, TokenResponse,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use time::OffsetDateTime;
+use tokio::sync::RwLock;
+
+use super::{
+    config::{OidcConfig, Provider},
+    AuthError, AuthErrorKind,
+};
+use crate::store::PgStore;
+
+/// Discovery fields `openidconnect` does not model.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+pub(crate) struct ExtraMetadata {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    end_session_endpoint: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    revocation_endpoint: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    authorization_response_iss_parameter_supported: Option<bool>,
+}
+impl AdditionalProviderMetadata for ExtraMetadata {}
+
+type Metadata = ProviderMetadata<
+    ExtraMetadata,
+    CoreAuthDisplay,
+    CoreClientAuthMethod,
+    CoreClaimName,
+    CoreClaimType,
+    CoreGrantType,
+    CoreJweContentEncryptionAlgorithm,
+    CoreJweKeyManagementAlgorithm,
+    CoreJsonWebKey,
+    CoreResponseMode,
+    CoreResponseType,
+    CoreSubjectIdentifierType,
+>;
+
+/// The discovered client: authorization endpoint set, token and userinfo
+/// endpoints as discovery found them.
+pub(crate) type DiscoveredClient = CoreClient<
+    EndpointSet,
+    EndpointNotSet,
+    EndpointNotSet,
+    EndpointNotSet,
+    EndpointMaybeSet,
+    EndpointMaybeSet,
+>;
+
+/// Where a provider asks the browser to go to end its session.
+#[derive(Debug, Clone)]
+pub(crate) enum LogoutStyle {
+    EndSession(Url),
+    Cognito(Url),
+    None,
+}
+
+/// A relying party of one OpenID provider. Cheap to clone.
+#[derive(Clone)]
+pub struct OidcClient {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) config: OidcConfig,
+    pub(crate) client: DiscoveredClient,
+    pub(crate) http: reqwest::Client,
+    pub(crate) issuer: String,
+    pub(crate) provider: Provider,
+    pub(crate) logout: LogoutStyle,
+    pub(crate) revocation: Option<Url>,
+    pub(crate) iss_param_required: bool,
+    pub(crate) store: PgStore,
+    jwks_uri: openidconnect::JsonWebKeySetUrl,
+    jwks: RwLock<(Arc<CoreJsonWebKeySet>, Option<Instant>)>,
+}
+
+impl fmt::Debug for OidcClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OidcClient")
+            .field("issuer", &self.inner.issuer)
+            .field("provider", &self.inner.provider)
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A minimum pause between JWKS fetches caused by unknown key ids, so a
+/// stream of forged tokens cannot make us hammer the provider.
+const JWKS_REFETCH_MIN: Duration = Duration::from_secs(10);
+
+/// What a successful code exchange or refresh yields, verified.
+#[derive(Debug)]
+pub(crate) struct Tokens {
+    pub(crate) access_token: String,
+    pub(crate) refresh_token: Option<String>,
+    pub(crate) id_token: Option<String>,
+    pub(crate) expires_at: Option<i64>,
+    pub(crate) claims: Option<Map<String, Value>>,
+}
+
+/// How a refreshed ID token's nonce is checked.
+pub(crate) enum NonceCheck<'a> {
+    /// Login: the nonce must be present and equal.
+    Required(&'a str),
+    /// Refresh: absent is fine; present must equal.
+    IfPresent(&'a str),
+}
+
+impl OidcClient {
+    /// Discovers the provider at the configured issuer and prepares the
+    /// client. Sessions are kept in (and back-channel logouts applied to)
+    /// `store`.
+    ///
+    /// # Errors
+    /// [`AuthError`] of kind [`AuthErrorKind::ProviderUnavailable`] when
+    /// discovery fails or the provider's metadata is unusable (its message
+    /// says why), [`AuthErrorKind::SessionUnavailable`] when the store cannot
+    /// create its companion table.
+    pub async fn discover(config: OidcConfig, store: PgStore) -> Result<Self, AuthError> {
+        let provider = config
+            .provider
+            .clone()
+            .unwrap_or_else(|| Provider::detect(&config.issuer));
+        let issuer = match provider {
+            // Keycloak's issuer never ends with a slash; users' copies often do.
+            Provider::Keycloak => config.issuer.trim_end_matches('/').to_owned(),
+            _ => config.issuer.clone(),
+        };
+        // Following redirects would let a hostile metadata document point
+        // requests anywhere (SSRF); timeouts keep a stalled provider from
+        // stalling every login.
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(config.http_timeout.min(Duration::from_secs(5)))
+            .timeout(config.http_timeout)
+            .build()
+            .map_err(|e| AuthError::new(AuthErrorKind::ProviderUnavailable, e.to_string()))?;
+        let issuer_url = IssuerUrl::new(issuer.clone())
+            .map_err(|e| AuthError::new(AuthErrorKind::ProviderUnavailable, e.to_string()))?;
+        let metadata = Metadata::discover_async(issuer_url, &http)
+            .await
+            .map_err(|e| {
+                AuthError::new(
+                    AuthErrorKind::ProviderUnavailable,
+                    format!("discovery at {issuer} failed: {}", error_chain(&e)),
+                )
+            })?;
+        let extra = metadata.additional_metadata().clone();
+        let auth_origin = metadata.authorization_endpoint().url().origin();
+        let logout = match &provider {
+            Provider::Cognito { domain } => {
+                let base = match domain {
+                    Some(d) => d.clone(),
+                    None => Url::parse(&auth_origin.ascii_serialization()).map_err(|e| {
+                        AuthError::new(AuthErrorKind::ProviderUnavailable, e.to_string())
+                    })?,
+                };
+                LogoutStyle::Cognito(base.join("logout").unwrap_or(base))
+            }
+            _ => match extra.end_session_endpoint.as_deref().map(Url::parse) {
+                Some(Ok(url)) => LogoutStyle::EndSession(url),
+                _ => LogoutStyle::None,
+            },
+        };
+        let revocation = extra
+            .revocation_endpoint
+            .as_deref()
+            .and_then(|u| Url::parse(u).ok());
+        let jwks = metadata.jwks().clone();
+        let jwks_uri = metadata.jwks_uri().clone();
+        let redirect = RedirectUrl::from_url(config.redirect_uri());
+        let client = CoreClient::from_provider_metadata(
+            metadata,
+            ClientId::new(config.client_id.clone()),
+            config.client_secret.clone().map(ClientSecret::new),
+        )
+        .set_redirect_uri(redirect);
+        store
+            .ensure_seen_table()
+            .await
+            .map_err(|e| AuthError::new(AuthErrorKind::SessionUnavailable, e.to_string()))?;
+        tracing::info!(%issuer, ?provider, "OpenID provider discovered");
+        Ok(Self {
+            inner: Arc::new(Inner {
+                iss_param_required: extra
+                    .authorization_response_iss_parameter_supported
+                    .unwrap_or(false),
+                config,
+                client,
+                http,
+                issuer,
+                provider,
+                logout,
+                revocation,
+                store,
+                jwks_uri,
+                jwks: RwLock::new((Arc::new(jwks), None)),
+            }),
+        })
+    }
+
+    /// The issuer, as the provider names itself.
+    pub fn issuer(&self) -> &str {
+        &self.inner.issuer
+    }
+
+    /// The provider preset in use.
+    pub fn provider(&self) -> &Provider {
+        &self.inner.provider
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &OidcConfig {
+        &self.inner.config
+    }
+
+    pub(crate) fn store(&self) -> &PgStore {
+        &self.inner.store
+    }
+
+    fn verifier(&self, jwks: CoreJsonWebKeySet) -> CoreIdTokenVerifier<'static> {
+        let c = &self.inner.config;
+        let issuer = IssuerUrl::new(self.inner.issuer.clone())
+            .unwrap_or_else(|_| unreachable!("validated at discovery"));
+        let id = ClientId::new(c.client_id.clone());
+        let verifier = match &c.client_secret {
+            Some(secret) => CoreIdTokenVerifier::new_confidential_client(
+                id,
+                ClientSecret::new(secret.clone()),
+                issuer,
+                jwks,
+            ),
+            None => CoreIdTokenVerifier::new_public_client(id, issuer, jwks),
+        };
+        let skew = chrono::Duration::from_std(c.clock_skew).unwrap_or_default();
+        verifier
+            .set_allowed_algs(c.algorithms.clone())
+            // `exp` is compared with this clock: running it `skew` behind
+            // accepts tokens up to `skew` past their expiry.
+            .set_time_fn(move || chrono::Utc::now() - skew)
+            .set_issue_time_verifier_fn(move |iat| {
+                if iat > chrono::Utc::now() + skew {
+                    Err("issued in the future".to_owned())
+                } else {
+                    Ok(())
+                }
+            })
+    }
+
+    /// The current key set; with `refetch`, a fresh one unless one was
+    /// fetched for an unknown key too recently.
+    async fn jwks(&self, refetch: bool) -> Arc<CoreJsonWebKeySet> {
+        if refetch {
+            let mut guard = self.inner.jwks.write().await;
+            let due = guard.1.is_none_or(|t| t.elapsed() >= JWKS_REFETCH_MIN);
+            if due {
+                guard.1 = Some(Instant::now());
+                match CoreJsonWebKeySet::fetch_async(&self.inner.jwks_uri, &self.inner.http).await {
+                    Ok(set) => {
+                        tracing::info!(
+                            keys = set.keys().len(),
+                            "refreshed the provider's signing keys"
+                        );
+                        guard.0 = Arc::new(set);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %error_chain(&e), "refreshing the provider's signing keys failed")
+                    }
+                }
+            }
+            return guard.0.clone();
+        }
+        self.inner.jwks.read().await.0.clone()
+    }
+
+    /// Verifies an ID token: signature (refetching keys once for an unknown
+    /// key id), `iss`, `aud`/`azp`, `exp`/`iat` within the skew, nonce, and
+    /// the provider's extra rules. Returns all its claims.
+    pub(crate) async fn verify_id_token(
+        &self,
+        token: &CoreIdToken,
+        nonce: NonceCheck<'_>,
+    ) -> Result<Map<String, Value>, AuthError> {
+        let mut refetch = false;
+        loop {
+            let jwks = self.jwks(refetch).await;
+            let verifier = self.verifier((*jwks).clone());
+            let result = match &nonce {
+                NonceCheck::Required(n) => {
+                    let n = Nonce::new((*n).to_owned());
+                    token.claims(&verifier, &n).map(|_| ())
+                }
+                NonceCheck::IfPresent(n) => token
+                    .claims(&verifier, |got: Option<&Nonce>| match got {
+                        None => Ok(()),
+                        Some(got) if constant_eq(got.secret(), n) => Ok(()),
+                        Some(_) => Err("nonce mismatch".to_owned()),
+                    })
+                    .map(|_| ()),
+            };
+            match result {
+                Ok(()) => break,
+                Err(openidconnect::ClaimsVerificationError::SignatureVerification(
+                    openidconnect::SignatureVerificationError::NoMatchingKey,
+                )) if !refetch => refetch = true,
+                Err(e) => {
+                    return Err(AuthError::new(
+                        AuthErrorKind::InvalidIdToken,
+                        format!("ID token rejected: {}", error_chain(&e)),
+                    ))
+                }
+            }
+        }
+        let claims = payload_claims(&token.to_string())?;
+        if matches!(self.inner.provider, Provider::Cognito { .. })
+            && claims.get("token_use").and_then(Value::as_str) != Some("id")
+        {
+            return Err(AuthError::new(
+                AuthErrorKind::InvalidIdToken,
+                "ID token rejected: token_use is not \"id\"",
+            ));
+        }
+        Ok(claims)
+    }
+
+    fn token_error<RE: std::error::Error + 'static>(
+        e: RequestTokenError<RE, openidconnect::StandardErrorResponse<CoreErrorResponseType>>,
+        what: &str,
+    ) -> AuthError {
+        match e {
+            RequestTokenError::ServerResponse(resp) => {
+                let kind = if *resp.error() == CoreErrorResponseType::InvalidGrant {
+                    AuthErrorKind::InvalidGrant
+                } else {
+                    AuthErrorKind::TokenRequestRejected
+                };
+                AuthError::new(
+                    kind,
+                    format!("{what} rejected by the provider: {}", resp.error()),
+                )
+            }
+            other => AuthError::new(
+                AuthErrorKind::ProviderUnavailable,
+                format!("{what} failed: {}", error_chain(&other)),
+            ),
+        }
+    }
+
+    /// Exchanges an authorization code (with its PKCE verifier) and verifies
+    /// the ID token against `nonce`.
+    pub(crate) async fn exchange(
+        &self,
+        code: String,
+        pkce_verifier: String,
+        nonce: &str,
+    ) -> Result<Tokens, AuthError> {
+        let request = self
+            .inner
+            .client
+            .exchange_code(openidconnect::AuthorizationCode::new(code))
+            .map_err(|e| AuthError::new(AuthErrorKind::ProviderUnavailable, e.to_string()))?
+            .set_pkce_verifier(openidconnect::PkceCodeVerifier::new(pkce_verifier));
+        let response: CoreTokenResponse = request
+            .request_async(&self.inner.http)
+            .await
+            .map_err(|e| Self::token_error(e, "code exchange"))?;
+        let id_token = response.id_token().ok_or_else(|| {
+            AuthError::new(
+                AuthErrorKind::InvalidIdToken,
+                "the token response has no ID token",
+            )
+        })?;
+        let claims = self
+            .verify_id_token(id_token, NonceCheck::Required(nonce))
+            .await?;
+        Ok(Self::tokens(&response, Some(claims)))
+    }
+
+    /// Uses a refresh token. A refreshed ID token, when present, must pass
+    /// the same checks, keep `sub`, and carry the login's nonce if any.
+    pub(crate) async fn refresh(
+        &self,
+        refresh_token: &str,
+        nonce: &str,
+        sub: &str,
+    ) -> Result<Tokens, AuthError> {
+        let rt = RefreshToken::new(refresh_token.to_owned());
+        let response: CoreTokenResponse = self
+            .inner
+            .client
+            .exchange_refresh_token(&rt)
+            .map_err(|e| AuthError::new(AuthErrorKind::ProviderUnavailable, e.to_string()))?
+            .request_async(&self.inner.http)
+            .await
+            .map_err(|e| Self::token_error(e, "token refresh"))?;
+        let claims = match response.id_token() {
+            Some(t) => {
+                let claims = self
+                    .verify_id_token(t, NonceCheck::IfPresent(nonce))
+                    .await?;
+                if claims.get("sub").and_then(Value::as_str) != Some(sub) {
+                    return Err(AuthError::new(
+                        AuthErrorKind::InvalidIdToken,
+                        "refreshed ID token names another subject",
+                    ));
+                }
+                Some(claims)
+            }
+            None => None,
+        };
+        Ok(Self::tokens(&response, claims))
+    }
+
+    fn tokens(response: &CoreTokenResponse, claims: Option<Map<String, Value>>) -> Tokens {
+        Tokens {
+            access_token: response.access_token().secret().clone(),
+            refresh_token: response.refresh_token().map(|t| t.secret().clone()),
+            id_token: response.id_token().map(ToString::to_string),
+            expires_at: response
+                .expires_in()
+                .map(|d| OffsetDateTime::now_utc().unix_timestamp() + d.as_secs() as i64),
+            claims,
+        }
+    }
+
+    /// Revokes a refresh token (RFC 7009), where the provider has an endpoint.
+    pub(crate) async fn revoke(&self, refresh_token: &str) {
+        let Some(url) = &self.inner.revocation else {
+            return;
+        };
+        let c = &self.inner.config;
+        let mut form = vec![
+            ("token", refresh_token),
+            ("token_type_hint", "refresh_token"),
+        ];
+        let mut req = self.inner.http.post(url.clone());
+        match &c.client_secret {
+            Some(secret) => req = req.basic_auth(urlencode(&c.client_id), Some(urlencode(secret))),
+            None => form.push(("client_id", &c.client_id)),
+        }
+        let body = openidconnect::url::form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(form)
+            .finish();
+        let sent = req
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body)
+            .send()
+            .await;
+        match sent {
+            Ok(r) if r.status().is_success() => tracing::debug!("refresh token revoked"),
+            Ok(r) => tracing::warn!(status = %r.status(), "refresh token revocation refused"),
+            Err(e) => tracing::warn!(error = %e, "refresh token revocation failed"),
+        }
+    }
+
+    /// Verifies a back-channel logout token (OpenID Back-Channel Logout 1.0,
+    /// section 2.6) and returns its claims.
+    pub(crate) async fn verify_logout_token(
+        &self,
+        token: &str,
+    ) -> Result<Map<String, Value>, AuthError> {
+        let bad = |why: &str| AuthError::new(AuthErrorKind::InvalidLogoutToken, why.to_owned());
+        let mut parts = token.split('.');
+        let (Some(h), Some(p), Some(sig), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(bad("not a signed JWT"));
+        };
+        let header: Value = decode_json(h).ok_or_else(|| bad("malformed header"))?;
+        let alg: CoreJwsSigningAlgorithm = serde_json::from_value(header["alg"].clone())
+            .map_err(|_| bad("unknown signature algorithm"))?;
+        if !self.inner.config.algorithms.contains(&alg) {
+            return Err(bad("signature algorithm not allowed"));
+        }
+        let kid = header["kid"].as_str();
+        let signature = URL_SAFE_NO_PAD
+            .decode(sig)
+            .map_err(|_| bad("malformed signature"))?;
+        let message = &token.as_bytes()[..h.len() + 1 + p.len()];
+        let mut refetch = false;
+        loop {
+            let jwks = self.jwks(refetch).await;
+            let candidates: Vec<&CoreJsonWebKey> = jwks
+                .keys()
+                .iter()
+                .filter(|k| kid.is_none() || k.key_id().map(|id| id.as_str()) == kid)
+                .collect();
+            if candidates
+                .iter()
+                .any(|k| k.verify_signature(&alg, message, &signature).is_ok())
+            {
+                break;
+            }
+            if candidates.is_empty() && !refetch {
+                refetch = true;
+                continue;
+            }
+            return Err(bad("bad signature"));
+        }
+        let claims: Map<String, Value> = decode_json(p).ok_or_else(|| bad("malformed claims"))?;
+        if claims.get("iss").and_then(Value::as_str) != Some(&self.inner.issuer) {
+            return Err(bad("wrong issuer"));
+        }
+        let client_id = &self.inner.config.client_id;
+        let aud_ok = match claims.get("aud") {
+            Some(Value::String(a)) => a == client_id,
+            Some(Value::Array(list)) => list.iter().any(|a| a.as_str() == Some(client_id)),
+            _ => false,
+        };
+        if !aud_ok {
+            return Err(bad("wrong audience"));
+        }
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let skew = self.inner.config.clock_skew.as_secs() as i64;
+        let iat = claims
+            .get("iat")
+            .and_then(Value::as_i64)
+            .ok_or_else(|| bad("no iat"))?;
+        if iat > now + skew || iat < now - LOGOUT_TOKEN_MAX_AGE - skew {
+            return Err(bad("iat out of range"));
+        }
+        if let Some(exp) = claims.get("exp").and_then(Value::as_i64) {
+            if exp < now - skew {
+                return Err(bad("expired"));
+            }
+        }
+        let event_ok = claims
+            .get("events")
+            .and_then(Value::as_object)
+            .and_then(|e| e.get("http://schemas.openid.net/event/backchannel-logout"))
+            .is_some_and(Value::is_object);
+        if !event_ok {
+            return Err(bad("no back-channel logout event"));
+        }
+        if claims.contains_key("nonce") {
+            return Err(bad("a logout token must not carry a nonce"));
+        }
+        let has = |k: &str| {
+            claims
+                .get(k)
+                .and_then(Value::as_str)
+                .is_some_and(|s| !s.is_empty())
+        };
+        if !has("sid") && !has("sub") {
+            return Err(bad("neither sid nor sub"));
+        }
+        let Some(jti) = claims.get("jti").and_then(Value::as_str) else {
+            return Err(bad("no jti"));
+        };
+        let keep_until = OffsetDateTime::from_unix_timestamp(iat + LOGOUT_TOKEN_MAX_AGE + 2 * skew)
+            .unwrap_or_else(|_| OffsetDateTime::now_utc());
+        let fresh = self
+            .inner
+            .store
+            .remember_once(
+                &format!("logout-jti:{}:{jti}", self.inner.issuer),
+                keep_until,
+            )
+            .await
+            .map_err(|e| AuthError::new(AuthErrorKind::SessionUnavailable, e.to_string()))?;
+        if !fresh {
+            return Err(bad("replayed (jti seen before)"));
+        }
+        Ok(claims)
+    }
+}
+
+/// Logout tokens older than this are refused (their `jti` is remembered for
+/// as long, so a replay is caught either way).
+const LOGOUT_TOKEN_MAX_AGE: i64 = 600;
+
+fn decode_json<T: serde::de::DeserializeOwned>(part: &str) -> Option<T> {
+    let bytes = URL_SAFE_NO_PAD.decode(part.trim_end_matches('=')).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+fn payload_claims(jwt: &str) -> Result<Map<String, Value>, AuthError> {
+    jwt.split('.')
+        .nth(1)
+        .and_then(decode_json)
+        .ok_or_else(|| AuthError::new(AuthErrorKind::InvalidIdToken, "malformed ID token payload"))
+}
+
+fn urlencode(s: &str) -> String {
+    openidconnect::url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+pub(crate) fn constant_eq(a: &str, b: &str) -> bool {
+    use subtle::ConstantTimeEq;
+    a.len() == b.len() && bool::from(a.as_bytes().ct_eq(b.as_bytes()))
+}
+
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cur = c.source();
+    }
+    out
+}

@@ -1,0 +1,313 @@
+//! [`OidcConfig`]: what the relying party needs to know, with safe defaults.
+
+use std::{fmt, time::Duration};
+
+use openidconnect::{core::CoreJwsSigningAlgorithm, url::Url};
+
+use crate::{crypto::Keyring, error::ConfigError};
+
+/// Provider-specific behaviour. Detected from the issuer unless set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Provider {
+    /// Any certified provider: everything comes from discovery.
+    Generic,
+    /// Keycloak: issuer `{base}/realms/{realm}` (a trailing slash is
+    /// tolerated), logout through `end_session_endpoint`.
+    Keycloak,
+    /// AWS Cognito: issuer `https://cognito-idp.{region}.amazonaws.com/{pool}`.
+    /// Its discovery has no `end_session_endpoint`; logout goes to the hosted
+    /// UI's `{domain}/logout?client_id=…&logout_uri=…`. ID tokens must carry
+    /// `token_use: id`; `cognito:groups` become [`User::groups`](super::User::groups).
+    Cognito {
+        /// Hosted-UI origin for logout; default: the origin of the discovered
+        /// authorization endpoint.
+        domain: Option<Url>,
+    },
+}
+
+impl Provider {
+    /// The preset an issuer URL suggests.
+    pub fn detect(issuer: &str) -> Self {
+        let Ok(url) = Url::parse(issuer) else {
+            return Self::Generic;
+        };
+        let host = url.host_str().unwrap_or_default();
+        let path = url.path().trim_end_matches('/');
+        let cognito_pool = path
+            .strip_prefix('/')
+            .and_then(|p| p.split_once('_'))
+            .is_some_and(|(region, pool)| {
+                region.split('-').count() == 3
+                    && region.ends_with(|c: char| c.is_ascii_digit())
+                    && !pool.is_empty()
+                    && pool.chars().all(|c| c.is_ascii_alphanumeric())
+            });
+        if (host.starts_with("cognito-idp.") && host.ends_with(".amazonaws.com")) || cognito_pool {
+            Self::Cognito { domain: None }
+        } else if path.contains("/realms/") {
+            Self::Keycloak
+        } else {
+            Self::Generic
+        }
+    }
+}
+
+/// The default signature algorithms: RSA PKCS#1, RSA-PSS and ECDSA. `none`
+/// and the HMAC family are refused unless allowed with
+/// [`OidcConfig::with_insecure_algorithms`].
+pub(crate) const DEFAULT_ALGS: [CoreJwsSigningAlgorithm; 9] = [
+    CoreJwsSigningAlgorithm::RsaSsaPkcs1V15Sha256,
+    CoreJwsSigningAlgorithm::RsaSsaPkcs1V15Sha384,
+    CoreJwsSigningAlgorithm::RsaSsaPkcs1V15Sha512,
+    CoreJwsSigningAlgorithm::RsaSsaPssSha256,
+    CoreJwsSigningAlgorithm::RsaSsaPssSha384,
+    CoreJwsSigningAlgorithm::RsaSsaPssSha512,
+    CoreJwsSigningAlgorithm::EcdsaP256Sha256,
+    CoreJwsSigningAlgorithm::EcdsaP384Sha384,
+    CoreJwsSigningAlgorithm::EcdsaP521Sha512,
+];
+
+/// Configuration of an [`OidcClient`](super::OidcClient).
+///
+/// ```
+/// use tower_pg_session::{crypto::Keyring, oidc::OidcConfig};
+///
+/// let keys = Keyring::from_base64_list("AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=")?;
+/// let config = OidcConfig::new("https://sso.example.com/realms/acme", "web", "https://app.example.com", keys)?
+///     .with_client_secret("s3cret")
+///     .with_scopes(["openid", "profile", "email"]);
+/// # Ok::<(), tower_pg_session::ConfigError>(())
+/// ```
+#[derive(Clone)]
+pub struct OidcConfig {
+    pub(crate) issuer: String,
+    pub(crate) client_id: String,
+    pub(crate) client_secret: Option<String>,
+    pub(crate) app_url: Url,
+    pub(crate) login_path: String,
+    pub(crate) callback_path: String,
+    pub(crate) post_logout_redirect: Url,
+    pub(crate) scopes: Vec<String>,
+    pub(crate) provider: Option<Provider>,
+    pub(crate) refresh_before: Duration,
+    pub(crate) clock_skew: Duration,
+    pub(crate) login_ttl: Duration,
+    pub(crate) max_pending_logins: usize,
+    pub(crate) algorithms: Vec<CoreJwsSigningAlgorithm>,
+    pub(crate) http_timeout: Duration,
+    pub(crate) keys: Keyring,
+}
+
+impl fmt::Debug for OidcConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OidcConfig")
+            .field("issuer", &self.issuer)
+            .field("client_id", &self.client_id)
+            .field(
+                "client_secret",
+                &self.client_secret.as_ref().map(|_| "[redacted]"),
+            )
+            .field("app_url", &self.app_url.as_str())
+            .field("provider", &self.provider)
+            .field("keys", &self.keys)
+            .finish_non_exhaustive()
+    }
+}
+
+fn parse_url(setting: &'static str, value: &str) -> Result<Url, ConfigError> {
+    let url = Url::parse(value).map_err(|_| ConfigError::InvalidUrl {
+        setting,
+        value: value.to_owned(),
+    })?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err(ConfigError::InvalidUrl {
+            setting,
+            value: value.to_owned(),
+        });
+    }
+    Ok(url)
+}
+
+impl OidcConfig {
+    /// A client of `issuer` registered as `client_id` for the application at
+    /// `app_url` (its public base URL); tokens are sealed with `keys`.
+    /// Defaults: scopes `openid profile email`, callback `{app_url}/auth/callback`,
+    /// login `{app_url}/auth/login`, post-logout redirect `{app_url}/`, refresh
+    /// 5 minutes before expiry, 60 s clock skew, login attempts valid 10
+    /// minutes and at most 5 pending per browser, 10 s HTTP timeout.
+    ///
+    /// # Errors
+    /// [`ConfigError::InvalidUrl`] when `issuer` or `app_url` is not an
+    /// absolute `http(s)` URL.
+    pub fn new(
+        issuer: &str,
+        client_id: &str,
+        app_url: &str,
+        keys: Keyring,
+    ) -> Result<Self, ConfigError> {
+        parse_url("issuer", issuer)?;
+        let mut app = parse_url("app_url", app_url)?;
+        if !app.path().ends_with('/') {
+            let path = format!("{}/", app.path());
+            app.set_path(&path);
+        }
+        let post_logout = app.clone();
+        Ok(Self {
+            issuer: issuer.to_owned(),
+            client_id: client_id.to_owned(),
+            client_secret: None,
+            app_url: app,
+            login_path: "auth/login".to_owned(),
+            callback_path: "auth/callback".to_owned(),
+            post_logout_redirect: post_logout,
+            scopes: vec!["openid".into(), "profile".into(), "email".into()],
+            provider: None,
+            refresh_before: Duration::from_secs(300),
+            clock_skew: Duration::from_secs(60),
+            login_ttl: Duration::from_secs(600),
+            max_pending_logins: 5,
+            algorithms: DEFAULT_ALGS.to_vec(),
+            http_timeout: Duration::from_secs(10),
+            keys,
+        })
+    }
+
+    /// The client secret (confidential clients; sent with HTTP Basic auth).
+    pub fn with_client_secret(mut self, secret: &str) -> Self {
+        self.client_secret = Some(secret.to_owned());
+        self
+    }
+
+    /// The scopes to request; `openid` is always added.
+    pub fn with_scopes<I, S>(mut self, scopes: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let mut list: Vec<String> = scopes.into_iter().map(Into::into).collect();
+        if !list.iter().any(|s| s == "openid") {
+            list.insert(0, "openid".into());
+        }
+        self.scopes = list;
+        self
+    }
+
+    /// Forces a provider preset instead of detecting it from the issuer.
+    pub fn with_provider(mut self, provider: Provider) -> Self {
+        self.provider = Some(provider);
+        self
+    }
+
+    /// Refreshes the access token when it expires within this (default 5 min).
+    pub fn with_refresh_before(mut self, before: Duration) -> Self {
+        self.refresh_before = before;
+        self
+    }
+
+    /// Tolerated clock difference with the provider for `exp`/`iat` (default 60 s, at most 5 min).
+    pub fn with_clock_skew(mut self, skew: Duration) -> Self {
+        self.clock_skew = skew.min(Duration::from_secs(300));
+        self
+    }
+
+    /// How long a started login may take (default 10 min).
+    pub fn with_login_ttl(mut self, ttl: Duration) -> Self {
+        self.login_ttl = ttl;
+        self
+    }
+
+    /// Pending logins kept per browser (default 5, at least 1); the oldest
+    /// is dropped beyond that.
+    pub fn with_max_pending_logins(mut self, n: usize) -> Self {
+        self.max_pending_logins = n.max(1);
+        self
+    }
+
+    /// The path (under `app_url`) of the callback handler (default `auth/callback`).
+    pub fn with_callback_path(mut self, path: &str) -> Self {
+        self.callback_path = path.trim_start_matches('/').to_owned();
+        self
+    }
+
+    /// The path (under `app_url`) of the login handler, where the guard sends
+    /// browsers (default `auth/login`).
+    pub fn with_login_path(mut self, path: &str) -> Self {
+        self.login_path = path.trim_start_matches('/').to_owned();
+        self
+    }
+
+    /// Where the provider sends the browser after logout (default `app_url`).
+    ///
+    /// # Errors
+    /// [`ConfigError::InvalidUrl`] for a URL that is not absolute `http(s)`.
+    pub fn with_post_logout_redirect(mut self, url: &str) -> Result<Self, ConfigError> {
+        self.post_logout_redirect = parse_url("post_logout_redirect", url)?;
+        Ok(self)
+    }
+
+    /// Timeout of each request to the provider (default 10 s).
+    pub fn with_http_timeout(mut self, timeout: Duration) -> Self {
+        self.http_timeout = timeout;
+        self
+    }
+
+    /// Accepts ID tokens signed with these algorithms instead of the default
+    /// asymmetric list. Including `HS*` lets the client secret verify tokens,
+    /// which only makes sense with providers that sign that way; `none` is
+    /// never accepted.
+    pub fn with_insecure_algorithms<I>(mut self, algorithms: I) -> Self
+    where
+        I: IntoIterator<Item = CoreJwsSigningAlgorithm>,
+    {
+        self.algorithms = algorithms
+            .into_iter()
+            .filter(|a| *a != CoreJwsSigningAlgorithm::None)
+            .collect();
+        self
+    }
+
+    pub(crate) fn redirect_uri(&self) -> Url {
+        self.app_url
+            .join(&self.callback_path)
+            .unwrap_or_else(|_| self.app_url.clone())
+    }
+
+    pub(crate) fn login_path_abs(&self) -> String {
+        format!("{}{}", self.app_url.path(), self.login_path)
+    }
+
+    /// `scheme://host[:port]` of the application, for `Origin` checks.
+    pub(crate) fn app_origin(&self) -> String {
+        self.app_url.origin().ascii_serialization()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn detects_presets() {
+        assert_eq!(
+            Provider::detect("https://sso.example.com/realms/acme"),
+            Provider::Keycloak
+        );
+        assert_eq!(
+            Provider::detect("https://sso.example.com/realms/acme/"),
+            Provider::Keycloak
+        );
+        assert_eq!(
+            Provider::detect("https://cognito-idp.eu-west-1.amazonaws.com/eu-west-1_AbC123"),
+            Provider::Cognito { domain: None }
+        );
+        assert_eq!(
+            Provider::detect("http://127.0.0.1:4000/us-east-1_TestPool"),
+            Provider::Cognito { domain: None }
+        );
+        assert_eq!(
+            Provider::detect("https://accounts.google.com"),
+            Provider::Generic
+        );
+    }
+}

@@ -1,0 +1,391 @@
+//! The handlers' side: login, callback, logout and back-channel logout.
+
+use http::{header, HeaderMap, StatusCode};
+use openidconnect::{
+    core::CoreResponseType, url::Url, AuthenticationFlow, CsrfToken, Nonce, PkceCodeChallenge,
+    Scope,
+};
+use serde_json::Value;
+use time::OffsetDateTime;
+
+use super::{
+    client::{constant_eq, OidcClient},
+    record::{
+        self, groups_of, pending_key, safe_return_to, LoginRecord, PendingLogin, FIELD_ACCESS,
+        FIELD_ID, FIELD_PKCE, FIELD_REFRESH, PENDING_PREFIX, USER_KEY,
+    },
+    AuthError, AuthErrorKind, Redirect, User,
+};
+use crate::session::{Session, SessionError};
+
+fn session_error(e: SessionError) -> AuthError {
+    match e {
+        SessionError::Store(e) => AuthError::new(AuthErrorKind::SessionUnavailable, e.to_string()),
+        other => AuthError::new(AuthErrorKind::SessionUnavailable, other.to_string()),
+    }
+}
+
+fn now() -> i64 {
+    OffsetDateTime::now_utc().unix_timestamp()
+}
+
+/// The parameters of a callback, each at most once.
+fn params(query: Option<&str>) -> Result<Vec<(String, String)>, AuthError> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    for (k, v) in openidconnect::url::form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        if out.iter().any(|(seen, _)| *seen == k) {
+            return Err(AuthError::new(
+                AuthErrorKind::MalformedCallback,
+                format!("parameter {k:?} given twice"),
+            ));
+        }
+        out.push((k.into_owned(), v.into_owned()));
+    }
+    Ok(out)
+}
+
+impl OidcClient {
+    /// Starts a login: records a pending login (state, nonce, PKCE verifier)
+    /// in the session, and answers with the redirect to the provider. Several
+    /// logins may be pending at once (one per tab), each for
+    /// [`with_login_ttl`](super::OidcConfig::with_login_ttl); beyond
+    /// [`with_max_pending_logins`](super::OidcConfig::with_max_pending_logins)
+    /// the oldest is dropped. `return_to` is kept only if it is a local path.
+    ///
+    /// # Errors
+    /// [`AuthErrorKind::SessionUnavailable`] when the session cannot be read.
+    pub async fn login(
+        &self,
+        session: &Session,
+        return_to: Option<&str>,
+    ) -> Result<Redirect, AuthError> {
+        let config = &self.inner.config;
+        let now = now();
+        // Drop expired pending logins, then the oldest beyond the cap.
+        let mut pending = Vec::new();
+        for key in session.keys().await.map_err(session_error)? {
+            if !key.starts_with(PENDING_PREFIX) {
+                continue;
+            }
+            let exp = session
+                .get::<PendingLogin>(&key)
+                .await
+                .ok()
+                .flatten()
+                .map_or(0, |p| p.exp);
+            if exp <= now {
+                let _ = session.remove::<Value>(&key).await;
+            } else {
+                pending.push((exp, key));
+            }
+        }
+        pending.sort();
+        while pending.len() >= config.max_pending_logins {
+            let (_, key) = pending.remove(0);
+            let _ = session.remove::<Value>(&key).await;
+        }
+
+        let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
+        let state = CsrfToken::new_random();
+        let nonce = Nonce::new_random();
+        let binding = session.binding_key().await.map_err(session_error)?;
+        let record = PendingLogin {
+            state: state.secret().clone(),
+            nonce: nonce.secret().clone(),
+            pkce: record::seal(&config.keys, &binding, FIELD_PKCE, verifier.secret()),
+            return_to: safe_return_to(return_to),
+            exp: now + config.login_ttl.as_secs() as i64,
+        };
+        session
+            .insert(&pending_key(state.secret()), &record)
+            .await
+            .map_err(session_error)?;
+        let (state_c, nonce_c) = (state.clone(), nonce.clone());
+        let mut request = self
+            .inner
+            .client
+            .authorize_url(
+                AuthenticationFlow::<CoreResponseType>::AuthorizationCode,
+                move || state_c,
+                move || nonce_c,
+            )
+            .set_pkce_challenge(challenge);
+        for scope in config.scopes.iter().filter(|s| *s != "openid") {
+            request = request.add_scope(Scope::new(scope.clone()));
+        }
+        let (url, _, _) = request.url();
+        Ok(Redirect::found(url.as_str()))
+    }
+
+    /// Completes a login from the callback's query string. The pending login
+    /// named by `state` is consumed before anything else (so a callback can
+    /// succeed once), then the issuer, the code exchange and the ID token are
+    /// checked. On success the session id is cycled and the user stored; the
+    /// redirect goes to the page the login started from.
+    ///
+    /// # Errors
+    /// An [`AuthError`] whose kind says what was wrong; none leaves a
+    /// half-logged-in session.
+    pub async fn callback(
+        &self,
+        session: &Session,
+        query: Option<&str>,
+    ) -> Result<(Redirect, User), AuthError> {
+        let config = &self.inner.config;
+        let params = params(query)?;
+        let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        if let Some(error) = get("error") {
+            if let Some(state) = get("state") {
+                let _ = session.take_once::<Value>(&pending_key(state)).await;
+            }
+            let description = get("error_description").unwrap_or("");
+            return Err(AuthError::new(
+                AuthErrorKind::ProviderError,
+                format!("the provider answered {error}: {description}"),
+            ));
+        }
+        let state =
+            get("state").ok_or_else(|| AuthError::new(AuthErrorKind::MissingState, "no state"))?;
+        let pending: Option<PendingLogin> = session
+            .take_once(&pending_key(state))
+            .await
+            .map_err(session_error)?;
+        let pending = pending
+            .filter(|p| constant_eq(&p.state, state))
+            .ok_or_else(|| {
+                AuthError::new(AuthErrorKind::UnknownState, "unknown or already used state")
+            })?;
+        if pending.exp < now() {
+            return Err(AuthError::new(
+                AuthErrorKind::ExpiredState,
+                "the login took too long",
+            ));
+        }
+        // RFC 9207: the authorization response names its issuer.
+        match get("iss") {
+            Some(iss) if iss != self.inner.issuer => {
+                return Err(AuthError::new(
+                    AuthErrorKind::IssuerMismatch,
+                    format!("iss {iss:?} is not the configured issuer"),
+                ))
+            }
+            None if self.inner.iss_param_required => {
+                return Err(AuthError::new(
+                    AuthErrorKind::IssuerMismatch,
+                    "the provider sends iss but the callback has none",
+                ))
+            }
+            _ => {}
+        }
+        let code = get("code")
+            .ok_or_else(|| AuthError::new(AuthErrorKind::MalformedCallback, "no code"))?;
+        let binding = session.binding_key().await.map_err(session_error)?;
+        let (verifier, _) = record::open(&config.keys, &binding, FIELD_PKCE, &pending.pkce)
+            .ok_or_else(|| {
+                AuthError::new(
+                    AuthErrorKind::TamperedData,
+                    "the stored login does not decrypt",
+                )
+            })?;
+        let tokens = self
+            .exchange(code.to_owned(), verifier, &pending.nonce)
+            .await?;
+        let claims = tokens.claims.unwrap_or_default();
+        let sub = claims
+            .get("sub")
+            .and_then(Value::as_str)
+            .ok_or_else(|| AuthError::new(AuthErrorKind::InvalidIdToken, "no sub"))?
+            .to_owned();
+        let sid = claims.get("sid").and_then(Value::as_str).map(str::to_owned);
+
+        // A new id for the logged-in session: an id known before login is
+        // worthless after it (session fixation).
+        session.cycle_id().await.map_err(session_error)?;
+        let binding = session.binding_key().await.map_err(session_error)?;
+        let keys = &config.keys;
+        let record = LoginRecord {
+            sub: sub.clone(),
+            iss: self.inner.issuer.clone(),
+            groups: groups_of(&claims),
+            claims,
+            sid: sid.clone(),
+            nonce: pending.nonce,
+            at: record::seal(keys, &binding, FIELD_ACCESS, &tokens.access_token),
+            rt: tokens
+                .refresh_token
+                .as_deref()
+                .map(|t| record::seal(keys, &binding, FIELD_REFRESH, t)),
+            idt: tokens
+                .id_token
+                .as_deref()
+                .map(|t| record::seal(keys, &binding, FIELD_ID, t)),
+            exp: tokens.expires_at,
+        };
+        session
+            .insert(USER_KEY, &record)
+            .await
+            .map_err(session_error)?;
+        if self.store().has_extended_columns() {
+            session
+                .set_user_id(Some(&sub))
+                .await
+                .map_err(session_error)?;
+            session
+                .set_provider_sid(sid.as_deref())
+                .await
+                .map_err(session_error)?;
+        }
+        tracing::info!(sub = %sub, "login completed");
+        Ok((
+            Redirect::found(&pending.return_to),
+            User::from_record(&record),
+        ))
+    }
+
+    /// Ends the session: checks that the request comes from the app's own
+    /// origin (`Origin`, else `Referer`), destroys the session, revokes the
+    /// refresh token where the provider allows, and redirects to the
+    /// provider's logout (RP-initiated logout; Cognito's `/logout`), or to the
+    /// post-logout page when the provider has none.
+    ///
+    /// # Errors
+    /// [`AuthErrorKind::CrossSiteRequest`] (403) for a request from elsewhere.
+    pub async fn logout(
+        &self,
+        session: &Session,
+        headers: &HeaderMap,
+    ) -> Result<Redirect, AuthError> {
+        let config = &self.inner.config;
+        let origin = config.app_origin();
+        let same_origin = match headers.get(header::ORIGIN).map(|v| v.to_str()) {
+            Some(Ok(o)) => o == origin,
+            Some(Err(_)) => false,
+            None => headers
+                .get(header::REFERER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|r| Url::parse(r).ok())
+                .is_some_and(|r| r.origin().ascii_serialization() == origin),
+        };
+        if !same_origin {
+            return Err(AuthError::new(
+                AuthErrorKind::CrossSiteRequest,
+                "logout must come from the application's own pages",
+            ));
+        }
+        let record: Option<LoginRecord> = session.get(USER_KEY).await.ok().flatten();
+        let binding = session.binding_key().await.ok();
+        session.destroy().await;
+        let keys = &config.keys;
+        let (mut id_token, mut refresh) = (None, None);
+        if let (Some(record), Some(binding)) = (&record, &binding) {
+            id_token = record
+                .idt
+                .as_deref()
+                .and_then(|t| record::open(keys, binding, FIELD_ID, t))
+                .map(|t| t.0);
+            refresh = record
+                .rt
+                .as_deref()
+                .and_then(|t| record::open(keys, binding, FIELD_REFRESH, t))
+                .map(|t| t.0);
+        }
+        if let Some(rt) = refresh {
+            self.revoke(&rt).await;
+        }
+        let after = config.post_logout_redirect.as_str();
+        let target = match &self.inner.logout {
+            super::client::LogoutStyle::EndSession(url) => {
+                let mut url = url.clone();
+                {
+                    let mut q = url.query_pairs_mut();
+                    if let Some(hint) = &id_token {
+                        q.append_pair("id_token_hint", hint);
+                    }
+                    q.append_pair("client_id", &config.client_id);
+                    q.append_pair("post_logout_redirect_uri", after);
+                    q.append_pair("state", CsrfToken::new_random().secret());
+                }
+                url.to_string()
+            }
+            super::client::LogoutStyle::Cognito(url) => {
+                let mut url = url.clone();
+                url.query_pairs_mut()
+                    .append_pair("client_id", &config.client_id)
+                    .append_pair("logout_uri", after);
+                url.to_string()
+            }
+            super::client::LogoutStyle::None => after.to_owned(),
+        };
+        if let Some(r) = &record {
+            tracing::info!(sub = %r.sub, "logout");
+        }
+        Ok(Redirect::see_other(&target))
+    }
+
+    /// Handles a back-channel logout request (its form-encoded body): verifies
+    /// the `logout_token` and deletes every session it names, by the
+    /// provider's session id (`sid`) or else by subject. Answers 200, or 400
+    /// with the spec's error body; never a redirect.
+    pub async fn backchannel_logout(&self, body: &[u8]) -> http::Response<String> {
+        let token = openidconnect::url::form_urlencoded::parse(body)
+            .find(|(k, _)| k == "logout_token")
+            .map(|(_, v)| v.into_owned());
+        let result = match token {
+            None => Err(AuthError::new(
+                AuthErrorKind::InvalidLogoutToken,
+                "no logout_token",
+            )),
+            Some(token) => self.apply_logout_token(&token).await,
+        };
+        let (status, body) = match result {
+            Ok(n) => {
+                tracing::info!(sessions = n, "back-channel logout");
+                (StatusCode::OK, String::new())
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "back-channel logout refused");
+                let code = if e.kind() == AuthErrorKind::SessionUnavailable {
+                    StatusCode::SERVICE_UNAVAILABLE
+                } else {
+                    StatusCode::BAD_REQUEST
+                };
+                (
+                    code,
+                    serde_json::json!({"error": "invalid_request", "error_description": e.detail()}).to_string(),
+                )
+            }
+        };
+        let mut response = http::Response::new(body);
+        *response.status_mut() = status;
+        let h = response.headers_mut();
+        h.insert(
+            header::CACHE_CONTROL,
+            http::HeaderValue::from_static("no-store"),
+        );
+        if status != StatusCode::OK {
+            h.insert(
+                header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/json"),
+            );
+        }
+        response
+    }
+
+    async fn apply_logout_token(&self, token: &str) -> Result<u64, AuthError> {
+        let claims = self.verify_logout_token(token).await?;
+        let store = self.store();
+        let unavailable =
+            |e: crate::StoreError| AuthError::new(AuthErrorKind::SessionUnavailable, e.to_string());
+        match (
+            claims.get("sid").and_then(Value::as_str),
+            claims.get("sub").and_then(Value::as_str),
+        ) {
+            (Some(sid), _) => store
+                .delete_provider_sessions(sid)
+                .await
+                .map_err(unavailable),
+            (None, Some(sub)) => store.delete_user_sessions(sub).await.map_err(unavailable),
+            (None, None) => Ok(0),
+        }
+    }
+}

@@ -1,0 +1,78 @@
+//! [`RequireLoginLayer`]: lets only logged-in users through, refreshing their
+//! access token before it expires.
+//!
+//! Install it inside the session layer (the session layer must run first):
+//! `ServiceBuilder::new().layer(session_layer).layer(RequireLoginLayer::new(oidc))`,
+//! or with axum, `route_layer(RequireLoginLayer::new(oidc))` on the protected
+//! routes and `layer(session_layer)` on the router.
+//!
+//! A request without a logged-in user is answered according to what sent it:
+//! a browser navigation (`Accept: text/html`) gets 302 to the login with
+//! `return_to`, a gRPC call (`content-type: application/grpc…`) gets HTTP 200
+//! with `grpc-status: 16` (UNAUTHENTICATED), anything else 401 with
+//! `WWW-Authenticate`. The typed [`Rejection`] is put in the response
+//! extensions.
+//!
+//! Refresh happens under the session's row lock, so one refresh runs per
+//! session across all instances: with rotating refresh tokens, concurrent
+//! requests do not spend the same refresh token twice. `invalid_grant`, a
+//! tampered ciphertext or an ID token that fails checks log the session out.
+
+mod future;
+mod layer;
+mod response;
+mod service;
+
+use std::fmt;
+
+pub use self::{future::RequireLoginFuture, layer::RequireLoginLayer, service::RequireLogin};
+
+/// Why a request was refused.
+#[derive(Debug, Clone)]
+pub struct Rejection {
+    kind: RejectionKind,
+}
+
+/// The kind of a [`Rejection`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RejectionKind {
+    /// No logged-in user in the session.
+    NotLoggedIn,
+    /// The login ended now: refresh refused (`invalid_grant`), tokens that do
+    /// not decrypt, or an expired token with nothing to refresh it.
+    LoggedOut,
+    /// The access token is expired and the provider could not be reached to refresh it.
+    ProviderUnavailable,
+    /// The session store failed.
+    SessionUnavailable,
+    /// No session layer runs before the guard.
+    MissingSessionLayer,
+}
+
+impl Rejection {
+    pub(crate) fn new(kind: RejectionKind) -> Self {
+        Self { kind }
+    }
+
+    /// What happened.
+    pub fn kind(&self) -> RejectionKind {
+        self.kind
+    }
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self.kind {
+            RejectionKind::NotLoggedIn => "not logged in",
+            RejectionKind::LoggedOut => "logged out",
+            RejectionKind::ProviderUnavailable => "identity provider unavailable",
+            RejectionKind::SessionUnavailable => "session store unavailable",
+            RejectionKind::MissingSessionLayer => {
+                "no session: add tower_pg_session::SessionLayer before RequireLoginLayer"
+            }
+        })
+    }
+}
+
+impl std::error::Error for Rejection {}

@@ -1,0 +1,101 @@
+//! The answers to a refused request, by who sent it.
+
+use http::{header, HeaderValue, Request, Response, StatusCode};
+
+use super::{Rejection, RejectionKind};
+use crate::oidc::OidcClient;
+
+/// Who is asking, which decides how a refusal reads.
+#[derive(Debug, Clone)]
+pub(crate) enum RequestKind {
+    /// A browser navigation: send it to the login, then back here.
+    Browser { login: String },
+    /// gRPC (also grpc-web): HTTP 200 with `grpc-status: 16`.
+    Grpc,
+    /// Anything else: 401.
+    Api,
+}
+
+impl RequestKind {
+    pub(crate) fn of<B>(req: &Request<B>, client: &OidcClient) -> Self {
+        let header_has = |name: header::HeaderName, needle: &str| {
+            req.headers()
+                .get_all(name)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .any(|v| v.to_ascii_lowercase().contains(needle))
+        };
+        let is_grpc = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/grpc"));
+        if is_grpc {
+            return Self::Grpc;
+        }
+        let navigation = matches!(*req.method(), http::Method::GET | http::Method::HEAD);
+        if navigation && header_has(header::ACCEPT, "text/html") {
+            let here = req
+                .uri()
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .to_owned();
+            let return_to: String =
+                openidconnect::url::form_urlencoded::byte_serialize(here.as_bytes()).collect();
+            let login = format!("{}?return_to={return_to}", client.config().login_path_abs());
+            return Self::Browser { login };
+        }
+        Self::Api
+    }
+
+    pub(crate) fn reject<B: Default>(&self, rejection: Rejection) -> Response<B> {
+        let mut r = Response::new(B::default());
+        let kind = rejection.kind();
+        if kind == RejectionKind::MissingSessionLayer {
+            tracing::error!("{rejection}");
+        }
+        let failure = match kind {
+            RejectionKind::MissingSessionLayer => Some(StatusCode::INTERNAL_SERVER_ERROR),
+            RejectionKind::SessionUnavailable => Some(StatusCode::SERVICE_UNAVAILABLE),
+            RejectionKind::ProviderUnavailable => Some(StatusCode::BAD_GATEWAY),
+            RejectionKind::NotLoggedIn | RejectionKind::LoggedOut => None,
+        };
+        let mut status = StatusCode::OK;
+        let h = r.headers_mut();
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        match (self, failure) {
+            (Self::Grpc, _) => {
+                // gRPC reports errors in trailers-only responses with HTTP 200.
+                let code = match kind {
+                    RejectionKind::NotLoggedIn | RejectionKind::LoggedOut => "16",
+                    _ => "14",
+                };
+                h.insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/grpc"),
+                );
+                h.insert("grpc-status", HeaderValue::from_static(code));
+                if let Ok(msg) = HeaderValue::from_str(&rejection.to_string().replace(' ', "%20")) {
+                    h.insert("grpc-message", msg);
+                }
+            }
+            (_, Some(failed)) => status = failed,
+            (Self::Browser { login }, None) => {
+                status = StatusCode::FOUND;
+                if let Ok(v) = HeaderValue::from_str(login) {
+                    h.insert(header::LOCATION, v);
+                }
+            }
+            (Self::Api, None) => {
+                status = StatusCode::UNAUTHORIZED;
+                h.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Cookie realm=\"session\""),
+                );
+            }
+        }
+        *r.status_mut() = status;
+        r.extensions_mut().insert(rejection);
+        r
+    }
+}

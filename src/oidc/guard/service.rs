@@ -1,0 +1,78 @@
+use std::{
+    fmt,
+    task::{Context, Poll},
+};
+
+use http::{Request, Response};
+use tower_service::Service;
+
+use super::{future::RequireLoginFuture, response::RequestKind, RequireLoginLayer};
+use crate::{oidc::OidcClient, session::Session};
+
+/// Lets only logged-in users reach the inner service; see the
+/// [`oidc` module docs](crate::oidc).
+#[derive(Clone)]
+pub struct RequireLogin<S> {
+    inner: S,
+    client: OidcClient,
+}
+
+impl<S: fmt::Debug> fmt::Debug for RequireLogin<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RequireLogin")
+            .field("inner", &self.inner)
+            .field("issuer", &self.client.issuer())
+            .finish()
+    }
+}
+
+impl<S> RequireLogin<S> {
+    pub(crate) fn new(inner: S, client: OidcClient) -> Self {
+        Self { inner, client }
+    }
+
+    /// A layer that wraps services in this guard.
+    pub fn layer(client: OidcClient) -> RequireLoginLayer {
+        RequireLoginLayer::new(client)
+    }
+
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The wrapped service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for RequireLogin<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
+    ResBody: Default,
+{
+    type Response = Response<ResBody>;
+    type Error = S::Error;
+    type Future = RequireLoginFuture<S, ReqBody>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        let session = req.extensions().get::<Session>().cloned();
+        let kind = RequestKind::of(&req, &self.client);
+        let authorize = Box::pin(super::future::authorize(self.client.clone(), session));
+        // The clone is not necessarily ready; keep the one that is. See
+        // https://docs.rs/tower/latest/tower/trait.Service.html#be-careful-when-cloning-inner-services
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        RequireLoginFuture::new(authorize, inner, req, kind)
+    }
+}

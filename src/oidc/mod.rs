@@ -1,0 +1,353 @@
+//! OpenID Connect login: the handlers' side ([`OidcClient::login`],
+//! [`OidcClient::callback`], [`OidcClient::logout`],
+//! [`OidcClient::backchannel_logout`]) and a guard for protected routes
+//! ([`RequireLoginLayer`]).
+//!
+//! Built on the session layer: a login's state, nonce and PKCE verifier are
+//! kept in the session (one entry per pending login, so several tabs can log
+//! in at once) and consumed under the row lock, so a callback succeeds once.
+//! Tokens are sealed with AES-256-GCM ([`crate::crypto`]), bound to the
+//! session and the field they are stored in.
+//!
+//! ```no_run
+//! use axum::{extract::RawQuery, http::HeaderMap, response::IntoResponse, routing::{get, post}, Router};
+//! use tower_pg_session::{crypto::Keyring, oidc::{OidcClient, OidcConfig, RequireLoginLayer, User}, PgStore, Session, SessionLayer, SigningKeys};
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let store = PgStore::connect("postgres://postgres@127.0.0.1/postgres").await?;
+//! let keys = Keyring::from_base64_list(&std::env::var("TOKEN_KEYS")?)?;
+//! let config = OidcConfig::new("https://sso.example.com/realms/acme", "web", "https://app.example.com", keys)?
+//!     .with_client_secret(&std::env::var("OIDC_CLIENT_SECRET")?);
+//! let oidc = OidcClient::discover(config, store.clone()).await?;
+//!
+//! let (login, callback) = (oidc.clone(), oidc.clone());
+//! let app: Router = Router::new()
+//!     .route("/me", get(|user: User| async move { user.sub().to_owned() }))
+//!     .route_layer(RequireLoginLayer::new(oidc.clone()))
+//!     .route("/auth/login", get(move |s: Session| async move { login.login(&s, None).await }))
+//!     .route("/auth/callback", get(move |s: Session, RawQuery(q): RawQuery| async move {
+//!         callback.callback(&s, q.as_deref()).await.map(|(redirect, _user)| redirect)
+//!     }))
+//!     .layer(SessionLayer::new(store, SigningKeys::new([std::env::var("SESSION_SECRET")?])?));
+//! # Ok(()) }
+//! ```
+
+mod client;
+mod config;
+mod flow;
+mod guard;
+mod record;
+
+use std::fmt;
+
+use http::{header, HeaderValue, StatusCode};
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use self::record::LoginRecord;
+pub use self::{
+    client::OidcClient,
+    config::{OidcConfig, Provider},
+    guard::{Rejection, RejectionKind, RequireLogin, RequireLoginFuture, RequireLoginLayer},
+};
+
+/// What went wrong in a login, logout or back-channel logout. Its
+/// [`status`](Self::status) is what the browser should get.
+#[derive(Debug)]
+pub struct AuthError {
+    kind: AuthErrorKind,
+    detail: String,
+}
+
+/// The kind of an [`AuthError`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AuthErrorKind {
+    /// The callback has no `state`.
+    MissingState,
+    /// The `state` names no pending login of this browser, or one already used.
+    UnknownState,
+    /// The pending login expired.
+    ExpiredState,
+    /// The callback's `iss` is not the issuer, or is missing where required (RFC 9207).
+    IssuerMismatch,
+    /// The callback's parameters are malformed (no code, duplicates).
+    MalformedCallback,
+    /// The provider answered the authorization request with an error.
+    ProviderError,
+    /// The token endpoint refused the request.
+    TokenRequestRejected,
+    /// The token endpoint answered `invalid_grant`.
+    InvalidGrant,
+    /// The ID token failed verification.
+    InvalidIdToken,
+    /// A back-channel logout token failed verification.
+    InvalidLogoutToken,
+    /// Stored login data does not decrypt.
+    TamperedData,
+    /// The provider could not be reached or answered nonsense.
+    ProviderUnavailable,
+    /// The session store failed.
+    SessionUnavailable,
+    /// A logout came from another site.
+    CrossSiteRequest,
+}
+
+impl AuthErrorKind {
+    fn code(self) -> &'static str {
+        match self {
+            Self::MissingState => "missing_state",
+            Self::UnknownState => "unknown_state",
+            Self::ExpiredState => "expired_state",
+            Self::IssuerMismatch => "issuer_mismatch",
+            Self::MalformedCallback => "malformed_callback",
+            Self::ProviderError => "provider_error",
+            Self::TokenRequestRejected => "token_request_rejected",
+            Self::InvalidGrant => "invalid_grant",
+            Self::InvalidIdToken => "invalid_id_token",
+            Self::InvalidLogoutToken => "invalid_logout_token",
+            Self::TamperedData => "tampered_data",
+            Self::ProviderUnavailable => "provider_unavailable",
+            Self::SessionUnavailable => "session_unavailable",
+            Self::CrossSiteRequest => "cross_site_request",
+        }
+    }
+}
+
+impl fmt::Display for AuthError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.kind.code(), self.detail)
+    }
+}
+
+impl std::error::Error for AuthError {}
+
+impl AuthError {
+    pub(crate) fn new(kind: AuthErrorKind, detail: impl Into<String>) -> Self {
+        Self {
+            kind,
+            detail: detail.into(),
+        }
+    }
+
+    /// What went wrong.
+    pub fn kind(&self) -> AuthErrorKind {
+        self.kind
+    }
+
+    /// A human-readable explanation (never a secret).
+    pub fn detail(&self) -> &str {
+        &self.detail
+    }
+
+    /// The status the response carries: 400 for a bad or replayed callback,
+    /// 403 for a cross-site logout, 502 when the provider is unreachable, 503
+    /// when the session store is.
+    pub fn status(&self) -> StatusCode {
+        match self.kind {
+            AuthErrorKind::CrossSiteRequest => StatusCode::FORBIDDEN,
+            AuthErrorKind::ProviderUnavailable => StatusCode::BAD_GATEWAY,
+            AuthErrorKind::SessionUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    /// A response: JSON `{"error": …, "error_description": …}`, or a small
+    /// HTML page when `html` (for browsers).
+    pub fn to_response<B: From<String>>(&self, html: bool) -> http::Response<B> {
+        let (body, content_type) = if html {
+            (
+                format!(
+                    "<!doctype html><meta charset=utf-8><title>Login failed</title>\
+                     <h1>Login failed</h1><p>{}</p><p><a href=\"/\">Back</a></p>",
+                    escape_html(&self.detail)
+                ),
+                "text/html; charset=utf-8",
+            )
+        } else {
+            (
+                serde_json::json!({"error": self.kind.code(), "error_description": self.detail})
+                    .to_string(),
+                "application/json",
+            )
+        };
+        let mut r = http::Response::new(B::from(body));
+        *r.status_mut() = self.status();
+        r.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+        r.headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        r
+    }
+}
+
+fn escape_html(s: &str) -> String {
+    s.chars()
+        .map(|c| match c {
+            '<' => "&lt;".to_owned(),
+            '>' => "&gt;".to_owned(),
+            '&' => "&amp;".to_owned(),
+            '"' => "&quot;".to_owned(),
+            '\'' => "&#39;".to_owned(),
+            c => c.to_string(),
+        })
+        .collect()
+}
+
+/// A redirect answer of the login and logout handlers.
+#[derive(Debug, Clone)]
+pub struct Redirect {
+    status: StatusCode,
+    location: String,
+}
+
+impl Redirect {
+    fn found(location: &str) -> Self {
+        Self {
+            status: StatusCode::FOUND,
+            location: location.to_owned(),
+        }
+    }
+
+    fn see_other(location: &str) -> Self {
+        Self {
+            status: StatusCode::SEE_OTHER,
+            location: location.to_owned(),
+        }
+    }
+
+    /// Where it points.
+    pub fn location(&self) -> &str {
+        &self.location
+    }
+
+    /// As an `http` response with an empty body.
+    pub fn to_response<B: Default>(&self) -> http::Response<B> {
+        let mut r = http::Response::new(B::default());
+        *r.status_mut() = self.status;
+        if let Ok(v) = HeaderValue::from_str(&self.location) {
+            r.headers_mut().insert(header::LOCATION, v);
+        }
+        r.headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        r
+    }
+}
+
+/// The logged-in user, put in the request extensions by [`RequireLogin`].
+#[derive(Debug, Clone, Serialize)]
+pub struct User {
+    sub: String,
+    issuer: String,
+    claims: Map<String, Value>,
+    groups: Vec<String>,
+    access_token_expires_at: Option<i64>,
+}
+
+impl User {
+    fn from_record(r: &LoginRecord) -> Self {
+        Self {
+            sub: r.sub.clone(),
+            issuer: r.iss.clone(),
+            claims: r.claims.clone(),
+            groups: r.groups.clone(),
+            access_token_expires_at: r.exp,
+        }
+    }
+
+    /// The subject: the provider's id of the user.
+    pub fn sub(&self) -> &str {
+        &self.sub
+    }
+
+    /// The issuer that vouched for the user.
+    pub fn issuer(&self) -> &str {
+        &self.issuer
+    }
+
+    /// All claims of the (latest) ID token.
+    pub fn claims(&self) -> &Map<String, Value> {
+        &self.claims
+    }
+
+    /// Groups (`cognito:groups`, or `groups`).
+    pub fn groups(&self) -> &[String] {
+        &self.groups
+    }
+
+    /// When the access token expires, in unix seconds.
+    pub fn access_token_expires_at(&self) -> Option<i64> {
+        self.access_token_expires_at
+    }
+}
+
+/// The user's current access token, for calling APIs on their behalf; put in
+/// the request extensions by [`RequireLogin`].
+#[derive(Clone)]
+pub struct AccessToken(String);
+
+impl fmt::Debug for AccessToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AccessToken([redacted])")
+    }
+}
+
+impl AccessToken {
+    /// The token.
+    ///
+    /// # Security Warning
+    /// Do not log it or send it anywhere but to the APIs it is meant for.
+    pub fn secret(&self) -> &str {
+        &self.0
+    }
+}
+
+#[cfg(feature = "axum")]
+mod axum_impls {
+    use axum_core::{
+        extract::FromRequestParts,
+        response::{IntoResponse, Response},
+    };
+    use http::{request::Parts, StatusCode};
+
+    use super::{AccessToken, AuthError, Redirect, User};
+
+    impl IntoResponse for Redirect {
+        fn into_response(self) -> Response {
+            self.to_response()
+        }
+    }
+
+    impl IntoResponse for AuthError {
+        fn into_response(self) -> Response {
+            self.to_response(false)
+        }
+    }
+
+    const NO_GUARD: &str =
+        "no logged-in user: put tower_pg_session::oidc::RequireLoginLayer on this route";
+
+    impl<S: Send + Sync> FromRequestParts<S> for User {
+        type Rejection = (StatusCode, &'static str);
+
+        async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+            parts
+                .extensions
+                .get::<User>()
+                .cloned()
+                .ok_or((StatusCode::INTERNAL_SERVER_ERROR, NO_GUARD))
+        }
+    }
+
+    impl<S: Send + Sync> FromRequestParts<S> for AccessToken {
+        type Rejection = (StatusCode, &'static str);
+
+        async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+            parts
+                .extensions
+                .get::<AccessToken>()
+                .cloned()
+                .ok_or((StatusCode::INTERNAL_SERVER_ERROR, NO_GUARD))
+        }
+    }
+}

@@ -1,0 +1,429 @@
+// Local OpenID provider for tower-pg-session's integration tests and demo.
+// Built on panva's oidc-provider; see README.md in this folder for env vars,
+// helper endpoints and the scripted-login request sequence.
+//
+// stdout carries exactly ONE line: {"issuer":...,"port":...,"flavor":...}.
+// Everything else goes to stderr.
+import * as crypto from 'node:crypto';
+import * as fs from 'node:fs';
+import * as http from 'node:http';
+import Provider from 'oidc-provider';
+
+// oidc-provider prints its NOTICEs with console.info (= stdout); keep stdout
+// reserved for the single JSON line the test harness reads.
+console.log = console.info = console.error;
+const log = (...a) => console.error('[idp]', ...a);
+
+const FLAVOR = process.env.IDP_FLAVOR || 'keycloak';
+if (!['keycloak', 'cognito'].includes(FLAVOR)) {
+  log(`unknown IDP_FLAVOR=${FLAVOR} (use keycloak or cognito)`);
+  process.exit(2);
+}
+const KEYCLOAK = FLAVOR === 'keycloak';
+const COGNITO = !KEYCLOAK;
+const PREFIX = KEYCLOAK ? '/realms/test' : '/us-east-1_TestPool';
+const ACCESS_TOKEN_TTL = Number(process.env.ACCESS_TOKEN_TTL || 3600);
+const COGNITO_GROUPS = JSON.parse(process.env.IDP_COGNITO_GROUPS || '["admins","users"]');
+if (!(Number.isInteger(ACCESS_TOKEN_TTL) && ACCESS_TOKEN_TTL > 0)) {
+  log('ACCESS_TOKEN_TTL must be a positive integer (seconds)');
+  process.exit(2);
+}
+
+// ---------------------------------------------------------------- lifecycle
+const exit = (why) => { log(`exiting: ${why}`); process.exit(0); };
+process.on('SIGTERM', () => exit('SIGTERM'));
+process.on('SIGINT', () => exit('SIGINT'));
+// Exit when the parent goes away: only when stdin is a pipe/socket (what a
+// test harness gives us). A TTY or /dev/null stdin (`node server.js &` in a
+// non-interactive shell) must not make us exit at once.
+try {
+  const st = fs.fstatSync(0);
+  if (st.isFIFO() || st.isSocket()) {
+    process.stdin.on('end', () => exit('stdin closed'));
+    process.stdin.on('error', () => exit('stdin error'));
+    process.stdin.resume(); // drain and ignore whatever the parent writes
+  }
+} catch { /* no fd 0 */ }
+if (Number(process.env.IDP_MAX_SECONDS) > 0) {
+  setTimeout(() => exit('IDP_MAX_SECONDS reached'), Number(process.env.IDP_MAX_SECONDS) * 1000).unref();
+}
+
+// ---------------------------------------------------------------- clients
+const DEFAULT_CLIENTS = [{
+  client_id: 'demo',
+  client_secret: 'demo-secret',
+  redirect_uris: ['http://127.0.0.1:3000/auth/callback'],
+  post_logout_redirect_uris: ['http://127.0.0.1:3000/'],
+  backchannel_logout_uri: 'http://127.0.0.1:3000/auth/backchannel-logout',
+  backchannel_logout_session_required: true,
+}];
+const clients = (process.env.IDP_CLIENTS ? JSON.parse(process.env.IDP_CLIENTS) : DEFAULT_CLIENTS)
+  .map((c) => {
+    const client = {
+      grant_types: ['authorization_code', 'refresh_token'],
+      response_types: ['code'],
+      token_endpoint_auth_method: 'client_secret_basic',
+      ...c,
+    };
+    if (COGNITO) { // Cognito has no back-channel logout; the metadata would be rejected
+      delete client.backchannel_logout_uri;
+      delete client.backchannel_logout_session_required;
+    }
+    return client;
+  });
+
+// ---------------------------------------------------------------- signing keys
+let keySeq = 0;
+function newKeys() {
+  keySeq += 1;
+  const tag = `${keySeq}-${crypto.randomBytes(4).toString('hex')}`;
+  const rsa = crypto.generateKeyPairSync('rsa', { modulusLength: 2048 }).privateKey.export({ format: 'jwk' });
+  const ec = crypto.generateKeyPairSync('ec', { namedCurve: 'P-256' }).privateKey.export({ format: 'jwk' });
+  return [
+    { ...rsa, kid: `rs256-${tag}`, alg: 'RS256', use: 'sig' },
+    { ...ec, kid: `es256-${tag}`, alg: 'ES256', use: 'sig' },
+  ];
+}
+// Newest keys first: oidc-provider signs with the first key matching the alg,
+// and publishes all of them at jwks_uri.
+let signingKeys = newKeys();
+
+// ---------------------------------------------------------------- storage
+// A plain Map adapter instead of the bundled memory adapter: that one is an
+// LRU capped at 1000 entries, and ours must also survive re-creating the
+// Provider on key rotation (storage lives at module level here).
+const store = new Map(); // "Model:id" -> { payload, exp (ms) }
+const grants = new Map(); // grantId -> Set of "Model:id"
+const uids = new Map(); // session uid -> session id
+const live = (k) => {
+  const e = store.get(k);
+  if (e && e.exp && e.exp <= Date.now()) { store.delete(k); return undefined; }
+  return e?.payload;
+};
+setInterval(() => { for (const k of store.keys()) live(k); }, 60_000).unref();
+class MapAdapter {
+  constructor(model) { this.model = model; }
+  key(id) { return `${this.model}:${id}`; }
+  async upsert(id, payload, expiresIn) {
+    store.set(this.key(id), { payload, exp: expiresIn ? Date.now() + expiresIn * 1000 : 0 });
+    if (this.model === 'Session') uids.set(payload.uid, id);
+    if (payload.grantId) {
+      if (!grants.has(payload.grantId)) grants.set(payload.grantId, new Set());
+      grants.get(payload.grantId).add(this.key(id));
+    }
+  }
+  async find(id) { return live(this.key(id)); }
+  async findByUid(uid) { return uids.has(uid) ? this.find(uids.get(uid)) : undefined; }
+  async findByUserCode() { return undefined; }
+  async consume(id) { const p = live(this.key(id)); if (p) p.consumed = Math.floor(Date.now() / 1000); }
+  async destroy(id) {
+    const p = live(this.key(id));
+    if (p?.uid && uids.get(p.uid) === id) uids.delete(p.uid);
+    store.delete(this.key(id));
+  }
+  async revokeByGrantId(grantId) {
+    for (const k of grants.get(grantId) || []) store.delete(k);
+    grants.delete(grantId);
+  }
+}
+
+// ---------------------------------------------------------------- stats
+const stats = { authorization_code: 0, refresh_token: 0 };
+const failed = { authorization_code: 0, refresh_token: 0 };
+const resetStats = () => { for (const o of [stats, failed]) for (const k of Object.keys(o)) o[k] = 0; };
+
+// ---------------------------------------------------------------- provider
+const cookieKeys = [crypto.randomBytes(32).toString('base64url')];
+const ROUTES = KEYCLOAK
+  ? { // Keycloak's paths under /realms/<realm>
+    authorization: '/protocol/openid-connect/auth',
+    token: '/protocol/openid-connect/token',
+    userinfo: '/protocol/openid-connect/userinfo',
+    jwks: '/protocol/openid-connect/certs',
+    end_session: '/protocol/openid-connect/logout',
+    revocation: '/protocol/openid-connect/revoke',
+    introspection: '/protocol/openid-connect/token/introspect',
+  }
+  : { // Cognito's hosted-UI paths (there on the domain root; here under the pool path)
+    authorization: '/oauth2/authorize',
+    token: '/oauth2/token',
+    userinfo: '/oauth2/userInfo',
+    jwks: '/.well-known/jwks.json',
+    revocation: '/oauth2/revoke',
+    introspection: '/oauth2/introspect',
+  };
+
+function makeProvider(issuer) {
+  const provider = new Provider(issuer, {
+    adapter: MapAdapter,
+    clients,
+    cookies: { keys: cookieKeys },
+    jwks: { keys: signingKeys },
+    routes: ROUTES,
+    scopes: ['openid', 'offline_access', 'profile', 'email'],
+    claims: {
+      openid: ['sub', ...(COGNITO ? ['cognito:username', 'cognito:groups', 'token_use'] : [])],
+      email: ['email', 'email_verified'],
+      profile: ['name', 'preferred_username'],
+      sid: null, auth_time: null, acr: null, iss: null,
+    },
+    // Put profile/email claims into the ID token too (like Keycloak and
+    // Cognito), not only into userinfo.
+    conformIdTokenClaims: false,
+    async findAccount(ctx, sub) {
+      return {
+        accountId: sub,
+        async claims(use) {
+          return {
+            sub,
+            email: `${sub}@example.test`,
+            email_verified: true,
+            name: sub.charAt(0).toUpperCase() + sub.slice(1),
+            preferred_username: sub,
+            ...(COGNITO ? {
+              'cognito:username': sub,
+              'cognito:groups': COGNITO_GROUPS,
+              ...(use === 'id_token' ? { token_use: 'id' } : {}),
+            } : {}),
+          };
+        },
+      };
+    },
+    // No consent screen: grant whatever OIDC scopes/claims are requested.
+    async loadExistingGrant(ctx) {
+      const { client, session, provider: p } = ctx.oidc;
+      const grantId = ctx.oidc.result?.consent?.grantId || session.grantIdFor(client.clientId);
+      let grant = grantId ? await p.Grant.find(grantId) : undefined;
+      if (grant && grant.accountId !== session.accountId) grant = undefined;
+      grant ||= new p.Grant({ accountId: session.accountId, clientId: client.clientId });
+      const scopes = [...ctx.oidc.requestParamOIDCScopes].join(' ');
+      if (scopes) grant.addOIDCScope(scopes);
+      const claims = [...ctx.oidc.requestParamClaims];
+      if (claims.length) grant.addOIDCClaims(claims);
+      await grant.save();
+      return grant;
+    },
+    // Refresh tokens for every code grant of a client allowed to refresh,
+    // with or without offline_access (both Keycloak and Cognito do that).
+    // Without offline_access the refresh token dies with the IdP session.
+    issueRefreshToken: async (ctx, client) => client.grantTypeAllowed('refresh_token'),
+    rotateRefreshToken: KEYCLOAK,
+    pkce: { required: () => true }, // only S256 is supported by oidc-provider 9
+    interactions: { url: (ctx, interaction) => `${PREFIX}/interaction/${interaction.uid}` },
+    ttl: {
+      AccessToken: ACCESS_TOKEN_TTL,
+      IdToken: 3600,
+      AuthorizationCode: 60,
+      RefreshToken: 14 * 24 * 3600,
+      Interaction: 3600,
+      Session: 14 * 24 * 3600,
+      Grant: 14 * 24 * 3600,
+    },
+    features: {
+      // Our own login page (see `interaction` below) instead of devInteractions,
+      // whose pages pull a web font from the internet.
+      devInteractions: { enabled: false },
+      backchannelLogout: { enabled: KEYCLOAK },
+      rpInitiatedLogout: {
+        enabled: KEYCLOAK,
+        // Like Keycloak: with an id_token_hint the browser is signed out
+        // without a question (the page auto-submits); without one it asks.
+        // Either way it is a form POST to <end_session>/confirm with xsrf and
+        // logout=yes (logout=yes ends the whole IdP session, not only this RP's).
+        async logoutSource(ctx, form) {
+          const auto = ctx.oidc.params.id_token_hint
+            ? '<script>document.getElementById("op.logoutForm").requestSubmit(document.getElementById("yes"))</script>' : '';
+          ctx.body = page('Sign out', `<p>Sign out of the test IdP?</p>${form}
+<button id="yes" type="submit" form="op.logoutForm" name="logout" value="yes">Yes, sign me out</button>${auto}`);
+        },
+        async postLogoutSuccessSource(ctx) {
+          ctx.body = page('Signed out', '<p>You are signed out of the test IdP.</p>');
+        },
+      },
+      revocation: { enabled: true },
+      introspection: { enabled: true },
+      userinfo: { enabled: true },
+    },
+    // oidc-provider passes an undici dispatcher that kills connections to
+    // special-use addresses (loopback included) as SSRF protection; drop it
+    // so back-channel logout POSTs can reach RPs on 127.0.0.1.
+    fetch: (url, options) => { const { dispatcher, ...rest } = options; return fetch(url, rest); },
+    // Keep error pages terse and JSON-ish for tests.
+    async renderError(ctx, out) {
+      ctx.type = 'json';
+      ctx.body = out;
+    },
+  });
+
+  if (KEYCLOAK) {
+    // Keycloak always puts `sid` into ID tokens; oidc-provider only does when
+    // the client registered backchannel_logout_session_required.
+    provider.Client.prototype.includeSid = () => true;
+  }
+
+  // Count token-endpoint requests per grant type, and (Cognito) strip the
+  // refresh_token from refresh responses: Cognito never returns one there.
+  provider.use(async (ctx, next) => {
+    await next();
+    if (ctx.oidc?.route !== 'token') return;
+    const gt = ctx.oidc.params?.grant_type || 'unknown';
+    stats[gt] = (stats[gt] || 0) + 1;
+    if (ctx.status !== 200) failed[gt] = (failed[gt] || 0) + 1;
+    if (COGNITO && gt === 'refresh_token' && ctx.status === 200 && ctx.body) delete ctx.body.refresh_token;
+  });
+
+  provider.on('server_error', (ctx, err) => log('server_error', err));
+  provider.on('backchannel.success', (ctx, client, accountId, sid) => log(`backchannel logout delivered to ${client.clientId} (sub=${accountId} sid=${sid})`));
+  provider.on('backchannel.error', (ctx, err, client) => log(`backchannel logout to ${client.clientId} failed: ${err.message}`));
+  provider.on('grant.error', (ctx, err) => log(`token error: ${err.error} ${err.error_description || ''}`));
+  provider.on('authorization.error', (ctx, err) => log(`authorization error: ${err.error} ${err.error_description || ''}`));
+  return provider;
+}
+
+// ---------------------------------------------------------------- http
+let provider;
+let callback;
+const json = (res, status, body, headers = {}) => {
+  res.writeHead(status, { 'content-type': 'application/json', 'cache-control': 'no-store', ...headers });
+  res.end(JSON.stringify(body));
+};
+const esc = (v) => String(v ?? '').replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
+const page = (title, body) => `<!DOCTYPE html><html><head><meta charset="utf-8"><title>${esc(title)}</title></head>
+<body style="font-family:sans-serif;max-width:22em;margin:3em auto"><h1>${esc(title)}</h1>${body}</body></html>`;
+const readBody = (req) => new Promise((resolve, reject) => {
+  let body = '';
+  req.setEncoding('utf8');
+  req.on('data', (d) => { body += d; if (body.length > 65536) { reject(new Error('body too large')); req.destroy(); } });
+  req.on('end', () => resolve(body));
+  req.on('error', reject);
+});
+
+// Login "UI" at <issuer>/interaction/<uid>:
+//   GET  -> HTML form; POST (form fields: login, password[, prompt=login]) ->
+//   303 back to the authorization endpoint's resume URL.
+// Any non-empty login is accepted as the sub, the password is ignored.
+// A consent prompt (only if loadExistingGrant did not cover everything) is
+// granted at once without showing anything.
+async function interaction(req, res, uid, abort) {
+  let details;
+  try {
+    details = await provider.interactionDetails(req, res);
+  } catch (err) { // no/expired _interaction cookie
+    return json(res, 400, { error: 'invalid_request', error_description: err.error_description || err.message });
+  }
+  if (details.uid !== uid) return json(res, 400, { error: 'invalid_request', error_description: 'interaction uid mismatch' });
+  const { prompt, params, session } = details;
+  if (abort) {
+    return provider.interactionFinished(req, res, { error: 'access_denied', error_description: 'End-User aborted interaction' }, { mergeWithLastSubmission: false });
+  }
+  if (prompt.name === 'consent') {
+    const grant = details.grantId
+      ? await provider.Grant.find(details.grantId)
+      : new provider.Grant({ accountId: session.accountId, clientId: params.client_id });
+    const d = prompt.details;
+    if (d.missingOIDCScope) grant.addOIDCScope(d.missingOIDCScope.join(' '));
+    if (d.missingOIDCClaims) grant.addOIDCClaims(d.missingOIDCClaims);
+    for (const [ind, sc] of Object.entries(d.missingResourceScopes || {})) grant.addResourceScope(ind, sc.join(' '));
+    return provider.interactionFinished(req, res, { consent: { grantId: await grant.save() } }, { mergeWithLastSubmission: true });
+  }
+  let error = '';
+  if (req.method === 'POST') {
+    const login = new URLSearchParams(await readBody(req)).get('login')?.trim();
+    if (login) {
+      log(`login as ${login} for client ${params.client_id}`);
+      return provider.interactionFinished(req, res, { login: { accountId: login } }, { mergeWithLastSubmission: false });
+    }
+    error = '<p style="color:#b00">login must not be empty</p>';
+  }
+  res.writeHead(error ? 400 : 200, { 'content-type': 'text/html; charset=utf-8', 'cache-control': 'no-store' });
+  res.end(page('Sign-in', `${error}<p>Test IdP (${FLAVOR}) for <b>${esc(params.client_id)}</b>: any login works.</p>
+<form method="post" action="${PREFIX}/interaction/${esc(uid)}" autocomplete="off">
+<input type="hidden" name="prompt" value="login">
+<p><input required name="login" placeholder="login" value="${esc(params.login_hint)}" autofocus></p>
+<p><input required type="password" name="password" placeholder="password (ignored)"></p>
+<p><button type="submit">Sign in</button> <a href="${PREFIX}/interaction/${esc(uid)}/abort">Cancel</a></p>
+</form>`));
+}
+
+// Cognito's GET /logout?client_id=…&logout_uri=… : ends the IdP session and
+// redirects to logout_uri, which must be one of the client's
+// post_logout_redirect_uris.
+async function cognitoLogout(req, res, url) {
+  const clientId = url.searchParams.get('client_id');
+  const logoutUri = url.searchParams.get('logout_uri');
+  // With rpInitiatedLogout disabled oidc-provider drops post_logout_redirect_uris
+  // from the client model, so check against our own copy of the metadata.
+  const client = clients.find((c) => c.client_id === clientId);
+  if (!client) return json(res, 400, { error: 'invalid_request', error_description: 'unknown client_id' });
+  if (!logoutUri || !(client.post_logout_redirect_uris || []).includes(logoutUri)) {
+    return json(res, 400, { error: 'invalid_request', error_description: 'logout_uri not registered for this client' });
+  }
+  const ctx = provider.createContext(req, res); // provider cookies (signed with its keys)
+  const session = await provider.Session.get(ctx);
+  if (session.accountId) {
+    // Like RP-initiated logout: revoke the grants (so refresh tokens issued in
+    // this session stop working), then drop the session.
+    for (const { grantId } of Object.values(session.authorizations || {})) {
+      if (!grantId) continue;
+      await Promise.all([provider.AccessToken, provider.RefreshToken, provider.AuthorizationCode]
+        .map((m) => m.revokeByGrantId(grantId)));
+      await provider.Grant.adapter.destroy(grantId);
+    }
+    log(`cognito /logout: session of ${session.accountId} ended`);
+  }
+  if (!session.new) await session.destroy();
+  ctx.cookies.set(provider.cookieName('session'), null);
+  res.writeHead(302, { location: logoutUri, 'cache-control': 'no-store' });
+  res.end();
+}
+
+async function handle(req, res) {
+  const url = new URL(req.url, 'http://127.0.0.1');
+  const p = url.pathname;
+  const m = p.startsWith(PREFIX) && /^\/interaction\/([\w-]+)(\/abort)?$/.exec(p.slice(PREFIX.length));
+  if (m && (req.method === 'GET' || (req.method === 'POST' && !m[2]))) return interaction(req, res, m[1], !!m[2]);
+  if (p === PREFIX || p.startsWith(`${PREFIX}/`)) {
+    // Mount under the issuer path. oidc-provider derives its mount path from
+    // req.originalUrl minus req.url, so keep both consistent.
+    req.originalUrl = req.url;
+    const rest = req.url.slice(PREFIX.length);
+    req.url = rest.startsWith('/') ? rest : `/${rest}`;
+    return callback(req, res);
+  }
+  if (p === '/__test/stats' && req.method === 'GET') return json(res, 200, { ...stats, failed });
+  if (p === '/__test/stats/reset' && req.method === 'POST') { resetStats(); return json(res, 200, stats); }
+  if (p === '/__test/rotate-keys' && req.method === 'POST') {
+    // Re-create the Provider with [new keys, ...old keys]; state lives in
+    // the module-level store and the cookie keys are reused, so sessions,
+    // codes and tokens survive.
+    const fresh = newKeys();
+    signingKeys = [...fresh, ...signingKeys];
+    provider = makeProvider(provider.issuer);
+    callback = provider.callback();
+    log(`rotated keys, now signing with ${fresh.map((k) => k.kid).join(', ')}`);
+    return json(res, 200, {
+      kid: fresh[0].kid,
+      kids: Object.fromEntries(fresh.map((k) => [k.alg, k.kid])),
+      jwks_keys: signingKeys.length,
+    });
+  }
+  if (p === '/logout' && COGNITO && req.method === 'GET') return cognitoLogout(req, res, url);
+  return json(res, 404, { error: 'not_found', path: p });
+}
+
+const server = http.createServer((req, res) => {
+  handle(req, res).catch((err) => {
+    log('handler error', err);
+    if (!res.headersSent) json(res, 500, { error: 'server_error' });
+    else res.end();
+  });
+});
+server.listen(Number(process.env.PORT || 0), '127.0.0.1', () => {
+  const { port } = server.address();
+  const issuer = `http://127.0.0.1:${port}${PREFIX}`;
+  provider = makeProvider(issuer);
+  callback = provider.callback();
+  log(`${FLAVOR} provider listening, issuer ${issuer}, clients: ${clients.map((c) => c.client_id).join(', ')}`);
+  process.stdout.write(`${JSON.stringify({ issuer, port, flavor: FLAVOR })}\n`);
+});
+server.on('error', (err) => { log('listen error', err.message); process.exit(1); });
