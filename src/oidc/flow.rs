@@ -88,18 +88,17 @@ impl OidcClient {
         let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
         let state = CsrfToken::new_random();
         let nonce = Nonce::new_random();
-        let binding = session.binding_key().await.map_err(session_error)?;
+        // Bound to the pending login's own key, not to the session id: another
+        // tab's login may cycle the session id before this one returns.
+        let key = pending_key(state.secret());
         let record = PendingLogin {
             state: state.secret().clone(),
             nonce: nonce.secret().clone(),
-            pkce: record::seal(&config.keys, &binding, FIELD_PKCE, verifier.secret()),
+            pkce: record::seal(&config.keys, &key, FIELD_PKCE, verifier.secret()),
             return_to: safe_return_to(return_to),
             exp: now + config.login_ttl.as_secs() as i64,
         };
-        session
-            .insert(&pending_key(state.secret()), &record)
-            .await
-            .map_err(session_error)?;
+        session.insert(&key, &record).await.map_err(session_error)?;
         let (state_c, nonce_c) = (state.clone(), nonce.clone());
         let mut request = self
             .inner
@@ -179,14 +178,15 @@ impl OidcClient {
         }
         let code = get("code")
             .ok_or_else(|| AuthError::new(AuthErrorKind::MalformedCallback, "no code"))?;
-        let binding = session.binding_key().await.map_err(session_error)?;
-        let (verifier, _) = record::open(&config.keys, &binding, FIELD_PKCE, &pending.pkce)
-            .ok_or_else(|| {
-                AuthError::new(
-                    AuthErrorKind::TamperedData,
-                    "the stored login does not decrypt",
-                )
-            })?;
+        let (verifier, _) =
+            record::open(&config.keys, &pending_key(state), FIELD_PKCE, &pending.pkce).ok_or_else(
+                || {
+                    AuthError::new(
+                        AuthErrorKind::TamperedData,
+                        "the stored login does not decrypt",
+                    )
+                },
+            )?;
         let tokens = self
             .exchange(code.to_owned(), verifier, &pending.nonce)
             .await?;

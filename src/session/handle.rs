@@ -555,7 +555,7 @@ impl Session {
         };
         let key = row.id.storage_key(hashed);
         let new_id = if st.cycle {
-            SessionId::generate()
+            st.next_id.clone().unwrap_or_else(SessionId::generate)
         } else {
             row.id.clone()
         };

@@ -7,6 +7,7 @@
 import * as crypto from 'node:crypto';
 import * as fs from 'node:fs';
 import * as http from 'node:http';
+import { CompactSign, importJWK } from 'jose';
 import Provider from 'oidc-provider';
 
 // oidc-provider prints its NOTICEs with console.info (= stdout); keep stdout
@@ -377,6 +378,47 @@ async function cognitoLogout(req, res, url) {
   res.end();
 }
 
+// POST /__test/sign {"claims":{...}, "header":{...}?, "alg":"RS256"|"ES256"?}
+//   -> 200 {"jwt":"<compact JWS>"}, signed with the provider's current key of
+//   that alg (the one it signs ID tokens with; its public half is in the JWKS).
+// The payload is exactly `claims` (no iat/exp/iss added). Protected header:
+// {alg, kid: <current kid>, typ: "JWT", ...header}; a header field set to null
+// is left out (e.g. {"kid":null} for a token without kid). alg comes from
+// body.alg, else header.alg, else RS256; if both are given they must agree.
+// Anything invalid -> 400 {"error":"invalid_request","error_description":...}.
+const isObject = (v) => v !== null && typeof v === 'object' && !Array.isArray(v);
+async function testSign(req, res) {
+  const bad = (d) => json(res, 400, { error: 'invalid_request', error_description: d });
+  let body;
+  try {
+    body = JSON.parse(await readBody(req));
+  } catch (err) {
+    return bad(`body must be a JSON object: ${err.message}`);
+  }
+  if (!isObject(body)) return bad('body must be a JSON object');
+  const unknown = Object.keys(body).filter((k) => !['claims', 'header', 'alg'].includes(k));
+  if (unknown.length) return bad(`unknown field(s): ${unknown.join(', ')}`);
+  const { claims, header = {} } = body;
+  if (!isObject(claims)) return bad('"claims" must be a JSON object');
+  if (!isObject(header)) return bad('"header" must be a JSON object');
+  const alg = body.alg ?? header.alg ?? 'RS256';
+  if (!['RS256', 'ES256'].includes(alg)) return bad('"alg" must be "RS256" or "ES256"');
+  if (header.alg != null && header.alg !== alg) return bad(`header.alg ${JSON.stringify(header.alg)} does not match alg ${alg}`);
+  if (header.alg === null) return bad('header.alg must not be null');
+  const jwk = signingKeys.find((k) => k.alg === alg); // newest first = the one oidc-provider signs with
+  const protectedHeader = { alg, kid: jwk.kid, typ: 'JWT', ...header };
+  for (const [k, v] of Object.entries(protectedHeader)) if (v === null) delete protectedHeader[k];
+  let jwt;
+  try {
+    jwt = await new CompactSign(new TextEncoder().encode(JSON.stringify(claims)))
+      .setProtectedHeader(protectedHeader)
+      .sign(await importJWK(jwk, alg));
+  } catch (err) { // e.g. an unsupported "crit" or "b64" in header
+    return bad(`cannot sign: ${err.message}`);
+  }
+  return json(res, 200, { jwt });
+}
+
 async function handle(req, res) {
   const url = new URL(req.url, 'http://127.0.0.1');
   const p = url.pathname;
@@ -407,6 +449,7 @@ async function handle(req, res) {
       jwks_keys: signingKeys.length,
     });
   }
+  if (p === '/__test/sign' && req.method === 'POST') return testSign(req, res);
   if (p === '/logout' && COGNITO && req.method === 'GET') return cognitoLogout(req, res, url);
   return json(res, 404, { error: 'not_found', path: p });
 }

@@ -30,6 +30,16 @@ b64url() { openssl base64 -A | tr '+/' '-_' | tr -d '='; }
 location() { grep -i '^location:' "$1" | tail -1 | sed 's/^[Ll]ocation: *//' | tr -d '\r'; }
 status() { head -1 "$1" | awk '{print $2}'; }
 qparam() { node -e 'console.log(new URL(process.argv[1]).searchParams.get(process.argv[2]) ?? "")' "$1" "$2"; }
+# jwsverify JWKS_URI JWT -> verifies the signature against the served JWKS (jose's
+# createRemoteJWKSet + jwtVerify, also checks exp/nbf if present); prints
+# {"header":…,"payload":…} and exits 0, or prints the error and exits 1.
+jwsverify() { node --input-type=module -e '
+  import { createRemoteJWKSet, jwtVerify } from "jose";
+  try {
+    const { protectedHeader, payload } = await jwtVerify(process.argv[2], createRemoteJWKSet(new URL(process.argv[1])),
+      { algorithms: ["RS256", "ES256"], typ: undefined });
+    console.log(JSON.stringify({ header: protectedHeader, payload }));
+  } catch (e) { console.log(`verify failed: ${e.code || ""} ${e.message}`); process.exit(1); }' "$1" "$2"; }
 
 # Tiny back-channel logout receiver: records each POST body, answers 200.
 # (python3 -m http.server would answer POST with 501.)
@@ -58,7 +68,8 @@ run_flavor() {
   "backchannel_logout_uri":"http://127.0.0.1:$BCPORT/auth/backchannel-logout",
   "backchannel_logout_session_required":true},
  {"client_id":"rp-post","client_secret":"rp-post-secret","token_endpoint_auth_method":"client_secret_post",
-  "redirect_uris":["$RP/auth/callback"],"post_logout_redirect_uris":["$RP/"]}]
+  "redirect_uris":["$RP/auth/callback"],"post_logout_redirect_uris":["$RP/"],
+  "backchannel_logout_uri":"http://127.0.0.1:$BCPORT/rp-post/backchannel-logout"}]
 EOF
 )
   # stdin from a FIFO that we hold open: closing it must stop the IdP.
@@ -170,9 +181,36 @@ EOF
   fi
   local OLDKID NEWKID
   OLDKID=$(jwth "$IDT" | node -pe 'JSON.parse(require("fs").readFileSync(0)).kid')
-  NEWKID=$(C -X POST "$BASE/__test/rotate-keys" | node -pe 'JSON.parse(require("fs").readFileSync(0)).kid')
+  C -X POST "$BASE/__test/rotate-keys" > "$WORK/rotate.json"
+  NEWKID=$(jget "$WORK/rotate.json" j.kid)
   C "$JWKS" > "$WORK/jwks.json"
   check "rotate-keys: JWKS has old ($OLDKID) and new ($NEWKID) kid" [ "$(jget "$WORK/jwks.json" "[j.keys.some(k=>k.kid==='$OLDKID'), j.keys.some(k=>k.kid==='$NEWKID')].join()")" = "true,true" ]
+
+  # 5b. /__test/sign: tokens signed with the provider's current key, verified against the served JWKS
+  local NOW SJWT; NOW=$(date +%s)
+  C -X POST -H 'content-type: application/json' -o "$WORK/sign1.json" "$BASE/__test/sign" \
+    -d "{\"claims\":{\"iss\":\"$ISS\",\"aud\":\"wrong-audience\",\"sub\":\"alice\",\"iat\":$NOW,\"exp\":$((NOW + 60))}}"
+  SJWT=$(jget "$WORK/sign1.json" 'j.jwt ?? ""')
+  if jwsverify "$JWKS" "$SJWT" > "$WORK/sv1.json"; then
+    echo "  signed $(cat "$WORK/sv1.json")"
+    check "sign: RS256 JWT verifies against JWKS, current kid $NEWKID, typ JWT, claims as given" \
+      [ "$(jget "$WORK/sv1.json" '[j.header.alg,j.header.kid,j.header.typ,j.payload.aud,j.payload.sub,Object.keys(j.payload).length].join()')" = "RS256,$NEWKID,JWT,wrong-audience,alice,5" ]
+  else bad "sign: RS256 JWT verifies against JWKS ($(cat "$WORK/sv1.json"))"; fi
+  local NEWES; NEWES=$(jget "$WORK/rotate.json" j.kids.ES256)
+  C -X POST -H 'content-type: application/json' -o "$WORK/sign2.json" "$BASE/__test/sign" \
+    -d "{\"alg\":\"ES256\",\"header\":{\"typ\":\"logout+jwt\"},\"claims\":{\"iss\":\"$ISS\",\"aud\":\"rp\",\"iat\":$NOW,\"jti\":\"j1\",\"sid\":\"s\",\"nonce\":\"forbidden\"}}"
+  if jwsverify "$JWKS" "$(jget "$WORK/sign2.json" 'j.jwt ?? ""')" > "$WORK/sv2.json"; then
+    check "sign: ES256 + header override verifies (kid $NEWES, typ logout+jwt, nonce kept)" \
+      [ "$(jget "$WORK/sv2.json" '[j.header.alg,j.header.kid,j.header.typ,j.payload.nonce].join()')" = "ES256,$NEWES,logout+jwt,forbidden" ]
+  else bad "sign: ES256 JWT verifies against JWKS ($(cat "$WORK/sv2.json"))"; fi
+  C -X POST -H 'content-type: application/json' -o "$WORK/sign3.json" "$BASE/__test/sign" -d '{"claims":{"sub":"x"},"header":{"kid":"no-such-kid"}}'
+  check "sign: header kid override is used (no JWKS match -> verify fails)" \
+    eval '[ "$(jwth "$(jget "$WORK/sign3.json" j.jwt)" | node -pe "JSON.parse(require(\"fs\").readFileSync(0)).kid")" = no-such-kid ] && ! jwsverify "$JWKS" "$(jget "$WORK/sign3.json" j.jwt)" >/dev/null'
+  check "sign: tampered payload fails verification" eval '! jwsverify "$JWKS" "${SJWT%%.*}.$(printf %s "{\"sub\":\"mallory\"}" | b64url).${SJWT##*.}" >/dev/null'
+  C -X POST -H 'content-type: application/json' -o "$WORK/sign4.json" -w '%{http_code}' "$BASE/__test/sign" -d '{"claims":{},"alg":"HS256"}' > "$WORK/sign4.code"
+  check "sign: bad alg -> 400 JSON error ($(cat "$WORK/sign4.json"))" [ "$(cat "$WORK/sign4.code") $(jget "$WORK/sign4.json" j.error)" = "400 invalid_request" ]
+  check "sign: claims not an object -> 400" [ "$(C -X POST -o /dev/null -w '%{http_code}' "$BASE/__test/sign" -d '{"claims":"x"}')" = 400 ]
+  check "sign: body not JSON -> 400" [ "$(C -X POST -o /dev/null -w '%{http_code}' "$BASE/__test/sign" -d 'not json')" = 400 ]
 
   # 6. second login in the same browser (SSO: no login form) -> signed with the new kid
   sso_login rp "openid offline_access" "-u rp:rp-secret" > "$WORK/tok4.json"
@@ -202,9 +240,11 @@ EOF
     C -c "$JAR" -b "$JAR" -D "$WORK/h5" -o /dev/null -X POST "$CONFIRM" -d "xsrf=$XSRF" -d logout=yes
     check "confirm -> 303 to post_logout_redirect_uri with state ($(location "$WORK/h5"))" [ "$(location "$WORK/h5")" = "$RP/?state=bye" ]
     sleep 0.3
-    check "back-channel logout_token delivered" grep -q 'logout_token=' "$WORK/bc.log"
-    local LT; LT=$(sed -n 's/.*logout_token=\([^ ]*\).*/\1/p' "$WORK/bc.log" | tail -1)
+    check "back-channel logout_token delivered to rp" grep -q '^POST /auth/backchannel-logout logout_token=' "$WORK/bc.log"
+    check "back-channel logout_token delivered to rp-post too (logout=yes: every client of the session)" grep -q '^POST /rp-post/backchannel-logout logout_token=' "$WORK/bc.log"
+    local LT; LT=$(sed -n 's|^POST /auth/backchannel-logout logout_token=\([^ ]*\).*|\1|p' "$WORK/bc.log" | tail -1)
     echo "  logout_token claims $(jwtp "$LT")"
+    check "logout_token verifies against JWKS" eval 'jwsverify "$JWKS" "$LT" >/dev/null'
     check "logout_token sid == id_token sid" [ "$(jwtp "$LT" | node -pe 'JSON.parse(require("fs").readFileSync(0)).sid')" = "$(jwtp "$IDT" | node -pe 'JSON.parse(require("fs").readFileSync(0)).sid')" ]
   else
     check "cognito /logout rejects unregistered logout_uri" [ "$(C -o /dev/null -w '%{http_code}' -G "$BASE/logout" -d client_id=rp --data-urlencode 'logout_uri=http://evil.test/')" = 400 ]

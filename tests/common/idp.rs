@@ -1,0 +1,413 @@
+//! The local OpenID provider (tests/idp, oidc-provider) and an app that logs
+//! in through it, served on real sockets so the provider can call back.
+
+use std::{
+    path::PathBuf,
+    process::Stdio,
+    sync::{Arc, Mutex},
+};
+
+use axum::{
+    body::Bytes,
+    extract::{Query, RawQuery, State},
+    http::{header, HeaderMap, StatusCode},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+    Json, Router,
+};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    process::{Child, ChildStdin, Command},
+};
+use tower_pg_session::{
+    crypto::{EncryptionKey, Keyring},
+    oidc::{OidcClient, OidcConfig, RequireLoginLayer, User},
+    PgStore, Session, SessionLayer, SigningKeys,
+};
+
+use super::{Db, KEY_A};
+
+pub const CLIENT_ID: &str = "demo";
+pub const CLIENT_SECRET: &str = "demo-secret";
+
+/// The provider process; it exits when this is dropped (stdin closes, and
+/// the child is killed).
+pub struct Idp {
+    _child: Child,
+    _stdin: ChildStdin,
+    pub issuer: String,
+    pub base: String,
+    http: reqwest::Client,
+}
+
+fn idp_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/idp")
+}
+
+impl Idp {
+    /// Starts the provider in `flavor` ("keycloak" or "cognito") with one
+    /// client registered for the app at `app_url`.
+    pub async fn start(flavor: &str, app_urls: &[String], access_ttl: u64) -> Self {
+        assert!(
+            idp_dir().join("node_modules").exists(),
+            "tests/idp/node_modules is missing: run the tests through scripts/test.sh (it runs npm ci)"
+        );
+        let clients = json!([{
+            "client_id": CLIENT_ID,
+            "client_secret": CLIENT_SECRET,
+            "redirect_uris": app_urls.iter().map(|u| format!("{u}/auth/callback")).collect::<Vec<_>>(),
+            "post_logout_redirect_uris": app_urls.iter().map(|u| format!("{u}/")).collect::<Vec<_>>(),
+            "backchannel_logout_uri": format!("{}/auth/backchannel-logout", app_urls[0]),
+            "backchannel_logout_session_required": true,
+            "token_endpoint_auth_method": "client_secret_basic",
+            "grant_types": ["authorization_code", "refresh_token"],
+            "response_types": ["code"],
+        }]);
+        let mut child = Command::new("node")
+            .arg(idp_dir().join("server.js"))
+            .env("IDP_FLAVOR", flavor)
+            .env("IDP_CLIENTS", clients.to_string())
+            .env("ACCESS_TOKEN_TTL", access_ttl.to_string())
+            .env("PORT", "0")
+            .env("IDP_MAX_SECONDS", "600")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("node runs");
+        let stdin = child.stdin.take().unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let line = tokio::time::timeout(std::time::Duration::from_secs(30), lines.next_line())
+            .await
+            .expect("the provider starts within 30 s")
+            .unwrap()
+            .expect("the provider prints its issuer");
+        let info: Value = serde_json::from_str(&line).unwrap();
+        let port = info["port"].as_u64().unwrap();
+        Self {
+            _child: child,
+            _stdin: stdin,
+            issuer: info["issuer"].as_str().unwrap().to_owned(),
+            base: format!("http://127.0.0.1:{port}"),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// Token-endpoint requests so far, by grant type.
+    pub async fn stats(&self) -> Value {
+        self.http
+            .get(format!("{}/__test/stats", self.base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    pub async fn rotate_keys(&self) {
+        let r = self
+            .http
+            .post(format!("{}/__test/rotate-keys", self.base))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success());
+    }
+
+    /// A JWT with `claims`, signed by the provider's current key.
+    pub async fn sign(&self, claims: Value, header: Value) -> String {
+        let r: Value = self
+            .http
+            .post(format!("{}/__test/sign", self.base))
+            .json(&json!({"claims": claims, "header": header}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        r["jwt"].as_str().expect("signed").to_owned()
+    }
+}
+
+/// One instance of the app: the demo's routes, on a real socket.
+pub struct App {
+    pub url: String,
+    pub client: OidcClient,
+    pub store: PgStore,
+    pub backchannel: Arc<Mutex<Vec<String>>>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for App {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    client: OidcClient,
+    backchannel: Arc<Mutex<Vec<String>>>,
+}
+
+#[derive(Deserialize)]
+struct LoginQuery {
+    return_to: Option<String>,
+}
+
+fn wants_html(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("text/html"))
+}
+
+pub fn router(
+    client: OidcClient,
+    layer: SessionLayer,
+    backchannel: Arc<Mutex<Vec<String>>>,
+) -> Router {
+    let protected = Router::new()
+        .route(
+            "/me",
+            get(|user: User| async move {
+                Json(json!({
+                    "sub": user.sub(),
+                    "claims": user.claims(),
+                    "groups": user.groups(),
+                    "access_token_expires_at": user.access_token_expires_at(),
+                }))
+            }),
+        )
+        .route_layer(RequireLoginLayer::new(client.clone()));
+    Router::new()
+        .merge(protected)
+        .route(
+            "/auth/login",
+            get(|State(s): State<AppState>, session: Session, Query(q): Query<LoginQuery>| async move {
+                s.client.login(&session, q.return_to.as_deref()).await
+            }),
+        )
+        .route(
+            "/auth/callback",
+            get(|State(s): State<AppState>, session: Session, headers: HeaderMap, RawQuery(q): RawQuery| async move {
+                match s.client.callback(&session, q.as_deref()).await {
+                    Ok((redirect, _)) => redirect.into_response(),
+                    Err(e) => e.to_response::<axum::body::Body>(wants_html(&headers)).into_response(),
+                }
+            }),
+        )
+        .route(
+            "/auth/logout",
+            post(|State(s): State<AppState>, session: Session, headers: HeaderMap| async move {
+                s.client.logout(&session, &headers).await
+            }),
+        )
+        .route(
+            "/auth/backchannel-logout",
+            post(|State(s): State<AppState>, body: Bytes| async move {
+                s.backchannel.lock().unwrap().push(String::from_utf8_lossy(&body).into_owned());
+                let r = s.client.backchannel_logout(&body).await;
+                let (parts, body) = r.into_parts();
+                Response::from_parts(parts, axum::body::Body::from(body))
+            }),
+        )
+        .route("/", get(|| async { "home" }))
+        .with_state(AppState { client, backchannel })
+        .layer(layer)
+}
+
+pub struct Setup {
+    pub db: Db,
+    pub idp: Idp,
+    pub token_key: EncryptionKey,
+    pub token_keys: Keyring,
+    pub apps: Vec<App>,
+}
+
+/// `instances` app instances sharing one database, one provider.
+pub async fn setup(
+    flavor: &str,
+    instances: usize,
+    access_ttl: u64,
+    tweak: impl Fn(OidcConfig) -> OidcConfig,
+) -> Setup {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+    let db = Db::new().await;
+    let mut listeners = Vec::new();
+    let mut urls = Vec::new();
+    for _ in 0..instances {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        urls.push(format!(
+            "http://127.0.0.1:{}",
+            l.local_addr().unwrap().port()
+        ));
+        listeners.push(l);
+    }
+    let idp = Idp::start(flavor, &urls, access_ttl).await;
+    let token_key = EncryptionKey::generate();
+    let token_keys = Keyring::from(token_key.clone());
+    let mut apps = Vec::new();
+    for (listener, url) in listeners.into_iter().zip(urls) {
+        let store = db.store().await;
+        let config = OidcConfig::new(&idp.issuer, CLIENT_ID, &url, token_keys.clone())
+            .unwrap()
+            .with_client_secret(CLIENT_SECRET);
+        let client = OidcClient::discover(tweak(config), store.clone())
+            .await
+            .unwrap();
+        let layer = SessionLayer::new(store.clone(), SigningKeys::new([KEY_A]).unwrap())
+            .with_insecure_http_cookie()
+            .unwrap();
+        let backchannel = Arc::new(Mutex::new(Vec::new()));
+        let app = router(client.clone(), layer, backchannel.clone());
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        apps.push(App {
+            url,
+            client,
+            store,
+            backchannel,
+            server,
+        });
+    }
+    Setup {
+        db,
+        idp,
+        token_key,
+        token_keys,
+        apps,
+    }
+}
+
+/// A browser: one cookie jar for the app and the provider, redirects by hand.
+#[derive(Clone)]
+pub struct Browser {
+    pub http: reqwest::Client,
+}
+
+impl Default for Browser {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+pub fn location(r: &reqwest::Response) -> String {
+    r.headers()
+        .get(header::LOCATION)
+        .unwrap_or_else(|| panic!("a redirect, got {}", r.status()))
+        .to_str()
+        .unwrap()
+        .to_owned()
+}
+
+impl Browser {
+    pub fn new() -> Self {
+        Self {
+            http: reqwest::Client::builder()
+                .cookie_store(true)
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .unwrap(),
+        }
+    }
+
+    pub async fn get(&self, url: &str) -> reqwest::Response {
+        self.http
+            .get(url)
+            .header(header::ACCEPT, "text/html")
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn api(&self, url: &str) -> reqwest::Response {
+        self.http
+            .get(url)
+            .header(header::ACCEPT, "application/json")
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Starts a login at the app; returns the provider URL it redirects to.
+    pub async fn start_login(&self, app: &str, return_to: &str) -> String {
+        let r = self
+            .get(&format!(
+                "{app}/auth/login?return_to={}",
+                urlencode(return_to)
+            ))
+            .await;
+        assert_eq!(r.status(), StatusCode::FOUND);
+        location(&r)
+    }
+
+    /// Logs in at the provider as `user`; returns the callback URL the
+    /// provider sends the browser to (not yet visited).
+    pub async fn authorize(&self, auth_url: &str, user: &str) -> String {
+        let r = self.get(auth_url).await;
+        assert_eq!(r.status().as_u16(), 303, "authorization request");
+        let interaction = absolute(auth_url, &location(&r));
+        if interaction.contains("/auth/callback") {
+            return interaction; // the provider remembered the login
+        }
+        let r = self
+            .http
+            .post(&interaction)
+            .form(&[("login", user), ("password", "pw")])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 303, "login form");
+        let resume = absolute(auth_url, &location(&r));
+        let r = self.get(&resume).await;
+        assert_eq!(r.status().as_u16(), 303, "resume");
+        absolute(auth_url, &location(&r))
+    }
+
+    /// The whole login; returns the app's answer to the callback.
+    pub async fn login(&self, app: &str, user: &str, return_to: &str) -> reqwest::Response {
+        let auth = self.start_login(app, return_to).await;
+        let callback = self.authorize(&auth, user).await;
+        self.get(&callback).await
+    }
+}
+
+pub fn urlencode(s: &str) -> String {
+    url_escape(s)
+}
+
+fn url_escape(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+pub fn absolute(base: &str, location: &str) -> String {
+    if location.starts_with("http://") || location.starts_with("https://") {
+        return location.to_owned();
+    }
+    let origin: String = base.splitn(4, '/').take(3).collect::<Vec<_>>().join("/");
+    if location.starts_with('/') {
+        format!("{origin}{location}")
+    } else {
+        let dir = &base[..base.rfind('/').unwrap() + 1];
+        format!("{dir}{location}")
+    }
+}

@@ -1,0 +1,954 @@
+//! The login flow against a real OpenID provider (tests/idp, oidc-provider)
+//! configured like Keycloak and like Cognito.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use common::{idp::*, Db};
+use serde_json::{json, Value};
+
+async fn session_rows(db: &Db) -> Vec<(String, String, Option<String>, Option<String>)> {
+    sqlx::query_as(&format!(
+        "SELECT sid, sess::text, user_id, provider_sid FROM {}",
+        db.table()
+    ))
+    .fetch_all(&db.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn keycloak_like_login_me_and_logout() {
+    let s = setup("keycloak", 1, 3600, |c| c).await;
+    let app = &s.apps[0].url;
+    let b = Browser::new();
+
+    // Not logged in: a browser is sent to the login, an API gets 401.
+    let r = b.get(&format!("{app}/me?x=1")).await;
+    assert_eq!(r.status(), StatusCode::FOUND);
+    assert_eq!(location(&r), "/auth/login?return_to=%2Fme%3Fx%3D1");
+    let r = b.api(&format!("{app}/me")).await;
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert!(r.headers().contains_key("www-authenticate"));
+
+    let auth = b.start_login(app, "/me?x=1").await;
+    assert!(auth.starts_with(&s.idp.issuer), "{auth}");
+    for param in [
+        "code_challenge_method=S256",
+        "code_challenge=",
+        "nonce=",
+        "state=",
+        "scope=openid",
+    ] {
+        assert!(auth.contains(param), "{param} in {auth}");
+    }
+    let cookie_before: Vec<String> = session_rows(&s.db).await.into_iter().map(|r| r.0).collect();
+    assert_eq!(
+        cookie_before.len(),
+        1,
+        "the pending login lives in a session"
+    );
+    let callback = b.authorize(&auth, "alice").await;
+    assert!(
+        callback.contains("iss="),
+        "RFC 9207 iss on the callback: {callback}"
+    );
+    let r = b.get(&callback).await;
+    assert_eq!(r.status(), StatusCode::FOUND);
+    assert_eq!(location(&r), "/me?x=1");
+
+    let rows = session_rows(&s.db).await;
+    assert_eq!(rows.len(), 1);
+    let (sid, sess, user_id, provider_sid) = &rows[0];
+    assert_ne!(sid, &cookie_before[0], "the session id is cycled at login");
+    assert_eq!(user_id.as_deref(), Some("alice"));
+    assert!(
+        provider_sid.is_some(),
+        "the provider's sid is kept for back-channel logout"
+    );
+    assert!(
+        !sess.contains("eyJ"),
+        "no token (JWT) in clear text at rest: {sess}"
+    );
+    let stored: Value = serde_json::from_str(sess).unwrap();
+    assert!(stored["oidc"]["at"].as_str().unwrap().len() > 20);
+    assert!(
+        stored
+            .as_object()
+            .unwrap()
+            .keys()
+            .all(|k| !k.starts_with("oidc.login.")),
+        "the pending login is consumed"
+    );
+
+    let r = b.api(&format!("{app}/me")).await;
+    assert_eq!(r.status(), StatusCode::OK, "{:?}", r.headers());
+    let me: Value = r.json().await.unwrap();
+    assert_eq!(me["sub"], "alice");
+    assert_eq!(me["claims"]["email"], "alice@example.test");
+    assert!(
+        me["access_token_expires_at"].as_i64().unwrap()
+            > time::OffsetDateTime::now_utc().unix_timestamp()
+    );
+
+    // Replaying the callback after success fails and does not log anyone in or out.
+    let r = b
+        .http
+        .get(&callback)
+        .header("accept", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "unknown_state");
+    assert_eq!(b.api(&format!("{app}/me")).await.status(), StatusCode::OK);
+
+    // Logout from another site: refused, session intact.
+    let r = b
+        .http
+        .post(format!("{app}/auth/logout"))
+        .header("origin", "https://evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    let r = b
+        .http
+        .post(format!("{app}/auth/logout"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::FORBIDDEN,
+        "no Origin and no Referer"
+    );
+    assert_eq!(b.api(&format!("{app}/me")).await.status(), StatusCode::OK);
+
+    // Logout from the app's own page (a plain form sends Referer).
+    let r = b
+        .http
+        .post(format!("{app}/auth/logout"))
+        .header("referer", format!("{app}/settings"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    let end = location(&r);
+    assert!(
+        end.starts_with(&format!("{}/protocol/openid-connect/logout", s.idp.issuer)),
+        "{end}"
+    );
+    for param in [
+        "id_token_hint=",
+        "post_logout_redirect_uri=",
+        "state=",
+        "client_id=demo",
+    ] {
+        assert!(end.contains(param), "{param} in {end}");
+    }
+    assert!(session_rows(&s.db).await.is_empty(), "the session is gone");
+    assert_eq!(
+        b.api(&format!("{app}/me")).await.status(),
+        StatusCode::UNAUTHORIZED
+    );
+    s.db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn twenty_concurrent_replays_of_one_callback_log_in_once() {
+    let s = setup("keycloak", 1, 3600, |c| c).await;
+    let app = &s.apps[0].url;
+    let b = Browser::new();
+    let auth = b.start_login(app, "/").await;
+    let callback = b.authorize(&auth, "bob").await;
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let (b, callback) = (b.clone(), callback.clone());
+        tasks.push(tokio::spawn(async move {
+            b.http
+                .get(&callback)
+                .header("accept", "application/json")
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            StatusCode::FOUND => ok += 1,
+            StatusCode::BAD_REQUEST => {}
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!(ok, 1, "exactly one callback succeeds");
+    assert_eq!(
+        s.idp.stats().await["authorization_code"],
+        1,
+        "the code was exchanged once"
+    );
+    s.db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn bad_callbacks_are_400_and_log_no_one_in() {
+    let s = setup("keycloak", 1, 3600, |c| {
+        c.with_login_ttl(Duration::from_secs(1))
+    })
+    .await;
+    let app = &s.apps[0].url;
+    let b = Browser::new();
+    let call = |q: String| {
+        let b = b.clone();
+        let app = app.clone();
+        async move {
+            let r = b
+                .http
+                .get(format!("{app}/auth/callback?{q}"))
+                .header("accept", "application/json")
+                .send()
+                .await
+                .unwrap();
+            let status = r.status();
+            let body: Value = r.json().await.unwrap();
+            (
+                status,
+                body["error"].as_str().unwrap_or_default().to_owned(),
+            )
+        }
+    };
+    assert_eq!(
+        call("code=x".into()).await,
+        (StatusCode::BAD_REQUEST, "missing_state".into())
+    );
+    assert_eq!(
+        call("code=x&state=forged".into()).await,
+        (StatusCode::BAD_REQUEST, "unknown_state".into())
+    );
+    assert_eq!(
+        call("error=access_denied&error_description=user%20said%20no".into()).await,
+        (StatusCode::BAD_REQUEST, "provider_error".into())
+    );
+    assert_eq!(
+        call("code=x&code=y&state=z".into()).await,
+        (StatusCode::BAD_REQUEST, "malformed_callback".into())
+    );
+
+    // A real login in progress, answered with a wrong iss.
+    let auth = b.start_login(app, "/").await;
+    let callback = b.authorize(&auth, "carol").await;
+    let forged = callback.replace(
+        &urlencode(&s.idp.issuer),
+        &urlencode("https://evil.example/realms/test"),
+    );
+    assert_ne!(forged, callback);
+    let (_, query) = forged.split_once('?').unwrap();
+    assert_eq!(
+        call(query.to_owned()).await,
+        (StatusCode::BAD_REQUEST, "issuer_mismatch".into())
+    );
+
+    // Expired: the login took longer than its TTL.
+    let auth = b.start_login(app, "/").await;
+    let callback = b.authorize(&auth, "carol").await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (_, query) = callback.split_once('?').unwrap();
+    assert_eq!(
+        call(query.to_owned()).await,
+        (StatusCode::BAD_REQUEST, "expired_state".into())
+    );
+
+    // A provider error for a real pending login consumes it.
+    let auth = b.start_login(app, "/").await;
+    let state = auth
+        .split("state=")
+        .nth(1)
+        .unwrap()
+        .split('&')
+        .next()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        call(format!("error=access_denied&state={state}")).await,
+        (StatusCode::BAD_REQUEST, "provider_error".into())
+    );
+    assert_eq!(
+        call(format!("code=x&state={state}")).await,
+        (StatusCode::BAD_REQUEST, "unknown_state".into())
+    );
+
+    // HTML for browsers, never a 500.
+    let r = b
+        .get(&format!("{app}/auth/callback?state=nope&code=x"))
+        .await;
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    assert!(r.text().await.unwrap().contains("<h1>Login failed</h1>"));
+
+    assert_eq!(
+        b.api(&format!("{app}/me")).await.status(),
+        StatusCode::UNAUTHORIZED
+    );
+    for (_, sess, user, _) in session_rows(&s.db).await {
+        assert!(
+            user.is_none() && !sess.contains("\"oidc\":"),
+            "no half-logged-in session: {sess}"
+        );
+    }
+    s.db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn two_tabs_log_in_at_once_and_return_to_stays_local() {
+    let s = setup("keycloak", 1, 3600, |c| c).await;
+    let app = &s.apps[0].url;
+    let b = Browser::new();
+    let first = b.start_login(app, "//evil.example/path").await;
+    let second = b.start_login(app, "/second?tab=2").await;
+    let cb_second = b.authorize(&second, "dave").await;
+    let cb_first = b.authorize(&first, "dave").await;
+    let r = b.get(&cb_second).await;
+    assert_eq!(location(&r), "/second?tab=2");
+    let r = b.get(&cb_first).await;
+    assert_eq!(
+        r.status(),
+        StatusCode::FOUND,
+        "the other tab's login still completes"
+    );
+    assert_eq!(
+        location(&r),
+        "/",
+        "a return_to that leaves the site falls back to /"
+    );
+    assert_eq!(b.api(&format!("{app}/me")).await.status(), StatusCode::OK);
+    s.db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn grpc_requests_get_unauthenticated() {
+    let s = setup("keycloak", 1, 3600, |c| c).await;
+    let r = reqwest::Client::new()
+        .post(format!("{}/me", s.apps[0].url))
+        .header("content-type", "application/grpc")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.headers()["grpc-status"], "16");
+    s.db.drop_schema().await;
+}
+
+async fn force_refresh_due(db: &Db, secs_left: i64) {
+    let exp = time::OffsetDateTime::now_utc().unix_timestamp() + secs_left;
+    sqlx::query(&format!(
+        "UPDATE {} SET sess = jsonb_set(sess::jsonb, '{{oidc,exp}}', to_jsonb($1::int8))::json WHERE sess::jsonb ? 'oidc'",
+        db.table()
+    ))
+    .bind(exp)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn two_instances_times_twenty_requests_refresh_once() {
+    let s = setup("keycloak", 2, 3600, |c| c).await;
+    let b = Browser::new();
+    assert_eq!(
+        b.login(&s.apps[0].url, "erin", "/").await.status(),
+        StatusCode::FOUND
+    );
+    let before: Value = b
+        .api(&format!("{}/me", s.apps[0].url))
+        .await
+        .json()
+        .await
+        .unwrap();
+    force_refresh_due(&s.db, 30).await;
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let b = b.clone();
+        let url = format!("{}/me", s.apps[i % 2].url);
+        tasks.push(tokio::spawn(async move { b.api(&url).await.status() }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), StatusCode::OK);
+    }
+    let stats = s.idp.stats().await;
+    assert_eq!(
+        stats["refresh_token"], 1,
+        "one refresh at the provider: {stats}"
+    );
+    let after: Value = b
+        .api(&format!("{}/me", s.apps[1].url))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        after["access_token_expires_at"].as_i64()
+            > Some(time::OffsetDateTime::now_utc().unix_timestamp() + 3000)
+    );
+    assert_eq!(after["sub"], before["sub"]);
+
+    // Rotation: the refresh token used is spent; the stored one is the new
+    // one, so the next refresh works too.
+    force_refresh_due(&s.db, 30).await;
+    assert_eq!(
+        b.api(&format!("{}/me", s.apps[0].url)).await.status(),
+        StatusCode::OK
+    );
+    assert_eq!(s.idp.stats().await["refresh_token"], 2);
+    s.db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn a_refused_refresh_logs_out_cleanly() {
+    let s = setup("keycloak", 1, 3600, |c| c).await;
+    let app = &s.apps[0].url;
+    let b = Browser::new();
+    b.login(app, "frank", "/").await;
+    // A refresh token the provider does not know, sealed properly for this session.
+    let (sid,): (String,) = sqlx::query_as(&format!("SELECT sid FROM {}", s.db.table()))
+        .fetch_one(&s.db.pool)
+        .await
+        .unwrap();
+    let bogus = s.token_keys.seal(
+        b"not-a-refresh-token",
+        &tower_pg_session::crypto::Aad {
+            session: &sid,
+            field: "refresh_token",
+        },
+    );
+    sqlx::query(&format!(
+        "UPDATE {} SET sess = jsonb_set(sess::jsonb, '{{oidc,rt}}', to_jsonb($1::text))::json",
+        s.db.table()
+    ))
+    .bind(&bogus)
+    .execute(&s.db.pool)
+    .await
+    .unwrap();
+    force_refresh_due(&s.db, 30).await;
+    let r = b.get(&format!("{app}/me")).await;
+    assert_eq!(r.status(), StatusCode::FOUND, "browser: back to the login");
+    assert!(location(&r).starts_with("/auth/login"));
+    assert!(session_rows(&s.db).await.is_empty(), "the session ended");
+    assert_eq!(
+        b.api(&format!("{app}/me")).await.status(),
+        StatusCode::UNAUTHORIZED,
+        "API: 401, not 500"
+    );
+    s.db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn a_tampered_token_ciphertext_logs_out_cleanly() {
+    let s = setup("keycloak", 1, 3600, |c| c).await;
+    let app = &s.apps[0].url;
+    let b = Browser::new();
+    b.login(app, "grace", "/").await;
+    sqlx::query(&format!(
+        "UPDATE {} SET sess = jsonb_set(sess::jsonb, '{{oidc,at}}', to_jsonb(overlay((sess::jsonb#>>'{{oidc,at}}') placing 'A' from 30 for 1)))::json",
+        s.db.table()
+    ))
+    .execute(&s.db.pool)
+    .await
+    .unwrap();
+    let r = b.api(&format!("{app}/me")).await;
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert!(session_rows(&s.db).await.is_empty());
+    s.db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn cognito_like_groups_refresh_without_rotation_and_hosted_logout() {
+    let s = setup("cognito", 1, 3600, |c| c).await;
+    let app = &s.apps[0].url;
+    let b = Browser::new();
+    assert_eq!(b.login(app, "heidi", "/").await.status(), StatusCode::FOUND);
+    let me: Value = b.api(&format!("{app}/me")).await.json().await.unwrap();
+    assert_eq!(me["groups"], json!(["admins", "users"]));
+    assert_eq!(me["claims"]["token_use"], "id");
+    for round in 1..=2 {
+        force_refresh_due(&s.db, 30).await;
+        assert_eq!(
+            b.api(&format!("{app}/me")).await.status(),
+            StatusCode::OK,
+            "refresh {round}"
+        );
+        assert_eq!(s.idp.stats().await["refresh_token"], round);
+    }
+    let r = b
+        .http
+        .post(format!("{app}/auth/logout"))
+        .header("origin", app.as_str())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    let to = location(&r);
+    assert!(to.starts_with(&format!("{}/logout?", s.idp.base)), "{to}");
+    assert!(
+        to.contains("client_id=demo")
+            && to.contains(&format!("logout_uri={}", urlencode(&format!("{app}/")))),
+        "{to}"
+    );
+    let r = b.get(&to).await;
+    assert_eq!(
+        r.status(),
+        StatusCode::FOUND,
+        "the hosted UI accepts the logout"
+    );
+    assert_eq!(location(&r), format!("{app}/"));
+    s.db.drop_schema().await;
+}
+
+fn now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+async fn post_logout_token(app: &str, token: &str) -> (StatusCode, Value) {
+    let r = reqwest::Client::new()
+        .post(format!("{app}/auth/backchannel-logout"))
+        .form(&[("logout_token", token)])
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    let text = r.text().await.unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn back_channel_logout_from_the_provider_ends_the_session() {
+    let s = setup("keycloak", 1, 3600, |c| c).await;
+    let app = &s.apps[0].url;
+    let b = Browser::new();
+    b.login(app, "ivan", "/").await;
+    let other = Browser::new();
+    other.login(app, "judy", "/").await;
+    assert_eq!(session_rows(&s.db).await.len(), 2);
+
+    // The user logs out at the provider (another app, or the account page).
+    let page = b
+        .get(&format!(
+            "{}/protocol/openid-connect/logout?client_id=demo",
+            s.idp.issuer
+        ))
+        .await
+        .text()
+        .await
+        .unwrap();
+    let xsrf = page
+        .split("name=\"xsrf\" value=\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap();
+    let r = b
+        .http
+        .post(format!(
+            "{}/protocol/openid-connect/logout/confirm",
+            s.idp.issuer
+        ))
+        .form(&[("xsrf", xsrf), ("logout", "yes")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 303);
+
+    let rows = session_rows(&s.db).await;
+    assert_eq!(rows.len(), 1, "ivan's session is gone, judy's is not");
+    assert_eq!(rows[0].2.as_deref(), Some("judy"));
+    assert_eq!(
+        b.api(&format!("{app}/me")).await.status(),
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        other.api(&format!("{app}/me")).await.status(),
+        StatusCode::OK
+    );
+
+    // The token the provider sent cannot be replayed.
+    let delivered = s.apps[0].backchannel.lock().unwrap().clone();
+    assert_eq!(delivered.len(), 1);
+    let token = delivered[0]
+        .strip_prefix("logout_token=")
+        .unwrap()
+        .to_owned();
+    let (status, body) = post_logout_token(app, &token).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body["error"], "invalid_request");
+    assert!(
+        body["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("replayed"),
+        "{body}"
+    );
+    s.db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn forged_logout_tokens_are_refused_and_end_nothing() {
+    let s = setup("keycloak", 1, 3600, |c| c).await;
+    let app = &s.apps[0].url;
+    let b = Browser::new();
+    b.login(app, "mallory-victim", "/").await;
+    let sid = session_rows(&s.db).await[0].3.clone().unwrap();
+    let good = json!({
+        "iss": s.idp.issuer, "aud": "demo", "iat": now(), "exp": now() + 120,
+        "jti": "jti-1", "sid": sid, "sub": "mallory-victim",
+        "events": {"http://schemas.openid.net/event/backchannel-logout": {}},
+    });
+    let typ = json!({"typ": "logout+jwt"});
+    let variant = |f: &dyn Fn(&mut serde_json::Map<String, Value>)| {
+        let mut c = good.as_object().unwrap().clone();
+        f(&mut c);
+        Value::Object(c)
+    };
+    let cases: Vec<(&str, Value, &str)> = vec![
+        (
+            "nonce",
+            variant(&|c| {
+                c.insert("nonce".into(), json!("n"));
+                c.insert("jti".into(), json!("j2"));
+            }),
+            "nonce",
+        ),
+        (
+            "no events",
+            variant(&|c| {
+                c.remove("events");
+                c.insert("jti".into(), json!("j3"));
+            }),
+            "event",
+        ),
+        (
+            "other audience",
+            variant(&|c| {
+                c.insert("aud".into(), json!("another-client"));
+                c.insert("jti".into(), json!("j4"));
+            }),
+            "audience",
+        ),
+        (
+            "other issuer",
+            variant(&|c| {
+                c.insert("iss".into(), json!("https://evil.example"));
+                c.insert("jti".into(), json!("j5"));
+            }),
+            "issuer",
+        ),
+        (
+            "old",
+            variant(&|c| {
+                c.insert("iat".into(), json!(now() - 3600));
+                c.insert("jti".into(), json!("j6"));
+            }),
+            "iat",
+        ),
+        (
+            "no sid or sub",
+            variant(&|c| {
+                c.remove("sid");
+                c.remove("sub");
+                c.insert("jti".into(), json!("j7"));
+            }),
+            "sid",
+        ),
+        (
+            "no jti",
+            variant(&|c| {
+                c.remove("jti");
+            }),
+            "jti",
+        ),
+    ];
+    for (what, claims, expect) in cases {
+        let token = s.idp.sign(claims, typ.clone()).await;
+        let (status, body) = post_logout_token(app, &token).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{what}");
+        assert_eq!(body["error"], "invalid_request", "{what}");
+        let why = body["error_description"].as_str().unwrap();
+        assert!(why.contains(expect), "{what}: {why}");
+        assert_eq!(session_rows(&s.db).await.len(), 1, "{what}: nothing ended");
+    }
+    // A signature by a key the provider does not have.
+    let token = s.idp.sign(good.clone(), json!({"typ": "logout+jwt"})).await;
+    let (h, rest) = token.split_once('.').unwrap();
+    let (p, sig) = rest.split_once('.').unwrap();
+    let mut sig = sig.to_owned();
+    sig.replace_range(5..6, if &sig[5..6] == "A" { "B" } else { "A" });
+    let (status, _) = post_logout_token(app, &format!("{h}.{p}.{sig}")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _) = post_logout_token(app, "not-a-jwt").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(session_rows(&s.db).await.len(), 1);
+
+    // The genuine article works, once.
+    let token = s.idp.sign(good, typ).await;
+    assert_eq!(post_logout_token(app, &token).await.0, StatusCode::OK);
+    assert!(session_rows(&s.db).await.is_empty());
+    assert_eq!(
+        post_logout_token(app, &token).await.0,
+        StatusCode::BAD_REQUEST
+    );
+    s.db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn id_tokens_are_verified_strictly() {
+    use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
+    let s = setup("keycloak", 1, 3600, |c| c).await;
+    let client = &s.apps[0].client;
+    let good = json!({"iss": s.idp.issuer, "aud": "demo", "sub": "u1", "iat": now(), "exp": now() + 300, "nonce": "n1"});
+    let claims = client
+        .verify_id_token_jwt(&s.idp.sign(good.clone(), json!({})).await, Some("n1"))
+        .await
+        .unwrap();
+    assert_eq!(claims["sub"], "u1");
+
+    let with = |k: &str, v: Value| {
+        let mut c = good.clone();
+        c[k] = v;
+        c
+    };
+    let signed_cases = [
+        ("wrong audience", with("aud", json!("someone-else"))),
+        (
+            "wrong issuer",
+            with("iss", json!("https://evil.example/realms/test")),
+        ),
+        ("expired", with("exp", json!(now() - 120))),
+        ("issued in the future", with("iat", json!(now() + 3600))),
+    ];
+    for (what, claims) in signed_cases {
+        let token = s.idp.sign(claims, json!({})).await;
+        let err = client
+            .verify_id_token_jwt(&token, Some("n1"))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.kind(),
+            tower_pg_session::oidc::AuthErrorKind::InvalidIdToken,
+            "{what}"
+        );
+    }
+    // Within the 60 s clock skew, an expiry just past is still accepted.
+    let token = s.idp.sign(with("exp", json!(now() - 20)), json!({})).await;
+    assert!(client.verify_id_token_jwt(&token, Some("n1")).await.is_ok());
+    // Wrong nonce.
+    let token = s.idp.sign(good.clone(), json!({})).await;
+    assert!(client
+        .verify_id_token_jwt(&token, Some("other"))
+        .await
+        .is_err());
+
+    // alg none: unsigned.
+    let enc = |v: &Value| URL_SAFE_NO_PAD.encode(v.to_string());
+    let none = format!(
+        "{}.{}.",
+        enc(&json!({"alg": "none", "typ": "JWT"})),
+        enc(&good)
+    );
+    assert!(
+        client.verify_id_token_jwt(&none, Some("n1")).await.is_err(),
+        "alg none"
+    );
+    // HS256 keyed with the provider's public key (the classic confusion).
+    let jwks: Value = reqwest::get(format!("{}/protocol/openid-connect/certs", s.idp.issuer))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let public = jwks["keys"][0].to_string();
+    let head = enc(&json!({"alg": "HS256", "typ": "JWT", "kid": jwks["keys"][0]["kid"]}));
+    let body = enc(&good);
+    use hmac::Mac;
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(public.as_bytes()).unwrap();
+    mac.update(format!("{head}.{body}").as_bytes());
+    let hs = format!(
+        "{head}.{body}.{}",
+        URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
+    );
+    assert!(
+        client.verify_id_token_jwt(&hs, Some("n1")).await.is_err(),
+        "HS256 with the public key"
+    );
+    // HS256 with the client secret: refused unless configured.
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(CLIENT_SECRET.as_bytes()).unwrap();
+    mac.update(format!("{head}.{body}").as_bytes());
+    let hs = format!(
+        "{head}.{body}.{}",
+        URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
+    );
+    assert!(
+        client.verify_id_token_jwt(&hs, Some("n1")).await.is_err(),
+        "HS256 with the client secret"
+    );
+
+    // The provider rotates its keys: a token with the new kid is accepted
+    // after one refetch of the JWKS.
+    s.idp.rotate_keys().await;
+    let token = s.idp.sign(good.clone(), json!({})).await;
+    assert!(
+        client.verify_id_token_jwt(&token, Some("n1")).await.is_ok(),
+        "new signing key"
+    );
+    s.db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn logout_revokes_the_refresh_token() {
+    let s = setup("keycloak", 1, 3600, |c| c).await;
+    let app = &s.apps[0].url;
+    let b = Browser::new();
+    b.login(app, "kim", "/").await;
+    let (sid, sess, _, _) = session_rows(&s.db).await.remove(0);
+    let sess: Value = serde_json::from_str(&sess).unwrap();
+    let aad = tower_pg_session::crypto::Aad {
+        session: &sid,
+        field: "refresh_token",
+    };
+    let rt = s
+        .token_keys
+        .open(sess["oidc"]["rt"].as_str().unwrap(), &aad)
+        .unwrap();
+    let rt = String::from_utf8(rt.plaintext().to_vec()).unwrap();
+    let r = b
+        .http
+        .post(format!("{app}/auth/logout"))
+        .header("origin", app.as_str())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    let r = reqwest::Client::new()
+        .post(format!("{}/protocol/openid-connect/token", s.idp.issuer))
+        .basic_auth(CLIENT_ID, Some(CLIENT_SECRET))
+        .form(&[
+            ("grant_type", "refresh_token"),
+            ("refresh_token", rt.as_str()),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::BAD_REQUEST,
+        "the refresh token no longer works"
+    );
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "invalid_grant");
+    s.db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn token_keys_rotate_without_logging_anyone_out() {
+    use tower_pg_session::crypto::{EncryptionKey, Keyring};
+    let s = setup("keycloak", 1, 3600, |c| c).await;
+    let b = Browser::new();
+    b.login(&s.apps[0].url, "liam", "/").await;
+    let sealed_under = |sess: &str| -> String {
+        let v: Value = serde_json::from_str(sess).unwrap();
+        v["oidc"]["at"].as_str().unwrap()[..8].to_owned()
+    };
+    let before = sealed_under(&session_rows(&s.db).await[0].1);
+
+    // A second instance with a new first key, the old one still accepted.
+    let new_key = EncryptionKey::generate();
+    let rotated = Keyring::new(vec![new_key, s.token_key.clone()]).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://127.0.0.1:{}", listener.local_addr().unwrap().port());
+    let store = s.db.store().await;
+    let config = tower_pg_session::oidc::OidcConfig::new(&s.idp.issuer, CLIENT_ID, &url, rotated)
+        .unwrap()
+        .with_client_secret(CLIENT_SECRET);
+    let client = tower_pg_session::oidc::OidcClient::discover(config, store.clone())
+        .await
+        .unwrap();
+    let layer = tower_pg_session::SessionLayer::new(
+        store,
+        tower_pg_session::SigningKeys::new([common::KEY_A]).unwrap(),
+    )
+    .with_insecure_http_cookie()
+    .unwrap();
+    let app = router(client, layer, Default::default());
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    assert_eq!(
+        b.api(&format!("{url}/me")).await.status(),
+        StatusCode::OK,
+        "old ciphertexts still open"
+    );
+    let after = sealed_under(&session_rows(&s.db).await[0].1);
+    assert_ne!(before, after, "re-sealed under the new key on that request");
+    assert_eq!(b.api(&format!("{url}/me")).await.status(), StatusCode::OK);
+    server.abort();
+    s.db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn an_unreachable_provider_is_a_clear_error_not_a_panic() {
+    let db = Db::new().await;
+    let store = db.store().await;
+    let keys = tower_pg_session::crypto::Keyring::from(
+        tower_pg_session::crypto::EncryptionKey::generate(),
+    );
+    let config = tower_pg_session::oidc::OidcConfig::new(
+        "http://127.0.0.1:1/realms/x",
+        CLIENT_ID,
+        "http://127.0.0.1:2",
+        keys,
+    )
+    .unwrap();
+    let err = tower_pg_session::oidc::OidcClient::discover(config, store)
+        .await
+        .unwrap_err();
+    assert_eq!(err.status(), StatusCode::BAD_GATEWAY);
+    assert!(
+        err.to_string()
+            .contains("discovery at http://127.0.0.1:1/realms/x failed"),
+        "{err}"
+    );
+
+    // The provider goes away after start-up: the callback's code exchange
+    // gets 502; an expired access token cannot be refreshed: 502, no panic.
+    let mut s = setup("keycloak", 1, 3600, |c| c).await;
+    let app = s.apps[0].url.clone();
+    let b = Browser::new();
+    b.login(&app, "mia", "/").await;
+    let b2 = Browser::new();
+    let auth = b2.start_login(&app, "/").await;
+    let callback = b2.authorize(&auth, "noah").await;
+    drop(std::mem::replace(
+        &mut s.idp,
+        Idp::start("keycloak", &["http://127.0.0.1:9".into()], 60).await,
+    ));
+    let r = b2
+        .http
+        .get(&callback)
+        .header("accept", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
+    force_refresh_due(&s.db, -10).await;
+    let r = b.api(&format!("{app}/me")).await;
+    assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
+    force_refresh_due(&s.db, 100).await;
+    assert_eq!(
+        b.api(&format!("{app}/me")).await.status(),
+        StatusCode::OK,
+        "a still-valid token carries on"
+    );
+    s.db.drop_schema().await;
+    db.drop_schema().await;
+}
