@@ -952,3 +952,84 @@ async fn an_unreachable_provider_is_a_clear_error_not_a_panic() {
     s.db.drop_schema().await;
     db.drop_schema().await;
 }
+
+#[tokio::test]
+async fn pending_logins_are_capped_and_a_bad_code_is_refused() {
+    let s = setup("keycloak", 1, 3600, |c| c.with_max_pending_logins(3)).await;
+    let app = &s.apps[0].url;
+    let b = Browser::new();
+    let mut urls = Vec::new();
+    for _ in 0..5 {
+        urls.push(b.start_login(app, "/").await);
+    }
+    let (_, sess, _, _) = session_rows(&s.db).await.remove(0);
+    let sess: Value = serde_json::from_str(&sess).unwrap();
+    let pending = sess
+        .as_object()
+        .unwrap()
+        .keys()
+        .filter(|k| k.starts_with("oidc.login."))
+        .count();
+    assert_eq!(pending, 3, "at most 3 pending logins per browser");
+    // The oldest were dropped: their callbacks are unknown now.
+    let callback = b.authorize(&urls[0], "olga").await;
+    let r = b
+        .http
+        .get(&callback)
+        .header("accept", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+
+    // A genuine state with a code the provider never issued.
+    let callback = b.authorize(&urls[4], "olga").await;
+    let (head, tail) = callback.split_once("code=").unwrap();
+    let rest = tail
+        .split_once('&')
+        .map(|(_, r)| format!("&{r}"))
+        .unwrap_or_default();
+    let r = b
+        .http
+        .get(format!("{head}code=bogus{rest}"))
+        .header("accept", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "invalid_grant", "{body}");
+    assert_eq!(
+        b.api(&format!("{app}/me")).await.status(),
+        StatusCode::UNAUTHORIZED
+    );
+    s.db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn a_keycloak_issuer_with_a_trailing_slash_works_and_secrets_stay_out_of_debug() {
+    let s = setup("keycloak", 1, 3600, |c| c).await;
+    let keys = tower_pg_session::crypto::Keyring::from(
+        tower_pg_session::crypto::EncryptionKey::generate(),
+    );
+    let config = tower_pg_session::oidc::OidcConfig::new(
+        &format!("{}/", s.idp.issuer),
+        CLIENT_ID,
+        "http://127.0.0.1:2",
+        keys,
+    )
+    .unwrap()
+    .with_client_secret(CLIENT_SECRET);
+    let debug = format!("{config:?}");
+    assert!(!debug.contains(CLIENT_SECRET), "{debug}");
+    let client = tower_pg_session::oidc::OidcClient::discover(config, s.apps[0].store.clone())
+        .await
+        .unwrap();
+    assert_eq!(client.issuer(), s.idp.issuer);
+    assert_eq!(
+        client.provider(),
+        &tower_pg_session::oidc::Provider::Keycloak
+    );
+    assert!(!format!("{client:?}").contains(CLIENT_SECRET));
+    s.db.drop_schema().await;
+}

@@ -67,16 +67,12 @@ impl OidcClient {
             if !key.starts_with(PENDING_PREFIX) {
                 continue;
             }
-            let exp = session
-                .get::<PendingLogin>(&key)
-                .await
-                .ok()
-                .flatten()
-                .map_or(0, |p| p.exp);
-            if exp <= now {
-                let _ = session.remove::<Value>(&key).await;
-            } else {
-                pending.push((exp, key));
+            let found = session.get::<PendingLogin>(&key).await.ok().flatten();
+            match found {
+                Some(p) if p.exp > now => pending.push((p.started_ns, key)),
+                _ => {
+                    let _ = session.remove::<Value>(&key).await;
+                }
             }
         }
         pending.sort();
@@ -97,6 +93,7 @@ impl OidcClient {
             pkce: record::seal(&config.keys, &key, FIELD_PKCE, verifier.secret()),
             return_to: safe_return_to(return_to),
             exp: now + config.login_ttl.as_secs() as i64,
+            started_ns: OffsetDateTime::now_utc().unix_timestamp_nanos() as i64,
         };
         session.insert(&key, &record).await.map_err(session_error)?;
         let (state_c, nonce_c) = (state.clone(), nonce.clone());

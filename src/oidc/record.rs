@@ -31,6 +31,9 @@ pub(crate) struct PendingLogin {
     pub(crate) return_to: String,
     /// Unix seconds after which the callback is refused.
     pub(crate) exp: i64,
+    /// When it started, unix nanoseconds: the oldest goes first past the cap.
+    #[serde(default)]
+    pub(crate) started_ns: i64,
 }
 
 /// The logged-in user as stored: claims in clear, tokens sealed.
