@@ -11,6 +11,8 @@ pub mod store;
 
 pub use crate::{
     error::ConfigError,
-    session::{SameSite, Session, SessionError, SessionLayer, SessionService, SigningKeys},
+    session::{
+        ExpressSecrets, SameSite, Session, SessionError, SessionLayer, SessionService, SigningKeys,
+    },
     store::{PgStore, PgStoreConfig, PruneConfig, PruneOutcome, Pruner, StoreError},
 };

@@ -97,6 +97,7 @@ pub struct OidcConfig {
     pub(crate) algorithms: Vec<CoreJwsSigningAlgorithm>,
     pub(crate) http_timeout: Duration,
     pub(crate) keys: Keyring,
+    pub(crate) bridge_key: Option<String>,
 }
 
 impl fmt::Debug for OidcConfig {
@@ -170,6 +171,7 @@ impl OidcConfig {
             algorithms: DEFAULT_ALGS.to_vec(),
             http_timeout: Duration::from_secs(10),
             keys,
+            bridge_key: None,
         })
     }
 
@@ -244,6 +246,15 @@ impl OidcConfig {
     pub fn with_post_logout_redirect(mut self, url: &str) -> Result<Self, ConfigError> {
         self.post_logout_redirect = parse_url("post_logout_redirect", url)?;
         Ok(self)
+    }
+
+    /// Also writes the logged-in subject as `{"user": <sub>}` under this
+    /// session key at login, so an Express app sharing the sessions sees the
+    /// login the way Passport stores one (`"passport"` → `req.user` after
+    /// `deserializeUser`).
+    pub fn with_express_user_key(mut self, key: &str) -> Self {
+        self.bridge_key = Some(key.to_owned());
+        self
     }
 
     /// Timeout of each request to the provider (default 10 s).

@@ -7,7 +7,10 @@
 
 use std::fmt;
 
-use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
+use base64::{
+    engine::general_purpose::{STANDARD_NO_PAD, URL_SAFE_NO_PAD},
+    Engine,
+};
 use hmac::{Hmac, Mac};
 use http::{header, HeaderMap, HeaderValue};
 use rand::{rngs::OsRng, RngCore};
@@ -102,6 +105,63 @@ impl SigningKeys {
     }
 }
 
+/// The secrets of express-session's signed cookie (`s:<sid>.<signature>`),
+/// for sharing sessions with an Express app: the first signs, all verify,
+/// the same rotation rule as express-session's `secret` array.
+///
+/// ```
+/// use tower_pg_session::ExpressSecrets;
+/// let secrets = ExpressSecrets::new(["new secret", "old secret"])?;
+/// # Ok::<(), tower_pg_session::ConfigError>(())
+/// ```
+#[derive(Clone)]
+pub struct ExpressSecrets {
+    keys: Vec<HmacSha256>,
+}
+
+impl fmt::Debug for ExpressSecrets {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ExpressSecrets([redacted; {}])", self.keys.len())
+    }
+}
+
+impl ExpressSecrets {
+    /// The secrets as the Express app has them (any length, as express-session
+    /// accepts; use long random ones).
+    ///
+    /// # Errors
+    /// [`ConfigError::NoKeys`] for an empty list or an empty secret.
+    pub fn new<I, K>(secrets: I) -> Result<Self, ConfigError>
+    where
+        I: IntoIterator<Item = K>,
+        K: AsRef<[u8]>,
+    {
+        let keys = secrets
+            .into_iter()
+            .map(|k| {
+                let k = k.as_ref();
+                if k.is_empty() {
+                    return Err(ConfigError::NoKeys);
+                }
+                HmacSha256::new_from_slice(k).map_err(|_| ConfigError::NoKeys)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if keys.is_empty() {
+            return Err(ConfigError::NoKeys);
+        }
+        Ok(Self { keys })
+    }
+}
+
+/// How the cookie value carries the id.
+#[derive(Debug, Clone)]
+pub(crate) enum Codec {
+    /// `<id>.<base64url HMAC>`.
+    Signed(SigningKeys),
+    /// express-session's `s:<sid>.<base64 HMAC without padding>`, URL-encoded.
+    Express(ExpressSecrets),
+}
+
 /// A session id taken from a verified cookie or freshly generated.
 #[derive(Clone, PartialEq, Eq)]
 pub(crate) struct SessionId(String);
@@ -180,20 +240,24 @@ pub(crate) struct CookieConfig {
     pub(crate) secure: bool,
     pub(crate) same_site: SameSite,
     pub(crate) persistent: bool,
-    pub(crate) keys: SigningKeys,
+    pub(crate) codec: Codec,
 }
 
 impl CookieConfig {
-    pub(crate) fn new(keys: SigningKeys) -> Self {
+    pub(crate) fn new(codec: Codec) -> Self {
+        let name = match codec {
+            Codec::Signed(_) => "session",
+            Codec::Express(_) => "connect.sid",
+        };
         Self {
-            name: "session".to_owned(),
+            name: name.to_owned(),
             host_prefix: false,
             domain: None,
             path: "/".to_owned(),
             secure: true,
             same_site: SameSite::Lax,
             persistent: true,
-            keys,
+            codec,
         }
     }
 
@@ -258,17 +322,44 @@ impl CookieConfig {
         if value.len() > MAX_COOKIE_VALUE {
             return None;
         }
-        let (id, tag) = value.rsplit_once('.')?;
-        if !SessionId::plausible(id) {
-            return None;
+        match &self.codec {
+            Codec::Signed(keys) => {
+                let (id, tag) = value.rsplit_once('.')?;
+                if !SessionId::plausible(id) {
+                    return None;
+                }
+                let tag = URL_SAFE_NO_PAD.decode(tag).ok()?;
+                keys.verify(id, &tag).then(|| SessionId(id.to_owned()))
+            }
+            Codec::Express(secrets) => {
+                let decoded = percent_decode(value)?;
+                let (id, tag) = decoded.strip_prefix("s:")?.rsplit_once('.')?;
+                if !SessionId::plausible(id) {
+                    return None;
+                }
+                let tag = STANDARD_NO_PAD.decode(tag.trim_end_matches('=')).ok()?;
+                let ok = secrets.keys.iter().any(|key| {
+                    let mut mac = key.clone();
+                    mac.update(id.as_bytes());
+                    mac.verify_slice(&tag).is_ok()
+                });
+                ok.then(|| SessionId(id.to_owned()))
+            }
         }
-        let tag = URL_SAFE_NO_PAD.decode(tag).ok()?;
-        self.keys.verify(id, &tag).then(|| SessionId(id.to_owned()))
     }
 
     /// `Set-Cookie` carrying `id`, valid for `max_age_secs` when persistent.
     pub(crate) fn set(&self, name: &str, id: &SessionId, max_age_secs: i64) -> HeaderValue {
-        let value = format!("{}.{}", id.as_str(), self.keys.tag(id.as_str()));
+        let value = match &self.codec {
+            Codec::Signed(keys) => format!("{}.{}", id.as_str(), keys.tag(id.as_str())),
+            Codec::Express(secrets) => {
+                let mut mac = secrets.keys[0].clone();
+                mac.update(id.as_str().as_bytes());
+                let tag = STANDARD_NO_PAD.encode(mac.finalize().into_bytes());
+                // As the `cookie` module writes it: encodeURIComponent.
+                percent_encode(&format!("s:{}.{tag}", id.as_str()))
+            }
+        };
         let max_age = self.persistent.then_some(max_age_secs.max(0));
         self.header(name, &value, max_age)
     }
@@ -300,6 +391,49 @@ impl CookieConfig {
     }
 }
 
+/// JavaScript's `encodeURIComponent`.
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z'
+            | b'a'..=b'z'
+            | b'0'..=b'9'
+            | b'-'
+            | b'_'
+            | b'.'
+            | b'!'
+            | b'~'
+            | b'*'
+            | b'\''
+            | b'('
+            | b')' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Percent-decoding as the `cookie` module does (`decodeURIComponent`);
+/// `None` for malformed escapes or non-UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    if !s.contains('%') {
+        return Some(s.to_owned());
+    }
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = s.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
 /// Cookie names are RFC 6265 tokens.
 pub(crate) fn check_cookie_name(name: &str) -> Result<(), ConfigError> {
     let ok = !name.is_empty()
@@ -326,7 +460,44 @@ mod tests {
     use super::*;
 
     fn config(keys: &[&str]) -> CookieConfig {
-        CookieConfig::new(SigningKeys::new(keys).expect("keys"))
+        CookieConfig::new(Codec::Signed(SigningKeys::new(keys).expect("keys")))
+    }
+
+    fn express(secrets: &[&str]) -> CookieConfig {
+        CookieConfig::new(Codec::Express(
+            ExpressSecrets::new(secrets).expect("secrets"),
+        ))
+    }
+
+    #[test]
+    fn express_session_cookies() {
+        // Computed with cookie-signature's sign("abcdefghijklmnopqrstuvwxyz012345", "keyboard cat").
+        let c = express(&["keyboard cat"]);
+        let id = SessionId("abcdefghijklmnopqrstuvwxyz012345".into());
+        let value = value_of(&c.set("connect.sid", &id, 60));
+        assert_eq!(
+            value,
+            "s%3Aabcdefghijklmnopqrstuvwxyz012345.2T3g1YIBqofc0ViEUEt59cUq%2Ba6Wlfi59xfb4RQsxSQ"
+        );
+        let read = |v: &str, c: &CookieConfig| {
+            c.read(&request_with(&format!("connect.sid={v}")), "connect.sid")
+        };
+        assert_eq!(read(&value, &c), Some(id.clone()));
+        // Unencoded works too; rotation: the old secret still verifies.
+        let raw = percent_decode(&value).expect("decodes");
+        assert_eq!(read(&raw, &c), Some(id.clone()));
+        assert_eq!(
+            read(&value, &express(&["new secret", "keyboard cat"])),
+            Some(id.clone())
+        );
+        assert_eq!(read(&value, &express(&["another"])), None);
+        assert_eq!(read("s%3Aabc.def", &c), None);
+        assert_eq!(read("%ZZ", &c), None);
+        assert_eq!(
+            read(&value.replacen("s%3A", "", 1), &c),
+            None,
+            "the s: prefix is required"
+        );
     }
 
     fn request_with(cookie: &str) -> HeaderMap {

@@ -202,6 +202,22 @@ impl Session {
             .collect()
     }
 
+    /// The user an Express app logged in with Passport: `sess.passport.user`
+    /// (Passport's default key), in whatever shape its `serializeUser` chose.
+    ///
+    /// # Errors
+    /// As [`Session::get`].
+    pub async fn passport_user<T: DeserializeOwned>(&self) -> Result<Option<T>, SessionError> {
+        #[derive(serde::Deserialize)]
+        struct Passport<T> {
+            user: Option<T>,
+        }
+        Ok(self
+            .get::<Passport<T>>("passport")
+            .await?
+            .and_then(|p| p.user))
+    }
+
     /// The keys of the session's data, in stored order.
     ///
     /// # Errors
@@ -523,7 +539,6 @@ impl Session {
             });
         }
         let now = OffsetDateTime::now_utc();
-        let sess = st.data.to_json();
         let (user_id, provider_sid) = (st.user_id.clone(), st.provider_sid.clone());
         let Some(row) = st.row.clone() else {
             if st.data.is_empty() && !st.meta_changed {
@@ -532,6 +547,8 @@ impl Session {
                 return Ok(());
             }
             let expire = config.expire_at(now, None);
+            config.stamp(&mut st.data, expire);
+            let sess = st.data.to_json();
             let new = NewRow {
                 sess: &sess,
                 expire,
@@ -561,6 +578,8 @@ impl Session {
         };
         let new_key = new_id.storage_key(hashed);
         let expire = config.expire_at(now, row.created_at);
+        config.stamp(&mut st.data, expire);
+        let sess = st.data.to_json();
         let new = NewRow {
             sess: &sess,
             expire,
@@ -608,6 +627,7 @@ impl Session {
             st.provider_sid = fresh.provider_sid;
         }
         let expire = config.expire_at(now, fresh.created_at);
+        config.stamp(&mut data, expire);
         let sess = data.to_json();
         let new = NewRow {
             sess: &sess,

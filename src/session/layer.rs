@@ -7,7 +7,10 @@ use time::OffsetDateTime;
 use tower_layer::Layer;
 
 use super::{
-    cookie::{check_cookie_name, check_domain, CookieConfig, SameSite, SigningKeys},
+    cookie::{
+        check_cookie_name, check_domain, Codec, CookieConfig, ExpressSecrets, SameSite, SigningKeys,
+    },
+    data::Data,
     service::SessionService,
 };
 use crate::{
@@ -26,9 +29,45 @@ pub(crate) struct Config {
     pub(crate) max_size: usize,
     pub(crate) hashed_ids: bool,
     pub(crate) unavailable_status: StatusCode,
+    /// Keep express-session's `cookie` object in `sess` (Node needs it).
+    pub(crate) express: bool,
 }
 
 impl Config {
+    /// In Express mode, writes express-session's `cookie` object for a row
+    /// expiring at `expire`, as Express itself would serialize it.
+    pub(crate) fn stamp(&self, data: &mut Data, expire: OffsetDateTime) {
+        if !self.express {
+            return;
+        }
+        let max_age_ms = self
+            .idle
+            .or(self.absolute)
+            .map_or(0, |d| d.as_millis() as u64);
+        let c = &self.cookie;
+        let mut object = serde_json::Map::new();
+        object.insert("originalMaxAge".into(), max_age_ms.into());
+        object.insert("expires".into(), js_date(expire).into());
+        object.insert("secure".into(), c.secure.into());
+        object.insert("httpOnly".into(), true.into());
+        if let Some(domain) = &c.domain {
+            object.insert("domain".into(), domain.clone().into());
+        }
+        object.insert("path".into(), c.path.clone().into());
+        object.insert(
+            "sameSite".into(),
+            match c.same_site {
+                SameSite::Lax => "lax",
+                SameSite::Strict => "strict",
+                SameSite::None => "none",
+            }
+            .into(),
+        );
+        if let Ok(raw) = serde_json::value::to_raw_value(&object) {
+            data.set("cookie", raw);
+        }
+    }
+
     pub(crate) fn load_params(&self, now: OffsetDateTime) -> LoadParams {
         let absolute_secs = self.absolute.map(|d| d.as_secs_f64());
         match self.idle {
@@ -64,6 +103,21 @@ impl Config {
             (None, None) => now + DEFAULT_IDLE,
         }
     }
+}
+
+/// `Date.prototype.toJSON`: `2026-11-23T08:00:00.000Z`.
+fn js_date(t: OffsetDateTime) -> String {
+    let t = t.to_offset(time::UtcOffset::UTC);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.millisecond()
+    )
 }
 
 const DEFAULT_IDLE: Duration = Duration::from_secs(24 * 60 * 60);
@@ -109,7 +163,31 @@ impl SessionLayer {
     /// cookie, 24 h idle timeout, no absolute timeout, 64 KiB of data at most,
     /// plain ids at rest (shareable with other applications).
     pub fn new(store: PgStore, keys: SigningKeys) -> Self {
-        let cookie = CookieConfig::new(keys);
+        Self::with_codec(store, Codec::Signed(keys))
+    }
+
+    /// Sessions shared with an Express app (express-session +
+    /// connect-pg-simple) on the same table: the cookie is express-session's
+    /// (`connect.sid`, `s:<sid>.<signature>` under `secrets`), ids are stored
+    /// in plain text, and `sess` always carries express-session's `cookie`
+    /// object, kept consistent with `expire`. See the README section "Next to
+    /// an Express app" for the settings both sides must agree on.
+    ///
+    /// ```
+    /// # async fn run(store: tower_pg_session::PgStore) -> Result<(), tower_pg_session::ConfigError> {
+    /// use tower_pg_session::{ExpressSecrets, SessionLayer};
+    /// let layer = SessionLayer::express(store, ExpressSecrets::new(["keyboard cat"])?)
+    ///     .with_insecure_http_cookie()?;
+    /// # Ok(()) }
+    /// ```
+    pub fn express(store: PgStore, secrets: ExpressSecrets) -> Self {
+        let mut layer = Self::with_codec(store, Codec::Express(secrets));
+        Arc::make_mut(&mut layer.config).express = true;
+        layer
+    }
+
+    fn with_codec(store: PgStore, codec: Codec) -> Self {
+        let cookie = CookieConfig::new(codec);
         Self {
             store,
             config: Arc::new(Config {
@@ -121,6 +199,7 @@ impl SessionLayer {
                 max_size: 64 * 1024,
                 hashed_ids: false,
                 unavailable_status: StatusCode::SERVICE_UNAVAILABLE,
+                express: false,
             }),
         }
     }
@@ -130,6 +209,11 @@ impl SessionLayer {
         f(config);
         config.cookie_name = config.cookie.full_name();
         config.cookie.validate()?;
+        if config.express && config.hashed_ids {
+            return Err(ConfigError::Conflict(
+                "hashed ids cannot be shared with Express, which looks rows up by the plain id",
+            ));
+        }
         if config.idle.is_none() && config.absolute.is_none() {
             return Err(ConfigError::Conflict(
                 "an idle or an absolute timeout is required",

@@ -44,7 +44,7 @@ mod service;
 #[cfg(feature = "oidc")]
 pub(crate) use self::handle::Exclusive;
 pub use self::{
-    cookie::{SameSite, SigningKeys},
+    cookie::{ExpressSecrets, SameSite, SigningKeys},
     future::ResponseFuture,
     handle::Session,
     layer::SessionLayer,
