@@ -1,13 +1,34 @@
-//! A small axum app whose sessions live in Postgres.
+//! A small axum app whose sessions live in Postgres, with an OpenID Connect
+//! login on top of them.
+//!
+//! It shows:
+//! - sessions: a counter and a key-value store kept per browser, surviving
+//!   restarts;
+//! - a login through an OpenID provider (`/auth/login` → provider →
+//!   `/auth/callback`), with the tokens sealed in the session; `/me` behind
+//!   `RequireLoginLayer` (a browser is sent to the login and back, an API
+//!   client gets 401); `POST /auth/logout` (same-origin only) ends the session
+//!   and the provider's; `POST /auth/backchannel-logout` lets the provider end
+//!   sessions;
+//! - without `OIDC_ISSUER`, a local provider started from this repository
+//!   (`tests/idp`, Node.js >= 20.19; `npm ci` there on first run); it stops
+//!   with the demo;
+//! - a provider that is down at start: the session routes work, `/auth/*`
+//!   and `/me` answer 503 with the reason, and discovery is retried every 5 s.
 //!
 //! ```not_rust
-//! cargo run --example demo --features axum
+//! cargo run --example demo
 //! curl -c jar -b jar http://127.0.0.1:3000/counter   # {"count":1}
 //! curl -c jar -b jar http://127.0.0.1:3000/counter   # {"count":2}, also after a restart
+//! # login: open http://127.0.0.1:3000/me in a browser; with the local
+//! # provider, any user name and any password
 //! ```
 //!
-//! Routes: `GET /healthz`, `GET /counter`, `GET /peek`, `PUT /kv/{key}` (JSON
-//! body), `GET /kv`.
+//! Routes: `GET /` (links and a logout button), `GET /healthz`,
+//! `GET /counter`, `GET /peek`, `PUT /kv/{key}` (JSON body), `GET /kv`,
+//! `GET /auth/login?return_to=/path`, `GET /auth/callback`,
+//! `POST /auth/logout`, `POST /auth/backchannel-logout`, `GET /me`
+//! (`{"sub", "claims", "access_token_expires_at"}`).
 //!
 //! Environment:
 //!
@@ -20,17 +41,37 @@
 //! | `PRUNE_INTERVAL_SECS` | `900` (`0` turns pruning off) |
 //! | `SESSION_TTL_SECS` | `86400` (idle timeout) |
 //! | `COOKIE_SECURE` | on; `0` for plain-http use other than on localhost |
+//! | `APP_URL` | public base URL: `http://{BIND_ADDR}` (`http://127.0.0.1:3000`); the redirect URI is `{APP_URL}/auth/callback` |
+//! | `OIDC_ISSUER` | the provider's issuer URL; unset: start the local provider of `tests/idp` (needs `node`; without it the demo runs with login answering 503) |
+//! | `OIDC_CLIENT_ID` | `demo` |
+//! | `OIDC_CLIENT_SECRET` | none (a public client); `demo-secret` with the local provider |
+//! | `TOKEN_KEYS` | comma-separated base64 32-byte keys sealing the tokens (`openssl rand -base64 32`), the first seals; a random one, with a warning, when unset |
+//! | `OIDC_REFRESH_BEFORE` | `300`: seconds before expiry at which the access token is refreshed |
+//! | `OIDC_PROVIDER` | `keycloak`, `cognito` or `generic`; detected from the issuer when unset. With the local provider, `cognito` starts its Cognito flavor |
+//! | `COGNITO_DOMAIN` | Cognito's hosted-UI origin for logout (`https://x.auth.eu-west-1.amazoncognito.com`); default: the origin of the authorization endpoint |
+//!
+//! The local provider also reads `ACCESS_TOKEN_TTL` (seconds, default 3600):
+//! `ACCESS_TOKEN_TTL=60 OIDC_REFRESH_BEFORE=30` shows refreshes.
 
-use std::{env, net::SocketAddr, time::Duration};
+use std::{env, net::SocketAddr, str::FromStr, sync::Arc, time::Duration};
 
 use axum::{
-    extract::{Path, State},
-    http::StatusCode,
-    routing::{get, put},
+    body::{Body, Bytes},
+    extract::{Path, Query, RawQuery, Request, State},
+    http::{header, HeaderMap, StatusCode},
+    middleware::{self, Next},
+    response::{Html, IntoResponse, Response},
+    routing::{get, post, put},
     Json, Router,
 };
+use openidconnect::url::{Host, Url};
+use serde::Deserialize;
 use serde_json::{json, Value};
+use tokio::sync::{oneshot, RwLock};
+use tower::{Layer, ServiceExt};
 use tower_pg_session::{
+    crypto::{EncryptionKey, Keyring},
+    oidc::{AuthError, OidcClient, OidcConfig, Provider, RequireLoginLayer, User},
     PgStore, PgStoreConfig, PruneConfig, Session, SessionError, SessionLayer, SigningKeys,
 };
 
@@ -159,16 +200,212 @@ mod local_pg {
     }
 }
 
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> Result<T, String> {
+mod local_idp {
+    //! The OpenID provider of `tests/idp`, run with `node` for the demo.
+    use std::{path::PathBuf, process::Stdio, time::Duration};
+
+    use tokio::{
+        io::{AsyncBufReadExt, BufReader},
+        process::{Child, ChildStdin, Command},
+    };
+
+    pub(super) struct Idp {
+        pub(super) issuer: String,
+        child: Child,
+        /// The provider exits when this pipe closes: when the demo stops, or dies.
+        stdin: Option<ChildStdin>,
+    }
+
+    /// Installs (`npm ci`, once) and starts the provider, and waits for the
+    /// line that names its issuer.
+    pub(super) async fn start(flavor: &str, clients: &str) -> Result<Idp, String> {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/idp");
+        match Command::new("node").arg("--version").output().await {
+            Ok(out) if out.status.success() => {}
+            Ok(out) => return Err(format!("`node --version` failed ({})", out.status)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err("Node.js (`node`) is not installed".to_owned())
+            }
+            Err(e) => return Err(format!("cannot run `node`: {e}")),
+        }
+        if !dir.join("node_modules").is_dir() {
+            tracing::info!(dir = %dir.display(), "the local OpenID provider is not installed yet: running `npm ci` (once)");
+            let status = Command::new("npm")
+                .arg("ci")
+                .current_dir(&dir)
+                .stdin(Stdio::null())
+                .status()
+                .await
+                .map_err(|e| format!("cannot run `npm ci` in {}: {e}", dir.display()))?;
+            if !status.success() {
+                return Err(format!("`npm ci` in {} failed ({status})", dir.display()));
+            }
+        }
+        let mut child = Command::new("node")
+            .arg("server.js")
+            .current_dir(&dir)
+            .env("IDP_FLAVOR", flavor)
+            .env("IDP_CLIENTS", clients)
+            // An ephemeral port: a PORT meant for something else must not leak in.
+            .env_remove("PORT")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("cannot start `node server.js`: {e}"))?;
+        let stdin = child.stdin.take();
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or("the provider's stdout is not piped")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let line = match tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await {
+            Ok(Ok(Some(line))) => line,
+            Ok(Ok(None)) => {
+                return Err(
+                    "the local OpenID provider exited before it was ready (its log is above; \
+                     after a change to tests/idp/package-lock.json, run `npm ci` there)"
+                        .to_owned(),
+                )
+            }
+            Ok(Err(e)) => return Err(format!("reading the local OpenID provider's output: {e}")),
+            Err(_) => return Err("the local OpenID provider did not start within 30 s".to_owned()),
+        };
+        let issuer = serde_json::from_str::<serde_json::Value>(&line)
+            .ok()
+            .and_then(|v| v["issuer"].as_str().map(str::to_owned))
+            .ok_or_else(|| {
+                format!("unexpected first line from the local OpenID provider: {line:?}")
+            })?;
+        // Nothing else is expected on stdout; keep reading so that a stray
+        // write cannot fail on a closed pipe.
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                tracing::info!(target: "idp", "{line}");
+            }
+        });
+        Ok(Idp {
+            issuer,
+            child,
+            stdin,
+        })
+    }
+
+    impl Idp {
+        /// Closes its stdin (it exits on EOF), and kills it if it lingers.
+        pub(super) async fn stop(mut self) {
+            drop(self.stdin.take());
+            let status = match tokio::time::timeout(Duration::from_secs(2), self.child.wait()).await
+            {
+                Ok(status) => status,
+                Err(_) => {
+                    let _ = self.child.kill().await;
+                    self.child.wait().await
+                }
+            };
+            match status {
+                Ok(status) => tracing::info!(%status, "local OpenID provider stopped"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "waiting for the local OpenID provider failed")
+                }
+            }
+        }
+    }
+}
+
+fn env_opt<T: FromStr>(name: &str) -> Result<Option<T>, String> {
     match env::var(name) {
-        Ok(v) => v.parse().map_err(|_| format!("{name}={v:?} is not valid")),
-        Err(_) => Ok(default),
+        Ok(v) => v
+            .parse()
+            .map(Some)
+            .map_err(|_| format!("{name}={v:?} is not valid")),
+        Err(_) => Ok(None),
+    }
+}
+
+fn env_or<T: FromStr>(name: &str, default: T) -> Result<T, String> {
+    Ok(env_opt(name)?.unwrap_or(default))
+}
+
+/// A variable of the login's configuration; set but empty counts as unset.
+fn env_str(name: &str) -> Option<String> {
+    env::var(name)
+        .ok()
+        .map(|v| v.trim().to_owned())
+        .filter(|v| !v.is_empty())
+}
+
+/// How often discovery is retried while the provider is unreachable.
+const DISCOVERY_RETRY: Duration = Duration::from_secs(5);
+
+/// The OpenID client once discovery has succeeded; until then (or when login
+/// is off), why there is none. Shared by the login routes and the `/me` guard.
+#[derive(Clone)]
+struct Login(Arc<RwLock<Result<OidcClient, String>>>);
+
+impl Login {
+    fn new(why: String) -> Self {
+        Self(Arc::new(RwLock::new(Err(why))))
+    }
+
+    async fn set(&self, state: Result<OidcClient, String>) {
+        *self.0.write().await = state;
+    }
+
+    /// The client, or the 503 to answer without one.
+    async fn client(&self) -> Result<OidcClient, Response> {
+        match &*self.0.read().await {
+            Ok(client) => Ok(client.clone()),
+            Err(why) => Err((
+                StatusCode::SERVICE_UNAVAILABLE,
+                [(header::CACHE_CONTROL, "no-store")],
+                Json(json!({"error": "login_unavailable", "error_description": why})),
+            )
+                .into_response()),
+        }
+    }
+}
+
+/// Discovers the provider, retrying until it answers; `first` fires after
+/// the first attempt.
+async fn discover_until_ready(
+    login: Login,
+    config: OidcConfig,
+    store: PgStore,
+    first: oneshot::Sender<()>,
+) {
+    let mut first = Some(first);
+    let mut last_error = String::new();
+    loop {
+        let result = OidcClient::discover(config.clone(), store.clone()).await;
+        let ready = result.is_ok();
+        let state = result.map_err(|e| {
+            let e = e.to_string();
+            if e != last_error {
+                tracing::warn!(error = %e, retry_secs = DISCOVERY_RETRY.as_secs(), "OpenID discovery failed: /auth/* and /me answer 503 until it works");
+                last_error.clone_from(&e);
+            }
+            format!(
+                "the OpenID provider is unavailable, retrying every {} s: {e}",
+                DISCOVERY_RETRY.as_secs()
+            )
+        });
+        login.set(state).await;
+        if let Some(tx) = first.take() {
+            let _ = tx.send(());
+        }
+        if ready {
+            return;
+        }
+        tokio::time::sleep(DISCOVERY_RETRY).await;
     }
 }
 
 #[derive(Clone)]
 struct AppState {
     store: PgStore,
+    login: Login,
 }
 
 #[tokio::main]
@@ -185,6 +422,38 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let prune_secs: u64 = env_or("PRUNE_INTERVAL_SECS", 900)?;
     let ttl_secs: u64 = env_or("SESSION_TTL_SECS", 86_400)?;
     let secure = env::var("COOKIE_SECURE").map(|v| v != "0").unwrap_or(true);
+
+    // The login's settings, all checked before anything starts.
+    let listener = tokio::net::TcpListener::bind(bind).await?;
+    let app_url = match env_str("APP_URL") {
+        Some(url) => url.trim_end_matches('/').to_owned(),
+        None => format!("http://{}", listener.local_addr()?),
+    };
+    let app = Url::parse(&app_url)
+        .ok()
+        .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+        .ok_or_else(|| format!("APP_URL={app_url:?} is not an absolute http(s) URL"))?;
+    let token_keys = match env_str("TOKEN_KEYS") {
+        Some(list) => Keyring::from_base64_list(&list).map_err(|e| format!("TOKEN_KEYS: {e}"))?,
+        None => {
+            tracing::warn!(
+                "TOKEN_KEYS is not set: using a random key, so logins end when the demo stops"
+            );
+            Keyring::new(vec![EncryptionKey::generate()])?
+        }
+    };
+    let provider_name = env_str("OIDC_PROVIDER").map(|p| p.to_ascii_lowercase());
+    if let Some(p) = provider_name.as_deref() {
+        if !matches!(p, "keycloak" | "cognito" | "generic") {
+            return Err(format!("OIDC_PROVIDER={p:?}: use keycloak, cognito or generic").into());
+        }
+    }
+    let cognito_domain = env_str("COGNITO_DOMAIN")
+        .map(|d| Url::parse(&d).map_err(|e| format!("COGNITO_DOMAIN={d:?}: {e}")))
+        .transpose()?;
+    let refresh_before: Option<u64> = env_opt("OIDC_REFRESH_BEFORE")?;
+    let client_id = env_str("OIDC_CLIENT_ID").unwrap_or_else(|| "demo".to_owned());
+    let mut client_secret = env_str("OIDC_CLIENT_SECRET");
 
     let explicit_url = env::var("DATABASE_URL").ok();
     let url = explicit_url
@@ -218,29 +487,146 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .with_idle_timeout(Some(Duration::from_secs(ttl_secs)))?;
     if !secure {
         layer = layer.with_insecure_http_cookie()?;
+    } else if app.scheme() == "http" && !is_loopback(&app) {
+        tracing::warn!(%app_url, "browsers send Secure cookies over plain http only to localhost: set COOKIE_SECURE=0 (or serve over https) or logins will not stick");
     }
     let pruner = (prune_secs > 0).then(|| {
         store.spawn_pruner(PruneConfig::new().with_interval(Duration::from_secs(prune_secs)))
     });
 
+    // The provider: the configured one, or the local one of tests/idp.
+    let mut idp = None;
+    let issuer = match env_str("OIDC_ISSUER") {
+        Some(issuer) => Ok(issuer),
+        None => {
+            let secret = client_secret
+                .get_or_insert_with(|| "demo-secret".to_owned())
+                .clone();
+            let clients = json!([{
+                "client_id": client_id,
+                "client_secret": secret,
+                "redirect_uris": [format!("{app_url}/auth/callback")],
+                "post_logout_redirect_uris": [format!("{app_url}/")],
+                "backchannel_logout_uri": format!("{app_url}/auth/backchannel-logout"),
+                "backchannel_logout_session_required": true,
+            }]);
+            let flavor = match provider_name.as_deref() {
+                Some("cognito") => "cognito",
+                _ => "keycloak",
+            };
+            tracing::info!(
+                flavor,
+                "OIDC_ISSUER is not set: starting the local OpenID provider (tests/idp)"
+            );
+            match local_idp::start(flavor, &clients.to_string()).await {
+                Ok(started) => {
+                    tracing::info!(issuer = %started.issuer, client_id, "local OpenID provider started (stops with the demo)");
+                    let issuer = started.issuer.clone();
+                    idp = Some(started);
+                    Ok(issuer)
+                }
+                Err(e) => {
+                    tracing::warn!("{e}: running without login (/auth/* and /me answer 503); set OIDC_ISSUER to use another provider");
+                    Err(format!(
+                        "login is off: {e}; install Node.js or set OIDC_ISSUER"
+                    ))
+                }
+            }
+        }
+    };
+
+    let login =
+        Login::new("the OpenID provider is not discovered yet (discovery in progress)".to_owned());
+    let discovery = match issuer {
+        Ok(issuer) => {
+            let mut config = OidcConfig::new(&issuer, &client_id, &app_url, token_keys)?;
+            if let Some(secret) = &client_secret {
+                config = config.with_client_secret(secret);
+            }
+            if let Some(secs) = refresh_before {
+                config = config.with_refresh_before(Duration::from_secs(secs));
+            }
+            let provider = match provider_name.as_deref() {
+                Some("keycloak") => Provider::Keycloak,
+                Some("cognito") => Provider::Cognito { domain: None },
+                Some(_) => Provider::Generic,
+                None => Provider::detect(&issuer),
+            };
+            let provider = match provider {
+                Provider::Cognito { .. } => Provider::Cognito {
+                    domain: cognito_domain,
+                },
+                other => {
+                    if cognito_domain.is_some() {
+                        tracing::warn!(provider = ?other, "COGNITO_DOMAIN is ignored: the provider is not Cognito");
+                    }
+                    other
+                }
+            };
+            config = config.with_provider(provider);
+            let (first_tx, first_rx) = oneshot::channel();
+            let task = tokio::spawn(discover_until_ready(
+                login.clone(),
+                config,
+                store.clone(),
+                first_tx,
+            ));
+            // Give the first attempt a moment, so that a healthy provider is
+            // ready when the demo says it listens; never wait long for a sick one.
+            let _ = tokio::time::timeout(Duration::from_secs(5), first_rx).await;
+            Some(task)
+        }
+        Err(why) => {
+            login.set(Err(why)).await;
+            None
+        }
+    };
+
+    let state = AppState { store, login };
+    let protected = Router::new()
+        .route("/me", get(me))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_login));
     let app = Router::new()
+        .route("/", get(index))
         .route("/healthz", get(healthz))
         .route("/counter", get(counter))
         .route("/peek", get(peek))
         .route("/kv", get(kv_all))
         .route("/kv/{key}", put(kv_put))
+        .route("/auth/login", get(auth_login))
+        .route("/auth/callback", get(auth_callback))
+        .route("/auth/logout", post(auth_logout))
+        .route("/auth/backchannel-logout", post(backchannel_logout))
+        .merge(protected)
         .layer(layer)
-        .with_state(AppState { store });
+        .with_state(state);
 
-    let listener = tokio::net::TcpListener::bind(bind).await?;
     tracing::info!("demo listening on http://{}", listener.local_addr()?);
+    if idp.is_some() {
+        tracing::info!("to log in, open {app_url}/me in a browser and log in with any user name and any password");
+    }
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())
         .await?;
+    if let Some(task) = discovery {
+        task.abort();
+    }
+    if let Some(idp) = idp {
+        idp.stop().await;
+    }
     if let Some(p) = pruner {
         p.shutdown().await;
     }
     Ok(())
+}
+
+fn is_loopback(url: &Url) -> bool {
+    match url.host() {
+        Some(Host::Domain(d)) => d == "localhost" || d.ends_with(".localhost"),
+        Some(Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
 }
 
 /// Ctrl-C or SIGTERM: either way the throwaway cluster, if any, is removed.
@@ -264,6 +650,16 @@ async fn shutdown_signal() {
         () = term => {}
     }
     tracing::info!("shutting down");
+}
+
+async fn index() -> Html<&'static str> {
+    Html(
+        "<!doctype html><meta charset=utf-8><title>tower-pg-session demo</title>\
+         <h1>tower-pg-session demo</h1>\
+         <p><a href=\"/me\">/me</a> (logs you in first) · <a href=\"/counter\">/counter</a> · \
+         <a href=\"/kv\">/kv</a></p>\
+         <form method=post action=\"/auth/logout\"><button>Log out</button></form>",
+    )
 }
 
 async fn healthz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
@@ -298,4 +694,93 @@ async fn kv_put(
 
 async fn kv_all(session: Session) -> Result<Json<Value>, SessionError> {
     Ok(Json(Value::Object(session.to_json().await?)))
+}
+
+fn wants_html(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.to_ascii_lowercase().contains("text/html"))
+}
+
+/// An error page for browsers, JSON for the rest.
+fn auth_error(e: &AuthError, headers: &HeaderMap) -> Response {
+    tracing::warn!(error = %e, "login or logout refused");
+    e.to_response::<Body>(wants_html(headers))
+}
+
+#[derive(Deserialize)]
+struct LoginParams {
+    return_to: Option<String>,
+}
+
+async fn auth_login(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    session: Session,
+    Query(params): Query<LoginParams>,
+) -> Result<Response, Response> {
+    let client = state.login.client().await?;
+    match client.login(&session, params.return_to.as_deref()).await {
+        Ok(redirect) => Ok(redirect.into_response()),
+        Err(e) => Err(auth_error(&e, &headers)),
+    }
+}
+
+async fn auth_callback(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    session: Session,
+    RawQuery(query): RawQuery,
+) -> Result<Response, Response> {
+    let client = state.login.client().await?;
+    match client.callback(&session, query.as_deref()).await {
+        Ok((redirect, _user)) => Ok(redirect.into_response()),
+        Err(e) => Err(auth_error(&e, &headers)),
+    }
+}
+
+async fn auth_logout(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    session: Session,
+) -> Result<Response, Response> {
+    let client = state.login.client().await?;
+    match client.logout(&session, &headers).await {
+        Ok(redirect) => Ok(redirect.into_response()),
+        Err(e) => Err(auth_error(&e, &headers)),
+    }
+}
+
+async fn backchannel_logout(
+    State(state): State<AppState>,
+    body: Bytes,
+) -> Result<Response, Response> {
+    let client = state.login.client().await?;
+    Ok(client.backchannel_logout(&body).await.into_response())
+}
+
+/// `RequireLoginLayer` around `/me`, with whichever client discovery produced
+/// (503 while there is none).
+async fn require_login(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    match state.login.client().await {
+        Ok(client) => match RequireLoginLayer::new(client)
+            .layer(next)
+            .oneshot(request)
+            .await
+        {
+            Ok(response) => response,
+            Err(never) => match never {},
+        },
+        Err(unavailable) => unavailable,
+    }
+}
+
+async fn me(user: User) -> Json<Value> {
+    Json(json!({
+        "sub": user.sub(),
+        "claims": user.claims(),
+        "access_token_expires_at": user.access_token_expires_at(),
+    }))
 }

@@ -355,6 +355,12 @@ impl Keyring {
         Self::new(keys)
     }
 
+    /// A keyring of one fresh random key, for tests and throwaway demos:
+    /// what it seals does not survive a restart.
+    pub fn generate() -> Self {
+        Self::from(EncryptionKey::generate())
+    }
+
     /// The id of the key that seals: the first one.
     pub fn current_key_id(&self) -> KeyId {
         self.keys[0].0

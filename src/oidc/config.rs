@@ -201,6 +201,19 @@ impl OidcConfig {
         self
     }
 
+    /// Uses the Cognito preset with this hosted-UI origin for logout
+    /// (`https://<domain>.auth.<region>.amazoncognito.com` or a custom domain).
+    ///
+    /// # Errors
+    /// [`ConfigError::InvalidUrl`] for a URL that is not absolute `http(s)`.
+    pub fn with_cognito_domain(mut self, domain: &str) -> Result<Self, ConfigError> {
+        let domain = parse_url("cognito_domain", domain)?;
+        self.provider = Some(Provider::Cognito {
+            domain: Some(domain),
+        });
+        Ok(self)
+    }
+
     /// Refreshes the access token when it expires within this (default 5 min).
     pub fn with_refresh_before(mut self, before: Duration) -> Self {
         self.refresh_before = before;

@@ -50,6 +50,8 @@ pub use self::{
     config::{OidcConfig, Provider},
     guard::{Rejection, RejectionKind, RequireLogin, RequireLoginFuture, RequireLoginLayer},
 };
+/// The URL type of the configuration ([`Provider::Cognito`]'s domain).
+pub use openidconnect::url::Url;
 
 /// What went wrong in a login, logout or back-channel logout. Its
 /// [`status`](Self::status) is what the browser should get.
@@ -150,6 +152,17 @@ impl AuthError {
             AuthErrorKind::SessionUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::BAD_REQUEST,
         }
+    }
+
+    /// The response for a request with these headers: HTML for browsers
+    /// (`Accept: text/html`), JSON otherwise.
+    pub fn response_for<B: From<String>>(&self, headers: &http::HeaderMap) -> http::Response<B> {
+        let html = headers
+            .get_all(header::ACCEPT)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| v.contains("text/html"));
+        self.to_response(html)
     }
 
     /// A response: JSON `{"error": …, "error_description": …}`, or a small
