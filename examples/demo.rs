@@ -36,7 +36,9 @@
 //! |---|---|
 //! | `BIND_ADDR` | `127.0.0.1:3000` |
 //! | `DATABASE_URL` | `postgres://postgres@127.0.0.1:5432/postgres`; when nothing answers there and `initdb`/`pg_ctl` are installed, a throwaway cluster in a temporary directory |
-//! | `SESSION_SECRET` | comma-separated signing keys (32+ bytes each), the first signs; a random one, with a warning, when unset |
+//! | `SESSION_SECRET` | comma-separated signing keys (32+ bytes each; with `EXPRESS_COMPAT=1`, express-session's secrets, any length), the first signs; a random one, with a warning, when unset |
+//! | `EXPRESS_COMPAT` | `1`: share sessions with an Express app (express-session + connect-pg-simple): cookie `connect.sid` in express-session's format, plain ids, the connect-pg-simple table; `count` is the `req.session.count` of the Node side |
+//! | `SESSION_COOKIE_NAME` | `session` (`connect.sid` with `EXPRESS_COMPAT=1`) |
 //! | `DB_POOL_SIZE` | `10` |
 //! | `PRUNE_INTERVAL_SECS` | `900` (`0` turns pruning off) |
 //! | `SESSION_TTL_SECS` | `86400` (idle timeout) |
@@ -72,7 +74,8 @@ use tower::{Layer, ServiceExt};
 use tower_pg_session::{
     crypto::{EncryptionKey, Keyring},
     oidc::{AuthError, OidcClient, OidcConfig, Provider, RequireLoginLayer, User},
-    PgStore, PgStoreConfig, PruneConfig, Session, SessionError, SessionLayer, SigningKeys,
+    ExpressSecrets, PgStore, PgStoreConfig, PruneConfig, Session, SessionError, SessionLayer,
+    SigningKeys,
 };
 
 mod local_pg {
@@ -476,15 +479,40 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Err(e) => return Err(e.into()),
     };
 
-    let keys = match env::var("SESSION_SECRET") {
-        Ok(s) => SigningKeys::new(s.split(',').map(str::trim).filter(|k| !k.is_empty()))?,
-        Err(_) => {
-            tracing::warn!("SESSION_SECRET is not set: using a random key, so sessions end when the demo stops");
-            SigningKeys::generate()
-        }
+    let secrets: Option<Vec<String>> = env::var("SESSION_SECRET").ok().map(|s| {
+        s.split(',')
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .map(str::to_owned)
+            .collect()
+    });
+    if secrets.is_none() {
+        tracing::warn!(
+            "SESSION_SECRET is not set: using a random key, so sessions end when the demo stops"
+        );
+    }
+    let express = env::var("EXPRESS_COMPAT").is_ok_and(|v| v == "1");
+    let mut layer = if express {
+        // Next to an Express app: its cookie, its secrets, its table.
+        let secrets = match secrets {
+            Some(s) => ExpressSecrets::new(s)?,
+            None => ExpressSecrets::new([SigningKeys::generate_secret()])?,
+        };
+        tracing::info!(
+            "EXPRESS_COMPAT=1: sharing sessions with express-session + connect-pg-simple"
+        );
+        SessionLayer::express(store.clone(), secrets)
+    } else {
+        let keys = match secrets {
+            Some(s) => SigningKeys::new(s)?,
+            None => SigningKeys::generate(),
+        };
+        SessionLayer::new(store.clone(), keys)
     };
-    let mut layer = SessionLayer::new(store.clone(), keys)
-        .with_idle_timeout(Some(Duration::from_secs(ttl_secs)))?;
+    if let Some(name) = env_str("SESSION_COOKIE_NAME") {
+        layer = layer.with_cookie_name(&name)?;
+    }
+    layer = layer.with_idle_timeout(Some(Duration::from_secs(ttl_secs)))?;
     if !secure {
         layer = layer.with_insecure_http_cookie()?;
     } else if app.scheme() == "http" && !is_loopback(&app) {

@@ -19,6 +19,9 @@ for dir in tests/idp tests/express; do
   fi
 done
 
+# The demo's own binary is driven by tests/demo.rs.
+cargo build --all-features --example demo
+
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --all-features --no-fail-fast "$@"
 else

@@ -89,6 +89,13 @@ impl SigningKeys {
         }
     }
 
+    /// A random 256-bit secret as text (base64url), for throwaway demos.
+    pub fn generate_secret() -> String {
+        let mut key = [0u8; 32];
+        OsRng.fill_bytes(&mut key);
+        URL_SAFE_NO_PAD.encode(key)
+    }
+
     fn tag(&self, id: &str) -> String {
         let mut mac = self.keys[0].clone();
         mac.update(id.as_bytes());

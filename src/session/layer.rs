@@ -45,25 +45,25 @@ impl Config {
             .or(self.absolute)
             .map_or(0, |d| d.as_millis() as u64);
         let c = &self.cookie;
-        let mut object = serde_json::Map::new();
-        object.insert("originalMaxAge".into(), max_age_ms.into());
-        object.insert("expires".into(), js_date(expire).into());
-        object.insert("secure".into(), c.secure.into());
-        object.insert("httpOnly".into(), true.into());
+        // Field order and format as express-session's `Cookie#toJSON`.
+        let mut json = format!(
+            r#"{{"originalMaxAge":{max_age_ms},"expires":"{}","secure":{},"httpOnly":true"#,
+            js_date(expire),
+            c.secure
+        );
         if let Some(domain) = &c.domain {
-            object.insert("domain".into(), domain.clone().into());
+            json.push_str(&format!(r#","domain":"{domain}""#));
         }
-        object.insert("path".into(), c.path.clone().into());
-        object.insert(
-            "sameSite".into(),
+        json.push_str(&format!(
+            r#","path":{},"sameSite":"{}"}}"#,
+            serde_json::Value::from(c.path.as_str()),
             match c.same_site {
                 SameSite::Lax => "lax",
                 SameSite::Strict => "strict",
                 SameSite::None => "none",
             }
-            .into(),
-        );
-        if let Ok(raw) = serde_json::value::to_raw_value(&object) {
+        ));
+        if let Ok(raw) = serde_json::value::RawValue::from_string(json) {
             data.set("cookie", raw);
         }
     }

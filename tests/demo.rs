@@ -1,0 +1,199 @@
+//! The demo's contract, driven as users' scripts drive it: the binary of
+//! `cargo run --example demo`, its routes and its environment variables.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::{path::PathBuf, process::Stdio, time::Duration};
+
+use axum::http::StatusCode;
+use common::idp::{location, Browser};
+use serde_json::{json, Value};
+use tokio::process::{Child, Command};
+
+struct Demo {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        // SIGTERM, so the demo stops the provider it started.
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill")
+                .arg(pid.to_string())
+                .status();
+        }
+    }
+}
+
+fn binary() -> PathBuf {
+    let dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"));
+    let bin = dir.join("debug/examples/demo");
+    assert!(
+        bin.exists(),
+        "build the demo first: cargo build --example demo (scripts/test.sh does)"
+    );
+    bin
+}
+
+async fn start(env: &[(&str, String)]) -> Demo {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{port}");
+    let mut cmd = Command::new(binary());
+    cmd.env("BIND_ADDR", format!("127.0.0.1:{port}"))
+        .env("PRUNE_INTERVAL_SECS", "0")
+        .env("RUST_LOG", "warn")
+        .env_remove("OIDC_ISSUER")
+        .env_remove("APP_URL")
+        .env_remove("EXPRESS_COMPAT")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let child = cmd.spawn().unwrap();
+    let demo = Demo { child, url };
+    let http = reqwest::Client::new();
+    for _ in 0..300 {
+        if let Ok(r) = http.get(format!("{}/healthz", demo.url)).send().await {
+            if r.status() == StatusCode::OK {
+                return demo;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the demo did not answer /healthz within 30 s");
+}
+
+#[tokio::test]
+async fn routes_sessions_and_login_as_documented() {
+    let db = common::Db::new().await;
+    // The demo's table lives in this test's schema, through the search path.
+    sqlx::query(&format!("CREATE SCHEMA {}", db.schema))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let url = format!(
+        "{}?options=-c%20search_path%3D{}",
+        common::database_url(),
+        db.schema
+    );
+    let demo = start(&[
+        ("DATABASE_URL", url),
+        ("SESSION_SECRET", common::KEY_A.to_owned()),
+        ("COOKIE_SECURE", "0".to_owned()),
+    ])
+    .await;
+    let b = Browser::new();
+    let app = &demo.url;
+    let json = |r: reqwest::Response| async move { r.json::<Value>().await.unwrap() };
+    assert_eq!(
+        json(b.api(&format!("{app}/peek")).await).await,
+        json!({"count": 0})
+    );
+    assert_eq!(json(b.api(&format!("{app}/kv")).await).await, json!({}));
+    assert_eq!(
+        json(b.api(&format!("{app}/counter")).await).await,
+        json!({"count": 1})
+    );
+    assert_eq!(
+        json(b.api(&format!("{app}/counter")).await).await,
+        json!({"count": 2})
+    );
+    let r = b
+        .http
+        .put(format!("{app}/kv/colour"))
+        .json(&json!({"r": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    assert_eq!(
+        json(b.api(&format!("{app}/kv")).await).await,
+        json!({"count": 2, "colour": {"r": 1}})
+    );
+    assert_eq!(db.rows().await, 1, "sessions are rows of the demo's table");
+
+    // The login against the provider the demo started itself.
+    let r = b.get(&format!("{app}/me")).await;
+    assert_eq!(r.status(), StatusCode::FOUND);
+    let r = b.login(app, "zoe", "/me").await;
+    assert_eq!(location(&r), "/me");
+    let me = json(b.api(&format!("{app}/me")).await).await;
+    assert_eq!(me["sub"], "zoe");
+    assert!(me["access_token_expires_at"].as_i64().is_some());
+    assert_eq!(
+        json(b.api(&format!("{app}/peek")).await).await,
+        json!({"count": 2}),
+        "data survives the login's id cycle"
+    );
+    let r = b
+        .http
+        .post(format!("{app}/auth/logout"))
+        .header("origin", app.as_str())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    assert_eq!(
+        b.api(&format!("{app}/me")).await.status(),
+        StatusCode::UNAUTHORIZED
+    );
+    drop(demo);
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn express_compat_shares_count_with_a_node_app() {
+    use common::express::{Node, Shared, SECRET};
+    let db = Shared::new("json", "timestamp(6)").await;
+    let node = Node::start(&db, SECRET, "connect.sid").await;
+    let url = format!("{}?options=-c%20search_path%3D{}", db.url, db.schema);
+    let demo = start(&[
+        ("DATABASE_URL", url),
+        ("EXPRESS_COMPAT", "1".to_owned()),
+        ("SESSION_SECRET", SECRET.to_owned()),
+        ("COOKIE_SECURE", "0".to_owned()),
+    ])
+    .await;
+    let b = reqwest::Client::builder()
+        .cookie_store(true)
+        .build()
+        .unwrap();
+    let get = |u: String| {
+        let b = b.clone();
+        async move {
+            b.get(u)
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(
+        get(format!("{}/counter", node.url)).await,
+        json!({"count": 1})
+    );
+    assert_eq!(
+        get(format!("{}/counter", demo.url)).await,
+        json!({"count": 2}),
+        "req.session.count is the demo's count"
+    );
+    assert_eq!(
+        get(format!("{}/counter", node.url)).await,
+        json!({"count": 3})
+    );
+    assert_eq!(get(format!("{}/peek", demo.url)).await, json!({"count": 3}));
+    drop(demo);
+    db.drop().await;
+}
