@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+pub mod admin;
 #[cfg(feature = "oidc")]
 pub mod crypto;
 pub mod error;

@@ -36,6 +36,9 @@ async fn creates_the_connect_pg_simple_table_once() {
         ("sess", "json"),
         ("expire", "timestamp(6) without time zone"),
         ("created_at", "timestamp with time zone"),
+        ("last_seen", "timestamp with time zone"),
+        ("user_agent", "text"),
+        ("ip", "text"),
         ("user_id", "text"),
         ("provider_sid", "text"),
     ];
@@ -56,6 +59,7 @@ async fn creates_the_connect_pg_simple_table_once() {
     assert_eq!(
         indexes,
         [
+            "IDX_session_created_at",
             "IDX_session_expire",
             "IDX_session_provider_sid",
             "IDX_session_user_id",
@@ -294,7 +298,7 @@ async fn an_existing_node_table_is_upgraded_and_node_still_writes_to_it() {
     )
     .await;
     db.store().await;
-    assert_eq!(columns(&db).await.len(), 6);
+    assert_eq!(columns(&db).await.len(), 9);
     node_set(
         &db,
         "UTC",

@@ -27,6 +27,7 @@ struct Shared {
     store: PgStore,
     config: Arc<Config>,
     incoming: Option<SessionId>,
+    client: ClientInfo,
     state: Mutex<State>,
 }
 
@@ -55,6 +56,13 @@ struct Row {
     id: SessionId,
     version: String,
     created_at: Option<OffsetDateTime>,
+}
+
+/// What the application opted in to record about the client at creation.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ClientInfo {
+    pub(crate) user_agent: Option<String>,
+    pub(crate) ip: Option<String>,
 }
 
 /// Key-level changes: `None` removes the key.
@@ -99,12 +107,18 @@ impl fmt::Debug for Session {
 }
 
 impl Session {
-    pub(crate) fn new(store: PgStore, config: Arc<Config>, incoming: Option<SessionId>) -> Self {
+    pub(crate) fn new(
+        store: PgStore,
+        config: Arc<Config>,
+        incoming: Option<SessionId>,
+        client: ClientInfo,
+    ) -> Self {
         Self {
             shared: Arc::new(Shared {
                 store,
                 config,
                 incoming,
+                client,
                 state: Mutex::new(State::default()),
             }),
         }
@@ -200,6 +214,25 @@ impl Session {
                     })
             })
             .collect()
+    }
+
+    /// The opaque handle administrators see for this session
+    /// ([`crate::admin::SessionInfo::handle`]), e.g. to keep it in
+    /// [`crate::admin::Admin::revoke_others`]; `None` while it has no row.
+    ///
+    /// # Errors
+    /// As [`Session::get`].
+    pub async fn handle(&self) -> Result<Option<String>, SessionError> {
+        use sha2::{Digest, Sha256};
+        let mut st = self.shared.state.lock().await;
+        self.ensure_loaded(&mut st).await?;
+        let hashed = self.shared.config.hashed_ids;
+        Ok(st.row.as_ref().map(|row| {
+            Sha256::digest(row.id.storage_key(hashed).as_bytes())[..8]
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect()
+        }))
     }
 
     /// The user an Express app logged in with Passport: `sess.passport.user`
@@ -424,6 +457,8 @@ impl Session {
                 expire: fresh.expire,
                 user_id: fresh.user_id.as_deref(),
                 provider_sid: fresh.provider_sid.as_deref(),
+                user_agent: None,
+                ip: None,
             };
             version = store
                 .write_locked(tx, &key, &key, &new)
@@ -554,6 +589,8 @@ impl Session {
                 expire,
                 user_id: user_id.as_deref(),
                 provider_sid: provider_sid.as_deref(),
+                user_agent: self.shared.client.user_agent.as_deref(),
+                ip: self.shared.client.ip.as_deref(),
             };
             // 192 random bits do not collide; the loop is for the impossible case.
             for _ in 0..3 {
@@ -585,6 +622,8 @@ impl Session {
             expire,
             user_id: user_id.as_deref(),
             provider_sid: provider_sid.as_deref(),
+            user_agent: None,
+            ip: None,
         };
         let updated = store
             .update(&key, &new_key, &row.version, &new, now)
@@ -634,6 +673,8 @@ impl Session {
             expire,
             user_id: st.user_id.as_deref(),
             provider_sid: st.provider_sid.as_deref(),
+            user_agent: None,
+            ip: None,
         };
         let version = store
             .write_locked(tx, &key, &new_key, &new)

@@ -11,6 +11,7 @@ use super::{
         check_cookie_name, check_domain, Codec, CookieConfig, ExpressSecrets, SameSite, SigningKeys,
     },
     data::Data,
+    handle::ClientInfo,
     service::SessionService,
 };
 use crate::{
@@ -31,9 +32,32 @@ pub(crate) struct Config {
     pub(crate) unavailable_status: StatusCode,
     /// Keep express-session's `cookie` object in `sess` (Node needs it).
     pub(crate) express: bool,
+    /// Record the user agent (and the client address from this header) at creation.
+    pub(crate) record_client: Option<Option<http::HeaderName>>,
 }
 
 impl Config {
+    /// The client details to record, when the application opted in.
+    pub(crate) fn client_info(&self, headers: &http::HeaderMap) -> ClientInfo {
+        let Some(ip_header) = &self.record_client else {
+            return ClientInfo::default();
+        };
+        let text = |name: &http::HeaderName, max: usize| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(|v| v.chars().take(max).collect::<String>())
+        };
+        ClientInfo {
+            user_agent: text(&http::header::USER_AGENT, 512),
+            // The first hop of X-Forwarded-For is the client, as the proxy saw it.
+            ip: ip_header
+                .as_ref()
+                .and_then(|h| text(h, 256))
+                .and_then(|v| v.split(',').next().map(|s| s.trim().to_owned())),
+        }
+    }
+
     /// In Express mode, writes express-session's `cookie` object for a row
     /// expiring at `expire`, as Express itself would serialize it.
     pub(crate) fn stamp(&self, data: &mut Data, expire: OffsetDateTime) {
@@ -200,6 +224,7 @@ impl SessionLayer {
                 hashed_ids: false,
                 unavailable_status: StatusCode::SERVICE_UNAVAILABLE,
                 express: false,
+                record_client: None,
             }),
         }
     }
@@ -404,6 +429,31 @@ impl SessionLayer {
     /// Never in practice; returns `Result` like every other setting.
     pub fn with_hashed_ids(self, hashed: bool) -> Result<Self, ConfigError> {
         self.edit(|c| c.hashed_ids = hashed)
+    }
+
+    /// Records each new session's `User-Agent`, and the client address from
+    /// `ip_header` (e.g. `x-forwarded-for`, whose first entry is used; only
+    /// trustworthy behind a proxy that sets it), in the `user_agent` and `ip`
+    /// columns, for "your devices" pages and incident response. Off by default.
+    ///
+    /// ```
+    /// # async fn run(layer: tower_pg_session::SessionLayer) -> Result<(), tower_pg_session::ConfigError> {
+    /// let layer = layer.with_client_info(Some(http::HeaderName::from_static("x-forwarded-for")))?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`ConfigError::Conflict`] when the table lacks the columns.
+    pub fn with_client_info(
+        self,
+        ip_header: Option<http::HeaderName>,
+    ) -> Result<Self, ConfigError> {
+        if !self.store.has_extended_columns() {
+            return Err(ConfigError::Conflict(
+                "recording client details needs the user_agent and ip columns; let the store upgrade the table",
+            ));
+        }
+        self.edit(|c| c.record_client = Some(ip_header))
     }
 
     /// Status of the response when the session store fails during a request

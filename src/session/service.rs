@@ -71,7 +71,8 @@ where
             .config
             .cookie
             .read(req.headers(), &self.config.cookie_name);
-        let session = Session::new(self.store.clone(), self.config.clone(), incoming);
+        let client = self.config.client_info(req.headers());
+        let session = Session::new(self.store.clone(), self.config.clone(), incoming, client);
         req.extensions_mut().insert(session.clone());
         // The clone is not necessarily ready; keep the one that is. See
         // https://docs.rs/tower/latest/tower/trait.Service.html#be-careful-when-cloning-inner-services

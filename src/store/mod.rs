@@ -302,6 +302,16 @@ impl PgStore {
         Ok(())
     }
 
+    /// SQL turning the timestamptz parameter `param` into the `expire` column's type.
+    pub(crate) fn instant_to_column(&self, param: &str) -> String {
+        to_col(&self.inner.layout.expire, param)
+    }
+
+    /// SQL turning `column` (of the `expire` column's type) into a timestamptz.
+    pub(crate) fn column_to_instant(&self, column: &str) -> String {
+        to_instant(&self.inner.layout.expire, column)
+    }
+
     pub(crate) fn has_extended_columns(&self) -> bool {
         self.inner.layout.extended
     }
@@ -336,7 +346,12 @@ impl PgStore {
             .bind(row.sess)
             .bind(row.expire);
         if self.inner.layout.extended {
-            q = q.bind(now).bind(row.user_id).bind(row.provider_sid);
+            q = q
+                .bind(now)
+                .bind(row.user_id)
+                .bind(row.provider_sid)
+                .bind(row.user_agent)
+                .bind(row.ip);
         }
         Ok(q.fetch_optional(&self.inner.pool).await?)
     }
@@ -539,6 +554,9 @@ pub(crate) struct NewRow<'a> {
     pub(crate) expire: OffsetDateTime,
     pub(crate) user_id: Option<&'a str>,
     pub(crate) provider_sid: Option<&'a str>,
+    /// Recorded at creation when the application opts in.
+    pub(crate) user_agent: Option<&'a str>,
+    pub(crate) ip: Option<&'a str>,
 }
 
 /// The statements, built once from the validated names and detected layout.
@@ -576,9 +594,16 @@ impl Sql {
                 to_col("$2"),
             )
         };
+        // The touch also records when the session was last seen (to the
+        // touch's granularity: no extra writes for it).
+        let touch_extra = if layout.extended {
+            ", last_seen = $3"
+        } else {
+            ""
+        };
         let load = format!(
             "WITH touched AS (\
-               UPDATE {t} SET expire = {extend_expr} \
+               UPDATE {t} SET expire = {extend_expr}{touch_extra} \
                WHERE sid = $1 AND expire > {now} AND expire < {before} AND expire < {extend_expr} \
                RETURNING sess::text AS sess, {from_col} AS expire, xmin::text AS version, {ext_cols}) \
              SELECT sess, expire, version, created_at, user_id, provider_sid, true FROM touched \
@@ -590,9 +615,9 @@ impl Sql {
         );
         let (insert_cols, insert_vals, set_ext, set_ext_locked) = if layout.extended {
             (
-                ", created_at, user_id, provider_sid",
-                ", $4, $5, $6",
-                ", user_id = $7, provider_sid = $8",
+                ", created_at, last_seen, user_id, provider_sid, user_agent, ip",
+                ", $4, $4, $5, $6, $7, $8",
+                ", user_id = $7, provider_sid = $8, last_seen = $6",
                 ", user_id = $5, provider_sid = $6",
             )
         } else {

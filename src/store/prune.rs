@@ -100,6 +100,14 @@ impl PgStore {
     /// [`StoreError::Database`] when a statement fails; batches already
     /// committed stay deleted.
     pub async fn prune_expired(&self, batch_size: u32) -> Result<PruneOutcome, StoreError> {
+        self.prune_with(batch_size, false).await
+    }
+
+    async fn prune_with(
+        &self,
+        batch_size: u32,
+        one_batch: bool,
+    ) -> Result<PruneOutcome, StoreError> {
         let inner = &self.inner;
         // A session-level advisory lock lives as long as the connection that
         // took it. A detached connection closes when dropped, so a run that is
@@ -123,7 +131,7 @@ impl PgStore {
                     .await?
                     .rows_affected();
                 total += deleted;
-                if deleted < u64::from(batch_size.max(1)) {
+                if one_batch || deleted < u64::from(batch_size.max(1)) {
                     return Ok::<_, StoreError>(total);
                 }
                 // Let requests and autovacuum in between batches.
@@ -136,6 +144,15 @@ impl PgStore {
         let total = run?;
         tracing::info!(table = %inner.name.qualified(), deleted = total, "pruned expired sessions");
         Ok(PruneOutcome::Pruned(total))
+    }
+
+    /// Deletes at most one batch of expired rows (unless another instance is
+    /// pruning), for callers that report progress between batches.
+    ///
+    /// # Errors
+    /// As [`Self::prune_expired`].
+    pub async fn prune_expired_batch(&self, batch_size: u32) -> Result<PruneOutcome, StoreError> {
+        self.prune_with(batch_size, true).await
     }
 
     /// Starts pruning in the background on the current tokio runtime. The task

@@ -78,7 +78,7 @@ pub(crate) enum ExpireType {
 pub(crate) struct Layout {
     pub(crate) sess: SessType,
     pub(crate) expire: ExpireType,
-    /// `created_at`, `user_id` and `provider_sid` exist.
+    /// `created_at`, `last_seen`, `user_id`, `provider_sid`, `user_agent` and `ip` exist.
     pub(crate) extended: bool,
 }
 
@@ -216,9 +216,16 @@ fn bad_column(name: &TableName, col: &str, found: Option<&str>) -> StoreError {
 }
 
 fn has_extended(columns: &[(String, String)]) -> bool {
-    ["created_at", "user_id", "provider_sid"]
-        .iter()
-        .all(|c| columns.iter().any(|(n, _)| n == c))
+    [
+        "created_at",
+        "last_seen",
+        "user_id",
+        "provider_sid",
+        "user_agent",
+        "ip",
+    ]
+    .iter()
+    .all(|c| columns.iter().any(|(n, _)| n == c))
 }
 
 async fn columns_of(pool: &PgPool, name: &TableName) -> Result<Vec<(String, String)>, StoreError> {
@@ -254,6 +261,9 @@ fn ddl(name: &TableName) -> Vec<String> {
     out.push(format!(
         "ALTER TABLE {t} \
            ADD COLUMN IF NOT EXISTS created_at timestamptz, \
+           ADD COLUMN IF NOT EXISTS last_seen timestamptz, \
+           ADD COLUMN IF NOT EXISTS user_agent text, \
+           ADD COLUMN IF NOT EXISTS ip text, \
            ADD COLUMN IF NOT EXISTS user_id text, \
            ADD COLUMN IF NOT EXISTS provider_sid text"
     ));
@@ -264,6 +274,10 @@ fn ddl(name: &TableName) -> Vec<String> {
     out.push(format!(
         "CREATE INDEX IF NOT EXISTS {} ON {t} (provider_sid) WHERE provider_sid IS NOT NULL",
         name.index("provider_sid")
+    ));
+    out.push(format!(
+        "CREATE INDEX IF NOT EXISTS {} ON {t} (created_at) WHERE created_at IS NOT NULL",
+        name.index("created_at")
     ));
     out
 }

@@ -31,6 +31,8 @@ impl SessionStore for PgStore {
             expire: record.expiry_date,
             user_id: None,
             provider_sid: None,
+            user_agent: None,
+            ip: None,
         };
         loop {
             if self

@@ -1,0 +1,259 @@
+//! Session administration: the operations a team needs on day two. Every
+//! query is backed by an index (`user_id`, `expire`, `created_at`), not a scan
+//! of the table.
+//!
+//! ```no_run
+//! # async fn run(store: tower_pg_session::PgStore) -> Result<(), tower_pg_session::StoreError> {
+//! let admin = store.admin();
+//! for s in admin.user_sessions("alice").await? {
+//!     println!("{} created {:?}, last seen {:?}, from {:?}", s.handle, s.created_at, s.last_seen, s.user_agent);
+//! }
+//! let revoked = admin.revoke_user("alice").await?;
+//! let stats = admin.stats().await?;
+//! # Ok(()) }
+//! ```
+
+use serde::Serialize;
+use sqlx::Row;
+use time::OffsetDateTime;
+
+use crate::store::{PgStore, StoreError};
+
+/// Administration of the sessions in a [`PgStore`]; see [`PgStore::admin`].
+#[derive(Debug, Clone)]
+pub struct Admin {
+    store: PgStore,
+}
+
+/// What an administrator may see of a session: no id, no data, no token.
+#[derive(Debug, Clone, Serialize)]
+#[non_exhaustive]
+pub struct SessionInfo {
+    /// An opaque handle (a digest of the id) for [`Admin::revoke_session`];
+    /// it does not let anyone use the session.
+    pub handle: String,
+    /// When the session was created (unknown for rows written by other apps).
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub created_at: Option<OffsetDateTime>,
+    /// When it was last used, to the granularity of the idle-expiry touch.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub last_seen: Option<OffsetDateTime>,
+    /// When it expires unless used again.
+    #[serde(with = "time::serde::rfc3339")]
+    pub expires_at: OffsetDateTime,
+    /// The `User-Agent` at creation, when recorded (`SessionLayer::with_client_info`).
+    pub user_agent: Option<String>,
+    /// The client address at creation, when recorded.
+    pub ip: Option<String>,
+}
+
+/// Table-wide figures.
+#[derive(Debug, Clone, Copy, Serialize)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Sessions that have not expired.
+    pub active: i64,
+    /// Sessions created in the last 24 hours.
+    pub created_last_24h: i64,
+    /// Expired rows the pruner has not deleted yet.
+    pub expired_awaiting_prune: i64,
+    /// Table, indexes and TOAST, in bytes.
+    pub table_bytes: i64,
+}
+
+const HANDLE_LEN: usize = 16;
+
+impl PgStore {
+    /// Session administration on this store.
+    pub fn admin(&self) -> Admin {
+        Admin {
+            store: self.clone(),
+        }
+    }
+}
+
+impl Admin {
+    fn table(&self) -> String {
+        self.store.table_name()
+    }
+
+    fn now_sql(&self) -> String {
+        self.store.instant_to_column("$1")
+    }
+
+    fn expire_sql(&self) -> String {
+        self.store.column_to_instant("expire")
+    }
+
+    fn require_extended(&self) -> Result<(), StoreError> {
+        if self.store.has_extended_columns() {
+            Ok(())
+        } else {
+            Err(StoreError::Schema(format!(
+                "table {} lacks the user and metadata columns; let the store upgrade it (pg-session init)",
+                self.table()
+            )))
+        }
+    }
+
+    /// The live sessions of `user`, oldest first.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`], or [`StoreError::Schema`] on a table without
+    /// the `user_id` column.
+    pub async fn user_sessions(&self, user: &str) -> Result<Vec<SessionInfo>, StoreError> {
+        self.require_extended()?;
+        let sql = format!(
+            "SELECT left(encode(sha256(convert_to(sid, 'UTF8')), 'hex'), {HANDLE_LEN}), created_at, last_seen, {expire}, user_agent, ip \
+             FROM {t} WHERE user_id = $2 AND expire > {now} ORDER BY created_at NULLS FIRST",
+            t = self.table(),
+            expire = self.expire_sql(),
+            now = self.now_sql(),
+        );
+        let rows = sqlx::query(&sql)
+            .bind(OffsetDateTime::now_utc())
+            .bind(user)
+            .fetch_all(self.store.pool())
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(SessionInfo {
+                    handle: r.try_get(0)?,
+                    created_at: r.try_get(1)?,
+                    last_seen: r.try_get(2)?,
+                    expires_at: r.try_get(3)?,
+                    user_agent: r.try_get(4)?,
+                    ip: r.try_get(5)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Ends one session of `user`, named by its [`SessionInfo::handle`].
+    /// True when it existed.
+    ///
+    /// # Errors
+    /// As [`Self::user_sessions`].
+    pub async fn revoke_session(&self, user: &str, handle: &str) -> Result<bool, StoreError> {
+        self.require_extended()?;
+        let sql = format!(
+            "DELETE FROM {t} WHERE user_id = $1 AND left(encode(sha256(convert_to(sid, 'UTF8')), 'hex'), {HANDLE_LEN}) = $2",
+            t = self.table()
+        );
+        let done = sqlx::query(&sql)
+            .bind(user)
+            .bind(handle)
+            .execute(self.store.pool())
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// Ends every session of `user` (password change, account compromise).
+    ///
+    /// # Errors
+    /// As [`Self::user_sessions`].
+    pub async fn revoke_user(&self, user: &str) -> Result<u64, StoreError> {
+        self.store.delete_user_sessions(user).await
+    }
+
+    /// Ends every session of `user` except the one whose handle is `keep`
+    /// ("log out my other devices"). See also [`crate::Session::handle`].
+    ///
+    /// # Errors
+    /// As [`Self::user_sessions`].
+    pub async fn revoke_others(&self, user: &str, keep: &str) -> Result<u64, StoreError> {
+        self.require_extended()?;
+        let sql = format!(
+            "DELETE FROM {t} WHERE user_id = $1 AND left(encode(sha256(convert_to(sid, 'UTF8')), 'hex'), {HANDLE_LEN}) <> $2",
+            t = self.table()
+        );
+        Ok(sqlx::query(&sql)
+            .bind(user)
+            .bind(keep)
+            .execute(self.store.pool())
+            .await?
+            .rows_affected())
+    }
+
+    /// Ends every session (incident response), in batches so that no
+    /// statement holds locks on the whole table; returns how many.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`]; batches already committed stay deleted.
+    pub async fn revoke_all(&self) -> Result<u64, StoreError> {
+        let sql = format!(
+            "DELETE FROM {t} WHERE sid IN (SELECT sid FROM {t} LIMIT 5000 FOR UPDATE SKIP LOCKED)",
+            t = self.table()
+        );
+        let mut total = 0;
+        loop {
+            let n = sqlx::query(&sql)
+                .execute(self.store.pool())
+                .await?
+                .rows_affected();
+            total += n;
+            if n == 0 {
+                tracing::warn!(sessions = total, "revoked every session");
+                return Ok(total);
+            }
+        }
+    }
+
+    /// Active, recently created and expired-but-not-pruned counts, and the
+    /// table's size.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    pub async fn stats(&self) -> Result<Stats, StoreError> {
+        let t = self.table();
+        let now = self.now_sql();
+        let created = if self.store.has_extended_columns() {
+            "(SELECT count(*) FROM {t} WHERE created_at > $2)".replace("{t}", &t)
+        } else {
+            "0::int8".to_owned()
+        };
+        let sql = format!(
+            "SELECT (SELECT count(*) FROM {t} WHERE expire > {now}), {created}, \
+                    (SELECT count(*) FROM {t} WHERE expire <= {now}), \
+                    pg_total_relation_size(to_regclass($3))"
+        );
+        let now_i = OffsetDateTime::now_utc();
+        let row = sqlx::query(&sql)
+            .bind(now_i)
+            .bind(now_i - time::Duration::days(1))
+            .bind(&t)
+            .fetch_one(self.store.pool())
+            .await?;
+        Ok(Stats {
+            active: row.try_get(0)?,
+            created_last_24h: row.try_get(1)?,
+            expired_awaiting_prune: row.try_get(2)?,
+            table_bytes: row.try_get(3)?,
+        })
+    }
+
+    /// Everything kept about `user`'s sessions except secrets, as JSON
+    /// (GDPR Art. 15): no ids, no session data, no tokens.
+    ///
+    /// # Errors
+    /// As [`Self::user_sessions`].
+    pub async fn export_user(&self, user: &str) -> Result<serde_json::Value, StoreError> {
+        let sessions = self.user_sessions(user).await?;
+        Ok(serde_json::json!({
+            "user": user,
+            "exported_at": OffsetDateTime::now_utc()
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default(),
+            "sessions": sessions,
+        }))
+    }
+
+    /// Deletes everything kept about `user` (GDPR Art. 17): all their
+    /// sessions, live or expired.
+    ///
+    /// # Errors
+    /// As [`Self::user_sessions`].
+    pub async fn erase_user(&self, user: &str) -> Result<u64, StoreError> {
+        self.revoke_user(user).await
+    }
+}

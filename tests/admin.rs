@@ -1,0 +1,215 @@
+//! Session administration: what it shows and does, and that each query is an
+//! index lookup on a 100,000-row table.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use axum::http::{header, HeaderName, Request};
+use common::*;
+use serde_json::json;
+use sqlx::{postgres::PgPoolOptions, Executor};
+use tower::ServiceExt;
+use tower_pg_session::{PgStore, SessionLayer, SigningKeys};
+
+async fn login(app: &axum::Router, user: &str, agent: &str, ip: &str) -> Client {
+    let mut c = Client::new(app.clone());
+    let req = Request::post(format!("/login/{user}"))
+        .header(header::USER_AGENT, agent)
+        .header("x-forwarded-for", format!("{ip}, 10.0.0.1"))
+        .body(axum::body::Body::empty())
+        .unwrap();
+    let r = app.clone().oneshot(req).await.unwrap();
+    let sc = r.headers()[header::SET_COOKIE].to_str().unwrap();
+    c.cookie = Some(
+        sc.split(';')
+            .next()
+            .unwrap()
+            .split_once('=')
+            .unwrap()
+            .1
+            .to_owned(),
+    );
+    c
+}
+
+#[tokio::test]
+async fn list_revoke_export_erase() {
+    let db = Db::new().await;
+    let store = db.store().await;
+    let layer = SessionLayer::new(store.clone(), SigningKeys::new([KEY_A]).unwrap())
+        .with_insecure_http_cookie()
+        .unwrap()
+        .with_client_info(Some(HeaderName::from_static("x-forwarded-for")))
+        .unwrap();
+    let app = app(layer, Gate::default());
+    let mut laptop = login(&app, "alice", "Firefox", "192.0.2.1").await;
+    let mut phone = login(&app, "alice", "Safari", "192.0.2.2").await;
+    let mut bob = login(&app, "bob", "curl", "192.0.2.3").await;
+    let admin = store.admin();
+
+    let list = admin.user_sessions("alice").await.unwrap();
+    assert_eq!(list.len(), 2);
+    assert_eq!(list[0].user_agent.as_deref(), Some("Firefox"));
+    assert_eq!(
+        list[0].ip.as_deref(),
+        Some("192.0.2.1"),
+        "the first X-Forwarded-For hop"
+    );
+    assert!(list
+        .iter()
+        .all(|s| s.created_at.is_some() && s.last_seen.is_some()));
+    let export = admin.export_user("alice").await.unwrap();
+    let text = export.to_string();
+    assert_eq!(export["sessions"].as_array().unwrap().len(), 2);
+    let laptop_id = laptop.cookie.clone().unwrap();
+    let laptop_id = laptop_id.split('.').next().unwrap();
+    assert!(
+        !text.contains(laptop_id) && !text.contains("\"user\":\"alice\",\"sess"),
+        "no ids or data: {text}"
+    );
+
+    // "Log out my other devices", from the laptop.
+    let keep = list[0].handle.clone();
+    assert_eq!(admin.revoke_others("alice", &keep).await.unwrap(), 1);
+    assert_eq!(
+        phone.get("/kv").await.body,
+        json!({}),
+        "the phone is logged out"
+    );
+    assert_eq!(laptop.get("/kv").await.body, json!({"user": "alice"}));
+    assert!(admin.revoke_session("alice", &keep).await.unwrap());
+    assert!(!admin.revoke_session("alice", &keep).await.unwrap());
+    assert_eq!(laptop.get("/kv").await.body, json!({}));
+
+    let stats = admin.stats().await.unwrap();
+    assert_eq!(
+        (
+            stats.active,
+            stats.created_last_24h,
+            stats.expired_awaiting_prune
+        ),
+        (1, 1, 0)
+    );
+    assert!(stats.table_bytes > 0);
+    assert_eq!(admin.erase_user("bob").await.unwrap(), 1);
+    assert_eq!(bob.get("/kv").await.body, json!({}));
+    login(&app, "carol", "x", "192.0.2.4").await;
+    login(&app, "dave", "x", "192.0.2.5").await;
+    assert_eq!(admin.revoke_all().await.unwrap(), 2);
+    assert_eq!(db.rows().await, 0);
+    db.drop_schema().await;
+}
+
+/// Scans of the session table by the one connection of `store`'s pool.
+async fn scans(db: &Db, store: &PgStore) -> (i64, i64) {
+    // Make the store's backend publish its counters now.
+    sqlx::query("SELECT pg_stat_force_next_flush()")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    sqlx::query("SELECT 1").execute(store.pool()).await.unwrap();
+    let mut conn = db.pool.acquire().await.unwrap();
+    conn.execute("SELECT pg_stat_clear_snapshot()")
+        .await
+        .unwrap();
+    sqlx::query_as(
+        "SELECT COALESCE(seq_scan, 0)::int8, COALESCE(idx_scan, 0)::int8 FROM pg_stat_user_tables \
+         WHERE schemaname = $1 AND relname = 'session'",
+    )
+    .bind(&db.schema)
+    .fetch_one(&mut *conn)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn every_admin_query_is_an_index_lookup_on_100k_rows() {
+    let db = Db::new().await;
+    db.store().await;
+    sqlx::query(&format!(
+        "INSERT INTO {} (sid, sess, expire, created_at, last_seen, user_id) \
+         SELECT 'sid' || g, '{{}}', \
+                (now() AT TIME ZONE current_setting('log_timezone')) + CASE WHEN g % 10 = 0 THEN interval '1 day' ELSE interval '-1 day' END, \
+                now() - (g % 72) * interval '1 hour', now(), 'user' || (g % 1000) \
+         FROM generate_series(1, 100000) g",
+        db.table()
+    ))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    db.pool
+        .execute(&*format!("VACUUM ANALYZE {}", db.table()))
+        .await
+        .unwrap();
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&database_url())
+        .await
+        .unwrap();
+    let store = PgStore::new(pool, db.config()).await.unwrap();
+    let admin = store.admin();
+    let user = "user10"; // rows 10, 1010, …: all live (g % 10 = 0)
+    type Op<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + 'a>>;
+    let ops: Vec<(&str, Op<'_>)> = vec![
+        (
+            "user_sessions",
+            Box::pin(async { assert_eq!(admin.user_sessions(user).await.unwrap().len(), 100) }),
+        ),
+        (
+            "export_user",
+            Box::pin(async {
+                admin.export_user(user).await.unwrap();
+            }),
+        ),
+        (
+            "stats",
+            Box::pin(async {
+                let s = admin.stats().await.unwrap();
+                assert_eq!((s.active, s.expired_awaiting_prune), (10_000, 90_000));
+            }),
+        ),
+        (
+            "revoke_session",
+            Box::pin(async {
+                assert!(!admin
+                    .revoke_session(user, "0000000000000000")
+                    .await
+                    .unwrap())
+            }),
+        ),
+        (
+            "revoke_others",
+            Box::pin(async {
+                assert_eq!(
+                    admin
+                        .revoke_others("user11", "0000000000000000")
+                        .await
+                        .unwrap(),
+                    100
+                )
+            }),
+        ),
+        (
+            "revoke_user",
+            Box::pin(async { assert_eq!(admin.revoke_user(user).await.unwrap(), 100) }),
+        ),
+        (
+            "erase_user",
+            Box::pin(async { assert_eq!(admin.erase_user("user12").await.unwrap(), 100) }),
+        ),
+        (
+            "delete_provider_sessions",
+            Box::pin(async {
+                assert_eq!(store.delete_provider_sessions("none").await.unwrap(), 0)
+            }),
+        ),
+    ];
+    for (name, op) in ops {
+        let (seq0, idx0) = scans(&db, &store).await;
+        op.await;
+        let (seq1, idx1) = scans(&db, &store).await;
+        assert_eq!(seq1 - seq0, 0, "{name} scanned the table");
+        assert!(idx1 > idx0, "{name} used no index");
+    }
+    db.drop_schema().await;
+}
