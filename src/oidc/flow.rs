@@ -7,6 +7,7 @@ use openidconnect::{
 };
 use serde_json::Value;
 use time::OffsetDateTime;
+use tracing::Instrument;
 
 use super::{
     client::{constant_eq, OidcClient},
@@ -127,6 +128,22 @@ impl OidcClient {
         session: &Session,
         query: Option<&str>,
     ) -> Result<(Redirect, User), AuthError> {
+        let result = self
+            .complete_login(session, query)
+            .instrument(tracing::info_span!("oidc.callback"))
+            .await;
+        if let Err(e) = &result {
+            tracing::warn!(error = %e, "login failed");
+            crate::metrics::failure(format!("login_{}", e.kind().code()));
+        }
+        result
+    }
+
+    async fn complete_login(
+        &self,
+        session: &Session,
+        query: Option<&str>,
+    ) -> Result<(Redirect, User), AuthError> {
         let config = &self.inner.config;
         let params = params(query)?;
         let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
@@ -233,6 +250,7 @@ impl OidcClient {
                 .map_err(session_error)?;
         }
         tracing::info!(sub = %sub, "login completed");
+        crate::metrics::login();
         Ok((
             Redirect::found(&pending.return_to),
             User::from_record(&record),
@@ -316,6 +334,7 @@ impl OidcClient {
         if let Some(r) = &record {
             tracing::info!(sub = %r.sub, "logout");
         }
+        crate::metrics::logout("local");
         Ok(Redirect::see_other(&target))
     }
 
@@ -337,10 +356,12 @@ impl OidcClient {
         let (status, body) = match result {
             Ok(n) => {
                 tracing::info!(sessions = n, "back-channel logout");
+                crate::metrics::logout("backchannel");
                 (StatusCode::OK, String::new())
             }
             Err(e) => {
                 tracing::warn!(error = %e, "back-channel logout refused");
+                crate::metrics::failure("backchannel_rejected");
                 let code = if e.kind() == AuthErrorKind::SessionUnavailable {
                     StatusCode::SERVICE_UNAVAILABLE
                 } else {

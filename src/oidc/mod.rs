@@ -96,7 +96,7 @@ pub enum AuthErrorKind {
 }
 
 impl AuthErrorKind {
-    fn code(self) -> &'static str {
+    pub(crate) fn code(self) -> &'static str {
         match self {
             Self::MissingState => "missing_state",
             Self::UnknownState => "unknown_state",

@@ -317,9 +317,12 @@ impl CookieConfig {
             }
         }
         if seen_invalid {
-            tracing::debug!(
+            crate::metrics::failure("bad_cookie");
+            // Worth a line: a secret or cookie-name mismatch between two apps
+            // sharing sessions shows up here first.
+            tracing::info!(
                 cookie = name,
-                "ignoring a session cookie that failed verification"
+                "session cookie failed verification (wrong secret or malformed); starting a new session"
             );
         }
         None

@@ -8,7 +8,12 @@ use time::OffsetDateTime;
 use tokio::sync::Mutex;
 
 use super::{cookie::SessionId, data::Data, layer::Config, SessionError};
-use crate::store::{NewRow, PgStore, StoreError};
+use tracing::Instrument;
+
+use crate::{
+    metrics,
+    store::{NewRow, PgStore, StoreError},
+};
 
 /// The session of the current request, found in the request extensions.
 ///
@@ -492,8 +497,12 @@ impl Session {
     /// Saves what is pending and reports what the response must carry.
     pub(crate) async fn finish(self) -> Outcome {
         let mut st = self.shared.state.lock().await;
+        let span = tracing::debug_span!(
+            "session.save",
+            session = ?self.shared.incoming.as_ref().map(SessionId::log_id)
+        );
         // A failure is recorded in the state and reported in the outcome.
-        let _ = self.save_locked(&mut st).await;
+        let _ = self.save_locked(&mut st).instrument(span).await;
         self.outcome(&st)
     }
 
@@ -514,21 +523,26 @@ impl Session {
         };
         let config = &self.shared.config;
         let params = config.load_params(OffsetDateTime::now_utc());
+        let span = tracing::debug_span!("session.load", session = %id.log_id());
         let loaded = self
             .shared
             .store
             .load(&id.storage_key(config.hashed_ids), &params)
+            .instrument(span)
             .await
             .map_err(|e| self.fail(st, Failure::Unavailable, e))?;
         st.loaded = true;
+        metrics::load(loaded.is_some());
         let Some(loaded) = loaded else {
             tracing::debug!(session = %id.log_id(), "no live session for cookie");
             return Ok(());
         };
+        metrics::touch(loaded.touched);
         let Some(data) = Data::parse(&loaded.sess) else {
             // Written by someone else; leave the row alone and start afresh:
             // a later write creates a new session under a new id.
             tracing::warn!(session = %id.log_id(), "stored session data is not a JSON object; ignoring it");
+            metrics::failure("corrupt_data");
             return Ok(());
         };
         st.data = data;
@@ -547,6 +561,7 @@ impl Session {
 
     fn fail(&self, st: &mut State, failure: Failure, error: StoreError) -> SessionError {
         tracing::error!(error = %error, source = ?std::error::Error::source(&error), "session store failed");
+        metrics::failure("store_unavailable");
         st.failure = Some(failure);
         SessionError::Store(error)
     }
@@ -567,6 +582,7 @@ impl Session {
         }
         let size = st.data.encoded_len();
         if size > config.max_size {
+            metrics::failure("too_large");
             st.failure = Some(Failure::TooLarge);
             return Err(SessionError::TooLarge {
                 size,
@@ -600,6 +616,7 @@ impl Session {
                     .await
                     .map_err(|e| self.fail(st, Failure::Unavailable, e))?;
                 if let Some(version) = inserted {
+                    metrics::save("insert");
                     self.saved(st, id, version, Some(now), expire);
                     return Ok(());
                 }
@@ -630,9 +647,11 @@ impl Session {
             .await
             .map_err(|e| self.fail(st, Failure::Unavailable, e))?;
         if let Some(version) = updated {
+            metrics::save("update");
             self.saved(st, new_id, version, row.created_at, expire);
             return Ok(());
         }
+        metrics::conflict();
         // Someone else wrote the row since we read it (or it is gone): lock it,
         // re-apply this request's changes to what is there now, write again.
         let locked = store
@@ -643,6 +662,7 @@ impl Session {
             // Destroyed (logout, revocation, prune) while this request ran:
             // its changes are dropped rather than bringing the session back.
             tracing::info!(session = %row.id.log_id(), "session ended during the request; changes dropped");
+            metrics::failure("ended_concurrently");
             *st = State {
                 loaded: true,
                 cookie: CookieAction::Remove,
@@ -683,6 +703,7 @@ impl Session {
         st.data = data;
         self.saved(st, new_id, version, fresh.created_at, expire);
         tracing::debug!(session = %row.id.log_id(), "re-applied changes after a concurrent write");
+        metrics::save("merge");
         Ok(())
     }
 

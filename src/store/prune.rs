@@ -5,6 +5,7 @@ use std::{fmt, time::Duration};
 use rand::Rng;
 use time::OffsetDateTime;
 use tokio::{sync::watch, task::JoinHandle};
+use tracing::Instrument;
 
 use super::{PgStore, StoreError};
 
@@ -142,6 +143,7 @@ impl PgStore {
         // Closing the connection releases the lock.
         let _ = sqlx::Connection::close(conn).await;
         let total = run?;
+        crate::metrics::pruned(total);
         tracing::info!(table = %inner.name.qualified(), deleted = total, "pruned expired sessions");
         Ok(PruneOutcome::Pruned(total))
     }
@@ -169,7 +171,9 @@ impl PgStore {
                     _ = stopped.changed() => return,
                     () = tokio::time::sleep(wait) => {}
                 }
-                let run = store.prune_expired(config.batch_size);
+                let run = store
+                    .prune_expired(config.batch_size)
+                    .instrument(tracing::info_span!("session.prune"));
                 let result = tokio::select! {
                     _ = stopped.changed() => return,
                     r = run => r,

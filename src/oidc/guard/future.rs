@@ -12,6 +12,7 @@ use http::{Request, Response};
 use pin_project_lite::pin_project;
 use time::OffsetDateTime;
 use tower_service::Service;
+use tracing::Instrument;
 
 use super::{response::RequestKind, Rejection, RejectionKind};
 use crate::{
@@ -212,9 +213,14 @@ pub(crate) async fn authorize(client: OidcClient, session: Option<Session>) -> A
                         crate::oidc::AuthError::new(AuthErrorKind::TamperedData, e.to_string())
                     })?;
                     tracing::info!(sub = %next.sub, "access token refreshed");
+                    crate::metrics::refresh();
                     Ok((vec![(USER_KEY.to_owned(), Some(raw))], next))
                 })
+                .instrument(tracing::info_span!("oidc.refresh"))
                 .await;
+            if let Ok(Err(e)) = &result {
+                crate::metrics::failure(format!("refresh_{}", e.kind().code()));
+            }
             match result {
                 Ok(Ok(Exclusive::Done(next))) => record = next,
                 Ok(Ok(Exclusive::Gone)) => return Err(Rejection::new(RejectionKind::NotLoggedIn)),
