@@ -218,12 +218,22 @@ impl Admin {
                     pg_total_relation_size(to_regclass($3))"
         );
         let now_i = OffsetDateTime::now_utc();
+        let mut tx = self.store.pool().begin().await?;
+        // Expired rows are often most of the table: a (parallel) heap scan
+        // would read all of it where the `expire` index answers the counts.
+        sqlx::query("SET LOCAL enable_seqscan = off")
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("SET LOCAL max_parallel_workers_per_gather = 0")
+            .execute(&mut *tx)
+            .await?;
         let row = sqlx::query(&sql)
             .bind(now_i)
             .bind(now_i - time::Duration::days(1))
             .bind(&t)
-            .fetch_one(self.store.pool())
+            .fetch_one(&mut *tx)
             .await?;
+        tx.commit().await?;
         Ok(Stats {
             active: row.try_get(0)?,
             created_last_24h: row.try_get(1)?,

@@ -140,7 +140,12 @@ impl PgStore {
             }
         }
         .await;
-        // Closing the connection releases the lock.
+        // Release explicitly: a closed connection's backend may outlive the
+        // close by a moment, and with it the lock.
+        let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
+            .bind(key)
+            .execute(&mut conn)
+            .await;
         let _ = sqlx::Connection::close(conn).await;
         let total = run?;
         crate::metrics::pruned(total);
