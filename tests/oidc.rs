@@ -1033,3 +1033,55 @@ async fn a_keycloak_issuer_with_a_trailing_slash_works_and_secrets_stay_out_of_d
     assert!(!format!("{client:?}").contains(CLIENT_SECRET));
     s.db.drop_schema().await;
 }
+
+#[tokio::test]
+async fn discovery_follows_no_redirects() {
+    // A server whose discovery URL redirects to a document that would be
+    // valid for it: following the redirect would succeed, so a failure
+    // shows the client did not follow it.
+    let s = setup("keycloak", 1, 3600, |c| c).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let me = format!("http://127.0.0.1:{}", listener.local_addr().unwrap().port());
+    let mut doc: Value = reqwest::get(format!("{}/.well-known/openid-configuration", s.idp.issuer))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    doc["issuer"] = json!(me);
+    let redirector = axum::Router::new()
+        .route(
+            "/.well-known/openid-configuration",
+            axum::routing::get(|| async { (StatusCode::FOUND, [("location", "/real")]) }),
+        )
+        .route(
+            "/real",
+            axum::routing::get(move || async move { axum::Json(doc) }),
+        );
+    let server = tokio::spawn(async move { axum::serve(listener, redirector).await });
+    let config = tower_pg_session::oidc::OidcConfig::new(
+        &me,
+        CLIENT_ID,
+        "http://127.0.0.1:2",
+        tower_pg_session::crypto::Keyring::generate(),
+    )
+    .unwrap();
+    let err = tower_pg_session::oidc::OidcClient::discover(config, s.apps[0].store.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(err.status(), StatusCode::BAD_GATEWAY);
+    assert!(err.to_string().contains("302"), "{err}");
+    server.abort();
+    s.db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn the_login_is_written_where_passport_looks_when_asked() {
+    let s = setup("keycloak", 1, 3600, |c| c.with_express_user_key("passport")).await;
+    let b = Browser::new();
+    b.login(&s.apps[0].url, "pat", "/").await;
+    let (_, sess, _, _) = session_rows(&s.db).await.remove(0);
+    let sess: Value = serde_json::from_str(&sess).unwrap();
+    assert_eq!(sess["passport"], json!({"user": "pat"}));
+    s.db.drop_schema().await;
+}

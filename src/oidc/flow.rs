@@ -239,6 +239,12 @@ impl OidcClient {
             .insert(USER_KEY, &record)
             .await
             .map_err(session_error)?;
+        if let Some(key) = &config.bridge_key {
+            session
+                .insert(key, &serde_json::json!({ "user": sub }))
+                .await
+                .map_err(session_error)?;
+        }
         if self.store().has_extended_columns() {
             session
                 .set_user_id(Some(&sub))
