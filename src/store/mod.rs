@@ -229,7 +229,9 @@ impl PgStore {
     }
 
     /// Connects a pool of at most `max_connections` to `url` and prepares the
-    /// table described by `config`.
+    /// table described by `config`. The pool does not ping connections before
+    /// each use (a round trip per request); pass your own pool to
+    /// [`Self::new`] for other settings.
     ///
     /// # Errors
     /// As [`Self::connect`].
@@ -243,6 +245,10 @@ impl PgStore {
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(std::time::Duration::from_secs(5))
+            // No ping before each use: it is a round trip per request. A
+            // connection that died meanwhile fails its one query (that
+            // request gets the unavailable status) and is replaced.
+            .test_before_acquire(false)
             .connect_with(options)
             .await
             .map_err(|source| StoreError::Connect { host, source })?;
@@ -323,14 +329,20 @@ impl PgStore {
         key: &str,
         at: &LoadParams,
     ) -> Result<Option<Loaded>, StoreError> {
-        let row = sqlx::query(&self.inner.sql.load)
-            .bind(key)
-            .bind(at.extend_to)
-            .bind(at.now)
-            .bind(at.absolute_secs)
-            .bind(at.touch_before)
-            .fetch_optional(&self.inner.pool)
-            .await?;
+        let query = match at.absolute_secs {
+            Some(secs) => sqlx::query(&self.inner.sql.load)
+                .bind(key)
+                .bind(at.extend_to)
+                .bind(at.now)
+                .bind(secs)
+                .bind(at.touch_before),
+            None => sqlx::query(&self.inner.sql.load_idle)
+                .bind(key)
+                .bind(at.extend_to)
+                .bind(at.now)
+                .bind(at.touch_before),
+        };
+        let row = query.fetch_optional(&self.inner.pool).await?;
         row.map(|r| Loaded::from_row(&r)).transpose()
     }
 
@@ -563,6 +575,7 @@ pub(crate) struct NewRow<'a> {
 #[derive(Debug)]
 struct Sql {
     load: String,
+    load_idle: String,
     insert: String,
     update: String,
     select_for_update: String,
@@ -601,18 +614,24 @@ impl Sql {
         } else {
             ""
         };
-        let load = format!(
-            "WITH touched AS (\
-               UPDATE {t} SET expire = {extend_expr}{touch_extra} \
-               WHERE sid = $1 AND expire > {now} AND expire < {before} AND expire < {extend_expr} \
-               RETURNING sess::text AS sess, {from_col} AS expire, xmin::text AS version, {ext_cols}) \
-             SELECT sess, expire, version, created_at, user_id, provider_sid, true FROM touched \
-             UNION ALL \
-             SELECT sess::text, {from_col}, xmin::text, {ext_cols}, false FROM {t} \
-             WHERE sid = $1 AND expire > {now} AND NOT EXISTS (SELECT 1 FROM touched)",
-            now = to_col("$3"),
-            before = to_col("$5"),
-        );
+        let load_sql = |extend: &str, before: &str| {
+            format!(
+                "WITH touched AS (\
+                   UPDATE {t} SET expire = {extend}{touch_extra} \
+                   WHERE sid = $1 AND expire > {now} AND expire < {before} AND expire < {extend} \
+                   RETURNING sess::text AS sess, {from_col} AS expire, xmin::text AS version, {ext_cols}) \
+                 SELECT sess, expire, version, created_at, user_id, provider_sid, true FROM touched \
+                 UNION ALL \
+                 SELECT sess::text, {from_col}, xmin::text, {ext_cols}, false FROM {t} \
+                 WHERE sid = $1 AND expire > {now} AND NOT EXISTS (SELECT 1 FROM touched)",
+                now = to_col("$3"),
+                before = to_col(before),
+            )
+        };
+        let load = load_sql(&extend_expr, "$5");
+        // Without an absolute timeout the cap (and its parameter) goes: the
+        // statement that runs on every request stays as small as it can be.
+        let load_idle = load_sql(&to_col("$2"), "$4");
         let (insert_cols, insert_vals, set_ext, set_ext_locked) = if layout.extended {
             (
                 ", created_at, last_seen, user_id, provider_sid, user_agent, ip",
@@ -660,6 +679,7 @@ impl Sql {
         );
         Self {
             load,
+            load_idle,
             insert,
             update,
             select_for_update,
