@@ -665,11 +665,12 @@ impl Sql {
             expire = to_col("$4"),
         );
         let delete = format!("DELETE FROM {t} WHERE sid = $1");
-        // SKIP LOCKED: a row a request holds is left for the next batch rather
-        // than waited for; the outer re-check keeps a row extended meanwhile.
+        // Batches by physical row id: the expire index finds the rows, a TID
+        // scan deletes them, each row is written once. A row extended since
+        // it was picked has moved (new ctid) or fails the re-check: it stays.
         let prune_batch = format!(
-            "DELETE FROM {t} WHERE sid IN (\
-               SELECT sid FROM {t} WHERE expire < {now} LIMIT $2 FOR UPDATE SKIP LOCKED) \
+            "DELETE FROM {t} WHERE ctid = ANY(ARRAY(\
+               SELECT ctid FROM {t} WHERE expire < {now} LIMIT $2)) \
              AND expire < {now}",
             now = to_col("$1"),
         );

@@ -125,6 +125,7 @@ impl PgStore {
         let run = async {
             let mut total = 0u64;
             loop {
+                let started = std::time::Instant::now();
                 let deleted = sqlx::query(&inner.sql.prune_batch)
                     .bind(OffsetDateTime::now_utc())
                     .bind(i64::from(batch_size.max(1)))
@@ -135,8 +136,9 @@ impl PgStore {
                 if one_batch || deleted < u64::from(batch_size.max(1)) {
                     return Ok::<_, StoreError>(total);
                 }
-                // Let requests and autovacuum in between batches.
-                tokio::task::yield_now().await;
+                // Pause as long as the batch took: a prune keeps at most half of
+                // one backend busy, and requests get the rest of the machine.
+                tokio::time::sleep(started.elapsed().min(Duration::from_secs(1))).await;
             }
         }
         .await;
