@@ -102,13 +102,10 @@ impl SigningKeys {
         URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
     }
 
-    /// Constant-time check of `tag` against every key.
-    fn verify(&self, id: &str, tag: &[u8]) -> bool {
-        self.keys.iter().any(|key| {
-            let mut mac = key.clone();
-            mac.update(id.as_bytes());
-            mac.verify_slice(tag).is_ok()
-        })
+    /// Constant-time check of `tag` against every key; the position of the
+    /// key that signed it.
+    fn verify(&self, id: &str, tag: &[u8]) -> Option<usize> {
+        verify_with(&self.keys, id, tag)
     }
 }
 
@@ -168,6 +165,18 @@ pub(crate) enum Codec {
     /// express-session's `s:<sid>.<base64 HMAC without padding>`, URL-encoded.
     Express(ExpressSecrets),
 }
+
+fn verify_with(keys: &[HmacSha256], id: &str, tag: &[u8]) -> Option<usize> {
+    keys.iter().position(|key| {
+        let mut mac = key.clone();
+        mac.update(id.as_bytes());
+        mac.verify_slice(tag).is_ok()
+    })
+}
+
+/// A verified cookie's id, and whether a key other than the first signed it
+/// (the cookie is then re-signed on this response).
+pub(crate) type Verified = (SessionId, bool);
 
 /// A session id taken from a verified cookie or freshly generated.
 #[derive(Clone, PartialEq, Eq)]
@@ -297,7 +306,7 @@ impl CookieConfig {
 
     /// The verified session id of the request, if any. Values that are
     /// malformed, oversized or fail verification are ignored, as if absent.
-    pub(crate) fn read(&self, headers: &HeaderMap, name: &str) -> Option<SessionId> {
+    pub(crate) fn read(&self, headers: &HeaderMap, name: &str) -> Option<Verified> {
         let mut seen_invalid = false;
         for header in headers.get_all(header::COOKIE) {
             let Ok(header) = header.to_str() else {
@@ -328,7 +337,7 @@ impl CookieConfig {
         None
     }
 
-    fn verify_value(&self, value: &str) -> Option<SessionId> {
+    fn verify_value(&self, value: &str) -> Option<Verified> {
         if value.len() > MAX_COOKIE_VALUE {
             return None;
         }
@@ -339,7 +348,8 @@ impl CookieConfig {
                     return None;
                 }
                 let tag = URL_SAFE_NO_PAD.decode(tag).ok()?;
-                keys.verify(id, &tag).then(|| SessionId(id.to_owned()))
+                let by = keys.verify(id, &tag)?;
+                Some((SessionId(id.to_owned()), by > 0))
             }
             Codec::Express(secrets) => {
                 let decoded = percent_decode(value)?;
@@ -348,12 +358,8 @@ impl CookieConfig {
                     return None;
                 }
                 let tag = STANDARD_NO_PAD.decode(tag.trim_end_matches('=')).ok()?;
-                let ok = secrets.keys.iter().any(|key| {
-                    let mut mac = key.clone();
-                    mac.update(id.as_bytes());
-                    mac.verify_slice(&tag).is_ok()
-                });
-                ok.then(|| SessionId(id.to_owned()))
+                let by = verify_with(&secrets.keys, id, &tag)?;
+                Some((SessionId(id.to_owned()), by > 0))
             }
         }
     }
@@ -491,6 +497,7 @@ mod tests {
         );
         let read = |v: &str, c: &CookieConfig| {
             c.read(&request_with(&format!("connect.sid={v}")), "connect.sid")
+                .map(|v| v.0)
         };
         assert_eq!(read(&value, &c), Some(id.clone()));
         // Unencoded works too; rotation: the old secret still verifies.
@@ -547,23 +554,38 @@ mod tests {
         let cookie = value_of(&old.set("session", &id, 60));
         // The old key alone, then the old key behind a new one: both accept.
         assert_eq!(
-            old.read(&request_with(&format!("session={cookie}")), "session"),
+            old.read(&request_with(&format!("session={cookie}")), "session")
+                .map(|v| v.0),
             Some(id.clone())
         );
         let rotated = config(&[K2, K1]);
         assert_eq!(
-            rotated.read(&request_with(&format!("a=b; session={cookie}")), "session"),
+            rotated
+                .read(&request_with(&format!("a=b; session={cookie}")), "session")
+                .map(|v| v.0),
             Some(id.clone())
+        );
+        // Verified by a key other than the first: marked for re-signing.
+        let rotated_read = rotated.read(&request_with(&format!("session={cookie}")), "session");
+        assert_eq!(rotated_read.map(|v| v.1), Some(true));
+        assert_eq!(
+            old.read(&request_with(&format!("session={cookie}")), "session")
+                .map(|v| v.1),
+            Some(false)
         );
         // Once the old key is dropped, its cookies are refused.
         assert_eq!(
-            config(&[K2]).read(&request_with(&format!("session={cookie}")), "session"),
+            config(&[K2])
+                .read(&request_with(&format!("session={cookie}")), "session")
+                .map(|v| v.0),
             None
         );
         // New cookies are signed by the first key.
         let fresh = value_of(&rotated.set("session", &id, 60));
         assert_eq!(
-            config(&[K2]).read(&request_with(&format!("session={fresh}")), "session"),
+            config(&[K2])
+                .read(&request_with(&format!("session={fresh}")), "session")
+                .map(|v| v.0),
             Some(id)
         );
     }
@@ -589,14 +611,18 @@ mod tests {
             format!("{raw_id}';--.{tag}"),
         ] {
             assert_eq!(
-                c.read(&request_with(&format!("session={bad}")), "session"),
+                c.read(&request_with(&format!("session={bad}")), "session")
+                    .map(|v| v.0),
                 None,
                 "{bad}"
             );
         }
         // A forged cookie before the real one does not hide it.
         let both = format!("session=forged.AAAA; session={good}");
-        assert_eq!(c.read(&request_with(&both), "session"), Some(id));
+        assert_eq!(
+            c.read(&request_with(&both), "session").map(|v| v.0),
+            Some(id)
+        );
     }
 
     #[test]

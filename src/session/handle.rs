@@ -53,6 +53,8 @@ struct State {
     delete_key: Option<String>,
     cookie: CookieAction,
     failure: Option<Failure>,
+    /// The cookie was signed by a retired key: send it again, signed anew.
+    resign: bool,
 }
 
 /// The stored row this session is bound to.
@@ -61,6 +63,7 @@ struct Row {
     id: SessionId,
     version: String,
     created_at: Option<OffsetDateTime>,
+    expire: OffsetDateTime,
 }
 
 /// What the application opted in to record about the client at creation.
@@ -506,9 +509,20 @@ impl Session {
         self.outcome(&st)
     }
 
+    /// Marks the incoming cookie for re-signing with the current key.
+    pub(crate) fn resign_cookie(&self) {
+        if let Ok(mut st) = self.shared.state.try_lock() {
+            st.resign = true;
+        }
+    }
+
     fn outcome(&self, st: &State) -> Outcome {
+        let mut cookie = st.cookie.clone();
+        if let (CookieAction::Keep, true, Some(row)) = (&cookie, st.resign, &st.row) {
+            cookie = CookieAction::Set(row.id.clone(), row.expire);
+        }
         Outcome {
-            cookie: st.cookie.clone(),
+            cookie,
             failure: st.failure,
         }
     }
@@ -552,6 +566,7 @@ impl Session {
             id: id.clone(),
             version: loaded.version,
             created_at: loaded.created_at,
+            expire: loaded.expire,
         });
         if loaded.touched {
             st.cookie = CookieAction::Set(id.clone(), loaded.expire);
@@ -631,7 +646,9 @@ impl Session {
             row.id.clone()
         };
         let new_key = new_id.storage_key(hashed);
-        let expire = config.expire_at(now, row.created_at);
+        // Keep `expire` unless its extension is due: an update that changes
+        // no indexed column can be a HOT update (no index writes).
+        let expire = config.next_expire(now, row.created_at, row.expire);
         config.stamp(&mut st.data, expire);
         let sess = st.data.to_json();
         let new = NewRow {
@@ -685,7 +702,7 @@ impl Session {
             st.user_id = fresh.user_id;
             st.provider_sid = fresh.provider_sid;
         }
-        let expire = config.expire_at(now, fresh.created_at);
+        let expire = config.next_expire(now, fresh.created_at, fresh.expire);
         config.stamp(&mut data, expire);
         let sess = data.to_json();
         let new = NewRow {
@@ -719,11 +736,19 @@ impl Session {
         st.cycle = false;
         st.next_id = None;
         st.meta_changed = false;
-        st.cookie = CookieAction::Set(id.clone(), expire);
+        // The browser's cookie already says when an unchanged row expires.
+        let unchanged = st
+            .row
+            .as_ref()
+            .is_some_and(|r| r.id == id && r.expire == expire);
+        if !unchanged {
+            st.cookie = CookieAction::Set(id.clone(), expire);
+        }
         st.row = Some(Row {
             id,
             version,
             created_at,
+            expire,
         });
     }
 }

@@ -112,6 +112,23 @@ impl Config {
         }
     }
 
+    /// The expiry of an existing row written now: unchanged until the idle
+    /// extension is due (as for reads), so most writes leave `expire` alone.
+    pub(crate) fn next_expire(
+        &self,
+        now: OffsetDateTime,
+        created: Option<OffsetDateTime>,
+        current: OffsetDateTime,
+    ) -> OffsetDateTime {
+        let fresh = self.expire_at(now, created);
+        match self.idle {
+            Some(idle) if current >= now + idle.mul_f64(1.0 - self.touch_fraction) => {
+                current.min(fresh)
+            }
+            _ => fresh,
+        }
+    }
+
     /// The expiry a row written now gets.
     pub(crate) fn expire_at(
         &self,

@@ -72,7 +72,14 @@ where
             .cookie
             .read(req.headers(), &self.config.cookie_name);
         let client = self.config.client_info(req.headers());
+        let (incoming, resign) = match incoming {
+            Some((id, stale)) => (Some(id), stale),
+            None => (None, false),
+        };
         let session = Session::new(self.store.clone(), self.config.clone(), incoming, client);
+        if resign {
+            session.resign_cookie();
+        }
         req.extensions_mut().insert(session.clone());
         // The clone is not necessarily ready; keep the one that is. See
         // https://docs.rs/tower/latest/tower/trait.Service.html#be-careful-when-cloning-inner-services
