@@ -455,6 +455,7 @@ impl PgStore {
     }
 
     /// Creates the companion table of [`Self::remember_once`] when missing.
+    #[cfg_attr(not(feature = "oidc"), allow(dead_code))]
     pub(crate) async fn ensure_seen_table(&self) -> Result<(), StoreError> {
         let t = self.inner.name.seen_table();
         let mut tx = self.inner.pool.begin().await?;
@@ -473,6 +474,7 @@ impl PgStore {
 
     /// Records `key` until `expire`; false when it was recorded before (a
     /// replay). Atomic across instances.
+    #[cfg_attr(not(feature = "oidc"), allow(dead_code))]
     pub(crate) async fn remember_once(
         &self,
         key: &str,

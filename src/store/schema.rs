@@ -98,6 +98,7 @@ impl TableName {
     }
 
     /// The companion table that remembers single-use values (logout token ids).
+    #[cfg_attr(not(feature = "oidc"), allow(dead_code))]
     pub(crate) fn seen_table(&self) -> String {
         let mut name = format!("{}_seen", self.table.as_str());
         name.truncate(MAX_IDENT);

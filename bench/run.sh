@@ -1,0 +1,285 @@
+#!/usr/bin/env bash
+# The benchmark: tower-pg-session against tower-sessions + tower-sessions-sqlx-store
+# (default and always-save), express-session + connect-pg-simple, an axum app
+# without sessions (the HTTP ceiling), and pgbench (the database's limit).
+#
+#   bash bench/run.sh              # 10 s x 3 per cell, median (about 15 minutes)
+#   QUICK=1 bash bench/run.sh      # 3 s x 1: a smoke test
+#   SCALE=1 bash bench/run.sh      # adds the table-size and prune-under-load runs
+#
+# Writes bench/results/$REPORT.md (printed too) and $REPORT.tsv (raw), REPORT=latest.
+# Settings (env): DURATION, REPS, CONNECTIONS (32), THREADS (2), POOL (10),
+# SESSIONS (pre-created cookies, 10000), CONTENDERS, WORKLOADS (empty: none), PGBENCH (1),
+# SCALE (0), SCALE_ROWS (1000000, 90 % expired), SCALE_CONTENDERS,
+# PGHOST/PGPORT/PGUSER (127.0.0.1/5432/postgres), BENCH_DB (tower_pg_session_bench).
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")"
+BENCH=$PWD
+if [[ ${QUICK:-0} == 1 ]]; then
+  : "${DURATION:=3}" "${REPS:=1}" "${SESSIONS:=1000}" "${WARMUP:=1}" "${SCALE_ROWS:=100000}"
+fi
+DURATION=${DURATION:-10} REPS=${REPS:-3} WARMUP=${WARMUP:-2}
+CONNECTIONS=${CONNECTIONS:-32} THREADS=${THREADS:-2} POOL=${POOL:-10} SESSIONS=${SESSIONS:-10000}
+CONTENDERS=${CONTENDERS-ceiling pg-session tower-sessions tower-sessions-always-save express}
+WORKLOADS=${WORKLOADS-read write new mixed}
+PGBENCH=${PGBENCH:-1} SCALE=${SCALE:-0} SCALE_ROWS=${SCALE_ROWS:-1000000}
+SCALE_CONTENDERS=${SCALE_CONTENDERS:-pg-session tower-sessions express}
+export PGHOST=${PGHOST:-127.0.0.1} PGPORT=${PGPORT:-5432} PGUSER=${PGUSER:-postgres}
+BENCH_DB=${BENCH_DB:-tower_pg_session_bench}
+export BENCH_DATABASE_URL="postgres://$PGUSER@$PGHOST:$PGPORT/$BENCH_DB" BENCH_POOL=$POOL
+[[ $PGHOST == 127.0.0.1 || $PGHOST == localhost ]] || { echo "PGHOST must be local" >&2; exit 2; }
+
+BIN=$BENCH/target/release/bench-server
+RESULTS=$BENCH/results REPORT=${REPORT:-latest}
+RAW=$RESULTS/$REPORT.tsv
+WORK=$(mktemp -d)
+SERVER_PID=
+mkdir -p "$RESULTS"
+log() { printf '[bench %(%T)T] %s\n' -1 "$*" >&2; }
+
+stop_server() {
+  if [[ -n $SERVER_PID ]]; then
+    kill -TERM "$SERVER_PID" 2>/dev/null || true
+    wait "$SERVER_PID" 2>/dev/null || true
+    SERVER_PID=
+  fi
+}
+cleanup() {
+  stop_server
+  [[ -n ${PRUNE_PID:-} ]] && kill -TERM "$PRUNE_PID" 2>/dev/null
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+sql() { PGOPTIONS="-c client_min_messages=warning" psql -X -q -At -v ON_ERROR_STOP=1 -d "$BENCH_DB" "$@"; }
+
+# --------------------------------------------------------------- preparation
+if ! command -v wrk >/dev/null; then
+  log "installing wrk"
+  apt-get update -qq && apt-get install -y -qq wrk >/dev/null
+fi
+log "building bench-server (release)"
+cargo build --release --quiet --manifest-path "$BENCH/Cargo.toml"
+log "npm ci (bench/express)"
+(cd "$BENCH/express" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+
+psql -X -q -d postgres -At -c "SELECT 1 FROM pg_database WHERE datname = '$BENCH_DB'" | grep -q 1 ||
+  psql -X -q -d postgres -c "CREATE DATABASE $BENCH_DB"
+sql -c "CREATE EXTENSION IF NOT EXISTS pg_stat_statements" \
+  -c "DROP SCHEMA IF EXISTS bench_pg, bench_ts, bench_ts_always, bench_express, bench_pgbench CASCADE"
+
+{
+  printf 'meta\tdate\t%s\n' "$(date -u '+%F %T UTC')"
+  printf 'meta\tsettings\twrk %s s x %s (median), %s connections, %s threads; pool %s; %s sessions\n' \
+    "$DURATION" "$REPS" "$CONNECTIONS" "$THREADS" "$POOL" "$SESSIONS"
+  printf 'meta\tmachine\t%s cores, %s; %s; node %s\n' "$(nproc)" "$(uname -sr)" \
+    "$(psql -X -At -d "$BENCH_DB" -c 'SHOW server_version' | cut -d' ' -f1 | sed 's/^/PostgreSQL /')" "$(node --version)"
+  printf 'meta\tload average at start\t%s\n' "$(cut -d' ' -f1-3 /proc/loadavg)"
+  printf 'meta\tcommit\t%s%s\n' "$(git -C "$BENCH" rev-parse --short HEAD 2>/dev/null || echo unknown)" \
+    "$(git -C "$BENCH/.." diff --quiet HEAD -- src Cargo.toml 2>/dev/null || echo ', with uncommitted changes to the crate')"
+} >"$RAW"
+
+# Statements of this database only: other databases on the server are left alone.
+stats_reset() { sql -c "SELECT pg_stat_statements_reset(0, (SELECT oid FROM pg_database WHERE datname = current_database()), 0)" >/dev/null; }
+OURS="dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+      AND query NOT LIKE '%pg_stat_statements%' AND query NOT LIKE '%pg_stat_activity%'"
+
+start_server() { # contender port
+  local c=$1 port=$2
+  if [[ $c == express ]]; then
+    timeout 3600 node "$BENCH/express/server.js" serve "$port" >"$WORK/$c.log" 2>&1 &
+  else
+    timeout 3600 "$BIN" serve --contender "$c" --port "$port" --pool "$POOL" >"$WORK/$c.log" 2>&1 &
+  fi
+  SERVER_PID=$!
+  for _ in $(seq 100); do
+    curl -fs -o /dev/null "http://127.0.0.1:$port/read" && return 0
+    kill -0 "$SERVER_PID" 2>/dev/null || break
+    sleep 0.1
+  done
+  cat "$WORK/$c.log" >&2
+  log "$c did not start"
+  exit 1
+}
+
+seed() { # contender count > cookie file
+  if [[ $1 == express ]]; then
+    timeout 600 node "$BENCH/express/server.js" seed "$2"
+  else
+    timeout 600 "$BIN" seed "$2" --contender "$1" --pool "$POOL"
+  fi
+}
+
+# CPU time (clock ticks) of processes, for CPU per request: the server's process
+# and the Postgres backends of this database.
+TICK_US=$((1000000 / $(getconf CLK_TCK)))
+ticks() { local p; for p; do awk '{ print $1, $14 + $15 }' "/proc/$p/stat" 2>/dev/null || true; done; }
+backends() { sql -c "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"; }
+# Ticks spent between two `ticks` listings (a process that started meanwhile counts from 0).
+ticks_spent() {
+  printf '%s\n' "$1" | awk -v after="$2" 'NF { t0[$1] = $2 }
+    END { n = split(after, a, "\n"); for (i = 1; i <= n; i++) { split(a[i], f, " "); if (f[1] != "") s += f[2] - t0[f[1]] }; print s + 0 }'
+}
+server_ticks() { ticks "$(pgrep -P "$SERVER_PID" | head -n1)" | awk '{ print $2 }'; }
+
+# One wrk run; appends `wrk contender label rep rps p50 p99 max requests errors
+# stmts/req pg_exec_us/req server_cpu_us/req pg_cpu_us/req`.
+run_wrk() { # contender workload label rep port duration
+  local c=$1 w=$2 label=$3 rep=$4 port=$5 d=$6 out stats srv0 srv1 pg0 pg1 pg
+  stats_reset
+  srv0=$(server_ticks) pg0=$(ticks $(backends))
+  out=$(COOKIES="$WORK/$c.cookies" timeout $((d + 30)) wrk -t"$THREADS" -c"$CONNECTIONS" -d"${d}s" \
+    --timeout 5s -s "$BENCH/wrk/$w.lua" "http://127.0.0.1:$port" | grep '^RESULT') ||
+    { log "wrk failed: $c $w"; return 1; }
+  srv1=$(server_ticks) pg1=$(ticks $(backends))
+  pg=$(ticks_spent "$pg0" "$pg1")
+  stats=$(sql -F ' ' -c "SELECT coalesce(sum(calls), 0), coalesce(sum(total_exec_time), 0) FROM pg_stat_statements WHERE $OURS")
+  echo "$out $stats $((srv1 - srv0)) $pg" | awk -v c="$c" -v l="$label" -v r="$rep" -v tick="$TICK_US" '{
+    for (i = 2; i <= 9; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
+    n = v["requests"]; if (n == 0) n = 1
+    printf "wrk\t%s\t%s\t%s\t%s\t%d\t%d\t%d\t%d\t%d\t%.3f\t%.1f\t%.1f\t%.1f\n", c, l, r, v["rps"], v["p50_us"],
+      v["p99_us"], v["max_us"], v["requests"], v["socket_errors"] + v["non2xx"], $10 / n, $11 * 1000 / n,
+      $12 * tick / n, $13 * tick / n
+  }' | tee -a "$RAW" | cut -f2- | tr '\t' ' ' >&2
+}
+
+# The statements behind a cell (from its last repetition), for the details section.
+statement_details() { # contender workload
+  local requests
+  requests=$(tail -n1 "$RAW" | cut -f9)
+  sql -c "SELECT format('| %s | %s | %s | %s | \`%s\` |', '$1', '$2', round(calls::numeric / greatest($requests, 1), 3),
+            round((mean_exec_time * 1000)::numeric), replace(left(regexp_replace(query, '\s+', ' ', 'g'), 160), '|', '\|'))
+          FROM pg_stat_statements WHERE $OURS ORDER BY calls DESC LIMIT 6" >>"$WORK/details.md"
+}
+
+# --------------------------------------------------------------- HTTP contenders
+port=18080
+for c in $CONTENDERS; do
+  port=$((port + 1))
+  log "$c: seeding $SESSIONS sessions"
+  seed "$c" "$SESSIONS" >"$WORK/$c.cookies"
+  [[ $(wc -l <"$WORK/$c.cookies") -eq $SESSIONS ]] || { log "$c: seeding failed"; exit 1; }
+  start_server "$c" "$port"
+  log "$c: warm-up"
+  COOKIES="$WORK/$c.cookies" timeout 60 wrk -t"$THREADS" -c"$CONNECTIONS" -d"${WARMUP}s" \
+    -s "$BENCH/wrk/read.lua" "http://127.0.0.1:$port" >/dev/null
+  for w in $WORKLOADS; do
+    for rep in $(seq "$REPS"); do
+      run_wrk "$c" "$w" "$w" "$rep" "$port" "$DURATION"
+    done
+    [[ $c == ceiling ]] || statement_details "$c" "$w"
+  done
+  stop_server
+done
+
+# --------------------------------------------------------------- pgbench
+if [[ $PGBENCH == 1 ]]; then
+  log "pgbench: $SESSIONS rows"
+  sql -v rows="$SESSIONS" -f "$BENCH/pgbench/setup.sql" >/dev/null
+  for s in select select_upsert upsert; do
+    for rep in $(seq "$REPS"); do
+      # Postgres CPU: the backends' ticks between 1 s after the start and 1 s before the end.
+      timeout $((DURATION + 60)) pgbench -n -M prepared -c "$POOL" -j "$THREADS" -T "$DURATION" \
+        -D rows="$SESSIONS" -f "$BENCH/pgbench/$s.sql" "$BENCH_DB" >"$WORK/pgbench.out" 2>&1 &
+      sleep 1
+      t0=$(date +%s%N) pg0=$(ticks $(backends))
+      sleep $((DURATION > 2 ? DURATION - 2 : 0))
+      t1=$(date +%s%N) pg1=$(ticks $(backends))
+      wait $! || { cat "$WORK/pgbench.out" >&2; exit 1; }
+      out=$(<"$WORK/pgbench.out")
+      tps=$(sed -n 's/^tps = \([0-9.]*\) (without.*/\1/p' <<<"$out")
+      lat=$(sed -n 's/^latency average = \([0-9.]*\) ms/\1/p' <<<"$out")
+      cpu=$(awk -v t="$(ticks_spent "$pg0" "$pg1")" -v us="$TICK_US" -v tps="$tps" -v s="$(((t1 - t0) / 1000000))" \
+        'BEGIN { if (s > 0 && tps > 0) printf "%.1f", t * us / (tps * s / 1000) }')
+      printf 'pgbench\t%s\t%s\t%s\t%s\t%s\n' "$s" "$rep" "$tps" "$lat" "$cpu" | tee -a "$RAW" | cut -f2- | tr '\t' ' ' >&2
+    done
+  done
+fi
+
+# --------------------------------------------------------------- scale
+# READ on a table holding only the live sessions, then with SCALE_ROWS more rows
+# (90 % expired), then while those expired rows are pruned: wrk runs in 1 s
+# slices, and those that overlap the prune are reported.
+fill_expired() { # contender rows
+  local expire="CASE WHEN i % 10 = 0 THEN now() + interval '1 day' ELSE now() - interval '1 day' END"
+  case $1 in
+    pg-session) sql -c "INSERT INTO bench_pg.session (sid, sess, expire)
+        SELECT 'fill' || md5(i::text), '{\"count\":0}', $expire FROM generate_series(1, $2) i" ;;
+    express) sql -c "INSERT INTO bench_express.session (sid, sess, expire)
+        SELECT 'fill' || md5(i::text), '{\"count\":0}', $expire FROM generate_series(1, $2) i" ;;
+    tower-sessions*) sql -c "INSERT INTO $(table_of "$1") (id, data, expiry_date)
+        SELECT 'fill' || md5(i::text), '\\x80'::bytea, $expire FROM generate_series(1, $2) i" ;;
+  esac
+  sql -c "VACUUM ANALYZE $(table_of "$1")"
+}
+table_of() {
+  case $1 in
+    pg-session) echo bench_pg.session ;;
+    express) echo bench_express.session ;;
+    tower-sessions) echo bench_ts.session ;;
+    tower-sessions-always-save) echo bench_ts_always.session ;;
+  esac
+}
+
+if [[ $SCALE == 1 ]]; then
+  for c in $SCALE_CONTENDERS; do
+    port=$((port + 1))
+    log "scale $c: only the $SESSIONS live sessions"
+    sql -c "TRUNCATE $(table_of "$c")" 2>/dev/null || true
+    seed "$c" "$SESSIONS" >"$WORK/$c.cookies"
+    sql -c "VACUUM ANALYZE $(table_of "$c")"
+    start_server "$c" "$port"
+    COOKIES="$WORK/$c.cookies" timeout 60 wrk -t"$THREADS" -c"$CONNECTIONS" -d"${WARMUP}s" \
+      -s "$BENCH/wrk/read.lua" "http://127.0.0.1:$port" >/dev/null
+    for rep in $(seq "$REPS"); do run_wrk "$c" read "read@live" "$rep" "$port" "$DURATION"; done
+    log "scale $c: + $SCALE_ROWS rows (90 % expired)"
+    fill_expired "$c" "$SCALE_ROWS"
+    for rep in $(seq "$REPS"); do run_wrk "$c" read "read@$SCALE_ROWS" "$rep" "$port" "$DURATION"; done
+    log "scale $c: prune under READ load"
+    stats_reset
+    if [[ $c == express ]]; then
+      timeout 1200 node "$BENCH/express/server.js" prune 1500 >"$WORK/prune.out" 2>&1 &
+    else
+      timeout 1200 "$BIN" prune --contender "$c" --pool "$POOL" --delay-ms 1500 >"$WORK/prune.out" 2>&1 &
+    fi
+    PRUNE_PID=$!
+    : >"$WORK/slices"
+    slice=0 running=1
+    # 1 s wrk slices from before the prune starts until one slice after it ends.
+    while ((running)); do
+      kill -0 "$PRUNE_PID" 2>/dev/null || running=0
+      slice=$((slice + 1)) from=$(date +%s%3N)
+      out=$(COOKIES="$WORK/$c.cookies" timeout 60 wrk -t"$THREADS" -c"$CONNECTIONS" -d1s --timeout 5s \
+        -s "$BENCH/wrk/read.lua" "http://127.0.0.1:$port" | grep '^RESULT')
+      echo "$out from=$from to=$(date +%s%3N)" >>"$WORK/slices"
+    done
+    wait "$PRUNE_PID" || { cat "$WORK/prune.out" >&2; exit 1; }
+    PRUNE_PID=
+    read -r prune_ms pstart pend < <(sed -n 's/.*prune_ms=\([0-9]*\) start_ms=\([0-9]*\) end_ms=\([0-9]*\).*/\1 \2 \3/p' "$WORK/prune.out")
+    # Slices that overlap the prune are `read@prune`; the others `read@beside-prune`.
+    awk -v c="$c" -v s="$pstart" -v e="$pend" '{ for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
+      label = (v["from"] < e && v["to"] > s) ? "read@prune" : "read@beside-prune"
+      printf "wrk\t%s\t%s\t%d\t%s\t%d\t%d\t%d\t%d\t%d\t\t\n", c, label, NR, v["rps"], v["p50_us"],
+        v["p99_us"], v["max_us"], v["requests"], v["socket_errors"] + v["non2xx"] }' "$WORK/slices" >>"$RAW"
+    longest=$(sql -c "SELECT round(max(max_exec_time)::numeric, 1) FROM pg_stat_statements
+                      WHERE $OURS AND query ILIKE 'delete%'")
+    left=$(sql -c "SELECT count(*) FROM $(table_of "$c") WHERE $([[ $c == tower* ]] && echo expiry_date || echo expire) < now()")
+    printf 'prune\t%s\t%s\t%s\t%s\t%s\t%s\n' "$c" "$SCALE_ROWS" "$prune_ms" "$slice" "${longest:-?}" "$left" |
+      tee -a "$RAW" | cut -f2- | tr '\t' ' ' >&2
+    stop_server
+  done
+fi
+
+# --------------------------------------------------------------- report
+printf 'meta\tload average at end\t%s\n' "$(cut -d' ' -f1-3 /proc/loadavg)" >>"$RAW"
+"$BIN" report "$RAW" >"$RESULTS/$REPORT.md"
+if [[ -s $WORK/details.md ]]; then
+  {
+    printf '\n## Statements behind each cell (last repetition)\n\n'
+    printf '| contender | workload | calls/request | mean µs | statement |\n|---|---|---:|---:|---|\n'
+    cat "$WORK/details.md"
+  } >>"$RESULTS/$REPORT.md"
+fi
+cat "$RESULTS/$REPORT.md"

@@ -1,0 +1,3 @@
+-- WRITE: every request carries a pre-created session cookie (rotated) and hits /write.
+dofile((debug.getinfo(1, "S").source:match("^@(.*/)") or "./") .. "common.lua")
+use_slots({ { "/write", true } })
