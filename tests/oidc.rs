@@ -216,7 +216,9 @@ async fn bad_callbacks_are_400_and_log_no_one_in() {
                 .await
                 .unwrap();
             let status = r.status();
-            let body: Value = r.json().await.unwrap();
+            let text = r.text().await.unwrap();
+            let body: Value =
+                serde_json::from_str(&text).unwrap_or_else(|e| panic!("{status}: {e}: {text:?}"));
             (
                 status,
                 body["error"].as_str().unwrap_or_default().to_owned(),

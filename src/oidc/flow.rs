@@ -26,8 +26,8 @@ fn session_error(e: SessionError) -> AuthError {
     }
 }
 
-fn now() -> i64 {
-    OffsetDateTime::now_utc().unix_timestamp()
+fn now_ms() -> i64 {
+    (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
 }
 
 /// The parameters of a callback, each at most once.
@@ -61,7 +61,7 @@ impl OidcClient {
         return_to: Option<&str>,
     ) -> Result<Redirect, AuthError> {
         let config = &self.inner.config;
-        let now = now();
+        let now = now_ms();
         // Drop expired pending logins, then the oldest beyond the cap.
         let mut pending = Vec::new();
         for key in session.keys().await.map_err(session_error)? {
@@ -70,7 +70,7 @@ impl OidcClient {
             }
             let found = session.get::<PendingLogin>(&key).await.ok().flatten();
             match found {
-                Some(p) if p.exp > now => pending.push((p.started_ns, key)),
+                Some(p) if p.exp_ms > now => pending.push((p.started_ns, key)),
                 _ => {
                     let _ = session.remove::<Value>(&key).await;
                 }
@@ -93,7 +93,7 @@ impl OidcClient {
             nonce: nonce.secret().clone(),
             pkce: record::seal(&config.keys, &key, FIELD_PKCE, verifier.secret()),
             return_to: safe_return_to(return_to),
-            exp: now + config.login_ttl.as_secs() as i64,
+            exp_ms: now_ms() + config.login_ttl.as_millis() as i64,
             started_ns: OffsetDateTime::now_utc().unix_timestamp_nanos() as i64,
         };
         session.insert(&key, &record).await.map_err(session_error)?;
@@ -168,7 +168,7 @@ impl OidcClient {
             .ok_or_else(|| {
                 AuthError::new(AuthErrorKind::UnknownState, "unknown or already used state")
             })?;
-        if pending.exp < now() {
+        if pending.exp_ms <= now_ms() {
             return Err(AuthError::new(
                 AuthErrorKind::ExpiredState,
                 "the login took too long",

@@ -29,8 +29,8 @@ pub(crate) struct PendingLogin {
     /// The PKCE verifier, sealed.
     pub(crate) pkce: String,
     pub(crate) return_to: String,
-    /// Unix seconds after which the callback is refused.
-    pub(crate) exp: i64,
+    /// Unix milliseconds after which the callback is refused.
+    pub(crate) exp_ms: i64,
     /// When it started, unix nanoseconds: the oldest goes first past the cap.
     #[serde(default)]
     pub(crate) started_ns: i64,
