@@ -3,7 +3,7 @@
 //!
 //! | counter | labels | counts |
 //! |---|---|---|
-//! | `tower_pg_session_loads_total` | `result`: `found`, `missing` | session reads (one statement each) |
+//! | `tower_pg_session_loads_total` | `result`: `found`, `missing` | session reads (one each; several may share a statement) |
 //! | `tower_pg_session_touches_total` | `written`: `true`, `false` | found sessions whose idle expiry was (or did not need to be) rewritten |
 //! | `tower_pg_session_saves_total` | `kind`: `insert`, `update`, `merge` | writes; `merge` re-applied changes after a concurrent write |
 //! | `tower_pg_session_conflicts_retried_total` | | saves that met a concurrent write |

@@ -536,12 +536,11 @@ impl Session {
             return Ok(());
         };
         let config = &self.shared.config;
-        let params = config.load_params(OffsetDateTime::now_utc());
         let span = tracing::debug_span!("session.load", session = %id.log_id());
         let loaded = self
             .shared
             .store
-            .load(&id.storage_key(config.hashed_ids), &params)
+            .load_shared(id.storage_key(config.hashed_ids), config.load_policy())
             .instrument(span)
             .await
             .map_err(|e| self.fail(st, Failure::Unavailable, e))?;
@@ -659,10 +658,14 @@ impl Session {
             user_agent: None,
             ip: None,
         };
-        let updated = store
-            .update(&key, &new_key, &row.version, &new, now)
-            .await
-            .map_err(|e| self.fail(st, Failure::Unavailable, e))?;
+        // A save under the same key may share its statement with others; a
+        // new id (login) goes alone.
+        let updated = if new_key == key {
+            store.update_shared(&key, &row.version, &new, now).await
+        } else {
+            store.update(&key, &new_key, &row.version, &new, now).await
+        }
+        .map_err(|e| self.fail(st, Failure::Unavailable, e))?;
         if let Some(version) = updated {
             metrics::save("update");
             self.saved(st, new_id, version, row.created_at, expire);

@@ -16,7 +16,7 @@ use super::{
 };
 use crate::{
     error::ConfigError,
-    store::{LoadParams, PgStore},
+    store::{LoadPolicy, PgStore},
 };
 
 /// Everything the service and the handles share, fixed at construction.
@@ -92,23 +92,12 @@ impl Config {
         }
     }
 
-    pub(crate) fn load_params(&self, now: OffsetDateTime) -> LoadParams {
-        let absolute_secs = self.absolute.map(|d| d.as_secs_f64());
-        match self.idle {
-            Some(idle) => LoadParams {
-                now,
-                extend_to: now + idle,
-                // The row is rewritten only once this share of the idle timeout
-                // has passed since the last write, not on every read.
-                touch_before: now + idle.mul_f64(1.0 - self.touch_fraction),
-                absolute_secs,
-            },
-            None => LoadParams {
-                now,
-                extend_to: now,
-                touch_before: now,
-                absolute_secs,
-            },
+    /// How loads extend the idle expiry.
+    pub(crate) fn load_policy(&self) -> LoadPolicy {
+        LoadPolicy {
+            idle: self.idle,
+            absolute: self.absolute,
+            touch_fraction: self.touch_fraction,
         }
     }
 

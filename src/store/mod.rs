@@ -10,9 +10,9 @@
 //!
 //! | operation | statement |
 //! |---|---|
-//! | load (and extend the idle expiry when it is due) | one `WITH … UPDATE … RETURNING` + `SELECT` |
+//! | load (and extend the idle expiry when it is due) | one `WITH … SELECT … UPDATE … RETURNING` for all the loads waiting at that moment |
 //! | create | `INSERT … ON CONFLICT DO NOTHING` |
-//! | save | `UPDATE … WHERE sid = $1 AND xmin = $2` (never re-creates a deleted row) |
+//! | save | `UPDATE … WHERE sid = $1 AND xmin = $2` (never re-creates a deleted row), for all the saves waiting at that moment |
 //! | cycle the id | the same `UPDATE`, setting a new `sid` |
 //! | destroy | `DELETE` |
 //!
@@ -30,6 +30,7 @@
 //! # Ok(()) }
 //! ```
 
+mod batch;
 mod prune;
 mod schema;
 #[cfg(feature = "tower-sessions")]
@@ -43,6 +44,7 @@ use sqlx::{
 };
 use time::OffsetDateTime;
 
+pub(crate) use self::batch::LoadPolicy;
 pub use self::prune::{PruneConfig, PruneOutcome, Pruner};
 use self::schema::{ExpireType, Ident, Layout, SessType, TableName};
 use crate::error::ConfigError;
@@ -83,6 +85,10 @@ pub enum StoreError {
     /// A configuration value was rejected.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// A statement that served several requests at once failed; each of
+    /// them reports the same error.
+    #[error(transparent)]
+    Shared(Arc<StoreError>),
 }
 
 impl StoreError {
@@ -92,6 +98,7 @@ impl StoreError {
     pub fn is_unavailable(&self) -> bool {
         match self {
             Self::Connect { .. } => true,
+            Self::Shared(e) => e.is_unavailable(),
             Self::Database(e) => {
                 matches!(
                     e,
@@ -108,6 +115,17 @@ impl StoreError {
     }
 }
 
+impl StoreError {
+    /// The connection failed under the statement (not the database refusing
+    /// it, nor the pool running dry): another connection may succeed.
+    pub(crate) fn is_broken_connection(&self) -> bool {
+        matches!(
+            self,
+            Self::Database(sqlx::Error::Io(_) | sqlx::Error::Protocol(_))
+        ) || matches!(self, Self::Database(sqlx::Error::Database(d)) if d.code().is_some_and(|c| c.starts_with("57P")))
+    }
+}
+
 /// Where and how [`PgStore`] keeps its table.
 #[derive(Debug, Clone)]
 pub struct PgStoreConfig {
@@ -115,6 +133,7 @@ pub struct PgStoreConfig {
     table: Ident,
     create_table: bool,
     timestamp_zone: Option<String>,
+    load_slots: Option<usize>,
 }
 
 impl Default for PgStoreConfig {
@@ -131,6 +150,7 @@ impl PgStoreConfig {
             table: Ident::new("session").unwrap_or_else(|_| unreachable!()),
             create_table: true,
             timestamp_zone: None,
+            load_slots: None,
         }
     }
 
@@ -194,7 +214,30 @@ impl PgStoreConfig {
         self.timestamp_zone = Some(zone.to_owned());
         Ok(self)
     }
+
+    /// How many session load statements may run at once (default: 4, at
+    /// most the pool's size).
+    ///
+    /// A load arriving while none runs is sent at once. One arriving while
+    /// one runs waits for it to finish, and the next statement carries every
+    /// waiting load: under load, one round trip serves many requests. Only
+    /// when the running statements have gone 5 ms without one finishing does
+    /// a waiting load open another, up to this number, so that one slow
+    /// statement does not hold up every request.
+    ///
+    /// ```
+    /// # use tower_pg_session::PgStoreConfig;
+    /// let config = PgStoreConfig::new().with_load_concurrency(2);
+    /// ```
+    pub fn with_load_concurrency(mut self, loads: usize) -> Self {
+        self.load_slots = Some(loads.max(1));
+        self
+    }
 }
+
+/// Load statements that may run at once by default (see
+/// [`PgStoreConfig::with_load_concurrency`]).
+const DEFAULT_LOAD_SLOTS: usize = 4;
 
 /// Sessions in Postgres. Cheap to clone; clones share the pool.
 #[derive(Clone)]
@@ -207,6 +250,8 @@ struct Inner {
     name: TableName,
     layout: Layout,
     sql: Sql,
+    loads: batch::Batcher<batch::LoadJob>,
+    updates: batch::Batcher<batch::UpdateJob>,
 }
 
 impl fmt::Debug for PgStore {
@@ -278,13 +323,18 @@ impl PgStore {
         )
         .await?;
         let sql = Sql::new(&name, &layout);
-        tracing::debug!(table = %name.qualified(), ?layout, "session store ready");
+        let slots = config.load_slots.unwrap_or_else(|| {
+            DEFAULT_LOAD_SLOTS.min(pool.options().get_max_connections() as usize)
+        });
+        tracing::debug!(table = %name.qualified(), ?layout, slots, "session store ready");
         Ok(Self {
             inner: Arc::new(Inner {
                 pool,
                 name,
                 layout,
                 sql,
+                loads: batch::Batcher::new(slots),
+                updates: batch::Batcher::new(slots),
             }),
         })
     }
@@ -322,28 +372,37 @@ impl PgStore {
         self.inner.layout.extended
     }
 
-    /// Loads a live row, extending its expiry in the same statement when the
-    /// extension is due.
-    pub(crate) async fn load(
+    /// Loads the live rows under `keys`, extending the expiry of each in the
+    /// same statement when its extension is due.
+    async fn load_many(
         &self,
-        key: &str,
+        keys: &[&str],
         at: &LoadParams,
-    ) -> Result<Option<Loaded>, StoreError> {
-        let query = match at.absolute_secs {
-            Some(secs) => sqlx::query(&self.inner.sql.load)
-                .bind(key)
-                .bind(at.extend_to)
-                .bind(at.now)
-                .bind(secs)
-                .bind(at.touch_before),
-            None => sqlx::query(&self.inner.sql.load_idle)
-                .bind(key)
-                .bind(at.extend_to)
-                .bind(at.now)
-                .bind(at.touch_before),
+    ) -> Result<Vec<(String, Loaded)>, StoreError> {
+        let Some((index, keys)) = padded(keys) else {
+            return Ok(Vec::new());
         };
-        let row = query.fetch_optional(&self.inner.pool).await?;
-        row.map(|r| Loaded::from_row(&r)).transpose()
+        let statements = match at.absolute_secs {
+            Some(_) => &self.inner.sql.load,
+            None => &self.inner.sql.load_idle,
+        };
+        let Some(sql) = statements.get(index) else {
+            return Ok(Vec::new());
+        };
+        let mut query = sqlx::query(sql)
+            .bind(at.extend_to)
+            .bind(at.now)
+            .bind(at.touch_before);
+        if let Some(secs) = at.absolute_secs {
+            query = query.bind(secs);
+        }
+        for key in keys {
+            query = query.bind(*key);
+        }
+        let rows = query.fetch_all(&self.inner.pool).await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get(7)?, Loaded::from_row(r)?)))
+            .collect()
     }
 
     /// Inserts a new row; `None` when the id is taken.
@@ -389,6 +448,30 @@ impl PgStore {
             q = q.bind(row.user_id).bind(row.provider_sid);
         }
         Ok(q.fetch_optional(&self.inner.pool).await?)
+    }
+
+    /// Writes rows loaded at the given versions under their own keys, in one
+    /// statement. Rows locked elsewhere are skipped: their saves conflict.
+    /// Returns the keys written, each with its new version.
+    async fn update_many(
+        &self,
+        jobs: &[&batch::UpdateJob],
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        let (Some(first), Some((index, padded))) = (jobs.first(), padded(jobs)) else {
+            return Ok(Vec::new());
+        };
+        let Some(sql) = self.inner.sql.update_many.get(index) else {
+            return Ok(Vec::new());
+        };
+        let mut q = sqlx::query_as(sql).bind(first.now);
+        // The same row twice (padding) is written once.
+        for j in padded {
+            q = q.bind(&j.key).bind(&j.sess).bind(j.expire).bind(&j.version);
+            if self.inner.layout.extended {
+                q = q.bind(&j.user_id).bind(&j.provider_sid);
+            }
+        }
+        Ok(q.fetch_all(&self.inner.pool).await?)
     }
 
     /// Locks the live row for the rest of the returned transaction. `None`
@@ -576,10 +659,14 @@ pub(crate) struct NewRow<'a> {
 /// The statements, built once from the validated names and detected layout.
 #[derive(Debug)]
 struct Sql {
-    load: String,
-    load_idle: String,
+    /// Loads of 1, 2, 4, … [`batch::MAX_KEYS`] keys, with an absolute timeout.
+    load: Vec<String>,
+    /// The same without one.
+    load_idle: Vec<String>,
     insert: String,
     update: String,
+    /// Updates of 1, 2, 4, … [`batch::MAX_KEYS`] rows (index 0 unused).
+    update_many: Vec<String>,
     select_for_update: String,
     update_locked: String,
     delete: String,
@@ -593,47 +680,91 @@ impl Sql {
     fn new(name: &TableName, layout: &Layout) -> Self {
         let t = name.qualified();
         let to_col = |p: &str| to_col(&layout.expire, p);
-        let from_col = to_instant(&layout.expire, "expire");
         let json = match layout.sess {
             SessType::Json => "json",
             SessType::Jsonb => "jsonb",
         };
-        let (ext_cols, extend_expr) = if layout.extended {
-            (
-                "created_at, user_id, provider_sid",
-                to_col("LEAST($2, created_at + $4 * interval '1 second')"),
-            )
+        let ext_cols = if layout.extended {
+            "created_at, user_id, provider_sid"
         } else {
-            (
-                "NULL::timestamptz AS created_at, NULL::text AS user_id, NULL::text AS provider_sid",
-                to_col("$2"),
-            )
+            "NULL::timestamptz AS created_at, NULL::text AS user_id, NULL::text AS provider_sid"
         };
         // The touch also records when the session was last seen (to the
         // touch's granularity: no extra writes for it).
         let touch_extra = if layout.extended {
-            ", last_seen = $3"
+            ", last_seen = $2"
         } else {
             ""
         };
-        let load_sql = |extend: &str, before: &str| {
+        // Parameters: $1 extend to, $2 now, $3 touch rows expiring before,
+        // [$4 absolute timeout in seconds], then the keys. The rows are
+        // found once by primary key. Only those due are locked and updated,
+        // and a row locked elsewhere (a write or a token refresh in progress)
+        // is skipped rather than waited for: a load never waits on a row
+        // lock, and loads sharing a statement never wait on each other. The
+        // UPDATE returns the latest version of a row it touches.
+        let load_sql = |keys: usize, absolute: bool| {
+            let first = if absolute { 5 } else { 4 };
+            let list = (first..first + keys)
+                .map(|n| format!("${n}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let extend = |of: &str| {
+                if absolute {
+                    to_col(&format!(
+                        "LEAST($1, {of}created_at + $4 * interval '1 second')"
+                    ))
+                } else {
+                    to_col("$1")
+                }
+            };
+            let now = to_col("$2");
+            let before = to_col("$3");
+            let from_cur = to_instant(&layout.expire, "expire");
+            let from_t = to_instant(&layout.expire, "t.expire");
+            let t_ext = if layout.extended {
+                "t.created_at, t.user_id, t.provider_sid"
+            } else {
+                ext_cols
+            };
+            // The table is reached by primary key, then by physical row id
+            // (TID scans), and the times are compared only on the
+            // materialized rows: no plan can choose the expire index, and no
+            // estimate depends on the time parameters, so Postgres keeps one
+            // generic plan instead of planning each execution. A row locked
+            // by `due` is the version `cur` read (a newer one has another
+            // row id and fails the TID check), so the checks made on `cur`
+            // hold for it.
             format!(
-                "WITH touched AS (\
-                   UPDATE {t} SET expire = {extend}{touch_extra} \
-                   WHERE sid = $1 AND expire > {now} AND expire < {before} AND expire < {extend} \
-                   RETURNING sess::text AS sess, {from_col} AS expire, xmin::text AS version, {ext_cols}) \
-                 SELECT sess, expire, version, created_at, user_id, provider_sid, true FROM touched \
+                "WITH cur AS MATERIALIZED (\
+                   SELECT ctid AS row_id, sid, sess, expire, xmin, {ext_cols} FROM {t} \
+                   WHERE sid IN ({list})), \
+                 due AS (\
+                   SELECT ctid AS row_id FROM {t} \
+                   WHERE ctid = ANY(ARRAY(SELECT row_id FROM cur \
+                     WHERE expire > {now} AND expire < {before} AND expire < {extend_cur})) \
+                   FOR UPDATE SKIP LOCKED), \
+                 touched AS (\
+                   UPDATE {t} AS t SET expire = {extend_t}{touch_extra} \
+                   WHERE ctid = ANY(ARRAY(SELECT row_id FROM due)) \
+                   RETURNING t.sess::text AS sess, {from_t} AS expire, t.xmin::text AS version, \
+                   {t_ext}, t.sid) \
+                 SELECT sess, expire, version, created_at, user_id, provider_sid, true, sid::text \
+                 FROM touched \
                  UNION ALL \
-                 SELECT sess::text, {from_col}, xmin::text, {ext_cols}, false FROM {t} \
-                 WHERE sid = $1 AND expire > {now} AND NOT EXISTS (SELECT 1 FROM touched)",
-                now = to_col("$3"),
-                before = to_col(before),
+                 SELECT sess::text, {from_cur}, xmin::text, created_at, user_id, provider_sid, \
+                 false, sid::text FROM cur \
+                 WHERE expire > {now} \
+                 AND NOT EXISTS (SELECT 1 FROM touched WHERE touched.sid = cur.sid)",
+                extend_cur = extend(""),
+                extend_t = extend("t."),
             )
         };
-        let load = load_sql(&extend_expr, "$5");
+        let load = arities().map(|k| load_sql(k, true)).collect();
         // Without an absolute timeout the cap (and its parameter) goes: the
         // statement that runs on every request stays as small as it can be.
-        let load_idle = load_sql(&to_col("$2"), "$4");
+        let load_idle = arities().map(|k| load_sql(k, false)).collect();
+        let from_col = to_instant(&layout.expire, "expire");
         let (insert_cols, insert_vals, set_ext, set_ext_locked) = if layout.extended {
             (
                 ", created_at, last_seen, user_id, provider_sid, user_agent, ip",
@@ -656,6 +787,60 @@ impl Sql {
             expire = to_col("$4"),
             now = to_col("$6"),
         );
+        // $1 now, then per row: key, sess, expire, version[, user_id,
+        // provider_sid]. Each row is written only if it is still at the
+        // version its request loaded and no one else holds it.
+        let update_many_sql = |rows: usize| {
+            let per = if layout.extended { 6 } else { 4 };
+            let values = (0..rows)
+                .map(|r| {
+                    let p = |i: usize| format!("${}", 2 + r * per + i);
+                    let ext = if layout.extended {
+                        format!(", {}::text, {}::text", p(4), p(5))
+                    } else {
+                        String::new()
+                    };
+                    format!(
+                        "({}::text, {}::text, {}::timestamptz, {}::xid{ext})",
+                        p(0),
+                        p(1),
+                        p(2),
+                        p(3)
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", ");
+            let (v_ext, set_ext) = if layout.extended {
+                (
+                    ", user_id, provider_sid",
+                    ", user_id = v.user_id, provider_sid = v.provider_sid, last_seen = $1",
+                )
+            } else {
+                ("", "")
+            };
+            // As for loads: primary key, then physical row ids, whatever
+            // the planner thinks of the table's size or the time.
+            let keys = (0..rows)
+                .map(|r| format!("${}", 2 + r * per))
+                .collect::<Vec<_>>()
+                .join(", ");
+            format!(
+                "WITH v (sid, sess, expire, version{v_ext}) AS (VALUES {values}), \
+                 cur AS MATERIALIZED (\
+                   SELECT ctid AS row_id, expire FROM {t} WHERE sid IN ({keys})), \
+                 free AS (\
+                   SELECT ctid AS row_id, sid, xmin FROM {t} \
+                   WHERE ctid = ANY(ARRAY(SELECT row_id FROM cur WHERE expire > {now})) \
+                   FOR UPDATE SKIP LOCKED) \
+                 UPDATE {t} AS t SET sess = v.sess::{json}, expire = {expire}{set_ext} \
+                 FROM v JOIN free ON free.sid = v.sid AND free.xmin = v.version \
+                 WHERE t.ctid = ANY(ARRAY(SELECT row_id FROM free)) AND t.ctid = free.row_id \
+                 RETURNING v.sid::text, t.xmin::text",
+                now = to_col("$1"),
+                expire = to_col("v.expire"),
+            )
+        };
+        let update_many = arities().map(update_many_sql).collect();
         let select_for_update = format!(
             "SELECT sess::text, {from_col}, xmin::text, {ext_cols}, false FROM {t} \
              WHERE sid = $1 AND expire > {now} FOR UPDATE",
@@ -685,6 +870,7 @@ impl Sql {
             load_idle,
             insert,
             update,
+            update_many,
             select_for_update,
             update_locked,
             delete,
@@ -692,6 +878,23 @@ impl Sql {
             save_any,
         }
     }
+}
+
+/// The arities shared statements are prepared for: 1, 2, 4, …
+/// [`batch::MAX_KEYS`]. One statement per power of two keeps few prepared
+/// statements, each with one generic plan (an array parameter would make
+/// Postgres plan every execution anew).
+fn arities() -> impl Iterator<Item = usize> {
+    (0..=batch::MAX_KEYS.trailing_zeros()).map(|p| 1 << p)
+}
+
+/// The index in [`arities`] of the statement for `items`, and the items
+/// padded to its arity by repeating the last; `None` for no items.
+fn padded<T>(items: &[T]) -> Option<(usize, impl Iterator<Item = &T>)> {
+    let last = items.last()?;
+    let arity = items.len().next_power_of_two();
+    let padded = items.iter().chain(std::iter::repeat(last)).take(arity);
+    Some((arity.trailing_zeros() as usize, padded))
 }
 
 /// Instants travel as timestamptz; a `timestamp` column holds wall-clock time

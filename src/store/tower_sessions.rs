@@ -9,7 +9,7 @@ use tower_sessions_core::{
     session_store::{self, ExpiredDeletion, SessionStore},
 };
 
-use super::{LoadParams, NewRow, PgStore, StoreError};
+use super::{LoadPolicy, NewRow, PgStore, StoreError};
 
 impl From<StoreError> for session_store::Error {
     fn from(e: StoreError) -> Self {
@@ -60,15 +60,11 @@ impl SessionStore for PgStore {
     }
 
     async fn load(&self, id: &Id) -> session_store::Result<Option<Record>> {
-        let now = OffsetDateTime::now_utc();
         // tower-sessions extends expiry through `save`; never touch here.
-        let at = LoadParams {
-            now,
-            extend_to: now,
-            touch_before: now,
-            absolute_secs: None,
-        };
-        let Some(row) = PgStore::load(self, &id.to_string(), &at).await? else {
+        let Some(row) = self
+            .load_shared(id.to_string(), LoadPolicy::READ_ONLY)
+            .await?
+        else {
             return Ok(None);
         };
         let data = serde_json::from_str(&row.sess)

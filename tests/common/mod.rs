@@ -93,6 +93,27 @@ impl Db {
         serde_json::from_str(&all[0]).unwrap()
     }
 
+    /// A pool of at most `size` whose connections carry `name` as their
+    /// application name, so a test can find (and kill) their backends.
+    pub async fn named_pool(&self, name: &str, size: u32) -> PgPool {
+        let options: sqlx::postgres::PgConnectOptions = database_url().parse().unwrap();
+        PgPoolOptions::new()
+            .max_connections(size)
+            .test_before_acquire(false)
+            .connect_with(options.application_name(name))
+            .await
+            .unwrap()
+    }
+
+    /// Backends whose application name is `name`.
+    pub async fn backends_named(&self, name: &str) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE application_name = $1")
+            .bind(name)
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+    }
+
     pub async fn drop_schema(self) {
         let _ = sqlx::query(&format!(
             "DROP SCHEMA IF EXISTS \"{}\" CASCADE",
@@ -277,6 +298,19 @@ impl Client {
     pub async fn put(&mut self, path: &str, v: Value) -> Reply {
         self.send("PUT", path, Some(v)).await
     }
+
+    /// GETs `path` until it answers 200 (the database is back), for 5 s at
+    /// most; its body, or `None` when it never did.
+    pub async fn get_when_up(&mut self, path: &str) -> Option<Value> {
+        for _ in 0..50 {
+            let r = self.get(path).await;
+            if r.status == StatusCode::OK {
+                return Some(r.body);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        None
+    }
 }
 
 pub async fn eventually<F, Fut>(what: &str, mut f: F)
@@ -338,6 +372,19 @@ impl Relay {
             }
         });
         Self { port, up }
+    }
+
+    /// A store on `db`'s table (created directly first) that reaches the
+    /// database through this relay, on a pool of 4 that gives up after 2 s.
+    pub async fn store(&self, db: &Db, config: PgStoreConfig) -> PgStore {
+        db.store().await;
+        let pool = PgPoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(Duration::from_secs(2))
+            .connect(&self.url())
+            .await
+            .unwrap();
+        PgStore::new(pool, config).await.unwrap()
     }
 
     pub fn url(&self) -> String {

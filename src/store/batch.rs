@@ -1,0 +1,408 @@
+//! Loads and saves from concurrent requests, folded into shared statements.
+//!
+//! A load that arrives while no load statement runs is sent at once, alone:
+//! under light load nothing waits. While one runs, loads queue, and the next
+//! statement to start carries every queued key (`sid IN (…)`). Under heavy
+//! load one round trip then serves many requests, which is what makes a read
+//! cheaper than one statement per request.
+//!
+//! One statement at a time batches best, but a statement that stalls (a
+//! slow disk read, a descheduled backend) would hold up every load behind
+//! it: when none has finished for [`STALL`], the next load opens another
+//! slot, up to the configured number.
+//!
+//! A queued load only joins a statement that starts after it was queued, so
+//! it always sees every write committed before its request arrived.
+//!
+//! Saves of existing rows are folded the same way, each row checked against
+//! the version its request loaded: one statement and one commit (one WAL
+//! flush) for many requests. A row locked elsewhere is skipped, not waited
+//! for, and its request takes the usual conflict path on its own.
+
+use std::{
+    collections::{HashMap, HashSet},
+    future::Future,
+    sync::{Arc, Mutex, MutexGuard},
+    time::{Duration, Instant},
+};
+
+use time::OffsetDateTime;
+use tokio::sync::oneshot;
+
+use super::{LoadParams, Loaded, NewRow, PgStore, StoreError};
+
+/// Keys in one statement at most (a power of two).
+pub(super) const MAX_KEYS: usize = 128;
+
+/// How long the running statements may go without one finishing before a
+/// queued load opens another slot.
+const STALL: Duration = Duration::from_millis(5);
+
+/// How a load extends the idle expiry; fixed per session layer. Loads are
+/// folded together only when their policies are equal.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct LoadPolicy {
+    /// The idle timeout (`None`: a load never extends the expiry).
+    pub(crate) idle: Option<Duration>,
+    /// The absolute timeout, which caps any extension.
+    pub(crate) absolute: Option<Duration>,
+    /// The share of the idle timeout that must pass before a load rewrites
+    /// the expiry.
+    pub(crate) touch_fraction: f64,
+}
+
+impl LoadPolicy {
+    /// A policy under which loads only read.
+    #[cfg(feature = "tower-sessions")]
+    pub(crate) const READ_ONLY: Self = Self {
+        idle: None,
+        absolute: None,
+        touch_fraction: 0.0,
+    };
+
+    /// The times a load starting at `now` uses.
+    pub(crate) fn params(&self, now: OffsetDateTime) -> LoadParams {
+        let absolute_secs = self.absolute.map(|d| d.as_secs_f64());
+        match self.idle {
+            Some(idle) => LoadParams {
+                now,
+                extend_to: now + idle,
+                // The row is rewritten only once this share of the idle timeout
+                // has passed since the last write, not on every read.
+                touch_before: now + idle.mul_f64(1.0 - self.touch_fraction),
+                absolute_secs,
+            },
+            None => LoadParams {
+                now,
+                extend_to: now,
+                touch_before: now,
+                absolute_secs,
+            },
+        }
+    }
+}
+
+/// Work that requests hand to a [`Batcher`].
+pub(crate) trait Job: Send + Sized + 'static {
+    type Output: Send + 'static;
+    /// Jobs share a statement only when their groups are equal.
+    type Group: PartialEq + Copy;
+    fn group(&self) -> Self::Group;
+    fn batcher(store: &PgStore) -> &Batcher<Self>;
+    /// Runs the jobs and answers every one of them.
+    fn execute(store: &PgStore, batch: Vec<Pending<Self>>) -> impl Future<Output = ()> + Send;
+}
+
+type Reply<J> = Result<<J as Job>::Output, Arc<StoreError>>;
+
+/// A job and where its answer goes.
+pub(crate) struct Pending<J: Job> {
+    job: J,
+    reply: oneshot::Sender<Reply<J>>,
+}
+
+struct Queue<J: Job> {
+    waiting: Vec<Pending<J>>,
+    running: usize,
+    /// When a statement last started or finished.
+    progress: Instant,
+}
+
+/// The queue of jobs waiting for a slot.
+pub(crate) struct Batcher<J: Job> {
+    queue: Mutex<Queue<J>>,
+    slots: usize,
+}
+
+impl<J: Job> Batcher<J> {
+    pub(crate) fn new(slots: usize) -> Self {
+        Self {
+            queue: Mutex::new(Queue {
+                waiting: Vec::new(),
+                running: 0,
+                progress: Instant::now(),
+            }),
+            slots: slots.max(1),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Queue<J>> {
+        // The queue is consistent between statements: a panic elsewhere
+        // while it was held leaves nothing half-done.
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl PgStore {
+    /// Runs `job` in a statement shared with the jobs of other requests
+    /// running at the same time.
+    async fn submit<J: Job>(&self, job: J) -> Result<J::Output, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        let start = {
+            let batcher = J::batcher(self);
+            let mut queue = batcher.lock();
+            queue.waiting.push(Pending { job, reply });
+            let now = Instant::now();
+            let free = queue.running == 0
+                || (queue.running < batcher.slots && now - queue.progress >= STALL);
+            if free {
+                queue.running += 1;
+                queue.progress = now;
+                Some(take_batch(&mut queue.waiting))
+            } else {
+                None
+            }
+        };
+        if let Some(batch) = start {
+            // Its own task: the statement completes for every request in it
+            // even when the request that started it is dropped.
+            tokio::spawn(run(self.clone(), batch));
+        }
+        match answer.await {
+            Ok(Ok(out)) => Ok(out),
+            Ok(Err(shared)) => Err(Arc::try_unwrap(shared).unwrap_or_else(StoreError::Shared)),
+            // The task ended without answering: it panicked.
+            Err(_) => Err(StoreError::Database(sqlx::Error::WorkerCrashed)),
+        }
+    }
+
+    /// Loads the live row under `key`, in a statement shared with the loads
+    /// of other requests running at the same time.
+    pub(crate) async fn load_shared(
+        &self,
+        key: String,
+        policy: LoadPolicy,
+    ) -> Result<Option<Loaded>, StoreError> {
+        self.submit(LoadJob { key, policy }).await
+    }
+
+    /// Writes a row loaded as `version` (same key), in a statement shared
+    /// with the saves of other requests. `None` when the row changed, went
+    /// away or is locked elsewhere: the caller takes the conflict path.
+    pub(crate) async fn update_shared(
+        &self,
+        key: &str,
+        version: &str,
+        row: &NewRow<'_>,
+        now: OffsetDateTime,
+    ) -> Result<Option<String>, StoreError> {
+        self.submit(UpdateJob {
+            key: key.to_owned(),
+            version: version.to_owned(),
+            sess: row.sess.to_owned(),
+            expire: row.expire,
+            user_id: row.user_id.map(str::to_owned),
+            provider_sid: row.provider_sid.map(str::to_owned),
+            now,
+        })
+        .await
+    }
+}
+
+/// The first job's group decides; other groups stay queued.
+fn take_batch<J: Job>(waiting: &mut Vec<Pending<J>>) -> Vec<Pending<J>> {
+    let Some(first) = waiting.first() else {
+        return Vec::new();
+    };
+    let group = first.job.group();
+    if waiting.len() <= MAX_KEYS && waiting.iter().all(|w| w.job.group() == group) {
+        return std::mem::take(waiting);
+    }
+    let (mut batch, mut rest) = (Vec::new(), Vec::new());
+    for w in waiting.drain(..) {
+        if batch.len() < MAX_KEYS && w.job.group() == group {
+            batch.push(w);
+        } else {
+            rest.push(w);
+        }
+    }
+    *waiting = rest;
+    batch
+}
+
+/// Runs batches in one slot until the queue is empty.
+async fn run<J: Job>(store: PgStore, mut batch: Vec<Pending<J>>) {
+    let mut slot = Slot::<J> {
+        store: store.clone(),
+        armed: true,
+        job: std::marker::PhantomData,
+    };
+    loop {
+        J::execute(&store, batch).await;
+        let mut queue = J::batcher(&store).lock();
+        queue.progress = Instant::now();
+        if queue.waiting.is_empty() {
+            // Released under the lock that a new job checks: nothing queued
+            // from here on is left without a slot to run it.
+            queue.running -= 1;
+            slot.armed = false;
+            return;
+        }
+        batch = take_batch(&mut queue.waiting);
+    }
+}
+
+/// Frees the slot if the task unwinds, and hands what is queued to a new task.
+struct Slot<J: Job> {
+    store: PgStore,
+    armed: bool,
+    job: std::marker::PhantomData<fn() -> J>,
+}
+
+impl<J: Job> Drop for Slot<J> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let mut queue = J::batcher(&self.store).lock();
+        if queue.waiting.is_empty() {
+            queue.running -= 1;
+        } else {
+            let batch = take_batch(&mut queue.waiting);
+            tokio::spawn(run(self.store.clone(), batch));
+        }
+    }
+}
+
+/// Answers every job of a failed batch; the last takes the error itself, so
+/// a request alone in its statement gets it unwrapped.
+fn fail_all<J: Job>(batch: Vec<Pending<J>>, error: StoreError) {
+    let last = batch.len().saturating_sub(1);
+    let mut error = Some(Arc::new(error));
+    for (i, w) in batch.into_iter().enumerate() {
+        let shared = if i == last {
+            error.take()
+        } else {
+            error.clone()
+        };
+        if let Some(shared) = shared {
+            let _ = w.reply.send(Err(shared));
+        }
+    }
+}
+
+/// A load of one session.
+pub(crate) struct LoadJob {
+    key: String,
+    policy: LoadPolicy,
+}
+
+impl Job for LoadJob {
+    type Output = Option<Loaded>;
+    type Group = LoadPolicy;
+
+    fn group(&self) -> LoadPolicy {
+        self.policy
+    }
+
+    fn batcher(store: &PgStore) -> &Batcher<Self> {
+        &store.inner.loads
+    }
+
+    async fn execute(store: &PgStore, batch: Vec<Pending<Self>>) {
+        let Some(first) = batch.first() else {
+            return;
+        };
+        let params = first.job.policy.params(OffsetDateTime::now_utc());
+        let mut keys: Vec<&str> = batch.iter().map(|w| w.job.key.as_str()).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let distinct = keys.len() == batch.len();
+        let result = match store.load_many(&keys, &params).await {
+            // A pooled connection that died while idle fails its next
+            // statement; that must not fail every request sharing it. Loads
+            // are safe to repeat (a touch already written is not due again).
+            Err(e) if e.is_broken_connection() => {
+                tracing::debug!(error = %e, "retrying a load on another connection");
+                store.load_many(&keys, &params).await
+            }
+            result => result,
+        };
+        let rows = match result {
+            Ok(rows) => rows,
+            Err(e) => return fail_all(batch, e),
+        };
+        let mut rows: HashMap<String, Loaded> = rows.into_iter().collect();
+        let last = batch.len() - 1;
+        for (i, w) in batch.into_iter().enumerate() {
+            // Requests with the same cookie share the row.
+            let row = if distinct || i == last {
+                rows.remove(&w.job.key)
+            } else {
+                rows.get(&w.job.key).cloned()
+            };
+            let _ = w.reply.send(Ok(row));
+        }
+    }
+}
+
+/// A save of a loaded row under its own key.
+pub(crate) struct UpdateJob {
+    pub(crate) key: String,
+    pub(crate) version: String,
+    pub(crate) sess: String,
+    pub(crate) expire: OffsetDateTime,
+    pub(crate) user_id: Option<String>,
+    pub(crate) provider_sid: Option<String>,
+    pub(crate) now: OffsetDateTime,
+}
+
+impl UpdateJob {
+    fn row(&self) -> NewRow<'_> {
+        NewRow {
+            sess: &self.sess,
+            expire: self.expire,
+            user_id: self.user_id.as_deref(),
+            provider_sid: self.provider_sid.as_deref(),
+            user_agent: None,
+            ip: None,
+        }
+    }
+}
+
+impl Job for UpdateJob {
+    type Output = Option<String>;
+    type Group = ();
+
+    fn group(&self) {}
+
+    fn batcher(store: &PgStore) -> &Batcher<Self> {
+        &store.inner.updates
+    }
+
+    async fn execute(store: &PgStore, batch: Vec<Pending<Self>>) {
+        // One write per row in a statement; a second save of the same row
+        // (two requests of one session) conflicts, and takes the locked
+        // path after this statement has written the first.
+        let mut seen = HashSet::new();
+        let (batch, repeats): (Vec<_>, Vec<_>) = batch
+            .into_iter()
+            .partition(|w| seen.insert(w.job.key.clone()));
+        for w in repeats {
+            let _ = w.reply.send(Ok(None));
+        }
+        let result = match batch.as_slice() {
+            [] => return,
+            // Alone: the plain statement, which waits for a row lock
+            // rather than skipping the row.
+            [one] => {
+                let j = &one.job;
+                store
+                    .update(&j.key, &j.key, &j.version, &j.row(), j.now)
+                    .await
+                    .map(|v| v.map(|v| vec![(j.key.clone(), v)]).unwrap_or_default())
+            }
+            many => {
+                let jobs: Vec<&UpdateJob> = many.iter().map(|w| &w.job).collect();
+                store.update_many(&jobs).await
+            }
+        };
+        let versions: HashMap<String, String> = match result {
+            Ok(rows) => rows.into_iter().collect(),
+            Err(e) => return fail_all(batch, e),
+        };
+        for w in batch {
+            let _ = w.reply.send(Ok(versions.get(&w.job.key).cloned()));
+        }
+    }
+}

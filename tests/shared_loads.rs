@@ -1,0 +1,302 @@
+//! Loads of concurrent requests share statements: each request still gets
+//! exactly its own session, its touch, and its error.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use axum::http::StatusCode;
+use common::*;
+use serde_json::json;
+use tower_pg_session::PgStore;
+
+/// A store whose loads run one statement at a time, so that loads arriving
+/// while it runs must queue and share the next one.
+async fn one_slot_store(db: &Db) -> PgStore {
+    PgStore::new(db.pool.clone(), db.config().with_load_concurrency(1))
+        .await
+        .unwrap()
+}
+
+/// Waits until a statement on this test's table is blocked on a lock.
+async fn until_blocked(db: &Db) {
+    until_blocked_n(db, 1).await;
+}
+
+/// Waits until `count` statements on this test's table are blocked on a lock.
+async fn until_blocked_n(db: &Db, count: i64) {
+    let pattern = format!("%\"{}\"%", db.schema);
+    eventually("loads blocked on the table lock", || {
+        let pool = db.pool.clone();
+        let pattern = pattern.clone();
+        async move {
+            let n: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE wait_event_type = 'Lock' AND query LIKE $1",
+            )
+            .bind(pattern)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            n == count
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn queued_loads_share_one_statement_and_each_gets_its_own_session() {
+    let db = Db::new().await;
+    let app = app(layer(one_slot_store(&db).await), Gate::default());
+    let mut clients = Vec::new();
+    for i in 0..40 {
+        let mut c = Client::new(app.clone());
+        assert_eq!(
+            c.put("/kv/me", json!(i)).await.status,
+            StatusCode::NO_CONTENT
+        );
+        clients.push(c);
+    }
+    // Even sessions are due for the idle extension (idle 24 h, due after
+    // 10 %): their rows expire in 4 h instead of 24 h.
+    sqlx::query(&format!(
+        "UPDATE {} SET expire = expire - interval '20 hours' WHERE (sess::jsonb->>'me')::int % 2 = 0",
+        db.table()
+    ))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    // A second tab of session 7, and a cookie whose row does not exist.
+    clients.push(clients[7].clone());
+    let mut unknown = Client::new(app.clone());
+    unknown.cookie = Some(signed("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", KEY_A));
+    clients.push(unknown);
+
+    // Hold the table so the first load blocks in its statement.
+    let mut lock = db.pool.begin().await.unwrap();
+    sqlx::query(&format!(
+        "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
+        db.table()
+    ))
+    .execute(&mut *lock)
+    .await
+    .unwrap();
+    let before = db.statements().await;
+    let mut first = clients[0].clone();
+    let first = tokio::spawn(async move { first.get("/kv").await });
+    until_blocked(&db).await;
+    let tasks: Vec<_> = clients[1..]
+        .iter()
+        .cloned()
+        .map(|mut c| tokio::spawn(async move { c.get("/kv").await }))
+        .collect();
+    // Let every request reach its load, then drop the one that started the
+    // running statement: the statement and the others carry on.
+    tokio::task::yield_now().await;
+    first.abort();
+    lock.commit().await.unwrap();
+
+    let mut replies = Vec::new();
+    for t in tasks {
+        replies.push(t.await.unwrap());
+    }
+    for (i, r) in replies.iter().enumerate().take(39).map(|(i, r)| (i + 1, r)) {
+        assert_eq!(r.status, StatusCode::OK, "session {i}");
+        assert_eq!(r.body, json!({"me": i}), "session {i} got its own data");
+        assert_eq!(
+            r.set_cookie().is_some(),
+            i % 2 == 0,
+            "session {i}: the cookie is re-sent exactly when the expiry was extended"
+        );
+    }
+    assert_eq!(
+        replies[39].body,
+        json!({"me": 7}),
+        "second tab of session 7"
+    );
+    assert_eq!(replies[40].body, json!({}), "unknown id: empty session");
+    assert!(replies[40].set_cookie().is_none());
+    assert_eq!(
+        db.statements().await - before,
+        2,
+        "the blocked statement, then one carrying all 41 queued loads"
+    );
+
+    // Extended rows now expire in about 24 h, the others were not written.
+    let extended: i64 = sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM {} WHERE expire > localtimestamp + interval '23 hours'",
+        db.table()
+    ))
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(extended, 40, "20 extended now, 20 never due");
+
+    // The slot was given back: a later load runs at once.
+    assert_eq!(clients[3].get("/kv").await.body, json!({"me": 3}));
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn a_failed_shared_load_fails_every_request_in_it_and_loses_nothing() {
+    let db = Db::new().await;
+    let relay = Relay::start().await;
+    let store = relay.store(&db, db.config().with_load_concurrency(1)).await;
+    let app = app(layer(store), Gate::default());
+    let mut clients = Vec::new();
+    for i in 0..20 {
+        let mut c = Client::new(app.clone());
+        c.put("/kv/me", json!(i)).await;
+        clients.push(c);
+    }
+
+    relay.cut();
+    let tasks: Vec<_> = clients
+        .iter()
+        .cloned()
+        .map(|mut c| tokio::spawn(async move { c.get("/kv").await }))
+        .collect();
+    for t in tasks {
+        let r = t.await.unwrap();
+        assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(r.set_cookie().is_none(), "no cookie change on failure");
+    }
+    relay.restore();
+
+    for (i, c) in clients.iter_mut().enumerate() {
+        assert_eq!(
+            c.get_when_up("/kv").await,
+            Some(json!({"me": i})),
+            "session {i} intact"
+        );
+    }
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn a_load_skips_the_touch_of_a_locked_row_instead_of_waiting() {
+    let db = Db::new().await;
+    let app = app(layer(one_slot_store(&db).await), Gate::default());
+    let (mut a, mut b) = (Client::new(app.clone()), Client::new(app.clone()));
+    a.put("/kv/me", json!("a")).await;
+    b.put("/kv/me", json!("b")).await;
+    // Both are due for the idle extension.
+    sqlx::query(&format!(
+        "UPDATE {} SET expire = expire - interval '20 hours'",
+        db.table()
+    ))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    // Another request (a token refresh, say) holds a's row.
+    let mut holder = db.pool.begin().await.unwrap();
+    sqlx::query(&format!(
+        "SELECT 1 FROM {} WHERE sess::jsonb->>'me' = 'a' FOR UPDATE",
+        db.table()
+    ))
+    .execute(&mut *holder)
+    .await
+    .unwrap();
+
+    let both = async {
+        let (mut a2, mut b2) = (a.clone(), b.clone());
+        tokio::join!(a2.get("/kv"), b2.get("/kv"))
+    };
+    let (ra, rb) = tokio::time::timeout(std::time::Duration::from_secs(5), both)
+        .await
+        .expect("loads answer while another transaction holds a row");
+    assert_eq!(ra.body, json!({"me": "a"}));
+    assert!(ra.set_cookie().is_none(), "the locked row is not touched");
+    assert_eq!(rb.body, json!({"me": "b"}));
+    assert!(rb.set_cookie().is_some(), "the free row is touched");
+
+    holder.commit().await.unwrap();
+    assert!(
+        a.get("/kv").await.set_cookie().is_some(),
+        "touched once the row is free"
+    );
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn a_load_on_a_connection_that_died_while_idle_is_retried() {
+    let db = Db::new().await;
+    db.store().await;
+    let name = format!("{}_pool", db.schema);
+    let pool = db.named_pool(&name, 1).await;
+    let store = PgStore::new(pool, db.config()).await.unwrap();
+    let mut c = Client::new(app(layer(store), Gate::default()));
+    c.put("/kv/me", json!(1)).await;
+
+    let killed: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+    )
+    .bind(&name)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(killed, [true], "the pool's one connection is gone");
+
+    let r = c.get("/kv").await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.body, json!({"me": 1}));
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn a_stalled_load_statement_lets_the_next_load_open_another() {
+    let db = Db::new().await;
+    let app = app(layer(db.store().await), Gate::default());
+    let (mut a, mut b) = (Client::new(app.clone()), Client::new(app.clone()));
+    a.put("/kv/me", json!("a")).await;
+    b.put("/kv/me", json!("b")).await;
+
+    let mut lock = db.pool.begin().await.unwrap();
+    sqlx::query(&format!(
+        "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
+        db.table()
+    ))
+    .execute(&mut *lock)
+    .await
+    .unwrap();
+    let first = tokio::spawn(async move { a.get("/kv").await });
+    until_blocked(&db).await;
+    // The running statement has made no progress for longer than the stall
+    // limit: this load does not queue behind it but runs beside it.
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let second = tokio::spawn(async move { b.get("/kv").await });
+    until_blocked_n(&db, 2).await;
+    lock.commit().await.unwrap();
+    assert_eq!(first.await.unwrap().body, json!({"me": "a"}));
+    assert_eq!(second.await.unwrap().body, json!({"me": "b"}));
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn shared_statements_leave_no_reference_to_the_store_behind() {
+    let db = Db::new().await;
+    db.store().await;
+    let name = format!("{}_pool", db.schema);
+    let pool = db.named_pool(&name, 4).await;
+    let store = PgStore::new(pool, db.config()).await.unwrap();
+    let app = app(layer(store), Gate::default());
+    let mut clients = Vec::new();
+    for i in 0..20 {
+        let mut c = Client::new(app.clone());
+        c.put("/kv/me", json!(i)).await;
+        clients.push(c);
+    }
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .map(|mut c| tokio::spawn(async move { c.put("/kv/again", json!(true)).await.status }))
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), StatusCode::NO_CONTENT);
+    }
+    // The last handle on the store goes with the app: its pool closes.
+    drop(app);
+    eventually("the store's connections to close", || async {
+        db.backends_named(&name).await == 0
+    })
+    .await;
+    db.drop_schema().await;
+}

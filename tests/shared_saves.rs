@@ -1,0 +1,320 @@
+//! Saves of concurrent requests share statements: every save still lands
+//! on its own row, a row locked elsewhere holds up only its own request, and
+//! a row changed since its load is merged, not overwritten.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use axum::{
+    extract::{Path, State},
+    http::StatusCode,
+    routing::{get, put},
+    Json, Router,
+};
+use common::*;
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, Mutex, Notify};
+use tower_pg_session::{PgStore, Session, SessionError};
+
+/// Holds each request between its load and its write until the test lets
+/// that request go.
+#[derive(Clone)]
+struct Hold {
+    entered: mpsc::UnboundedSender<String>,
+    release: Arc<Mutex<HashMap<String, Arc<Notify>>>>,
+}
+
+impl Hold {
+    async fn gate(&self, name: &str) -> Arc<Notify> {
+        self.release
+            .lock()
+            .await
+            .entry(name.to_owned())
+            .or_default()
+            .clone()
+    }
+}
+
+fn held_app(store: PgStore) -> (Router, Hold, mpsc::UnboundedReceiver<String>) {
+    let (entered, rx) = mpsc::unbounded_channel();
+    let hold = Hold {
+        entered,
+        release: Arc::default(),
+    };
+    let router = Router::new()
+        .route(
+            "/held/{name}",
+            put(
+                |State(hold): State<Hold>,
+                 s: Session,
+                 Path(name): Path<String>,
+                 Json(v): Json<Value>| async move {
+                    let _ = s.is_empty().await?;
+                    let gate = hold.gate(&name).await;
+                    hold.entered.send(name.clone()).unwrap();
+                    gate.notified().await;
+                    s.insert(&name, &v).await?;
+                    Ok::<_, SessionError>(StatusCode::NO_CONTENT)
+                },
+            ),
+        )
+        .route(
+            "/kv",
+            get(|s: Session| async move { Ok::<_, SessionError>(Json(s.to_json().await?)) }),
+        )
+        .route(
+            "/kv/{key}",
+            put(
+                |s: Session, Path(key): Path<String>, Json(v): Json<Value>| async move {
+                    s.insert(&key, &v).await?;
+                    Ok::<_, SessionError>(StatusCode::NO_CONTENT)
+                },
+            ),
+        )
+        .with_state(hold.clone())
+        .layer(layer(store));
+    (router, hold, rx)
+}
+
+/// A store whose saves run one statement at a time.
+async fn one_slot_store(db: &Db) -> PgStore {
+    PgStore::new(db.pool.clone(), db.config().with_load_concurrency(1))
+        .await
+        .unwrap()
+}
+
+/// Locks the row of the session whose `who` key is `name`, in `tx`.
+async fn lock_row(db: &Db, tx: &mut sqlx::PgConnection, name: &str) {
+    let n = sqlx::query(&format!(
+        "SELECT 1 FROM {} WHERE sess::jsonb->>'who' = $1 FOR UPDATE",
+        db.table()
+    ))
+    .bind(name)
+    .execute(tx)
+    .await
+    .unwrap()
+    .rows_affected();
+    assert_eq!(n, 1);
+}
+
+/// Sessions `blocker`, `a` and `b`, each with a held save of `{name: 1}`
+/// under way (loaded, not yet written), and the blocker's row locked in
+/// `blocker_tx`.
+struct Queued {
+    hold: Hold,
+    blocker_tx: sqlx::Transaction<'static, sqlx::Postgres>,
+    /// The saves of the blocker, a and b.
+    saves: [tokio::task::JoinHandle<StatusCode>; 3],
+    a: Client,
+    b: Client,
+}
+
+async fn three_held_saves(db: &Db) -> Queued {
+    let (app, hold, mut entered) = held_app(one_slot_store(db).await);
+    let (blocker, a, b) = (
+        session(&app, "blocker").await,
+        session(&app, "a").await,
+        session(&app, "b").await,
+    );
+    let mut blocker_tx = db.pool.begin().await.unwrap();
+    lock_row(db, &mut blocker_tx, "blocker").await;
+    let put = |c: &Client, name: &str| {
+        let (mut c, name) = (c.clone(), name.to_owned());
+        tokio::spawn(async move { c.put(&format!("/held/{name}"), json!(1)).await.status })
+    };
+    let saves = [put(&blocker, "blocker"), put(&a, "a"), put(&b, "b")];
+    for _ in 0..3 {
+        entered.recv().await.unwrap();
+    }
+    Queued {
+        hold,
+        blocker_tx,
+        saves,
+        a,
+        b,
+    }
+}
+
+/// Lets the blocker's save take the one slot and wait for its row, then a's
+/// and b's save queue behind it, then frees the blocker's row: a and b share
+/// the next statement.
+async fn release(hold: &Hold, blocker_tx: sqlx::Transaction<'static, sqlx::Postgres>) {
+    hold.gate("blocker").await.notify_one();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    hold.gate("a").await.notify_one();
+    hold.gate("b").await.notify_one();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    blocker_tx.commit().await.unwrap();
+}
+
+async fn session(app: &Router, name: &str) -> Client {
+    let mut c = Client::new(app.clone());
+    c.put("/kv/who", json!(name)).await;
+    c
+}
+
+#[tokio::test]
+async fn queued_saves_share_one_statement_and_each_lands_on_its_row() {
+    let db = Db::new().await;
+    let (app, hold, mut entered) = held_app(one_slot_store(&db).await);
+    let blocker = session(&app, "blocker").await;
+    let mut clients = Vec::new();
+    for i in 0..40 {
+        clients.push(session(&app, &format!("s{i}")).await);
+    }
+    let put = |c: &Client, name: String, v: Value| {
+        let mut c = c.clone();
+        tokio::spawn(async move { c.put(&format!("/held/{name}"), v).await.status })
+    };
+    // The first save waits for a row lock and holds the one slot meanwhile.
+    let mut tx = db.pool.begin().await.unwrap();
+    lock_row(&db, &mut tx, "blocker").await;
+    let first = put(&blocker, "blocker".into(), json!("done"));
+    let tasks: Vec<_> = clients
+        .iter()
+        .enumerate()
+        .map(|(i, c)| put(c, format!("s{i}"), json!(i)))
+        .collect();
+    for _ in 0..41 {
+        entered.recv().await.unwrap();
+    }
+    hold.gate("blocker").await.notify_one();
+    eventually("the first save waits for its row", || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'UPDATE%'",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+            >= 1
+    })
+    .await;
+    for i in 0..40 {
+        hold.gate(&format!("s{i}")).await.notify_one();
+    }
+    // Every save has queued behind the slot before the lock goes.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = db.statements().await;
+    tx.commit().await.unwrap();
+    assert_eq!(first.await.unwrap(), StatusCode::NO_CONTENT);
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), StatusCode::NO_CONTENT);
+    }
+    assert_eq!(
+        db.statements().await - before,
+        2,
+        "the blocked save, then one statement for the 40 queued"
+    );
+    for (i, c) in clients.iter_mut().enumerate() {
+        let data = c.get("/kv").await.body;
+        assert_eq!(data, json!({"who": format!("s{i}"), format!("s{i}"): i}));
+        // The version each save returned is the row's: the next save of the
+        // session goes through without a conflict.
+        assert_eq!(
+            c.put("/kv/again", json!(true)).await.status,
+            StatusCode::NO_CONTENT
+        );
+    }
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn a_save_of_a_row_locked_elsewhere_holds_up_only_its_own_request() {
+    let db = Db::new().await;
+    let Queued {
+        hold,
+        blocker_tx,
+        saves: [first, ta, tb],
+        mut a,
+        ..
+    } = three_held_saves(&db).await;
+    // Something else (a token refresh, say) holds a's row.
+    let mut tx_a = db.pool.begin().await.unwrap();
+    lock_row(&db, &mut tx_a, "a").await;
+
+    release(&hold, blocker_tx).await;
+    assert_eq!(first.await.unwrap(), StatusCode::NO_CONTENT);
+    let b_status = tokio::time::timeout(Duration::from_secs(5), tb)
+        .await
+        .expect("b's save does not wait for a's row")
+        .unwrap();
+    assert_eq!(b_status, StatusCode::NO_CONTENT);
+    assert!(!ta.is_finished(), "a's save waits for its row");
+
+    tx_a.commit().await.unwrap();
+    assert_eq!(ta.await.unwrap(), StatusCode::NO_CONTENT);
+    assert_eq!(a.get("/kv").await.body, json!({"who": "a", "a": 1}));
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn a_shared_save_of_a_row_changed_since_its_load_is_merged() {
+    let db = Db::new().await;
+    let Queued {
+        hold,
+        blocker_tx,
+        saves,
+        mut a,
+        mut b,
+    } = three_held_saves(&db).await;
+    // Another instance writes a's session after a's request loaded it.
+    let mut other = a.clone();
+    assert_eq!(
+        other.put("/kv/elsewhere", json!(true)).await.status,
+        StatusCode::NO_CONTENT
+    );
+    release(&hold, blocker_tx).await;
+    for t in saves {
+        assert_eq!(t.await.unwrap(), StatusCode::NO_CONTENT);
+    }
+    assert_eq!(
+        a.get("/kv").await.body,
+        json!({"who": "a", "elsewhere": true, "a": 1}),
+        "both changes kept"
+    );
+    assert_eq!(b.get("/kv").await.body, json!({"who": "b", "b": 1}));
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn a_failed_shared_save_fails_every_request_in_it_and_loses_nothing() {
+    let db = Db::new().await;
+    let relay = Relay::start().await;
+    let store = relay.store(&db, db.config().with_load_concurrency(1)).await;
+    let (app, hold, mut entered) = held_app(store);
+    let mut clients = Vec::new();
+    for i in 0..10 {
+        clients.push(session(&app, &format!("s{i}")).await);
+    }
+    let tasks: Vec<_> = clients
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let mut c = c.clone();
+            tokio::spawn(async move { c.put(&format!("/held/s{i}"), json!(i)).await })
+        })
+        .collect();
+    for _ in 0..10 {
+        entered.recv().await.unwrap();
+    }
+    relay.cut();
+    for i in 0..10 {
+        hold.gate(&format!("s{i}")).await.notify_one();
+    }
+    for t in tasks {
+        let r = t.await.unwrap();
+        assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(r.set_cookie().is_none(), "no cookie change on failure");
+    }
+    relay.restore();
+    for (i, c) in clients.iter_mut().enumerate() {
+        assert_eq!(
+            c.get_when_up("/kv").await,
+            Some(json!({"who": format!("s{i}")})),
+            "session {i} intact"
+        );
+    }
+    db.drop_schema().await;
+}
