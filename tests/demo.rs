@@ -62,7 +62,9 @@ async fn start(env: &[(&str, String)]) -> Demo {
     let child = cmd.spawn().unwrap();
     let demo = Demo { child, url };
     let http = reqwest::Client::new();
-    for _ in 0..300 {
+    // The demo may wait up to 30 s for its local provider and 5 s for
+    // discovery before it listens; on a loaded machine give it room.
+    for _ in 0..900 {
         if let Ok(r) = http.get(format!("{}/healthz", demo.url)).send().await {
             if r.status() == StatusCode::OK {
                 return demo;
@@ -70,7 +72,7 @@ async fn start(env: &[(&str, String)]) -> Demo {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!("the demo did not answer /healthz within 30 s");
+    panic!("the demo did not answer /healthz within 90 s");
 }
 
 #[tokio::test]
