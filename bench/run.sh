@@ -6,11 +6,13 @@
 #   bash bench/run.sh              # 10 s x 3 per cell, median (about 15 minutes)
 #   QUICK=1 bash bench/run.sh      # 3 s x 1: a smoke test
 #   SCALE=1 bash bench/run.sh      # adds the table-size and prune-under-load runs
+#   MEMORY=1 bash bench/run.sh     # adds the server's memory over 10k then 1M sessions
 #
 # Writes bench/results/$REPORT.md (printed too) and $REPORT.tsv (raw), REPORT=latest.
 # Settings (env): DURATION, REPS, CONNECTIONS (32), THREADS (2), POOL (10),
 # SESSIONS (pre-created cookies, 10000), CONTENDERS, WORKLOADS (empty: none), PGBENCH (1),
-# SCALE (0), SCALE_ROWS (1000000, 90 % expired), SCALE_CONTENDERS,
+# SCALE (0), SCALE_ROWS (1000000, 90 % expired; several: one scale run each), SCALE_CONTENDERS,
+# MEMORY (0), MEMORY_SESSIONS ("10000 1000000"),
 # PGHOST/PGPORT/PGUSER (127.0.0.1/5432/postgres), BENCH_DB (tower_pg_session_bench).
 set -euo pipefail
 
@@ -25,6 +27,7 @@ CONTENDERS=${CONTENDERS-ceiling pg-session tower-sessions tower-sessions-always-
 WORKLOADS=${WORKLOADS-read write new mixed}
 PGBENCH=${PGBENCH:-1} SCALE=${SCALE:-0} SCALE_ROWS=${SCALE_ROWS:-1000000}
 SCALE_CONTENDERS=${SCALE_CONTENDERS:-pg-session tower-sessions express}
+MEMORY=${MEMORY:-0} MEMORY_SESSIONS=${MEMORY_SESSIONS:-10000 1000000}
 export PGHOST=${PGHOST:-127.0.0.1} PGPORT=${PGPORT:-5432} PGUSER=${PGUSER:-postgres}
 BENCH_DB=${BENCH_DB:-tower_pg_session_bench}
 export BENCH_DATABASE_URL="postgres://$PGUSER@$PGHOST:$PGPORT/$BENCH_DB" BENCH_POOL=$POOL
@@ -202,15 +205,16 @@ fi
 # READ on a table holding only the live sessions, then with SCALE_ROWS more rows
 # (90 % expired), then while those expired rows are pruned: wrk runs in 1 s
 # slices, and those that overlap the prune are reported.
-fill_expired() { # contender rows
+fill_expired() { # contender from to: adds rows from+1..to
   local expire="CASE WHEN i % 10 = 0 THEN now() + interval '1 day' ELSE now() - interval '1 day' END"
+  local rows="generate_series($(($2 + 1)), $3) i"
   case $1 in
     pg-session) sql -c "INSERT INTO bench_pg.session (sid, sess, expire)
-        SELECT 'fill' || md5(i::text), '{\"count\":0}', $expire FROM generate_series(1, $2) i" ;;
+        SELECT 'fill' || md5(i::text), '{\"count\":0}', $expire FROM $rows" ;;
     express) sql -c "INSERT INTO bench_express.session (sid, sess, expire)
-        SELECT 'fill' || md5(i::text), '{\"count\":0}', $expire FROM generate_series(1, $2) i" ;;
+        SELECT 'fill' || md5(i::text), '{\"count\":0}', $expire FROM $rows" ;;
     tower-sessions*) sql -c "INSERT INTO $(table_of "$1") (id, data, expiry_date)
-        SELECT 'fill' || md5(i::text), '\\x80'::bytea, $expire FROM generate_series(1, $2) i" ;;
+        SELECT 'fill' || md5(i::text), '\\x80'::bytea, $expire FROM $rows" ;;
   esac
   sql -c "VACUUM ANALYZE $(table_of "$1")"
 }
@@ -234,9 +238,13 @@ if [[ $SCALE == 1 ]]; then
     COOKIES="$WORK/$c.cookies" timeout 60 wrk -t"$THREADS" -c"$CONNECTIONS" -d"${WARMUP}s" \
       -s "$BENCH/wrk/read.lua" "http://127.0.0.1:$port" >/dev/null
     for rep in $(seq "$REPS"); do run_wrk "$c" read "read@live" "$rep" "$port" "$DURATION"; done
-    log "scale $c: + $SCALE_ROWS rows (90 % expired)"
-    fill_expired "$c" "$SCALE_ROWS"
-    for rep in $(seq "$REPS"); do run_wrk "$c" read "read@$SCALE_ROWS" "$rep" "$port" "$DURATION"; done
+    filled=0
+    for rows in $SCALE_ROWS; do
+      log "scale $c: $rows rows added (90 % expired)"
+      fill_expired "$c" "$filled" "$rows"
+      filled=$rows
+      for rep in $(seq "$REPS"); do run_wrk "$c" read "read@$rows" "$rep" "$port" "$DURATION"; done
+    done
     log "scale $c: prune under READ load"
     stats_reset
     if [[ $c == express ]]; then
@@ -266,10 +274,35 @@ if [[ $SCALE == 1 ]]; then
     longest=$(sql -c "SELECT round(max(max_exec_time)::numeric, 1) FROM pg_stat_statements
                       WHERE $OURS AND query ILIKE 'delete%'")
     left=$(sql -c "SELECT count(*) FROM $(table_of "$c") WHERE $([[ $c == tower* ]] && echo expiry_date || echo expire) < now()")
-    printf 'prune\t%s\t%s\t%s\t%s\t%s\t%s\n' "$c" "$SCALE_ROWS" "$prune_ms" "$slice" "${longest:-?}" "$left" |
+    printf 'prune\t%s\t%s\t%s\t%s\t%s\t%s\n' "$c" "$filled" "$prune_ms" "$slice" "${longest:-?}" "$left" |
       tee -a "$RAW" | cut -f2- | tr '\t' ' ' >&2
     stop_server
   done
+fi
+
+# --------------------------------------------------------------- memory
+# The server's resident memory after READ over the first count of distinct
+# sessions, then over each larger count (new sessions added to the cookie
+# pool; the run is long enough to read each about once).
+if [[ $MEMORY == 1 ]]; then
+  c=pg-session port=$((port + 1))
+  sql -c "TRUNCATE $(table_of "$c")"
+  : >"$WORK/mem.cookies"
+  start_server "$c" "$port"
+  have=0
+  for n in $MEMORY_SESSIONS; do
+    log "memory $c: $n sessions"
+    seed "$c" $((n - have)) >>"$WORK/mem.cookies"
+    have=$n
+    sql -c "VACUUM ANALYZE $(table_of "$c")"
+    d=$((n / 20000 + DURATION))
+    out=$(COOKIES="$WORK/mem.cookies" timeout $((d + 120)) wrk -t"$THREADS" -c"$CONNECTIONS" -d"${d}s" \
+      --timeout 5s -s "$BENCH/wrk/read.lua" "http://127.0.0.1:$port" | grep '^RESULT')
+    requests=$(sed -n 's/.* requests=\([0-9]*\).*/\1/p' <<<"$out")
+    rss=$(awk '/^VmRSS/ { print $2 }' "/proc/$(pgrep -P "$SERVER_PID" | head -n1)/status")
+    printf 'memory\t%s\t%s\t%s\t%s\n' "$c" "$n" "$rss" "$requests" | tee -a "$RAW" | cut -f2- | tr '\t' ' ' >&2
+  done
+  stop_server
 fi
 
 # --------------------------------------------------------------- report

@@ -123,7 +123,14 @@ async fn app(args: &Args) -> Result<(Router, Store), Error> {
         )),
         Contender::PgSession => {
             use tower_pg_session::{Session, SessionError};
-            let config = PgStoreConfig::new().with_schema_name("bench_pg")?;
+            let mut config = PgStoreConfig::new().with_schema_name("bench_pg")?;
+            // LOAD_CONCURRENCY: loads running at once (the crate's default is 4).
+            if let Some(n) = std::env::var("LOAD_CONCURRENCY")
+                .ok()
+                .and_then(|n| n.parse().ok())
+            {
+                config = config.with_load_concurrency(n);
+            }
             let store = PgStore::connect_with(&args.url, args.pool, config).await?;
             let layer = SessionLayer::new(store.clone(), SigningKeys::new([SIGNING_KEY])?)
                 .with_insecure_http_cookie()?

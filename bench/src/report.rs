@@ -89,6 +89,7 @@ pub fn report(raw: &str) -> String {
     let mut cells: BTreeMap<(String, String), Cell> = BTreeMap::new();
     let mut pgbench: BTreeMap<String, [Vec<f64>; 3]> = BTreeMap::new();
     let mut prunes: Vec<Vec<String>> = Vec::new();
+    let mut memory: Vec<(String, f64, f64, f64)> = Vec::new();
     for line in raw.lines() {
         let f: Vec<&str> = line.split('\t').collect();
         let x = |i: usize| {
@@ -117,6 +118,8 @@ pub fn report(raw: &str) -> String {
                 e[2].push(x(5));
             }
             "prune" if f.len() >= 7 => prunes.push(f[1..].iter().map(|s| s.to_string()).collect()),
+            // memory contender sessions rss_kib requests
+            "memory" if f.len() >= 5 => memory.push((f[1].to_owned(), x(2), x(3), x(4))),
             _ => {}
         }
     }
@@ -302,6 +305,50 @@ pub fn report(raw: &str) -> String {
             );
         }
         out.push_str("\nTargets: READ with the rows within 10 % of READ without; p99 during the prune ≤ 1.5× the p99 before it; no request over 50 ms.\n");
+        // Every table size measured, when there were several.
+        let sizes: Vec<(&String, u64)> = cells
+            .keys()
+            .filter_map(|(c, l)| Some((c, l.strip_prefix("read@")?.parse().ok()?)))
+            .collect();
+        if sizes.len() > prunes.len() {
+            out.push_str("\n| contender | rows added (90 % expired) | READ req/s | change from live rows only |\n|---|---:|---:|---:|\n");
+            let mut sizes = sizes;
+            sizes.sort();
+            for (c, rows) in sizes {
+                let name = CONTENDERS
+                    .iter()
+                    .find(|(k, _)| k == c)
+                    .map_or(c.as_str(), |(_, n)| *n);
+                let (live, big) = (rps(c, "read@live"), rps(c, &format!("read@{rows}")));
+                let change = ratio(big, live)
+                    .map_or("–".into(), |r| format!("{:+.1} %", (r - 1.0) * 100.0));
+                let _ = writeln!(
+                    out,
+                    "| {name} | {} | {} | {change} |",
+                    num(Some(rows as f64), 0),
+                    num(big, 0)
+                );
+            }
+        }
+    }
+
+    if let Some(first) = memory.first() {
+        out.push_str("\n## Memory: the server's resident size after READ over more and more distinct sessions\n\n| contender | distinct sessions | READ requests served | RSS MiB | ÷ the first |\n|---|---:|---:|---:|---:|\n");
+        for (c, sessions, rss, requests) in &memory {
+            let name = CONTENDERS
+                .iter()
+                .find(|(k, _)| k == c)
+                .map_or(c.as_str(), |(_, n)| *n);
+            let _ = writeln!(
+                out,
+                "| {name} | {} | {} | {} | {} |",
+                num(Some(*sessions), 0),
+                num(Some(*requests), 0),
+                num(Some(rss / 1024.0), 1),
+                times(ratio(Some(*rss), Some(first.2)))
+            );
+        }
+        out.push_str("\nTarget: within 20 % (÷ the first between 0.8× and 1.2×) from 10,000 to 1,000,000 sessions.\n");
     }
     out
 }
