@@ -75,11 +75,22 @@ const clients = (process.env.IDP_CLIENTS ? JSON.parse(process.env.IDP_CLIENTS) :
 
 // ---------------------------------------------------------------- signing keys
 let keySeq = 0;
+// Node 20 can deadlock when a key straight from generateKeyPairSync is
+// exported as a JWK: a garbage collection during the export may destroy the
+// generation job, which takes the lock the export holds. The key therefore
+// leaves the job as PEM and is re-read into a key object of its own.
+const generateJwk = (type, options) => crypto
+  .createPrivateKey(crypto.generateKeyPairSync(type, {
+    ...options,
+    publicKeyEncoding: { type: 'spki', format: 'pem' },
+    privateKeyEncoding: { type: 'pkcs8', format: 'pem' },
+  }).privateKey)
+  .export({ format: 'jwk' });
 function newKeys() {
   keySeq += 1;
   const tag = `${keySeq}-${crypto.randomBytes(4).toString('hex')}`;
-  const rsa = crypto.generateKeyPairSync('rsa', { modulusLength: 2048 }).privateKey.export({ format: 'jwk' });
-  const ec = crypto.generateKeyPairSync('ec', { namedCurve: 'P-256' }).privateKey.export({ format: 'jwk' });
+  const rsa = generateJwk('rsa', { modulusLength: 2048 });
+  const ec = generateJwk('ec', { namedCurve: 'P-256' });
   return [
     { ...rsa, kid: `rs256-${tag}`, alg: 'RS256', use: 'sig' },
     { ...ec, kid: `es256-${tag}`, alg: 'ES256', use: 'sig' },
