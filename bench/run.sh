@@ -206,7 +206,10 @@ fi
 # (90 % expired), then while those expired rows are pruned: wrk runs in 1 s
 # slices, and those that overlap the prune are reported.
 fill_expired() { # contender from to: adds rows from+1..to
-  local expire="CASE WHEN i % 10 = 0 THEN now() + interval '1 day' ELSE now() - interval '1 day' END"
+  # Expired rows end in the order they were written, 10 µs apart, as
+  # sessions do: a prune walks them by expiry.
+  local expire="CASE WHEN i % 10 = 0 THEN now() + interval '1 day'
+    ELSE now() - interval '1 day' + i * interval '10 microseconds' END"
   local rows="generate_series($(($2 + 1)), $3) i"
   case $1 in
     pg-session) sql -c "INSERT INTO bench_pg.session (sid, sess, expire)
@@ -248,9 +251,9 @@ if [[ $SCALE == 1 ]]; then
     log "scale $c: prune under READ load"
     stats_reset
     if [[ $c == express ]]; then
-      timeout 1200 node "$BENCH/express/server.js" prune 1500 >"$WORK/prune.out" 2>&1 &
+      timeout 1200 node "$BENCH/express/server.js" prune 10500 >"$WORK/prune.out" 2>&1 &
     else
-      timeout 1200 "$BIN" prune --contender "$c" --pool "$POOL" --delay-ms 1500 >"$WORK/prune.out" 2>&1 &
+      timeout 1200 "$BIN" prune --contender "$c" --pool "$POOL" --delay-ms 10500 >"$WORK/prune.out" 2>&1 &
     fi
     PRUNE_PID=$!
     : >"$WORK/slices"
@@ -272,7 +275,7 @@ if [[ $SCALE == 1 ]]; then
       printf "wrk\t%s\t%s\t%d\t%s\t%d\t%d\t%d\t%d\t%d\t\t\n", c, label, NR, v["rps"], v["p50_us"],
         v["p99_us"], v["max_us"], v["requests"], v["socket_errors"] + v["non2xx"] }' "$WORK/slices" >>"$RAW"
     longest=$(sql -c "SELECT round(max(max_exec_time)::numeric, 1) FROM pg_stat_statements
-                      WHERE $OURS AND query ILIKE 'delete%'")
+                      WHERE $OURS AND query ILIKE '%delete from%'")
     left=$(sql -c "SELECT count(*) FROM $(table_of "$c") WHERE $([[ $c == tower* ]] && echo expiry_date || echo expire) < now()")
     printf 'prune\t%s\t%s\t%s\t%s\t%s\t%s\n' "$c" "$filled" "$prune_ms" "$slice" "${longest:-?}" "$left" |
       tee -a "$RAW" | cut -f2- | tr '\t' ' ' >&2

@@ -259,12 +259,17 @@ async fn run(args: Args) -> Result<(), Error> {
             let started = Instant::now();
             let deleted = match store {
                 Store::Pg(store) => {
-                    // PRUNE_BATCH: rows per statement (the crate's default is 5,000).
-                    let batch = std::env::var("PRUNE_BATCH")
-                        .ok()
-                        .and_then(|b| b.parse().ok())
-                        .unwrap_or(5000);
-                    format!("{:?}", store.prune_expired(batch).await?)
+                    // PRUNE_BATCH (rows per statement) and PRUNE_BUSY (share of
+                    // the time in statements) override the crate's defaults.
+                    let env = |name: &str| std::env::var(name).ok();
+                    let mut config = tower_pg_session::PruneConfig::new();
+                    if let Some(rows) = env("PRUNE_BATCH").and_then(|b| b.parse().ok()) {
+                        config = config.with_batch_size(rows);
+                    }
+                    if let Some(busy) = env("PRUNE_BUSY").and_then(|b| b.parse().ok()) {
+                        config = config.with_busy_fraction(busy);
+                    }
+                    format!("{:?}", store.prune_expired_with(&config, |_| ()).await?)
                 }
                 Store::Tower(store) => {
                     store.delete_expired().await?;

@@ -14,7 +14,7 @@ use std::{process::ExitCode, time::Duration};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use sqlx::postgres::PgPoolOptions;
-use tower_pg_session::{store::PruneOutcome, PgStore, PgStoreConfig, StoreError};
+use tower_pg_session::{store::PruneOutcome, PgStore, PgStoreConfig, PruneConfig, StoreError};
 
 /// Administration of tower-pg-session's session table.
 #[derive(Parser)]
@@ -42,8 +42,12 @@ enum Command {
     /// Delete expired sessions in batches.
     Prune {
         /// Rows per statement.
-        #[arg(long, default_value_t = 5000)]
+        #[arg(long, default_value_t = 1000)]
         batch: u32,
+        /// Share of the time spent in statements, between 0.01 and 1 (1: no
+        /// pause between batches).
+        #[arg(long, default_value_t = 0.25)]
+        busy: f64,
     },
     /// List a user's sessions.
     Sessions(UserArg),
@@ -124,7 +128,10 @@ async fn run(cli: Cli) -> Result<(), StoreError> {
             println!("expired, not pruned    {}", s.expired_awaiting_prune);
             println!("table size             {} bytes", s.table_bytes);
         }
-        Command::Prune { batch } => {
+        Command::Prune { batch, busy } => {
+            let config = PruneConfig::new()
+                .with_batch_size(batch)
+                .with_busy_fraction(busy);
             let expired = admin.stats().await?.expired_awaiting_prune;
             let bar = ProgressBar::new(expired.max(0) as u64);
             bar.set_style(
@@ -133,25 +140,20 @@ async fn run(cli: Cli) -> Result<(), StoreError> {
                 )
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
             );
-            let mut total = 0;
-            loop {
-                // One batch per call keeps the bar moving on large tables.
-                match store.prune_expired_batch(batch).await? {
-                    PruneOutcome::Pruned(0) => break,
-                    PruneOutcome::Pruned(n) => {
-                        total += n;
-                        bar.inc(n);
-                    }
-                    PruneOutcome::Skipped => {
-                        bar.abandon();
-                        println!("another instance is pruning right now; nothing done");
-                        return Ok(());
-                    }
-                    _ => break,
+            match store.prune_expired_with(&config, |n| bar.inc(n)).await? {
+                PruneOutcome::Skipped => {
+                    bar.abandon();
+                    println!("another instance is pruning right now; nothing done");
+                }
+                outcome => {
+                    bar.finish_and_clear();
+                    let total = match outcome {
+                        PruneOutcome::Pruned(n) => n,
+                        _ => bar.position(),
+                    };
+                    println!("deleted {total} expired sessions");
                 }
             }
-            bar.finish_and_clear();
-            println!("deleted {total} expired sessions");
         }
         Command::Sessions(u) => {
             let list = admin.user_sessions(&u.user).await?;

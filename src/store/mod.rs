@@ -855,10 +855,20 @@ impl Sql {
         // Batches by physical row id: the expire index finds the rows, a TID
         // scan deletes them, each row is written once. A row extended since
         // it was picked has moved (new ctid) or fails the re-check: it stays.
+        // Each batch starts where the previous one ended ($3, the column's
+        // own value as text, exact for both column types): the index entries
+        // of rows already deleted stay until vacuum, and a scan from the start
+        // would step over all of them again, batch after batch.
+        let column_type = match layout.expire {
+            ExpireType::WithTimeZone => "timestamptz",
+            ExpireType::WithoutTimeZone(_) => "timestamp",
+        };
         let prune_batch = format!(
-            "DELETE FROM {t} WHERE ctid = ANY(ARRAY(\
-               SELECT ctid FROM {t} WHERE expire < {now} LIMIT $2)) \
-             AND expire < {now}",
+            "WITH gone AS (DELETE FROM {t} WHERE ctid = ANY(ARRAY(\
+               SELECT ctid FROM {t} WHERE expire >= $3::{column_type} AND expire < {now} \
+               ORDER BY expire LIMIT $2)) \
+             AND expire < {now} RETURNING expire) \
+             SELECT count(*), max(expire)::text FROM gone",
             now = to_col("$1"),
         );
         let save_any = format!(

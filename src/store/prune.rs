@@ -15,6 +15,7 @@ pub struct PruneConfig {
     interval: Duration,
     jitter: f64,
     batch_size: u32,
+    busy: f64,
     max_backoff: Duration,
 }
 
@@ -25,12 +26,14 @@ impl Default for PruneConfig {
 }
 
 impl PruneConfig {
-    /// Every 15 minutes ± 10 %, batches of 5,000 rows.
+    /// Every 15 minutes ± 10 %, batches of 1,000 rows, busy a quarter of the
+    /// time.
     pub fn new() -> Self {
         Self {
             interval: Duration::from_secs(15 * 60),
             jitter: 0.1,
-            batch_size: 5_000,
+            batch_size: 1_000,
+            busy: 0.25,
             max_backoff: Duration::from_secs(5 * 60),
         }
     }
@@ -59,16 +62,41 @@ impl PruneConfig {
         self
     }
 
-    /// Rows one statement deletes at most (default 5,000, at least 1), which
-    /// bounds how long its row locks are held.
+    /// Rows one statement deletes at most (default 1,000, at least 1), which
+    /// bounds how long its row locks are held and how long it keeps a core
+    /// from the requests.
     ///
     /// ```
     /// # use tower_pg_session::PruneConfig;
-    /// let config = PruneConfig::new().with_batch_size(1_000);
+    /// let config = PruneConfig::new().with_batch_size(5_000);
     /// ```
     pub fn with_batch_size(mut self, rows: u32) -> Self {
         self.batch_size = rows.max(1);
         self
+    }
+
+    /// Share of a run's time spent in statements (default 0.25, clamped to
+    /// 0.01–1): after each batch the run pauses so that it keeps at most this
+    /// share of one database backend busy. On a busy machine a quarter keeps
+    /// requests' latency close to its usual level; 1 prunes at full speed.
+    ///
+    /// ```
+    /// # use tower_pg_session::PruneConfig;
+    /// let config = PruneConfig::new().with_busy_fraction(0.5);
+    /// ```
+    pub fn with_busy_fraction(mut self, fraction: f64) -> Self {
+        self.busy = if fraction.is_nan() {
+            0.25
+        } else {
+            fraction.clamp(0.01, 1.0)
+        };
+        self
+    }
+
+    /// The pause after a batch that took `took`.
+    fn pause_after(&self, took: Duration) -> Duration {
+        took.mul_f64((1.0 - self.busy) / self.busy)
+            .min(Duration::from_secs(1))
     }
 
     fn next_wait(&self) -> Duration {
@@ -94,21 +122,30 @@ impl PgStore {
         self.inner.name.lock_key("prune")
     }
 
-    /// Deletes every expired row, in batches of at most `batch_size`, unless
-    /// another instance is pruning the same table right now.
+    /// Deletes every expired row, in batches of at most `batch_size` paced as
+    /// [`PruneConfig::new`] paces them, unless another instance is pruning the
+    /// same table right now.
     ///
     /// # Errors
     /// [`StoreError::Database`] when a statement fails; batches already
     /// committed stay deleted.
     pub async fn prune_expired(&self, batch_size: u32) -> Result<PruneOutcome, StoreError> {
-        self.prune_with(batch_size, false).await
+        let config = PruneConfig::new().with_batch_size(batch_size);
+        self.prune_expired_with(&config, |_| ()).await
     }
 
-    async fn prune_with(
+    /// Deletes every expired row with the batch size and pacing of `config`,
+    /// calling `on_batch` with the rows each committed batch deleted (for a
+    /// progress display).
+    ///
+    /// # Errors
+    /// As [`Self::prune_expired`].
+    pub async fn prune_expired_with(
         &self,
-        batch_size: u32,
-        one_batch: bool,
+        config: &PruneConfig,
+        mut on_batch: impl FnMut(u64) + Send,
     ) -> Result<PruneOutcome, StoreError> {
+        let batch_size = config.batch_size;
         let inner = &self.inner;
         // A session-level advisory lock lives as long as the connection that
         // took it. A detached connection closes when dropped, so a run that is
@@ -124,21 +161,27 @@ impl PgStore {
         }
         let run = async {
             let mut total = 0u64;
+            let mut from = String::from("-infinity");
             loop {
                 let started = std::time::Instant::now();
-                let deleted = sqlx::query(&inner.sql.prune_batch)
+                let (deleted, last): (i64, Option<String>) = sqlx::query_as(&inner.sql.prune_batch)
                     .bind(OffsetDateTime::now_utc())
-                    .bind(i64::from(batch_size.max(1)))
-                    .execute(&mut conn)
-                    .await?
-                    .rows_affected();
+                    .bind(i64::from(batch_size))
+                    .bind(&from)
+                    .fetch_one(&mut conn)
+                    .await?;
+                let deleted = u64::try_from(deleted).unwrap_or(0);
                 total += deleted;
-                if one_batch || deleted < u64::from(batch_size.max(1)) {
-                    return Ok::<_, StoreError>(total);
+                on_batch(deleted);
+                match last {
+                    Some(last) if deleted >= u64::from(batch_size) => {
+                        from = last;
+                    }
+                    _ => return Ok::<_, StoreError>(total),
                 }
-                // Pause as long as the batch took: a prune keeps at most half of
-                // one backend busy, and requests get the rest of the machine.
-                tokio::time::sleep(started.elapsed().min(Duration::from_secs(1))).await;
+                // Short batches with pauses between them: requests never wait
+                // long behind a batch for a core or a lock.
+                tokio::time::sleep(config.pause_after(started.elapsed())).await;
             }
         }
         .await;
@@ -153,15 +196,6 @@ impl PgStore {
         crate::metrics::pruned(total);
         tracing::info!(table = %inner.name.qualified(), deleted = total, "pruned expired sessions");
         Ok(PruneOutcome::Pruned(total))
-    }
-
-    /// Deletes at most one batch of expired rows (unless another instance is
-    /// pruning), for callers that report progress between batches.
-    ///
-    /// # Errors
-    /// As [`Self::prune_expired`].
-    pub async fn prune_expired_batch(&self, batch_size: u32) -> Result<PruneOutcome, StoreError> {
-        self.prune_with(batch_size, true).await
     }
 
     /// Starts pruning in the background on the current tokio runtime. The task
@@ -179,7 +213,7 @@ impl PgStore {
                     () = tokio::time::sleep(wait) => {}
                 }
                 let run = store
-                    .prune_expired(config.batch_size)
+                    .prune_expired_with(&config, |_| ())
                     .instrument(tracing::info_span!("session.prune"));
                 let result = tokio::select! {
                     _ = stopped.changed() => return,

@@ -85,7 +85,8 @@ impl SessionStore for PgStore {
 #[async_trait]
 impl ExpiredDeletion for PgStore {
     async fn delete_expired(&self) -> session_store::Result<()> {
-        self.prune_expired(5_000).await?;
+        self.prune_expired_with(&super::PruneConfig::new(), |_| ())
+            .await?;
         Ok(())
     }
 }
