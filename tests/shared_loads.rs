@@ -220,10 +220,7 @@ async fn a_load_skips_the_touch_of_a_locked_row_instead_of_waiting() {
 #[tokio::test]
 async fn a_load_on_a_connection_that_died_while_idle_is_retried() {
     let db = Db::new().await;
-    db.store().await;
-    let name = format!("{}_pool", db.schema);
-    let pool = db.named_pool(&name, 1).await;
-    let store = PgStore::new(pool, db.config()).await.unwrap();
+    let (name, store) = db.named_store(1).await;
     let mut c = Client::new(app(layer(store), Gate::default()));
     c.put("/kv/me", json!(1)).await;
 
@@ -274,10 +271,7 @@ async fn a_stalled_load_statement_lets_the_next_load_open_another() {
 #[tokio::test]
 async fn shared_statements_leave_no_reference_to_the_store_behind() {
     let db = Db::new().await;
-    db.store().await;
-    let name = format!("{}_pool", db.schema);
-    let pool = db.named_pool(&name, 4).await;
-    let store = PgStore::new(pool, db.config()).await.unwrap();
+    let (name, store) = db.named_store(4).await;
     let app = app(layer(store), Gate::default());
     let mut clients = Vec::new();
     for i in 0..20 {

@@ -93,16 +93,21 @@ impl Db {
         serde_json::from_str(&all[0]).unwrap()
     }
 
-    /// A pool of at most `size` whose connections carry `name` as their
-    /// application name, so a test can find (and kill) their backends.
-    pub async fn named_pool(&self, name: &str, size: u32) -> PgPool {
+    /// A store on its own pool of at most `size` connections, which carry the
+    /// returned name as their application name, so a test can find (and kill)
+    /// their backends.
+    pub async fn named_store(&self, size: u32) -> (String, PgStore) {
+        self.store().await;
+        let name = format!("{}_pool", self.schema);
         let options: sqlx::postgres::PgConnectOptions = database_url().parse().unwrap();
-        PgPoolOptions::new()
+        let pool = PgPoolOptions::new()
             .max_connections(size)
             .test_before_acquire(false)
-            .connect_with(options.application_name(name))
+            .connect_with(options.application_name(&name))
             .await
-            .unwrap()
+            .unwrap();
+        let store = PgStore::new(pool, self.config()).await.unwrap();
+        (name, store)
     }
 
     /// Backends whose application name is `name`.
