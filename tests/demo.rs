@@ -137,14 +137,7 @@ async fn routes_sessions_and_login_as_documented() {
         json!({"count": 2}),
         "data survives the login's id cycle"
     );
-    let r = b
-        .http
-        .post(format!("{app}/auth/logout"))
-        .header("origin", app.as_str())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    b.logout(app).await;
     assert_eq!(
         b.api(&format!("{app}/me")).await.status(),
         StatusCode::UNAUTHORIZED

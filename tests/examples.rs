@@ -49,17 +49,14 @@ fn sessions(store: PgStore) -> SessionLayer {
     SessionLayer::new(store, SigningKeys::new([KEY_A]).unwrap())
 }
 
-/// `POST /auth/logout` from the app's own page; returns where it sends the browser.
-async fn logout(b: &Browser, app: &str) -> String {
-    let r = b
-        .http
-        .post(format!("{app}/auth/logout"))
-        .header("origin", app)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::SEE_OTHER);
-    location(&r)
+/// What every example runs on: a database, a socket for the app (and its
+/// URL), a provider of `flavor` that knows the app as its client, a store.
+async fn bed(flavor: &str) -> (Db, TcpListener, String, Idp, PgStore) {
+    let db = Db::new().await;
+    let (listener, app) = bind().await;
+    let idp = Idp::start(flavor, std::slice::from_ref(&app), 3600).await;
+    let store = db.store().await;
+    (db, listener, app, idp, store)
 }
 
 /// The generic setup of the hyper and tonic examples' `main`.
@@ -72,13 +69,10 @@ async fn generic_client(idp: &Idp, app: &str, store: PgStore) -> OidcClient {
 
 #[tokio::test]
 async fn axum_keycloak_logs_in_shows_me_and_logs_out_at_keycloak() {
-    let db = Db::new().await;
-    let (listener, app) = bind().await;
-    let idp = Idp::start("keycloak", std::slice::from_ref(&app), 3600).await;
+    let (db, listener, app, idp, store) = bed("keycloak").await;
     // KEYCLOAK_URL and KEYCLOAK_REALM name the local provider's realm.
     let issuer = axum_keycloak::keycloak_issuer(&format!("{}/", idp.base), "test");
     assert_eq!(issuer, idp.issuer);
-    let store = db.store().await;
     let config =
         axum_keycloak::oidc_config(&issuer, CLIENT_ID, CLIENT_SECRET, &app, Keyring::generate())
             .unwrap();
@@ -109,7 +103,7 @@ async fn axum_keycloak_logs_in_shows_me_and_logs_out_at_keycloak() {
     assert_eq!(me["email"], "alice@example.test");
 
     // To Keycloak's end_session_endpoint, which comes back to {APP_URL}/.
-    let to = logout(&b, &app).await;
+    let to = b.logout(&app).await;
     assert!(
         to.starts_with(&format!("{issuer}/protocol/openid-connect/logout?")),
         "{to}"
@@ -132,10 +126,7 @@ async fn axum_keycloak_logs_in_shows_me_and_logs_out_at_keycloak() {
 
 #[tokio::test]
 async fn axum_keycloak_back_channel_logout_ends_the_session() {
-    let db = Db::new().await;
-    let (listener, app) = bind().await;
-    let idp = Idp::start("keycloak", std::slice::from_ref(&app), 3600).await;
-    let store = db.store().await;
+    let (db, listener, app, idp, store) = bed("keycloak").await;
     let config = axum_keycloak::oidc_config(
         &idp.issuer,
         CLIENT_ID,
@@ -154,33 +145,7 @@ async fn axum_keycloak_back_channel_logout_ends_the_session() {
 
     // The user signs out at the provider (its own page), which then posts a
     // logout token to {APP_URL}/auth/backchannel-logout.
-    let page = b
-        .get(&format!(
-            "{}/protocol/openid-connect/logout?client_id={CLIENT_ID}",
-            idp.issuer
-        ))
-        .await
-        .text()
-        .await
-        .unwrap();
-    let xsrf = page
-        .split("name=\"xsrf\" value=\"")
-        .nth(1)
-        .unwrap()
-        .split('"')
-        .next()
-        .unwrap();
-    let r = b
-        .http
-        .post(format!(
-            "{}/protocol/openid-connect/logout/confirm",
-            idp.issuer
-        ))
-        .form(&[("xsrf", xsrf), ("logout", "yes")])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 303);
+    b.logout_at_provider(&idp.issuer).await;
     assert_eq!(
         b.api(&format!("{app}/me")).await.status(),
         StatusCode::UNAUTHORIZED,
@@ -196,10 +161,7 @@ async fn axum_cognito_logs_in_with_groups_and_logs_out_at_the_hosted_ui() {
         axum_cognito::cognito_issuer("eu-west-1", "eu-west-1_AbC123"),
         "https://cognito-idp.eu-west-1.amazonaws.com/eu-west-1_AbC123"
     );
-    let db = Db::new().await;
-    let (listener, app) = bind().await;
-    let idp = Idp::start("cognito", std::slice::from_ref(&app), 3600).await;
-    let store = db.store().await;
+    let (db, listener, app, idp, store) = bed("cognito").await;
     // OIDC_ISSUER, the override for a local provider; COGNITO_DOMAIN, the
     // provider's origin, where it serves the hosted UI's /logout.
     let config = axum_cognito::oidc_config(
@@ -235,7 +197,7 @@ async fn axum_cognito_logs_in_with_groups_and_logs_out_at_the_hosted_ui() {
 
     // To the hosted UI's /logout (Cognito has no end_session_endpoint), which
     // accepts it and comes back to {APP_URL}/.
-    let to = logout(&b, &app).await;
+    let to = b.logout(&app).await;
     assert!(to.starts_with(&format!("{}/logout?", idp.base)), "{to}");
     assert!(to.contains(&format!("client_id={CLIENT_ID}")), "{to}");
     assert!(
@@ -255,10 +217,7 @@ async fn axum_cognito_logs_in_with_groups_and_logs_out_at_the_hosted_ui() {
 
 #[tokio::test]
 async fn hyper_counts_over_a_socket_and_guards_me() {
-    let db = Db::new().await;
-    let (listener, app) = bind().await;
-    let idp = Idp::start("keycloak", std::slice::from_ref(&app), 3600).await;
-    let store = db.store().await;
+    let (db, listener, app, idp, store) = bed("keycloak").await;
     let oidc = generic_client(&idp, &app, store.clone()).await;
     let service = example_hyper::app(sessions(store), oidc);
     tokio::spawn(async move { example_hyper::serve(listener, service).await.unwrap() });
@@ -296,7 +255,7 @@ async fn hyper_counts_over_a_socket_and_guards_me() {
         "the login kept the session's data"
     );
 
-    let to = logout(&b, &app).await;
+    let to = b.logout(&app).await;
     assert!(
         to.starts_with(&format!("{}/protocol/openid-connect/logout?", idp.issuer)),
         "{to}"
@@ -312,11 +271,8 @@ async fn hyper_counts_over_a_socket_and_guards_me() {
 
 #[tokio::test]
 async fn tonic_refuses_calls_without_a_login_and_serves_a_logged_in_cookie() {
-    let db = Db::new().await;
-    let (http_listener, app) = bind().await;
+    let (db, http_listener, app, idp, store) = bed("keycloak").await;
     let (grpc_listener, grpc_url) = bind().await;
-    let idp = Idp::start("keycloak", std::slice::from_ref(&app), 3600).await;
-    let store = db.store().await;
     let oidc = generic_client(&idp, &app, store.clone()).await;
     let layer = sessions(store);
     let login = example_tonic::login_app(oidc.clone(), layer.clone());
@@ -369,7 +325,7 @@ async fn tonic_refuses_calls_without_a_login_and_serves_a_logged_in_cookie() {
     assert_eq!(status, ServingStatus::Serving);
 
     // After logout the same cookie opens nothing.
-    logout(&b, &app).await;
+    b.logout(&app).await;
     let err = example_tonic::check(&grpc_url, Some(&cookie))
         .await
         .unwrap_err();

@@ -9,6 +9,10 @@ use std::time::Duration;
 use axum::http::StatusCode;
 use common::{idp::*, Db};
 use serde_json::{json, Value};
+use tower_pg_session::{
+    crypto::Keyring,
+    oidc::{OidcClient, OidcConfig},
+};
 
 async fn session_rows(db: &Db) -> Vec<(String, String, Option<String>, Option<String>)> {
     sqlx::query_as(&format!(
@@ -20,9 +24,32 @@ async fn session_rows(db: &Db) -> Vec<(String, String, Option<String>, Option<St
     .unwrap()
 }
 
+/// The first session row's id and data.
+async fn first_session(db: &Db) -> (String, Value) {
+    let (sid, sess, _, _) = session_rows(db).await.remove(0);
+    (sid, serde_json::from_str(&sess).unwrap())
+}
+
+/// A config for an app that is never served, with keys of its own.
+fn unserved_config(issuer: &str) -> OidcConfig {
+    OidcConfig::new(issuer, CLIENT_ID, "http://127.0.0.1:2", Keyring::generate()).unwrap()
+}
+
+/// One app instance on a Keycloak-like provider, with the default config.
+async fn keycloak() -> Setup {
+    setup("keycloak", 1, 3600, |c| c).await
+}
+
+/// A browser logged in as `user` at the first app instance.
+async fn logged_in(s: &Setup, user: &str) -> Browser {
+    let b = Browser::new();
+    b.login(&s.apps[0].url, user, "/").await;
+    b
+}
+
 #[tokio::test]
 async fn keycloak_like_login_me_and_logout() {
-    let s = setup("keycloak", 1, 3600, |c| c).await;
+    let s = keycloak().await;
     let app = &s.apps[0].url;
     let b = Browser::new();
 
@@ -30,7 +57,7 @@ async fn keycloak_like_login_me_and_logout() {
     let r = b.get(&format!("{app}/me?x=1")).await;
     assert_eq!(r.status(), StatusCode::FOUND);
     assert_eq!(location(&r), "/auth/login?return_to=%2Fme%3Fx%3D1");
-    let r = b.api(&format!("{app}/me")).await;
+    let r = b.me(app).await;
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
     assert!(r.headers().contains_key("www-authenticate"));
 
@@ -84,7 +111,7 @@ async fn keycloak_like_login_me_and_logout() {
         "the pending login is consumed"
     );
 
-    let r = b.api(&format!("{app}/me")).await;
+    let r = b.me(app).await;
     assert_eq!(r.status(), StatusCode::OK, "{:?}", r.headers());
     let me: Value = r.json().await.unwrap();
     assert_eq!(me["sub"], "alice");
@@ -95,48 +122,29 @@ async fn keycloak_like_login_me_and_logout() {
     );
 
     // Replaying the callback after success fails and does not log anyone in or out.
-    let r = b
-        .http
-        .get(&callback)
-        .header("accept", "application/json")
-        .send()
-        .await
-        .unwrap();
+    let r = b.api(&callback).await;
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error"], "unknown_state");
-    assert_eq!(b.api(&format!("{app}/me")).await.status(), StatusCode::OK);
+    assert_eq!(b.me(app).await.status(), StatusCode::OK);
 
     // Logout from another site: refused, session intact.
     let r = b
-        .http
-        .post(format!("{app}/auth/logout"))
-        .header("origin", "https://evil.example")
-        .send()
-        .await
-        .unwrap();
+        .post_logout(app, &[("origin", "https://evil.example")])
+        .await;
     assert_eq!(r.status(), StatusCode::FORBIDDEN);
-    let r = b
-        .http
-        .post(format!("{app}/auth/logout"))
-        .send()
-        .await
-        .unwrap();
+    let r = b.post_logout(app, &[]).await;
     assert_eq!(
         r.status(),
         StatusCode::FORBIDDEN,
         "no Origin and no Referer"
     );
-    assert_eq!(b.api(&format!("{app}/me")).await.status(), StatusCode::OK);
+    assert_eq!(b.me(app).await.status(), StatusCode::OK);
 
     // Logout from the app's own page (a plain form sends Referer).
     let r = b
-        .http
-        .post(format!("{app}/auth/logout"))
-        .header("referer", format!("{app}/settings"))
-        .send()
-        .await
-        .unwrap();
+        .post_logout(app, &[("referer", &format!("{app}/settings"))])
+        .await;
     assert_eq!(r.status(), StatusCode::SEE_OTHER);
     let end = location(&r);
     assert!(
@@ -152,16 +160,13 @@ async fn keycloak_like_login_me_and_logout() {
         assert!(end.contains(param), "{param} in {end}");
     }
     assert!(session_rows(&s.db).await.is_empty(), "the session is gone");
-    assert_eq!(
-        b.api(&format!("{app}/me")).await.status(),
-        StatusCode::UNAUTHORIZED
-    );
+    assert_eq!(b.me(app).await.status(), StatusCode::UNAUTHORIZED);
     s.db.drop_schema().await;
 }
 
 #[tokio::test]
 async fn twenty_concurrent_replays_of_one_callback_log_in_once() {
-    let s = setup("keycloak", 1, 3600, |c| c).await;
+    let s = keycloak().await;
     let app = &s.apps[0].url;
     let b = Browser::new();
     let auth = b.start_login(app, "/").await;
@@ -169,15 +174,7 @@ async fn twenty_concurrent_replays_of_one_callback_log_in_once() {
     let mut tasks = Vec::new();
     for _ in 0..20 {
         let (b, callback) = (b.clone(), callback.clone());
-        tasks.push(tokio::spawn(async move {
-            b.http
-                .get(&callback)
-                .header("accept", "application/json")
-                .send()
-                .await
-                .unwrap()
-                .status()
-        }));
+        tasks.push(tokio::spawn(async move { b.api(&callback).await.status() }));
     }
     let mut ok = 0;
     for t in tasks {
@@ -292,10 +289,7 @@ async fn bad_callbacks_are_400_and_log_no_one_in() {
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
     assert!(r.text().await.unwrap().contains("<h1>Login failed</h1>"));
 
-    assert_eq!(
-        b.api(&format!("{app}/me")).await.status(),
-        StatusCode::UNAUTHORIZED
-    );
+    assert_eq!(b.me(app).await.status(), StatusCode::UNAUTHORIZED);
     for (_, sess, user, _) in session_rows(&s.db).await {
         assert!(
             user.is_none() && !sess.contains("\"oidc\":"),
@@ -307,7 +301,7 @@ async fn bad_callbacks_are_400_and_log_no_one_in() {
 
 #[tokio::test]
 async fn two_tabs_log_in_at_once_and_return_to_stays_local() {
-    let s = setup("keycloak", 1, 3600, |c| c).await;
+    let s = keycloak().await;
     let app = &s.apps[0].url;
     let b = Browser::new();
     let first = b.start_login(app, "//evil.example/path").await;
@@ -327,13 +321,13 @@ async fn two_tabs_log_in_at_once_and_return_to_stays_local() {
         "/",
         "a return_to that leaves the site falls back to /"
     );
-    assert_eq!(b.api(&format!("{app}/me")).await.status(), StatusCode::OK);
+    assert_eq!(b.me(app).await.status(), StatusCode::OK);
     s.db.drop_schema().await;
 }
 
 #[tokio::test]
 async fn grpc_requests_get_unauthenticated() {
-    let s = setup("keycloak", 1, 3600, |c| c).await;
+    let s = keycloak().await;
     let r = reqwest::Client::new()
         .post(format!("{}/me", s.apps[0].url))
         .header("content-type", "application/grpc")
@@ -345,16 +339,20 @@ async fn grpc_requests_get_unauthenticated() {
     s.db.drop_schema().await;
 }
 
-async fn force_refresh_due(db: &Db, secs_left: i64) {
-    let exp = time::OffsetDateTime::now_utc().unix_timestamp() + secs_left;
+/// Sets `oidc.<field>` of every logged-in session to `value`.
+async fn set_oidc(db: &Db, field: &str, value: Value) {
     sqlx::query(&format!(
-        "UPDATE {} SET sess = jsonb_set(sess::jsonb, '{{oidc,exp}}', to_jsonb($1::int8))::json WHERE sess::jsonb ? 'oidc'",
+        "UPDATE {} SET sess = jsonb_set(sess::jsonb, '{{oidc,{field}}}', $1::jsonb)::json WHERE sess::jsonb ? 'oidc'",
         db.table()
     ))
-    .bind(exp)
+    .bind(value.to_string())
     .execute(&db.pool)
     .await
     .unwrap();
+}
+
+async fn force_refresh_due(db: &Db, secs_left: i64) {
+    set_oidc(db, "exp", json!(now() + secs_left)).await;
 }
 
 #[tokio::test]
@@ -365,18 +363,13 @@ async fn two_instances_times_twenty_requests_refresh_once() {
         b.login(&s.apps[0].url, "erin", "/").await.status(),
         StatusCode::FOUND
     );
-    let before: Value = b
-        .api(&format!("{}/me", s.apps[0].url))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let before: Value = b.me(&s.apps[0].url).await.json().await.unwrap();
     force_refresh_due(&s.db, 30).await;
     let mut tasks = Vec::new();
     for i in 0..40 {
         let b = b.clone();
-        let url = format!("{}/me", s.apps[i % 2].url);
-        tasks.push(tokio::spawn(async move { b.api(&url).await.status() }));
+        let app = s.apps[i % 2].url.clone();
+        tasks.push(tokio::spawn(async move { b.me(&app).await.status() }));
     }
     for t in tasks {
         assert_eq!(t.await.unwrap(), StatusCode::OK);
@@ -386,12 +379,7 @@ async fn two_instances_times_twenty_requests_refresh_once() {
         stats["refresh_token"], 1,
         "one refresh at the provider: {stats}"
     );
-    let after: Value = b
-        .api(&format!("{}/me", s.apps[1].url))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let after: Value = b.me(&s.apps[1].url).await.json().await.unwrap();
     assert!(
         after["access_token_expires_at"].as_i64()
             > Some(time::OffsetDateTime::now_utc().unix_timestamp() + 3000)
@@ -401,25 +389,18 @@ async fn two_instances_times_twenty_requests_refresh_once() {
     // Rotation: the refresh token used is spent; the stored one is the new
     // one, so the next refresh works too.
     force_refresh_due(&s.db, 30).await;
-    assert_eq!(
-        b.api(&format!("{}/me", s.apps[0].url)).await.status(),
-        StatusCode::OK
-    );
+    assert_eq!(b.me(&s.apps[0].url).await.status(), StatusCode::OK);
     assert_eq!(s.idp.stats().await["refresh_token"], 2);
     s.db.drop_schema().await;
 }
 
 #[tokio::test]
 async fn a_refused_refresh_logs_out_cleanly() {
-    let s = setup("keycloak", 1, 3600, |c| c).await;
+    let s = keycloak().await;
     let app = &s.apps[0].url;
-    let b = Browser::new();
-    b.login(app, "frank", "/").await;
+    let b = logged_in(&s, "frank").await;
     // A refresh token the provider does not know, sealed properly for this session.
-    let (sid,): (String,) = sqlx::query_as(&format!("SELECT sid FROM {}", s.db.table()))
-        .fetch_one(&s.db.pool)
-        .await
-        .unwrap();
+    let sid = first_session(&s.db).await.0;
     let bogus = s.token_keys.seal(
         b"not-a-refresh-token",
         &tower_pg_session::crypto::Aad {
@@ -427,21 +408,14 @@ async fn a_refused_refresh_logs_out_cleanly() {
             field: "refresh_token",
         },
     );
-    sqlx::query(&format!(
-        "UPDATE {} SET sess = jsonb_set(sess::jsonb, '{{oidc,rt}}', to_jsonb($1::text))::json",
-        s.db.table()
-    ))
-    .bind(&bogus)
-    .execute(&s.db.pool)
-    .await
-    .unwrap();
+    set_oidc(&s.db, "rt", json!(bogus)).await;
     force_refresh_due(&s.db, 30).await;
     let r = b.get(&format!("{app}/me")).await;
     assert_eq!(r.status(), StatusCode::FOUND, "browser: back to the login");
     assert!(location(&r).starts_with("/auth/login"));
     assert!(session_rows(&s.db).await.is_empty(), "the session ended");
     assert_eq!(
-        b.api(&format!("{app}/me")).await.status(),
+        b.me(app).await.status(),
         StatusCode::UNAUTHORIZED,
         "API: 401, not 500"
     );
@@ -450,18 +424,14 @@ async fn a_refused_refresh_logs_out_cleanly() {
 
 #[tokio::test]
 async fn a_tampered_token_ciphertext_logs_out_cleanly() {
-    let s = setup("keycloak", 1, 3600, |c| c).await;
-    let app = &s.apps[0].url;
-    let b = Browser::new();
-    b.login(app, "grace", "/").await;
-    sqlx::query(&format!(
-        "UPDATE {} SET sess = jsonb_set(sess::jsonb, '{{oidc,at}}', to_jsonb(overlay((sess::jsonb#>>'{{oidc,at}}') placing 'A' from 30 for 1)))::json",
-        s.db.table()
-    ))
-    .execute(&s.db.pool)
-    .await
-    .unwrap();
-    let r = b.api(&format!("{app}/me")).await;
+    let s = keycloak().await;
+    let b = logged_in(&s, "grace").await;
+    // One character of the sealed access token changed.
+    let sess = first_session(&s.db).await.1;
+    let mut at = sess["oidc"]["at"].as_str().unwrap().to_owned();
+    at.replace_range(29..30, "A");
+    set_oidc(&s.db, "at", json!(at)).await;
+    let r = b.me(&s.apps[0].url).await;
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
     assert!(session_rows(&s.db).await.is_empty());
     s.db.drop_schema().await;
@@ -473,27 +443,15 @@ async fn cognito_like_groups_refresh_without_rotation_and_hosted_logout() {
     let app = &s.apps[0].url;
     let b = Browser::new();
     assert_eq!(b.login(app, "heidi", "/").await.status(), StatusCode::FOUND);
-    let me: Value = b.api(&format!("{app}/me")).await.json().await.unwrap();
+    let me: Value = b.me(app).await.json().await.unwrap();
     assert_eq!(me["groups"], json!(["admins", "users"]));
     assert_eq!(me["claims"]["token_use"], "id");
     for round in 1..=2 {
         force_refresh_due(&s.db, 30).await;
-        assert_eq!(
-            b.api(&format!("{app}/me")).await.status(),
-            StatusCode::OK,
-            "refresh {round}"
-        );
+        assert_eq!(b.me(app).await.status(), StatusCode::OK, "refresh {round}");
         assert_eq!(s.idp.stats().await["refresh_token"], round);
     }
-    let r = b
-        .http
-        .post(format!("{app}/auth/logout"))
-        .header("origin", app.as_str())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::SEE_OTHER);
-    let to = location(&r);
+    let to = b.logout(app).await;
     assert!(to.starts_with(&format!("{}/logout?", s.idp.base)), "{to}");
     assert!(
         to.contains("client_id=demo")
@@ -528,54 +486,20 @@ async fn post_logout_token(app: &str, token: &str) -> (StatusCode, Value) {
 
 #[tokio::test]
 async fn back_channel_logout_from_the_provider_ends_the_session() {
-    let s = setup("keycloak", 1, 3600, |c| c).await;
+    let s = keycloak().await;
     let app = &s.apps[0].url;
-    let b = Browser::new();
-    b.login(app, "ivan", "/").await;
-    let other = Browser::new();
-    other.login(app, "judy", "/").await;
+    let b = logged_in(&s, "ivan").await;
+    let other = logged_in(&s, "judy").await;
     assert_eq!(session_rows(&s.db).await.len(), 2);
 
     // The user logs out at the provider (another app, or the account page).
-    let page = b
-        .get(&format!(
-            "{}/protocol/openid-connect/logout?client_id=demo",
-            s.idp.issuer
-        ))
-        .await
-        .text()
-        .await
-        .unwrap();
-    let xsrf = page
-        .split("name=\"xsrf\" value=\"")
-        .nth(1)
-        .unwrap()
-        .split('"')
-        .next()
-        .unwrap();
-    let r = b
-        .http
-        .post(format!(
-            "{}/protocol/openid-connect/logout/confirm",
-            s.idp.issuer
-        ))
-        .form(&[("xsrf", xsrf), ("logout", "yes")])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 303);
+    b.logout_at_provider(&s.idp.issuer).await;
 
     let rows = session_rows(&s.db).await;
     assert_eq!(rows.len(), 1, "ivan's session is gone, judy's is not");
     assert_eq!(rows[0].2.as_deref(), Some("judy"));
-    assert_eq!(
-        b.api(&format!("{app}/me")).await.status(),
-        StatusCode::UNAUTHORIZED
-    );
-    assert_eq!(
-        other.api(&format!("{app}/me")).await.status(),
-        StatusCode::OK
-    );
+    assert_eq!(b.me(app).await.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(other.me(app).await.status(), StatusCode::OK);
 
     // The token the provider sent cannot be replayed.
     let delivered = s.apps[0].backchannel.lock().unwrap().clone();
@@ -599,10 +523,9 @@ async fn back_channel_logout_from_the_provider_ends_the_session() {
 
 #[tokio::test]
 async fn forged_logout_tokens_are_refused_and_end_nothing() {
-    let s = setup("keycloak", 1, 3600, |c| c).await;
+    let s = keycloak().await;
     let app = &s.apps[0].url;
-    let b = Browser::new();
-    b.login(app, "mallory-victim", "/").await;
+    logged_in(&s, "mallory-victim").await;
     let sid = session_rows(&s.db).await[0].3.clone().unwrap();
     let good = json!({
         "iss": s.idp.issuer, "aud": "demo", "iat": now(), "exp": now() + 120,
@@ -708,7 +631,7 @@ async fn forged_logout_tokens_are_refused_and_end_nothing() {
 #[tokio::test]
 async fn id_tokens_are_verified_strictly() {
     use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
-    let s = setup("keycloak", 1, 3600, |c| c).await;
+    let s = keycloak().await;
     let client = &s.apps[0].client;
     let good = json!({"iss": s.idp.issuer, "aud": "demo", "sub": "u1", "iat": now(), "exp": now() + 300, "nonce": "n1"});
     let claims = client
@@ -765,33 +688,18 @@ async fn id_tokens_are_verified_strictly() {
         "alg none"
     );
     // HS256 keyed with the provider's public key (the classic confusion).
-    let jwks: Value = reqwest::get(format!("{}/protocol/openid-connect/certs", s.idp.issuer))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let jwks = get_json(&format!("{}/protocol/openid-connect/certs", s.idp.issuer)).await;
     let public = jwks["keys"][0].to_string();
     let head = enc(&json!({"alg": "HS256", "typ": "JWT", "kid": jwks["keys"][0]["kid"]}));
-    let body = enc(&good);
-    use hmac::Mac;
-    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(public.as_bytes()).unwrap();
-    mac.update(format!("{head}.{body}").as_bytes());
-    let hs = format!(
-        "{head}.{body}.{}",
-        URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
-    );
+    // A JWT is its signing input, a dot and the tag, as a signed cookie is.
+    let signing_input = format!("{head}.{}", enc(&good));
+    let hs = common::signed(&signing_input, &public);
     assert!(
         client.verify_id_token_jwt(&hs, Some("n1")).await.is_err(),
         "HS256 with the public key"
     );
     // HS256 with the client secret: refused unless configured.
-    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(CLIENT_SECRET.as_bytes()).unwrap();
-    mac.update(format!("{head}.{body}").as_bytes());
-    let hs = format!(
-        "{head}.{body}.{}",
-        URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
-    );
+    let hs = common::signed(&signing_input, CLIENT_SECRET);
     assert!(
         client.verify_id_token_jwt(&hs, Some("n1")).await.is_err(),
         "HS256 with the client secret"
@@ -810,12 +718,9 @@ async fn id_tokens_are_verified_strictly() {
 
 #[tokio::test]
 async fn logout_revokes_the_refresh_token() {
-    let s = setup("keycloak", 1, 3600, |c| c).await;
-    let app = &s.apps[0].url;
-    let b = Browser::new();
-    b.login(app, "kim", "/").await;
-    let (sid, sess, _, _) = session_rows(&s.db).await.remove(0);
-    let sess: Value = serde_json::from_str(&sess).unwrap();
+    let s = keycloak().await;
+    let b = logged_in(&s, "kim").await;
+    let (sid, sess) = first_session(&s.db).await;
     let aad = tower_pg_session::crypto::Aad {
         session: &sid,
         field: "refresh_token",
@@ -825,14 +730,7 @@ async fn logout_revokes_the_refresh_token() {
         .open(sess["oidc"]["rt"].as_str().unwrap(), &aad)
         .unwrap();
     let rt = String::from_utf8(rt.plaintext().to_vec()).unwrap();
-    let r = b
-        .http
-        .post(format!("{app}/auth/logout"))
-        .header("origin", app.as_str())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    b.logout(&s.apps[0].url).await;
     let r = reqwest::Client::new()
         .post(format!("{}/protocol/openid-connect/token", s.idp.issuer))
         .basic_auth(CLIENT_ID, Some(CLIENT_SECRET))
@@ -855,45 +753,30 @@ async fn logout_revokes_the_refresh_token() {
 
 #[tokio::test]
 async fn token_keys_rotate_without_logging_anyone_out() {
-    use tower_pg_session::crypto::{EncryptionKey, Keyring};
-    let s = setup("keycloak", 1, 3600, |c| c).await;
-    let b = Browser::new();
-    b.login(&s.apps[0].url, "liam", "/").await;
-    let sealed_under = |sess: &str| -> String {
-        let v: Value = serde_json::from_str(sess).unwrap();
-        v["oidc"]["at"].as_str().unwrap()[..8].to_owned()
-    };
-    let before = sealed_under(&session_rows(&s.db).await[0].1);
+    use tower_pg_session::crypto::EncryptionKey;
+    let s = keycloak().await;
+    let b = logged_in(&s, "liam").await;
+    let sealed_under = |sess: Value| sess["oidc"]["at"].as_str().unwrap()[..8].to_owned();
+    let before = sealed_under(first_session(&s.db).await.1);
 
     // A second instance with a new first key, the old one still accepted.
     let new_key = EncryptionKey::generate();
     let rotated = Keyring::new(vec![new_key, s.token_key.clone()]).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://127.0.0.1:{}", listener.local_addr().unwrap().port());
-    let store = s.db.store().await;
-    let config = tower_pg_session::oidc::OidcConfig::new(&s.idp.issuer, CLIENT_ID, &url, rotated)
+    let config = OidcConfig::new(&s.idp.issuer, CLIENT_ID, &url, rotated)
         .unwrap()
         .with_client_secret(CLIENT_SECRET);
-    let client = tower_pg_session::oidc::OidcClient::discover(config, store.clone())
-        .await
-        .unwrap();
-    let layer = tower_pg_session::SessionLayer::new(
-        store,
-        tower_pg_session::SigningKeys::new([common::KEY_A]).unwrap(),
-    )
-    .with_insecure_http_cookie()
-    .unwrap();
-    let app = router(client, layer, Default::default());
-    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let second = App::serve(&s.db, listener, url.clone(), config).await;
     assert_eq!(
-        b.api(&format!("{url}/me")).await.status(),
+        b.me(&url).await.status(),
         StatusCode::OK,
         "old ciphertexts still open"
     );
-    let after = sealed_under(&session_rows(&s.db).await[0].1);
+    let after = sealed_under(first_session(&s.db).await.1);
     assert_ne!(before, after, "re-sealed under the new key on that request");
-    assert_eq!(b.api(&format!("{url}/me")).await.status(), StatusCode::OK);
-    server.abort();
+    assert_eq!(b.me(&url).await.status(), StatusCode::OK);
+    drop(second);
     s.db.drop_schema().await;
 }
 
@@ -901,19 +784,8 @@ async fn token_keys_rotate_without_logging_anyone_out() {
 async fn an_unreachable_provider_is_a_clear_error_not_a_panic() {
     let db = Db::new().await;
     let store = db.store().await;
-    let keys = tower_pg_session::crypto::Keyring::from(
-        tower_pg_session::crypto::EncryptionKey::generate(),
-    );
-    let config = tower_pg_session::oidc::OidcConfig::new(
-        "http://127.0.0.1:1/realms/x",
-        CLIENT_ID,
-        "http://127.0.0.1:2",
-        keys,
-    )
-    .unwrap();
-    let err = tower_pg_session::oidc::OidcClient::discover(config, store)
-        .await
-        .unwrap_err();
+    let config = unserved_config("http://127.0.0.1:1/realms/x");
+    let err = OidcClient::discover(config, store).await.unwrap_err();
     assert_eq!(err.status(), StatusCode::BAD_GATEWAY);
     assert!(
         err.to_string()
@@ -923,10 +795,9 @@ async fn an_unreachable_provider_is_a_clear_error_not_a_panic() {
 
     // The provider goes away after start-up: the callback's code exchange
     // gets 502; an expired access token cannot be refreshed: 502, no panic.
-    let mut s = setup("keycloak", 1, 3600, |c| c).await;
+    let mut s = keycloak().await;
     let app = s.apps[0].url.clone();
-    let b = Browser::new();
-    b.login(&app, "mia", "/").await;
+    let b = logged_in(&s, "mia").await;
     let b2 = Browser::new();
     let auth = b2.start_login(&app, "/").await;
     let callback = b2.authorize(&auth, "noah").await;
@@ -934,20 +805,14 @@ async fn an_unreachable_provider_is_a_clear_error_not_a_panic() {
         &mut s.idp,
         Idp::start("keycloak", &["http://127.0.0.1:9".into()], 60).await,
     ));
-    let r = b2
-        .http
-        .get(&callback)
-        .header("accept", "application/json")
-        .send()
-        .await
-        .unwrap();
+    let r = b2.api(&callback).await;
     assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
     force_refresh_due(&s.db, -10).await;
-    let r = b.api(&format!("{app}/me")).await;
+    let r = b.me(&app).await;
     assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
     force_refresh_due(&s.db, 100).await;
     assert_eq!(
-        b.api(&format!("{app}/me")).await.status(),
+        b.me(&app).await.status(),
         StatusCode::OK,
         "a still-valid token carries on"
     );
@@ -964,8 +829,7 @@ async fn pending_logins_are_capped_and_a_bad_code_is_refused() {
     for _ in 0..5 {
         urls.push(b.start_login(app, "/").await);
     }
-    let (_, sess, _, _) = session_rows(&s.db).await.remove(0);
-    let sess: Value = serde_json::from_str(&sess).unwrap();
+    let sess = first_session(&s.db).await.1;
     let pending = sess
         .as_object()
         .unwrap()
@@ -975,13 +839,7 @@ async fn pending_logins_are_capped_and_a_bad_code_is_refused() {
     assert_eq!(pending, 3, "at most 3 pending logins per browser");
     // The oldest were dropped: their callbacks are unknown now.
     let callback = b.authorize(&urls[0], "olga").await;
-    let r = b
-        .http
-        .get(&callback)
-        .header("accept", "application/json")
-        .send()
-        .await
-        .unwrap();
+    let r = b.api(&callback).await;
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
 
     // A genuine state with a code the provider never issued.
@@ -991,40 +849,21 @@ async fn pending_logins_are_capped_and_a_bad_code_is_refused() {
         .split_once('&')
         .map(|(_, r)| format!("&{r}"))
         .unwrap_or_default();
-    let r = b
-        .http
-        .get(format!("{head}code=bogus{rest}"))
-        .header("accept", "application/json")
-        .send()
-        .await
-        .unwrap();
+    let r = b.api(&format!("{head}code=bogus{rest}")).await;
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error"], "invalid_grant", "{body}");
-    assert_eq!(
-        b.api(&format!("{app}/me")).await.status(),
-        StatusCode::UNAUTHORIZED
-    );
+    assert_eq!(b.me(app).await.status(), StatusCode::UNAUTHORIZED);
     s.db.drop_schema().await;
 }
 
 #[tokio::test]
 async fn a_keycloak_issuer_with_a_trailing_slash_works_and_secrets_stay_out_of_debug() {
-    let s = setup("keycloak", 1, 3600, |c| c).await;
-    let keys = tower_pg_session::crypto::Keyring::from(
-        tower_pg_session::crypto::EncryptionKey::generate(),
-    );
-    let config = tower_pg_session::oidc::OidcConfig::new(
-        &format!("{}/", s.idp.issuer),
-        CLIENT_ID,
-        "http://127.0.0.1:2",
-        keys,
-    )
-    .unwrap()
-    .with_client_secret(CLIENT_SECRET);
+    let s = keycloak().await;
+    let config = unserved_config(&format!("{}/", s.idp.issuer)).with_client_secret(CLIENT_SECRET);
     let debug = format!("{config:?}");
     assert!(!debug.contains(CLIENT_SECRET), "{debug}");
-    let client = tower_pg_session::oidc::OidcClient::discover(config, s.apps[0].store.clone())
+    let client = OidcClient::discover(config, s.apps[0].store.clone())
         .await
         .unwrap();
     assert_eq!(client.issuer(), s.idp.issuer);
@@ -1041,15 +880,14 @@ async fn discovery_follows_no_redirects() {
     // A server whose discovery URL redirects to a document that would be
     // valid for it: following the redirect would succeed, so a failure
     // shows the client did not follow it.
-    let s = setup("keycloak", 1, 3600, |c| c).await;
+    let s = keycloak().await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let me = format!("http://127.0.0.1:{}", listener.local_addr().unwrap().port());
-    let mut doc: Value = reqwest::get(format!("{}/.well-known/openid-configuration", s.idp.issuer))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let mut doc = get_json(&format!(
+        "{}/.well-known/openid-configuration",
+        s.idp.issuer
+    ))
+    .await;
     doc["issuer"] = json!(me);
     let redirector = axum::Router::new()
         .route(
@@ -1061,14 +899,7 @@ async fn discovery_follows_no_redirects() {
             axum::routing::get(move || async move { axum::Json(doc) }),
         );
     let server = tokio::spawn(async move { axum::serve(listener, redirector).await });
-    let config = tower_pg_session::oidc::OidcConfig::new(
-        &me,
-        CLIENT_ID,
-        "http://127.0.0.1:2",
-        tower_pg_session::crypto::Keyring::generate(),
-    )
-    .unwrap();
-    let err = tower_pg_session::oidc::OidcClient::discover(config, s.apps[0].store.clone())
+    let err = OidcClient::discover(unserved_config(&me), s.apps[0].store.clone())
         .await
         .unwrap_err();
     assert_eq!(err.status(), StatusCode::BAD_GATEWAY);
@@ -1080,10 +911,8 @@ async fn discovery_follows_no_redirects() {
 #[tokio::test]
 async fn the_login_is_written_where_passport_looks_when_asked() {
     let s = setup("keycloak", 1, 3600, |c| c.with_express_user_key("passport")).await;
-    let b = Browser::new();
-    b.login(&s.apps[0].url, "pat", "/").await;
-    let (_, sess, _, _) = session_rows(&s.db).await.remove(0);
-    let sess: Value = serde_json::from_str(&sess).unwrap();
+    logged_in(&s, "pat").await;
+    let sess = first_session(&s.db).await.1;
     assert_eq!(sess["passport"], json!({"user": "pat"}));
     s.db.drop_schema().await;
 }

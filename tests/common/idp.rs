@@ -98,14 +98,7 @@ impl Idp {
 
     /// Token-endpoint requests so far, by grant type.
     pub async fn stats(&self) -> Value {
-        self.http
-            .get(format!("{}/__test/stats", self.base))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        get_json(&format!("{}/__test/stats", self.base)).await
     }
 
     pub async fn rotate_keys(&self) {
@@ -141,6 +134,34 @@ pub struct App {
     pub store: PgStore,
     pub backchannel: Arc<Mutex<Vec<String>>>,
     server: tokio::task::JoinHandle<()>,
+}
+
+impl App {
+    /// The demo's routes with `config`, on `listener` (whose base URL is `url`).
+    pub async fn serve(
+        db: &Db,
+        listener: tokio::net::TcpListener,
+        url: String,
+        config: OidcConfig,
+    ) -> Self {
+        let store = db.store().await;
+        let client = OidcClient::discover(config, store.clone()).await.unwrap();
+        let layer = SessionLayer::new(store.clone(), SigningKeys::new([KEY_A]).unwrap())
+            .with_insecure_http_cookie()
+            .unwrap();
+        let backchannel = Arc::new(Mutex::new(Vec::new()));
+        let app = router(client.clone(), layer, backchannel.clone());
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Self {
+            url,
+            client,
+            store,
+            backchannel,
+            server,
+        }
+    }
 }
 
 impl Drop for App {
@@ -259,28 +280,10 @@ pub async fn setup(
     let token_keys = Keyring::from(token_key.clone());
     let mut apps = Vec::new();
     for (listener, url) in listeners.into_iter().zip(urls) {
-        let store = db.store().await;
         let config = OidcConfig::new(&idp.issuer, CLIENT_ID, &url, token_keys.clone())
             .unwrap()
             .with_client_secret(CLIENT_SECRET);
-        let client = OidcClient::discover(tweak(config), store.clone())
-            .await
-            .unwrap();
-        let layer = SessionLayer::new(store.clone(), SigningKeys::new([KEY_A]).unwrap())
-            .with_insecure_http_cookie()
-            .unwrap();
-        let backchannel = Arc::new(Mutex::new(Vec::new()));
-        let app = router(client.clone(), layer, backchannel.clone());
-        let server = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
-        apps.push(App {
-            url,
-            client,
-            store,
-            backchannel,
-            server,
-        });
+        apps.push(App::serve(&db, listener, url, tweak(config)).await);
     }
     Setup {
         db,
@@ -376,12 +379,66 @@ impl Browser {
         absolute(auth_url, &location(&r))
     }
 
+    /// `GET {app}/me` as an API client.
+    pub async fn me(&self, app: &str) -> reqwest::Response {
+        self.api(&format!("{app}/me")).await
+    }
+
+    /// `POST {app}/auth/logout` with `headers` (Origin, Referer).
+    pub async fn post_logout(&self, app: &str, headers: &[(&str, &str)]) -> reqwest::Response {
+        let mut req = self.http.post(format!("{app}/auth/logout"));
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        req.send().await.unwrap()
+    }
+
+    /// Logout from the app's own page: 303; returns where it sends the browser.
+    pub async fn logout(&self, app: &str) -> String {
+        let r = self.post_logout(app, &[("origin", app)]).await;
+        assert_eq!(r.status(), StatusCode::SEE_OTHER);
+        location(&r)
+    }
+
+    /// Signs out on the Keycloak-like provider's own page, which then posts
+    /// a logout token to the app's back channel.
+    pub async fn logout_at_provider(&self, issuer: &str) {
+        let page = self
+            .get(&format!(
+                "{issuer}/protocol/openid-connect/logout?client_id={CLIENT_ID}"
+            ))
+            .await
+            .text()
+            .await
+            .unwrap();
+        let xsrf = page
+            .split("name=\"xsrf\" value=\"")
+            .nth(1)
+            .unwrap()
+            .split('"')
+            .next()
+            .unwrap();
+        let r = self
+            .http
+            .post(format!("{issuer}/protocol/openid-connect/logout/confirm"))
+            .form(&[("xsrf", xsrf), ("logout", "yes")])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 303);
+    }
+
     /// The whole login; returns the app's answer to the callback.
     pub async fn login(&self, app: &str, user: &str, return_to: &str) -> reqwest::Response {
         let auth = self.start_login(app, return_to).await;
         let callback = self.authorize(&auth, user).await;
         self.get(&callback).await
     }
+}
+
+/// The JSON document at `url`.
+pub async fn get_json(url: &str) -> Value {
+    reqwest::get(url).await.unwrap().json().await.unwrap()
 }
 
 pub fn urlencode(s: &str) -> String {
