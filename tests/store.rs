@@ -393,11 +393,12 @@ async fn pruning_200k_rows_goes_in_batches_while_requests_continue() {
     db.drop_schema().await;
 }
 
-/// Calls of the prune's batch statement, and the shared buffers they touched.
+/// Calls of the prune's statements, and the shared buffers they touched.
 async fn prune_statement_stats(db: &Db) -> (i64, i64) {
     sqlx::query_as(
         "SELECT sum(calls)::int8, sum(shared_blks_hit + shared_blks_read)::int8 \
-         FROM pg_stat_statements WHERE query LIKE $1 AND query LIKE 'WITH gone AS (DELETE%LIMIT%'",
+         FROM pg_stat_statements WHERE query LIKE $1 \
+         AND (query LIKE 'WITH next AS MATERIALIZED (SELECT expire%' OR query LIKE 'WITH gone AS (DELETE%')",
     )
     .bind(format!("%\"{}\"%", db.schema))
     .fetch_one(&db.pool)
@@ -439,6 +440,77 @@ async fn a_prune_beside_a_long_transaction_reads_each_expired_row_once() {
         .unwrap();
     assert_eq!(still, before, "the open snapshot still sees every row");
     report.rollback().await.unwrap();
+    assert_eq!(db.rows().await, 0);
+    db.drop_schema().await;
+}
+
+/// Prunes with `batch` rows a statement at full speed; the rows each batch
+/// deleted.
+async fn prune_batches(store: &PgStore, batch: u32) -> Vec<u64> {
+    let config = PruneConfig::new()
+        .with_batch_size(batch)
+        .with_busy_fraction(1.0);
+    let mut batches = Vec::new();
+    let outcome = store
+        .prune_expired_with(&config, |n| batches.push(n))
+        .await
+        .unwrap();
+    assert_eq!(
+        outcome,
+        PruneOutcome::Pruned(batches.iter().sum()),
+        "{batches:?}"
+    );
+    batches
+}
+
+#[tokio::test]
+async fn rows_expired_at_one_instant_are_pruned_in_bounded_batches() {
+    let db = Db::new().await;
+    let store = db.store().await;
+    // 300 rows with their own expiries, then 1,200 expired at one instant
+    // (an import, a clock step), then 300 more, and 5 live sessions.
+    sqlx::query(&format!(
+        "INSERT INTO {} (sid, sess, expire) SELECT 'x' || g, '{{}}', \
+         CASE WHEN g <= 300 THEN timestamp '2020-01-01' + g * interval '1 second' \
+              WHEN g <= 1500 THEN timestamp '2020-01-02' \
+              WHEN g <= 1800 THEN timestamp '2020-01-03' + g * interval '1 second' \
+              ELSE (now() AT TIME ZONE 'UTC') + interval '1 day' END \
+         FROM generate_series(1, 1805) g",
+        db.table()
+    ))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let batches = prune_batches(&store, 500).await;
+    assert_eq!(batches.iter().sum::<u64>(), 1_800, "{batches:?}");
+    assert!(
+        batches.iter().all(|&n| n <= 500),
+        "no statement deletes more than a batch: {batches:?}"
+    );
+    assert_eq!(db.rows().await, 5, "the live sessions stay");
+    // A batch larger than the tie deletes it in one range, ties and all.
+    sqlx::query(&format!(
+        "INSERT INTO {} (sid, sess, expire) SELECT 'y' || g, '{{}}', timestamp '2020-01-02' \
+         FROM generate_series(1, 700) g",
+        db.table()
+    ))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(prune_batches(&store, 1_000).await, vec![700]);
+    assert_eq!(db.rows().await, 5);
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn each_prune_batch_deletes_exactly_the_batch_size_until_the_last() {
+    let db = Db::new().await;
+    let store = db.store().await;
+    fill_expired(&db, 10_250).await;
+    let batches = prune_batches(&store, 1_000).await;
+    let mut expect = vec![1_000; 10];
+    expect.push(250);
+    assert_eq!(batches, expect);
     assert_eq!(db.rows().await, 0);
     db.drop_schema().await;
 }

@@ -671,6 +671,7 @@ struct Sql {
     update_locked: String,
     delete: String,
     prune_batch: String,
+    prune_tied: String,
     /// Unconditional update of a live row (the tower-sessions `save`).
     #[cfg_attr(not(feature = "tower-sessions"), allow(dead_code))]
     save_any: String,
@@ -852,23 +853,35 @@ impl Sql {
             expire = to_col("$4"),
         );
         let delete = format!("DELETE FROM {t} WHERE sid = $1");
-        // Batches by physical row id: the expire index finds the rows, a TID
-        // scan deletes them, each row is written once. A row extended since
-        // it was picked has moved (new ctid) or fails the re-check: it stays.
-        // Each batch starts where the previous one ended ($3, the column's
-        // own value as text, exact for both column types): the index entries
-        // of rows already deleted stay until vacuum, and a scan from the start
-        // would step over all of them again, batch after batch.
+        // Batches walk the expire index in order, each starting where the
+        // previous one ended ($3, the column's own value as text, exact for
+        // both column types): the index entries of rows already deleted stay
+        // until vacuum, and a scan from the start would step over all of them
+        // again, batch after batch. A batch deletes the rows before the
+        // (limit + 1)-th expired one (at most `limit`) by an index range scan,
+        // so each row is visited once; that row's expiry is where the next
+        // batch starts, NULL once the rest fit in this batch. A row extended
+        // meanwhile fails the re-check on its new version and stays.
         let column_type = match layout.expire {
             ExpireType::WithTimeZone => "timestamptz",
             ExpireType::WithoutTimeZone(_) => "timestamp",
         };
         let prune_batch = format!(
+            "WITH next AS MATERIALIZED (\
+               SELECT expire FROM {t} WHERE expire >= $3::{column_type} AND expire < {now} \
+               ORDER BY expire OFFSET $2 LIMIT 1), \
+             gone AS (DELETE FROM {t} WHERE expire >= $3::{column_type} \
+               AND expire < coalesce((SELECT expire FROM next), {now}) RETURNING 1) \
+             SELECT (SELECT count(*) FROM gone), (SELECT expire::text FROM next)",
+            now = to_col("$1"),
+        );
+        // More than `limit` expired rows share one instant ($3): a batch
+        // takes `limit` of them by physical row id.
+        let prune_tied = format!(
             "WITH gone AS (DELETE FROM {t} WHERE ctid = ANY(ARRAY(\
-               SELECT ctid FROM {t} WHERE expire >= $3::{column_type} AND expire < {now} \
-               ORDER BY expire LIMIT $2)) \
-             AND expire < {now} RETURNING expire) \
-             SELECT count(*), max(expire)::text FROM gone",
+               SELECT ctid FROM {t} WHERE expire = $3::{column_type} AND expire < {now} LIMIT $2)) \
+             AND expire = $3::{column_type} AND expire < {now} RETURNING 1) \
+             SELECT count(*) FROM gone",
             now = to_col("$1"),
         );
         let save_any = format!(
@@ -885,6 +898,7 @@ impl Sql {
             update_locked,
             delete,
             prune_batch,
+            prune_tied,
             save_any,
         }
     }

@@ -164,21 +164,38 @@ impl PgStore {
             let mut from = String::from("-infinity");
             loop {
                 let started = std::time::Instant::now();
-                let (deleted, last): (i64, Option<String>) = sqlx::query_as(&inner.sql.prune_batch)
-                    .bind(OffsetDateTime::now_utc())
-                    .bind(i64::from(batch_size))
-                    .bind(&from)
-                    .fetch_one(&mut conn)
-                    .await?;
-                let deleted = u64::try_from(deleted).unwrap_or(0);
-                total += deleted;
-                on_batch(deleted);
-                match last {
-                    Some(last) if deleted >= u64::from(batch_size) => {
-                        from = last;
+                let now = OffsetDateTime::now_utc();
+                let limit = i64::from(batch_size);
+                let (mut deleted, next): (i64, Option<String>) =
+                    sqlx::query_as(&inner.sql.prune_batch)
+                        .bind(now)
+                        .bind(limit)
+                        .bind(&from)
+                        .fetch_one(&mut conn)
+                        .await?;
+                let Some(next) = next else {
+                    // Everything expired from `from` on fit in this batch.
+                    total += count(deleted);
+                    on_batch(count(deleted));
+                    return Ok::<_, StoreError>(total);
+                };
+                if deleted == 0 {
+                    // More than a batch of rows expired at the instant `next`.
+                    deleted = sqlx::query_scalar(&inner.sql.prune_tied)
+                        .bind(now)
+                        .bind(limit)
+                        .bind(&next)
+                        .fetch_one(&mut conn)
+                        .await?;
+                    if deleted == 0 {
+                        // Those rows changed under us (extended or deleted
+                        // elsewhere); the next run starts afresh.
+                        return Ok(total);
                     }
-                    _ => return Ok::<_, StoreError>(total),
                 }
+                total += count(deleted);
+                on_batch(count(deleted));
+                from = next;
                 // Short batches with pauses between them: requests never wait
                 // long behind a batch for a core or a lock.
                 tokio::time::sleep(config.pause_after(started.elapsed())).await;
@@ -272,4 +289,9 @@ impl Drop for Pruner {
     fn drop(&mut self) {
         let _ = self.stop.send(true);
     }
+}
+
+/// A row count from SQL's `count(*)`.
+fn count(rows: i64) -> u64 {
+    u64::try_from(rows).unwrap_or(0)
 }
