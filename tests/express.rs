@@ -46,14 +46,7 @@ async fn rust(
         .with_insecure_http_cookie()
         .unwrap();
     let app = Router::new()
-        .route(
-            "/counter",
-            get(|s: Session| async move {
-                let n: u64 = s.get("count").await?.unwrap_or(0) + 1;
-                s.insert("count", &n).await?;
-                Ok::<_, SessionError>(Json(json!({ "count": n })))
-            }),
-        )
+        .route("/counter", get(common::counter))
         .route(
             "/peek",
             get(|s: Session| async move {
@@ -70,28 +63,14 @@ async fn rust(
                 Ok::<_, SessionError>(Json(all))
             }),
         )
-        .route(
-            "/kv/{key}",
-            put(
-                |s: Session, Path(k): Path<String>, Json(v): Json<Value>| async move {
-                    s.insert(&k, &v).await?;
-                    Ok::<_, SessionError>(StatusCode::NO_CONTENT)
-                },
-            ),
-        )
+        .route("/kv/{key}", put(common::put_kv))
         .route(
             "/whoami",
             get(|s: Session| async move {
                 Ok::<_, SessionError>(Json(json!({ "user": s.passport_user::<Value>().await? })))
             }),
         )
-        .route(
-            "/logout",
-            post(|s: Session| async move {
-                s.destroy().await;
-                StatusCode::NO_CONTENT
-            }),
-        )
+        .route("/logout", post(common::logout))
         .route(
             "/slow/{key}",
             put(

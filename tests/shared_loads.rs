@@ -4,18 +4,9 @@
 
 mod common;
 
-use axum::http::StatusCode;
+use axum::{http::StatusCode, Router};
 use common::*;
 use serde_json::json;
-use tower_pg_session::PgStore;
-
-/// A store whose loads run one statement at a time, so that loads arriving
-/// while it runs must queue and share the next one.
-async fn one_slot_store(db: &Db) -> PgStore {
-    PgStore::new(db.pool.clone(), db.config().with_load_concurrency(1))
-        .await
-        .unwrap()
-}
 
 /// Waits until a statement on this test's table is blocked on a lock.
 async fn until_blocked(db: &Db) {
@@ -43,10 +34,29 @@ async fn until_blocked_n(db: &Db, count: i64) {
     .await;
 }
 
+/// `n` sessions of `app`, session `i` holding `{"me": i}`.
+async fn clients(app: &Router, n: usize) -> Vec<Client> {
+    let mut clients = Vec::new();
+    for i in 0..n {
+        let mut c = Client::new(app.clone());
+        c.put("/kv/me", json!(i)).await;
+        clients.push(c);
+    }
+    clients
+}
+
+/// Two sessions of `app`, holding `{"me": "a"}` and `{"me": "b"}`.
+async fn a_and_b(app: &Router) -> (Client, Client) {
+    let (mut a, mut b) = (Client::new(app.clone()), Client::new(app.clone()));
+    a.put("/kv/me", json!("a")).await;
+    b.put("/kv/me", json!("b")).await;
+    (a, b)
+}
+
 #[tokio::test]
 async fn queued_loads_share_one_statement_and_each_gets_its_own_session() {
     let db = Db::new().await;
-    let app = app(layer(one_slot_store(&db).await), Gate::default());
+    let app = app(layer(db.one_slot_store().await), Gate::default());
     let mut clients = Vec::new();
     for i in 0..40 {
         let mut c = Client::new(app.clone());
@@ -72,14 +82,7 @@ async fn queued_loads_share_one_statement_and_each_gets_its_own_session() {
     clients.push(unknown);
 
     // Hold the table so the first load blocks in its statement.
-    let mut lock = db.pool.begin().await.unwrap();
-    sqlx::query(&format!(
-        "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
-        db.table()
-    ))
-    .execute(&mut *lock)
-    .await
-    .unwrap();
+    let lock = db.lock_table().await;
     let before = db.statements().await;
     let mut first = clients[0].clone();
     let first = tokio::spawn(async move { first.get("/kv").await });
@@ -142,12 +145,7 @@ async fn a_failed_shared_load_fails_every_request_in_it_and_loses_nothing() {
     let relay = Relay::start().await;
     let store = relay.store(&db, db.config().with_load_concurrency(1)).await;
     let app = app(layer(store), Gate::default());
-    let mut clients = Vec::new();
-    for i in 0..20 {
-        let mut c = Client::new(app.clone());
-        c.put("/kv/me", json!(i)).await;
-        clients.push(c);
-    }
+    let mut clients = clients(&app, 20).await;
 
     relay.cut();
     let tasks: Vec<_> = clients
@@ -155,30 +153,17 @@ async fn a_failed_shared_load_fails_every_request_in_it_and_loses_nothing() {
         .cloned()
         .map(|mut c| tokio::spawn(async move { c.get("/kv").await }))
         .collect();
-    for t in tasks {
-        let r = t.await.unwrap();
-        assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
-        assert!(r.set_cookie().is_none(), "no cookie change on failure");
-    }
+    assert_all_unavailable(tasks).await;
     relay.restore();
-
-    for (i, c) in clients.iter_mut().enumerate() {
-        assert_eq!(
-            c.get_when_up("/kv").await,
-            Some(json!({"me": i})),
-            "session {i} intact"
-        );
-    }
+    assert_intact(&mut clients, |i| json!({"me": i})).await;
     db.drop_schema().await;
 }
 
 #[tokio::test]
 async fn a_load_skips_the_touch_of_a_locked_row_instead_of_waiting() {
     let db = Db::new().await;
-    let app = app(layer(one_slot_store(&db).await), Gate::default());
-    let (mut a, mut b) = (Client::new(app.clone()), Client::new(app.clone()));
-    a.put("/kv/me", json!("a")).await;
-    b.put("/kv/me", json!("b")).await;
+    let app = app(layer(db.one_slot_store().await), Gate::default());
+    let (mut a, b) = a_and_b(&app).await;
     // Both are due for the idle extension.
     sqlx::query(&format!(
         "UPDATE {} SET expire = expire - interval '20 hours'",
@@ -243,18 +228,9 @@ async fn a_load_on_a_connection_that_died_while_idle_is_retried() {
 async fn a_stalled_load_statement_lets_the_next_load_open_another() {
     let db = Db::new().await;
     let app = app(layer(db.store().await), Gate::default());
-    let (mut a, mut b) = (Client::new(app.clone()), Client::new(app.clone()));
-    a.put("/kv/me", json!("a")).await;
-    b.put("/kv/me", json!("b")).await;
+    let (mut a, mut b) = a_and_b(&app).await;
 
-    let mut lock = db.pool.begin().await.unwrap();
-    sqlx::query(&format!(
-        "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
-        db.table()
-    ))
-    .execute(&mut *lock)
-    .await
-    .unwrap();
+    let lock = db.lock_table().await;
     let first = tokio::spawn(async move { a.get("/kv").await });
     until_blocked(&db).await;
     // The running statement has made no progress for longer than the stall
@@ -273,12 +249,7 @@ async fn shared_statements_leave_no_reference_to_the_store_behind() {
     let db = Db::new().await;
     let (name, store) = db.named_store(4).await;
     let app = app(layer(store), Gate::default());
-    let mut clients = Vec::new();
-    for i in 0..20 {
-        let mut c = Client::new(app.clone());
-        c.put("/kv/me", json!(i)).await;
-        clients.push(c);
-    }
+    let clients = clients(&app, 20).await;
     let tasks: Vec<_> = clients
         .into_iter()
         .map(|mut c| tokio::spawn(async move { c.put("/kv/again", json!(true)).await.status }))

@@ -60,29 +60,11 @@ fn held_app(store: PgStore) -> (Router, Hold, mpsc::UnboundedReceiver<String>) {
                 },
             ),
         )
-        .route(
-            "/kv",
-            get(|s: Session| async move { Ok::<_, SessionError>(Json(s.to_json().await?)) }),
-        )
-        .route(
-            "/kv/{key}",
-            put(
-                |s: Session, Path(key): Path<String>, Json(v): Json<Value>| async move {
-                    s.insert(&key, &v).await?;
-                    Ok::<_, SessionError>(StatusCode::NO_CONTENT)
-                },
-            ),
-        )
+        .route("/kv", get(get_kv))
+        .route("/kv/{key}", put(put_kv))
         .with_state(hold.clone())
         .layer(layer(store));
     (router, hold, rx)
-}
-
-/// A store whose saves run one statement at a time.
-async fn one_slot_store(db: &Db) -> PgStore {
-    PgStore::new(db.pool.clone(), db.config().with_load_concurrency(1))
-        .await
-        .unwrap()
 }
 
 /// Locks the row of the session whose `who` key is `name`, in `tx`.
@@ -112,7 +94,7 @@ struct Queued {
 }
 
 async fn three_held_saves(db: &Db) -> Queued {
-    let (app, hold, mut entered) = held_app(one_slot_store(db).await);
+    let (app, hold, mut entered) = held_app(db.one_slot_store().await);
     let (blocker, a, b) = (
         session(&app, "blocker").await,
         session(&app, "a").await,
@@ -158,7 +140,7 @@ async fn session(app: &Router, name: &str) -> Client {
 #[tokio::test]
 async fn queued_saves_share_one_statement_and_each_lands_on_its_row() {
     let db = Db::new().await;
-    let (app, hold, mut entered) = held_app(one_slot_store(&db).await);
+    let (app, hold, mut entered) = held_app(db.one_slot_store().await);
     let blocker = session(&app, "blocker").await;
     let mut clients = Vec::new();
     for i in 0..40 {
@@ -303,18 +285,8 @@ async fn a_failed_shared_save_fails_every_request_in_it_and_loses_nothing() {
     for i in 0..10 {
         hold.gate(&format!("s{i}")).await.notify_one();
     }
-    for t in tasks {
-        let r = t.await.unwrap();
-        assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
-        assert!(r.set_cookie().is_none(), "no cookie change on failure");
-    }
+    assert_all_unavailable(tasks).await;
     relay.restore();
-    for (i, c) in clients.iter_mut().enumerate() {
-        assert_eq!(
-            c.get_when_up("/kv").await,
-            Some(json!({"who": format!("s{i}")})),
-            "session {i} intact"
-        );
-    }
+    assert_intact(&mut clients, |i| json!({"who": format!("s{i}")})).await;
     db.drop_schema().await;
 }

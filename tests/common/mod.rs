@@ -61,6 +61,28 @@ impl Db {
             .unwrap()
     }
 
+    /// A store that runs one load or save statement at a time, so that
+    /// those arriving while it runs queue and share the next one.
+    pub async fn one_slot_store(&self) -> PgStore {
+        PgStore::new(self.pool.clone(), self.config().with_load_concurrency(1))
+            .await
+            .unwrap()
+    }
+
+    /// Holds this test's table in a transaction, so statements on it block
+    /// until the transaction ends.
+    pub async fn lock_table(&self) -> sqlx::Transaction<'static, sqlx::Postgres> {
+        let mut tx = self.pool.begin().await.unwrap();
+        sqlx::query(&format!(
+            "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
+            self.table()
+        ))
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+        tx
+    }
+
     pub fn table(&self) -> String {
         format!("\"{}\".\"session\"", self.schema)
     }
@@ -150,18 +172,39 @@ pub struct Gate {
     pub release: Arc<Notify>,
 }
 
+/// `GET /counter`: counts the session's requests.
+pub async fn counter(s: Session) -> Result<Json<Value>, SessionError> {
+    let n: u64 = s.get("count").await?.unwrap_or(0) + 1;
+    s.insert("count", &n).await?;
+    Ok(Json(json!({ "count": n })))
+}
+
+/// `GET /kv`: the whole session.
+pub async fn get_kv(s: Session) -> Result<Json<serde_json::Map<String, Value>>, SessionError> {
+    Ok(Json(s.to_json().await?))
+}
+
+/// `PUT /kv/{key}`: sets one key.
+pub async fn put_kv(
+    s: Session,
+    Path(key): Path<String>,
+    Json(v): Json<Value>,
+) -> Result<StatusCode, SessionError> {
+    s.insert(&key, &v).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /logout`: ends the session.
+pub async fn logout(s: Session) -> StatusCode {
+    s.destroy().await;
+    StatusCode::NO_CONTENT
+}
+
 /// The demo's routes plus a few for tests.
 pub fn app(layer: SessionLayer, gate: Gate) -> Router {
     Router::new()
         .route("/untouched", get(|| async { "ok" }))
-        .route(
-            "/counter",
-            get(|s: Session| async move {
-                let n: u64 = s.get("count").await?.unwrap_or(0) + 1;
-                s.insert("count", &n).await?;
-                Ok::<_, SessionError>(Json(json!({ "count": n })))
-            }),
-        )
+        .route("/counter", get(counter))
         .route(
             "/peek",
             get(|s: Session| async move {
@@ -169,19 +212,8 @@ pub fn app(layer: SessionLayer, gate: Gate) -> Router {
                 Ok::<_, SessionError>(Json(json!({ "count": n })))
             }),
         )
-        .route(
-            "/kv/{key}",
-            put(
-                |s: Session, Path(key): Path<String>, Json(v): Json<Value>| async move {
-                    s.insert(&key, &v).await?;
-                    Ok::<_, SessionError>(StatusCode::NO_CONTENT)
-                },
-            ),
-        )
-        .route(
-            "/kv",
-            get(|s: Session| async move { Ok::<_, SessionError>(Json(s.to_json().await?)) }),
-        )
+        .route("/kv/{key}", put(put_kv))
+        .route("/kv", get(get_kv))
         .route(
             "/cycle",
             post(|s: Session| async move {
@@ -207,13 +239,7 @@ pub fn app(layer: SessionLayer, gate: Gate) -> Router {
                 }
             }),
         )
-        .route(
-            "/logout",
-            post(|s: Session| async move {
-                s.destroy().await;
-                StatusCode::NO_CONTENT
-            }),
-        )
+        .route("/logout", post(logout))
         .route(
             "/slow/{key}",
             put(
@@ -330,6 +356,27 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("timed out waiting for {what}");
+}
+
+/// Awaits every request of `tasks`, made while the database was cut: each
+/// answers 503 and leaves the cookie alone.
+pub async fn assert_all_unavailable(tasks: Vec<tokio::task::JoinHandle<Reply>>) {
+    for t in tasks {
+        let r = t.await.unwrap();
+        assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(r.set_cookie().is_none(), "no cookie change on failure");
+    }
+}
+
+/// Once the database is back, each client's session `i` holds `expected(i)`.
+pub async fn assert_intact(clients: &mut [Client], expected: impl Fn(usize) -> Value) {
+    for (i, c) in clients.iter_mut().enumerate() {
+        assert_eq!(
+            c.get_when_up("/kv").await,
+            Some(expected(i)),
+            "session {i} intact"
+        );
+    }
 }
 
 /// A cookie value for `id` signed with `key`, as the layer writes it.
