@@ -43,6 +43,11 @@ async fn bind() -> (TcpListener, String) {
     (listener, url)
 }
 
+/// Serves an example's axum `router` on `listener` in the background.
+fn serve(listener: TcpListener, router: axum::Router) {
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+}
+
 /// The examples' session layer: `Secure` cookies (the default), which the
 /// scripted browser, like real ones, sends over plain http to 127.0.0.1.
 fn sessions(store: PgStore) -> SessionLayer {
@@ -59,6 +64,14 @@ async fn bed(flavor: &str) -> (Db, TcpListener, String, Idp, PgStore) {
     (db, listener, app, idp, store)
 }
 
+/// The setup of the axum_keycloak example's `main`.
+async fn keycloak_client(issuer: &str, app: &str, store: PgStore) -> OidcClient {
+    let config =
+        axum_keycloak::oidc_config(issuer, CLIENT_ID, CLIENT_SECRET, app, Keyring::generate())
+            .unwrap();
+    OidcClient::discover(config, store).await.unwrap()
+}
+
 /// The generic setup of the hyper and tonic examples' `main`.
 async fn generic_client(idp: &Idp, app: &str, store: PgStore) -> OidcClient {
     let config = OidcConfig::new(&idp.issuer, CLIENT_ID, app, Keyring::generate())
@@ -73,19 +86,15 @@ async fn axum_keycloak_logs_in_shows_me_and_logs_out_at_keycloak() {
     // KEYCLOAK_URL and KEYCLOAK_REALM name the local provider's realm.
     let issuer = axum_keycloak::keycloak_issuer(&format!("{}/", idp.base), "test");
     assert_eq!(issuer, idp.issuer);
-    let config =
-        axum_keycloak::oidc_config(&issuer, CLIENT_ID, CLIENT_SECRET, &app, Keyring::generate())
-            .unwrap();
-    let oidc = OidcClient::discover(config, store.clone()).await.unwrap();
+    let oidc = keycloak_client(&issuer, &app, store.clone()).await;
     assert_eq!(oidc.provider(), &Provider::Keycloak);
-    let router = axum_keycloak::app(oidc, sessions(store));
-    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    serve(listener, axum_keycloak::app(oidc, sessions(store)));
 
     let b = Browser::new();
     let r = b.get(&format!("{app}/me")).await;
     assert_eq!(r.status(), StatusCode::FOUND, "a browser goes to the login");
     assert_eq!(location(&r), "/auth/login?return_to=%2Fme");
-    let r = b.api(&format!("{app}/me")).await;
+    let r = b.me(&app).await;
     assert_eq!(
         r.status(),
         StatusCode::UNAUTHORIZED,
@@ -95,7 +104,7 @@ async fn axum_keycloak_logs_in_shows_me_and_logs_out_at_keycloak() {
     let r = b.login(&app, "alice", "/me").await;
     assert_eq!(r.status(), StatusCode::FOUND);
     assert_eq!(location(&r), "/me");
-    let r = b.api(&format!("{app}/me")).await;
+    let r = b.me(&app).await;
     assert_eq!(r.status(), StatusCode::OK);
     let me: Value = r.json().await.unwrap();
     assert_eq!(me["sub"], "alice");
@@ -116,10 +125,7 @@ async fn axum_keycloak_logs_in_shows_me_and_logs_out_at_keycloak() {
         )),
         "{to}"
     );
-    assert_eq!(
-        b.api(&format!("{app}/me")).await.status(),
-        StatusCode::UNAUTHORIZED
-    );
+    assert_eq!(b.me(&app).await.status(), StatusCode::UNAUTHORIZED);
     assert_eq!(b.get(&format!("{app}/")).await.status(), StatusCode::OK);
     db.drop_schema().await;
 }
@@ -127,27 +133,18 @@ async fn axum_keycloak_logs_in_shows_me_and_logs_out_at_keycloak() {
 #[tokio::test]
 async fn axum_keycloak_back_channel_logout_ends_the_session() {
     let (db, listener, app, idp, store) = bed("keycloak").await;
-    let config = axum_keycloak::oidc_config(
-        &idp.issuer,
-        CLIENT_ID,
-        CLIENT_SECRET,
-        &app,
-        Keyring::generate(),
-    )
-    .unwrap();
-    let oidc = OidcClient::discover(config, store.clone()).await.unwrap();
-    let router = axum_keycloak::app(oidc, sessions(store));
-    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    let oidc = keycloak_client(&idp.issuer, &app, store.clone()).await;
+    serve(listener, axum_keycloak::app(oidc, sessions(store)));
 
     let b = Browser::new();
     assert_eq!(b.login(&app, "ivan", "/").await.status(), StatusCode::FOUND);
-    assert_eq!(b.api(&format!("{app}/me")).await.status(), StatusCode::OK);
+    assert_eq!(b.me(&app).await.status(), StatusCode::OK);
 
     // The user signs out at the provider (its own page), which then posts a
     // logout token to {APP_URL}/auth/backchannel-logout.
     b.logout_at_provider(&idp.issuer).await;
     assert_eq!(
-        b.api(&format!("{app}/me")).await.status(),
+        b.me(&app).await.status(),
         StatusCode::UNAUTHORIZED,
         "the session ended through the back channel"
     );
@@ -175,21 +172,17 @@ async fn axum_cognito_logs_in_with_groups_and_logs_out_at_the_hosted_ui() {
     .unwrap();
     let oidc = OidcClient::discover(config, store.clone()).await.unwrap();
     assert!(matches!(oidc.provider(), Provider::Cognito { .. }));
-    let router = axum_cognito::app(oidc, sessions(store));
-    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    serve(listener, axum_cognito::app(oidc, sessions(store)));
 
     let b = Browser::new();
-    assert_eq!(
-        b.api(&format!("{app}/me")).await.status(),
-        StatusCode::UNAUTHORIZED
-    );
+    assert_eq!(b.me(&app).await.status(), StatusCode::UNAUTHORIZED);
     let auth = b.start_login(&app, "/me").await;
     assert!(auth.contains("scope=openid+email+profile"), "{auth}");
     let callback = b.authorize(&auth, "heidi").await;
     let r = b.get(&callback).await;
     assert_eq!(r.status(), StatusCode::FOUND);
     assert_eq!(location(&r), "/me");
-    let me: Value = b.api(&format!("{app}/me")).await.json().await.unwrap();
+    let me: Value = b.me(&app).await.json().await.unwrap();
     assert_eq!(me["sub"], "heidi");
     assert_eq!(me["username"], "heidi");
     assert_eq!(me["email"], "heidi@example.test");
@@ -208,10 +201,7 @@ async fn axum_cognito_logs_in_with_groups_and_logs_out_at_the_hosted_ui() {
     assert_eq!(r.status(), StatusCode::FOUND);
     assert_eq!(location(&r), format!("{app}/"));
     assert_eq!(b.get(&format!("{app}/")).await.status(), StatusCode::OK);
-    assert_eq!(
-        b.api(&format!("{app}/me")).await.status(),
-        StatusCode::UNAUTHORIZED
-    );
+    assert_eq!(b.me(&app).await.status(), StatusCode::UNAUTHORIZED);
     db.drop_schema().await;
 }
 
@@ -230,7 +220,7 @@ async fn hyper_counts_over_a_socket_and_guards_me() {
         assert_eq!(body, json!({ "count": n }));
     }
 
-    let r = b.api(&format!("{app}/me")).await;
+    let r = b.me(&app).await;
     assert_eq!(
         r.status(),
         StatusCode::UNAUTHORIZED,
@@ -245,7 +235,7 @@ async fn hyper_counts_over_a_socket_and_guards_me() {
     let r = b.login(&app, "alice", "/me").await;
     assert_eq!(r.status(), StatusCode::FOUND);
     assert_eq!(location(&r), "/me");
-    let me: Value = b.api(&format!("{app}/me")).await.json().await.unwrap();
+    let me: Value = b.me(&app).await.json().await.unwrap();
     assert_eq!(me["sub"], "alice");
     assert_eq!(me["email"], "alice@example.test");
     let body: Value = b.api(&format!("{app}/counter")).await.json().await.unwrap();
@@ -260,10 +250,7 @@ async fn hyper_counts_over_a_socket_and_guards_me() {
         to.starts_with(&format!("{}/protocol/openid-connect/logout?", idp.issuer)),
         "{to}"
     );
-    assert_eq!(
-        b.api(&format!("{app}/me")).await.status(),
-        StatusCode::UNAUTHORIZED
-    );
+    assert_eq!(b.me(&app).await.status(), StatusCode::UNAUTHORIZED);
     let r = b.api(&format!("{app}/nowhere")).await;
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
     db.drop_schema().await;
@@ -276,7 +263,7 @@ async fn tonic_refuses_calls_without_a_login_and_serves_a_logged_in_cookie() {
     let oidc = generic_client(&idp, &app, store.clone()).await;
     let layer = sessions(store);
     let login = example_tonic::login_app(oidc.clone(), layer.clone());
-    tokio::spawn(async move { axum::serve(http_listener, login).await.unwrap() });
+    serve(http_listener, login);
     tokio::spawn(async move {
         example_tonic::serve_grpc(grpc_listener, layer, oidc)
             .await
