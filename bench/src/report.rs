@@ -84,6 +84,19 @@ fn times(r: Option<f64>) -> String {
     r.map_or("–".into(), |r| format!("{r:.2}×"))
 }
 
+/// `a` against `b`, as a signed percentage.
+fn change(a: Option<f64>, b: Option<f64>) -> String {
+    ratio(a, b).map_or("–".into(), |r| format!("{:+.1} %", (r - 1.0) * 100.0))
+}
+
+/// A contender's name in the tables (its key when it has none).
+fn display_name(c: &str) -> &str {
+    CONTENDERS
+        .iter()
+        .find(|(k, _)| *k == c)
+        .map_or(c, |(_, n)| *n)
+}
+
 pub fn report(raw: &str) -> String {
     let mut meta = Vec::new();
     let mut cells: BTreeMap<(String, String), Cell> = BTreeMap::new();
@@ -123,16 +136,16 @@ pub fn report(raw: &str) -> String {
             _ => {}
         }
     }
-    let rps = |c: &str, w: &str| {
+    // The median of one field over the repetitions of a cell.
+    let cell_median = |c: &str, w: &str, field: fn(&Cell) -> &Vec<f64>| {
         cells
             .get(&(c.into(), w.into()))
-            .and_then(|c| median(&c.rps))
+            .and_then(|x| median(field(x)))
     };
-    let stmts = |c: &str, w: &str| {
-        cells
-            .get(&(c.into(), w.into()))
-            .and_then(|c| median(&c.stmts))
-    };
+    let rps = |c: &str, w: &str| cell_median(c, w, |x| &x.rps);
+    let stmts = |c: &str, w: &str| cell_median(c, w, |x| &x.stmts);
+    // How many times the other contender's req/s ours are, in workload `w`.
+    let vs = |w: &str, other: &str| ratio(rps(OURS, w), rps(other, w));
     let pg_tps = |s: &str| pgbench.get(s).and_then(|p| median(&p[0]));
     let present: Vec<_> = CONTENDERS
         .iter()
@@ -222,7 +235,7 @@ pub fn report(raw: &str) -> String {
         for w in WORKLOADS {
             let _ = write!(out, "| {} |", w.to_uppercase());
             for (c, _) in &others {
-                let _ = write!(out, " {} |", times(ratio(rps(OURS, w), rps(c, w))));
+                let _ = write!(out, " {} |", times(vs(w, c)));
             }
             let script = PGBENCH.iter().find(|(pw, _)| *pw == w).map(|(_, s)| *s);
             let pg = script.map_or("–".into(), |s| {
@@ -235,19 +248,15 @@ pub fn report(raw: &str) -> String {
         let targets: [(&str, Option<f64>, f64); 6] = [
             (
                 "READ ≥ 1.6× tower-sessions",
-                ratio(rps(OURS, "read"), rps("tower-sessions", "read")),
+                vs("read", "tower-sessions"),
                 1.6,
             ),
             (
                 "READ ≥ 4.5× tower-sessions always-save",
-                ratio(rps(OURS, "read"), rps("tower-sessions-always-save", "read")),
+                vs("read", "tower-sessions-always-save"),
                 4.5,
             ),
-            (
-                "READ ≥ 12× connect-pg-simple",
-                ratio(rps(OURS, "read"), rps("express", "read")),
-                12.0,
-            ),
+            ("READ ≥ 12× connect-pg-simple", vs("read", "express"), 12.0),
             (
                 "READ ≥ 50 % of pgbench select",
                 ratio(rps(OURS, "read"), pg_tps("select")),
@@ -255,12 +264,12 @@ pub fn report(raw: &str) -> String {
             ),
             (
                 "WRITE ≥ 1.3× tower-sessions",
-                ratio(rps(OURS, "write"), rps("tower-sessions", "write")),
+                vs("write", "tower-sessions"),
                 1.3,
             ),
             (
                 "NEW ≥ 1.5× tower-sessions",
-                ratio(rps(OURS, "new"), rps("tower-sessions", "new")),
+                vs("new", "tower-sessions"),
                 1.5,
             ),
         ];
@@ -275,20 +284,13 @@ pub fn report(raw: &str) -> String {
         out.push_str("\n## Scale: READ with many expired rows, and a prune under READ load\n\n| contender | rows added (90 % expired) | READ req/s, live rows only | READ req/s with them | change | p99 ms, 10 s READ runs | p99 ms beside the prune (median 1 s slice) | p99 ms during it (median / worst 1 s slice) | ratio | max ms during it | prune ms | longest DELETE ms | expired rows left |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
         for p in &prunes {
             let (c, rows) = (p[0].as_str(), p[1].as_str());
-            let name = CONTENDERS
-                .iter()
-                .find(|(k, _)| *k == c)
-                .map_or(c, |(_, n)| *n);
+            let name = display_name(c);
             let live = rps(c, "read@live");
             let big = rps(c, &format!("read@{rows}"));
-            let runs = cells
-                .get(&(c.into(), format!("read@{rows}")))
-                .and_then(|x| median(&x.p99));
+            let runs = cell_median(c, &format!("read@{rows}"), |x| &x.p99);
             // Slices are compared with slices: a 1 s wrk run's p99 includes
             // its connections' start, which a 10 s run's hides.
-            let beside = cells
-                .get(&(c.into(), "read@beside-prune".into()))
-                .and_then(|x| median(&x.p99));
+            let beside = cell_median(c, "read@beside-prune", |x| &x.p99);
             let during = cells.get(&(c.into(), "read@prune".into()));
             let p99_during = during.map_or("–".into(), |d| {
                 let worst = d.p99.iter().copied().fold(0.0, f64::max);
@@ -302,7 +304,7 @@ pub fn report(raw: &str) -> String {
                 num(rows.parse().ok(), 0),
                 num(live, 0),
                 num(big, 0),
-                ratio(big, live).map_or("–".into(), |r| format!("{:+.1} %", (r - 1.0) * 100.0)),
+                change(big, live),
                 num(runs, 2),
                 num(beside, 2),
                 p99_during,
@@ -323,18 +325,14 @@ pub fn report(raw: &str) -> String {
             let mut sizes = sizes;
             sizes.sort();
             for (c, rows) in sizes {
-                let name = CONTENDERS
-                    .iter()
-                    .find(|(k, _)| k == c)
-                    .map_or(c.as_str(), |(_, n)| *n);
+                let name = display_name(c);
                 let (live, big) = (rps(c, "read@live"), rps(c, &format!("read@{rows}")));
-                let change = ratio(big, live)
-                    .map_or("–".into(), |r| format!("{:+.1} %", (r - 1.0) * 100.0));
                 let _ = writeln!(
                     out,
-                    "| {name} | {} | {} | {change} |",
+                    "| {name} | {} | {} | {} |",
                     num(Some(rows as f64), 0),
-                    num(big, 0)
+                    num(big, 0),
+                    change(big, live)
                 );
             }
         }
@@ -343,10 +341,7 @@ pub fn report(raw: &str) -> String {
     if let Some(first) = memory.first() {
         out.push_str("\n## Memory: the server's resident size after READ over more and more distinct sessions\n\n| contender | distinct sessions | READ requests served | RSS MiB | ÷ the first |\n|---|---:|---:|---:|---:|\n");
         for (c, sessions, rss, requests) in &memory {
-            let name = CONTENDERS
-                .iter()
-                .find(|(k, _)| k == c)
-                .map_or(c.as_str(), |(_, n)| *n);
+            let name = display_name(c);
             let _ = writeln!(
                 out,
                 "| {name} | {} | {} | {} | {} |",
