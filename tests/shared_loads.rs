@@ -34,6 +34,18 @@ async fn until_blocked_n(db: &Db, count: i64) {
     .await;
 }
 
+/// Brings the expiry of the rows `filter` selects (a WHERE clause; empty for
+/// all) 20 hours closer, so they are due for the idle extension.
+async fn make_due(db: &Db, filter: &str) {
+    sqlx::query(&format!(
+        "UPDATE {} SET expire = expire - interval '20 hours' {filter}",
+        db.table()
+    ))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+}
+
 /// `n` sessions of `app`, session `i` holding `{"me": i}`.
 async fn clients(app: &Router, n: usize) -> Vec<Client> {
     let mut clients = Vec::new();
@@ -68,13 +80,7 @@ async fn queued_loads_share_one_statement_and_each_gets_its_own_session() {
     }
     // Even sessions are due for the idle extension (idle 24 h, due after
     // 10 %): their rows expire in 4 h instead of 24 h.
-    sqlx::query(&format!(
-        "UPDATE {} SET expire = expire - interval '20 hours' WHERE (sess::jsonb->>'me')::int % 2 = 0",
-        db.table()
-    ))
-    .execute(&db.pool)
-    .await
-    .unwrap();
+    make_due(&db, "WHERE (sess::jsonb->>'me')::int % 2 = 0").await;
     // A second tab of session 7, and a cookie whose row does not exist.
     clients.push(clients[7].clone());
     let mut unknown = Client::new(app.clone());
@@ -165,13 +171,7 @@ async fn a_load_skips_the_touch_of_a_locked_row_instead_of_waiting() {
     let app = app(layer(db.one_slot_store().await), Gate::default());
     let (mut a, b) = a_and_b(&app).await;
     // Both are due for the idle extension.
-    sqlx::query(&format!(
-        "UPDATE {} SET expire = expire - interval '20 hours'",
-        db.table()
-    ))
-    .execute(&db.pool)
-    .await
-    .unwrap();
+    make_due(&db, "").await;
     // Another request (a token refresh, say) holds a's row.
     let mut holder = db.pool.begin().await.unwrap();
     sqlx::query(&format!(
