@@ -219,7 +219,9 @@ fill_expired() { # contender from to: adds rows from+1..to
     tower-sessions*) sql -c "INSERT INTO $(table_of "$1") (id, data, expiry_date)
         SELECT 'fill' || md5(i::text), '\\x80'::bytea, $expire FROM $rows" ;;
   esac
-  sql -c "VACUUM ANALYZE $(table_of "$1")"
+  # Measure the table's size, not the aftermath of writing it: the fill's
+  # WAL would otherwise be checkpointed during the READ runs that follow.
+  sql -c "VACUUM ANALYZE $(table_of "$1")" -c "CHECKPOINT"
 }
 table_of() {
   case $1 in
@@ -246,6 +248,8 @@ if [[ $SCALE == 1 ]]; then
       log "scale $c: $rows rows added (90 % expired)"
       fill_expired "$c" "$filled" "$rows"
       filled=$rows
+      COOKIES="$WORK/$c.cookies" timeout 60 wrk -t"$THREADS" -c"$CONNECTIONS" -d"${WARMUP}s" \
+        -s "$BENCH/wrk/read.lua" "http://127.0.0.1:$port" >/dev/null
       for rep in $(seq "$REPS"); do run_wrk "$c" read "read@$rows" "$rep" "$port" "$DURATION"; done
     done
     log "scale $c: prune under READ load"
