@@ -719,6 +719,43 @@ async fn id_tokens_are_verified_strictly() {
 }
 
 #[tokio::test]
+async fn unknown_key_ids_refetch_the_provider_keys_once_not_per_token() {
+    let s = keycloak().await;
+    let client = &s.apps[0].client;
+    let fetches = || async { s.idp.stats().await["jwks"].as_i64().unwrap() };
+    let claims = json!({"iss": s.idp.issuer, "aud": "demo", "sub": "u1", "iat": now(), "exp": now() + 300, "nonce": "n1"});
+    let before = fetches().await;
+    // Tokens naming a key id the provider never published: each is refused,
+    // and a flood of them costs the provider one fetch of its keys, not one
+    // each.
+    let unknown = s
+        .idp
+        .sign(claims.clone(), json!({"kid": "never-published"}))
+        .await;
+    for _ in 0..20 {
+        let err = client
+            .verify_id_token_jwt(&unknown, Some("n1"))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.kind(),
+            tower_pg_session::oidc::AuthErrorKind::InvalidIdToken
+        );
+    }
+    assert_eq!(fetches().await - before, 1, "20 unknown key ids");
+    // Tokens under a known key need no fetch at all.
+    let known = s.idp.sign(claims, json!({})).await;
+    for _ in 0..5 {
+        client
+            .verify_id_token_jwt(&known, Some("n1"))
+            .await
+            .unwrap();
+    }
+    assert_eq!(fetches().await - before, 1);
+    s.db.drop_schema().await;
+}
+
+#[tokio::test]
 async fn logout_revokes_the_refresh_token() {
     let s = keycloak().await;
     let b = logged_in(&s, "kim").await;

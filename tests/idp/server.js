@@ -140,7 +140,7 @@ class MapAdapter {
 }
 
 // ---------------------------------------------------------------- stats
-const stats = { authorization_code: 0, refresh_token: 0 };
+const stats = { authorization_code: 0, refresh_token: 0, jwks: 0 };
 const failed = { authorization_code: 0, refresh_token: 0 };
 const resetStats = () => { for (const o of [stats, failed]) for (const k of Object.keys(o)) o[k] = 0; };
 
@@ -273,10 +273,12 @@ function makeProvider(issuer) {
     provider.Client.prototype.includeSid = () => true;
   }
 
-  // Count token-endpoint requests per grant type, and (Cognito) strip the
+  // Count key-set fetches and token-endpoint requests per grant type, and
+  // (Cognito) strip the
   // refresh_token from refresh responses: Cognito never returns one there.
   provider.use(async (ctx, next) => {
     await next();
+    if (ctx.oidc?.route === 'jwks') stats.jwks += 1;
     if (ctx.oidc?.route !== 'token') return;
     const gt = ctx.oidc.params?.grant_type || 'unknown';
     stats[gt] = (stats[gt] || 0) + 1;
