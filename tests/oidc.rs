@@ -423,6 +423,23 @@ async fn a_refused_refresh_logs_out_cleanly() {
 }
 
 #[tokio::test]
+async fn a_refresh_naming_another_subject_logs_out() {
+    let s = keycloak().await;
+    let b = logged_in(&s, "kim").await;
+    // The provider's refreshed ID token is genuine, but for someone else.
+    s.idp.rename_account("kim", "mallory").await;
+    force_refresh_due(&s.db, 30).await;
+    let r = b.me(&s.apps[0].url).await;
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(s.idp.stats().await["refresh_token"], 1, "it did refresh");
+    assert!(
+        session_rows(&s.db).await.is_empty(),
+        "the session ended rather than change hands"
+    );
+    s.db.drop_schema().await;
+}
+
+#[tokio::test]
 async fn a_tampered_token_ciphertext_logs_out_cleanly() {
     let s = keycloak().await;
     let b = logged_in(&s, "grace").await;

@@ -111,6 +111,19 @@ impl Idp {
         assert!(r.status().is_success());
     }
 
+    /// From now on, tokens issued for `account` (refreshes of its grants
+    /// too) name `sub` as their subject.
+    pub async fn rename_account(&self, account: &str, sub: &str) {
+        let r = self
+            .http
+            .post(format!("{}/__test/rename-account", self.base))
+            .json(&json!({"account": account, "sub": sub}))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success());
+    }
+
     /// A JWT with `claims`, signed by the provider's current key.
     pub async fn sign(&self, claims: Value, header: Value) -> String {
         let r: Value = self

@@ -142,6 +142,9 @@ class MapAdapter {
 // ---------------------------------------------------------------- stats
 const stats = { authorization_code: 0, refresh_token: 0, jwks: 0 };
 const failed = { authorization_code: 0, refresh_token: 0 };
+// Accounts the provider names differently from now on: tokens issued for
+// their existing grants (refreshes) carry the new subject.
+const renamed = new Map();
 const resetStats = () => { for (const o of [stats, failed]) for (const k of Object.keys(o)) o[k] = 0; };
 
 // ---------------------------------------------------------------- provider
@@ -182,7 +185,8 @@ function makeProvider(issuer) {
     // Put profile/email claims into the ID token too (like Keycloak and
     // Cognito), not only into userinfo.
     conformIdTokenClaims: false,
-    async findAccount(ctx, sub) {
+    async findAccount(ctx, id) {
+      const sub = renamed.get(id) || id;
       return {
         accountId: sub,
         async claims(use) {
@@ -461,6 +465,11 @@ async function handle(req, res) {
       kids: Object.fromEntries(fresh.map((k) => [k.alg, k.kid])),
       jwks_keys: signingKeys.length,
     });
+  }
+  if (p === '/__test/rename-account' && req.method === 'POST') {
+    const { account, sub } = JSON.parse(await readBody(req));
+    renamed.set(account, sub);
+    return json(res, 200, { account, sub });
   }
   if (p === '/__test/sign' && req.method === 'POST') return testSign(req, res);
   if (p === '/logout' && COGNITO && req.method === 'GET') return cognitoLogout(req, res, url);
