@@ -192,3 +192,105 @@ async fn express_compat_shares_count_with_a_node_app() {
     drop(demo);
     db.drop().await;
 }
+
+/// `nsenter` into `pid`'s network namespace and fetch `path` with curl
+/// (cookie jar in `jar`); the body.
+fn curl_in(pid: u32, jar: &std::path::Path, url: &str) -> Option<String> {
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net=/proc/{pid}/ns/net"))
+        .args(["curl", "-sf", "--max-time", "5", "-c"])
+        .arg(jar)
+        .arg("-b")
+        .arg(jar)
+        .arg(url)
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The first-run promise of the README: on a machine where no PostgreSQL
+/// answers, `cargo run --example demo` starts a throwaway cluster, keeps
+/// sessions in it, and removes it on exit. The demo runs in a network
+/// namespace of its own, where nothing listens on 5432.
+#[tokio::test]
+async fn with_no_database_answering_the_demo_runs_on_a_throwaway_cluster() {
+    let root = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0\n"));
+    let isolated = std::process::Command::new("unshare")
+        .args(["-n", "true"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !root {
+        // A network namespace needs root; scripts/test.sh runs as root in CI.
+        eprintln!("skipped: needs root for a network namespace");
+        return;
+    }
+    assert!(isolated, "unshare -n is not permitted here");
+    let mut child = Command::new("unshare")
+        .args(["-n", "sh", "-c", "ip link set lo up && exec \"$0\""])
+        .arg(binary())
+        .env("BIND_ADDR", "127.0.0.1:3000")
+        .env("COOKIE_SECURE", "0")
+        .env("PRUNE_INTERVAL_SECS", "0")
+        .env("RUST_LOG", "warn")
+        .env_remove("DATABASE_URL")
+        .env_remove("OIDC_ISSUER")
+        .env_remove("APP_URL")
+        .env_remove("EXPRESS_COMPAT")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = child.id().unwrap();
+    let work = tempfile_dir();
+    let jar = work.join("jar");
+    let app = "http://127.0.0.1:3000";
+    let mut healthy = false;
+    for _ in 0..900 {
+        if curl_in(pid, &jar, &format!("{app}/healthz")).is_some() {
+            healthy = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(healthy, "the demo did not answer /healthz within 90 s");
+    let cluster = std::env::temp_dir().join(format!("tower-pg-session-demo-{pid}"));
+    assert!(cluster.join("data").is_dir(), "{cluster:?}: no cluster");
+    let count = |body: Option<String>| -> Value { serde_json::from_str(&body.unwrap()).unwrap() };
+    assert_eq!(
+        count(curl_in(pid, &jar, &format!("{app}/counter"))),
+        json!({"count": 1})
+    );
+    assert_eq!(
+        count(curl_in(pid, &jar, &format!("{app}/counter"))),
+        json!({"count": 2})
+    );
+    // SIGTERM, as Ctrl-C or a service manager would: the cluster goes too.
+    std::process::Command::new("kill")
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("the demo stops within 30 s of SIGTERM")
+        .unwrap();
+    assert!(status.success(), "{status}");
+    assert!(!cluster.exists(), "{cluster:?} left behind");
+    let _ = std::fs::remove_dir_all(&work);
+}
+
+/// A fresh directory for this test's files.
+fn tempfile_dir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "tower-pg-session-test-{}-{}",
+        std::process::id(),
+        time::OffsetDateTime::now_utc().unix_timestamp_nanos()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
