@@ -255,9 +255,9 @@ if [[ $SCALE == 1 ]]; then
     log "scale $c: prune under READ load"
     stats_reset
     if [[ $c == express ]]; then
-      timeout 1200 node "$BENCH/express/server.js" prune 10500 >"$WORK/prune.out" 2>&1 &
+      timeout 1200 node "$BENCH/express/server.js" prune 20500 >"$WORK/prune.out" 2>&1 &
     else
-      timeout 1200 "$BIN" prune --contender "$c" --pool "$POOL" --delay-ms 10500 >"$WORK/prune.out" 2>&1 &
+      timeout 1200 "$BIN" prune --contender "$c" --pool "$POOL" --delay-ms 20500 >"$WORK/prune.out" 2>&1 &
     fi
     PRUNE_PID=$!
     : >"$WORK/slices"

@@ -398,7 +398,7 @@ async fn prune_statement_stats(db: &Db) -> (i64, i64) {
     sqlx::query_as(
         "SELECT sum(calls)::int8, sum(shared_blks_hit + shared_blks_read)::int8 \
          FROM pg_stat_statements WHERE query LIKE $1 \
-         AND (query LIKE 'WITH next AS MATERIALIZED (SELECT expire%' OR query LIKE 'WITH gone AS (DELETE%')",
+         AND query LIKE 'WITH no_sync AS %DELETE FROM%'",
     )
     .bind(format!("%\"{}\"%", db.schema))
     .fetch_one(&db.pool)

@@ -318,7 +318,7 @@ pub fn report(raw: &str) -> String {
                 p[5]
             );
         }
-        out.push_str("\nTargets: READ with the rows within 10 % of READ without; p99 during the prune ≤ 1.5× the p99 before it (ratio: median 1 s slice during ÷ median 1 s slice beside, about ten slices before the prune and one after); no request over 50 ms.\n");
+        out.push_str("\nTargets: READ with the rows within 10 % of READ without; p99 during the prune ≤ 1.5× the p99 before it (ratio: median 1 s slice during ÷ median 1 s slice beside, about twenty slices before the prune and one after); no request over 50 ms.\n");
         if let Some(p) = prunes.iter().find(|p| p[0] == OURS) {
             let big = rps(OURS, &format!("read@{}", p[1]));
             let shift = ratio(big, rps(OURS, "read@live")).map(|r| (r - 1.0) * 100.0);

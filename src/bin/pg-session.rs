@@ -42,7 +42,7 @@ enum Command {
     /// Delete expired sessions in batches.
     Prune {
         /// Rows per statement.
-        #[arg(long, default_value_t = 1000)]
+        #[arg(long, default_value_t = 250)]
         batch: u32,
         /// Share of the time spent in statements, between 0.01 and 1 (1: no
         /// pause between batches).

@@ -866,10 +866,16 @@ impl Sql {
             ExpireType::WithTimeZone => "timestamptz",
             ExpireType::WithoutTimeZone(_) => "timestamp",
         };
+        // A batch lost in a crash is simply deleted again by the next run, so
+        // no batch waits for its commit to reach the disk: the setting is
+        // local to the batch's own transaction (it never outlives it, even
+        // on a connection a pooler hands to someone else next).
+        let no_sync = "WITH no_sync AS MATERIALIZED (\
+                         SELECT set_config('synchronous_commit', 'off', true))";
         let prune_batch = format!(
-            "WITH next AS MATERIALIZED (\
+            "{no_sync}, next AS MATERIALIZED (\
                SELECT expire FROM {t} WHERE expire >= $3::{column_type} AND expire < {now} \
-               ORDER BY expire OFFSET $2 LIMIT 1), \
+               AND EXISTS (SELECT FROM no_sync) ORDER BY expire OFFSET $2 LIMIT 1), \
              gone AS (DELETE FROM {t} WHERE expire >= $3::{column_type} \
                AND expire < coalesce((SELECT expire FROM next), {now}) RETURNING 1) \
              SELECT (SELECT count(*) FROM gone), (SELECT expire::text FROM next)",
@@ -878,8 +884,9 @@ impl Sql {
         // More than `limit` expired rows share one instant ($3): a batch
         // takes `limit` of them by physical row id.
         let prune_tied = format!(
-            "WITH gone AS (DELETE FROM {t} WHERE ctid = ANY(ARRAY(\
-               SELECT ctid FROM {t} WHERE expire = $3::{column_type} AND expire < {now} LIMIT $2)) \
+            "{no_sync}, gone AS (DELETE FROM {t} WHERE ctid = ANY(ARRAY(\
+               SELECT ctid FROM {t} WHERE expire = $3::{column_type} AND expire < {now} \
+               AND EXISTS (SELECT FROM no_sync) LIMIT $2)) \
              AND expire = $3::{column_type} AND expire < {now} RETURNING 1) \
              SELECT count(*) FROM gone",
             now = to_col("$1"),

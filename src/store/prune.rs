@@ -26,13 +26,13 @@ impl Default for PruneConfig {
 }
 
 impl PruneConfig {
-    /// Every 15 minutes ± 10 %, batches of 1,000 rows, busy a quarter of the
+    /// Every 15 minutes ± 10 %, batches of 250 rows, busy a quarter of the
     /// time.
     pub fn new() -> Self {
         Self {
             interval: Duration::from_secs(15 * 60),
             jitter: 0.1,
-            batch_size: 1_000,
+            batch_size: 250,
             busy: 0.25,
             max_backoff: Duration::from_secs(5 * 60),
         }
@@ -62,7 +62,7 @@ impl PruneConfig {
         self
     }
 
-    /// Rows one statement deletes at most (default 1,000, at least 1), which
+    /// Rows one statement deletes at most (default 250, at least 1), which
     /// bounds how long its row locks are held and how long it keeps a core
     /// from the requests.
     ///
