@@ -100,28 +100,6 @@ async fn list_revoke_export_erase() {
     db.drop_schema().await;
 }
 
-/// Scans of the session table by the one connection of `store`'s pool.
-async fn scans(db: &Db, store: &PgStore) -> (i64, i64) {
-    // Make the store's backend publish its counters now.
-    sqlx::query("SELECT pg_stat_force_next_flush()")
-        .execute(store.pool())
-        .await
-        .unwrap();
-    sqlx::query("SELECT 1").execute(store.pool()).await.unwrap();
-    let mut conn = db.pool.acquire().await.unwrap();
-    conn.execute("SELECT pg_stat_clear_snapshot()")
-        .await
-        .unwrap();
-    sqlx::query_as(
-        "SELECT COALESCE(seq_scan, 0)::int8, COALESCE(idx_scan, 0)::int8 FROM pg_stat_user_tables \
-         WHERE schemaname = $1 AND relname = 'session'",
-    )
-    .bind(&db.schema)
-    .fetch_one(&mut *conn)
-    .await
-    .unwrap()
-}
-
 #[tokio::test]
 async fn every_admin_query_is_an_index_lookup_on_100k_rows() {
     let db = Db::new().await;
@@ -205,9 +183,9 @@ async fn every_admin_query_is_an_index_lookup_on_100k_rows() {
         ),
     ];
     for (name, op) in ops {
-        let (seq0, idx0) = scans(&db, &store).await;
+        let (seq0, idx0) = db.scans(&store).await;
         op.await;
-        let (seq1, idx1) = scans(&db, &store).await;
+        let (seq1, idx1) = db.scans(&store).await;
         assert_eq!(seq1 - seq0, 0, "{name} scanned the table");
         assert!(idx1 > idx0, "{name} used no index");
     }

@@ -265,3 +265,53 @@ async fn shared_statements_leave_no_reference_to_the_store_behind() {
     .await;
     db.drop_schema().await;
 }
+
+#[tokio::test]
+async fn a_long_shared_load_on_a_small_table_looks_up_keys_never_scans() {
+    let db = Db::new().await;
+    // One connection: its scans are the store's, and loads queue for it.
+    let (_, store) = db.named_store(1).await;
+    // 2,000 sessions: small enough that Postgres would answer a long
+    // `sid IN (…)` list with a sequential scan of the whole table.
+    sqlx::query(&format!(
+        "INSERT INTO {} (sid, sess, expire) SELECT lpad(g::text, 32, '0'), \
+         json_build_object('me', g), localtimestamp + interval '1 day' \
+         FROM generate_series(1, 2000) g",
+        db.table()
+    ))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query(&format!("ANALYZE {}", db.table()))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let app = app(layer(store.clone()), Gate::default());
+    let client = |i: usize| {
+        let mut c = Client::new(app.clone());
+        c.cookie = Some(signed(&format!("{i:032}"), KEY_A));
+        c
+    };
+    let (seq0, idx0) = db.scans(&store).await;
+    let lock = db.lock_table().await;
+    let mut first = client(1);
+    let first = tokio::spawn(async move { first.get("/kv").await });
+    until_blocked(&db).await;
+    let tasks: Vec<_> = (2..=64)
+        .map(|i| {
+            let mut c = client(i * 31);
+            tokio::spawn(async move { (i * 31, c.get("/kv").await) })
+        })
+        .collect();
+    tokio::task::yield_now().await;
+    lock.commit().await.unwrap();
+    assert_eq!(first.await.unwrap().body, json!({"me": 1}));
+    for t in tasks {
+        let (i, r) = t.await.unwrap();
+        assert_eq!(r.body, json!({"me": i}), "session {i}");
+    }
+    let (seq1, idx1) = db.scans(&store).await;
+    assert_eq!(seq1 - seq0, 0, "no sequential scan of the table");
+    assert!(idx1 - idx0 >= 64, "one lookup per key: {}", idx1 - idx0);
+    db.drop_schema().await;
+}

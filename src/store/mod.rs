@@ -736,10 +736,13 @@ impl Sql {
             // by `due` is the version `cur` read (a newer one has another
             // row id and fails the TID check), so the checks made on `cur`
             // hold for it.
+            let rows = by_key(
+                &t,
+                &format!("ctid AS row_id, sid, sess, expire, xmin, {ext_cols}"),
+                &list,
+            );
             format!(
-                "WITH cur AS MATERIALIZED (\
-                   SELECT ctid AS row_id, sid, sess, expire, xmin, {ext_cols} FROM {t} \
-                   WHERE sid IN ({list})), \
+                "WITH cur AS MATERIALIZED ({rows}), \
                  due AS (\
                    SELECT ctid AS row_id FROM {t} \
                    WHERE ctid = ANY(ARRAY(SELECT row_id FROM cur \
@@ -825,10 +828,10 @@ impl Sql {
                 .map(|r| format!("${}", 2 + r * per))
                 .collect::<Vec<_>>()
                 .join(", ");
+            let rows = by_key(&t, "ctid AS row_id, expire", &keys);
             format!(
                 "WITH v (sid, sess, expire, version{v_ext}) AS (VALUES {values}), \
-                 cur AS MATERIALIZED (\
-                   SELECT ctid AS row_id, expire FROM {t} WHERE sid IN ({keys})), \
+                 cur AS MATERIALIZED ({rows}), \
                  free AS (\
                    SELECT ctid AS row_id, sid, xmin FROM {t} \
                    WHERE ctid = ANY(ARRAY(SELECT row_id FROM cur WHERE expire > {now})) \
@@ -909,6 +912,18 @@ impl Sql {
             save_any,
         }
     }
+}
+
+/// The rows of `t` whose `sid` is one of `keys` (a list of parameters,
+/// repeats allowed), `columns` of each: one primary-key lookup per distinct
+/// key. Unlike `sid IN (…)`, which Postgres answers with a sequential scan
+/// once the list is long and the table small, this plan never depends on
+/// the table's size.
+fn by_key(t: &str, columns: &str, keys: &str) -> String {
+    format!(
+        "SELECT r.* FROM (SELECT DISTINCT k FROM unnest(ARRAY[{keys}]::text[]) AS k) AS keys \
+         CROSS JOIN LATERAL (SELECT {columns} FROM {t} WHERE sid = keys.k LIMIT 1) AS r"
+    )
 }
 
 /// The arities shared statements are prepared for: 1, 2, 4, …

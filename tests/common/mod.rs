@@ -132,6 +132,29 @@ impl Db {
         (name, store)
     }
 
+    /// Sequential and index scans of this test's table so far, with those of
+    /// `store`, whose pool must hold one connection, published first.
+    pub async fn scans(&self, store: &PgStore) -> (i64, i64) {
+        sqlx::query("SELECT pg_stat_force_next_flush()")
+            .execute(store.pool())
+            .await
+            .unwrap();
+        sqlx::query("SELECT 1").execute(store.pool()).await.unwrap();
+        let mut conn = self.pool.acquire().await.unwrap();
+        sqlx::query("SELECT pg_stat_clear_snapshot()")
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        sqlx::query_as(
+            "SELECT COALESCE(seq_scan, 0)::int8, COALESCE(idx_scan, 0)::int8 FROM pg_stat_user_tables \
+             WHERE schemaname = $1 AND relname = 'session'",
+        )
+        .bind(&self.schema)
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap()
+    }
+
     /// Backends whose application name is `name`.
     pub async fn backends_named(&self, name: &str) -> i64 {
         sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE application_name = $1")
