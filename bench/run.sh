@@ -50,6 +50,7 @@ stop_server() {
 }
 cleanup() {
   stop_server
+  [[ -n ${LIVE_PID:-} ]] && kill -TERM "$LIVE_PID" 2>/dev/null
   [[ -n ${PRUNE_PID:-} ]] && kill -TERM "$PRUNE_PID" 2>/dev/null
   rm -rf "$WORK"
 }
@@ -71,7 +72,8 @@ log "npm ci (bench/express)"
 psql -X -q -d postgres -At -c "SELECT 1 FROM pg_database WHERE datname = '$BENCH_DB'" | grep -q 1 ||
   psql -X -q -d postgres -c "CREATE DATABASE $BENCH_DB"
 sql -c "CREATE EXTENSION IF NOT EXISTS pg_stat_statements" \
-  -c "DROP SCHEMA IF EXISTS bench_pg, bench_ts, bench_ts_always, bench_express, bench_pgbench CASCADE"
+  -c "DROP SCHEMA IF EXISTS bench_pg, bench_ts, bench_ts_always, bench_express, bench_pgbench CASCADE" \
+  -c "DROP SCHEMA IF EXISTS bench_pg_live, bench_ts_live, bench_ts_always_live, bench_express_live CASCADE"
 
 {
   printf 'meta\tdate\t%s\n' "$(date -u '+%F %T UTC')"
@@ -89,29 +91,31 @@ stats_reset() { sql -c "SELECT pg_stat_statements_reset(0, (SELECT oid FROM pg_d
 OURS="dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
       AND query NOT LIKE '%pg_stat_statements%' AND query NOT LIKE '%pg_stat_activity%'"
 
-start_server() { # contender port
+start_server() { # contender port [schema suffix]
   local c=$1 port=$2
+  export BENCH_SCHEMA_SUFFIX=${3:-}
   if [[ $c == express ]]; then
-    timeout 3600 node "$BENCH/express/server.js" serve "$port" >"$WORK/$c.log" 2>&1 &
+    timeout 3600 node "$BENCH/express/server.js" serve "$port" >"$WORK/$c${3:-}.log" 2>&1 &
   else
-    timeout 3600 "$BIN" serve --contender "$c" --port "$port" --pool "$POOL" >"$WORK/$c.log" 2>&1 &
+    timeout 3600 "$BIN" serve --contender "$c" --port "$port" --pool "$POOL" >"$WORK/$c${3:-}.log" 2>&1 &
   fi
+  unset BENCH_SCHEMA_SUFFIX
   SERVER_PID=$!
   for _ in $(seq 100); do
     curl -fs -o /dev/null "http://127.0.0.1:$port/read" && return 0
     kill -0 "$SERVER_PID" 2>/dev/null || break
     sleep 0.1
   done
-  cat "$WORK/$c.log" >&2
+  cat "$WORK/$c${3:-}.log" >&2
   log "$c did not start"
   exit 1
 }
 
-seed() { # contender count > cookie file
+seed() { # contender count [schema suffix] > cookie file
   if [[ $1 == express ]]; then
-    timeout 600 node "$BENCH/express/server.js" seed "$2"
+    BENCH_SCHEMA_SUFFIX=${3:-} timeout 600 node "$BENCH/express/server.js" seed "$2"
   else
-    timeout 600 "$BIN" seed "$2" --contender "$1" --pool "$POOL"
+    BENCH_SCHEMA_SUFFIX=${3:-} timeout 600 "$BIN" seed "$2" --contender "$1" --pool "$POOL"
   fi
 }
 
@@ -129,11 +133,11 @@ server_ticks() { ticks "$(pgrep -P "$SERVER_PID" | head -n1)" | awk '{ print $2 
 
 # One wrk run; appends `wrk contender label rep rps p50 p99 max requests errors
 # stmts/req pg_exec_us/req server_cpu_us/req pg_cpu_us/req`.
-run_wrk() { # contender workload label rep port duration
-  local c=$1 w=$2 label=$3 rep=$4 port=$5 d=$6 out stats srv0 srv1 pg0 pg1 pg
+run_wrk() { # contender workload label rep port duration [cookie file]
+  local c=$1 w=$2 label=$3 rep=$4 port=$5 d=$6 cookies=${7:-$WORK/$1.cookies} out stats srv0 srv1 pg0 pg1 pg
   stats_reset
   srv0=$(server_ticks) pg0=$(ticks $(backends))
-  out=$(COOKIES="$WORK/$c.cookies" timeout $((d + 30)) wrk -t"$THREADS" -c"$CONNECTIONS" -d"${d}s" \
+  out=$(COOKIES="$cookies" timeout $((d + 30)) wrk -t"$THREADS" -c"$CONNECTIONS" -d"${d}s" \
     --timeout 5s -s "$BENCH/wrk/$w.lua" "http://127.0.0.1:$port" | grep '^RESULT') ||
     { log "wrk failed: $c $w"; return 1; }
   srv1=$(server_ticks) pg1=$(ticks $(backends))
@@ -223,35 +227,60 @@ fill_expired() { # contender from to: adds rows from+1..to
   # WAL would otherwise be checkpointed during the READ runs that follow.
   sql -c "VACUUM ANALYZE $(table_of "$1")" -c "CHECKPOINT"
 }
-table_of() {
+table_of() { # contender [schema suffix]
   case $1 in
-    pg-session) echo bench_pg.session ;;
-    express) echo bench_express.session ;;
-    tower-sessions) echo bench_ts.session ;;
-    tower-sessions-always-save) echo bench_ts_always.session ;;
+    pg-session) echo "bench_pg${2:-}.session" ;;
+    express) echo "bench_express${2:-}.session" ;;
+    tower-sessions) echo "bench_ts${2:-}.session" ;;
+    tower-sessions-always-save) echo "bench_ts_always${2:-}.session" ;;
   esac
+}
+warm() { # port cookie file
+  COOKIES="$2" timeout 60 wrk -t"$THREADS" -c"$CONNECTIONS" -d"${WARMUP}s" \
+    -s "$BENCH/wrk/read.lua" "http://127.0.0.1:$1" >/dev/null
 }
 
 if [[ $SCALE == 1 ]]; then
   for c in $SCALE_CONTENDERS; do
-    port=$((port + 1))
-    log "scale $c: only the $SESSIONS live sessions"
-    sql -c "TRUNCATE $(table_of "$c")" 2>/dev/null || true
-    seed "$c" "$SESSIONS" >"$WORK/$c.cookies"
-    sql -c "VACUUM ANALYZE $(table_of "$c")"
-    start_server "$c" "$port"
-    COOKIES="$WORK/$c.cookies" timeout 60 wrk -t"$THREADS" -c"$CONNECTIONS" -d"${WARMUP}s" \
-      -s "$BENCH/wrk/read.lua" "http://127.0.0.1:$port" >/dev/null
-    for rep in $(seq "$REPS"); do run_wrk "$c" read "read@live" "$rep" "$port" "$DURATION"; done
+    big_port=$((port + 1)) live_port=$((port + 2)) port=$((port + 2))
+    # Two instances of the contender: one on a table that grows, one on a
+    # table of only the live sessions (the baseline). Their READ runs
+    # alternate, so the machine's drift falls on both alike.
+    log "scale $c: $SESSIONS live sessions in each of two tables"
+    for sfx in "" _live; do
+      sql -c "TRUNCATE $(table_of "$c" "$sfx")" 2>/dev/null || true
+      seed "$c" "$SESSIONS" "$sfx" >"$WORK/$c$sfx.cookies"
+      sql -c "VACUUM ANALYZE $(table_of "$c" "$sfx")"
+    done
+    start_server "$c" "$live_port" _live
+    LIVE_PID=$SERVER_PID
+    start_server "$c" "$big_port"
+    BIG_PID=$SERVER_PID
     filled=0
     for rows in $SCALE_ROWS; do
       log "scale $c: $rows rows added (90 % expired)"
       fill_expired "$c" "$filled" "$rows"
       filled=$rows
-      COOKIES="$WORK/$c.cookies" timeout 60 wrk -t"$THREADS" -c"$CONNECTIONS" -d"${WARMUP}s" \
-        -s "$BENCH/wrk/read.lua" "http://127.0.0.1:$port" >/dev/null
-      for rep in $(seq "$REPS"); do run_wrk "$c" read "read@$rows" "$rep" "$port" "$DURATION"; done
+      warm "$live_port" "$WORK/${c}_live.cookies"
+      warm "$big_port" "$WORK/$c.cookies"
+      # Each goes first every other time: what a run leaves behind (warm
+      # caches, a pending flush) falls on both alike.
+      for rep in $(seq "$REPS"); do
+        for which in $( ((rep % 2)) && echo "live big" || echo "big live"); do
+          if [[ $which == live ]]; then
+            SERVER_PID=$LIVE_PID
+            run_wrk "$c" read "read@live:$rows" "$rep" "$live_port" "$DURATION" "$WORK/${c}_live.cookies"
+          else
+            SERVER_PID=$BIG_PID
+            run_wrk "$c" read "read@$rows" "$rep" "$big_port" "$DURATION"
+          fi
+        done
+      done
     done
+    kill -TERM "$LIVE_PID" 2>/dev/null || true
+    wait "$LIVE_PID" 2>/dev/null || true
+    LIVE_PID=
+    port=$big_port
     log "scale $c: prune under READ load"
     stats_reset
     if [[ $c == express ]]; then

@@ -5,7 +5,7 @@
 //   node server.js prune [DELAY]  after DELAY ms, deletes expired rows as connect-pg-simple's pruner does, prints the times
 //
 // Database: BENCH_DATABASE_URL (default postgres://postgres@127.0.0.1:5432/tower_pg_session_bench),
-// table bench_express.session, pool of BENCH_POOL (default 10) connections.
+// table bench_express<BENCH_SCHEMA_SUFFIX>.session, pool of BENCH_POOL (default 10) connections.
 'use strict';
 
 const express = require('express');
@@ -15,10 +15,11 @@ const PgStore = require('connect-pg-simple')(session);
 
 const url = process.env.BENCH_DATABASE_URL || 'postgres://postgres@127.0.0.1:5432/tower_pg_session_bench';
 const poolSize = Number(process.env.BENCH_POOL || 10);
+const schema = `bench_express${process.env.BENCH_SCHEMA_SUFFIX || ''}`;
 const pool = new Pool({ connectionString: url, max: poolSize });
 const store = new PgStore({
   pool,
-  schemaName: 'bench_express',
+  schemaName: schema,
   tableName: 'session',
   createTableIfMissing: true,
   pruneSessionInterval: false, // pruned explicitly by `prune`
@@ -72,7 +73,7 @@ async function seed(n) {
 }
 
 async function main() {
-  await pool.query('CREATE SCHEMA IF NOT EXISTS bench_express');
+  await pool.query(`CREATE SCHEMA IF NOT EXISTS ${schema}`);
   const [mode, arg] = process.argv.slice(2);
   if (mode === 'serve') {
     const server = await listen(Number(arg || 8080));

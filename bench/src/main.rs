@@ -112,6 +112,15 @@ fn parse_args() -> Result<Args, Error> {
     Ok(args)
 }
 
+/// A contender's schema, with `BENCH_SCHEMA_SUFFIX` appended: a second
+/// instance of one contender on a table of its own.
+fn schema(base: &str) -> String {
+    format!(
+        "{base}{}",
+        std::env::var("BENCH_SCHEMA_SUFFIX").unwrap_or_default()
+    )
+}
+
 async fn app(args: &Args) -> Result<(Router, Store), Error> {
     match args.contender {
         Contender::Ceiling => Ok((
@@ -123,7 +132,7 @@ async fn app(args: &Args) -> Result<(Router, Store), Error> {
         )),
         Contender::PgSession => {
             use tower_pg_session::{Session, SessionError};
-            let mut config = PgStoreConfig::new().with_schema_name("bench_pg")?;
+            let mut config = PgStoreConfig::new().with_schema_name(&schema("bench_pg"))?;
             // LOAD_CONCURRENCY: loads running at once (the crate's default is 4).
             if let Some(n) = std::env::var("LOAD_CONCURRENCY")
                 .ok()
@@ -161,12 +170,12 @@ async fn app(args: &Args) -> Result<(Router, Store), Error> {
                 .max_connections(args.pool)
                 .connect(&args.url)
                 .await?;
-            let schema = if always_save {
+            let schema = schema(if always_save {
                 "bench_ts_always"
             } else {
                 "bench_ts"
-            };
-            let store = PostgresStore::new(pool).with_schema_name(schema)?;
+            });
+            let store = PostgresStore::new(pool).with_schema_name(&schema)?;
             store.migrate().await?;
             let layer = SessionManagerLayer::new(store.clone())
                 .with_secure(false)
