@@ -279,8 +279,7 @@ if [[ $SCALE == 1 ]]; then
     done
     kill -TERM "$LIVE_PID" 2>/dev/null || true
     wait "$LIVE_PID" 2>/dev/null || true
-    LIVE_PID=
-    port=$big_port
+    LIVE_PID= SERVER_PID=$BIG_PID port=$big_port
     log "scale $c: prune under READ load"
     stats_reset
     if [[ $c == express ]]; then
