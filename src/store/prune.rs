@@ -162,10 +162,10 @@ impl PgStore {
         let run = async {
             let mut total = 0u64;
             let mut from = String::from("-infinity");
+            let limit = i64::from(batch_size);
             loop {
                 let started = std::time::Instant::now();
                 let now = OffsetDateTime::now_utc();
-                let limit = i64::from(batch_size);
                 let (mut deleted, next): (i64, Option<String>) =
                     sqlx::query_as(&inner.sql.prune_batch)
                         .bind(now)
@@ -173,18 +173,12 @@ impl PgStore {
                         .bind(&from)
                         .fetch_one(&mut conn)
                         .await?;
-                let Some(next) = next else {
-                    // Everything expired from `from` on fit in this batch.
-                    total += count(deleted);
-                    on_batch(count(deleted));
-                    return Ok::<_, StoreError>(total);
-                };
-                if deleted == 0 {
+                if let (0, Some(next)) = (deleted, &next) {
                     // More than a batch of rows expired at the instant `next`.
                     deleted = sqlx::query_scalar(&inner.sql.prune_tied)
                         .bind(now)
                         .bind(limit)
-                        .bind(&next)
+                        .bind(next)
                         .fetch_one(&mut conn)
                         .await?;
                     if deleted == 0 {
@@ -193,8 +187,13 @@ impl PgStore {
                         return Ok(total);
                     }
                 }
-                total += count(deleted);
-                on_batch(count(deleted));
+                let deleted = u64::try_from(deleted).unwrap_or(0);
+                total += deleted;
+                on_batch(deleted);
+                // No next batch: everything expired from `from` on fit in this one.
+                let Some(next) = next else {
+                    return Ok::<_, StoreError>(total);
+                };
                 from = next;
                 // Short batches with pauses between them: requests never wait
                 // long behind a batch for a core or a lock.
@@ -289,9 +288,4 @@ impl Drop for Pruner {
     fn drop(&mut self) {
         let _ = self.stop.send(true);
     }
-}
-
-/// A row count from SQL's `count(*)`.
-fn count(rows: i64) -> u64 {
-    u64::try_from(rows).unwrap_or(0)
 }
