@@ -111,6 +111,12 @@ start_server() { # contender port [schema suffix]
   exit 1
 }
 
+# READ for WARMUP seconds, unmeasured: pools filled, statements prepared.
+warm() { # port cookie file
+  COOKIES="$2" timeout 60 wrk -t"$THREADS" -c"$CONNECTIONS" -d"${WARMUP}s" \
+    -s "$BENCH/wrk/read.lua" "http://127.0.0.1:$1" >/dev/null
+}
+
 seed() { # contender count [schema suffix] > cookie file
   if [[ $1 == express ]]; then
     BENCH_SCHEMA_SUFFIX=${3:-} timeout 600 node "$BENCH/express/server.js" seed "$2"
@@ -170,8 +176,7 @@ for c in $CONTENDERS; do
   [[ $(wc -l <"$WORK/$c.cookies") -eq $SESSIONS ]] || { log "$c: seeding failed"; exit 1; }
   start_server "$c" "$port"
   log "$c: warm-up"
-  COOKIES="$WORK/$c.cookies" timeout 60 wrk -t"$THREADS" -c"$CONNECTIONS" -d"${WARMUP}s" \
-    -s "$BENCH/wrk/read.lua" "http://127.0.0.1:$port" >/dev/null
+  warm "$port" "$WORK/$c.cookies"
   for w in $WORKLOADS; do
     for rep in $(seq "$REPS"); do
       run_wrk "$c" "$w" "$w" "$rep" "$port" "$DURATION"
@@ -234,10 +239,6 @@ table_of() { # contender [schema suffix]
     tower-sessions) echo "bench_ts${2:-}.session" ;;
     tower-sessions-always-save) echo "bench_ts_always${2:-}.session" ;;
   esac
-}
-warm() { # port cookie file
-  COOKIES="$2" timeout 60 wrk -t"$THREADS" -c"$CONNECTIONS" -d"${WARMUP}s" \
-    -s "$BENCH/wrk/read.lua" "http://127.0.0.1:$1" >/dev/null
 }
 
 if [[ $SCALE == 1 ]]; then
