@@ -220,15 +220,15 @@ async fn with_no_database_answering_the_demo_runs_on_a_throwaway_cluster() {
         .arg("-u")
         .output()
         .is_ok_and(|o| o.stdout.starts_with(b"0\n"));
-    let isolated = std::process::Command::new("unshare")
-        .args(["-n", "true"])
-        .status()
-        .is_ok_and(|s| s.success());
     if !root {
         // A network namespace needs root; scripts/test.sh runs as root in CI.
         eprintln!("skipped: needs root for a network namespace");
         return;
     }
+    let isolated = std::process::Command::new("unshare")
+        .args(["-n", "true"])
+        .status()
+        .is_ok_and(|s| s.success());
     assert!(isolated, "unshare -n is not permitted here");
     let mut child = Command::new("unshare")
         .args(["-n", "sh", "-c", "ip link set lo up && exec \"$0\""])
