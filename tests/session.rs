@@ -451,3 +451,56 @@ async fn take_once_hands_a_value_to_exactly_one_of_twenty_concurrent_requests() 
     assert_eq!(db.only_sess().await, json!({"other": 1}));
     db.drop_schema().await;
 }
+
+#[tokio::test]
+async fn the_size_limit_counts_escaped_keys_as_stored() {
+    let db = Db::new().await;
+    let limit = 64 * 1024;
+    let mut c = Client::new(app(layer(db.store().await), Gate::default()));
+    // Each control character in a key is stored as a six-byte `\u00XX`.
+    let stored_len = |db: &Db| {
+        let q = format!("SELECT octet_length(sess::text)::int8 FROM {}", db.table());
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(&q)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    let mut refused = None;
+    for i in 0..40 {
+        let previous = if i > 0 {
+            Some(db.only_sess().await)
+        } else {
+            None
+        };
+        let r = c
+            .put(&format!("/kv/{i}{}", "%01".repeat(2000)), json!(i))
+            .await;
+        if r.status == StatusCode::PAYLOAD_TOO_LARGE {
+            assert!(
+                r.body.as_str().unwrap().contains("over the limit of 65536"),
+                "{}",
+                r.body
+            );
+            assert_eq!(
+                Some(db.only_sess().await),
+                previous,
+                "stored session intact"
+            );
+            refused = Some(i);
+            break;
+        }
+        assert_eq!(r.status, StatusCode::NO_CONTENT);
+        assert!(
+            stored_len(&db).await <= limit,
+            "stored {} bytes",
+            stored_len(&db).await
+        );
+    }
+    // 2000 control characters take 12000 bytes: the sixth key is refused.
+    assert_eq!(refused, Some(5));
+    assert_eq!(c.get("/kv").await.body.as_object().unwrap().len(), 5);
+    db.drop_schema().await;
+}

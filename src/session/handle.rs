@@ -594,15 +594,7 @@ impl Session {
         if st.changes.is_empty() && !st.cycle && !st.meta_changed {
             return Ok(());
         }
-        let size = st.data.encoded_len();
-        if size > config.max_size {
-            metrics::failure("too_large");
-            st.failure = Some(Failure::TooLarge);
-            return Err(SessionError::TooLarge {
-                size,
-                limit: config.max_size,
-            });
-        }
+        self.check_size(st, st.data.encoded_len())?;
         let now = OffsetDateTime::now_utc();
         let (user_id, provider_sid) = (st.user_id.clone(), st.provider_sid.clone());
         let Some(row) = st.row.clone() else {
@@ -614,6 +606,7 @@ impl Session {
             let expire = config.expire_at(now, None);
             config.stamp(&mut st.data, expire);
             let sess = st.data.to_json();
+            self.check_size(st, sess.len())?;
             let new = NewRow {
                 sess: &sess,
                 expire,
@@ -650,6 +643,7 @@ impl Session {
         let expire = config.next_expire(now, row.created_at, row.expire);
         config.stamp(&mut st.data, expire);
         let sess = st.data.to_json();
+        self.check_size(st, sess.len())?;
         let new = NewRow {
             sess: &sess,
             expire,
@@ -692,15 +686,8 @@ impl Session {
         };
         let mut data = Data::parse(&fresh.sess).unwrap_or_default();
         apply_changes(&mut data, &st.changes);
-        let size = data.encoded_len();
-        if size > config.max_size {
-            // Dropping `tx` rolls back: the stored session stays as it was.
-            st.failure = Some(Failure::TooLarge);
-            return Err(SessionError::TooLarge {
-                size,
-                limit: config.max_size,
-            });
-        }
+        // Dropping `tx` on refusal rolls back: the stored session stays as it was.
+        self.check_size(st, data.encoded_len())?;
         if !st.meta_changed {
             st.user_id = fresh.user_id;
             st.provider_sid = fresh.provider_sid;
@@ -708,6 +695,7 @@ impl Session {
         let expire = config.next_expire(now, fresh.created_at, fresh.expire);
         config.stamp(&mut data, expire);
         let sess = data.to_json();
+        self.check_size(st, sess.len())?;
         let new = NewRow {
             sess: &sess,
             expire,
@@ -725,6 +713,18 @@ impl Session {
         tracing::debug!(session = %row.id.log_id(), "re-applied changes after a concurrent write");
         metrics::save("merge");
         Ok(())
+    }
+
+    /// Refuses to write more than the limit: `size` is the exact length
+    /// of the `sess` text to be written (or of the data before it is stamped).
+    fn check_size(&self, st: &mut State, size: usize) -> Result<(), SessionError> {
+        let limit = self.shared.config.max_size;
+        if size <= limit {
+            return Ok(());
+        }
+        metrics::failure("too_large");
+        st.failure = Some(Failure::TooLarge);
+        Err(SessionError::TooLarge { size, limit })
     }
 
     fn saved(
