@@ -504,3 +504,47 @@ async fn the_size_limit_counts_escaped_keys_as_stored() {
     assert_eq!(c.get("/kv").await.body.as_object().unwrap().len(), 5);
     db.drop_schema().await;
 }
+
+#[tokio::test]
+async fn a_non_utf8_cookie_beside_the_session_cookie_does_not_hide_it() {
+    use axum::{body::Body, http::Request};
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+    let (db, mut c) = setup().await;
+    c.put("/kv/secret", json!("s3cr3t")).await;
+    let good = c.cookie.clone().unwrap();
+    let session = format!("session={good}").into_bytes();
+    // A sibling subdomain's cookie with Latin-1 bytes, before and after ours,
+    // in the same header or in another one.
+    let same_header = [b"theme=caf\xe9; ".as_slice(), &session, b"; lang=\xff\xfe"].concat();
+    let headers: [&[&[u8]]; 3] = [
+        &[&same_header],
+        &[b"theme=caf\xe9", &session],
+        &[&session, b"\xe9=\xe9"],
+    ];
+    for cookies in headers {
+        let mut req = Request::builder().uri("/kv");
+        for value in cookies {
+            req = req.header(
+                "cookie",
+                axum::http::HeaderValue::from_bytes(value).unwrap(),
+            );
+        }
+        let res = c
+            .app
+            .clone()
+            .oneshot(req.body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        assert!(
+            res.headers().get("set-cookie").is_none(),
+            "kept, not replaced"
+        );
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let shown: Vec<_> = cookies.iter().map(|v| String::from_utf8_lossy(v)).collect();
+        assert_eq!(body, json!({"secret": "s3cr3t"}), "{shown:?}");
+    }
+    db.drop_schema().await;
+}

@@ -308,21 +308,18 @@ impl CookieConfig {
     /// malformed, oversized or fail verification are ignored, as if absent.
     pub(crate) fn read(&self, headers: &HeaderMap, name: &str) -> Option<Verified> {
         let mut seen_invalid = false;
-        for header in headers.get_all(header::COOKIE) {
-            let Ok(header) = header.to_str() else {
-                continue;
-            };
-            for pair in header.split(';') {
-                let Some((k, v)) = pair.trim().split_once('=') else {
-                    continue;
-                };
-                if k != name {
-                    continue;
-                }
-                match self.verify_value(v.trim_matches('"')) {
-                    Some(id) => return Some(id),
-                    None => seen_invalid = true,
-                }
+        // Each pair on its own: a cookie that is not UTF-8 or not a cookie
+        // at all (another app's, a sibling domain's) hides nothing else.
+        let pairs = headers
+            .get_all(header::COOKIE)
+            .iter()
+            .flat_map(|h| h.as_bytes().split(|b| *b == b';'))
+            .filter_map(|pair| std::str::from_utf8(pair).ok())
+            .filter_map(|pair| cookie::Cookie::parse(pair).ok());
+        for pair in pairs.filter(|c| c.name() == name) {
+            match self.verify_value(pair.value_trimmed()) {
+                Some(id) => return Some(id),
+                None => seen_invalid = true,
             }
         }
         if seen_invalid {
