@@ -31,7 +31,7 @@ use super::{
     config::{OidcConfig, Provider},
     AuthError, AuthErrorKind,
 };
-use crate::store::PgStore;
+use crate::{log_safe::untrusted, store::PgStore};
 
 /// Discovery fields `openidconnect` does not model.
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -291,7 +291,7 @@ impl OidcClient {
                         guard.0 = Arc::new(set);
                     }
                     Err(e) => {
-                        tracing::warn!(error = %error_chain(&e), "refreshing the provider's signing keys failed")
+                        tracing::warn!(error = %untrusted(error_chain(&e)), "refreshing the provider's signing keys failed")
                     }
                 }
             }
@@ -501,7 +501,7 @@ impl OidcClient {
         match sent {
             Ok(r) if r.status().is_success() => tracing::debug!("refresh token revoked"),
             Ok(r) => tracing::warn!(status = %r.status(), "refresh token revocation refused"),
-            Err(e) => tracing::warn!(error = %e, "refresh token revocation failed"),
+            Err(e) => tracing::warn!(error = %untrusted(&e), "refresh token revocation failed"),
         }
     }
 

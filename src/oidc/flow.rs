@@ -17,7 +17,10 @@ use super::{
     },
     AuthError, AuthErrorKind, Redirect, User,
 };
-use crate::session::{Session, SessionError};
+use crate::{
+    log_safe::untrusted,
+    session::{Session, SessionError},
+};
 
 fn session_error(e: SessionError) -> AuthError {
     match e {
@@ -133,7 +136,7 @@ impl OidcClient {
             .instrument(tracing::info_span!("oidc.callback"))
             .await;
         if let Err(e) = &result {
-            tracing::warn!(error = %e, "login failed");
+            tracing::warn!(error = %untrusted(e), "login failed");
             crate::metrics::failure(format!("login_{}", e.kind().code()));
         }
         result
@@ -255,7 +258,7 @@ impl OidcClient {
                 .await
                 .map_err(session_error)?;
         }
-        tracing::info!(sub = %sub, "login completed");
+        tracing::info!(sub = %untrusted(&sub), "login completed");
         crate::metrics::login();
         Ok((
             Redirect::found(&pending.return_to),
@@ -338,7 +341,7 @@ impl OidcClient {
             super::client::LogoutStyle::None => after.to_owned(),
         };
         if let Some(r) = &record {
-            tracing::info!(sub = %r.sub, "logout");
+            tracing::info!(sub = %untrusted(&r.sub), "logout");
         }
         crate::metrics::logout("local");
         Ok(Redirect::see_other(&target))
@@ -366,7 +369,7 @@ impl OidcClient {
                 (StatusCode::OK, String::new())
             }
             Err(e) => {
-                tracing::warn!(error = %e, "back-channel logout refused");
+                tracing::warn!(error = %untrusted(&e), "back-channel logout refused");
                 crate::metrics::failure("backchannel_rejected");
                 let code = if e.kind() == AuthErrorKind::SessionUnavailable {
                     StatusCode::SERVICE_UNAVAILABLE

@@ -11,6 +11,7 @@ use super::{cookie::SessionId, data::Data, layer::Config, SessionError};
 use tracing::Instrument;
 
 use crate::{
+    log_safe::untrusted,
     metrics,
     store::{NewRow, PgStore, StoreError},
 };
@@ -574,7 +575,11 @@ impl Session {
     }
 
     fn fail(&self, st: &mut State, failure: Failure, error: StoreError) -> SessionError {
-        tracing::error!(error = %error, source = ?std::error::Error::source(&error), "session store failed");
+        tracing::error!(
+            error = %untrusted(&error),
+            source = ?std::error::Error::source(&error).map(untrusted),
+            "session store failed"
+        );
         metrics::failure("store_unavailable");
         st.failure = Some(failure);
         SessionError::Store(error)

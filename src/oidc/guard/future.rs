@@ -16,6 +16,7 @@ use tracing::Instrument;
 
 use super::{response::RequestKind, Rejection, RejectionKind};
 use crate::{
+    log_safe::untrusted,
     oidc::{
         record::{self, LoginRecord, FIELD_ACCESS, FIELD_ID, FIELD_REFRESH, USER_KEY},
         AccessToken, AuthErrorKind, OidcClient, User,
@@ -142,7 +143,7 @@ pub(crate) async fn authorize(client: OidcClient, session: Option<Session>) -> A
         return Err(Rejection::new(RejectionKind::MissingSessionLayer));
     };
     let logged_out = |why: &str| {
-        tracing::warn!(reason = why, "ending the login");
+        tracing::warn!(reason = %untrusted(why), "ending the login");
         Rejection::new(RejectionKind::LoggedOut)
     };
     let record: Option<LoginRecord> = match session.get(USER_KEY).await {
@@ -212,7 +213,7 @@ pub(crate) async fn authorize(client: OidcClient, session: Option<Session>) -> A
                     let raw = serde_json::value::to_raw_value(&next).map_err(|e| {
                         crate::oidc::AuthError::new(AuthErrorKind::TamperedData, e.to_string())
                     })?;
-                    tracing::info!(sub = %next.sub, "access token refreshed");
+                    tracing::info!(sub = %untrusted(&next.sub), "access token refreshed");
                     crate::metrics::refresh();
                     Ok((vec![(USER_KEY.to_owned(), Some(raw))], next))
                 })
@@ -225,7 +226,7 @@ pub(crate) async fn authorize(client: OidcClient, session: Option<Session>) -> A
                 Ok(Ok(Exclusive::Done(next))) => record = next,
                 Ok(Ok(Exclusive::Gone)) => return Err(Rejection::new(RejectionKind::NotLoggedIn)),
                 Ok(Err(e)) if e.kind() == AuthErrorKind::ProviderUnavailable => {
-                    tracing::warn!(error = %e, "token refresh failed");
+                    tracing::warn!(error = %untrusted(&e), "token refresh failed");
                     if expired(record.exp) {
                         return Err(Rejection::new(RejectionKind::ProviderUnavailable));
                     }
@@ -263,7 +264,7 @@ pub(crate) async fn authorize(client: OidcClient, session: Option<Session>) -> A
             }
         }
         if let Err(e) = session.insert(USER_KEY, &next).await {
-            tracing::warn!(error = %e, "re-sealing tokens failed");
+            tracing::warn!(error = %untrusted(&e), "re-sealing tokens failed");
         }
         record = next;
     }
