@@ -972,3 +972,21 @@ async fn the_login_is_written_where_passport_looks_when_asked() {
     assert_eq!(sess["passport"], json!({"user": "pat"}));
     s.db.drop_schema().await;
 }
+
+#[tokio::test]
+async fn extreme_stored_token_expiries_never_panic() {
+    let s = keycloak().await;
+    let app = &s.apps[0].url;
+    let b = logged_in(&s, "oscar").await;
+    // Far future: valid, no refresh; far past: refreshed (or, once the record
+    // is authenticated, refused as tampered); never a dropped connection.
+    for exp in [json!(i64::MAX), json!(i64::MIN), json!(u64::MAX), json!(-1)] {
+        set_oidc(&s.db, "exp", exp.clone()).await;
+        let status = b.me(app).await.status();
+        assert!(
+            [StatusCode::OK, StatusCode::UNAUTHORIZED].contains(&status),
+            "exp {exp}: {status}"
+        );
+    }
+    s.db.drop_schema().await;
+}

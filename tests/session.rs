@@ -548,3 +548,27 @@ async fn a_non_utf8_cookie_beside_the_session_cookie_does_not_hide_it() {
     }
     db.drop_schema().await;
 }
+
+#[tokio::test]
+async fn extreme_stored_creation_times_end_or_keep_the_session_without_panic() {
+    let db = Db::new().await;
+    let layer = layer(db.store().await)
+        .with_absolute_timeout(Some(Duration::from_secs(3600)))
+        .unwrap();
+    let mut c = Client::new(app(layer, Gate::default()));
+    c.get("/counter").await;
+    for created in ["9999-12-31 23:59:59.999999+00", "4713-01-01 00:00:00+00 BC"] {
+        sqlx::query(&format!(
+            "UPDATE {} SET created_at = $1::timestamptz",
+            db.table()
+        ))
+        .bind(created)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+        // Far future: the absolute limit is as far; far past: long over.
+        let r = c.get("/counter").await;
+        assert_eq!(r.status, StatusCode::OK, "{created}");
+    }
+    db.drop_schema().await;
+}

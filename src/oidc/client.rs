@@ -470,7 +470,7 @@ impl OidcClient {
             id_token: response.id_token().map(ToString::to_string),
             expires_at: response
                 .expires_in()
-                .map(|d| OffsetDateTime::now_utc().unix_timestamp() + d.as_secs() as i64),
+                .map(|d| expires_at(OffsetDateTime::now_utc().unix_timestamp(), d)),
             claims,
         }
     }
@@ -563,16 +563,21 @@ impl OidcClient {
             return Err(bad("wrong audience"));
         }
         let now = OffsetDateTime::now_utc().unix_timestamp();
-        let skew = self.inner.config.clock_skew.as_secs() as i64;
+        let skew = i64::try_from(self.inner.config.clock_skew.as_secs()).unwrap_or(i64::MAX);
         let iat = claims
             .get("iat")
             .and_then(Value::as_i64)
             .ok_or_else(|| bad("no iat"))?;
-        if iat > now + skew || iat < now - LOGOUT_TOKEN_MAX_AGE - skew {
+        if iat > now.saturating_add(skew)
+            || iat
+                < now
+                    .saturating_sub(LOGOUT_TOKEN_MAX_AGE)
+                    .saturating_sub(skew)
+        {
             return Err(bad("iat out of range"));
         }
         if let Some(exp) = claims.get("exp").and_then(Value::as_i64) {
-            if exp < now - skew {
+            if exp < now.saturating_sub(skew) {
                 return Err(bad("expired"));
             }
         }
@@ -599,7 +604,10 @@ impl OidcClient {
         let Some(jti) = claims.get("jti").and_then(Value::as_str) else {
             return Err(bad("no jti"));
         };
-        let keep_until = OffsetDateTime::from_unix_timestamp(iat + LOGOUT_TOKEN_MAX_AGE + 2 * skew)
+        let keep_until = iat
+            .saturating_add(LOGOUT_TOKEN_MAX_AGE)
+            .saturating_add(skew.saturating_mul(2));
+        let keep_until = OffsetDateTime::from_unix_timestamp(keep_until)
             .unwrap_or_else(|_| OffsetDateTime::now_utc());
         let fresh = self
             .inner
@@ -620,6 +628,12 @@ impl OidcClient {
 /// Logout tokens older than this are refused (their `jti` is remembered for
 /// as long, so a replay is caught either way).
 const LOGOUT_TOKEN_MAX_AGE: i64 = 600;
+
+/// When a token that lives `expires_in` from `now` (unix seconds) expires;
+/// a provider's absurd lifetime saturates rather than wrapping.
+fn expires_at(now: i64, expires_in: Duration) -> i64 {
+    now.saturating_add(i64::try_from(expires_in.as_secs()).unwrap_or(i64::MAX))
+}
 
 fn decode_json<T: serde::de::DeserializeOwned>(part: &str) -> Option<T> {
     let bytes = URL_SAFE_NO_PAD.decode(part.trim_end_matches('=')).ok()?;
@@ -651,4 +665,20 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn absurd_token_lifetimes_saturate() {
+        assert_eq!(expires_at(1_000, Duration::from_secs(60)), 1_060);
+        assert_eq!(expires_at(1_000, Duration::MAX), i64::MAX);
+        assert_eq!(
+            expires_at(1_000, Duration::from_secs(i64::MAX as u64)),
+            i64::MAX
+        );
+        assert_eq!(expires_at(i64::MAX, Duration::from_secs(1)), i64::MAX);
+    }
 }

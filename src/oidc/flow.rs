@@ -96,7 +96,8 @@ impl OidcClient {
             nonce: nonce.secret().clone(),
             pkce: record::seal(&config.keys, &key, FIELD_PKCE, verifier.secret()),
             return_to: safe_return_to(return_to),
-            exp_ms: now_ms() + config.login_ttl.as_millis() as i64,
+            exp_ms: now_ms()
+                .saturating_add(i64::try_from(config.login_ttl.as_millis()).unwrap_or(i64::MAX)),
             started_ns: OffsetDateTime::now_utc().unix_timestamp_nanos() as i64,
         };
         session.insert(&key, &record).await.map_err(session_error)?;

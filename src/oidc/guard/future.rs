@@ -123,7 +123,8 @@ where
 
 fn due(exp: Option<i64>, before: std::time::Duration) -> bool {
     let now = OffsetDateTime::now_utc().unix_timestamp();
-    exp.is_some_and(|e| e - before.as_secs() as i64 <= now)
+    let before = i64::try_from(before.as_secs()).unwrap_or(i64::MAX);
+    exp.is_some_and(|e| e.saturating_sub(before) <= now)
 }
 
 fn expired(exp: Option<i64>) -> bool {
@@ -269,4 +270,24 @@ pub(crate) async fn authorize(client: OidcClient, session: Option<Session>) -> A
         record = next;
     }
     Ok((User::from_record(&record), AccessToken(access)))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::{due, expired};
+
+    #[test]
+    fn extreme_expiries_do_not_overflow() {
+        for exp in [i64::MIN, i64::MIN + 1, -1, 0] {
+            assert!(due(Some(exp), Duration::MAX));
+            assert!(due(Some(exp), Duration::ZERO));
+            assert!(expired(Some(exp)));
+        }
+        assert!(!due(Some(i64::MAX), Duration::from_secs(300)));
+        assert!(due(Some(i64::MAX), Duration::MAX));
+        assert!(!expired(Some(i64::MAX)));
+        assert!(!due(None, Duration::MAX));
+    }
 }
