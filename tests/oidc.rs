@@ -990,3 +990,87 @@ async fn extreme_stored_token_expiries_never_panic() {
     }
     s.db.drop_schema().await;
 }
+
+#[tokio::test]
+async fn logout_tokens_need_exp_and_no_foreign_type() {
+    let s = keycloak().await;
+    let app = &s.apps[0].url;
+    logged_in(&s, "petra").await;
+    let sid = session_rows(&s.db).await[0].3.clone().unwrap();
+    let claims = |jti: &str, exp: Option<i64>| {
+        let mut c = json!({
+            "iss": s.idp.issuer, "aud": "demo", "iat": now(), "jti": jti, "sid": sid,
+            "events": {"http://schemas.openid.net/event/backchannel-logout": {}},
+        });
+        if let Some(exp) = exp {
+            c["exp"] = json!(exp);
+        }
+        c
+    };
+    let cases = [
+        (
+            "no exp",
+            claims("e1", None),
+            json!({"typ": "logout+jwt"}),
+            "exp",
+        ),
+        (
+            "an access token",
+            claims("e2", Some(now() + 60)),
+            json!({"typ": "at+jwt"}),
+            "typ",
+        ),
+        (
+            "an ID token type",
+            claims("e3", Some(now() + 60)),
+            json!({"typ": "id_token+jwt"}),
+            "typ",
+        ),
+    ];
+    for (what, claims, header, expect) in cases {
+        let token = s.idp.sign(claims, header).await;
+        let (status, body) = post_logout_token(app, &token).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{what}");
+        let why = body["error_description"].as_str().unwrap();
+        assert!(why.contains(expect), "{what}: {why}");
+        assert_eq!(session_rows(&s.db).await.len(), 1, "{what}: nothing ended");
+    }
+    // Explicitly typed in any case, or the generic JWT of older providers.
+    for (jti, typ) in [
+        ("e4", "Logout+JWT"),
+        ("e5", "application/logout+jwt"),
+        ("e6", "JWT"),
+    ] {
+        logged_in(&s, "petra").await;
+        let sid = session_rows(&s.db).await.last().unwrap().3.clone().unwrap();
+        let mut c = claims(jti, Some(now() + 60));
+        c["sid"] = json!(sid);
+        let token = s.idp.sign(c, json!({ "typ": typ })).await;
+        assert_eq!(
+            post_logout_token(app, &token).await.0,
+            StatusCode::OK,
+            "{typ}"
+        );
+    }
+    assert_eq!(
+        session_rows(&s.db).await.len(),
+        1,
+        "the first session remains"
+    );
+    s.db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn a_non_ascii_return_to_comes_back_percent_encoded() {
+    let s = keycloak().await;
+    let app = &s.apps[0].url;
+    let b = Browser::new();
+    let r = b.login(app, "quinn", "/café/ü?q=日本#é").await;
+    assert_eq!(r.status(), StatusCode::FOUND);
+    assert_eq!(
+        location(&r),
+        "/caf%C3%A9/%C3%BC?q=%E6%97%A5%E6%9C%AC#%C3%A9"
+    );
+    assert_eq!(b.me(app).await.status(), StatusCode::OK);
+    s.db.drop_schema().await;
+}

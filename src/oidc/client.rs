@@ -519,6 +519,16 @@ impl OidcClient {
             return Err(bad("not a signed JWT"));
         };
         let header: Value = decode_json(h).ok_or_else(|| bad("malformed header"))?;
+        // Explicit typing (section 2.4): a token typed as anything else (an
+        // access token, a security event) is not a logout token. The generic
+        // `JWT` of providers that predate the recommendation is accepted.
+        if let Some(typ) = header.get("typ") {
+            let typ = typ.as_str().unwrap_or_default().to_ascii_lowercase();
+            let typ = typ.strip_prefix("application/").unwrap_or(&typ);
+            if typ != "logout+jwt" && typ != "jwt" {
+                return Err(bad("typ is not logout+jwt"));
+            }
+        }
         let alg: CoreJwsSigningAlgorithm = serde_json::from_value(header["alg"].clone())
             .map_err(|_| bad("unknown signature algorithm"))?;
         if !self.inner.config.algorithms.contains(&alg) {
@@ -576,10 +586,12 @@ impl OidcClient {
         {
             return Err(bad("iat out of range"));
         }
-        if let Some(exp) = claims.get("exp").and_then(Value::as_i64) {
-            if exp < now.saturating_sub(skew) {
-                return Err(bad("expired"));
-            }
+        let exp = claims
+            .get("exp")
+            .and_then(Value::as_i64)
+            .ok_or_else(|| bad("no exp"))?;
+        if exp < now.saturating_sub(skew) {
+            return Err(bad("expired"));
         }
         let event_ok = claims
             .get("events")

@@ -354,7 +354,8 @@ impl CookieConfig {
                 if !SessionId::plausible(id) {
                     return None;
                 }
-                let tag = STANDARD_NO_PAD.decode(tag.trim_end_matches('=')).ok()?;
+                // Exactly cookie-signature's form: no `=` padding.
+                let tag = STANDARD_NO_PAD.decode(tag).ok()?;
                 let by = verify_with(&secrets.keys, id, &tag)?;
                 Some((SessionId(id.to_owned()), by > 0))
             }
@@ -506,6 +507,10 @@ mod tests {
         );
         assert_eq!(read(&value, &express(&["another"])), None);
         assert_eq!(read("s%3Aabc.def", &c), None);
+        // express-session never pads its signature, nor accepts padding.
+        assert_eq!(read(&format!("{value}%3D"), &c), None);
+        assert_eq!(read(&format!("{raw}="), &c), None);
+        assert_eq!(read(&format!("{raw}=="), &c), None);
         assert_eq!(read("%ZZ", &c), None);
         assert_eq!(
             read(&value.replacen("s%3A", "", 1), &c),
