@@ -7,7 +7,7 @@ use serde_json::value::RawValue;
 use time::OffsetDateTime;
 use tokio::sync::Mutex;
 
-use super::{cookie::SessionId, data::Data, layer::Config, SessionError};
+use super::{cookie::SessionId, data::Data, layer::Config, reserved, SessionError};
 use tracing::Instrument;
 
 use crate::{
@@ -155,10 +155,23 @@ impl Session {
     /// Stores `value` under `key`.
     ///
     /// # Errors
+    /// [`SessionError::ReservedKey`] for a key reserved for the login guard
+    /// or by [`SessionLayer::with_reserved_key`](super::SessionLayer::with_reserved_key),
     /// [`SessionError::TooLarge`] when the data would exceed the size limit
-    /// (the session is left as it was), [`SessionError::Serde`] when `value`
-    /// does not serialize, [`SessionError::Store`] when loading fails.
+    /// (the session is left as it was either way), [`SessionError::Serde`]
+    /// when `value` does not serialize, [`SessionError::Store`] when loading
+    /// fails.
     pub async fn insert<T: Serialize + ?Sized>(
+        &self,
+        key: &str,
+        value: &T,
+    ) -> Result<(), SessionError> {
+        self.check_writable(key)?;
+        self.insert_reserved(key, value).await
+    }
+
+    /// [`Session::insert`] for the crate's own use, reserved keys included.
+    pub(crate) async fn insert_reserved<T: Serialize + ?Sized>(
         &self,
         key: &str,
         value: &T,
@@ -184,8 +197,18 @@ impl Session {
     /// Removes `key`, returning its value.
     ///
     /// # Errors
-    /// As [`Session::get`].
+    /// As [`Session::get`], and [`SessionError::ReservedKey`] as
+    /// [`Session::insert`].
     pub async fn remove<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, SessionError> {
+        self.check_writable(key)?;
+        self.remove_reserved(key).await
+    }
+
+    /// [`Session::remove`] for the crate's own use, reserved keys included.
+    pub(crate) async fn remove_reserved<T: DeserializeOwned>(
+        &self,
+        key: &str,
+    ) -> Result<Option<T>, SessionError> {
         let mut st = self.shared.state.lock().await;
         self.ensure_loaded(&mut st).await?;
         let old = st
@@ -373,9 +396,19 @@ impl Session {
     /// lock, a read, a write), not at the end of the request.
     ///
     /// # Errors
-    /// As [`Session::save`], and [`SessionError::Serde`] when the value does
+    /// As [`Session::save`], [`SessionError::ReservedKey`] as
+    /// [`Session::insert`], and [`SessionError::Serde`] when the value does
     /// not deserialize into `T` (it is consumed all the same).
     pub async fn take_once<T: DeserializeOwned>(
+        &self,
+        key: &str,
+    ) -> Result<Option<T>, SessionError> {
+        self.check_writable(key)?;
+        self.take_once_reserved(key).await
+    }
+
+    /// [`Session::take_once`] for the crate's own use, reserved keys included.
+    pub(crate) async fn take_once_reserved<T: DeserializeOwned>(
         &self,
         key: &str,
     ) -> Result<Option<T>, SessionError> {
@@ -398,6 +431,17 @@ impl Session {
                 key: key.to_owned(),
                 source,
             })
+    }
+
+    /// Refuses the keys application code may not write, before anything is
+    /// read or changed.
+    fn check_writable(&self, key: &str) -> Result<(), SessionError> {
+        if reserved::is_reserved(key, &self.shared.config.reserved) {
+            return Err(SessionError::ReservedKey {
+                key: key.to_owned(),
+            });
+        }
+        Ok(())
     }
 
     /// The storage key the session's row will have once this request's
