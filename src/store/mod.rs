@@ -482,7 +482,7 @@ impl PgStore {
         key: &str,
         now: OffsetDateTime,
     ) -> Result<Option<(Tx, Loaded)>, StoreError> {
-        let mut tx = self.inner.pool.begin().await?;
+        let mut tx = self.begin().await?;
         let row = sqlx::query(&self.inner.sql.select_for_update)
             .bind(key)
             .bind(now)
@@ -497,9 +497,54 @@ impl PgStore {
         }
     }
 
+    /// Starts a transaction on a pooled connection.
+    ///
+    /// `BEGIN` runs in its own task: sqlx rolls a dropped transaction back
+    /// only once `BEGIN` has completed, so a caller dropped while it is in
+    /// flight would put the connection back in the pool inside a
+    /// transaction (where the next requests' writes would sit uncommitted).
+    /// A transaction whose caller is gone is dropped in that task, which
+    /// rolls it back.
+    async fn begin(&self) -> Result<Tx, StoreError> {
+        let pool = self.inner.pool.clone();
+        detached(async move { pool.begin().await })
+            .await
+            .ok_or(StoreError::Database(sqlx::Error::WorkerCrashed))?
+            .map_err(StoreError::from)
+    }
+
     /// Writes a row locked by [`Self::lock_row`] (optionally under a new key)
-    /// and commits.
+    /// and commits. Once called it completes even if the caller is dropped:
+    /// what it writes was computed under the row lock, so it is never stale,
+    /// and work done meanwhile (a token refresh) is not lost.
     pub(crate) async fn write_locked(
+        &self,
+        tx: Tx,
+        key: &str,
+        new_key: &str,
+        row: &NewRow<'_>,
+    ) -> Result<String, StoreError> {
+        let store = self.clone();
+        let (key, new_key) = (key.to_owned(), new_key.to_owned());
+        let (sess, expire) = (row.sess.to_owned(), row.expire);
+        let user_id = row.user_id.map(str::to_owned);
+        let provider_sid = row.provider_sid.map(str::to_owned);
+        detached(async move {
+            let row = NewRow {
+                sess: &sess,
+                expire,
+                user_id: user_id.as_deref(),
+                provider_sid: provider_sid.as_deref(),
+                user_agent: None,
+                ip: None,
+            };
+            store.write_and_commit(tx, &key, &new_key, &row).await
+        })
+        .await
+        .ok_or(StoreError::Database(sqlx::Error::WorkerCrashed))?
+    }
+
+    async fn write_and_commit(
         &self,
         mut tx: Tx,
         key: &str,
@@ -607,6 +652,16 @@ impl PgStore {
 
 /// A transaction holding a session row lock.
 pub(crate) type Tx = sqlx::Transaction<'static, sqlx::Postgres>;
+
+/// Runs `work` in its own task and waits for it: a request future can be
+/// dropped at any await point, and work that must finish once started (a
+/// save, a commit, a `BEGIN`) runs where that cannot cut it short. `None`
+/// when the task panicked.
+pub(crate) async fn detached<T: Send + 'static>(
+    work: impl std::future::Future<Output = T> + Send + 'static,
+) -> Option<T> {
+    tokio::spawn(work).await.ok()
+}
 
 /// Times for one load: the idle extension is written only when the row
 /// expires before `touch_before`.
