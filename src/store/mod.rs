@@ -505,7 +505,7 @@ impl PgStore {
     /// transaction (where the next requests' writes would sit uncommitted).
     /// A transaction whose caller is gone is dropped in that task, which
     /// rolls it back.
-    async fn begin(&self) -> Result<Tx, StoreError> {
+    pub(crate) async fn begin(&self) -> Result<Tx, StoreError> {
         let pool = self.inner.pool.clone();
         detached(async move { pool.begin().await })
             .await
@@ -586,7 +586,7 @@ impl PgStore {
     #[cfg_attr(not(feature = "oidc"), allow(dead_code))]
     pub(crate) async fn ensure_seen_table(&self) -> Result<(), StoreError> {
         let t = self.inner.name.seen_table();
-        let mut tx = self.inner.pool.begin().await?;
+        let mut tx = self.begin().await?;
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
             .bind(self.inner.name.lock_key("ddl"))
             .execute(&mut *tx)
