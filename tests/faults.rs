@@ -9,7 +9,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
-use common::*;
+use common::{cluster::Cluster, *};
 use serde_json::json;
 use sqlx::postgres::PgPoolOptions;
 use tower_pg_session::PgStore;
@@ -162,4 +162,123 @@ async fn an_exhausted_pool_answers_503_after_the_bound_and_recovers() {
     }
     assert_eq!(c.get("/kv").await.body.as_object().unwrap().len(), 9);
     db.drop_schema().await;
+}
+
+/// What one client of a load saw.
+#[derive(Default)]
+struct Seen {
+    ok: u64,
+    unavailable: u64,
+    unexpected: Vec<StatusCode>,
+    /// Counter values acknowledged with a 200, with when.
+    acked: Vec<(Instant, u64)>,
+    slowest: Duration,
+}
+
+/// One client incrementing its counter, one request after another, until
+/// `stop` turns true.
+async fn count_until(mut c: Client, stop: tokio::sync::watch::Receiver<bool>) -> (Client, Seen) {
+    let mut seen = Seen::default();
+    while !*stop.borrow() {
+        let started = Instant::now();
+        let r = c.get("/counter").await;
+        seen.slowest = seen.slowest.max(started.elapsed());
+        match r.status {
+            StatusCode::OK => {
+                seen.ok += 1;
+                seen.acked
+                    .push((Instant::now(), r.body["count"].as_u64().unwrap()));
+            }
+            StatusCode::SERVICE_UNAVAILABLE => {
+                seen.unavailable += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => seen.unexpected.push(other),
+        }
+    }
+    (c, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_restart_and_outage_under_load_lose_no_acknowledged_write() {
+    let cluster = Cluster::start();
+    let bound = Duration::from_secs(2);
+    let pool = PgPoolOptions::new()
+        .max_connections(4)
+        .acquire_timeout(bound)
+        .test_before_acquire(false)
+        .connect(&cluster.url)
+        .await
+        .unwrap();
+    let store = PgStore::new(pool, tower_pg_session::PgStoreConfig::new())
+        .await
+        .unwrap();
+    let app = app(layer(store), Gate::default());
+    let mut clients = Vec::new();
+    for _ in 0..6 {
+        let mut c = Client::new(app.clone());
+        assert_eq!(c.get("/counter").await.body, json!({"count": 1}));
+        clients.push(c);
+    }
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let runs: Vec<_> = clients
+        .into_iter()
+        .map(|c| tokio::spawn(count_until(c, stopped.clone())))
+        .collect();
+
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let cluster = tokio::task::spawn_blocking(move || {
+        cluster.restart_fast();
+        cluster
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let cluster = tokio::task::spawn_blocking(move || {
+        cluster.stop_fast();
+        std::thread::sleep(Duration::from_secs(5));
+        cluster.pg_ctl_start();
+        cluster
+    })
+    .await
+    .unwrap();
+    let back = Instant::now();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.send_replace(true);
+
+    let mut recovered = Duration::ZERO;
+    for (i, run) in runs.into_iter().enumerate() {
+        let (mut c, seen) = run.await.unwrap();
+        assert!(
+            seen.unexpected.is_empty(),
+            "client {i}: {:?}",
+            seen.unexpected
+        );
+        assert!(seen.unavailable > 0, "client {i} saw the outage");
+        assert!(
+            seen.slowest < bound + Duration::from_millis(1500),
+            "client {i}: a request took {:?}",
+            seen.slowest
+        );
+        let mut last = 1;
+        for &(_, n) in &seen.acked {
+            assert!(n > last, "client {i}: acknowledged {n} after {last}");
+            last = n;
+        }
+        let first_after = seen
+            .acked
+            .iter()
+            .find(|(at, _)| *at >= back)
+            .map(|(at, _)| *at - back)
+            .unwrap_or_else(|| panic!("client {i} never recovered"));
+        recovered = recovered.max(first_after);
+        let stored = c.get("/counter").await.body["count"].as_u64().unwrap();
+        assert!(
+            stored > last,
+            "client {i}: {last} was acknowledged, {stored} stored"
+        );
+    }
+    eprintln!("every client recovered {recovered:?} after the server was back");
+    assert!(recovered < Duration::from_secs(3));
+    drop(cluster);
 }
