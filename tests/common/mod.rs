@@ -6,6 +6,7 @@
 pub mod cluster;
 pub mod express;
 pub mod idp;
+pub mod latency;
 
 use std::{sync::Arc, time::Duration};
 
