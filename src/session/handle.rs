@@ -576,6 +576,7 @@ impl Session {
     fn fail(&self, st: &mut State, failure: Failure, error: StoreError) -> SessionError {
         tracing::error!(error = %error, source = ?std::error::Error::source(&error), "session store failed");
         metrics::failure("store_unavailable");
+        self.shared.store.report(&error);
         st.failure = Some(failure);
         SessionError::Store(error)
     }

@@ -49,7 +49,8 @@ impl SessionStore for PgStore {
 
     async fn save(&self, record: &Record) -> session_store::Result<()> {
         let sess = encode(record)?;
-        sqlx::query(&self.inner.sql.save_any)
+        let ready = self.ready().await?;
+        sqlx::query(&ready.sql.save_any)
             .bind(record.id.to_string())
             .bind(&sess)
             .bind(record.expiry_date)
