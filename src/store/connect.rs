@@ -441,11 +441,15 @@ impl Router {
             match self.probe(&options, target).await {
                 Ok(()) => return Ok((index, options)),
                 Err(e) => {
-                    failures.push(format!("{} ({})", describe(target), brief(&e)));
-                    last = Some(e);
+                    if let Some(previous) = last.replace(e) {
+                        let failed = failures.pop().unwrap_or_default();
+                        failures.push(format!("{failed} ({})", brief(&previous)));
+                    }
+                    failures.push(describe(target));
                 }
             }
         }
+        // Every host with its reason; the last one's is the error's source.
         Err(StoreError::Connect {
             host: failures.join(", "),
             source: last.unwrap_or(sqlx::Error::PoolClosed),

@@ -3,6 +3,7 @@
 //! with a cookie jar.
 #![allow(dead_code, unreachable_pub, missing_docs, clippy::unwrap_used)]
 
+pub mod cluster;
 pub mod express;
 pub mod idp;
 
