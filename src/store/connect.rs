@@ -380,12 +380,23 @@ impl Router {
         }
     }
 
-    /// Starts a search in the background unless one runs.
+    /// Starts a search in the background unless one runs. With one host
+    /// there is nothing to search: only the credentials are renewed.
     fn search(self: &Arc<Self>) {
+        if self.targets.len() < 2 && self.provider.is_none() {
+            return;
+        }
         if self.searching.swap(true, Ordering::AcqRel) {
             return;
         }
         let router = Arc::clone(self);
+        if self.targets.len() < 2 {
+            tokio::spawn(async move {
+                router.refresh().await;
+                router.searching.store(false, Ordering::Release);
+            });
+            return;
+        }
         tokio::spawn(async move {
             let until = Instant::now() + SEARCH_FOR;
             loop {
