@@ -609,3 +609,112 @@ async fn failover_to_a_promoted_standby_loses_no_acknowledged_write() {
     new_primary.close().await;
     drop(demo);
 }
+
+/// Two servers trade roles under the store's open connections (the writable
+/// one turns read-only, the other writable, as a demotion and a promotion
+/// do): requests get 503 for a moment, then 200 from the new primary, and
+/// not one connection to the demoted server stays in use.
+#[tokio::test]
+async fn connections_to_a_demoted_server_are_dropped_not_reused() {
+    let a = Cluster::new(None, &[]);
+    let b = Cluster::new(None, &[]);
+    // The table exists on both, as replication would have it.
+    drop(PgStore::connect(&b.url("postgres")).await.unwrap());
+    let admin_a = sqlx::PgPool::connect(&a.url("postgres")).await.unwrap();
+    let admin_b = sqlx::PgPool::connect(&b.url("postgres")).await.unwrap();
+    let read_only = |pool: &sqlx::PgPool, on: bool| {
+        let pool = pool.clone();
+        async move {
+            let set = if on {
+                "ALTER SYSTEM SET default_transaction_read_only = on"
+            } else {
+                "ALTER SYSTEM RESET default_transaction_read_only"
+            };
+            sqlx::query(set).execute(&pool).await.unwrap();
+            sqlx::query("SELECT pg_reload_conf()")
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+    };
+    read_only(&admin_b, true).await;
+
+    // The read-only server listed first is passed over.
+    let connect = PgConnect::from_url(&format!(
+        "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/postgres?application_name=flip",
+        b.port, a.port
+    ))
+    .unwrap()
+    .with_max_connections(4)
+    .with_acquire_timeout(Duration::from_secs(1));
+    let store = PgStore::connect_to(connect, PgStoreConfig::new())
+        .await
+        .unwrap();
+    let app = common::app(common::layer(store), Default::default());
+    let mut clients: Vec<_> = (0..8).map(|_| common::Client::new(app.clone())).collect();
+    let warm = clients.iter_mut().map(|c| c.get("/counter"));
+    for r in futures_util::future::join_all(warm).await {
+        assert_eq!(r.status, StatusCode::OK);
+    }
+    let on = |pool: &sqlx::PgPool| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'flip'",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    assert!(on(&admin_a).await > 0);
+
+    read_only(&admin_a, true).await;
+    read_only(&admin_b, false).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let started = Instant::now();
+    let runs = clients.iter_mut().map(|c| async move {
+        let mut statuses = Vec::new();
+        let mut oks = 0;
+        while oks < 5 {
+            let r = c.get("/counter").await;
+            statuses.push(r.status);
+            if r.status == StatusCode::OK {
+                oks += 1;
+            } else {
+                assert!(
+                    started.elapsed() < Duration::from_secs(5),
+                    "no 200 within 5 s: {statuses:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        statuses
+    });
+    let all: Vec<StatusCode> = futures_util::future::join_all(runs)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    assert!(
+        all.iter()
+            .all(|s| matches!(*s, StatusCode::OK | StatusCode::SERVICE_UNAVAILABLE)),
+        "{all:?}"
+    );
+    eprintln!(
+        "back after {:?}; {} × 503",
+        started.elapsed(),
+        all.iter()
+            .filter(|s| **s == StatusCode::SERVICE_UNAVAILABLE)
+            .count()
+    );
+    assert!(on(&admin_b).await > 0, "serving from the new primary");
+    common::eventually("no connection left on the demoted server", || {
+        let admin_a = admin_a.clone();
+        async move { on(&admin_a).await == 0 }
+    })
+    .await;
+    admin_a.close().await;
+    admin_b.close().await;
+}

@@ -347,7 +347,12 @@ impl Router {
     /// read-only server, or refused credentials start a search for the
     /// writable server (unless one runs).
     pub(crate) fn report(self: &Arc<Self>, error: &StoreError) {
-        if error.is_unavailable() || error.is_read_only() || error.is_auth_failure() {
+        if error.is_read_only() {
+            // The server was demoted under its connections: none of them
+            // is reused, and each new one is checked.
+            *lock(&self.switched) = Instant::now();
+        }
+        if error.is_unavailable() || error.is_auth_failure() {
             self.search();
         }
     }
