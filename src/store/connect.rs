@@ -650,7 +650,13 @@ fn targets(
     ports: &[String],
 ) -> Result<Vec<PgConnectOptions>, StoreError> {
     if hosts.is_empty() {
-        let mut only = base.clone();
+        // No host given: libpq's defaults (PGHOST, else the local socket
+        // directory when there is one, else localhost).
+        let defaults = PgConnectOptions::new_without_pgpass();
+        let mut only = match defaults.get_socket() {
+            Some(dir) => base.clone().socket(dir),
+            None => base.clone().host(defaults.get_host()),
+        };
         if let Some(port) = ports.first().filter(|p| !p.is_empty()) {
             only = only.port(port.parse().map_err(|_| StoreError::InvalidUrl)?);
         }
