@@ -395,9 +395,26 @@ impl Drop for StopOnDrop {
 }
 
 /// The password provider runs for new connections: after the password
-/// changes (and the provider with it), requests recover by themselves.
+/// changes (and the provider with it), requests recover by themselves. The
+/// connection that meets the new password unannounced fails its request
+/// (503), and the provider is asked again at once.
 #[tokio::test]
 async fn a_changed_password_is_used_for_new_connections_without_restart() {
+    let statuses = rotate_password(None).await;
+    assert!(statuses.len() <= 2, "{statuses:?}");
+}
+
+/// With a refresh more frequent than the rotation, the new password is
+/// there before a connection needs it: not one request fails.
+#[tokio::test]
+async fn credentials_refreshed_in_the_background_are_ready_before_they_are_needed() {
+    let statuses = rotate_password(Some(Duration::from_secs(1))).await;
+    assert_eq!(statuses, [StatusCode::OK]);
+}
+
+/// Changes the password of the store's role while requests run; the
+/// statuses of the requests until the first 200 after that.
+async fn rotate_password(refresh: Option<Duration>) -> Vec<StatusCode> {
     let cluster = Cluster::new(
         Some(
             "local all all trust\nhost all postgres 127.0.0.1/32 trust\n\
@@ -419,16 +436,20 @@ async fn a_changed_password_is_used_for_new_connections_without_restart() {
     let password = Arc::new(Mutex::new("first-secret".to_owned()));
     let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let (p, c) = (password.clone(), calls.clone());
-    let connect = PgConnect::from_url(&format!("postgres://app@127.0.0.1:{}/app", cluster.port))
-        .unwrap()
-        .with_max_connections(2)
-        .with_acquire_timeout(Duration::from_secs(2))
-        .with_idle_timeout(Some(Duration::from_millis(500)))
-        .with_password_provider(move || {
-            c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            let current = p.lock().unwrap().clone();
-            async move { Ok::<_, std::io::Error>(current) }
-        });
+    let mut connect =
+        PgConnect::from_url(&format!("postgres://app@127.0.0.1:{}/app", cluster.port))
+            .unwrap()
+            .with_max_connections(2)
+            .with_acquire_timeout(Duration::from_secs(2))
+            .with_idle_timeout(Some(Duration::from_millis(500)))
+            .with_password_provider(move || {
+                c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let current = p.lock().unwrap().clone();
+                async move { Ok::<_, std::io::Error>(current) }
+            });
+    if let Some(every) = refresh {
+        connect = connect.with_credentials_refresh(every);
+    }
     let store = PgStore::connect_to(connect, PgStoreConfig::new())
         .await
         .unwrap();
@@ -455,6 +476,9 @@ async fn a_changed_password_is_used_for_new_connections_without_restart() {
         async move { pool.size() == 0 }
     })
     .await;
+    if let Some(every) = refresh {
+        tokio::time::sleep(every + Duration::from_millis(500)).await;
+    }
 
     let started = Instant::now();
     let mut statuses = Vec::new();
@@ -487,6 +511,7 @@ async fn a_changed_password_is_used_for_new_connections_without_restart() {
         assert_eq!(client.get("/counter").await.status, StatusCode::OK);
     }
     admin.close().await;
+    statuses
 }
 
 /// A primary with a synchronous standby, the demo given both (standby

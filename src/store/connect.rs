@@ -79,6 +79,7 @@ pub struct PgConnect {
     max_lifetime: Option<Duration>,
     idle_timeout: Option<Duration>,
     provider: Option<Provider>,
+    refresh_every: Duration,
 }
 
 impl fmt::Debug for PgConnect {
@@ -93,6 +94,7 @@ impl fmt::Debug for PgConnect {
             .field("max_lifetime", &self.max_lifetime)
             .field("idle_timeout", &self.idle_timeout)
             .field("credentials_provider", &self.provider.is_some())
+            .field("credentials_refresh", &self.refresh_every)
             .finish()
     }
 }
@@ -139,6 +141,7 @@ impl PgConnect {
             max_lifetime: Some(Duration::from_secs(30 * 60)),
             idle_timeout: Some(Duration::from_secs(10 * 60)),
             provider: None,
+            refresh_every: Duration::from_secs(5 * 60),
         }
     }
 
@@ -189,7 +192,8 @@ impl PgConnect {
 
     /// Asks `provider` for the password (an RDS or Cloud SQL IAM token, a
     /// Vault dynamic secret) before the pool's first connection, after each
-    /// new connection (for the next one), and at once when the server
+    /// new connection (for the next one), every few minutes (see
+    /// [`Self::with_credentials_refresh`]), and at once when the server
     /// refuses the credentials. It should answer quickly; cache what is
     /// costly to obtain.
     ///
@@ -216,6 +220,15 @@ impl PgConnect {
         })
     }
 
+    /// How often the credentials provider is asked even when no connection
+    /// opens (default 5 min, at least 1 s), so that credentials held for the
+    /// next connection never grow older than this: keep it well below their
+    /// validity (an RDS IAM token is valid 15 minutes).
+    pub fn with_credentials_refresh(mut self, every: Duration) -> Self {
+        self.refresh_every = every.max(Duration::from_secs(1));
+        self
+    }
+
     /// Like [`Self::with_password_provider`], with the whole options: the
     /// provider gets those parsed from the URL for the host about to be used
     /// (host, port, user, TLS) and returns them as they should be used.
@@ -240,6 +253,8 @@ impl PgConnect {
             attrs: self.attrs,
             provider: self.provider,
             timeout: self.acquire_timeout,
+            refresh_every: self.refresh_every,
+            refreshing: AtomicBool::new(false),
             current: AtomicUsize::new(0),
             switched: Mutex::new(Instant::now()),
             searching: AtomicBool::new(false),
@@ -280,6 +295,9 @@ pub(crate) struct Router {
     attrs: TargetSessionAttrs,
     provider: Option<Provider>,
     timeout: Duration,
+    refresh_every: Duration,
+    /// The periodic refresh of the credentials runs.
+    refreshing: AtomicBool,
     current: AtomicUsize,
     /// When the pool last moved to another server: older connections go.
     switched: Mutex<Instant>,
@@ -339,8 +357,31 @@ impl Router {
         if self.provider.is_some() {
             let router = Arc::clone(&self);
             tokio::spawn(async move { router.refresh().await });
+            self.keep_refreshing();
         }
         Ok(())
+    }
+
+    /// Starts (once, from within the runtime) the periodic refresh of the
+    /// credentials; it ends with the store.
+    fn keep_refreshing(self: &Arc<Self>) {
+        if self.refreshing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let router = Arc::downgrade(self);
+        let every = self.refresh_every;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(router) = router.upgrade() else {
+                    return;
+                };
+                if router.pool().is_none() {
+                    return;
+                }
+                router.refresh().await;
+            }
+        });
     }
 
     /// Reacts to a failed statement: a broken connection, an unreachable or
