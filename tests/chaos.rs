@@ -242,8 +242,8 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "minutes long; run by scripts/chaos.sh"]
 async fn chaos() {
-    let cluster = std::sync::Arc::new(Cluster::start());
-    let url = cluster.url.clone();
+    let cluster = std::sync::Arc::new(Cluster::new(None, &[]));
+    let url = cluster.url("postgres");
     let admin = sqlx::PgPool::connect(&url).await.unwrap();
     let mut rows = Vec::new();
 
@@ -275,9 +275,9 @@ async fn chaos() {
             None,
             async move {
                 blocking(move || {
-                    c.stop_fast();
+                    c.stop();
                     std::thread::sleep(Duration::from_secs(5));
-                    c.pg_ctl_start();
+                    c.start();
                 })
                 .await;
                 Instant::now()

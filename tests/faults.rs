@@ -201,13 +201,13 @@ async fn count_until(mut c: Client, stop: tokio::sync::watch::Receiver<bool>) ->
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_restart_and_outage_under_load_lose_no_acknowledged_write() {
-    let cluster = Cluster::start();
+    let cluster = Cluster::new(None, &[]);
     let bound = Duration::from_secs(2);
     let pool = PgPoolOptions::new()
         .max_connections(4)
         .acquire_timeout(bound)
         .test_before_acquire(false)
-        .connect(&cluster.url)
+        .connect(&cluster.url("postgres"))
         .await
         .unwrap();
     let store = PgStore::new(pool, tower_pg_session::PgStoreConfig::new())
@@ -235,9 +235,9 @@ async fn a_server_restart_and_outage_under_load_lose_no_acknowledged_write() {
     .unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let cluster = tokio::task::spawn_blocking(move || {
-        cluster.stop_fast();
+        cluster.stop();
         std::thread::sleep(Duration::from_secs(5));
-        cluster.pg_ctl_start();
+        cluster.start();
         cluster
     })
     .await

@@ -667,6 +667,7 @@ impl Session {
             "session store failed"
         );
         metrics::failure("store_unavailable");
+        self.shared.store.report(&error);
         st.failure = Some(failure);
         SessionError::Store(error)
     }
