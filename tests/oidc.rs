@@ -1163,9 +1163,18 @@ async fn forged_login_data_written_into_the_database_is_never_trusted() {
     assert_eq!(r.status(), StatusCode::FOUND);
     assert_eq!(location(&r), "/");
 
-    // The user's record rewritten: another identity, admin, no expiry.
+    // The user's record rewritten: another identity, admin, no expiry. In
+    // the clear (as older versions stored it), it is dropped and the rest
+    // of the session kept.
     let (sid, sess) = session_of(&s.db, "alice").await;
-    for forged in forged_records(&sess["oidc"]) {
+    let forgeries = forged_records(&sess["oidc"]);
+    write_key(&s.db, &sid, "colour", &json!("red")).await;
+    write_key(&s.db, &sid, "oidc", &forgeries[0]).await;
+    assert_eq!(me_is(&alice, app, "alice").await, StatusCode::UNAUTHORIZED);
+    let kept = session_of(&s.db, "alice").await.1;
+    assert!(kept.get("oidc").is_none(), "{kept}");
+    assert_eq!(kept["colour"], "red");
+    for forged in forgeries {
         write_key(&s.db, &sid, "oidc", &forged).await;
         assert_eq!(
             me_is(&alice, app, "alice").await,
