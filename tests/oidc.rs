@@ -96,18 +96,22 @@ async fn keycloak_like_login_me_and_logout() {
         provider_sid.is_some(),
         "the provider's sid is kept for back-channel logout"
     );
-    assert!(
-        !sess.contains("eyJ"),
-        "no token (JWT) in clear text at rest: {sess}"
-    );
+    let stored: Value = serde_json::from_str(sess).unwrap();
+    let record = open_record(&s.token_keys, sid, &stored["oidc"]);
+    assert_eq!(record["sub"], "alice");
+    // (Not a search for "eyJ": base64 ciphertext holds it now and then.)
+    for secret in ["at", "rt", "idt"] {
+        let token = record[secret].as_str().unwrap();
+        assert!(token.starts_with("eyJ") || token.len() > 20, "{secret}");
+        assert!(
+            !sess.contains(token),
+            "no token in clear text at rest: {sess}"
+        );
+    }
     assert!(
         !sess.contains("alice"),
         "the identity is sealed with the tokens: {sess}"
     );
-    let stored: Value = serde_json::from_str(sess).unwrap();
-    let record = open_record(&s.token_keys, sid, &stored["oidc"]);
-    assert_eq!(record["sub"], "alice");
-    assert!(record["at"].as_str().unwrap().len() > 20);
     assert!(
         stored
             .as_object()
@@ -1198,5 +1202,107 @@ async fn forged_login_data_written_into_the_database_is_never_trusted() {
     force_refresh_due(&s, 30).await;
     assert_eq!(me_is(&bob, app, "bob").await, StatusCode::OK);
     assert_eq!(s.idp.stats().await["refresh_token"], 1);
+    s.db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn extreme_stored_token_expiries_never_panic() {
+    let s = keycloak().await;
+    let app = &s.apps[0].url;
+    let b = logged_in(&s, "oscar").await;
+    // Far future: valid, no refresh; far past: refreshed (or, once the record
+    // is authenticated, refused as tampered); never a dropped connection.
+    for exp in [json!(i64::MAX), json!(i64::MIN), json!(u64::MAX), json!(-1)] {
+        edit_records(&s, |r| r["exp"] = exp.clone()).await;
+        let status = b.me(app).await.status();
+        assert!(
+            [StatusCode::OK, StatusCode::UNAUTHORIZED].contains(&status),
+            "exp {exp}: {status}"
+        );
+    }
+    s.db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn logout_tokens_need_exp_and_no_foreign_type() {
+    let s = keycloak().await;
+    let app = &s.apps[0].url;
+    logged_in(&s, "petra").await;
+    let sid = session_rows(&s.db).await[0].3.clone().unwrap();
+    let claims = |jti: &str, exp: Option<i64>| {
+        let mut c = json!({
+            "iss": s.idp.issuer, "aud": "demo", "iat": now(), "jti": jti, "sid": sid,
+            "events": {"http://schemas.openid.net/event/backchannel-logout": {}},
+        });
+        if let Some(exp) = exp {
+            c["exp"] = json!(exp);
+        }
+        c
+    };
+    let cases = [
+        (
+            "no exp",
+            claims("e1", None),
+            json!({"typ": "logout+jwt"}),
+            "exp",
+        ),
+        (
+            "an access token",
+            claims("e2", Some(now() + 60)),
+            json!({"typ": "at+jwt"}),
+            "typ",
+        ),
+        (
+            "an ID token type",
+            claims("e3", Some(now() + 60)),
+            json!({"typ": "id_token+jwt"}),
+            "typ",
+        ),
+    ];
+    for (what, claims, header, expect) in cases {
+        let token = s.idp.sign(claims, header).await;
+        let (status, body) = post_logout_token(app, &token).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{what}");
+        let why = body["error_description"].as_str().unwrap();
+        assert!(why.contains(expect), "{what}: {why}");
+        assert_eq!(session_rows(&s.db).await.len(), 1, "{what}: nothing ended");
+    }
+    // Explicitly typed in any case, or the generic JWT of older providers.
+    for (jti, typ) in [
+        ("e4", "Logout+JWT"),
+        ("e5", "application/logout+jwt"),
+        ("e6", "JWT"),
+    ] {
+        logged_in(&s, "petra").await;
+        let sid = session_rows(&s.db).await.last().unwrap().3.clone().unwrap();
+        let mut c = claims(jti, Some(now() + 60));
+        c["sid"] = json!(sid);
+        let token = s.idp.sign(c, json!({ "typ": typ })).await;
+        assert_eq!(
+            post_logout_token(app, &token).await.0,
+            StatusCode::OK,
+            "{typ}"
+        );
+    }
+    assert_eq!(
+        session_rows(&s.db).await.len(),
+        1,
+        "the first session remains"
+    );
+    s.db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn a_non_ascii_return_to_comes_back_percent_encoded() {
+    let s = keycloak().await;
+    let app = &s.apps[0].url;
+    let b = Browser::new();
+    let r = b.login(app, "quinn", "/café/ü?q=日本#é").await;
+    assert_eq!(r.status(), StatusCode::FOUND);
+    assert_eq!(
+        location(&r),
+        "/caf%C3%A9/%C3%BC?q=%E6%97%A5%E6%9C%AC#%C3%A9"
+    );
+    assert_eq!(b.me(app).await.status(), StatusCode::OK);
     s.db.drop_schema().await;
 }

@@ -17,7 +17,10 @@ use super::{
     },
     AuthError, AuthErrorKind, Redirect, User,
 };
-use crate::session::{Session, SessionError};
+use crate::{
+    log_safe::untrusted,
+    session::{Session, SessionError},
+};
 
 fn session_error(e: SessionError) -> AuthError {
     match e {
@@ -104,7 +107,8 @@ impl OidcClient {
             nonce: nonce.secret().clone(),
             pkce: verifier.secret().clone(),
             return_to: safe_return_to(return_to),
-            exp_ms: now_ms() + config.login_ttl.as_millis() as i64,
+            exp_ms: now_ms()
+                .saturating_add(i64::try_from(config.login_ttl.as_millis()).unwrap_or(i64::MAX)),
             started_ns: OffsetDateTime::now_utc().unix_timestamp_nanos() as i64,
         };
         let sealed = record::seal_pending(&config.keys, &key, &record).map_err(unsealable)?;
@@ -148,7 +152,7 @@ impl OidcClient {
             .instrument(tracing::info_span!("oidc.callback"))
             .await;
         if let Err(e) = &result {
-            tracing::warn!(error = %e, "login failed");
+            tracing::warn!(error = %untrusted(e), "login failed");
             crate::metrics::failure(format!("login_{}", e.kind().code()));
         }
         result
@@ -268,7 +272,7 @@ impl OidcClient {
                 .await
                 .map_err(session_error)?;
         }
-        tracing::info!(sub = %sub, "login completed");
+        tracing::info!(sub = %untrusted(&sub), "login completed");
         crate::metrics::login();
         // Checked again: what was stored is trusted only as far as it is local.
         Ok((
@@ -348,7 +352,7 @@ impl OidcClient {
             super::client::LogoutStyle::None => after.to_owned(),
         };
         if let Some(r) = &record {
-            tracing::info!(sub = %r.sub, "logout");
+            tracing::info!(sub = %untrusted(&r.sub), "logout");
         }
         crate::metrics::logout("local");
         Ok(Redirect::see_other(&target))
@@ -376,7 +380,7 @@ impl OidcClient {
                 (StatusCode::OK, String::new())
             }
             Err(e) => {
-                tracing::warn!(error = %e, "back-channel logout refused");
+                tracing::warn!(error = %untrusted(&e), "back-channel logout refused");
                 crate::metrics::failure("backchannel_rejected");
                 let code = if e.kind() == AuthErrorKind::SessionUnavailable {
                     StatusCode::SERVICE_UNAVAILABLE

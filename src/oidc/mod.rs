@@ -222,14 +222,14 @@ impl Redirect {
     fn found(location: &str) -> Self {
         Self {
             status: StatusCode::FOUND,
-            location: location.to_owned(),
+            location: encode_location(location),
         }
     }
 
     fn see_other(location: &str) -> Self {
         Self {
             status: StatusCode::SEE_OTHER,
-            location: location.to_owned(),
+            location: encode_location(location),
         }
     }
 
@@ -249,6 +249,22 @@ impl Redirect {
             .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         r
     }
+}
+
+/// A `Location` value is ASCII: bytes outside it (a `return_to` of
+/// `/café`) and any control or space are percent-encoded, the rest
+/// (already-encoded `%XX` included) kept.
+fn encode_location(location: &str) -> String {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(location.len());
+    for b in location.bytes() {
+        if b.is_ascii_graphic() {
+            out.push(char::from(b));
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out
 }
 
 /// The logged-in user, put in the request extensions by [`RequireLogin`].

@@ -11,6 +11,7 @@ use super::{cookie::SessionId, data::Data, layer::Config, reserved, SessionError
 use tracing::Instrument;
 
 use crate::{
+    log_safe::untrusted,
     metrics,
     store::{NewRow, PgStore, StoreError},
 };
@@ -618,7 +619,11 @@ impl Session {
     }
 
     fn fail(&self, st: &mut State, failure: Failure, error: StoreError) -> SessionError {
-        tracing::error!(error = %error, source = ?std::error::Error::source(&error), "session store failed");
+        tracing::error!(
+            error = %untrusted(&error),
+            source = ?std::error::Error::source(&error).map(untrusted),
+            "session store failed"
+        );
         metrics::failure("store_unavailable");
         st.failure = Some(failure);
         SessionError::Store(error)
@@ -638,15 +643,7 @@ impl Session {
         if st.changes.is_empty() && !st.cycle && !st.meta_changed {
             return Ok(());
         }
-        let size = st.data.encoded_len();
-        if size > config.max_size {
-            metrics::failure("too_large");
-            st.failure = Some(Failure::TooLarge);
-            return Err(SessionError::TooLarge {
-                size,
-                limit: config.max_size,
-            });
-        }
+        self.check_size(st, st.data.encoded_len())?;
         let now = OffsetDateTime::now_utc();
         let (user_id, provider_sid) = (st.user_id.clone(), st.provider_sid.clone());
         let Some(row) = st.row.clone() else {
@@ -658,6 +655,7 @@ impl Session {
             let expire = config.expire_at(now, None);
             config.stamp(&mut st.data, expire);
             let sess = st.data.to_json();
+            self.check_size(st, sess.len())?;
             let new = NewRow {
                 sess: &sess,
                 expire,
@@ -694,6 +692,7 @@ impl Session {
         let expire = config.next_expire(now, row.created_at, row.expire);
         config.stamp(&mut st.data, expire);
         let sess = st.data.to_json();
+        self.check_size(st, sess.len())?;
         let new = NewRow {
             sess: &sess,
             expire,
@@ -736,15 +735,8 @@ impl Session {
         };
         let mut data = Data::parse(&fresh.sess).unwrap_or_default();
         apply_changes(&mut data, &st.changes);
-        let size = data.encoded_len();
-        if size > config.max_size {
-            // Dropping `tx` rolls back: the stored session stays as it was.
-            st.failure = Some(Failure::TooLarge);
-            return Err(SessionError::TooLarge {
-                size,
-                limit: config.max_size,
-            });
-        }
+        // Dropping `tx` on refusal rolls back: the stored session stays as it was.
+        self.check_size(st, data.encoded_len())?;
         if !st.meta_changed {
             st.user_id = fresh.user_id;
             st.provider_sid = fresh.provider_sid;
@@ -752,6 +744,7 @@ impl Session {
         let expire = config.next_expire(now, fresh.created_at, fresh.expire);
         config.stamp(&mut data, expire);
         let sess = data.to_json();
+        self.check_size(st, sess.len())?;
         let new = NewRow {
             sess: &sess,
             expire,
@@ -769,6 +762,18 @@ impl Session {
         tracing::debug!(session = %row.id.log_id(), "re-applied changes after a concurrent write");
         metrics::save("merge");
         Ok(())
+    }
+
+    /// Refuses to write more than the limit: `size` is the exact length
+    /// of the `sess` text to be written (or of the data before it is stamped).
+    fn check_size(&self, st: &mut State, size: usize) -> Result<(), SessionError> {
+        let limit = self.shared.config.max_size;
+        if size <= limit {
+            return Ok(());
+        }
+        metrics::failure("too_large");
+        st.failure = Some(Failure::TooLarge);
+        Err(SessionError::TooLarge { size, limit })
     }
 
     fn saved(

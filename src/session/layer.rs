@@ -127,7 +127,8 @@ impl Config {
         created: Option<OffsetDateTime>,
     ) -> OffsetDateTime {
         let idle = self.idle.map(|d| now + d);
-        let absolute = self.absolute.map(|d| created.unwrap_or(now) + d);
+        // `created` is stored data: its sum saturates rather than panics.
+        let absolute = self.absolute.map(|d| later(created.unwrap_or(now), d));
         match (idle, absolute) {
             (Some(a), Some(b)) => a.min(b),
             (Some(a), None) => a,
@@ -150,6 +151,15 @@ fn js_date(t: OffsetDateTime) -> String {
         t.second(),
         t.millisecond()
     )
+}
+
+/// `t + d`, saturating at the last day `time` represents (Postgres keeps it
+/// as is), so a far-future stored time cannot panic.
+fn later(t: OffsetDateTime, d: Duration) -> OffsetDateTime {
+    time::Duration::try_from(d)
+        .ok()
+        .and_then(|d| t.checked_add(d))
+        .unwrap_or_else(|| time::Date::MAX.midnight().assume_utc())
 }
 
 const DEFAULT_IDLE: Duration = Duration::from_secs(24 * 60 * 60);

@@ -313,7 +313,7 @@ impl Job for LoadJob {
             // statement; that must not fail every request sharing it. Loads
             // are safe to repeat (a touch already written is not due again).
             Err(e) if e.is_broken_connection() => {
-                tracing::debug!(error = %e, "retrying a load on another connection");
+                tracing::debug!(error = %crate::log_safe::untrusted(&e), "retrying a load on another connection");
                 store.load_many(&keys, &params).await
             }
             result => result,

@@ -18,6 +18,7 @@ use tracing::Instrument;
 use super::{response::RequestKind, Rejection, RejectionKind};
 use crate::{
     crypto::Keyring,
+    log_safe::untrusted,
     oidc::{
         record::{self, LoginRecord, Stored, USER_KEY},
         AccessToken, AuthError, AuthErrorKind, OidcClient, User,
@@ -124,7 +125,8 @@ where
 
 fn due(exp: Option<i64>, before: std::time::Duration) -> bool {
     let now = OffsetDateTime::now_utc().unix_timestamp();
-    exp.is_some_and(|e| e - before.as_secs() as i64 <= now)
+    let before = i64::try_from(before.as_secs()).unwrap_or(i64::MAX);
+    exp.is_some_and(|e| e.saturating_sub(before) <= now)
 }
 
 fn expired(exp: Option<i64>) -> bool {
@@ -198,7 +200,7 @@ pub(crate) async fn authorize(client: OidcClient, session: Option<Session>) -> A
                 Ok(Ok(Exclusive::Done(next))) => (record, reseal) = next,
                 Ok(Ok(Exclusive::Gone)) => return Err(Rejection::new(RejectionKind::NotLoggedIn)),
                 Ok(Err(e)) if e.kind() == AuthErrorKind::ProviderUnavailable => {
-                    tracing::warn!(error = %e, "token refresh failed");
+                    tracing::warn!(error = %untrusted(&e), "token refresh failed");
                     if expired(record.exp) {
                         return Err(Rejection::new(RejectionKind::ProviderUnavailable));
                     }
@@ -224,7 +226,7 @@ pub(crate) async fn authorize(client: OidcClient, session: Option<Session>) -> A
             Err(e) => Some(e.to_string()),
         };
         if let Some(e) = failed {
-            tracing::warn!(error = %e, "re-sealing the login failed");
+            tracing::warn!(error = %untrusted(&e), "re-sealing the login failed");
         }
     }
     let token = AccessToken(record.at.clone());
@@ -233,7 +235,7 @@ pub(crate) async fn authorize(client: OidcClient, session: Option<Session>) -> A
 
 /// Ends the login now: the session is destroyed.
 async fn log_out(session: &Session, why: &str) -> Rejection {
-    tracing::warn!(reason = why, "ending the login");
+    tracing::warn!(reason = %untrusted(why), "ending the login");
     session.destroy().await;
     Rejection::new(RejectionKind::LoggedOut)
 }
@@ -307,7 +309,27 @@ async fn refresh(client: OidcClient, data: Data, binding: String) -> Result<Refr
         |e: serde_json::Error| AuthError::new(AuthErrorKind::TamperedData, e.to_string());
     let sealed = record::seal_login(keys, &binding, &next).map_err(unsealable)?;
     let raw = serde_json::value::to_raw_value(&sealed).map_err(unsealable)?;
-    tracing::info!(sub = %next.sub, "access token refreshed");
+    tracing::info!(sub = %untrusted(&next.sub), "access token refreshed");
     crate::metrics::refresh();
     Ok((vec![(USER_KEY.to_owned(), Some(raw))], (next, false)))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::{due, expired};
+
+    #[test]
+    fn extreme_expiries_do_not_overflow() {
+        for exp in [i64::MIN, i64::MIN + 1, -1, 0] {
+            assert!(due(Some(exp), Duration::MAX));
+            assert!(due(Some(exp), Duration::ZERO));
+            assert!(expired(Some(exp)));
+        }
+        assert!(!due(Some(i64::MAX), Duration::from_secs(300)));
+        assert!(due(Some(i64::MAX), Duration::MAX));
+        assert!(!expired(Some(i64::MAX)));
+        assert!(!due(None, Duration::MAX));
+    }
 }
