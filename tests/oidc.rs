@@ -1210,8 +1210,9 @@ async fn extreme_stored_token_expiries_never_panic() {
     let s = keycloak().await;
     let app = &s.apps[0].url;
     let b = logged_in(&s, "oscar").await;
-    // Far future: valid, no refresh; far past: refreshed (or, once the record
-    // is authenticated, refused as tampered); never a dropped connection.
+    // Sealed with the app's own keys: far future is valid with no refresh,
+    // far past is refreshed, out of range does not open; never a panic or a
+    // dropped connection.
     for exp in [json!(i64::MAX), json!(i64::MIN), json!(u64::MAX), json!(-1)] {
         edit_records(&s, |r| r["exp"] = exp.clone()).await;
         let status = b.me(app).await.status();

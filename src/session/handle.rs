@@ -1,6 +1,12 @@
 //! The [`Session`] handle that handlers use.
 
-use std::{fmt, sync::Arc};
+use std::{
+    fmt,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+};
 
 use serde::{de::DeserializeOwned, Serialize};
 use serde_json::value::RawValue;
@@ -13,7 +19,7 @@ use tracing::Instrument;
 use crate::{
     log_safe::untrusted,
     metrics,
-    store::{NewRow, PgStore, StoreError},
+    store::{detached, NewRow, PgStore, StoreError},
 };
 
 /// The session of the current request, found in the request extensions.
@@ -35,6 +41,9 @@ struct Shared {
     incoming: Option<SessionId>,
     client: ClientInfo,
     state: Mutex<State>,
+    /// The request was dropped before its response was ready (see
+    /// [`Session::abandon`]).
+    abandoned: AtomicBool,
 }
 
 #[derive(Default)]
@@ -129,6 +138,7 @@ impl Session {
                 incoming,
                 client,
                 state: Mutex::new(State::default()),
+                abandoned: AtomicBool::new(false),
             }),
         }
     }
@@ -389,8 +399,15 @@ impl Session {
     /// when re-applying this request's changes over a concurrent write exceeds
     /// the limit; the stored session is then left as it was.
     pub async fn save(&self) -> Result<(), SessionError> {
-        let mut st = self.shared.state.lock().await;
-        self.save_locked(&mut st).await
+        // In its own task, as at the end of the request: once started, a
+        // save is not cut short by the client going away.
+        let this = self.clone();
+        detached(async move {
+            let mut st = this.shared.state.lock().await;
+            this.save_locked(&mut st).await
+        })
+        .await
+        .unwrap_or_else(|| Err(SessionError::Store(crashed())))
     }
 
     /// Removes `key` and returns its value, atomically across every request
@@ -545,8 +562,33 @@ impl Session {
         (!pending).then(|| self.outcome(&st))
     }
 
-    /// Saves what is pending and reports what the response must carry.
-    pub(crate) async fn finish(self) -> Outcome {
+    /// Saves what is pending, in a task of its own (a save once started is
+    /// not cut short by the client going away), and reports what the
+    /// response must carry.
+    pub(crate) fn spawn_finish(self) -> tokio::task::JoinHandle<Outcome> {
+        tokio::spawn(self.finish())
+    }
+
+    /// The request was dropped before its response was ready (the client
+    /// went away). A save still running for it lands only if the session is
+    /// unchanged since this request loaded it: re-applying its changes over
+    /// newer data could undo what a later request wrote and acknowledged.
+    pub(crate) fn abandon(&self) {
+        self.shared.abandoned.store(true, Ordering::Release);
+    }
+
+    /// True once [`Self::abandon`] was called: if the save conflicts, drop
+    /// its changes rather than merge them.
+    fn abandoned(&self, id: &SessionId) -> bool {
+        let gone = self.shared.abandoned.load(Ordering::Acquire);
+        if gone {
+            tracing::debug!(session = %id.log_id(), "request dropped; its changes are not merged over newer data");
+            metrics::failure("abandoned");
+        }
+        gone
+    }
+
+    async fn finish(self) -> Outcome {
         let mut st = self.shared.state.lock().await;
         let span = tracing::debug_span!(
             "session.save",
@@ -718,6 +760,9 @@ impl Session {
             return Ok(());
         }
         metrics::conflict();
+        if self.abandoned(&row.id) {
+            return Ok(());
+        }
         // Someone else wrote the row since we read it (or it is gone): lock it,
         // re-apply this request's changes to what is there now, write again.
         let locked = store
@@ -736,6 +781,10 @@ impl Session {
             };
             return Ok(());
         };
+        if self.abandoned(&row.id) {
+            // Dropping `tx` rolls back.
+            return Ok(());
+        }
         let mut data = Data::parse(&fresh.sess).unwrap_or_default();
         apply_changes(&mut data, &st.changes);
         // Dropping `tx` on refusal rolls back: the stored session stays as it was.
@@ -806,6 +855,11 @@ impl Session {
             expire,
         });
     }
+}
+
+/// The error of a store task that panicked.
+fn crashed() -> StoreError {
+    StoreError::Database(sqlx::Error::WorkerCrashed)
 }
 
 fn apply_changes(data: &mut Data, changes: &[(String, Option<Box<RawValue>>)]) {
