@@ -282,3 +282,65 @@ async fn a_server_restart_and_outage_under_load_lose_no_acknowledged_write() {
     assert!(recovered < Duration::from_secs(3));
     drop(cluster);
 }
+
+/// A provider that answers too slowly fails the login callback that needs
+/// it with 502 within the HTTP timeout; users whose tokens are still valid
+/// carry on while their refresh fails, and the refresh succeeds on a later
+/// request once the provider is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_provider_fails_only_what_needs_it_and_the_refresh_is_retried() {
+    use common::idp::{setup, Browser};
+    // Tokens live 60 s and are due for refresh 2 s after they are issued;
+    // each call to the provider gets 1 s.
+    let s = setup("keycloak", 1, 60, |c| {
+        c.with_refresh_before(Duration::from_secs(58))
+            .with_http_timeout(Duration::from_secs(1))
+    })
+    .await;
+    let app = s.apps[0].url.clone();
+    let (ann, bob) = (Browser::new(), Browser::new());
+    ann.login(&app, "ann", "/me").await;
+    bob.login(&app, "bob", "/me").await;
+    let cat = Browser::new();
+    let auth = cat.start_login(&app, "/").await;
+    let callback = cat.authorize(&auth, "cat").await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+
+    s.idp.set_delay(3000).await;
+    let started = Instant::now();
+    let r = cat.api(&callback).await;
+    assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
+    assert!(
+        started.elapsed() < Duration::from_millis(2500),
+        "{:?}",
+        started.elapsed()
+    );
+    for (who, b) in [("ann", &ann), ("bob", &bob)] {
+        let started = Instant::now();
+        let r = b.me(&app).await;
+        assert_eq!(
+            r.status(),
+            StatusCode::OK,
+            "{who}: the token is still valid"
+        );
+        assert!(
+            started.elapsed() < Duration::from_millis(2500),
+            "{who}: {:?}",
+            started.elapsed()
+        );
+    }
+
+    s.idp.set_delay(0).await;
+    // The provider finishes what it was asked meanwhile.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let before = s.idp.stats().await["refresh_token"].as_u64().unwrap();
+    for (who, b) in [("ann", &ann), ("bob", &bob)] {
+        let r = b.me(&app).await;
+        assert_eq!(r.status(), StatusCode::OK, "{who}");
+        let me: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(me["sub"], who);
+    }
+    let after = s.idp.stats().await["refresh_token"].as_u64().unwrap();
+    assert_eq!(after - before, 2, "each refresh retried once, and done");
+    s.db.drop_schema().await;
+}
