@@ -9,7 +9,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
-use common::{cluster::Cluster, *};
+use common::{cluster::Cluster, demo_bin, *};
 use serde_json::json;
 use sqlx::postgres::PgPoolOptions;
 use tower_pg_session::PgStore;
@@ -343,4 +343,79 @@ async fn a_slow_provider_fails_only_what_needs_it_and_the_refresh_is_retried() {
     let after = s.idp.stats().await["refresh_token"].as_u64().unwrap();
     assert_eq!(after - before, 2, "each refresh retried once, and done");
     s.db.drop_schema().await;
+}
+
+/// An instance killed with SIGKILL in the middle of saves of large values:
+/// every row another instance reads afterwards is a whole session, holding
+/// at least each value acknowledged before the kill.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_instance_leaves_nothing_half_written() {
+    let db = Db::new().await;
+    sqlx::query(&format!("CREATE SCHEMA {}", db.schema))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let url = format!(
+        "{}?options=-c%20search_path%3D{}",
+        database_url(),
+        db.schema
+    );
+    let (mut victim, survivor) = (demo_bin::demo(&url, 4).await, demo_bin::demo(&url, 4).await);
+    let pad = "x".repeat(30_000);
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let runs: Vec<_> = (0..8)
+        .map(|_| {
+            let (target, pad, stopped) = (victim.url.clone(), pad.clone(), stopped.clone());
+            tokio::spawn(async move {
+                let http = reqwest::Client::builder()
+                    .cookie_store(true)
+                    .build()
+                    .unwrap();
+                let mut acked = 0;
+                for n in 1.. {
+                    if *stopped.borrow() {
+                        break;
+                    }
+                    let sent = http
+                        .put(format!("{target}/kv/blob"))
+                        .json(&json!({"n": n, "pad": pad}))
+                        .send()
+                        .await;
+                    match sent {
+                        Ok(r) if r.status() == StatusCode::NO_CONTENT => acked = n,
+                        _ => break,
+                    }
+                }
+                (http, acked)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    victim.child.start_kill().unwrap();
+    stop.send_replace(true);
+    for run in runs {
+        let (http, acked) = run.await.unwrap();
+        assert!(acked > 0, "the client saved before the kill");
+        let kv: serde_json::Value = http
+            .get(format!("{}/kv", survivor.url))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert!(kv["blob"]["n"].as_u64().unwrap() >= acked);
+        assert_eq!(kv["blob"]["pad"].as_str().map(str::len), Some(30_000));
+    }
+    let rows: Vec<serde_json::Value> =
+        sqlx::query_scalar(&format!("SELECT sess::jsonb FROM {}", db.table()))
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert!(rows.len() >= 8);
+    for sess in rows {
+        assert_eq!(sess["blob"]["pad"].as_str().map(str::len), Some(30_000));
+    }
+    drop((victim, survivor));
+    db.drop_schema().await;
 }
