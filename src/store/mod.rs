@@ -20,6 +20,10 @@
 //! row since it was loaded) falls back to `SELECT … FOR UPDATE`, re-applies the
 //! request's key-level changes to the fresh data, and writes once more.
 //!
+//! A statement waits for a row lock at most the pool's acquire timeout (set
+//! in the statement itself, local to its transaction), and a transaction
+//! starts where a dropped request cannot leave it open.
+//!
 //! ```no_run
 //! # async fn run() -> Result<(), tower_pg_session::StoreError> {
 //! use tower_pg_session::{PgStore, PgStoreConfig};
