@@ -5,6 +5,7 @@ pub mod admin;
 #[cfg(feature = "oidc")]
 pub mod crypto;
 pub mod error;
+mod log_safe;
 pub mod metrics;
 #[cfg(feature = "oidc")]
 pub mod oidc;

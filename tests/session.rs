@@ -451,3 +451,160 @@ async fn take_once_hands_a_value_to_exactly_one_of_twenty_concurrent_requests() 
     assert_eq!(db.only_sess().await, json!({"other": 1}));
     db.drop_schema().await;
 }
+
+#[tokio::test]
+async fn reserved_keys_are_refused_before_any_statement_and_nothing_is_stored() {
+    let db = Db::new().await;
+    let reserving = layer(db.store().await)
+        .with_reserved_key("passport")
+        .unwrap();
+    let mut c = Client::new(app(reserving, Gate::default()));
+    assert_eq!(c.get("/counter").await.body, json!({"count": 1}));
+    let stored = db.only_sess().await;
+    let before = db.statements().await;
+    let forged = json!({"sub": "admin", "groups": ["admins"], "exp": null});
+    for key in [
+        "oidc",
+        "oidc.login.0123456789abcdef01234567",
+        "oidc.login.",
+        "passport",
+    ] {
+        let r = c.put(&format!("/kv/{key}"), forged.clone()).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{key}");
+        let r = c.post(&format!("/take/{key}")).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{key}");
+    }
+    assert_eq!(db.statements().await - before, 0, "refused before loading");
+    assert_eq!(db.only_sess().await, stored, "nothing stored");
+    // Keys that only look alike are the application's.
+    for key in ["oidc2", "oidc.login", "passport.user"] {
+        let r = c.put(&format!("/kv/{key}"), json!(1)).await;
+        assert_eq!(r.status, StatusCode::NO_CONTENT, "{key}");
+    }
+    // Without the setting, `passport` is an ordinary key.
+    let mut plain = Client::new(app(layer(db.store().await), Gate::default()));
+    let r = plain.put("/kv/passport", json!({"user": "pat"})).await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn the_size_limit_counts_escaped_keys_as_stored() {
+    let db = Db::new().await;
+    let limit = 64 * 1024;
+    let mut c = Client::new(app(layer(db.store().await), Gate::default()));
+    // Each control character in a key is stored as a six-byte `\u00XX`.
+    let stored_len = |db: &Db| {
+        let q = format!("SELECT octet_length(sess::text)::int8 FROM {}", db.table());
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(&q)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    let mut refused = None;
+    for i in 0..40 {
+        let previous = if i > 0 {
+            Some(db.only_sess().await)
+        } else {
+            None
+        };
+        let r = c
+            .put(&format!("/kv/{i}{}", "%01".repeat(2000)), json!(i))
+            .await;
+        if r.status == StatusCode::PAYLOAD_TOO_LARGE {
+            assert!(
+                r.body.as_str().unwrap().contains("over the limit of 65536"),
+                "{}",
+                r.body
+            );
+            assert_eq!(
+                Some(db.only_sess().await),
+                previous,
+                "stored session intact"
+            );
+            refused = Some(i);
+            break;
+        }
+        assert_eq!(r.status, StatusCode::NO_CONTENT);
+        assert!(
+            stored_len(&db).await <= limit,
+            "stored {} bytes",
+            stored_len(&db).await
+        );
+    }
+    // 2000 control characters take 12000 bytes: the sixth key is refused.
+    assert_eq!(refused, Some(5));
+    assert_eq!(c.get("/kv").await.body.as_object().unwrap().len(), 5);
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn a_non_utf8_cookie_beside_the_session_cookie_does_not_hide_it() {
+    use axum::{body::Body, http::Request};
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+    let (db, mut c) = setup().await;
+    c.put("/kv/secret", json!("s3cr3t")).await;
+    let good = c.cookie.clone().unwrap();
+    let session = format!("session={good}").into_bytes();
+    // A sibling subdomain's cookie with Latin-1 bytes, before and after ours,
+    // in the same header or in another one.
+    let same_header = [b"theme=caf\xe9; ".as_slice(), &session, b"; lang=\xff\xfe"].concat();
+    let headers: [&[&[u8]]; 3] = [
+        &[&same_header],
+        &[b"theme=caf\xe9", &session],
+        &[&session, b"\xe9=\xe9"],
+    ];
+    for cookies in headers {
+        let mut req = Request::builder().uri("/kv");
+        for value in cookies {
+            req = req.header(
+                "cookie",
+                axum::http::HeaderValue::from_bytes(value).unwrap(),
+            );
+        }
+        let res = c
+            .app
+            .clone()
+            .oneshot(req.body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        assert!(
+            res.headers().get("set-cookie").is_none(),
+            "kept, not replaced"
+        );
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let shown: Vec<_> = cookies.iter().map(|v| String::from_utf8_lossy(v)).collect();
+        assert_eq!(body, json!({"secret": "s3cr3t"}), "{shown:?}");
+    }
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn extreme_stored_creation_times_end_or_keep_the_session_without_panic() {
+    let db = Db::new().await;
+    let layer = layer(db.store().await)
+        .with_absolute_timeout(Some(Duration::from_secs(3600)))
+        .unwrap();
+    let mut c = Client::new(app(layer, Gate::default()));
+    c.get("/counter").await;
+    for created in ["9999-12-31 23:59:59.999999+00", "4713-01-01 00:00:00+00 BC"] {
+        sqlx::query(&format!(
+            "UPDATE {} SET created_at = $1::timestamptz",
+            db.table()
+        ))
+        .bind(created)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+        // Far future: the absolute limit is as far; far past: long over.
+        let r = c.get("/counter").await;
+        assert_eq!(r.status, StatusCode::OK, "{created}");
+    }
+    db.drop_schema().await;
+}

@@ -663,4 +663,31 @@ mod tower_sessions_adapter {
         assert_eq!(db.rows().await, 0);
         db.drop_schema().await;
     }
+    /// As tower-sessions' own store tests check a store: what `create`
+    /// leaves in the record is exactly what `load` returns, after a `save`
+    /// too, whatever the sub-microsecond part of the expiry.
+    #[tokio::test]
+    async fn a_loaded_record_equals_the_one_stored() {
+        let db = Db::new().await;
+        let store = db.store().await;
+        for nanos in [0, 1, 499, 500, 999, 123_456_789] {
+            let expiry = time::OffsetDateTime::now_utc()
+                .replace_nanosecond(nanos)
+                .unwrap()
+                + time::Duration::minutes(30);
+            let mut record = Record {
+                id: Id::default(),
+                data: HashMap::from([("nanos".to_owned(), json!(nanos))]),
+                expiry_date: expiry,
+            };
+            store.create(&mut record).await.unwrap();
+            assert_eq!(store.load(&record.id).await.unwrap(), Some(record.clone()));
+            assert!((record.expiry_date - expiry).abs() < time::Duration::microseconds(1));
+
+            record.data.insert("saved".into(), json!(true));
+            store.save(&record).await.unwrap();
+            assert_eq!(store.load(&record.id).await.unwrap(), Some(record));
+        }
+        db.drop_schema().await;
+    }
 }

@@ -31,7 +31,7 @@ use super::{
     config::{OidcConfig, Provider},
     AuthError, AuthErrorKind,
 };
-use crate::store::PgStore;
+use crate::{log_safe::untrusted, store::PgStore};
 
 /// Discovery fields `openidconnect` does not model.
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -291,7 +291,7 @@ impl OidcClient {
                         guard.0 = Arc::new(set);
                     }
                     Err(e) => {
-                        tracing::warn!(error = %error_chain(&e), "refreshing the provider's signing keys failed")
+                        tracing::warn!(error = %untrusted(error_chain(&e)), "refreshing the provider's signing keys failed")
                     }
                 }
             }
@@ -470,7 +470,7 @@ impl OidcClient {
             id_token: response.id_token().map(ToString::to_string),
             expires_at: response
                 .expires_in()
-                .map(|d| OffsetDateTime::now_utc().unix_timestamp() + d.as_secs() as i64),
+                .map(|d| expires_at(OffsetDateTime::now_utc().unix_timestamp(), d)),
             claims,
         }
     }
@@ -501,7 +501,7 @@ impl OidcClient {
         match sent {
             Ok(r) if r.status().is_success() => tracing::debug!("refresh token revoked"),
             Ok(r) => tracing::warn!(status = %r.status(), "refresh token revocation refused"),
-            Err(e) => tracing::warn!(error = %e, "refresh token revocation failed"),
+            Err(e) => tracing::warn!(error = %untrusted(&e), "refresh token revocation failed"),
         }
     }
 
@@ -519,6 +519,16 @@ impl OidcClient {
             return Err(bad("not a signed JWT"));
         };
         let header: Value = decode_json(h).ok_or_else(|| bad("malformed header"))?;
+        // Explicit typing (section 2.4): a token typed as anything else (an
+        // access token, a security event) is not a logout token. The generic
+        // `JWT` of providers that predate the recommendation is accepted.
+        if let Some(typ) = header.get("typ") {
+            let typ = typ.as_str().unwrap_or_default().to_ascii_lowercase();
+            let typ = typ.strip_prefix("application/").unwrap_or(&typ);
+            if typ != "logout+jwt" && typ != "jwt" {
+                return Err(bad("typ is not logout+jwt"));
+            }
+        }
         let alg: CoreJwsSigningAlgorithm = serde_json::from_value(header["alg"].clone())
             .map_err(|_| bad("unknown signature algorithm"))?;
         if !self.inner.config.algorithms.contains(&alg) {
@@ -563,18 +573,25 @@ impl OidcClient {
             return Err(bad("wrong audience"));
         }
         let now = OffsetDateTime::now_utc().unix_timestamp();
-        let skew = self.inner.config.clock_skew.as_secs() as i64;
+        let skew = i64::try_from(self.inner.config.clock_skew.as_secs()).unwrap_or(i64::MAX);
         let iat = claims
             .get("iat")
             .and_then(Value::as_i64)
             .ok_or_else(|| bad("no iat"))?;
-        if iat > now + skew || iat < now - LOGOUT_TOKEN_MAX_AGE - skew {
+        if iat > now.saturating_add(skew)
+            || iat
+                < now
+                    .saturating_sub(LOGOUT_TOKEN_MAX_AGE)
+                    .saturating_sub(skew)
+        {
             return Err(bad("iat out of range"));
         }
-        if let Some(exp) = claims.get("exp").and_then(Value::as_i64) {
-            if exp < now - skew {
-                return Err(bad("expired"));
-            }
+        let exp = claims
+            .get("exp")
+            .and_then(Value::as_i64)
+            .ok_or_else(|| bad("no exp"))?;
+        if exp < now.saturating_sub(skew) {
+            return Err(bad("expired"));
         }
         let event_ok = claims
             .get("events")
@@ -599,7 +616,10 @@ impl OidcClient {
         let Some(jti) = claims.get("jti").and_then(Value::as_str) else {
             return Err(bad("no jti"));
         };
-        let keep_until = OffsetDateTime::from_unix_timestamp(iat + LOGOUT_TOKEN_MAX_AGE + 2 * skew)
+        let keep_until = iat
+            .saturating_add(LOGOUT_TOKEN_MAX_AGE)
+            .saturating_add(skew.saturating_mul(2));
+        let keep_until = OffsetDateTime::from_unix_timestamp(keep_until)
             .unwrap_or_else(|_| OffsetDateTime::now_utc());
         let fresh = self
             .inner
@@ -620,6 +640,12 @@ impl OidcClient {
 /// Logout tokens older than this are refused (their `jti` is remembered for
 /// as long, so a replay is caught either way).
 const LOGOUT_TOKEN_MAX_AGE: i64 = 600;
+
+/// When a token that lives `expires_in` from `now` (unix seconds) expires;
+/// a provider's absurd lifetime saturates rather than wrapping.
+fn expires_at(now: i64, expires_in: Duration) -> i64 {
+    now.saturating_add(i64::try_from(expires_in.as_secs()).unwrap_or(i64::MAX))
+}
 
 fn decode_json<T: serde::de::DeserializeOwned>(part: &str) -> Option<T> {
     let bytes = URL_SAFE_NO_PAD.decode(part.trim_end_matches('=')).ok()?;
@@ -651,4 +677,20 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn absurd_token_lifetimes_saturate() {
+        assert_eq!(expires_at(1_000, Duration::from_secs(60)), 1_060);
+        assert_eq!(expires_at(1_000, Duration::MAX), i64::MAX);
+        assert_eq!(
+            expires_at(1_000, Duration::from_secs(i64::MAX as u64)),
+            i64::MAX
+        );
+        assert_eq!(expires_at(i64::MAX, Duration::from_secs(1)), i64::MAX);
+    }
 }

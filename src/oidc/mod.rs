@@ -6,8 +6,12 @@
 //! Built on the session layer: a login's state, nonce and PKCE verifier are
 //! kept in the session (one entry per pending login, so several tabs can log
 //! in at once) and consumed under the row lock, so a callback succeeds once.
-//! Tokens are sealed with AES-256-GCM ([`crate::crypto`]), bound to the
-//! session and the field they are stored in.
+//! The logged-in user's record (identity, claims, groups, expiry, tokens) and
+//! each pending login are sealed whole with AES-256-GCM ([`crate::crypto`]),
+//! the record bound to the session and the field it is stored in. Their keys
+//! (`oidc`, `oidc.login.*`) are reserved: application code gets
+//! [`SessionError::ReservedKey`](crate::SessionError::ReservedKey) instead of
+//! writing them, and a record that does not open is never trusted.
 //!
 //! ```no_run
 //! use axum::{extract::RawQuery, http::HeaderMap, response::IntoResponse, routing::{get, post}, Router};
@@ -218,14 +222,14 @@ impl Redirect {
     fn found(location: &str) -> Self {
         Self {
             status: StatusCode::FOUND,
-            location: location.to_owned(),
+            location: encode_location(location),
         }
     }
 
     fn see_other(location: &str) -> Self {
         Self {
             status: StatusCode::SEE_OTHER,
-            location: location.to_owned(),
+            location: encode_location(location),
         }
     }
 
@@ -245,6 +249,22 @@ impl Redirect {
             .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         r
     }
+}
+
+/// A `Location` value is ASCII: bytes outside it (a `return_to` of
+/// `/café`) and any control or space are percent-encoded, the rest
+/// (already-encoded `%XX` included) kept.
+fn encode_location(location: &str) -> String {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(location.len());
+    for b in location.bytes() {
+        if b.is_ascii_graphic() {
+            out.push(char::from(b));
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out
 }
 
 /// The logged-in user, put in the request extensions by [`RequireLogin`].

@@ -308,21 +308,18 @@ impl CookieConfig {
     /// malformed, oversized or fail verification are ignored, as if absent.
     pub(crate) fn read(&self, headers: &HeaderMap, name: &str) -> Option<Verified> {
         let mut seen_invalid = false;
-        for header in headers.get_all(header::COOKIE) {
-            let Ok(header) = header.to_str() else {
-                continue;
-            };
-            for pair in header.split(';') {
-                let Some((k, v)) = pair.trim().split_once('=') else {
-                    continue;
-                };
-                if k != name {
-                    continue;
-                }
-                match self.verify_value(v.trim_matches('"')) {
-                    Some(id) => return Some(id),
-                    None => seen_invalid = true,
-                }
+        // Each pair on its own: a cookie that is not UTF-8 or not a cookie
+        // at all (another app's, a sibling domain's) hides nothing else.
+        let pairs = headers
+            .get_all(header::COOKIE)
+            .iter()
+            .flat_map(|h| h.as_bytes().split(|b| *b == b';'))
+            .filter_map(|pair| std::str::from_utf8(pair).ok())
+            .filter_map(|pair| cookie::Cookie::parse(pair).ok());
+        for pair in pairs.filter(|c| c.name() == name) {
+            match self.verify_value(pair.value_trimmed()) {
+                Some(id) => return Some(id),
+                None => seen_invalid = true,
             }
         }
         if seen_invalid {
@@ -357,7 +354,8 @@ impl CookieConfig {
                 if !SessionId::plausible(id) {
                     return None;
                 }
-                let tag = STANDARD_NO_PAD.decode(tag.trim_end_matches('=')).ok()?;
+                // Exactly cookie-signature's form: no `=` padding.
+                let tag = STANDARD_NO_PAD.decode(tag).ok()?;
                 let by = verify_with(&secrets.keys, id, &tag)?;
                 Some((SessionId(id.to_owned()), by > 0))
             }
@@ -509,6 +507,10 @@ mod tests {
         );
         assert_eq!(read(&value, &express(&["another"])), None);
         assert_eq!(read("s%3Aabc.def", &c), None);
+        // express-session never pads its signature, nor accepts padding.
+        assert_eq!(read(&format!("{value}%3D"), &c), None);
+        assert_eq!(read(&format!("{raw}="), &c), None);
+        assert_eq!(read(&format!("{raw}=="), &c), None);
         assert_eq!(read("%ZZ", &c), None);
         assert_eq!(
             read(&value.replacen("s%3A", "", 1), &c),

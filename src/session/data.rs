@@ -71,16 +71,31 @@ impl Data {
         out
     }
 
-    /// Length of [`Self::to_json`] without building it (keys are rarely escaped;
-    /// the estimate counts them unescaped plus quotes).
+    /// The exact length of [`Self::to_json`], without building it: keys
+    /// count as escaped, since a key of control characters takes six bytes
+    /// per character once written.
     pub(crate) fn encoded_len(&self) -> usize {
         2 + self
             .entries
             .iter()
-            .map(|(k, v)| k.len() + 3 + v.get().len())
+            .map(|(k, v)| escaped_len(k) + 1 + v.get().len())
             .sum::<usize>()
             + self.entries.len().saturating_sub(1)
     }
+}
+
+/// The length of `s` as serde_json writes it as a string, quotes included:
+/// `"` and `\` take two bytes, `\b \f \n \r \t` two, other control
+/// characters six (`\u00XX`), everything else its UTF-8 bytes.
+fn escaped_len(s: &str) -> usize {
+    2 + s
+        .bytes()
+        .map(|b| match b {
+            b'"' | b'\\' | 0x08 | 0x0c | b'\n' | b'\r' | b'\t' => 2,
+            0x00..=0x1f => 6,
+            _ => 1,
+        })
+        .sum::<usize>()
 }
 
 impl<'de> Deserialize<'de> for Data {
@@ -117,6 +132,22 @@ mod tests {
             r#"{"cookie":{"originalMaxAge":86400000,"expires":"2030-01-01T00:00:00.000Z"},"passport":{"user": 42 },"flash":{},"count":3}"#
         );
         assert_eq!(data.encoded_len(), data.to_json().len());
+    }
+
+    #[test]
+    fn the_length_counts_keys_as_escaped() {
+        let mut data = Data::default();
+        for key in [
+            "plain",
+            "quote\"back\\slash",
+            "\u{1}\u{1f}\n\t\r\u{8}\u{c}",
+            "é→😀",
+            "\u{7f}",
+        ] {
+            data.set(key, RawValue::from_string("[1, 2]".into()).expect("raw"));
+            assert_eq!(data.encoded_len(), data.to_json().len(), "{key:?}");
+        }
+        assert_eq!(Data::default().encoded_len(), "{}".len());
     }
 
     #[test]

@@ -1,18 +1,25 @@
 //! The [`Session`] handle that handlers use.
 
-use std::{fmt, sync::Arc};
+use std::{
+    fmt,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+};
 
 use serde::{de::DeserializeOwned, Serialize};
 use serde_json::value::RawValue;
 use time::OffsetDateTime;
 use tokio::sync::Mutex;
 
-use super::{cookie::SessionId, data::Data, layer::Config, SessionError};
+use super::{cookie::SessionId, data::Data, layer::Config, reserved, SessionError};
 use tracing::Instrument;
 
 use crate::{
+    log_safe::untrusted,
     metrics,
-    store::{NewRow, PgStore, StoreError},
+    store::{detached, NewRow, PgStore, StoreError},
 };
 
 /// The session of the current request, found in the request extensions.
@@ -34,6 +41,9 @@ struct Shared {
     incoming: Option<SessionId>,
     client: ClientInfo,
     state: Mutex<State>,
+    /// The request was dropped before its response was ready (see
+    /// [`Session::abandon`]).
+    abandoned: AtomicBool,
 }
 
 #[derive(Default)]
@@ -128,6 +138,7 @@ impl Session {
                 incoming,
                 client,
                 state: Mutex::new(State::default()),
+                abandoned: AtomicBool::new(false),
             }),
         }
     }
@@ -154,10 +165,23 @@ impl Session {
     /// Stores `value` under `key`.
     ///
     /// # Errors
+    /// [`SessionError::ReservedKey`] for a key reserved for the login guard
+    /// or by [`SessionLayer::with_reserved_key`](super::SessionLayer::with_reserved_key),
     /// [`SessionError::TooLarge`] when the data would exceed the size limit
-    /// (the session is left as it was), [`SessionError::Serde`] when `value`
-    /// does not serialize, [`SessionError::Store`] when loading fails.
+    /// (the session is left as it was either way), [`SessionError::Serde`]
+    /// when `value` does not serialize, [`SessionError::Store`] when loading
+    /// fails.
     pub async fn insert<T: Serialize + ?Sized>(
+        &self,
+        key: &str,
+        value: &T,
+    ) -> Result<(), SessionError> {
+        self.check_writable(key)?;
+        self.insert_reserved(key, value).await
+    }
+
+    /// [`Session::insert`] for the crate's own use, reserved keys included.
+    pub(crate) async fn insert_reserved<T: Serialize + ?Sized>(
         &self,
         key: &str,
         value: &T,
@@ -183,8 +207,18 @@ impl Session {
     /// Removes `key`, returning its value.
     ///
     /// # Errors
-    /// As [`Session::get`].
+    /// As [`Session::get`], and [`SessionError::ReservedKey`] as
+    /// [`Session::insert`].
     pub async fn remove<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, SessionError> {
+        self.check_writable(key)?;
+        self.remove_reserved(key).await
+    }
+
+    /// [`Session::remove`] for the crate's own use, reserved keys included.
+    pub(crate) async fn remove_reserved<T: DeserializeOwned>(
+        &self,
+        key: &str,
+    ) -> Result<Option<T>, SessionError> {
         let mut st = self.shared.state.lock().await;
         self.ensure_loaded(&mut st).await?;
         let old = st
@@ -282,6 +316,9 @@ impl Session {
     /// Gives the session a new id, keeping its data; call it on login so an id
     /// planted before login is worthless after (session fixation). Costs one
     /// statement at save, folded into the data write if there is one.
+    /// The OIDC guard's callback does this itself; its login record is
+    /// sealed for the session's id, so cycling the id of a session already
+    /// logged in through the guard ends that login.
     ///
     /// # Errors
     /// As [`Session::get`].
@@ -362,8 +399,15 @@ impl Session {
     /// when re-applying this request's changes over a concurrent write exceeds
     /// the limit; the stored session is then left as it was.
     pub async fn save(&self) -> Result<(), SessionError> {
-        let mut st = self.shared.state.lock().await;
-        self.save_locked(&mut st).await
+        // In its own task, as at the end of the request: once started, a
+        // save is not cut short by the client going away.
+        let this = self.clone();
+        detached(async move {
+            let mut st = this.shared.state.lock().await;
+            this.save_locked(&mut st).await
+        })
+        .await
+        .unwrap_or_else(|| Err(SessionError::Store(crashed())))
     }
 
     /// Removes `key` and returns its value, atomically across every request
@@ -372,9 +416,19 @@ impl Session {
     /// lock, a read, a write), not at the end of the request.
     ///
     /// # Errors
-    /// As [`Session::save`], and [`SessionError::Serde`] when the value does
+    /// As [`Session::save`], [`SessionError::ReservedKey`] as
+    /// [`Session::insert`], and [`SessionError::Serde`] when the value does
     /// not deserialize into `T` (it is consumed all the same).
     pub async fn take_once<T: DeserializeOwned>(
+        &self,
+        key: &str,
+    ) -> Result<Option<T>, SessionError> {
+        self.check_writable(key)?;
+        self.take_once_reserved(key).await
+    }
+
+    /// [`Session::take_once`] for the crate's own use, reserved keys included.
+    pub(crate) async fn take_once_reserved<T: DeserializeOwned>(
         &self,
         key: &str,
     ) -> Result<Option<T>, SessionError> {
@@ -397,6 +451,17 @@ impl Session {
                 key: key.to_owned(),
                 source,
             })
+    }
+
+    /// Refuses the keys application code may not write, before anything is
+    /// read or changed.
+    fn check_writable(&self, key: &str) -> Result<(), SessionError> {
+        if reserved::is_reserved(key, &self.shared.config.reserved) {
+            return Err(SessionError::ReservedKey {
+                key: key.to_owned(),
+            });
+        }
+        Ok(())
     }
 
     /// The storage key the session's row will have once this request's
@@ -497,8 +562,33 @@ impl Session {
         (!pending).then(|| self.outcome(&st))
     }
 
-    /// Saves what is pending and reports what the response must carry.
-    pub(crate) async fn finish(self) -> Outcome {
+    /// Saves what is pending, in a task of its own (a save once started is
+    /// not cut short by the client going away), and reports what the
+    /// response must carry.
+    pub(crate) fn spawn_finish(self) -> tokio::task::JoinHandle<Outcome> {
+        tokio::spawn(self.finish())
+    }
+
+    /// The request was dropped before its response was ready (the client
+    /// went away). A save still running for it lands only if the session is
+    /// unchanged since this request loaded it: re-applying its changes over
+    /// newer data could undo what a later request wrote and acknowledged.
+    pub(crate) fn abandon(&self) {
+        self.shared.abandoned.store(true, Ordering::Release);
+    }
+
+    /// True once [`Self::abandon`] was called: if the save conflicts, drop
+    /// its changes rather than merge them.
+    fn abandoned(&self, id: &SessionId) -> bool {
+        let gone = self.shared.abandoned.load(Ordering::Acquire);
+        if gone {
+            tracing::debug!(session = %id.log_id(), "request dropped; its changes are not merged over newer data");
+            metrics::failure("abandoned");
+        }
+        gone
+    }
+
+    async fn finish(self) -> Outcome {
         let mut st = self.shared.state.lock().await;
         let span = tracing::debug_span!(
             "session.save",
@@ -574,7 +664,11 @@ impl Session {
     }
 
     fn fail(&self, st: &mut State, failure: Failure, error: StoreError) -> SessionError {
-        tracing::error!(error = %error, source = ?std::error::Error::source(&error), "session store failed");
+        tracing::error!(
+            error = %untrusted(&error),
+            source = ?std::error::Error::source(&error).map(untrusted),
+            "session store failed"
+        );
         metrics::failure("store_unavailable");
         self.shared.store.report(&error);
         st.failure = Some(failure);
@@ -595,15 +689,7 @@ impl Session {
         if st.changes.is_empty() && !st.cycle && !st.meta_changed {
             return Ok(());
         }
-        let size = st.data.encoded_len();
-        if size > config.max_size {
-            metrics::failure("too_large");
-            st.failure = Some(Failure::TooLarge);
-            return Err(SessionError::TooLarge {
-                size,
-                limit: config.max_size,
-            });
-        }
+        self.check_size(st, st.data.encoded_len())?;
         let now = OffsetDateTime::now_utc();
         let (user_id, provider_sid) = (st.user_id.clone(), st.provider_sid.clone());
         let Some(row) = st.row.clone() else {
@@ -615,6 +701,7 @@ impl Session {
             let expire = config.expire_at(now, None);
             config.stamp(&mut st.data, expire);
             let sess = st.data.to_json();
+            self.check_size(st, sess.len())?;
             let new = NewRow {
                 sess: &sess,
                 expire,
@@ -651,6 +738,7 @@ impl Session {
         let expire = config.next_expire(now, row.created_at, row.expire);
         config.stamp(&mut st.data, expire);
         let sess = st.data.to_json();
+        self.check_size(st, sess.len())?;
         let new = NewRow {
             sess: &sess,
             expire,
@@ -673,6 +761,9 @@ impl Session {
             return Ok(());
         }
         metrics::conflict();
+        if self.abandoned(&row.id) {
+            return Ok(());
+        }
         // Someone else wrote the row since we read it (or it is gone): lock it,
         // re-apply this request's changes to what is there now, write again.
         let locked = store
@@ -691,17 +782,14 @@ impl Session {
             };
             return Ok(());
         };
+        if self.abandoned(&row.id) {
+            // Dropping `tx` rolls back.
+            return Ok(());
+        }
         let mut data = Data::parse(&fresh.sess).unwrap_or_default();
         apply_changes(&mut data, &st.changes);
-        let size = data.encoded_len();
-        if size > config.max_size {
-            // Dropping `tx` rolls back: the stored session stays as it was.
-            st.failure = Some(Failure::TooLarge);
-            return Err(SessionError::TooLarge {
-                size,
-                limit: config.max_size,
-            });
-        }
+        // Dropping `tx` on refusal rolls back: the stored session stays as it was.
+        self.check_size(st, data.encoded_len())?;
         if !st.meta_changed {
             st.user_id = fresh.user_id;
             st.provider_sid = fresh.provider_sid;
@@ -709,6 +797,7 @@ impl Session {
         let expire = config.next_expire(now, fresh.created_at, fresh.expire);
         config.stamp(&mut data, expire);
         let sess = data.to_json();
+        self.check_size(st, sess.len())?;
         let new = NewRow {
             sess: &sess,
             expire,
@@ -726,6 +815,18 @@ impl Session {
         tracing::debug!(session = %row.id.log_id(), "re-applied changes after a concurrent write");
         metrics::save("merge");
         Ok(())
+    }
+
+    /// Refuses to write more than the limit: `size` is the exact length
+    /// of the `sess` text to be written (or of the data before it is stamped).
+    fn check_size(&self, st: &mut State, size: usize) -> Result<(), SessionError> {
+        let limit = self.shared.config.max_size;
+        if size <= limit {
+            return Ok(());
+        }
+        metrics::failure("too_large");
+        st.failure = Some(Failure::TooLarge);
+        Err(SessionError::TooLarge { size, limit })
     }
 
     fn saved(
@@ -755,6 +856,11 @@ impl Session {
             expire,
         });
     }
+}
+
+/// The error of a store task that panicked.
+fn crashed() -> StoreError {
+    StoreError::Database(sqlx::Error::WorkerCrashed)
 }
 
 fn apply_changes(data: &mut Data, changes: &[(String, Option<Box<RawValue>>)]) {

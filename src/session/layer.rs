@@ -34,6 +34,8 @@ pub(crate) struct Config {
     pub(crate) express: bool,
     /// Record the user agent (and the client address from this header) at creation.
     pub(crate) record_client: Option<Option<http::HeaderName>>,
+    /// Keys application code may not write, beyond the crate's own.
+    pub(crate) reserved: Vec<String>,
 }
 
 impl Config {
@@ -125,7 +127,8 @@ impl Config {
         created: Option<OffsetDateTime>,
     ) -> OffsetDateTime {
         let idle = self.idle.map(|d| now + d);
-        let absolute = self.absolute.map(|d| created.unwrap_or(now) + d);
+        // `created` is stored data: its sum saturates rather than panics.
+        let absolute = self.absolute.map(|d| later(created.unwrap_or(now), d));
         match (idle, absolute) {
             (Some(a), Some(b)) => a.min(b),
             (Some(a), None) => a,
@@ -148,6 +151,15 @@ fn js_date(t: OffsetDateTime) -> String {
         t.second(),
         t.millisecond()
     )
+}
+
+/// `t + d`, saturating at the last day `time` represents (Postgres keeps it
+/// as is), so a far-future stored time cannot panic.
+fn later(t: OffsetDateTime, d: Duration) -> OffsetDateTime {
+    time::Duration::try_from(d)
+        .ok()
+        .and_then(|d| t.checked_add(d))
+        .unwrap_or_else(|| time::Date::MAX.midnight().assume_utc())
 }
 
 const DEFAULT_IDLE: Duration = Duration::from_secs(24 * 60 * 60);
@@ -231,6 +243,7 @@ impl SessionLayer {
                 unavailable_status: StatusCode::SERVICE_UNAVAILABLE,
                 express: false,
                 record_client: None,
+                reserved: Vec::new(),
             }),
         }
     }
@@ -475,6 +488,32 @@ impl SessionLayer {
     /// Never in practice; returns `Result` like every other setting.
     pub fn with_unavailable_status(self, status: http::StatusCode) -> Result<Self, ConfigError> {
         self.edit(|c| c.unavailable_status = status)
+    }
+
+    /// Reserves `key`: [`Session::insert`](super::Session::insert),
+    /// [`remove`](super::Session::remove) and
+    /// [`take_once`](super::Session::take_once) on it then fail with
+    /// [`SessionError::ReservedKey`](super::SessionError::ReservedKey)
+    /// instead of writing, so that a handler storing client-chosen keys
+    /// cannot set it. Reading stays allowed. For keys another part trusts,
+    /// such as Passport's `passport` next to an Express app (and the key of
+    /// `OidcConfig::with_express_user_key`, which the guard still writes).
+    /// The guard's own keys (`oidc`, `oidc.login.*`) are always reserved.
+    ///
+    /// ```
+    /// # async fn run(layer: tower_pg_session::SessionLayer) -> Result<(), tower_pg_session::ConfigError> {
+    /// let layer = layer.with_reserved_key("passport")?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// Never in practice; returns `Result` like every other setting.
+    pub fn with_reserved_key(self, key: &str) -> Result<Self, ConfigError> {
+        self.edit(|c| {
+            if !c.reserved.iter().any(|k| k == key) {
+                c.reserved.push(key.to_owned());
+            }
+        })
     }
 
     /// The store sessions are kept in.

@@ -242,7 +242,7 @@ impl PgStore {
                         config.next_wait()
                     }
                     Err(error) => {
-                        tracing::warn!(%error, retry_in = ?backoff, "session prune failed");
+                        tracing::warn!(error = %crate::log_safe::untrusted(&error), retry_in = ?backoff, "session prune failed");
                         store.report(&error);
                         let this = backoff;
                         backoff = (backoff * 2).min(config.max_backoff).min(config.interval);

@@ -17,6 +17,13 @@ impl From<StoreError> for session_store::Error {
     }
 }
 
+/// `t` to the microsecond, the precision Postgres keeps: `create` stores
+/// its record so, so that the record `load` returns equals it.
+fn to_micros(t: OffsetDateTime) -> OffsetDateTime {
+    let nanos = t.nanosecond();
+    t.replace_nanosecond(nanos - nanos % 1_000).unwrap_or(t)
+}
+
 fn encode(record: &Record) -> session_store::Result<String> {
     serde_json::to_string(&record.data).map_err(|e| session_store::Error::Encode(e.to_string()))
 }
@@ -26,6 +33,7 @@ impl SessionStore for PgStore {
     async fn create(&self, record: &mut Record) -> session_store::Result<()> {
         let sess = encode(record)?;
         let now = OffsetDateTime::now_utc();
+        record.expiry_date = to_micros(record.expiry_date);
         let row = NewRow {
             sess: &sess,
             expire: record.expiry_date,
@@ -53,7 +61,7 @@ impl SessionStore for PgStore {
         sqlx::query(&ready.sql.save_any)
             .bind(record.id.to_string())
             .bind(&sess)
-            .bind(record.expiry_date)
+            .bind(to_micros(record.expiry_date))
             .execute(&self.inner.pool)
             .await
             .map_err(StoreError::from)?;

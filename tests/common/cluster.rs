@@ -188,6 +188,12 @@ impl Cluster {
         );
     }
 
+    /// `pg_ctl restart -m fast`: open connections are ended at once.
+    pub fn restart_fast(&self) {
+        self.stop();
+        self.start();
+    }
+
     /// A streaming standby of this cluster (`pg_basebackup -R`), started on
     /// a free port, sharing this cluster's directory.
     pub fn standby(&self) -> Cluster {

@@ -4,8 +4,10 @@
 #![allow(dead_code, unreachable_pub, missing_docs, clippy::unwrap_used)]
 
 pub mod cluster;
+pub mod demo_bin;
 pub mod express;
 pub mod idp;
+pub mod latency;
 
 use std::{sync::Arc, time::Duration};
 

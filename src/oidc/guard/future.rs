@@ -10,17 +10,20 @@ use std::{
 use futures_util::future::BoxFuture;
 use http::{Request, Response};
 use pin_project_lite::pin_project;
+use serde_json::{value::RawValue, Value};
 use time::OffsetDateTime;
 use tower_service::Service;
 use tracing::Instrument;
 
 use super::{response::RequestKind, Rejection, RejectionKind};
 use crate::{
+    crypto::Keyring,
+    log_safe::untrusted,
     oidc::{
-        record::{self, LoginRecord, FIELD_ACCESS, FIELD_ID, FIELD_REFRESH, USER_KEY},
-        AccessToken, AuthErrorKind, OidcClient, User,
+        record::{self, LoginRecord, Stored, USER_KEY},
+        AccessToken, AuthError, AuthErrorKind, OidcClient, User,
     },
-    session::{Exclusive, Session, SessionError},
+    session::{Changes, Data, Exclusive, Session, SessionError},
 };
 
 type Authorized = Result<(User, AccessToken), Rejection>;
@@ -122,7 +125,8 @@ where
 
 fn due(exp: Option<i64>, before: std::time::Duration) -> bool {
     let now = OffsetDateTime::now_utc().unix_timestamp();
-    exp.is_some_and(|e| e - before.as_secs() as i64 <= now)
+    let before = i64::try_from(before.as_secs()).unwrap_or(i64::MAX);
+    exp.is_some_and(|e| e.saturating_sub(before) <= now)
 }
 
 fn expired(exp: Option<i64>) -> bool {
@@ -141,131 +145,191 @@ pub(crate) async fn authorize(client: OidcClient, session: Option<Session>) -> A
     let Some(session) = session else {
         return Err(Rejection::new(RejectionKind::MissingSessionLayer));
     };
-    let logged_out = |why: &str| {
-        tracing::warn!(reason = why, "ending the login");
-        Rejection::new(RejectionKind::LoggedOut)
-    };
-    let record: Option<LoginRecord> = match session.get(USER_KEY).await {
+    let raw: Option<Box<RawValue>> = match session.get(USER_KEY).await {
         Ok(r) => r,
-        Err(SessionError::Serde { .. }) => {
-            session.destroy().await;
-            return Err(logged_out("unreadable login record"));
-        }
         Err(e) => return Err(store_failed(&e)),
     };
-    let Some(mut record) = record else {
+    if raw.is_none() {
         return Err(Rejection::new(RejectionKind::NotLoggedIn));
+    }
+    let binding = match session.binding_key().await {
+        Ok(b) => b,
+        Err(e) => return Err(store_failed(&e)),
     };
     let config = client.config();
-    let keys = &config.keys;
+    let (mut record, mut reseal) = match record::open_login(&config.keys, &binding, raw.as_deref())
+    {
+        Stored::Opened { record, reseal } => (record, reseal),
+        Stored::Absent => return Err(Rejection::new(RejectionKind::NotLoggedIn)),
+        Stored::Clear => {
+            // Nothing this version wrote: an older version's record, or
+            // someone else's data. Dropped, never trusted.
+            tracing::warn!("login record not sealed (older version or written elsewhere): ignored");
+            crate::metrics::failure("login_record_unsealed");
+            let _ = session.remove_reserved::<Value>(USER_KEY).await;
+            return Err(Rejection::new(RejectionKind::NotLoggedIn));
+        }
+        Stored::Tampered => {
+            crate::metrics::failure("login_record_tampered");
+            return Err(log_out(
+                &session,
+                "login record does not open (tampered, moved from another session, or its key retired)",
+            )
+            .await);
+        }
+    };
 
     if due(record.exp, config.refresh_before) {
         if record.rt.is_none() {
             if expired(record.exp) {
-                session.destroy().await;
-                return Err(logged_out(
+                return Err(log_out(
+                    &session,
                     "access token expired and there is no refresh token",
-                ));
+                )
+                .await);
             }
         } else {
-            let c = client.clone();
             let result = session
-                .exclusive(|data, binding| async move {
-                    let fresh: Option<LoginRecord> = data
-                        .get(USER_KEY)
-                        .and_then(|raw| serde_json::from_str(raw.get()).ok());
-                    let Some(fresh) = fresh else {
-                        return Err(crate::oidc::AuthError::new(
-                            AuthErrorKind::TamperedData,
-                            "login record gone",
-                        ));
-                    };
-                    // Someone (this instance or another) refreshed while we waited.
-                    if !due(fresh.exp, c.config().refresh_before) {
-                        return Ok((Vec::new(), fresh));
-                    }
-                    let keys = &c.config().keys;
-                    let (rt, _) = fresh
-                        .rt
-                        .as_deref()
-                        .and_then(|t| record::open(keys, &binding, FIELD_REFRESH, t))
-                        .ok_or_else(|| {
-                            crate::oidc::AuthError::new(
-                                AuthErrorKind::TamperedData,
-                                "refresh token does not decrypt",
-                            )
-                        })?;
-                    let tokens = c.refresh(&rt, &fresh.nonce, &fresh.sub).await?;
-                    let mut next = fresh.clone();
-                    next.at = record::seal(keys, &binding, FIELD_ACCESS, &tokens.access_token);
-                    // Providers without rotation (Cognito) send no new refresh token.
-                    let rt = tokens.refresh_token.unwrap_or(rt);
-                    next.rt = Some(record::seal(keys, &binding, FIELD_REFRESH, &rt));
-                    if let Some(idt) = &tokens.id_token {
-                        next.idt = Some(record::seal(keys, &binding, FIELD_ID, idt));
-                    }
-                    if let Some(claims) = tokens.claims {
-                        next.groups = record::groups_of(&claims);
-                        next.claims = claims;
-                    }
-                    next.exp = tokens.expires_at;
-                    let raw = serde_json::value::to_raw_value(&next).map_err(|e| {
-                        crate::oidc::AuthError::new(AuthErrorKind::TamperedData, e.to_string())
-                    })?;
-                    tracing::info!(sub = %next.sub, "access token refreshed");
-                    crate::metrics::refresh();
-                    Ok((vec![(USER_KEY.to_owned(), Some(raw))], next))
-                })
+                .exclusive(|data, binding| refresh(client.clone(), data, binding))
                 .instrument(tracing::info_span!("oidc.refresh"))
                 .await;
             if let Ok(Err(e)) = &result {
                 crate::metrics::failure(format!("refresh_{}", e.kind().code()));
             }
             match result {
-                Ok(Ok(Exclusive::Done(next))) => record = next,
+                Ok(Ok(Exclusive::Done(next))) => (record, reseal) = next,
                 Ok(Ok(Exclusive::Gone)) => return Err(Rejection::new(RejectionKind::NotLoggedIn)),
                 Ok(Err(e)) if e.kind() == AuthErrorKind::ProviderUnavailable => {
-                    tracing::warn!(error = %e, "token refresh failed");
+                    tracing::warn!(error = %untrusted(&e), "token refresh failed");
                     if expired(record.exp) {
                         return Err(Rejection::new(RejectionKind::ProviderUnavailable));
                     }
                     // Still valid for a while: carry on, retry on a later request.
                 }
-                Ok(Err(e)) => {
-                    session.destroy().await;
-                    return Err(logged_out(&e.to_string()));
-                }
+                Ok(Err(e)) => return Err(log_out(&session, &e.to_string()).await),
                 Err(e) => return Err(store_failed(&e)),
             }
         }
     }
 
-    let binding = match session.binding_key().await {
-        Ok(b) => b,
-        Err(e) => return Err(store_failed(&e)),
+    if reseal {
+        // Sealed under a key no longer first: sealed again under the current
+        // key, under the row lock, so that a refresh written meanwhile is not
+        // overwritten with this request's older tokens.
+        let keys = config.keys.clone();
+        let resealed = session
+            .exclusive(|data, binding| std::future::ready(reseal_fresh(&keys, &data, &binding)))
+            .await;
+        let failed = match resealed {
+            Ok(Ok(_)) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(e) => Some(e.to_string()),
+        };
+        if let Some(e) = failed {
+            tracing::warn!(error = %untrusted(&e), "re-sealing the login failed");
+        }
+    }
+    let token = AccessToken(record.at.clone());
+    Ok((User::from_record(&record), token))
+}
+
+/// Ends the login now: the session is destroyed.
+async fn log_out(session: &Session, why: &str) -> Rejection {
+    tracing::warn!(reason = %untrusted(why), "ending the login");
+    session.destroy().await;
+    Rejection::new(RejectionKind::LoggedOut)
+}
+
+/// Under the row lock: the freshest record sealed again under the current
+/// key, unless another request did so meanwhile or it no longer opens (the
+/// next request deals with that).
+fn reseal_fresh(
+    keys: &Keyring,
+    data: &Data,
+    binding: &str,
+) -> Result<(Changes, ()), serde_json::Error> {
+    let Stored::Opened {
+        record,
+        reseal: true,
+    } = record::open_login(keys, binding, data.get(USER_KEY))
+    else {
+        return Ok((Vec::new(), ()));
     };
-    let Some((access, reseal)) = record::open(keys, &binding, FIELD_ACCESS, &record.at) else {
-        session.destroy().await;
-        return Err(logged_out(
-            "access token does not decrypt (tampered, moved, or its key retired)",
+    let sealed = record::seal_login(keys, binding, &record)?;
+    let raw = serde_json::value::to_raw_value(&sealed)?;
+    Ok((vec![(USER_KEY.to_owned(), Some(raw))], ()))
+}
+
+type Refreshed = (Changes, (LoginRecord, bool));
+
+/// Under the row lock: refreshes the tokens of the freshest record, unless
+/// another request (or instance) did so while this one waited. Yields the
+/// record and whether it still needs re-sealing.
+async fn refresh(client: OidcClient, data: Data, binding: String) -> Result<Refreshed, AuthError> {
+    let config = client.config();
+    let keys = &config.keys;
+    let (fresh, reseal) = match record::open_login(keys, &binding, data.get(USER_KEY)) {
+        Stored::Opened { record, reseal } => (record, reseal),
+        Stored::Absent => {
+            return Err(AuthError::new(
+                AuthErrorKind::TamperedData,
+                "login record gone",
+            ))
+        }
+        Stored::Clear | Stored::Tampered => {
+            return Err(AuthError::new(
+                AuthErrorKind::TamperedData,
+                "login record does not open",
+            ))
+        }
+    };
+    if !due(fresh.exp, config.refresh_before) {
+        return Ok((Vec::new(), (fresh, reseal)));
+    }
+    let Some(rt) = fresh.rt.clone() else {
+        return Err(AuthError::new(
+            AuthErrorKind::TamperedData,
+            "login record without a refresh token",
         ));
     };
-    if reseal {
-        // Sealed under a key no longer first: re-seal everything under the
-        // current key with this request's save.
-        let mut next = record.clone();
-        next.at = record::seal(keys, &binding, FIELD_ACCESS, &access);
-        for (field, slot) in [(FIELD_REFRESH, &mut next.rt), (FIELD_ID, &mut next.idt)] {
-            if let Some(sealed) = slot.as_deref() {
-                if let Some((plain, _)) = record::open(keys, &binding, field, sealed) {
-                    *slot = Some(record::seal(keys, &binding, field, &plain));
-                }
-            }
-        }
-        if let Err(e) = session.insert(USER_KEY, &next).await {
-            tracing::warn!(error = %e, "re-sealing tokens failed");
-        }
-        record = next;
+    let tokens = client.refresh(&rt, &fresh.nonce, &fresh.sub).await?;
+    let mut next = fresh;
+    next.at = tokens.access_token;
+    // Providers without rotation (Cognito) send no new refresh token.
+    next.rt = Some(tokens.refresh_token.unwrap_or(rt));
+    if let Some(idt) = tokens.id_token {
+        next.idt = Some(idt);
     }
-    Ok((User::from_record(&record), AccessToken(access)))
+    if let Some(claims) = tokens.claims {
+        next.groups = record::groups_of(&claims);
+        next.claims = claims;
+    }
+    next.exp = tokens.expires_at;
+    let unsealable =
+        |e: serde_json::Error| AuthError::new(AuthErrorKind::TamperedData, e.to_string());
+    let sealed = record::seal_login(keys, &binding, &next).map_err(unsealable)?;
+    let raw = serde_json::value::to_raw_value(&sealed).map_err(unsealable)?;
+    tracing::info!(sub = %untrusted(&next.sub), "access token refreshed");
+    crate::metrics::refresh();
+    Ok((vec![(USER_KEY.to_owned(), Some(raw))], (next, false)))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::{due, expired};
+
+    #[test]
+    fn extreme_expiries_do_not_overflow() {
+        for exp in [i64::MIN, i64::MIN + 1, -1, 0] {
+            assert!(due(Some(exp), Duration::MAX));
+            assert!(due(Some(exp), Duration::ZERO));
+            assert!(expired(Some(exp)));
+        }
+        assert!(!due(Some(i64::MAX), Duration::from_secs(300)));
+        assert!(due(Some(i64::MAX), Duration::MAX));
+        assert!(!expired(Some(i64::MAX)));
+        assert!(!due(None, Duration::MAX));
+    }
 }
