@@ -60,7 +60,8 @@ pub enum StoreError {
     /// The database could not be reached when the store was created.
     #[error("cannot connect to the session database at {host}")]
     Connect {
-        /// Host (and port) from the URL; never the password.
+        /// The hosts tried (`host:port`), each but the last with why it was
+        /// not used (the last one's reason is the source); never the password.
         host: String,
         /// What the driver reported.
         #[source]

@@ -9,7 +9,21 @@ use std::{
     process::{Command, Stdio},
 };
 
-const BIN: &str = "/usr/lib/postgresql/15/bin";
+/// The newest server installed the Debian way (its tools are off PATH).
+fn bin_dir() -> PathBuf {
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .expect("PostgreSQL's server tools in /usr/lib/postgresql (scripts/test.sh installs them)")
+        .flatten()
+        .map(|e| e.path().join("bin"))
+        .filter(|p| p.join("initdb").is_file())
+        .collect();
+    versions.sort_by_key(|p| {
+        p.parent()
+            .and_then(|v| v.file_name()?.to_str()?.parse::<u32>().ok())
+            .unwrap_or(0)
+    });
+    versions.pop().expect("an initdb under /usr/lib/postgresql")
+}
 
 fn is_root() -> bool {
     Command::new("id")
@@ -29,7 +43,7 @@ pub fn free_port() -> u16 {
 
 /// Runs a server tool (as `postgres` when root: the server refuses root).
 pub fn pg_tool(tool: &str, args: &[&str]) -> (bool, String) {
-    let path = Path::new(BIN).join(tool);
+    let path = bin_dir().join(tool);
     let mut cmd = if is_root() {
         let mut c = Command::new("runuser");
         c.args(["-u", "postgres", "--"]).arg(&path);
