@@ -40,6 +40,7 @@
 //! | `EXPRESS_COMPAT` | `1`: share sessions with an Express app (express-session + connect-pg-simple): cookie `connect.sid` in express-session's format, plain ids, the connect-pg-simple table; `count` is the `req.session.count` of the Node side |
 //! | `SESSION_COOKIE_NAME` | `session` (`connect.sid` with `EXPRESS_COMPAT=1`) |
 //! | `DB_POOL_SIZE` | `10` |
+//! | `DB_POOLER` | `direct`; `transaction` when `DATABASE_URL` points at a pooler in transaction mode (PgBouncer `pool_mode = transaction`, RDS Proxy, Supavisor): no named prepared statements, no session-level state |
 //! | `PRUNE_INTERVAL_SECS` | `900` (`0` turns pruning off) |
 //! | `SESSION_TTL_SECS` | `86400` (idle timeout) |
 //! | `COOKIE_SECURE` | on; `0` for plain-http use other than on localhost |
@@ -74,8 +75,8 @@ use tower::{Layer, ServiceExt};
 use tower_pg_session::{
     crypto::{EncryptionKey, Keyring},
     oidc::{AuthError, OidcClient, OidcConfig, Provider, RequireLoginLayer, User},
-    ExpressSecrets, PgStore, PgStoreConfig, PruneConfig, Session, SessionError, SessionLayer,
-    SigningKeys,
+    ExpressSecrets, PgStore, PgStoreConfig, Pooler, PruneConfig, Session, SessionError,
+    SessionLayer, SigningKeys,
 };
 
 mod local_pg {
@@ -422,6 +423,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let bind: SocketAddr = env_or("BIND_ADDR", SocketAddr::from(([127, 0, 0, 1], 3000)))?;
     let pool_size: u32 = env_or("DB_POOL_SIZE", 10)?;
+    let store_config = match env_str("DB_POOLER").as_deref() {
+        None | Some("direct" | "session") => PgStoreConfig::new(),
+        Some("transaction") => PgStoreConfig::new().with_pooler(Pooler::Transaction),
+        Some(other) => {
+            return Err(
+                format!("DB_POOLER={other:?}: expected \"direct\" or \"transaction\"").into(),
+            )
+        }
+    };
     let prune_secs: u64 = env_or("PRUNE_INTERVAL_SECS", 900)?;
     let ttl_secs: u64 = env_or("SESSION_TTL_SECS", 86_400)?;
     let secure = env::var("COOKIE_SECURE").map(|v| v != "0").unwrap_or(true);
@@ -463,7 +473,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .clone()
         .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
     let mut _cluster = None;
-    let store = match PgStore::connect_with(&url, pool_size, PgStoreConfig::new()).await {
+    let store = match PgStore::connect_with(&url, pool_size, store_config.clone()).await {
         Ok(store) => store,
         Err(e) if explicit_url.is_none() => {
             tracing::warn!(error = %e, "no PostgreSQL at the default address; starting a throwaway cluster");
@@ -471,8 +481,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 format!("{e}; and no initdb/pg_ctl to start a local cluster: set DATABASE_URL")
             })?;
             tracing::info!(url = %cluster.url, "throwaway PostgreSQL cluster started (removed on exit)");
-            let store =
-                PgStore::connect_with(&cluster.url, pool_size, PgStoreConfig::new()).await?;
+            let store = PgStore::connect_with(&cluster.url, pool_size, store_config).await?;
             _cluster = Some(cluster);
             store
         }

@@ -31,6 +31,7 @@
 //! ```
 
 mod batch;
+mod pooler;
 mod prune;
 mod schema;
 #[cfg(feature = "tower-sessions")]
@@ -45,6 +46,7 @@ use sqlx::{
 use time::OffsetDateTime;
 
 pub(crate) use self::batch::LoadPolicy;
+pub use self::pooler::Pooler;
 pub use self::prune::{PruneConfig, PruneOutcome, Pruner};
 use self::schema::{ExpireType, Ident, Layout, SessType, TableName};
 use crate::error::ConfigError;
@@ -134,6 +136,7 @@ pub struct PgStoreConfig {
     create_table: bool,
     timestamp_zone: Option<String>,
     load_slots: Option<usize>,
+    pooler: Pooler,
 }
 
 impl Default for PgStoreConfig {
@@ -151,6 +154,7 @@ impl PgStoreConfig {
             create_table: true,
             timestamp_zone: None,
             load_slots: None,
+            pooler: Pooler::Direct,
         }
     }
 
@@ -233,6 +237,23 @@ impl PgStoreConfig {
         self.load_slots = Some(loads.max(1));
         self
     }
+
+    /// How the pool reaches Postgres (default [`Pooler::Direct`]). Set
+    /// [`Pooler::Transaction`] behind a pooler in transaction mode
+    /// (PgBouncer `pool_mode = transaction`, RDS Proxy, Supavisor): the store
+    /// then sends no named prepared statements, runs each statement in a
+    /// transaction of its own, and holds no session-level state (its
+    /// advisory locks are transaction-scoped). PgBouncer must also list
+    /// `extra_float_digits` in `ignore_startup_parameters`, as sqlx sends it.
+    ///
+    /// ```
+    /// # use tower_pg_session::{PgStoreConfig, Pooler};
+    /// let config = PgStoreConfig::new().with_pooler(Pooler::Transaction);
+    /// ```
+    pub fn with_pooler(mut self, pooler: Pooler) -> Self {
+        self.pooler = pooler;
+        self
+    }
 }
 
 /// Load statements that may run at once by default (see
@@ -250,6 +271,7 @@ struct Inner {
     name: TableName,
     layout: Layout,
     sql: Sql,
+    pooler: Pooler,
     loads: batch::Batcher<batch::LoadJob>,
     updates: batch::Batcher<batch::UpdateJob>,
 }
@@ -317,6 +339,7 @@ impl PgStore {
         };
         let layout = schema::prepare(
             &pool,
+            config.pooler,
             &name,
             config.create_table,
             config.timestamp_zone.as_deref(),
@@ -333,6 +356,7 @@ impl PgStore {
                 name,
                 layout,
                 sql,
+                pooler: config.pooler,
                 loads: batch::Batcher::new(slots),
                 updates: batch::Batcher::new(slots),
             }),
@@ -342,6 +366,22 @@ impl PgStore {
     /// The pool the store runs on.
     pub fn pool(&self) -> &PgPool {
         &self.inner.pool
+    }
+
+    /// How the pool reaches Postgres.
+    pub fn pooler(&self) -> Pooler {
+        self.inner.pooler
+    }
+
+    /// Whether statements may be prepared once per connection and kept.
+    pub(crate) fn persistent(&self) -> bool {
+        self.inner.pooler.persistent()
+    }
+
+    /// A connection for one statement, in a transaction of its own behind a
+    /// transaction pooler.
+    pub(crate) async fn conn(&self) -> Result<pooler::Conn, StoreError> {
+        Ok(self.inner.pooler.conn(&self.inner.pool).await?)
     }
 
     /// The quoted, qualified table name, as it appears in the store's SQL.
@@ -354,8 +394,12 @@ impl PgStore {
     /// # Errors
     /// [`StoreError::Database`] when it does not.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.inner.pool).await?;
-        Ok(())
+        let mut conn = self.conn().await?;
+        sqlx::query("SELECT 1")
+            .persistent(self.persistent())
+            .execute(conn.get())
+            .await?;
+        Ok(conn.done().await?)
     }
 
     /// SQL turning the timestamptz parameter `param` into the `expire` column's type.
@@ -390,6 +434,7 @@ impl PgStore {
             return Ok(Vec::new());
         };
         let mut query = sqlx::query(sql)
+            .persistent(self.persistent())
             .bind(at.extend_to)
             .bind(at.now)
             .bind(at.touch_before);
@@ -399,7 +444,9 @@ impl PgStore {
         for key in keys {
             query = query.bind(*key);
         }
-        let rows = query.fetch_all(&self.inner.pool).await?;
+        let mut conn = self.conn().await?;
+        let rows = query.fetch_all(conn.get()).await?;
+        conn.done().await?;
         rows.iter()
             .map(|r| Ok((r.try_get(7)?, Loaded::from_row(r)?)))
             .collect()
@@ -413,6 +460,7 @@ impl PgStore {
         now: OffsetDateTime,
     ) -> Result<Option<String>, StoreError> {
         let mut q = sqlx::query_scalar(&self.inner.sql.insert)
+            .persistent(self.persistent())
             .bind(key)
             .bind(row.sess)
             .bind(row.expire);
@@ -424,7 +472,10 @@ impl PgStore {
                 .bind(row.user_agent)
                 .bind(row.ip);
         }
-        Ok(q.fetch_optional(&self.inner.pool).await?)
+        let mut conn = self.conn().await?;
+        let inserted = q.fetch_optional(conn.get()).await?;
+        conn.done().await?;
+        Ok(inserted)
     }
 
     /// Writes a row loaded as `version`, optionally under a new key. `None`
@@ -438,6 +489,7 @@ impl PgStore {
         now: OffsetDateTime,
     ) -> Result<Option<String>, StoreError> {
         let mut q = sqlx::query_scalar(&self.inner.sql.update)
+            .persistent(self.persistent())
             .bind(key)
             .bind(new_key)
             .bind(row.sess)
@@ -447,7 +499,10 @@ impl PgStore {
         if self.inner.layout.extended {
             q = q.bind(row.user_id).bind(row.provider_sid);
         }
-        Ok(q.fetch_optional(&self.inner.pool).await?)
+        let mut conn = self.conn().await?;
+        let written = q.fetch_optional(conn.get()).await?;
+        conn.done().await?;
+        Ok(written)
     }
 
     /// Writes rows loaded at the given versions under their own keys, in one
@@ -463,7 +518,9 @@ impl PgStore {
         let Some(sql) = self.inner.sql.update_many.get(index) else {
             return Ok(Vec::new());
         };
-        let mut q = sqlx::query_as(sql).bind(first.now);
+        let mut q = sqlx::query_as(sql)
+            .persistent(self.persistent())
+            .bind(first.now);
         // The same row twice (padding) is written once.
         for j in padded {
             q = q.bind(&j.key).bind(&j.sess).bind(j.expire).bind(&j.version);
@@ -471,7 +528,10 @@ impl PgStore {
                 q = q.bind(&j.user_id).bind(&j.provider_sid);
             }
         }
-        Ok(q.fetch_all(&self.inner.pool).await?)
+        let mut conn = self.conn().await?;
+        let written = q.fetch_all(conn.get()).await?;
+        conn.done().await?;
+        Ok(written)
     }
 
     /// Locks the live row for the rest of the returned transaction. `None`
@@ -484,6 +544,7 @@ impl PgStore {
     ) -> Result<Option<(Tx, Loaded)>, StoreError> {
         let mut tx = self.inner.pool.begin().await?;
         let row = sqlx::query(&self.inner.sql.select_for_update)
+            .persistent(self.persistent())
             .bind(key)
             .bind(now)
             .fetch_optional(&mut *tx)
@@ -507,6 +568,7 @@ impl PgStore {
         row: &NewRow<'_>,
     ) -> Result<String, StoreError> {
         let mut q = sqlx::query_scalar(&self.inner.sql.update_locked)
+            .persistent(self.persistent())
             .bind(key)
             .bind(new_key)
             .bind(row.sess)
@@ -543,12 +605,14 @@ impl PgStore {
         let t = self.inner.name.seen_table();
         let mut tx = self.inner.pool.begin().await?;
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .persistent(self.persistent())
             .bind(self.inner.name.lock_key("ddl"))
             .execute(&mut *tx)
             .await?;
         sqlx::query(&format!(
             "CREATE TABLE IF NOT EXISTS {t} (key text PRIMARY KEY, expire timestamptz NOT NULL)"
         ))
+        .persistent(self.persistent())
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -565,15 +629,19 @@ impl PgStore {
     ) -> Result<bool, StoreError> {
         let t = self.inner.name.seen_table();
         // An expired entry may be reused; a live one may not.
-        let inserted: Option<i32> = sqlx::query_scalar(&format!(
+        let sql = format!(
             "INSERT INTO {t} (key, expire) VALUES ($1, $2) \
              ON CONFLICT (key) DO UPDATE SET expire = EXCLUDED.expire WHERE {t}.expire < now() \
              RETURNING 1"
-        ))
-        .bind(key)
-        .bind(expire)
-        .fetch_optional(&self.inner.pool)
-        .await?;
+        );
+        let mut conn = self.conn().await?;
+        let inserted: Option<i32> = sqlx::query_scalar(&sql)
+            .persistent(self.persistent())
+            .bind(key)
+            .bind(expire)
+            .fetch_optional(conn.get())
+            .await?;
+        conn.done().await?;
         Ok(inserted.is_some())
     }
 
@@ -588,19 +656,25 @@ impl PgStore {
             "DELETE FROM {} WHERE {column} = $1",
             self.inner.name.qualified()
         );
-        Ok(sqlx::query(&sql)
+        let mut conn = self.conn().await?;
+        let done = sqlx::query(&sql)
+            .persistent(self.persistent())
             .bind(value)
-            .execute(&self.inner.pool)
-            .await?
-            .rows_affected())
+            .execute(conn.get())
+            .await?;
+        conn.done().await?;
+        Ok(done.rows_affected())
     }
 
     /// Deletes a row; true when one was there.
     pub(crate) async fn delete(&self, key: &str) -> Result<bool, StoreError> {
+        let mut conn = self.conn().await?;
         let done = sqlx::query(&self.inner.sql.delete)
+            .persistent(self.persistent())
             .bind(key)
-            .execute(&self.inner.pool)
+            .execute(conn.get())
             .await?;
+        conn.done().await?;
         Ok(done.rows_affected() > 0)
     }
 }

@@ -49,13 +49,16 @@ impl SessionStore for PgStore {
 
     async fn save(&self, record: &Record) -> session_store::Result<()> {
         let sess = encode(record)?;
+        let mut conn = self.conn().await?;
         sqlx::query(&self.inner.sql.save_any)
+            .persistent(self.persistent())
             .bind(record.id.to_string())
             .bind(&sess)
             .bind(record.expiry_date)
-            .execute(&self.inner.pool)
+            .execute(conn.get())
             .await
             .map_err(StoreError::from)?;
+        conn.done().await.map_err(StoreError::from)?;
         Ok(())
     }
 

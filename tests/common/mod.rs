@@ -5,6 +5,7 @@
 
 pub mod express;
 pub mod idp;
+pub mod pgbouncer;
 
 use std::{sync::Arc, time::Duration};
 
