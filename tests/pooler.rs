@@ -283,6 +283,43 @@ async fn two_instances_prune_one_at_a_time_and_leave_no_lock_behind() {
 }
 
 #[tokio::test]
+async fn a_prune_that_loses_its_lock_stops() {
+    let bouncer = PgBouncer::start().await;
+    let db = Db::new().await;
+    let store = store(&bouncer, &db, 4).await;
+    let key = store.prune_lock_id();
+    fill_expired(&db, 2_000).await;
+    let slow = PruneConfig::new()
+        .with_batch_size(10)
+        .with_busy_fraction(0.1);
+    let run = tokio::spawn({
+        let store = store.clone();
+        async move { store.prune_expired_with(&slow, |_| ()).await }
+    });
+    eventually("the run to take the lock", || async {
+        holders(&db, key).await == 1
+    })
+    .await;
+    // An idle-transaction timeout, a failover: the lock's backend goes.
+    let ended: bool = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' \
+         AND ((classid::int8 << 32) | objid::int8) = $1",
+    )
+    .bind(key)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(ended);
+    let outcome = tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("the run stops at its next batch")
+        .unwrap();
+    assert!(outcome.is_err(), "{outcome:?}");
+    assert!(db.rows().await > 0, "it did not go on without the lock");
+    db.drop_schema().await;
+}
+
+#[tokio::test]
 async fn an_instance_connected_directly_and_one_through_the_pooler_exclude_each_other() {
     let bouncer = PgBouncer::start().await;
     let db = Db::new().await;

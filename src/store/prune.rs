@@ -162,7 +162,7 @@ impl PgStore {
                     return Ok(PruneOutcome::Skipped);
                 }
                 let run = self
-                    .prune_batches(config, &mut on_batch, Some(&mut conn))
+                    .prune_batches(config, &mut on_batch, Some(&mut conn), None)
                     .await;
                 // Release explicitly: a closed connection's backend may
                 // outlive the close by a moment, and with it the lock.
@@ -187,7 +187,9 @@ impl PgStore {
                 if !locked {
                     return Ok(PruneOutcome::Skipped);
                 }
-                let run = self.prune_batches(config, &mut on_batch, None).await;
+                let run = self
+                    .prune_batches(config, &mut on_batch, None, Some(&mut *holder))
+                    .await;
                 let _ = holder.rollback().await;
                 run
             }
@@ -201,18 +203,27 @@ impl PgStore {
 
     /// Runs batches from the first expired row to the last, paced by
     /// `config`, on `conn` or else each in a transaction of its own on the
-    /// pool; returns the rows deleted.
+    /// pool; returns the rows deleted. Before each batch, `lock` (the
+    /// transaction holding the prune lock, if apart) is checked to be still
+    /// there, which also keeps idle-transaction timeouts from ending it.
     async fn prune_batches(
         &self,
         config: &PruneConfig,
         on_batch: &mut (impl FnMut(u64) + Send),
         mut conn: Option<&mut sqlx::PgConnection>,
+        mut lock: Option<&mut sqlx::PgConnection>,
     ) -> Result<u64, StoreError> {
         let mut total = 0u64;
         let mut from = String::from("-infinity");
         let limit = i64::from(config.batch_size);
         loop {
             let started = std::time::Instant::now();
+            if let Some(lock) = lock.as_deref_mut() {
+                sqlx::query("SELECT 1")
+                    .persistent(false)
+                    .execute(lock)
+                    .await?;
+            }
             let step = match conn.as_deref_mut() {
                 Some(conn) => self.prune_step(conn, &from, limit).await?,
                 None => {

@@ -43,6 +43,12 @@ fn is_root() -> bool {
 
 impl PgBouncer {
     pub async fn start() -> Self {
+        Self::start_with(None).await
+    }
+
+    /// As [`Self::start`], with the server connections' `search_path` set to
+    /// `schema` (PgBouncer does not pass a client's `options` on).
+    pub async fn start_with(schema: Option<&str>) -> Self {
         let options: sqlx::postgres::PgConnectOptions = database_url().parse().unwrap();
         let database = options.get_database().unwrap_or("test").to_owned();
         let port = free_port();
@@ -54,7 +60,7 @@ impl PgBouncer {
             &ini,
             format!(
                 "[databases]\n\
-                 {database} = host={host} port={pg_port} dbname={database} user={user}\n\
+                 {database} = host={host} port={pg_port} dbname={database} user={user}{connect_query}\n\
                  [pgbouncer]\n\
                  listen_addr = 127.0.0.1\n\
                  listen_port = {port}\n\
@@ -71,6 +77,9 @@ impl PgBouncer {
                 host = options.get_host(),
                 pg_port = options.get_port(),
                 user = options.get_username(),
+                connect_query = schema
+                    .map(|s| format!(" connect_query='SET search_path = {s}'"))
+                    .unwrap_or_default(),
             ),
         )
         .unwrap();
