@@ -235,9 +235,11 @@ async fn two_instances_prune_one_at_a_time_and_leave_no_lock_behind() {
     let (first, second) = (run(a.clone()), run(b.clone()));
     // While one runs, the lock is held (between its batches too), and by
     // one backend only.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    eventually("a run to take the lock", || async {
+        holders(&db, key).await == 1
+    })
+    .await;
     assert!(!first.is_finished() || !second.is_finished());
-    assert_eq!(holders(&db, key).await, 1, "{}", bouncer.log());
     let mut outcomes = vec![
         first.await.unwrap().unwrap(),
         second.await.unwrap().unwrap(),
