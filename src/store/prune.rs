@@ -185,6 +185,10 @@ impl PgStore {
                     .fetch_one(&mut *holder)
                     .await?;
                 if !locked {
+                    // Ended cleanly, so that the pooler keeps its server
+                    // connection for the next client.
+                    let _ = holder.rollback().await;
+                    let _ = sqlx::Connection::close(conn).await;
                     return Ok(PruneOutcome::Skipped);
                 }
                 let run = self
