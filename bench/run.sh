@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The benchmark: tower-pg-session against tower-sessions + tower-sessions-sqlx-store
 # (default and always-save), express-session + connect-pg-simple, an axum app
-# without sessions (the HTTP ceiling), and pgbench (the database's limit).
+# without sessions (the HTTP ceiling), and pgbench (the database's limit); and
+# tower-pg-session through PgBouncer in transaction mode (pg-session-pgbouncer).
 #
 #   bash bench/run.sh              # 10 s x 3 per cell, median (about 15 minutes)
 #   QUICK=1 bash bench/run.sh      # 3 s x 1: a smoke test
@@ -13,7 +14,8 @@
 # SESSIONS (pre-created cookies, 10000), CONTENDERS, WORKLOADS (empty: none), PGBENCH (1),
 # SCALE (0), SCALE_ROWS (1000000, 90 % expired; several: one scale run each), SCALE_CONTENDERS,
 # MEMORY (0), MEMORY_SESSIONS ("10000 1000000"),
-# PGHOST/PGPORT/PGUSER (127.0.0.1/5432/postgres), BENCH_DB (tower_pg_session_bench).
+# PGHOST/PGPORT/PGUSER (127.0.0.1/5432/postgres), BENCH_DB (tower_pg_session_bench),
+# PGBOUNCER_PORT (16432; PgBouncer gets POOL server connections, as many as the others' pools).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")"
@@ -23,13 +25,14 @@ if [[ ${QUICK:-0} == 1 ]]; then
 fi
 DURATION=${DURATION:-10} REPS=${REPS:-3} WARMUP=${WARMUP:-2}
 CONNECTIONS=${CONNECTIONS:-32} THREADS=${THREADS:-2} POOL=${POOL:-10} SESSIONS=${SESSIONS:-10000}
-CONTENDERS=${CONTENDERS-ceiling pg-session tower-sessions tower-sessions-always-save express}
+CONTENDERS=${CONTENDERS-ceiling pg-session pg-session-pgbouncer tower-sessions tower-sessions-always-save express}
 WORKLOADS=${WORKLOADS-read write new mixed}
 PGBENCH=${PGBENCH:-1} SCALE=${SCALE:-0} SCALE_ROWS=${SCALE_ROWS:-1000000}
 SCALE_CONTENDERS=${SCALE_CONTENDERS:-pg-session tower-sessions express}
 MEMORY=${MEMORY:-0} MEMORY_SESSIONS=${MEMORY_SESSIONS:-10000 1000000}
 export PGHOST=${PGHOST:-127.0.0.1} PGPORT=${PGPORT:-5432} PGUSER=${PGUSER:-postgres}
 BENCH_DB=${BENCH_DB:-tower_pg_session_bench}
+PGBOUNCER_PORT=${PGBOUNCER_PORT:-16432}
 export BENCH_DATABASE_URL="postgres://$PGUSER@$PGHOST:$PGPORT/$BENCH_DB" BENCH_POOL=$POOL
 [[ $PGHOST == 127.0.0.1 || $PGHOST == localhost ]] || { echo "PGHOST must be local" >&2; exit 2; }
 
@@ -52,6 +55,7 @@ cleanup() {
   stop_server
   [[ -n ${LIVE_PID:-} ]] && kill -TERM "$LIVE_PID" 2>/dev/null
   [[ -n ${PRUNE_PID:-} ]] && kill -TERM "$PRUNE_PID" 2>/dev/null
+  [[ -n ${PGBOUNCER_PID:-} ]] && kill -TERM "$PGBOUNCER_PID" 2>/dev/null
   rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -72,8 +76,33 @@ log "npm ci (bench/express)"
 psql -X -q -d postgres -At -c "SELECT 1 FROM pg_database WHERE datname = '$BENCH_DB'" | grep -q 1 ||
   psql -X -q -d postgres -c "CREATE DATABASE $BENCH_DB"
 sql -c "CREATE EXTENSION IF NOT EXISTS pg_stat_statements" \
-  -c "DROP SCHEMA IF EXISTS bench_pg, bench_ts, bench_ts_always, bench_express, bench_pgbench CASCADE" \
+  -c "DROP SCHEMA IF EXISTS bench_pg, bench_pgb, bench_ts, bench_ts_always, bench_express, bench_pgbench CASCADE" \
   -c "DROP SCHEMA IF EXISTS bench_pg_live, bench_ts_live, bench_ts_always_live, bench_express_live CASCADE"
+
+# PgBouncer in transaction mode in front of the benchmark database, for
+# pg-session-pgbouncer: as many server connections as the others' pools.
+if [[ " $CONTENDERS " == *" pg-session-pgbouncer "* ]]; then
+  if ! command -v pgbouncer >/dev/null && [[ ! -x /usr/sbin/pgbouncer ]]; then
+    log "installing pgbouncer"
+    apt-get update -qq && apt-get install -y -qq pgbouncer >/dev/null
+  fi
+  chmod 755 "$WORK"
+  printf '%s\n' "[databases]" "$BENCH_DB = host=$PGHOST port=$PGPORT dbname=$BENCH_DB user=$PGUSER" \
+    "[pgbouncer]" "listen_addr = 127.0.0.1" "listen_port = $PGBOUNCER_PORT" "unix_socket_dir =" \
+    "auth_type = any" "pool_mode = transaction" "default_pool_size = $POOL" "max_client_conn = 1000" \
+    "ignore_startup_parameters = extra_float_digits" "server_reset_query =" >"$WORK/pgbouncer.ini"
+  # PgBouncer refuses to run as root: it switches to postgres itself.
+  timeout 7200 "$(command -v pgbouncer || echo /usr/sbin/pgbouncer)" $([[ $(id -u) == 0 ]] && echo -u postgres) \
+    "$WORK/pgbouncer.ini" >"$WORK/pgbouncer.log" 2>&1 &
+  PGBOUNCER_PID=$!
+  for _ in $(seq 50); do
+    psql -X -q -At -h 127.0.0.1 -p "$PGBOUNCER_PORT" -d "$BENCH_DB" -c 'SELECT 1' >/dev/null 2>&1 && break
+    sleep 0.1
+  done
+  psql -X -q -At -h 127.0.0.1 -p "$PGBOUNCER_PORT" -d "$BENCH_DB" -c 'SELECT 1' >/dev/null ||
+    { cat "$WORK/pgbouncer.log" >&2; log "pgbouncer did not start"; exit 1; }
+  export BENCH_PGBOUNCER_URL="postgres://$PGUSER@127.0.0.1:$PGBOUNCER_PORT/$BENCH_DB"
+fi
 
 {
   printf 'meta\tdate\t%s\n' "$(date -u '+%F %T UTC')"

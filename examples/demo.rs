@@ -46,6 +46,7 @@
 //! | `DB_ACQUIRE_TIMEOUT_SECS` | `5`: how long a request waits for a database connection before answering 503 |
 //! | `DB_MAX_LIFETIME_SECS` / `DB_IDLE_TIMEOUT_SECS` | `1800` / `600`: connections older / idle longer are closed (`0`: never) |
 //! | `DB_PASSWORD_FILE` | none; a file holding the database password, read again for each new connection (rotated credentials) |
+//! | `DB_POOLER` | `direct`; `transaction` when `DATABASE_URL` points at a pooler in transaction mode (PgBouncer `pool_mode = transaction`, RDS Proxy, Supavisor): no named prepared statements, no session-level state |
 //! | `PRUNE_INTERVAL_SECS` | `900` (`0` turns pruning off) |
 //! | `SESSION_TTL_SECS` | `86400` (idle timeout) |
 //! | `COOKIE_SECURE` | on; `0` for plain-http use other than on localhost |
@@ -81,8 +82,8 @@ use tower_pg_session::{
     crypto::{EncryptionKey, Keyring},
     oidc::{AuthError, OidcClient, OidcConfig, Provider, RequireLoginLayer, User},
     store::PgConnect,
-    ExpressSecrets, PgStore, PgStoreConfig, PruneConfig, Session, SessionError, SessionLayer,
-    SigningKeys,
+    ExpressSecrets, PgStore, PgStoreConfig, Pooler, PruneConfig, Session, SessionError,
+    SessionLayer, SigningKeys,
 };
 
 mod local_pg {
@@ -428,6 +429,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .init();
 
     let bind: SocketAddr = env_or("BIND_ADDR", SocketAddr::from(([127, 0, 0, 1], 3000)))?;
+    let store_config = match env_str("DB_POOLER").as_deref() {
+        None | Some("direct" | "session") => PgStoreConfig::new(),
+        Some("transaction") => PgStoreConfig::new().with_pooler(Pooler::Transaction),
+        Some(other) => {
+            return Err(
+                format!("DB_POOLER={other:?}: expected \"direct\" or \"transaction\"").into(),
+            )
+        }
+    };
     let prune_secs: u64 = env_or("PRUNE_INTERVAL_SECS", 900)?;
     let ttl_secs: u64 = env_or("SESSION_TTL_SECS", 86_400)?;
     let secure = env::var("COOKIE_SECURE").map(|v| v != "0").unwrap_or(true);
@@ -468,10 +478,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let store = match env::var("DATABASE_URL") {
         // The given database may not answer yet: start anyway (`/healthz`
         // answers 503 until it does) and prepare the table on first contact.
-        Ok(url) => PgStore::connect_lazy(connect_options(&url)?, PgStoreConfig::new()),
+        Ok(url) => PgStore::connect_lazy(connect_options(&url)?, store_config),
         Err(_) => {
             let url = "postgres://postgres@127.0.0.1:5432/postgres";
-            match PgStore::connect_to(connect_options(url)?, PgStoreConfig::new()).await {
+            match PgStore::connect_to(connect_options(url)?, store_config.clone()).await {
                 Ok(store) => store,
                 Err(e) => {
                     tracing::warn!(error = %e, "no PostgreSQL at the default address; starting a throwaway cluster");
@@ -482,8 +492,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     })?;
                     tracing::info!(url = %cluster.url, "throwaway PostgreSQL cluster started (removed on exit)");
                     let store =
-                        PgStore::connect_to(connect_options(&cluster.url)?, PgStoreConfig::new())
-                            .await?;
+                        PgStore::connect_to(connect_options(&cluster.url)?, store_config).await?;
                     _cluster = Some(cluster);
                     store
                 }

@@ -35,3 +35,11 @@ ensure_postgres() {
     || pg_psql -d postgres -c 'create database test'
   pg_psql -d test -c 'create extension if not exists pg_stat_statements'
 }
+
+# PgBouncer, which the tests start themselves in transaction mode on free ports.
+ensure_pgbouncer() {
+  if ! command -v pgbouncer >/dev/null 2>&1 && [ ! -x /usr/sbin/pgbouncer ]; then
+    echo "installing PgBouncer from Debian's packages" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbouncer >/dev/null
+  fi
+}

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh machine: starts PostgreSQL (with
-# pg_stat_statements, through which the tests count statements), installs the
-# npm test peers, then runs every test and doctest.
+# pg_stat_statements, through which the tests count statements), installs
+# PgBouncer and the npm test peers, then runs every test and doctest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/pg.sh
@@ -10,6 +10,7 @@ ensure_postgres
 if ! command -v openssl >/dev/null 2>&1; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl >/dev/null
 fi
+ensure_pgbouncer
 export DATABASE_URL="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}"
 
 # Schemas left by interrupted runs.

@@ -113,11 +113,14 @@ impl Admin {
             expire = self.expire_sql(),
             now = self.now_sql(),
         );
+        let mut conn = self.store.conn().await?;
         let rows = sqlx::query(&sql)
+            .persistent(self.store.persistent())
             .bind(OffsetDateTime::now_utc())
             .bind(user)
-            .fetch_all(self.store.pool())
+            .fetch_all(conn.get())
             .await?;
+        conn.done().await?;
         rows.iter()
             .map(|r| {
                 Ok(SessionInfo {
@@ -143,11 +146,14 @@ impl Admin {
             "DELETE FROM {t} WHERE user_id = $1 AND left(encode(sha256(convert_to(sid, 'UTF8')), 'hex'), {HANDLE_LEN}) = $2",
             t = self.table()
         );
+        let mut conn = self.store.conn().await?;
         let done = sqlx::query(&sql)
+            .persistent(self.store.persistent())
             .bind(user)
             .bind(handle)
-            .execute(self.store.pool())
+            .execute(conn.get())
             .await?;
+        conn.done().await?;
         Ok(done.rows_affected() > 0)
     }
 
@@ -170,12 +176,15 @@ impl Admin {
             "DELETE FROM {t} WHERE user_id = $1 AND left(encode(sha256(convert_to(sid, 'UTF8')), 'hex'), {HANDLE_LEN}) <> $2",
             t = self.table()
         );
-        Ok(sqlx::query(&sql)
+        let mut conn = self.store.conn().await?;
+        let done = sqlx::query(&sql)
+            .persistent(self.store.persistent())
             .bind(user)
             .bind(keep)
-            .execute(self.store.pool())
-            .await?
-            .rows_affected())
+            .execute(conn.get())
+            .await?;
+        conn.done().await?;
+        Ok(done.rows_affected())
     }
 
     /// Ends every session (incident response), in batches so that no
@@ -191,10 +200,13 @@ impl Admin {
         );
         let mut total = 0;
         loop {
+            let mut conn = self.store.conn().await?;
             let n = sqlx::query(&sql)
-                .execute(self.store.pool())
+                .persistent(self.store.persistent())
+                .execute(conn.get())
                 .await?
                 .rows_affected();
+            conn.done().await?;
             total += n;
             if n == 0 {
                 tracing::warn!(sessions = total, "revoked every session");
@@ -226,13 +238,17 @@ impl Admin {
         let mut tx = self.store.begin().await?;
         // Expired rows are often most of the table: a (parallel) heap scan
         // would read all of it where the `expire` index answers the counts.
+        let persistent = self.store.persistent();
         sqlx::query("SET LOCAL enable_seqscan = off")
+            .persistent(persistent)
             .execute(&mut *tx)
             .await?;
         sqlx::query("SET LOCAL max_parallel_workers_per_gather = 0")
+            .persistent(persistent)
             .execute(&mut *tx)
             .await?;
         let row = sqlx::query(&sql)
+            .persistent(persistent)
             .bind(now_i)
             .bind(now_i - time::Duration::days(1))
             .bind(&t)

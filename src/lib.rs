@@ -17,5 +17,5 @@ pub use crate::{
     session::{
         ExpressSecrets, SameSite, Session, SessionError, SessionLayer, SessionService, SigningKeys,
     },
-    store::{PgStore, PgStoreConfig, PruneConfig, PruneOutcome, Pruner, StoreError},
+    store::{PgStore, PgStoreConfig, Pooler, PruneConfig, PruneOutcome, Pruner, StoreError},
 };

@@ -105,3 +105,35 @@ fn clear_errors() {
     assert_eq!(code, 1);
     assert!(err.contains("invalid SQL identifier"), "{err}");
 }
+
+#[tokio::test]
+async fn through_pgbouncer_in_transaction_mode() {
+    let bouncer = pgbouncer::PgBouncer::start().await;
+    let db = Db::new().await;
+    let s = db.schema.clone();
+    let run = |args: &[&str]| {
+        let mut all = vec!["--schema", s.as_str(), "--pooler", "transaction"];
+        all.extend_from_slice(args);
+        pg_session(&bouncer.url(), &all)
+    };
+    let (code, out, err) = run(&["init"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("is ready"), "{out}");
+    use sqlx::Executor;
+    db.pool
+        .execute(&*format!(
+            "INSERT INTO {t} (sid, sess, expire) SELECT 'old' || g, '{{}}', \
+             (now() AT TIME ZONE current_setting('log_timezone')) - interval '1 hour' \
+             FROM generate_series(1, 500) g",
+            t = db.table()
+        ))
+        .await
+        .unwrap();
+    let (code, out, err) = run(&["stats"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("expired, not pruned    500"), "{out}");
+    let (code, _, err) = run(&["prune", "--batch", "100", "--busy", "1"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(db.rows().await, 0);
+    db.drop_schema().await;
+}

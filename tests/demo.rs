@@ -147,6 +147,79 @@ async fn routes_sessions_and_login_as_documented() {
 }
 
 #[tokio::test]
+async fn db_pooler_transaction_serves_and_prunes_through_pgbouncer() {
+    let db = common::Db::new().await;
+    sqlx::query(&format!("CREATE SCHEMA {}", db.schema))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let bouncer = common::pgbouncer::PgBouncer::start_with(Some(&db.schema)).await;
+    let demo = start(&[
+        ("DATABASE_URL", bouncer.url()),
+        ("DB_POOLER", "transaction".to_owned()),
+        ("DB_POOL_SIZE", "8".to_owned()),
+        ("PRUNE_INTERVAL_SECS", "1".to_owned()),
+        ("SESSION_SECRET", common::KEY_A.to_owned()),
+        ("COOKIE_SECURE", "0".to_owned()),
+        // Sessions only: a provider that refuses connections.
+        ("OIDC_ISSUER", "http://127.0.0.1:9".to_owned()),
+    ])
+    .await;
+    let app = demo.url.clone();
+    let browser = || {
+        reqwest::Client::builder()
+            .cookie_store(true)
+            .build()
+            .unwrap()
+    };
+    let counter = |b: reqwest::Client| {
+        let url = format!("{app}/counter");
+        async move {
+            let r = b.get(url).send().await.unwrap();
+            (r.status(), r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let one = browser();
+    assert_eq!(
+        counter(one.clone()).await,
+        (StatusCode::OK, json!({"count": 1}))
+    );
+    assert_eq!(
+        counter(one.clone()).await,
+        (StatusCode::OK, json!({"count": 2}))
+    );
+    // 32 browsers at once, 5 times: PgBouncer's two server connections
+    // pass between the demo's eight.
+    let browsers: Vec<_> = (0..32).map(|_| browser()).collect();
+    for round in 1..=5 {
+        let replies = browsers.iter().map(|b| tokio::spawn(counter(b.clone())));
+        for r in replies.collect::<Vec<_>>() {
+            assert_eq!(
+                r.await.unwrap(),
+                (StatusCode::OK, json!({"count": round})),
+                "{}",
+                bouncer.log()
+            );
+        }
+    }
+    // The pruner, every second, through the pooler.
+    sqlx::query(&format!(
+        "INSERT INTO {} (sid, sess, expire) SELECT 'expired' || g, '{{}}', \
+         now() AT TIME ZONE 'UTC' - interval '1 day' FROM generate_series(1, 100) g",
+        db.table()
+    ))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    common::eventually("the pruner to delete the expired rows", || async {
+        db.rows().await == 33
+    })
+    .await;
+    drop(demo);
+    db.drop_schema().await;
+}
+
+#[tokio::test]
 async fn express_compat_shares_count_with_a_node_app() {
     use common::express::{Node, Shared, SECRET};
     let db = Shared::new("json", "timestamp(6)").await;

@@ -9,7 +9,9 @@
 //! ```
 //!
 //! Contenders: `ceiling` (no session layer), `pg-session` (this crate),
-//! `tower-sessions` and `tower-sessions-always-save` (tower-sessions +
+//! `pg-session-pgbouncer` (this crate with `Pooler::Transaction`, through the
+//! PgBouncer in transaction mode at `BENCH_PGBOUNCER_URL`), `tower-sessions`
+//! and `tower-sessions-always-save` (tower-sessions +
 //! tower-sessions-sqlx-store `PostgresStore`). The database is
 //! `BENCH_DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/tower_pg_session_bench`).
 //! Routes, identical for all: `GET /read` (returns `{"count":N}`), `GET /write`
@@ -45,7 +47,7 @@ const IDLE_HOURS: i64 = 24;
 #[derive(Clone, Copy, PartialEq)]
 enum Contender {
     Ceiling,
-    PgSession,
+    PgSession { pooler: bool },
     TowerSessions { always_save: bool },
 }
 
@@ -53,7 +55,8 @@ impl Contender {
     fn parse(name: &str) -> Result<Self, Error> {
         Ok(match name {
             "ceiling" => Self::Ceiling,
-            "pg-session" => Self::PgSession,
+            "pg-session" => Self::PgSession { pooler: false },
+            "pg-session-pgbouncer" => Self::PgSession { pooler: true },
             "tower-sessions" => Self::TowerSessions { always_save: false },
             "tower-sessions-always-save" => Self::TowerSessions { always_save: true },
             _ => return Err(format!("unknown contender {name:?}").into()),
@@ -130,9 +133,19 @@ async fn app(args: &Args) -> Result<(Router, Store), Error> {
                 .route("/new", get(|| async { Json(json!({ "count": 0 })) })),
             Store::None,
         )),
-        Contender::PgSession => {
-            use tower_pg_session::{Session, SessionError};
-            let mut config = PgStoreConfig::new().with_schema_name(&schema("bench_pg"))?;
+        Contender::PgSession { pooler } => {
+            use tower_pg_session::{Pooler, Session, SessionError};
+            let (base, url) = if pooler {
+                let url = std::env::var("BENCH_PGBOUNCER_URL")
+                    .map_err(|_| "pg-session-pgbouncer needs BENCH_PGBOUNCER_URL")?;
+                ("bench_pgb", url)
+            } else {
+                ("bench_pg", args.url.clone())
+            };
+            let mut config = PgStoreConfig::new().with_schema_name(&schema(base))?;
+            if pooler {
+                config = config.with_pooler(Pooler::Transaction);
+            }
             // LOAD_CONCURRENCY: loads running at once (the crate's default is 4).
             if let Some(n) = std::env::var("LOAD_CONCURRENCY")
                 .ok()
@@ -140,7 +153,7 @@ async fn app(args: &Args) -> Result<(Router, Store), Error> {
             {
                 config = config.with_load_concurrency(n);
             }
-            let store = PgStore::connect_with(&args.url, args.pool, config).await?;
+            let store = PgStore::connect_with(&url, args.pool, config).await?;
             let layer = SessionLayer::new(store.clone(), SigningKeys::new([SIGNING_KEY])?)
                 .with_insecure_http_cookie()?
                 .with_idle_timeout(Some(Duration::from_secs(IDLE_HOURS as u64 * 3600)))?;

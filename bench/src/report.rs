@@ -10,9 +10,13 @@
 
 use std::{collections::BTreeMap, fmt::Write};
 
-const CONTENDERS: [(&str, &str); 5] = [
+const CONTENDERS: [(&str, &str); 6] = [
     ("ceiling", "axum without sessions (HTTP ceiling)"),
     ("pg-session", "**tower-pg-session**"),
+    (
+        POOLED,
+        "tower-pg-session through PgBouncer (transaction mode)",
+    ),
     ("tower-sessions", "tower-sessions + sqlx-store"),
     ("tower-sessions-always-save", "the same with always-save"),
     ("express", "express-session + connect-pg-simple"),
@@ -25,6 +29,8 @@ const PGBENCH: [(&str, &str); 3] = [
     ("new", "upsert"),
 ];
 const OURS: &str = "pg-session";
+/// Ours with `Pooler::Transaction`, through PgBouncer in transaction mode.
+const POOLED: &str = "pg-session-pgbouncer";
 
 #[derive(Default)]
 struct Cell {
@@ -246,6 +252,27 @@ pub fn report(raw: &str) -> String {
                 format!("{} ({s})", times(ratio(rps(OURS, w), pg_tps(s))))
             });
             let _ = writeln!(out, " {pg} |");
+        }
+
+        // Ours through a transaction pooler against ours direct.
+        if present.iter().any(|(c, _)| *c == POOLED) {
+            out.push_str("\n## tower-pg-session through PgBouncer in transaction mode ÷ direct\n\n\
+                Each statement in a transaction of its own, unnamed (BEGIN and COMMIT count as \
+                statements; PgBouncer's own CPU is in neither column of CPU).\n\n\
+                | workload | req/s direct | req/s through PgBouncer | ratio | statements/request direct | through PgBouncer |\n\
+                |---|---:|---:|---:|---:|---:|\n");
+            for w in WORKLOADS {
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | {} | {} | {} | {} |",
+                    w.to_uppercase(),
+                    num(rps(OURS, w), 0),
+                    num(rps(POOLED, w), 0),
+                    times(ratio(rps(POOLED, w), rps(OURS, w))),
+                    num(stmts(OURS, w), 2),
+                    num(stmts(POOLED, w), 2)
+                );
+            }
         }
 
         // The targets the crate is held to.

@@ -7,15 +7,16 @@
 //! pg-session sessions --user alice
 //! pg-session revoke --user alice      # or --all
 //! pg-session export --user alice      # JSON, no secrets
+//! pg-session --pooler transaction stats   # through PgBouncer in transaction mode
 //! ```
 
 use std::{process::ExitCode, time::Duration};
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use tower_pg_session::{
     store::{PgConnect, PruneOutcome},
-    PgStore, PgStoreConfig, PruneConfig, StoreError,
+    PgStore, PgStoreConfig, Pooler, PruneConfig, StoreError,
 };
 
 /// Administration of tower-pg-session's session table.
@@ -32,8 +33,20 @@ struct Cli {
     /// Table name.
     #[arg(long, global = true, default_value = "session")]
     table: String,
+    /// How the URL reaches Postgres: `transaction` for a pooler in
+    /// transaction mode (PgBouncer, RDS Proxy, Supavisor).
+    #[arg(long, global = true, env = "DB_POOLER", value_enum, default_value_t = PoolerArg::Direct)]
+    pooler: PoolerArg,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum PoolerArg {
+    /// Straight to Postgres, or a pooler in session mode.
+    Direct,
+    /// A pooler in transaction mode.
+    Transaction,
 }
 
 #[derive(Subcommand)]
@@ -103,7 +116,13 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<(), StoreError> {
-    let mut config = PgStoreConfig::new().with_table_name(&cli.table)?;
+    let pooler = match cli.pooler {
+        PoolerArg::Direct => Pooler::Direct,
+        PoolerArg::Transaction => Pooler::Transaction,
+    };
+    let mut config = PgStoreConfig::new()
+        .with_table_name(&cli.table)?
+        .with_pooler(pooler);
     if let Some(schema) = &cli.schema {
         config = config.with_schema_name(schema)?;
     }

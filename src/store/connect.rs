@@ -535,11 +535,13 @@ impl Router {
 }
 
 /// Whether the server accepts writes (what libpq checks for `read-write`).
+/// Sent as a simple query: a named prepared statement would outlive the
+/// server connection's loan behind a transaction pooler.
 async fn writable(conn: &mut PgConnection) -> Result<bool, sqlx::Error> {
-    let read_only: String = sqlx::query_scalar("SHOW transaction_read_only")
-        .fetch_one(&mut *conn)
-        .await?;
-    Ok(read_only == "off")
+    use sqlx::{Executor, Row};
+    // A bare string has no arguments: sqlx sends it with the simple protocol.
+    let row = conn.fetch_one("SHOW transaction_read_only").await?;
+    Ok(row.try_get::<String, _>(0)? == "off")
 }
 
 fn read_only(host: &str) -> sqlx::Error {

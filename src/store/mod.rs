@@ -36,6 +36,7 @@
 
 mod batch;
 mod connect;
+mod pooler;
 mod prune;
 mod schema;
 #[cfg(feature = "tower-sessions")]
@@ -49,6 +50,7 @@ use time::OffsetDateTime;
 
 pub(crate) use self::batch::LoadPolicy;
 pub use self::connect::{PgConnect, ProviderError, TargetSessionAttrs};
+pub use self::pooler::Pooler;
 pub use self::prune::{PruneConfig, PruneOutcome, Pruner};
 use self::schema::{ExpireType, Ident, Layout, SessType, TableName};
 use crate::error::ConfigError;
@@ -171,6 +173,7 @@ pub struct PgStoreConfig {
     create_table: bool,
     timestamp_zone: Option<String>,
     load_slots: Option<usize>,
+    pooler: Pooler,
 }
 
 impl Default for PgStoreConfig {
@@ -188,6 +191,7 @@ impl PgStoreConfig {
             create_table: true,
             timestamp_zone: None,
             load_slots: None,
+            pooler: Pooler::Direct,
         }
     }
 
@@ -270,6 +274,23 @@ impl PgStoreConfig {
         self.load_slots = Some(loads.max(1));
         self
     }
+
+    /// How the pool reaches Postgres (default [`Pooler::Direct`]). Set
+    /// [`Pooler::Transaction`] behind a pooler in transaction mode
+    /// (PgBouncer `pool_mode = transaction`, RDS Proxy, Supavisor): the store
+    /// then sends no named prepared statements, runs each statement in a
+    /// transaction of its own, and holds no session-level state (its
+    /// advisory locks are transaction-scoped). PgBouncer must also list
+    /// `extra_float_digits` in `ignore_startup_parameters`, as sqlx sends it.
+    ///
+    /// ```
+    /// # use tower_pg_session::{PgStoreConfig, Pooler};
+    /// let config = PgStoreConfig::new().with_pooler(Pooler::Transaction);
+    /// ```
+    pub fn with_pooler(mut self, pooler: Pooler) -> Self {
+        self.pooler = pooler;
+        self
+    }
 }
 
 /// Load statements that may run at once by default (see
@@ -293,6 +314,7 @@ struct Inner {
     timestamp_zone: Option<String>,
     /// Present when the store made its own pool: follows the writable server.
     router: Option<Arc<connect::Router>>,
+    pooler: Pooler,
     loads: batch::Batcher<batch::LoadJob>,
     updates: batch::Batcher<batch::UpdateJob>,
 }
@@ -414,6 +436,7 @@ impl PgStore {
                 create_table: config.create_table,
                 timestamp_zone: config.timestamp_zone,
                 router,
+                pooler: config.pooler,
                 loads: batch::Batcher::new(slots),
                 updates: batch::Batcher::new(slots),
             }),
@@ -436,6 +459,7 @@ impl PgStore {
         let inner = &self.inner;
         let layout = schema::prepare(
             &inner.pool,
+            inner.pooler,
             &inner.name,
             inner.create_table,
             inner.timestamp_zone.as_deref(),
@@ -465,6 +489,22 @@ impl PgStore {
         &self.inner.pool
     }
 
+    /// How the pool reaches Postgres.
+    pub fn pooler(&self) -> Pooler {
+        self.inner.pooler
+    }
+
+    /// Whether statements may be prepared once per connection and kept.
+    pub(crate) fn persistent(&self) -> bool {
+        self.inner.pooler.persistent()
+    }
+
+    /// A connection for one statement, in a transaction of its own behind a
+    /// transaction pooler.
+    pub(crate) async fn conn(&self) -> Result<pooler::Conn, StoreError> {
+        Ok(self.inner.pooler.conn(&self.inner.pool).await?)
+    }
+
     /// The quoted, qualified table name, as it appears in the store's SQL.
     pub fn table_name(&self) -> String {
         self.inner.name.qualified()
@@ -476,13 +516,20 @@ impl PgStore {
     /// [`StoreError::Database`] when it does not.
     pub async fn ping(&self) -> Result<(), StoreError> {
         let answer = match self.ready().await {
-            Ok(_) => sqlx::query("SELECT 1")
-                .execute(&self.inner.pool)
+            Ok(_) => {
+                async {
+                    let mut conn = self.conn().await?;
+                    sqlx::query("SELECT 1")
+                        .persistent(self.persistent())
+                        .execute(conn.get())
+                        .await?;
+                    Ok(conn.done().await?)
+                }
                 .await
-                .map_err(StoreError::from),
+            }
             Err(e) => Err(e),
         };
-        answer.inspect_err(|e| self.report(e)).map(|_| ())
+        answer.inspect_err(|e| self.report(e))
     }
 
     /// SQL turning the timestamptz parameter `param` into the `expire` column's type.
@@ -535,6 +582,7 @@ impl PgStore {
             return Ok(Vec::new());
         };
         let mut query = sqlx::query(sql)
+            .persistent(self.persistent())
             .bind(at.extend_to)
             .bind(at.now)
             .bind(at.touch_before);
@@ -544,7 +592,9 @@ impl PgStore {
         for key in keys {
             query = query.bind(*key);
         }
-        let rows = query.fetch_all(&self.inner.pool).await?;
+        let mut conn = self.conn().await?;
+        let rows = query.fetch_all(conn.get()).await?;
+        conn.done().await?;
         rows.iter()
             .map(|r| Ok((r.try_get(7)?, Loaded::from_row(r)?)))
             .collect()
@@ -563,6 +613,7 @@ impl PgStore {
         // row, which no cookie names, expires unused).
         retry_once(|| async {
             let mut q = sqlx::query_scalar(&ready.sql.insert)
+                .persistent(self.persistent())
                 .bind(key)
                 .bind(row.sess)
                 .bind(row.expire);
@@ -574,7 +625,10 @@ impl PgStore {
                     .bind(row.user_agent)
                     .bind(row.ip);
             }
-            Ok(q.fetch_optional(&self.inner.pool).await?)
+            let mut conn = self.conn().await?;
+            let inserted = q.fetch_optional(conn.get()).await?;
+            conn.done().await?;
+            Ok(inserted)
         })
         .await
     }
@@ -591,6 +645,7 @@ impl PgStore {
     ) -> Result<Option<String>, StoreError> {
         let ready = self.ready().await?;
         let mut q = sqlx::query_scalar(&ready.sql.update)
+            .persistent(self.persistent())
             .bind(key)
             .bind(new_key)
             .bind(row.sess)
@@ -600,7 +655,10 @@ impl PgStore {
         if ready.layout.extended {
             q = q.bind(row.user_id).bind(row.provider_sid);
         }
-        Ok(q.fetch_optional(&self.inner.pool).await?)
+        let mut conn = self.conn().await?;
+        let written = q.fetch_optional(conn.get()).await?;
+        conn.done().await?;
+        Ok(written)
     }
 
     /// Writes rows loaded at the given versions under their own keys, in one
@@ -617,7 +675,9 @@ impl PgStore {
         let Some(sql) = ready.sql.update_many.get(index) else {
             return Ok(Vec::new());
         };
-        let mut q = sqlx::query_as(sql).bind(first.now);
+        let mut q = sqlx::query_as(sql)
+            .persistent(self.persistent())
+            .bind(first.now);
         // The same row twice (padding) is written once.
         for j in padded {
             q = q.bind(&j.key).bind(&j.sess).bind(j.expire).bind(&j.version);
@@ -625,7 +685,10 @@ impl PgStore {
                 q = q.bind(&j.user_id).bind(&j.provider_sid);
             }
         }
-        Ok(q.fetch_all(&self.inner.pool).await?)
+        let mut conn = self.conn().await?;
+        let written = q.fetch_all(conn.get()).await?;
+        conn.done().await?;
+        Ok(written)
     }
 
     /// Locks the live row for the rest of the returned transaction. `None`
@@ -639,6 +702,7 @@ impl PgStore {
         let ready = self.ready().await?;
         let mut tx = self.begin().await?;
         let row = sqlx::query(&ready.sql.select_for_update)
+            .persistent(self.persistent())
             .bind(key)
             .bind(now)
             .fetch_optional(&mut *tx)
@@ -710,6 +774,7 @@ impl PgStore {
     ) -> Result<String, StoreError> {
         let ready = self.ready().await?;
         let mut q = sqlx::query_scalar(&ready.sql.update_locked)
+            .persistent(self.persistent())
             .bind(key)
             .bind(new_key)
             .bind(row.sess)
@@ -746,12 +811,14 @@ impl PgStore {
         let t = self.inner.name.seen_table();
         let mut tx = self.begin().await?;
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .persistent(self.persistent())
             .bind(self.inner.name.lock_key("ddl"))
             .execute(&mut *tx)
             .await?;
         sqlx::query(&format!(
             "CREATE TABLE IF NOT EXISTS {t} (key text PRIMARY KEY, expire timestamptz NOT NULL)"
         ))
+        .persistent(self.persistent())
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -768,15 +835,19 @@ impl PgStore {
     ) -> Result<bool, StoreError> {
         let t = self.inner.name.seen_table();
         // An expired entry may be reused; a live one may not.
-        let inserted: Option<i32> = sqlx::query_scalar(&format!(
+        let sql = format!(
             "INSERT INTO {t} (key, expire) VALUES ($1, $2) \
              ON CONFLICT (key) DO UPDATE SET expire = EXCLUDED.expire WHERE {t}.expire < now() \
              RETURNING 1"
-        ))
-        .bind(key)
-        .bind(expire)
-        .fetch_optional(&self.inner.pool)
-        .await?;
+        );
+        let mut conn = self.conn().await?;
+        let inserted: Option<i32> = sqlx::query_scalar(&sql)
+            .persistent(self.persistent())
+            .bind(key)
+            .bind(expire)
+            .fetch_optional(conn.get())
+            .await?;
+        conn.done().await?;
         Ok(inserted.is_some())
     }
 
@@ -792,21 +863,28 @@ impl PgStore {
             "DELETE FROM {} WHERE {column} = $1",
             self.inner.name.qualified()
         );
-        Ok(sqlx::query(&sql)
+        let mut conn = self.conn().await?;
+        let done = sqlx::query(&sql)
+            .persistent(self.persistent())
             .bind(value)
-            .execute(&self.inner.pool)
-            .await?
-            .rows_affected())
+            .execute(conn.get())
+            .await?;
+        conn.done().await?;
+        Ok(done.rows_affected())
     }
 
     /// Deletes a row; true when one was there.
     pub(crate) async fn delete(&self, key: &str) -> Result<bool, StoreError> {
         let ready = self.ready().await?;
         let done = retry_once(|| async {
-            Ok(sqlx::query(&ready.sql.delete)
+            let mut conn = self.conn().await?;
+            let done = sqlx::query(&ready.sql.delete)
+                .persistent(self.persistent())
                 .bind(key)
-                .execute(&self.inner.pool)
-                .await?)
+                .execute(conn.get())
+                .await?;
+            conn.done().await?;
+            Ok(done)
         })
         .await?;
         Ok(done.rows_affected() > 0)

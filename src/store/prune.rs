@@ -7,7 +7,7 @@ use time::OffsetDateTime;
 use tokio::{sync::watch, task::JoinHandle};
 use tracing::Instrument;
 
-use super::{PgStore, StoreError};
+use super::{PgStore, Pooler, StoreError};
 
 /// How the background pruner runs.
 #[derive(Debug, Clone)]
@@ -145,74 +145,149 @@ impl PgStore {
         config: &PruneConfig,
         mut on_batch: impl FnMut(u64) + Send,
     ) -> Result<PruneOutcome, StoreError> {
-        let batch_size = config.batch_size;
         let inner = &self.inner;
-        let ready = self.ready().await?;
-        // A session-level advisory lock lives as long as the connection that
-        // took it. A detached connection closes when dropped, so a run that is
-        // cancelled midway cannot leave the lock behind on a pooled connection.
+        // The table must be ready (a lazily started store prepares it here).
+        self.ready().await?;
+        // The lock lives on a connection of its own, detached from the pool:
+        // it closes when dropped, so a run that is cancelled midway cannot
+        // leave the lock behind on a pooled connection.
         let mut conn = inner.pool.acquire().await?.detach();
         let key = self.prune_lock_id();
-        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-            .bind(key)
-            .fetch_one(&mut conn)
-            .await?;
-        if !locked {
-            return Ok(PruneOutcome::Skipped);
-        }
-        let run = async {
-            let mut total = 0u64;
-            let mut from = String::from("-infinity");
-            let limit = i64::from(batch_size);
-            loop {
-                let started = std::time::Instant::now();
-                let now = OffsetDateTime::now_utc();
-                let (mut deleted, next): (i64, Option<String>) =
-                    sqlx::query_as(&ready.sql.prune_batch)
-                        .bind(now)
-                        .bind(limit)
-                        .bind(&from)
-                        .fetch_one(&mut conn)
-                        .await?;
-                if let (0, Some(next)) = (deleted, &next) {
-                    // More than a batch of rows expired at the instant `next`.
-                    deleted = sqlx::query_scalar(&ready.sql.prune_tied)
-                        .bind(now)
-                        .bind(limit)
-                        .bind(next)
-                        .fetch_one(&mut conn)
-                        .await?;
-                    if deleted == 0 {
-                        // Those rows changed under us (extended or deleted
-                        // elsewhere); the next run starts afresh.
-                        return Ok(total);
-                    }
+        let total = match inner.pooler {
+            Pooler::Direct => {
+                // A session-level lock; the batches run on its connection.
+                let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+                    .bind(key)
+                    .fetch_one(&mut conn)
+                    .await?;
+                if !locked {
+                    return Ok(PruneOutcome::Skipped);
                 }
-                let deleted = u64::try_from(deleted).unwrap_or(0);
-                total += deleted;
-                on_batch(deleted);
-                // No next batch: everything expired from `from` on fit in this one.
-                let Some(next) = next else {
-                    return Ok::<_, StoreError>(total);
-                };
-                from = next;
-                // Short batches with pauses between them: requests never wait
-                // long behind a batch for a core or a lock.
-                tokio::time::sleep(config.pause_after(started.elapsed())).await;
+                let run = self
+                    .prune_batches(config, &mut on_batch, Some(&mut conn), None)
+                    .await;
+                // Release explicitly: a closed connection's backend may
+                // outlive the close by a moment, and with it the lock.
+                let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
+                    .bind(key)
+                    .execute(&mut conn)
+                    .await;
+                run
             }
-        }
-        .await;
-        // Release explicitly: a closed connection's backend may outlive the
-        // close by a moment, and with it the lock.
-        let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
-            .bind(key)
-            .execute(&mut conn)
-            .await;
+            Pooler::Transaction => {
+                // Nothing session-level survives a transaction pooler: the
+                // lock is held by a transaction that stays open for the run
+                // (it pins one server connection of the pooler, and holds no
+                // snapshot or row lock), and each batch commits in a
+                // transaction of its own on another connection.
+                let mut holder = sqlx::Connection::begin(&mut conn).await?;
+                let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+                    .persistent(false)
+                    .bind(key)
+                    .fetch_one(&mut *holder)
+                    .await?;
+                if !locked {
+                    // Ended cleanly, so that the pooler keeps its server
+                    // connection for the next client.
+                    let _ = holder.rollback().await;
+                    let _ = sqlx::Connection::close(conn).await;
+                    return Ok(PruneOutcome::Skipped);
+                }
+                let run = self
+                    .prune_batches(config, &mut on_batch, None, Some(&mut *holder))
+                    .await;
+                let _ = holder.rollback().await;
+                run
+            }
+        };
         let _ = sqlx::Connection::close(conn).await;
-        let total = run?;
+        let total = total?;
         crate::metrics::pruned(total);
         tracing::info!(table = %inner.name.qualified(), deleted = total, "pruned expired sessions");
         Ok(PruneOutcome::Pruned(total))
+    }
+
+    /// Runs batches from the first expired row to the last, paced by
+    /// `config`, on `conn` or else each in a transaction of its own on the
+    /// pool; returns the rows deleted. Before each batch, `lock` (the
+    /// transaction holding the prune lock, if apart) is checked to be still
+    /// there, which also keeps idle-transaction timeouts from ending it.
+    async fn prune_batches(
+        &self,
+        config: &PruneConfig,
+        on_batch: &mut (impl FnMut(u64) + Send),
+        mut conn: Option<&mut sqlx::PgConnection>,
+        mut lock: Option<&mut sqlx::PgConnection>,
+    ) -> Result<u64, StoreError> {
+        let mut total = 0u64;
+        let mut from = String::from("-infinity");
+        let limit = i64::from(config.batch_size);
+        loop {
+            let started = std::time::Instant::now();
+            if let Some(lock) = lock.as_deref_mut() {
+                sqlx::query("SELECT 1")
+                    .persistent(false)
+                    .execute(lock)
+                    .await?;
+            }
+            let step = match conn.as_deref_mut() {
+                Some(conn) => self.prune_step(conn, &from, limit).await?,
+                None => {
+                    let mut own = self.conn().await?;
+                    let step = self.prune_step(own.get(), &from, limit).await?;
+                    own.done().await?;
+                    step
+                }
+            };
+            let Some((deleted, next)) = step else {
+                // The rows at the batch's end changed under us (extended or
+                // deleted elsewhere); the next run starts afresh.
+                return Ok(total);
+            };
+            total += deleted;
+            on_batch(deleted);
+            // No next batch: everything expired from `from` on fit in this one.
+            let Some(next) = next else {
+                return Ok(total);
+            };
+            from = next;
+            // Short batches with pauses between them: requests never wait
+            // long behind a batch for a core or a lock.
+            tokio::time::sleep(config.pause_after(started.elapsed())).await;
+        }
+    }
+
+    /// One batch from `from` on: the rows deleted and where the next batch
+    /// starts, or `None` when the rows it should delete changed meanwhile.
+    async fn prune_step(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        from: &str,
+        limit: i64,
+    ) -> Result<Option<(u64, Option<String>)>, StoreError> {
+        let sql = &self.ready().await?.sql;
+        let now = OffsetDateTime::now_utc();
+        let (mut deleted, next): (i64, Option<String>) = sqlx::query_as(&sql.prune_batch)
+            .persistent(self.persistent())
+            .bind(now)
+            .bind(limit)
+            .bind(from)
+            .fetch_one(&mut *conn)
+            .await?;
+        if let (0, Some(next)) = (deleted, &next) {
+            // More than a batch of rows expired at the instant `next`.
+            deleted = sqlx::query_scalar(&sql.prune_tied)
+                .persistent(self.persistent())
+                .bind(now)
+                .bind(limit)
+                .bind(next)
+                .fetch_one(&mut *conn)
+                .await?;
+            if deleted == 0 {
+                return Ok(None);
+            }
+        }
+        Ok(Some((u64::try_from(deleted).unwrap_or(0), next)))
     }
 
     /// Starts pruning in the background on the current tokio runtime. The task

@@ -5,7 +5,7 @@ use std::fmt;
 
 use sqlx::PgPool;
 
-use super::StoreError;
+use super::{Pooler, StoreError};
 use crate::error::ConfigError;
 
 /// Postgres truncates identifiers at 63 bytes (NAMEDATALEN - 1); refusing longer
@@ -150,23 +150,28 @@ pub(crate) fn check_zone(zone: &str) -> Result<(), ConfigError> {
 /// starting at once against an empty database neither fail nor race.
 pub(crate) async fn prepare(
     pool: &PgPool,
+    pooler: Pooler,
     name: &TableName,
     create: bool,
     zone_override: Option<&str>,
 ) -> Result<Layout, StoreError> {
-    let mut columns = columns_of(pool, name).await?;
+    let mut columns = columns_of(pool, pooler, name).await?;
     let wanted = columns.is_empty() || !has_extended(&columns);
     if create && wanted {
         let mut tx = pool.begin().await?;
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .persistent(pooler.persistent())
             .bind(name.lock_key("ddl"))
             .execute(&mut *tx)
             .await?;
         for statement in ddl(name) {
-            sqlx::query(&statement).execute(&mut *tx).await?;
+            sqlx::query(&statement)
+                .persistent(pooler.persistent())
+                .execute(&mut *tx)
+                .await?;
         }
         tx.commit().await?;
-        columns = columns_of(pool, name).await?;
+        columns = columns_of(pool, pooler, name).await?;
     }
     if columns.is_empty() {
         return Err(StoreError::MissingTable(name.qualified()));
@@ -189,7 +194,7 @@ pub(crate) async fn prepare(
         Some(t) if t.starts_with("timestamp") && t.ends_with("without time zone") => {
             let zone = match zone_override {
                 Some(z) => z.to_owned(),
-                None => server_zone(pool).await?,
+                None => server_zone(pool, pooler).await?,
             };
             check_zone(&zone).map_err(|_| {
                 StoreError::Schema(format!("server time zone {zone:?} cannot be used"))
@@ -229,15 +234,23 @@ fn has_extended(columns: &[(String, String)]) -> bool {
     .all(|c| columns.iter().any(|(n, _)| n == c))
 }
 
-async fn columns_of(pool: &PgPool, name: &TableName) -> Result<Vec<(String, String)>, StoreError> {
-    Ok(sqlx::query_as(
+async fn columns_of(
+    pool: &PgPool,
+    pooler: Pooler,
+    name: &TableName,
+) -> Result<Vec<(String, String)>, StoreError> {
+    let mut conn = pooler.conn(pool).await?;
+    let columns = sqlx::query_as(
         "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) \
          FROM pg_attribute a \
          WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped",
     )
+    .persistent(pooler.persistent())
     .bind(name.qualified())
-    .fetch_all(pool)
-    .await?)
+    .fetch_all(conn.get())
+    .await?;
+    conn.done().await?;
+    Ok(columns)
 }
 
 /// The idempotent DDL: the connect-pg-simple table, plus nullable columns that
@@ -287,7 +300,8 @@ fn ddl(name: &TableName) -> Vec<String> {
 /// `ALTER ROLE … IN DATABASE`, `ALTER ROLE`, `ALTER DATABASE` and the
 /// configuration files. sqlx itself always asks for UTC, so `SHOW TimeZone`
 /// cannot tell.
-async fn server_zone(pool: &PgPool) -> Result<String, StoreError> {
+async fn server_zone(pool: &PgPool, pooler: Pooler) -> Result<String, StoreError> {
+    let mut conn = pooler.conn(pool).await?;
     let per_role_or_db: Option<String> = sqlx::query_scalar(
         "SELECT substring(cfg FROM '^[Tt][Ii][Mm][Ee][Zz][Oo][Nn][Ee]=(.*)$') \
          FROM pg_db_role_setting s, unnest(s.setconfig) AS cfg \
@@ -296,26 +310,38 @@ async fn server_zone(pool: &PgPool) -> Result<String, StoreError> {
            AND cfg ILIKE 'timezone=%' \
          ORDER BY (s.setrole <> 0) DESC, (s.setdatabase <> 0) DESC LIMIT 1",
     )
-    .fetch_optional(pool)
+    .persistent(pooler.persistent())
+    .fetch_optional(conn.get())
     .await?
     .flatten();
+    conn.done().await?;
     if let Some(zone) = per_role_or_db {
         return Ok(zone.trim_matches('\'').to_owned());
     }
     // pg_file_settings needs pg_read_all_settings; without it, log_timezone is
     // what initdb wrote next to timezone and no client can change it.
+    // Refused without the privilege: the transaction it ran in (if any)
+    // rolls back as the connection is dropped.
+    let mut conn = pooler.conn(pool).await?;
     let from_file: Result<Option<String>, sqlx::Error> = sqlx::query_scalar(
         "SELECT setting FROM pg_file_settings \
          WHERE lower(name) = 'timezone' AND applied ORDER BY seqno DESC LIMIT 1",
     )
-    .fetch_optional(pool)
+    .persistent(pooler.persistent())
+    .fetch_optional(conn.get())
     .await;
     if let Ok(Some(zone)) = from_file {
+        conn.done().await?;
         return Ok(zone);
     }
-    Ok(sqlx::query_scalar("SELECT current_setting('log_timezone')")
-        .fetch_one(pool)
-        .await?)
+    drop(conn);
+    let mut conn = pooler.conn(pool).await?;
+    let zone = sqlx::query_scalar("SELECT current_setting('log_timezone')")
+        .persistent(pooler.persistent())
+        .fetch_one(conn.get())
+        .await?;
+    conn.done().await?;
+    Ok(zone)
 }
 
 #[cfg(test)]

@@ -58,13 +58,16 @@ impl SessionStore for PgStore {
     async fn save(&self, record: &Record) -> session_store::Result<()> {
         let sess = encode(record)?;
         let ready = self.ready().await?;
+        let mut conn = self.conn().await?;
         sqlx::query(&ready.sql.save_any)
+            .persistent(self.persistent())
             .bind(record.id.to_string())
             .bind(&sess)
             .bind(to_micros(record.expiry_date))
-            .execute(&self.inner.pool)
+            .execute(conn.get())
             .await
             .map_err(StoreError::from)?;
+        conn.done().await.map_err(StoreError::from)?;
         Ok(())
     }
 

@@ -8,6 +8,7 @@ pub mod demo_bin;
 pub mod express;
 pub mod idp;
 pub mod latency;
+pub mod pgbouncer;
 
 use std::{sync::Arc, time::Duration};
 
@@ -143,7 +144,13 @@ impl Db {
             .await
             .unwrap();
         sqlx::query("SELECT 1").execute(store.pool()).await.unwrap();
+        // This connection's own pending counts (the set-up's scans) too: a
+        // backend reports at most once a second unless told to.
         let mut conn = self.pool.acquire().await.unwrap();
+        sqlx::query("SELECT pg_stat_force_next_flush()")
+            .execute(&mut *conn)
+            .await
+            .unwrap();
         sqlx::query("SELECT pg_stat_clear_snapshot()")
             .execute(&mut *conn)
             .await

@@ -1,0 +1,96 @@
+//! How statements reach Postgres: straight, or through a transaction pooler.
+//!
+//! A pooler in transaction mode (PgBouncer `pool_mode = transaction`, RDS
+//! Proxy, Supavisor) lends a server connection for one transaction and hands
+//! it to another client at the next `ReadyForQuery` outside one. Two things
+//! sqlx does by default break there:
+//!
+//! - named prepared statements (`sqlx_s_1`, …) live on the server connection
+//!   that prepared them, not on the client's, so they collide with or go
+//!   missing for the next client;
+//! - even unnamed statements are prepared in one round trip (`Parse`,
+//!   `Describe`, `Sync`) and executed in the next (`Bind`, `Execute`,
+//!   `Sync`): the pooler may hand the server connection around in between.
+//!
+//! Under [`Pooler::Transaction`] every statement is unnamed and runs inside
+//! an explicit transaction of its own (or the store's own transactions), so
+//! its preparation and execution stay on one server connection, and nothing
+//! outlives the transaction: advisory locks are transaction-scoped and
+//! settings are `SET LOCAL`. sqlx's binds keep every value out of the SQL
+//! text. The price is two more round trips (`BEGIN`, `COMMIT`) and a parse
+//! per statement; shared loads and saves spread it over every request in
+//! the statement.
+
+use sqlx::{pool::PoolConnection, Executor, PgConnection, PgPool, Postgres};
+
+/// How the store's connections reach Postgres; see
+/// [`PgStoreConfig::with_pooler`](super::PgStoreConfig::with_pooler).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Pooler {
+    /// Straight to Postgres, or through a pooler in session mode: each
+    /// statement is prepared once per connection and reused.
+    #[default]
+    Direct,
+    /// Through a pooler in transaction mode (PgBouncer `pool_mode =
+    /// transaction`, RDS Proxy, Supavisor): no named prepared statements,
+    /// every statement in a transaction of its own, no session-level state.
+    Transaction,
+}
+
+impl Pooler {
+    /// Whether sqlx may name and cache prepared statements.
+    pub(crate) fn persistent(self) -> bool {
+        self == Self::Direct
+    }
+
+    /// A connection for one statement (or a few that belong together).
+    pub(crate) async fn conn(self, pool: &PgPool) -> Result<Conn, sqlx::Error> {
+        let mut conn = Conn {
+            conn: pool.acquire().await?,
+            open: false,
+        };
+        if self == Self::Transaction {
+            // From here until the commit completes, dropping `conn` closes
+            // the connection (see `Drop`).
+            conn.open = true;
+            conn.conn.execute("BEGIN").await?;
+        }
+        Ok(conn)
+    }
+}
+
+/// A pooled connection, inside a transaction under [`Pooler::Transaction`].
+pub(crate) struct Conn {
+    conn: PoolConnection<Postgres>,
+    /// A transaction may be open: BEGIN was sent and no COMMIT completed.
+    open: bool,
+}
+
+impl Conn {
+    pub(crate) fn get(&mut self) -> &mut PgConnection {
+        &mut self.conn
+    }
+
+    /// Commits the transaction, if any.
+    pub(crate) async fn done(mut self) -> Result<(), sqlx::Error> {
+        if self.open {
+            self.conn.execute("COMMIT").await?;
+            self.open = false;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Conn {
+    /// Dropped inside its transaction (an error, or a request cancelled at
+    /// any await point, BEGIN included), the connection is closed rather
+    /// than returned to the pool: no later statement runs in that
+    /// transaction, and the pooler gets its server connection back at once
+    /// (a transaction left open would hold it).
+    fn drop(&mut self) {
+        if self.open {
+            self.conn.close_on_drop();
+        }
+    }
+}

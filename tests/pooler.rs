@@ -1,0 +1,406 @@
+//! The store and the session layer through a real PgBouncer in transaction
+//! mode, with fewer server connections than the store's pool has, so that
+//! PgBouncer hands server connections from one client to another between
+//! transactions: schema creation, create, load, touch, save, conflicts,
+//! shared statements, pruning by one instance at a time, administration.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use axum::http::{header, HeaderName, Request, StatusCode};
+use common::{pgbouncer::PgBouncer, *};
+use serde_json::json;
+use tower::ServiceExt;
+use tower_pg_session::{PgStore, Pooler, PruneConfig, PruneOutcome, SessionLayer, SigningKeys};
+
+/// A store on `db`'s schema (created through PgBouncer) on a pool of `size`.
+async fn store(bouncer: &PgBouncer, db: &Db, size: u32) -> PgStore {
+    let config = db.config().with_pooler(Pooler::Transaction);
+    PgStore::new(bouncer.pool(size).await, config)
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", bouncer.log()))
+}
+
+#[tokio::test]
+async fn four_instances_starting_at_once_make_one_table() {
+    let bouncer = PgBouncer::start().await;
+    let db = Db::new().await;
+    // Concurrently: each start finds no table and creates it.
+    tokio::join!(
+        store(&bouncer, &db, 2),
+        store(&bouncer, &db, 2),
+        store(&bouncer, &db, 2),
+        store(&bouncer, &db, 2),
+    );
+    assert_eq!(db.rows().await, 0, "the table exists and is empty");
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn create_load_touch_save_cycle_and_destroy() {
+    let bouncer = PgBouncer::start().await;
+    let db = Db::new().await;
+    let app = app(layer(store(&bouncer, &db, 8).await), Gate::default());
+    let mut c = Client::new(app);
+    assert_eq!(c.get("/counter").await.body, json!({"count": 1}));
+    assert_eq!(c.get("/counter").await.body, json!({"count": 2}));
+    assert_eq!(c.get("/peek").await.body, json!({"count": 2}));
+
+    // Three hours later the touch is due: the read extends the expiry.
+    sqlx::query(&format!(
+        "UPDATE {} SET expire = expire - interval '3 hours'",
+        db.table()
+    ))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let r = c.get("/peek").await;
+    assert_eq!(r.body, json!({"count": 2}));
+    let sc = r.set_cookie().expect("the touch re-sends the cookie");
+    assert!(sc.contains("Max-Age=8640"), "{sc}");
+
+    assert_eq!(
+        c.put("/kv/colour", json!("blue")).await.status,
+        StatusCode::NO_CONTENT
+    );
+    let old = c.cookie.clone().unwrap();
+    assert_eq!(c.post("/cycle").await.status, StatusCode::NO_CONTENT);
+    assert_ne!(c.cookie.clone().unwrap(), old);
+    assert_eq!(
+        c.get("/kv").await.body,
+        json!({"count": 2, "colour": "blue"})
+    );
+    let mut stale = Client {
+        cookie: Some(old),
+        ..c.clone()
+    };
+    assert_eq!(stale.get("/kv").await.body, json!({}), "the old id is dead");
+    assert_eq!(c.post("/logout").await.status, StatusCode::NO_CONTENT);
+    assert_eq!(db.rows().await, 0);
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn fifty_concurrent_writers_of_one_session_keep_every_key() {
+    let bouncer = PgBouncer::start().await;
+    let db = Db::new().await;
+    let app = app(layer(store(&bouncer, &db, 16).await), Gate::default());
+    let mut c = Client::new(app);
+    c.put("/kv/seed", json!(0)).await;
+    let mut tasks = Vec::new();
+    for i in 0..50 {
+        let mut c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            c.put(&format!("/kv/k{i}"), json!(i)).await.status
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), StatusCode::NO_CONTENT);
+    }
+    let all = db.only_sess().await;
+    for i in 0..50 {
+        assert_eq!(all[format!("k{i}")], json!(i), "k{i} kept: {all}");
+    }
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn concurrent_requests_share_statements_and_each_gets_its_own_session() {
+    let bouncer = PgBouncer::start().await;
+    let db = Db::new().await;
+    let app = app(layer(store(&bouncer, &db, 16).await), Gate::default());
+    let mut clients = Vec::new();
+    for _ in 0..64 {
+        let mut c = Client::new(app.clone());
+        assert_eq!(c.get("/counter").await.body, json!({"count": 1}));
+        clients.push(c);
+    }
+    let before = db.statements().await;
+    let rounds = 8;
+    for round in 2..2 + rounds {
+        let tasks: Vec<_> = clients
+            .iter()
+            .cloned()
+            .map(|mut c| {
+                tokio::spawn(async move {
+                    let r = c.get("/counter").await;
+                    (r.status, r.body, c)
+                })
+            })
+            .collect();
+        clients.clear();
+        for t in tasks {
+            let (status, body, c) = t.await.unwrap();
+            assert_eq!(status, StatusCode::OK, "{body}\n{}", bouncer.log());
+            assert_eq!(body, json!({"count": round}));
+            clients.push(c);
+        }
+    }
+    let requests = 64 * rounds;
+    let statements = db.statements().await - before;
+    assert!(
+        statements < 2 * requests,
+        "{statements} statements for {requests} loads and saves: shared"
+    );
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn requests_cancelled_at_any_point_leave_no_transaction_open() {
+    use rand::Rng;
+    let bouncer = PgBouncer::start().await;
+    let db = Db::new().await;
+    let app = app(layer(store(&bouncer, &db, 8).await), Gate::default());
+    // New sessions: their INSERT runs in the request's own future, so a
+    // timeout drops it at whatever await point it has reached (BEGIN, the
+    // statement, COMMIT).
+    for _ in 0..300 {
+        let mut c = Client::new(app.clone());
+        let after = Duration::from_micros(rand::thread_rng().gen_range(0..4_000));
+        let _ = tokio::time::timeout(after, c.get("/counter")).await;
+    }
+    let open = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE application_name = $1 AND state LIKE 'idle in transaction%'",
+        )
+        .bind(bouncer.application_name())
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+    };
+    eventually("no transaction left open", || async { open().await == 0 }).await;
+    // PgBouncer's two server connections are free for everyone.
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let mut c = Client::new(app.clone());
+            tokio::spawn(async move {
+                let first = c.get("/counter").await;
+                (first.status, c.get("/counter").await.body)
+            })
+        })
+        .collect();
+    for t in tasks {
+        let (status, body) = tokio::time::timeout(Duration::from_secs(10), t)
+            .await
+            .expect("no request waits for a server connection held by a cancelled one")
+            .unwrap();
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body, json!({"count": 2}));
+    }
+    db.drop_schema().await;
+}
+
+async fn fill_expired(db: &Db, n: i64) {
+    sqlx::query(&format!(
+        "INSERT INTO {} (sid, sess, expire) SELECT 'expired' || g, '{{}}', \
+         (now() AT TIME ZONE 'UTC') - interval '1 hour' - (g % 1000) * interval '1 millisecond' \
+         FROM generate_series(1, $1) g",
+        db.table()
+    ))
+    .bind(n)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+}
+
+/// Advisory locks on `key` held by any backend.
+async fn holders(db: &Db, key: i64) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted \
+         AND ((classid::int8 << 32) | objid::int8) = $1",
+    )
+    .bind(key)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn two_instances_prune_one_at_a_time_and_leave_no_lock_behind() {
+    let bouncer = PgBouncer::start().await;
+    let db = Db::new().await;
+    let (a, b) = (store(&bouncer, &db, 4).await, store(&bouncer, &db, 4).await);
+    let key = a.prune_lock_id();
+    fill_expired(&db, 3_000).await;
+    let config = PruneConfig::new()
+        .with_batch_size(50)
+        .with_busy_fraction(0.25);
+    let run = |s: PgStore| {
+        let config = config.clone();
+        tokio::spawn(async move { s.prune_expired_with(&config, |_| ()).await })
+    };
+    let (first, second) = (run(a.clone()), run(b.clone()));
+    // While one runs, the lock is held (between its batches too), and by
+    // one backend only.
+    eventually("a run to take the lock", || async {
+        holders(&db, key).await == 1
+    })
+    .await;
+    assert!(!first.is_finished() || !second.is_finished());
+    let mut outcomes = vec![
+        first.await.unwrap().unwrap(),
+        second.await.unwrap().unwrap(),
+    ];
+    outcomes.sort_by_key(|o| format!("{o:?}"));
+    assert_eq!(
+        outcomes,
+        vec![PruneOutcome::Pruned(3_000), PruneOutcome::Skipped]
+    );
+    assert_eq!(db.rows().await, 0);
+    assert_eq!(holders(&db, key).await, 0, "the lock went with the run");
+
+    // A run cancelled midway leaves no lock either, and the other instance
+    // prunes next.
+    fill_expired(&db, 3_000).await;
+    let slow = PruneConfig::new()
+        .with_batch_size(10)
+        .with_busy_fraction(0.1);
+    let cancelled = tokio::spawn({
+        let a = a.clone();
+        async move { a.prune_expired_with(&slow, |_| ()).await }
+    });
+    eventually("the first run to take the lock", || async {
+        holders(&db, key).await == 1
+    })
+    .await;
+    assert_eq!(
+        b.prune_expired(100).await.unwrap(),
+        PruneOutcome::Skipped,
+        "one instance at a time"
+    );
+    cancelled.abort();
+    eventually("the lock to go with the cancelled run", || async {
+        holders(&db, key).await == 0
+    })
+    .await;
+    assert!(matches!(
+        b.prune_expired(100).await.unwrap(),
+        PruneOutcome::Pruned(n) if n > 0
+    ));
+    assert_eq!(db.rows().await, 0);
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn a_prune_that_loses_its_lock_stops() {
+    let bouncer = PgBouncer::start().await;
+    let db = Db::new().await;
+    let store = store(&bouncer, &db, 4).await;
+    let key = store.prune_lock_id();
+    fill_expired(&db, 2_000).await;
+    let slow = PruneConfig::new()
+        .with_batch_size(10)
+        .with_busy_fraction(0.1);
+    let run = tokio::spawn({
+        let store = store.clone();
+        async move { store.prune_expired_with(&slow, |_| ()).await }
+    });
+    eventually("the run to take the lock", || async {
+        holders(&db, key).await == 1
+    })
+    .await;
+    // An idle-transaction timeout, a failover: the lock's backend goes.
+    let ended: bool = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' \
+         AND ((classid::int8 << 32) | objid::int8) = $1",
+    )
+    .bind(key)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(ended);
+    let outcome = tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("the run stops at its next batch")
+        .unwrap();
+    assert!(outcome.is_err(), "{outcome:?}");
+    assert!(db.rows().await > 0, "it did not go on without the lock");
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn an_instance_connected_directly_and_one_through_the_pooler_exclude_each_other() {
+    let bouncer = PgBouncer::start().await;
+    let db = Db::new().await;
+    let pooled = store(&bouncer, &db, 2).await;
+    fill_expired(&db, 10).await;
+    let mut other = db.pool.acquire().await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(pooled.prune_lock_id())
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    assert_eq!(
+        pooled.prune_expired(5).await.unwrap(),
+        PruneOutcome::Skipped
+    );
+    assert_eq!(db.rows().await, 10);
+    sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(pooled.prune_lock_id())
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    assert_eq!(
+        pooled.prune_expired(3).await.unwrap(),
+        PruneOutcome::Pruned(10)
+    );
+    db.drop_schema().await;
+}
+
+async fn login(app: &axum::Router, user: &str, agent: &str, ip: &str) -> Client {
+    let mut c = Client::new(app.clone());
+    let req = Request::post(format!("/login/{user}"))
+        .header(header::USER_AGENT, agent)
+        .header("x-forwarded-for", ip)
+        .body(axum::body::Body::empty())
+        .unwrap();
+    let r = app.clone().oneshot(req).await.unwrap();
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    let sc = r.headers()[header::SET_COOKIE].to_str().unwrap();
+    let value = sc.split(';').next().unwrap().split_once('=').unwrap().1;
+    c.cookie = Some(value.to_owned());
+    c
+}
+
+#[tokio::test]
+async fn administration() {
+    let bouncer = PgBouncer::start().await;
+    let db = Db::new().await;
+    let store = store(&bouncer, &db, 4).await;
+    let layer = SessionLayer::new(store.clone(), SigningKeys::new([KEY_A]).unwrap())
+        .with_insecure_http_cookie()
+        .unwrap()
+        .with_client_info(Some(HeaderName::from_static("x-forwarded-for")))
+        .unwrap();
+    let app = app(layer, Gate::default());
+    let mut laptop = login(&app, "alice", "Firefox", "192.0.2.1").await;
+    let mut phone = login(&app, "alice", "Safari", "192.0.2.2").await;
+    login(&app, "bob", "curl", "192.0.2.3").await;
+    let admin = store.admin();
+    let list = admin.user_sessions("alice").await.unwrap();
+    assert_eq!(list.len(), 2);
+    assert_eq!(list[0].user_agent.as_deref(), Some("Firefox"));
+    assert_eq!(
+        admin.export_user("alice").await.unwrap()["sessions"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    let keep = list[0].handle.clone();
+    assert_eq!(admin.revoke_others("alice", &keep).await.unwrap(), 1);
+    assert_eq!(phone.get("/kv").await.body, json!({}));
+    assert_eq!(laptop.get("/kv").await.body, json!({"user": "alice"}));
+    assert!(admin.revoke_session("alice", &keep).await.unwrap());
+    let stats = admin.stats().await.unwrap();
+    assert_eq!((stats.active, stats.expired_awaiting_prune), (1, 0));
+    assert!(stats.table_bytes > 0);
+    assert_eq!(admin.revoke_user("bob").await.unwrap(), 1);
+    login(&app, "carol", "x", "192.0.2.4").await;
+    assert_eq!(admin.revoke_all().await.unwrap(), 1);
+    assert_eq!(db.rows().await, 0);
+    db.drop_schema().await;
+}
