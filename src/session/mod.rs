@@ -33,6 +33,11 @@
 //! is not touched.
 
 mod cookie;
+#[cfg(feature = "__fuzz")]
+pub(crate) use self::{
+    cookie::{Codec, CookieConfig},
+    data::Data,
+};
 mod data;
 #[cfg(feature = "axum")]
 mod extract;
