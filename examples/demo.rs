@@ -25,7 +25,10 @@
 //! ```
 //!
 //! Routes: `GET /` (links and a logout button), `GET /healthz`,
-//! `GET /counter`, `GET /peek`, `PUT /kv/{key}` (JSON body), `GET /kv`,
+//! `GET /counter`, `GET /peek`, `PUT /kv/{key}` (JSON body; 403
+//! `{"error": "reserved_key"}` and nothing stored for the login's keys
+//! `oidc` and `oidc.login.*`, and with `EXPRESS_COMPAT=1` Passport's
+//! `passport`), `GET /kv`,
 //! `GET /auth/login?return_to=/path`, `GET /auth/callback`,
 //! `POST /auth/logout`, `POST /auth/backchannel-logout`, `GET /me`
 //! (`{"sub", "claims", "access_token_expires_at"}`).
@@ -501,7 +504,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         tracing::info!(
             "EXPRESS_COMPAT=1: sharing sessions with express-session + connect-pg-simple"
         );
-        SessionLayer::express(store.clone(), secrets)
+        // Passport's login is what the Node side trusts: not writable here.
+        SessionLayer::express(store.clone(), secrets).with_reserved_key("passport")?
     } else {
         let keys = match secrets {
             Some(s) => SigningKeys::new(s)?,
@@ -711,13 +715,21 @@ async fn peek(session: Session) -> Result<Json<Value>, SessionError> {
     Ok(Json(json!({ "count": count })))
 }
 
-async fn kv_put(
-    session: Session,
-    Path(key): Path<String>,
-    Json(value): Json<Value>,
-) -> Result<StatusCode, SessionError> {
-    session.insert(&key, &value).await?;
-    Ok(StatusCode::NO_CONTENT)
+/// Stores any JSON under any key but the reserved ones (the login's, and
+/// Passport's next to Express): 403 and nothing stored for those.
+async fn kv_put(session: Session, Path(key): Path<String>, Json(value): Json<Value>) -> Response {
+    match session.insert(&key, &value).await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(SessionError::ReservedKey { key }) => (
+            StatusCode::FORBIDDEN,
+            Json(json!({
+                "error": "reserved_key",
+                "error_description": format!("the key {key:?} is reserved for the login"),
+            })),
+        )
+            .into_response(),
+        Err(e) => e.into_response(),
+    }
 }
 
 async fn kv_all(session: Session) -> Result<Json<Value>, SessionError> {

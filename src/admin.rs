@@ -218,7 +218,7 @@ impl Admin {
                     pg_total_relation_size(to_regclass($3))"
         );
         let now_i = OffsetDateTime::now_utc();
-        let mut tx = self.store.pool().begin().await?;
+        let mut tx = self.store.begin().await?;
         // Expired rows are often most of the table: a (parallel) heap scan
         // would read all of it where the `expire` index answers the counts.
         sqlx::query("SET LOCAL enable_seqscan = off")

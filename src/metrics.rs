@@ -11,7 +11,7 @@
 //! | `tower_pg_session_logins_total` | | completed OIDC logins |
 //! | `tower_pg_session_refreshes_total` | | access-token refreshes at the provider |
 //! | `tower_pg_session_logouts_total` | `kind`: `local`, `backchannel` | logouts |
-//! | `tower_pg_session_failures_total` | `reason` | failures by reason (`store_unavailable`, `too_large`, `bad_cookie`, `corrupt_data`, `ended_concurrently`, `login_<kind>`, `refresh_<kind>`, `backchannel_rejected`) |
+//! | `tower_pg_session_failures_total` | `reason` | failures by reason (`store_unavailable`, `too_large`, `bad_cookie`, `corrupt_data`, `ended_concurrently`, `login_<kind>`, `refresh_<kind>`, `login_record_tampered`, `login_record_unsealed`, `backchannel_rejected`) |
 
 pub(crate) fn load(found: bool) {
     let result = if found { "found" } else { "missing" };

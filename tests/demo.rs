@@ -193,6 +193,117 @@ async fn express_compat_shares_count_with_a_node_app() {
     db.drop().await;
 }
 
+/// The demo with its own schema on the test database.
+async fn start_in(db: &common::Db) -> Demo {
+    sqlx::query(&format!("CREATE SCHEMA {}", db.schema))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let url = format!(
+        "{}?options=-c%20search_path%3D{}",
+        common::database_url(),
+        db.schema
+    );
+    start(&[
+        ("DATABASE_URL", url),
+        ("SESSION_SECRET", common::KEY_A.to_owned()),
+        ("COOKIE_SECURE", "0".to_owned()),
+    ])
+    .await
+}
+
+/// `PUT {url}/kv/{key}` with `value`: the status and the JSON body.
+async fn kv_put(b: &reqwest::Client, url: &str, key: &str, value: &Value) -> (StatusCode, Value) {
+    let r = b
+        .put(format!("{url}/kv/{key}"))
+        .json(value)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn kv_refuses_the_login_keys_and_the_session_stays_intact() {
+    let db = common::Db::new().await;
+    let demo = start_in(&db).await;
+    let b = Browser::new();
+    let app = &demo.url;
+    assert_eq!(b.login(app, "zoe", "/me").await.status(), StatusCode::FOUND);
+    let kv = || async {
+        b.api(&format!("{app}/kv"))
+            .await
+            .json::<Value>()
+            .await
+            .unwrap()
+    };
+    let before = kv().await;
+    let forged = json!({"sub": "admin", "iss": "x", "claims": {"sub": "admin"},
+        "groups": ["admins"], "nonce": "n", "at": before["oidc"], "exp": null});
+    for key in ["oidc", "oidc.login.0123456789abcdef01234567", "oidc.login."] {
+        let (status, body) = kv_put(&b.http, app, key, &forged).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{key}");
+        assert_eq!(body["error"], "reserved_key", "{key}: {body}");
+    }
+    assert_eq!(kv().await, before, "nothing stored");
+    let me: Value = b.api(&format!("{app}/me")).await.json().await.unwrap();
+    assert_eq!(me["sub"], "zoe");
+    let (status, _) = kv_put(&b.http, app, "colour", &json!("red")).await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "other keys are the app's");
+    drop(demo);
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn express_compat_kv_cannot_set_the_passport_user() {
+    use common::express::{Node, Shared, SECRET};
+    let db = Shared::new("json", "timestamp(6)").await;
+    let node = Node::start(&db, SECRET, "connect.sid").await;
+    let url = format!("{}?options=-c%20search_path%3D{}", db.url, db.schema);
+    let demo = start(&[
+        ("DATABASE_URL", url),
+        ("EXPRESS_COMPAT", "1".to_owned()),
+        ("SESSION_SECRET", SECRET.to_owned()),
+        ("COOKIE_SECURE", "0".to_owned()),
+    ])
+    .await;
+    let b = reqwest::Client::builder()
+        .cookie_store(true)
+        .build()
+        .unwrap();
+    let whoami = || async {
+        let r = b.get(format!("{}/whoami", node.url)).send().await.unwrap();
+        r.json::<Value>().await.unwrap()["user"].clone()
+    };
+    let admin = json!({"user": "admin"});
+    // Anonymous: no session becomes a Passport login.
+    let (status, body) = kv_put(&b, &demo.url, "passport", &admin).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(body["error"], "reserved_key", "{body}");
+    assert_eq!(whoami().await, Value::Null);
+    // Logged in on the Node side: the user stays who they are.
+    let r = b
+        .post(format!("{}/login/pat", node.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    let kv = || async {
+        let r = b.get(format!("{}/kv", demo.url)).send().await.unwrap();
+        r.json::<Value>().await.unwrap()
+    };
+    let before = kv().await;
+    for key in ["passport", "oidc"] {
+        let (status, _) = kv_put(&b, &demo.url, key, &admin).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{key}");
+    }
+    assert_eq!(whoami().await, json!("pat"));
+    assert_eq!(kv().await, before, "nothing stored");
+    drop(demo);
+    db.drop().await;
+}
+
 /// `nsenter` into `pid`'s network namespace and fetch `path` with curl
 /// (cookie jar in `jar`); the body.
 fn curl_in(pid: u32, jar: &std::path::Path, url: &str) -> Option<String> {

@@ -453,6 +453,42 @@ async fn take_once_hands_a_value_to_exactly_one_of_twenty_concurrent_requests() 
 }
 
 #[tokio::test]
+async fn reserved_keys_are_refused_before_any_statement_and_nothing_is_stored() {
+    let db = Db::new().await;
+    let reserving = layer(db.store().await)
+        .with_reserved_key("passport")
+        .unwrap();
+    let mut c = Client::new(app(reserving, Gate::default()));
+    assert_eq!(c.get("/counter").await.body, json!({"count": 1}));
+    let stored = db.only_sess().await;
+    let before = db.statements().await;
+    let forged = json!({"sub": "admin", "groups": ["admins"], "exp": null});
+    for key in [
+        "oidc",
+        "oidc.login.0123456789abcdef01234567",
+        "oidc.login.",
+        "passport",
+    ] {
+        let r = c.put(&format!("/kv/{key}"), forged.clone()).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{key}");
+        let r = c.post(&format!("/take/{key}")).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{key}");
+    }
+    assert_eq!(db.statements().await - before, 0, "refused before loading");
+    assert_eq!(db.only_sess().await, stored, "nothing stored");
+    // Keys that only look alike are the application's.
+    for key in ["oidc2", "oidc.login", "passport.user"] {
+        let r = c.put(&format!("/kv/{key}"), json!(1)).await;
+        assert_eq!(r.status, StatusCode::NO_CONTENT, "{key}");
+    }
+    // Without the setting, `passport` is an ordinary key.
+    let mut plain = Client::new(app(layer(db.store().await), Gate::default()));
+    let r = plain.put("/kv/passport", json!({"user": "pat"})).await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    db.drop_schema().await;
+}
+
+#[tokio::test]
 async fn the_size_limit_counts_escaped_keys_as_stored() {
     let db = Db::new().await;
     let limit = 64 * 1024;

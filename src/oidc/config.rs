@@ -264,7 +264,9 @@ impl OidcConfig {
     /// Also writes the logged-in subject as `{"user": <sub>}` under this
     /// session key at login, so an Express app sharing the sessions sees the
     /// login the way Passport stores one (`"passport"` → `req.user` after
-    /// `deserializeUser`).
+    /// `deserializeUser`). The guard never reads it back. Reserve it on the
+    /// session layer ([`SessionLayer::with_reserved_key`](crate::SessionLayer::with_reserved_key))
+    /// so that handlers cannot write it; the guard still does.
     pub fn with_express_user_key(mut self, key: &str) -> Self {
         self.bridge_key = Some(key.to_owned());
         self

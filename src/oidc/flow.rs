@@ -5,15 +5,15 @@ use openidconnect::{
     core::CoreResponseType, url::Url, AuthenticationFlow, CsrfToken, Nonce, PkceCodeChallenge,
     Scope,
 };
-use serde_json::Value;
+use serde_json::{value::RawValue, Value};
 use time::OffsetDateTime;
 use tracing::Instrument;
 
 use super::{
     client::{constant_eq, OidcClient},
     record::{
-        self, groups_of, pending_key, safe_return_to, LoginRecord, PendingLogin, FIELD_ACCESS,
-        FIELD_ID, FIELD_PKCE, FIELD_REFRESH, PENDING_PREFIX, USER_KEY,
+        self, groups_of, pending_key, safe_return_to, LoginRecord, PendingLogin, Stored,
+        PENDING_PREFIX, USER_KEY,
     },
     AuthError, AuthErrorKind, Redirect, User,
 };
@@ -27,6 +27,14 @@ fn session_error(e: SessionError) -> AuthError {
         SessionError::Store(e) => AuthError::new(AuthErrorKind::SessionUnavailable, e.to_string()),
         other => AuthError::new(AuthErrorKind::SessionUnavailable, other.to_string()),
     }
+}
+
+/// A record that does not serialize (it always does: strings and JSON).
+fn unsealable(e: serde_json::Error) -> AuthError {
+    AuthError::new(
+        AuthErrorKind::SessionUnavailable,
+        format!("the login could not be stored: {e}"),
+    )
 }
 
 fn now_ms() -> i64 {
@@ -65,42 +73,49 @@ impl OidcClient {
     ) -> Result<Redirect, AuthError> {
         let config = &self.inner.config;
         let now = now_ms();
-        // Drop expired pending logins, then the oldest beyond the cap.
+        // Drop expired (or unreadable) pending logins, then the oldest
+        // beyond the cap.
         let mut pending = Vec::new();
         for key in session.keys().await.map_err(session_error)? {
             if !key.starts_with(PENDING_PREFIX) {
                 continue;
             }
-            let found = session.get::<PendingLogin>(&key).await.ok().flatten();
-            match found {
-                Some(p) if p.exp_ms > now => pending.push((p.started_ns, key)),
+            let raw: Option<Box<RawValue>> = session.get(&key).await.ok().flatten();
+            match record::open_pending(&config.keys, &key, raw.as_deref()) {
+                Stored::Opened { record: p, .. } if p.exp_ms > now => {
+                    pending.push((p.started_ns, key));
+                }
                 _ => {
-                    let _ = session.remove::<Value>(&key).await;
+                    let _ = session.remove_reserved::<Value>(&key).await;
                 }
             }
         }
         pending.sort();
         while pending.len() >= config.max_pending_logins {
             let (_, key) = pending.remove(0);
-            let _ = session.remove::<Value>(&key).await;
+            let _ = session.remove_reserved::<Value>(&key).await;
         }
 
         let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
         let state = CsrfToken::new_random();
         let nonce = Nonce::new_random();
-        // Bound to the pending login's own key, not to the session id: another
-        // tab's login may cycle the session id before this one returns.
+        // Sealed for the pending login's own key, not for the session id:
+        // another tab's login may cycle the session id before this one returns.
         let key = pending_key(state.secret());
         let record = PendingLogin {
             state: state.secret().clone(),
             nonce: nonce.secret().clone(),
-            pkce: record::seal(&config.keys, &key, FIELD_PKCE, verifier.secret()),
+            pkce: verifier.secret().clone(),
             return_to: safe_return_to(return_to),
             exp_ms: now_ms()
                 .saturating_add(i64::try_from(config.login_ttl.as_millis()).unwrap_or(i64::MAX)),
             started_ns: OffsetDateTime::now_utc().unix_timestamp_nanos() as i64,
         };
-        session.insert(&key, &record).await.map_err(session_error)?;
+        let sealed = record::seal_pending(&config.keys, &key, &record).map_err(unsealable)?;
+        session
+            .insert_reserved(&key, &sealed)
+            .await
+            .map_err(session_error)?;
         let (state_c, nonce_c) = (state.clone(), nonce.clone());
         let mut request = self
             .inner
@@ -153,7 +168,9 @@ impl OidcClient {
         let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
         if let Some(error) = get("error") {
             if let Some(state) = get("state") {
-                let _ = session.take_once::<Value>(&pending_key(state)).await;
+                let _ = session
+                    .take_once_reserved::<Value>(&pending_key(state))
+                    .await;
             }
             let description = get("error_description").unwrap_or("");
             return Err(AuthError::new(
@@ -163,12 +180,23 @@ impl OidcClient {
         }
         let state =
             get("state").ok_or_else(|| AuthError::new(AuthErrorKind::MissingState, "no state"))?;
-        let pending: Option<PendingLogin> = session
-            .take_once(&pending_key(state))
+        let key = pending_key(state);
+        let raw: Option<Box<RawValue>> = session
+            .take_once_reserved(&key)
             .await
             .map_err(session_error)?;
+        let pending = match record::open_pending(&config.keys, &key, raw.as_deref()) {
+            Stored::Opened { record, .. } => Some(record),
+            Stored::Absent => None,
+            Stored::Clear | Stored::Tampered => {
+                return Err(AuthError::new(
+                    AuthErrorKind::TamperedData,
+                    "the stored login does not open (edited, moved, from an older version, or its key retired)",
+                ))
+            }
+        };
         let pending = pending
-            .filter(|p| constant_eq(&p.state, state))
+            .filter(|p: &PendingLogin| constant_eq(&p.state, state))
             .ok_or_else(|| {
                 AuthError::new(AuthErrorKind::UnknownState, "unknown or already used state")
             })?;
@@ -196,17 +224,8 @@ impl OidcClient {
         }
         let code = get("code")
             .ok_or_else(|| AuthError::new(AuthErrorKind::MalformedCallback, "no code"))?;
-        let (verifier, _) =
-            record::open(&config.keys, &pending_key(state), FIELD_PKCE, &pending.pkce).ok_or_else(
-                || {
-                    AuthError::new(
-                        AuthErrorKind::TamperedData,
-                        "the stored login does not decrypt",
-                    )
-                },
-            )?;
         let tokens = self
-            .exchange(code.to_owned(), verifier, &pending.nonce)
+            .exchange(code.to_owned(), pending.pkce, &pending.nonce)
             .await?;
         let claims = tokens.claims.unwrap_or_default();
         let sub = claims
@@ -220,7 +239,6 @@ impl OidcClient {
         // worthless after it (session fixation).
         session.cycle_id().await.map_err(session_error)?;
         let binding = session.binding_key().await.map_err(session_error)?;
-        let keys = &config.keys;
         let record = LoginRecord {
             sub: sub.clone(),
             iss: self.inner.issuer.clone(),
@@ -228,24 +246,19 @@ impl OidcClient {
             claims,
             sid: sid.clone(),
             nonce: pending.nonce,
-            at: record::seal(keys, &binding, FIELD_ACCESS, &tokens.access_token),
-            rt: tokens
-                .refresh_token
-                .as_deref()
-                .map(|t| record::seal(keys, &binding, FIELD_REFRESH, t)),
-            idt: tokens
-                .id_token
-                .as_deref()
-                .map(|t| record::seal(keys, &binding, FIELD_ID, t)),
+            at: tokens.access_token,
+            rt: tokens.refresh_token,
+            idt: tokens.id_token,
             exp: tokens.expires_at,
         };
+        let sealed = record::seal_login(&config.keys, &binding, &record).map_err(unsealable)?;
         session
-            .insert(USER_KEY, &record)
+            .insert_reserved(USER_KEY, &sealed)
             .await
             .map_err(session_error)?;
         if let Some(key) = &config.bridge_key {
             session
-                .insert(key, &serde_json::json!({ "user": sub }))
+                .insert_reserved(key, &serde_json::json!({ "user": sub }))
                 .await
                 .map_err(session_error)?;
         }
@@ -261,8 +274,9 @@ impl OidcClient {
         }
         tracing::info!(sub = %untrusted(&sub), "login completed");
         crate::metrics::login();
+        // Checked again: what was stored is trusted only as far as it is local.
         Ok((
-            Redirect::found(&pending.return_to),
+            Redirect::found(&safe_return_to(Some(&pending.return_to))),
             User::from_record(&record),
         ))
     }
@@ -297,23 +311,19 @@ impl OidcClient {
                 "logout must come from the application's own pages",
             ));
         }
-        let record: Option<LoginRecord> = session.get(USER_KEY).await.ok().flatten();
+        let raw: Option<Box<RawValue>> = session.get(USER_KEY).await.ok().flatten();
         let binding = session.binding_key().await.ok();
         session.destroy().await;
-        let keys = &config.keys;
-        let (mut id_token, mut refresh) = (None, None);
-        if let (Some(record), Some(binding)) = (&record, &binding) {
-            id_token = record
-                .idt
-                .as_deref()
-                .and_then(|t| record::open(keys, binding, FIELD_ID, t))
-                .map(|t| t.0);
-            refresh = record
-                .rt
-                .as_deref()
-                .and_then(|t| record::open(keys, binding, FIELD_REFRESH, t))
-                .map(|t| t.0);
-        }
+        // Only a record that opens names tokens to revoke or hint with.
+        let record = binding.and_then(|binding| {
+            match record::open_login(&config.keys, &binding, raw.as_deref()) {
+                Stored::Opened { record, .. } => Some(record),
+                _ => None,
+            }
+        });
+        let (id_token, refresh) = record
+            .as_ref()
+            .map_or((None, None), |r| (r.idt.clone(), r.rt.clone()));
         if let Some(rt) = refresh {
             self.revoke(&rt).await;
         }

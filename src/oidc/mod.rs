@@ -6,8 +6,12 @@
 //! Built on the session layer: a login's state, nonce and PKCE verifier are
 //! kept in the session (one entry per pending login, so several tabs can log
 //! in at once) and consumed under the row lock, so a callback succeeds once.
-//! Tokens are sealed with AES-256-GCM ([`crate::crypto`]), bound to the
-//! session and the field they are stored in.
+//! The logged-in user's record (identity, claims, groups, expiry, tokens) and
+//! each pending login are sealed whole with AES-256-GCM ([`crate::crypto`]),
+//! the record bound to the session and the field it is stored in. Their keys
+//! (`oidc`, `oidc.login.*`) are reserved: application code gets
+//! [`SessionError::ReservedKey`](crate::SessionError::ReservedKey) instead of
+//! writing them, and a record that does not open is never trusted.
 //!
 //! ```no_run
 //! use axum::{extract::RawQuery, http::HeaderMap, response::IntoResponse, routing::{get, post}, Router};

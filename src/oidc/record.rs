@@ -1,16 +1,26 @@
 //! What the guard keeps in the session: pending logins and the logged-in
-//! user with sealed tokens.
+//! user, each sealed as a whole.
+//!
+//! Everything the guard trusts (identity, claims, groups, nonce, expiry,
+//! tokens; a pending login's state, nonce, PKCE verifier and `return_to`)
+//! is one AES-256-GCM envelope ([`crate::crypto`]). The login record is
+//! bound to the session's storage key and its field, so that a record edited,
+//! moved from another session, or left from before the login's id change
+//! does not open. A pending login is bound to its own key, which is derived
+//! from its state: it must survive the id change of another tab's login.
+//! The keys are reserved ([`crate::session::reserved`]): application code
+//! cannot write them, and what is found there anyway (an older version's
+//! records in the clear, or hostile data) is never trusted.
 
-use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use serde_json::{value::RawValue, Map, Value};
 use sha2::{Digest, Sha256};
 
 use crate::crypto::{Aad, Keyring};
+pub(crate) use crate::session::reserved::{PENDING_PREFIX, USER_KEY};
 
-/// Session key of the logged-in user.
-pub(crate) const USER_KEY: &str = "oidc";
-/// Prefix of the session keys of pending logins.
-pub(crate) const PENDING_PREFIX: &str = "oidc.login.";
+/// The field pending logins are sealed for (their key is the session field).
+const PENDING_FIELD: &str = "oidc.login";
 
 /// The session key of the login started with `state`: a digest, so that the
 /// lookup leaks nothing about the state; the state itself is then compared in
@@ -26,34 +36,32 @@ pub(crate) fn pending_key(state: &str) -> String {
 pub(crate) struct PendingLogin {
     pub(crate) state: String,
     pub(crate) nonce: String,
-    /// The PKCE verifier, sealed.
+    /// The PKCE verifier.
     pub(crate) pkce: String,
     pub(crate) return_to: String,
     /// Unix milliseconds after which the callback is refused.
     pub(crate) exp_ms: i64,
     /// When it started, unix nanoseconds: the oldest goes first past the cap.
-    #[serde(default)]
     pub(crate) started_ns: i64,
 }
 
-/// The logged-in user as stored: claims in clear, tokens sealed.
+/// The logged-in user with the provider's tokens.
 #[derive(Clone, Serialize, Deserialize)]
 pub(crate) struct LoginRecord {
     pub(crate) sub: String,
     pub(crate) iss: String,
     pub(crate) claims: Map<String, Value>,
-    #[serde(default)]
     pub(crate) groups: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) sid: Option<String>,
     /// The login's nonce: a refreshed ID token that carries one must match it.
     pub(crate) nonce: String,
-    /// Access token, sealed.
+    /// Access token.
     pub(crate) at: String,
-    /// Refresh token, sealed.
+    /// Refresh token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) rt: Option<String>,
-    /// ID token, sealed (the `id_token_hint` of logout).
+    /// ID token (the `id_token_hint` of logout).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) idt: Option<String>,
     /// Access token expiry, unix seconds.
@@ -61,42 +69,90 @@ pub(crate) struct LoginRecord {
     pub(crate) exp: Option<i64>,
 }
 
-pub(crate) const FIELD_ACCESS: &str = "access_token";
-pub(crate) const FIELD_REFRESH: &str = "refresh_token";
-pub(crate) const FIELD_ID: &str = "id_token";
-pub(crate) const FIELD_PKCE: &str = "pkce_verifier";
-
-pub(crate) fn seal(keys: &Keyring, binding: &str, field: &str, value: &str) -> String {
-    keys.seal(
-        value.as_bytes(),
-        &Aad {
-            session: binding,
-            field,
-        },
-    )
+/// What was found under one of the guard's keys.
+pub(crate) enum Stored<T> {
+    /// Nothing.
+    Absent,
+    /// A sealed record that opened; `reseal` when sealed under a key that
+    /// no longer seals.
+    Opened { record: T, reseal: bool },
+    /// Not a sealed value at all: a record of a version that kept it in the
+    /// clear, or data written by someone else. Never trusted.
+    Clear,
+    /// A sealed value that does not open here: edited, moved from another
+    /// session or key, or sealed under a retired key.
+    Tampered,
 }
 
-/// Opens a sealed value; `None` when it does not open (tampered, moved to
-/// another session or field, or sealed under a retired key). Also says
-/// whether it should be re-sealed under the current key.
-pub(crate) fn open(
+/// The login record, sealed for the session whose storage key is `binding`.
+pub(crate) fn seal_login(
     keys: &Keyring,
     binding: &str,
+    record: &LoginRecord,
+) -> Result<String, serde_json::Error> {
+    seal(keys, binding, USER_KEY, record)
+}
+
+/// Opens the login record of the session whose storage key is `binding`.
+pub(crate) fn open_login(
+    keys: &Keyring,
+    binding: &str,
+    stored: Option<&RawValue>,
+) -> Stored<LoginRecord> {
+    open(keys, binding, USER_KEY, stored)
+}
+
+/// A pending login, sealed for its own key.
+pub(crate) fn seal_pending(
+    keys: &Keyring,
+    key: &str,
+    pending: &PendingLogin,
+) -> Result<String, serde_json::Error> {
+    seal(keys, key, PENDING_FIELD, pending)
+}
+
+/// Opens the pending login stored under `key`.
+pub(crate) fn open_pending(
+    keys: &Keyring,
+    key: &str,
+    stored: Option<&RawValue>,
+) -> Stored<PendingLogin> {
+    open(keys, key, PENDING_FIELD, stored)
+}
+
+fn seal<T: Serialize>(
+    keys: &Keyring,
+    session: &str,
     field: &str,
-    sealed: &str,
-) -> Option<(String, bool)> {
-    let opened = keys
-        .open(
-            sealed,
-            &Aad {
-                session: binding,
-                field,
-            },
-        )
-        .ok()?;
-    let reseal = opened.needs_reseal();
-    let text = String::from_utf8(opened.plaintext().to_vec()).ok()?;
-    Some((text, reseal))
+    record: &T,
+) -> Result<String, serde_json::Error> {
+    let plain = zeroize::Zeroizing::new(serde_json::to_vec(record)?);
+    Ok(keys.seal(&plain, &Aad { session, field }))
+}
+
+fn open<T: DeserializeOwned>(
+    keys: &Keyring,
+    session: &str,
+    field: &str,
+    stored: Option<&RawValue>,
+) -> Stored<T> {
+    let Some(stored) = stored else {
+        return Stored::Absent;
+    };
+    let Ok(sealed) = serde_json::from_str::<&str>(stored.get()) else {
+        return Stored::Clear;
+    };
+    let Ok(opened) = keys.open(sealed, &Aad { session, field }) else {
+        return Stored::Tampered;
+    };
+    // Authentic yet unreadable only if the format changed under the same key.
+    match serde_json::from_slice(opened.plaintext()) {
+        Ok(record) => Stored::Opened {
+            record,
+            reseal: opened.needs_reseal(),
+        },
+        Err(_) => Stored::Tampered,
+    }
 }
 
 /// Groups from `cognito:groups` (Cognito) or `groups` (Keycloak with a group mapper, others).
@@ -151,6 +207,83 @@ mod tests {
         ] {
             assert_eq!(safe_return_to(given), kept, "{given:?}");
         }
+    }
+
+    fn login(sub: &str) -> LoginRecord {
+        LoginRecord {
+            sub: sub.to_owned(),
+            iss: "https://idp.example".to_owned(),
+            claims: Map::new(),
+            groups: vec!["users".to_owned()],
+            sid: None,
+            nonce: "n".to_owned(),
+            at: "access".to_owned(),
+            rt: Some("refresh".to_owned()),
+            idt: None,
+            exp: Some(1),
+        }
+    }
+
+    fn raw(v: &str) -> Box<RawValue> {
+        serde_json::value::to_raw_value(v).expect("a string serializes")
+    }
+
+    #[test]
+    fn a_login_record_opens_only_where_it_was_sealed() {
+        let keys = Keyring::generate();
+        let sealed = raw(&seal_login(&keys, "sid-a", &login("alice")).expect("seals"));
+        match open_login(&keys, "sid-a", Some(&sealed)) {
+            Stored::Opened { record, reseal } => {
+                assert_eq!(record.sub, "alice");
+                assert_eq!(record.rt.as_deref(), Some("refresh"));
+                assert!(!reseal);
+            }
+            _ => panic!("does not open"),
+        }
+        // Another session, another field, another keyring.
+        assert!(matches!(
+            open_login(&keys, "sid-b", Some(&sealed)),
+            Stored::Tampered
+        ));
+        assert!(matches!(
+            open_pending(&keys, "sid-a", Some(&sealed)),
+            Stored::Tampered
+        ));
+        assert!(matches!(
+            open_login(&Keyring::generate(), "sid-a", Some(&sealed)),
+            Stored::Tampered
+        ));
+        assert!(matches!(open_login(&keys, "sid-a", None), Stored::Absent));
+    }
+
+    #[test]
+    fn records_in_the_clear_are_never_trusted() {
+        let keys = Keyring::generate();
+        let clear = serde_json::value::to_raw_value(&login("admin")).expect("serializes");
+        assert!(matches!(
+            open_login(&keys, "sid", Some(&clear)),
+            Stored::Clear
+        ));
+        for junk in ["null", "42", "[]", "{}", "\"not sealed\""] {
+            let junk = RawValue::from_string(junk.to_owned()).expect("JSON");
+            assert!(
+                !matches!(open_login(&keys, "sid", Some(&junk)), Stored::Opened { .. }),
+                "{junk}"
+            );
+        }
+    }
+
+    #[test]
+    fn records_sealed_under_a_retired_key_open_and_ask_for_a_reseal() {
+        use crate::crypto::EncryptionKey;
+        let (old, new) = (EncryptionKey::generate(), EncryptionKey::generate());
+        let before = Keyring::new(vec![old.clone()]).expect("one key");
+        let after = Keyring::new(vec![new, old]).expect("two keys");
+        let sealed = raw(&seal_login(&before, "sid", &login("alice")).expect("seals"));
+        assert!(matches!(
+            open_login(&after, "sid", Some(&sealed)),
+            Stored::Opened { reseal: true, .. }
+        ));
     }
 
     #[test]

@@ -24,6 +24,7 @@ impl IntoResponse for SessionError {
         let status = match &self {
             SessionError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
             SessionError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            SessionError::ReservedKey { .. } => StatusCode::FORBIDDEN,
             SessionError::Serde { .. } | SessionError::Unsupported(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }

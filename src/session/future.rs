@@ -7,10 +7,10 @@ use std::{
     task::{ready, Context, Poll},
 };
 
-use futures_util::future::BoxFuture;
 use http::{header::SET_COOKIE, Response, StatusCode};
 use pin_project_lite::pin_project;
 use time::OffsetDateTime;
+use tokio::task::JoinHandle;
 
 use super::{
     handle::{CookieAction, Failure, Outcome},
@@ -24,6 +24,20 @@ pin_project! {
         #[pin]
         state: State<F, B>,
         config: Arc<Config>,
+        abandon: Abandon,
+    }
+}
+
+/// Tells the session when the response future is dropped before it is
+/// done (the client went away): a save it leaves running then never merges
+/// its changes over newer data.
+struct Abandon(Option<Session>);
+
+impl Drop for Abandon {
+    fn drop(&mut self) {
+        if let Some(session) = self.0.take() {
+            session.abandon();
+        }
     }
 }
 
@@ -35,9 +49,10 @@ pin_project! {
             future: F,
             session: Option<Session>,
         },
-        // Boxed: only requests that changed their session get here.
+        // The save runs in its own task: once started, it completes even if
+        // this future is dropped.
         Saving {
-            save: BoxFuture<'static, Outcome>,
+            save: JoinHandle<Outcome>,
             response: Option<Response<B>>,
         },
     }
@@ -52,6 +67,7 @@ impl<F, B> std::fmt::Debug for ResponseFuture<F, B> {
 impl<F, B> ResponseFuture<F, B> {
     pub(crate) fn new(future: F, session: Session, config: Arc<Config>) -> Self {
         Self {
+            abandon: Abandon(Some(session.clone())),
             state: State::Inner {
                 future,
                 session: Some(session),
@@ -73,20 +89,29 @@ where
         loop {
             match this.state.as_mut().project() {
                 StateProj::Inner { future, session } => {
-                    let response = ready!(future.poll(cx))?;
-                    let Some(session) = session.take() else {
-                        return Poll::Ready(Ok(response));
+                    let (response, session) = match (ready!(future.poll(cx)), session.take()) {
+                        (Ok(response), Some(session)) => (response, session),
+                        (result, _) => {
+                            this.abandon.0 = None;
+                            return Poll::Ready(result);
+                        }
                     };
                     if let Some(outcome) = session.try_finish_now() {
+                        this.abandon.0 = None;
                         return Poll::Ready(Ok(apply(this.config, response, outcome)));
                     }
                     this.state.set(State::Saving {
-                        save: Box::pin(session.finish()),
+                        save: session.spawn_finish(),
                         response: Some(response),
                     });
                 }
                 StateProj::Saving { save, response } => {
-                    let outcome = ready!(save.as_mut().poll(cx));
+                    // A save whose task panicked is reported as unavailable.
+                    let outcome = ready!(Pin::new(save).poll(cx)).unwrap_or(Outcome {
+                        cookie: CookieAction::Keep,
+                        failure: Some(Failure::Unavailable),
+                    });
+                    this.abandon.0 = None;
                     let response = response.take().unwrap_or_default();
                     return Poll::Ready(Ok(apply(this.config, response, outcome)));
                 }

@@ -1,19 +1,25 @@
 //! The [`Session`] handle that handlers use.
 
-use std::{fmt, sync::Arc};
+use std::{
+    fmt,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+};
 
 use serde::{de::DeserializeOwned, Serialize};
 use serde_json::value::RawValue;
 use time::OffsetDateTime;
 use tokio::sync::Mutex;
 
-use super::{cookie::SessionId, data::Data, layer::Config, SessionError};
+use super::{cookie::SessionId, data::Data, layer::Config, reserved, SessionError};
 use tracing::Instrument;
 
 use crate::{
     log_safe::untrusted,
     metrics,
-    store::{NewRow, PgStore, StoreError},
+    store::{detached, NewRow, PgStore, StoreError},
 };
 
 /// The session of the current request, found in the request extensions.
@@ -35,6 +41,9 @@ struct Shared {
     incoming: Option<SessionId>,
     client: ClientInfo,
     state: Mutex<State>,
+    /// The request was dropped before its response was ready (see
+    /// [`Session::abandon`]).
+    abandoned: AtomicBool,
 }
 
 #[derive(Default)]
@@ -129,6 +138,7 @@ impl Session {
                 incoming,
                 client,
                 state: Mutex::new(State::default()),
+                abandoned: AtomicBool::new(false),
             }),
         }
     }
@@ -155,10 +165,23 @@ impl Session {
     /// Stores `value` under `key`.
     ///
     /// # Errors
+    /// [`SessionError::ReservedKey`] for a key reserved for the login guard
+    /// or by [`SessionLayer::with_reserved_key`](super::SessionLayer::with_reserved_key),
     /// [`SessionError::TooLarge`] when the data would exceed the size limit
-    /// (the session is left as it was), [`SessionError::Serde`] when `value`
-    /// does not serialize, [`SessionError::Store`] when loading fails.
+    /// (the session is left as it was either way), [`SessionError::Serde`]
+    /// when `value` does not serialize, [`SessionError::Store`] when loading
+    /// fails.
     pub async fn insert<T: Serialize + ?Sized>(
+        &self,
+        key: &str,
+        value: &T,
+    ) -> Result<(), SessionError> {
+        self.check_writable(key)?;
+        self.insert_reserved(key, value).await
+    }
+
+    /// [`Session::insert`] for the crate's own use, reserved keys included.
+    pub(crate) async fn insert_reserved<T: Serialize + ?Sized>(
         &self,
         key: &str,
         value: &T,
@@ -184,8 +207,18 @@ impl Session {
     /// Removes `key`, returning its value.
     ///
     /// # Errors
-    /// As [`Session::get`].
+    /// As [`Session::get`], and [`SessionError::ReservedKey`] as
+    /// [`Session::insert`].
     pub async fn remove<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, SessionError> {
+        self.check_writable(key)?;
+        self.remove_reserved(key).await
+    }
+
+    /// [`Session::remove`] for the crate's own use, reserved keys included.
+    pub(crate) async fn remove_reserved<T: DeserializeOwned>(
+        &self,
+        key: &str,
+    ) -> Result<Option<T>, SessionError> {
         let mut st = self.shared.state.lock().await;
         self.ensure_loaded(&mut st).await?;
         let old = st
@@ -363,8 +396,15 @@ impl Session {
     /// when re-applying this request's changes over a concurrent write exceeds
     /// the limit; the stored session is then left as it was.
     pub async fn save(&self) -> Result<(), SessionError> {
-        let mut st = self.shared.state.lock().await;
-        self.save_locked(&mut st).await
+        // In its own task, as at the end of the request: once started, a
+        // save is not cut short by the client going away.
+        let this = self.clone();
+        detached(async move {
+            let mut st = this.shared.state.lock().await;
+            this.save_locked(&mut st).await
+        })
+        .await
+        .unwrap_or_else(|| Err(SessionError::Store(crashed())))
     }
 
     /// Removes `key` and returns its value, atomically across every request
@@ -373,9 +413,19 @@ impl Session {
     /// lock, a read, a write), not at the end of the request.
     ///
     /// # Errors
-    /// As [`Session::save`], and [`SessionError::Serde`] when the value does
+    /// As [`Session::save`], [`SessionError::ReservedKey`] as
+    /// [`Session::insert`], and [`SessionError::Serde`] when the value does
     /// not deserialize into `T` (it is consumed all the same).
     pub async fn take_once<T: DeserializeOwned>(
+        &self,
+        key: &str,
+    ) -> Result<Option<T>, SessionError> {
+        self.check_writable(key)?;
+        self.take_once_reserved(key).await
+    }
+
+    /// [`Session::take_once`] for the crate's own use, reserved keys included.
+    pub(crate) async fn take_once_reserved<T: DeserializeOwned>(
         &self,
         key: &str,
     ) -> Result<Option<T>, SessionError> {
@@ -398,6 +448,17 @@ impl Session {
                 key: key.to_owned(),
                 source,
             })
+    }
+
+    /// Refuses the keys application code may not write, before anything is
+    /// read or changed.
+    fn check_writable(&self, key: &str) -> Result<(), SessionError> {
+        if reserved::is_reserved(key, &self.shared.config.reserved) {
+            return Err(SessionError::ReservedKey {
+                key: key.to_owned(),
+            });
+        }
+        Ok(())
     }
 
     /// The storage key the session's row will have once this request's
@@ -498,8 +559,33 @@ impl Session {
         (!pending).then(|| self.outcome(&st))
     }
 
-    /// Saves what is pending and reports what the response must carry.
-    pub(crate) async fn finish(self) -> Outcome {
+    /// Saves what is pending, in a task of its own (a save once started is
+    /// not cut short by the client going away), and reports what the
+    /// response must carry.
+    pub(crate) fn spawn_finish(self) -> tokio::task::JoinHandle<Outcome> {
+        tokio::spawn(self.finish())
+    }
+
+    /// The request was dropped before its response was ready (the client
+    /// went away). A save still running for it lands only if the session is
+    /// unchanged since this request loaded it: re-applying its changes over
+    /// newer data could undo what a later request wrote and acknowledged.
+    pub(crate) fn abandon(&self) {
+        self.shared.abandoned.store(true, Ordering::Release);
+    }
+
+    /// True once [`Self::abandon`] was called: if the save conflicts, drop
+    /// its changes rather than merge them.
+    fn abandoned(&self, id: &SessionId) -> bool {
+        let gone = self.shared.abandoned.load(Ordering::Acquire);
+        if gone {
+            tracing::debug!(session = %id.log_id(), "request dropped; its changes are not merged over newer data");
+            metrics::failure("abandoned");
+        }
+        gone
+    }
+
+    async fn finish(self) -> Outcome {
         let mut st = self.shared.state.lock().await;
         let span = tracing::debug_span!(
             "session.save",
@@ -671,6 +757,9 @@ impl Session {
             return Ok(());
         }
         metrics::conflict();
+        if self.abandoned(&row.id) {
+            return Ok(());
+        }
         // Someone else wrote the row since we read it (or it is gone): lock it,
         // re-apply this request's changes to what is there now, write again.
         let locked = store
@@ -689,6 +778,10 @@ impl Session {
             };
             return Ok(());
         };
+        if self.abandoned(&row.id) {
+            // Dropping `tx` rolls back.
+            return Ok(());
+        }
         let mut data = Data::parse(&fresh.sess).unwrap_or_default();
         apply_changes(&mut data, &st.changes);
         // Dropping `tx` on refusal rolls back: the stored session stays as it was.
@@ -759,6 +852,11 @@ impl Session {
             expire,
         });
     }
+}
+
+/// The error of a store task that panicked.
+fn crashed() -> StoreError {
+    StoreError::Database(sqlx::Error::WorkerCrashed)
 }
 
 fn apply_changes(data: &mut Data, changes: &[(String, Option<Box<RawValue>>)]) {

@@ -34,6 +34,8 @@ pub(crate) struct Config {
     pub(crate) express: bool,
     /// Record the user agent (and the client address from this header) at creation.
     pub(crate) record_client: Option<Option<http::HeaderName>>,
+    /// Keys application code may not write, beyond the crate's own.
+    pub(crate) reserved: Vec<String>,
 }
 
 impl Config {
@@ -241,6 +243,7 @@ impl SessionLayer {
                 unavailable_status: StatusCode::SERVICE_UNAVAILABLE,
                 express: false,
                 record_client: None,
+                reserved: Vec::new(),
             }),
         }
     }
@@ -485,6 +488,32 @@ impl SessionLayer {
     /// Never in practice; returns `Result` like every other setting.
     pub fn with_unavailable_status(self, status: http::StatusCode) -> Result<Self, ConfigError> {
         self.edit(|c| c.unavailable_status = status)
+    }
+
+    /// Reserves `key`: [`Session::insert`](super::Session::insert),
+    /// [`remove`](super::Session::remove) and
+    /// [`take_once`](super::Session::take_once) on it then fail with
+    /// [`SessionError::ReservedKey`](super::SessionError::ReservedKey)
+    /// instead of writing, so that a handler storing client-chosen keys
+    /// cannot set it. Reading stays allowed. For keys another part trusts,
+    /// such as Passport's `passport` next to an Express app (and the key of
+    /// `OidcConfig::with_express_user_key`, which the guard still writes).
+    /// The guard's own keys (`oidc`, `oidc.login.*`) are always reserved.
+    ///
+    /// ```
+    /// # async fn run(layer: tower_pg_session::SessionLayer) -> Result<(), tower_pg_session::ConfigError> {
+    /// let layer = layer.with_reserved_key("passport")?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// Never in practice; returns `Result` like every other setting.
+    pub fn with_reserved_key(self, key: &str) -> Result<Self, ConfigError> {
+        self.edit(|c| {
+            if !c.reserved.iter().any(|k| k == key) {
+                c.reserved.push(key.to_owned());
+            }
+        })
     }
 
     /// The store sessions are kept in.

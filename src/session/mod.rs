@@ -33,27 +33,28 @@
 //! is not touched.
 
 mod cookie;
-#[cfg(feature = "__fuzz")]
-pub(crate) use self::{
-    cookie::{Codec, CookieConfig},
-    data::Data,
-};
 mod data;
 #[cfg(feature = "axum")]
 mod extract;
 mod future;
 mod handle;
 mod layer;
+pub(crate) mod reserved;
 mod service;
 
-#[cfg(feature = "oidc")]
-pub(crate) use self::handle::Exclusive;
+#[cfg(feature = "__fuzz")]
+pub(crate) use self::cookie::{Codec, CookieConfig};
 pub use self::{
     cookie::{ExpressSecrets, SameSite, SigningKeys},
     future::ResponseFuture,
     handle::Session,
     layer::SessionLayer,
     service::SessionService,
+};
+#[cfg(feature = "oidc")]
+pub(crate) use self::{
+    data::Data,
+    handle::{Changes, Exclusive},
 };
 use crate::store::StoreError;
 
@@ -85,4 +86,12 @@ pub enum SessionError {
     /// The operation needs something the store lacks.
     #[error("unsupported: {0}")]
     Unsupported(&'static str),
+    /// Application code tried to write or remove a reserved key: the login
+    /// guard's own (`oidc`, `oidc.login.*`, always reserved) or one reserved
+    /// with [`SessionLayer::with_reserved_key`]. Nothing was changed.
+    #[error("session key {key:?} is reserved; nothing was changed")]
+    ReservedKey {
+        /// The key.
+        key: String,
+    },
 }

@@ -29,7 +29,7 @@ use std::{
 use time::OffsetDateTime;
 use tokio::sync::oneshot;
 
-use super::{LoadParams, Loaded, NewRow, PgStore, StoreError};
+use super::{retry_once, LoadParams, Loaded, NewRow, PgStore, StoreError};
 
 /// Keys in one statement at most (a power of two).
 pub(super) const MAX_KEYS: usize = 128;
@@ -381,22 +381,32 @@ impl Job for UpdateJob {
         for w in repeats {
             let _ = w.reply.send(Ok(None));
         }
-        let result = match batch.as_slice() {
-            [] => return,
-            // Alone: the plain statement, which waits for a row lock
-            // rather than skipping the row.
-            [one] => {
-                let j = &one.job;
-                store
-                    .update(&j.key, &j.key, &j.version, &j.row(), j.now)
-                    .await
-                    .map(|v| v.map(|v| vec![(j.key.clone(), v)]).unwrap_or_default())
+        // Safe to repeat on a broken connection: a row the first attempt
+        // wrote after all is at a new version, so the second skips it and
+        // its request takes the conflict path, which re-applies the same
+        // changes.
+        let result = retry_once(|| async {
+            match batch.as_slice() {
+                [] => Ok(Vec::new()),
+                // Alone: the plain statement, which waits for a row lock
+                // (within the bound) rather than skipping the row.
+                [one] => {
+                    let j = &one.job;
+                    store
+                        .update(&j.key, &j.key, &j.version, &j.row(), j.now)
+                        .await
+                        .map(|v| v.map(|v| vec![(j.key.clone(), v)]).unwrap_or_default())
+                }
+                many => {
+                    let jobs: Vec<&UpdateJob> = many.iter().map(|w| &w.job).collect();
+                    store.update_many(&jobs).await
+                }
             }
-            many => {
-                let jobs: Vec<&UpdateJob> = many.iter().map(|w| &w.job).collect();
-                store.update_many(&jobs).await
-            }
-        };
+        })
+        .await;
+        if batch.is_empty() {
+            return;
+        }
         let versions: HashMap<String, String> = match result {
             Ok(rows) => rows.into_iter().collect(),
             Err(e) => return fail_all(batch, e),

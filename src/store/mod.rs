@@ -322,7 +322,11 @@ impl PgStore {
             config.timestamp_zone.as_deref(),
         )
         .await?;
-        let sql = Sql::new(&name, &layout);
+        // A statement waits for a row lock no longer than a request waits
+        // for a connection: a row held elsewhere costs that request the
+        // unavailable status, not an unbounded wait.
+        let lock_wait = pool.options().get_acquire_timeout();
+        let sql = Sql::new(&name, &layout, lock_wait);
         let slots = config.load_slots.unwrap_or_else(|| {
             DEFAULT_LOAD_SLOTS.min(pool.options().get_max_connections() as usize)
         });
@@ -412,19 +416,25 @@ impl PgStore {
         row: &NewRow<'_>,
         now: OffsetDateTime,
     ) -> Result<Option<String>, StoreError> {
-        let mut q = sqlx::query_scalar(&self.inner.sql.insert)
-            .bind(key)
-            .bind(row.sess)
-            .bind(row.expire);
-        if self.inner.layout.extended {
-            q = q
-                .bind(now)
-                .bind(row.user_id)
-                .bind(row.provider_sid)
-                .bind(row.user_agent)
-                .bind(row.ip);
-        }
-        Ok(q.fetch_optional(&self.inner.pool).await?)
+        // Safe to repeat: if the first attempt was written after all, the
+        // second finds the id taken and the caller picks another (the first
+        // row, which no cookie names, expires unused).
+        retry_once(|| async {
+            let mut q = sqlx::query_scalar(&self.inner.sql.insert)
+                .bind(key)
+                .bind(row.sess)
+                .bind(row.expire);
+            if self.inner.layout.extended {
+                q = q
+                    .bind(now)
+                    .bind(row.user_id)
+                    .bind(row.provider_sid)
+                    .bind(row.user_agent)
+                    .bind(row.ip);
+            }
+            Ok(q.fetch_optional(&self.inner.pool).await?)
+        })
+        .await
     }
 
     /// Writes a row loaded as `version`, optionally under a new key. `None`
@@ -482,7 +492,7 @@ impl PgStore {
         key: &str,
         now: OffsetDateTime,
     ) -> Result<Option<(Tx, Loaded)>, StoreError> {
-        let mut tx = self.inner.pool.begin().await?;
+        let mut tx = self.begin().await?;
         let row = sqlx::query(&self.inner.sql.select_for_update)
             .bind(key)
             .bind(now)
@@ -497,9 +507,56 @@ impl PgStore {
         }
     }
 
+    /// Starts a transaction on a pooled connection.
+    ///
+    /// `BEGIN` runs in its own task: sqlx rolls a dropped transaction back
+    /// only once `BEGIN` has completed, so a caller dropped while it is in
+    /// flight would put the connection back in the pool inside a
+    /// transaction (where the next requests' writes would sit uncommitted).
+    /// A transaction whose caller is gone is dropped in that task, which
+    /// rolls it back.
+    pub(crate) async fn begin(&self) -> Result<Tx, StoreError> {
+        let pool = self.inner.pool.clone();
+        detached(retry_once(move || {
+            let pool = pool.clone();
+            async move { Ok(pool.begin().await?) }
+        }))
+        .await
+        .ok_or(StoreError::Database(sqlx::Error::WorkerCrashed))?
+    }
+
     /// Writes a row locked by [`Self::lock_row`] (optionally under a new key)
-    /// and commits.
+    /// and commits. Once called it completes even if the caller is dropped:
+    /// what it writes was computed under the row lock, so it is never stale,
+    /// and work done meanwhile (a token refresh) is not lost.
     pub(crate) async fn write_locked(
+        &self,
+        tx: Tx,
+        key: &str,
+        new_key: &str,
+        row: &NewRow<'_>,
+    ) -> Result<String, StoreError> {
+        let store = self.clone();
+        let (key, new_key) = (key.to_owned(), new_key.to_owned());
+        let (sess, expire) = (row.sess.to_owned(), row.expire);
+        let user_id = row.user_id.map(str::to_owned);
+        let provider_sid = row.provider_sid.map(str::to_owned);
+        detached(async move {
+            let row = NewRow {
+                sess: &sess,
+                expire,
+                user_id: user_id.as_deref(),
+                provider_sid: provider_sid.as_deref(),
+                user_agent: None,
+                ip: None,
+            };
+            store.write_and_commit(tx, &key, &new_key, &row).await
+        })
+        .await
+        .ok_or(StoreError::Database(sqlx::Error::WorkerCrashed))?
+    }
+
+    async fn write_and_commit(
         &self,
         mut tx: Tx,
         key: &str,
@@ -541,7 +598,7 @@ impl PgStore {
     #[cfg_attr(not(feature = "oidc"), allow(dead_code))]
     pub(crate) async fn ensure_seen_table(&self) -> Result<(), StoreError> {
         let t = self.inner.name.seen_table();
-        let mut tx = self.inner.pool.begin().await?;
+        let mut tx = self.begin().await?;
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
             .bind(self.inner.name.lock_key("ddl"))
             .execute(&mut *tx)
@@ -597,16 +654,47 @@ impl PgStore {
 
     /// Deletes a row; true when one was there.
     pub(crate) async fn delete(&self, key: &str) -> Result<bool, StoreError> {
-        let done = sqlx::query(&self.inner.sql.delete)
-            .bind(key)
-            .execute(&self.inner.pool)
-            .await?;
+        let done = retry_once(|| async {
+            Ok(sqlx::query(&self.inner.sql.delete)
+                .bind(key)
+                .execute(&self.inner.pool)
+                .await?)
+        })
+        .await?;
         Ok(done.rows_affected() > 0)
     }
 }
 
 /// A transaction holding a session row lock.
 pub(crate) type Tx = sqlx::Transaction<'static, sqlx::Postgres>;
+
+/// Runs `op` once more when it failed on a connection that broke under it
+/// (one that died while idle in the pool, a server restart): the pool
+/// replaces a broken connection, so the second attempt usually succeeds.
+/// Only for statements that are safe to repeat.
+pub(crate) async fn retry_once<T, F, Fut>(mut op: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    match op().await {
+        Err(e) if e.is_broken_connection() => {
+            tracing::debug!(error = %e, "retrying on another connection");
+            op().await
+        }
+        done => done,
+    }
+}
+
+/// Runs `work` in its own task and waits for it: a request future can be
+/// dropped at any await point, and work that must finish once started (a
+/// save, a commit, a `BEGIN`) runs where that cannot cut it short. `None`
+/// when the task panicked.
+pub(crate) async fn detached<T: Send + 'static>(
+    work: impl std::future::Future<Output = T> + Send + 'static,
+) -> Option<T> {
+    tokio::spawn(work).await.ok()
+}
 
 /// Times for one load: the idle extension is written only when the row
 /// expires before `touch_before`.
@@ -678,8 +766,17 @@ struct Sql {
 }
 
 impl Sql {
-    fn new(name: &TableName, layout: &Layout) -> Self {
+    fn new(name: &TableName, layout: &Layout, lock_wait: std::time::Duration) -> Self {
         let t = name.qualified();
+        // Bounds the row lock waits of one statement (or of the rest of its
+        // transaction) without a round trip of its own: the setting is made
+        // before any row is read, and is local to the transaction.
+        let bounded = format!(
+            "WITH lock_wait AS MATERIALIZED (\
+               SELECT set_config('lock_timeout', '{}', true))",
+            lock_wait.as_millis().clamp(1, i32::MAX as u128)
+        );
+        let bound = "EXISTS (SELECT FROM lock_wait)";
         let to_col = |p: &str| to_col(&layout.expire, p);
         let json = match layout.sess {
             SessType::Json => "json",
@@ -786,8 +883,9 @@ impl Sql {
             expire = to_col("$3"),
         );
         let update = format!(
-            "UPDATE {t} SET sid = $2, sess = $3::{json}, expire = {expire}{set_ext} \
-             WHERE sid = $1 AND xmin = $5::xid AND expire > {now} RETURNING xmin::text",
+            "{bounded} UPDATE {t} SET sid = $2, sess = $3::{json}, expire = {expire}{set_ext} \
+             WHERE sid = $1 AND xmin = $5::xid AND expire > {now} AND {bound} \
+             RETURNING xmin::text",
             expire = to_col("$4"),
             now = to_col("$6"),
         );
@@ -846,8 +944,8 @@ impl Sql {
         };
         let update_many = arities().map(update_many_sql).collect();
         let select_for_update = format!(
-            "SELECT sess::text, {from_col}, xmin::text, {ext_cols}, false FROM {t} \
-             WHERE sid = $1 AND expire > {now} FOR UPDATE",
+            "{bounded} SELECT sess::text, {from_col}, xmin::text, {ext_cols}, false FROM {t} \
+             WHERE sid = $1 AND expire > {now} AND {bound} FOR UPDATE",
             now = to_col("$2"),
         );
         let update_locked = format!(
@@ -855,7 +953,7 @@ impl Sql {
              WHERE sid = $1 RETURNING xmin::text",
             expire = to_col("$4"),
         );
-        let delete = format!("DELETE FROM {t} WHERE sid = $1");
+        let delete = format!("{bounded} DELETE FROM {t} WHERE sid = $1 AND {bound}");
         // Batches walk the expire index in order, each starting where the
         // previous one ended ($3, the column's own value as text, exact for
         // both column types): the index entries of rows already deleted stay

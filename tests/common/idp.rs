@@ -9,7 +9,7 @@ use std::{
 
 use axum::{
     body::Bytes,
-    extract::{Query, RawQuery, State},
+    extract::{Path, Query, RawQuery, State},
     http::{header, HeaderMap, StatusCode},
     response::{IntoResponse, Response},
     routing::{get, post},
@@ -159,8 +159,11 @@ impl App {
     ) -> Self {
         let store = db.store().await;
         let client = OidcClient::discover(config, store.clone()).await.unwrap();
+        // Passport's key reserved, as next to Express: the guard still writes it.
         let layer = SessionLayer::new(store.clone(), SigningKeys::new([KEY_A]).unwrap())
             .with_insecure_http_cookie()
+            .unwrap()
+            .with_reserved_key("passport")
             .unwrap();
         let backchannel = Arc::new(Mutex::new(Vec::new()));
         let app = router(client.clone(), layer, backchannel.clone());
@@ -252,6 +255,16 @@ pub fn router(
             }),
         )
         .route("/", get(|| async { "home" }))
+        // An ordinary handler that stores what the client sends, as apps do.
+        .route(
+            "/kv/{key}",
+            axum::routing::put(|session: Session, Path(key): Path<String>, Json(value): Json<Value>| async move {
+                session.insert(&key, &value).await.map(|()| StatusCode::NO_CONTENT)
+            })
+            .delete(|session: Session, Path(key): Path<String>| async move {
+                session.remove::<Value>(&key).await.map(|_| StatusCode::NO_CONTENT)
+            }),
+        )
         .with_state(AppState { client, backchannel })
         .layer(layer)
 }

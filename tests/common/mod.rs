@@ -3,8 +3,10 @@
 //! with a cookie jar.
 #![allow(dead_code, unreachable_pub, missing_docs, clippy::unwrap_used)]
 
+pub mod cluster;
 pub mod express;
 pub mod idp;
+pub mod latency;
 
 use std::{sync::Arc, time::Duration};
 

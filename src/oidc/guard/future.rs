@@ -10,6 +10,7 @@ use std::{
 use futures_util::future::BoxFuture;
 use http::{Request, Response};
 use pin_project_lite::pin_project;
+use serde_json::{value::RawValue, Value};
 use time::OffsetDateTime;
 use tower_service::Service;
 use tracing::Instrument;
@@ -18,10 +19,10 @@ use super::{response::RequestKind, Rejection, RejectionKind};
 use crate::{
     log_safe::untrusted,
     oidc::{
-        record::{self, LoginRecord, FIELD_ACCESS, FIELD_ID, FIELD_REFRESH, USER_KEY},
-        AccessToken, AuthErrorKind, OidcClient, User,
+        record::{self, LoginRecord, Stored, USER_KEY},
+        AccessToken, AuthError, AuthErrorKind, OidcClient, User,
     },
-    session::{Exclusive, Session, SessionError},
+    session::{Changes, Data, Exclusive, Session, SessionError},
 };
 
 type Authorized = Result<(User, AccessToken), Rejection>;
@@ -143,88 +144,59 @@ pub(crate) async fn authorize(client: OidcClient, session: Option<Session>) -> A
     let Some(session) = session else {
         return Err(Rejection::new(RejectionKind::MissingSessionLayer));
     };
-    let logged_out = |why: &str| {
-        tracing::warn!(reason = %untrusted(why), "ending the login");
-        Rejection::new(RejectionKind::LoggedOut)
-    };
-    let record: Option<LoginRecord> = match session.get(USER_KEY).await {
+    let raw: Option<Box<RawValue>> = match session.get(USER_KEY).await {
         Ok(r) => r,
-        Err(SessionError::Serde { .. }) => {
-            session.destroy().await;
-            return Err(logged_out("unreadable login record"));
-        }
         Err(e) => return Err(store_failed(&e)),
     };
-    let Some(mut record) = record else {
+    if raw.is_none() {
         return Err(Rejection::new(RejectionKind::NotLoggedIn));
+    }
+    let binding = match session.binding_key().await {
+        Ok(b) => b,
+        Err(e) => return Err(store_failed(&e)),
     };
     let config = client.config();
-    let keys = &config.keys;
+    let (mut record, mut reseal) = match record::open_login(&config.keys, &binding, raw.as_deref())
+    {
+        Stored::Opened { record, reseal } => (record, reseal),
+        Stored::Absent => return Err(Rejection::new(RejectionKind::NotLoggedIn)),
+        Stored::Clear => {
+            // Nothing this version wrote: an older version's record, or
+            // someone else's data. Dropped, never trusted.
+            tracing::warn!("login record not sealed (older version or written elsewhere): ignored");
+            crate::metrics::failure("login_record_unsealed");
+            let _ = session.remove_reserved::<Value>(USER_KEY).await;
+            return Err(Rejection::new(RejectionKind::NotLoggedIn));
+        }
+        Stored::Tampered => {
+            crate::metrics::failure("login_record_tampered");
+            return Err(log_out(
+                &session,
+                "login record does not open (tampered, moved from another session, or its key retired)",
+            )
+            .await);
+        }
+    };
 
     if due(record.exp, config.refresh_before) {
         if record.rt.is_none() {
             if expired(record.exp) {
-                session.destroy().await;
-                return Err(logged_out(
+                return Err(log_out(
+                    &session,
                     "access token expired and there is no refresh token",
-                ));
+                )
+                .await);
             }
         } else {
-            let c = client.clone();
             let result = session
-                .exclusive(|data, binding| async move {
-                    let fresh: Option<LoginRecord> = data
-                        .get(USER_KEY)
-                        .and_then(|raw| serde_json::from_str(raw.get()).ok());
-                    let Some(fresh) = fresh else {
-                        return Err(crate::oidc::AuthError::new(
-                            AuthErrorKind::TamperedData,
-                            "login record gone",
-                        ));
-                    };
-                    // Someone (this instance or another) refreshed while we waited.
-                    if !due(fresh.exp, c.config().refresh_before) {
-                        return Ok((Vec::new(), fresh));
-                    }
-                    let keys = &c.config().keys;
-                    let (rt, _) = fresh
-                        .rt
-                        .as_deref()
-                        .and_then(|t| record::open(keys, &binding, FIELD_REFRESH, t))
-                        .ok_or_else(|| {
-                            crate::oidc::AuthError::new(
-                                AuthErrorKind::TamperedData,
-                                "refresh token does not decrypt",
-                            )
-                        })?;
-                    let tokens = c.refresh(&rt, &fresh.nonce, &fresh.sub).await?;
-                    let mut next = fresh.clone();
-                    next.at = record::seal(keys, &binding, FIELD_ACCESS, &tokens.access_token);
-                    // Providers without rotation (Cognito) send no new refresh token.
-                    let rt = tokens.refresh_token.unwrap_or(rt);
-                    next.rt = Some(record::seal(keys, &binding, FIELD_REFRESH, &rt));
-                    if let Some(idt) = &tokens.id_token {
-                        next.idt = Some(record::seal(keys, &binding, FIELD_ID, idt));
-                    }
-                    if let Some(claims) = tokens.claims {
-                        next.groups = record::groups_of(&claims);
-                        next.claims = claims;
-                    }
-                    next.exp = tokens.expires_at;
-                    let raw = serde_json::value::to_raw_value(&next).map_err(|e| {
-                        crate::oidc::AuthError::new(AuthErrorKind::TamperedData, e.to_string())
-                    })?;
-                    tracing::info!(sub = %untrusted(&next.sub), "access token refreshed");
-                    crate::metrics::refresh();
-                    Ok((vec![(USER_KEY.to_owned(), Some(raw))], next))
-                })
+                .exclusive(|data, binding| refresh(client.clone(), data, binding))
                 .instrument(tracing::info_span!("oidc.refresh"))
                 .await;
             if let Ok(Err(e)) = &result {
                 crate::metrics::failure(format!("refresh_{}", e.kind().code()));
             }
             match result {
-                Ok(Ok(Exclusive::Done(next))) => record = next,
+                Ok(Ok(Exclusive::Done(next))) => (record, reseal) = next,
                 Ok(Ok(Exclusive::Gone)) => return Err(Rejection::new(RejectionKind::NotLoggedIn)),
                 Ok(Err(e)) if e.kind() == AuthErrorKind::ProviderUnavailable => {
                     tracing::warn!(error = %untrusted(&e), "token refresh failed");
@@ -233,43 +205,89 @@ pub(crate) async fn authorize(client: OidcClient, session: Option<Session>) -> A
                     }
                     // Still valid for a while: carry on, retry on a later request.
                 }
-                Ok(Err(e)) => {
-                    session.destroy().await;
-                    return Err(logged_out(&e.to_string()));
-                }
+                Ok(Err(e)) => return Err(log_out(&session, &e.to_string()).await),
                 Err(e) => return Err(store_failed(&e)),
             }
         }
     }
 
-    let binding = match session.binding_key().await {
-        Ok(b) => b,
-        Err(e) => return Err(store_failed(&e)),
+    if reseal {
+        // Sealed under a key no longer first: sealed again under the current
+        // key with this request's save.
+        let written = match record::seal_login(&config.keys, &binding, &record) {
+            Ok(sealed) => session
+                .insert_reserved(USER_KEY, &sealed)
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = written {
+            tracing::warn!(error = %untrusted(&e), "re-sealing the login failed");
+        }
+    }
+    let token = AccessToken(record.at.clone());
+    Ok((User::from_record(&record), token))
+}
+
+/// Ends the login now: the session is destroyed.
+async fn log_out(session: &Session, why: &str) -> Rejection {
+    tracing::warn!(reason = %untrusted(why), "ending the login");
+    session.destroy().await;
+    Rejection::new(RejectionKind::LoggedOut)
+}
+
+type Refreshed = (Changes, (LoginRecord, bool));
+
+/// Under the row lock: refreshes the tokens of the freshest record, unless
+/// another request (or instance) did so while this one waited. Yields the
+/// record and whether it still needs re-sealing.
+async fn refresh(client: OidcClient, data: Data, binding: String) -> Result<Refreshed, AuthError> {
+    let config = client.config();
+    let keys = &config.keys;
+    let (fresh, reseal) = match record::open_login(keys, &binding, data.get(USER_KEY)) {
+        Stored::Opened { record, reseal } => (record, reseal),
+        Stored::Absent => {
+            return Err(AuthError::new(
+                AuthErrorKind::TamperedData,
+                "login record gone",
+            ))
+        }
+        Stored::Clear | Stored::Tampered => {
+            return Err(AuthError::new(
+                AuthErrorKind::TamperedData,
+                "login record does not open",
+            ))
+        }
     };
-    let Some((access, reseal)) = record::open(keys, &binding, FIELD_ACCESS, &record.at) else {
-        session.destroy().await;
-        return Err(logged_out(
-            "access token does not decrypt (tampered, moved, or its key retired)",
+    if !due(fresh.exp, config.refresh_before) {
+        return Ok((Vec::new(), (fresh, reseal)));
+    }
+    let Some(rt) = fresh.rt.clone() else {
+        return Err(AuthError::new(
+            AuthErrorKind::TamperedData,
+            "login record without a refresh token",
         ));
     };
-    if reseal {
-        // Sealed under a key no longer first: re-seal everything under the
-        // current key with this request's save.
-        let mut next = record.clone();
-        next.at = record::seal(keys, &binding, FIELD_ACCESS, &access);
-        for (field, slot) in [(FIELD_REFRESH, &mut next.rt), (FIELD_ID, &mut next.idt)] {
-            if let Some(sealed) = slot.as_deref() {
-                if let Some((plain, _)) = record::open(keys, &binding, field, sealed) {
-                    *slot = Some(record::seal(keys, &binding, field, &plain));
-                }
-            }
-        }
-        if let Err(e) = session.insert(USER_KEY, &next).await {
-            tracing::warn!(error = %untrusted(&e), "re-sealing tokens failed");
-        }
-        record = next;
+    let tokens = client.refresh(&rt, &fresh.nonce, &fresh.sub).await?;
+    let mut next = fresh;
+    next.at = tokens.access_token;
+    // Providers without rotation (Cognito) send no new refresh token.
+    next.rt = Some(tokens.refresh_token.unwrap_or(rt));
+    if let Some(idt) = tokens.id_token {
+        next.idt = Some(idt);
     }
-    Ok((User::from_record(&record), AccessToken(access)))
+    if let Some(claims) = tokens.claims {
+        next.groups = record::groups_of(&claims);
+        next.claims = claims;
+    }
+    next.exp = tokens.expires_at;
+    let unsealable =
+        |e: serde_json::Error| AuthError::new(AuthErrorKind::TamperedData, e.to_string());
+    let sealed = record::seal_login(keys, &binding, &next).map_err(unsealable)?;
+    let raw = serde_json::value::to_raw_value(&sealed).map_err(unsealable)?;
+    tracing::info!(sub = %untrusted(&next.sub), "access token refreshed");
+    crate::metrics::refresh();
+    Ok((vec![(USER_KEY.to_owned(), Some(raw))], (next, false)))
 }
 
 #[cfg(test)]

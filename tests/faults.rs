@@ -1,0 +1,284 @@
+//! Faults: connections that break under a save, rows locked elsewhere for
+//! too long, an exhausted pool, a database server that restarts under load.
+//! Requests answer 200 or the unavailable status within the configured
+//! bound, the service recovers by itself, and no acknowledged write is lost.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use axum::http::StatusCode;
+use common::{cluster::Cluster, *};
+use serde_json::json;
+use sqlx::postgres::PgPoolOptions;
+use tower_pg_session::PgStore;
+
+/// A store on its own pool of `size`, which waits `wait` at most for a
+/// connection (or a row lock), its connections named for the test.
+async fn bounded_store(db: &Db, size: u32, wait: Duration) -> (String, PgStore) {
+    db.store().await;
+    let name = format!("{}_faults", db.schema);
+    let options: sqlx::postgres::PgConnectOptions = database_url().parse().unwrap();
+    let pool = PgPoolOptions::new()
+        .max_connections(size)
+        .acquire_timeout(wait)
+        .test_before_acquire(false)
+        .connect_with(options.application_name(&name))
+        .await
+        .unwrap();
+    (name, PgStore::new(pool, db.config()).await.unwrap())
+}
+
+/// The pool's backends that are not idle (running, waiting, or inside a
+/// transaction).
+async fn busy(db: &Db, name: &str) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND state <> 'idle'",
+    )
+    .bind(name)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap()
+}
+
+async fn kill_backends(db: &Db, name: &str) -> usize {
+    sqlx::query_scalar::<_, bool>(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+    )
+    .bind(name)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap()
+    .len()
+}
+
+#[tokio::test]
+async fn a_save_on_a_connection_that_died_while_idle_is_retried() {
+    let db = Db::new().await;
+    let (name, store) = bounded_store(&db, 1, Duration::from_secs(2)).await;
+    let gate = Gate::default();
+    let mut c = Client::new(app(layer(store), gate.clone()));
+    c.put("/kv/me", json!(1)).await;
+
+    // Loaded; the one pooled connection dies before the save.
+    let mut slow = c.clone();
+    let request = tokio::spawn(async move { slow.put("/slow/later", json!(null)).await });
+    gate.entered.notified().await;
+    assert_eq!(kill_backends(&db, &name).await, 1);
+    gate.release.notify_one();
+    let r = request.await.unwrap();
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    assert_eq!(c.get("/kv").await.body, json!({"me": 1, "later": true}));
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn a_row_locked_elsewhere_past_the_timeout_gets_a_clean_503_within_the_bound() {
+    let db = Db::new().await;
+    let bound = Duration::from_millis(800);
+    let (name, store) = bounded_store(&db, 2, bound).await;
+    let mut c = Client::new(app(layer(store), Gate::default()));
+    c.put("/kv/me", json!(1)).await;
+
+    let mut tx = db.pool.begin().await.unwrap();
+    sqlx::query(&format!("SELECT 1 FROM {} FOR UPDATE", db.table()))
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    for (method, path) in [("PUT", "/kv/x"), ("POST", "/logout"), ("POST", "/take/me")] {
+        let started = Instant::now();
+        let r = tokio::time::timeout(
+            Duration::from_secs(10),
+            c.send(method, path, Some(json!(2))),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{method} {path} still waits for the row after 10 s"));
+        let took = started.elapsed();
+        assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{method} {path}");
+        assert!(
+            r.set_cookie().is_none(),
+            "{method} {path}: cookie left alone"
+        );
+        assert!(
+            took < bound + Duration::from_millis(700),
+            "{method} {path} took {took:?}"
+        );
+        // (A failed transaction's rollback reaches the server just after.)
+        eventually("no connection left waiting or in a transaction", || async {
+            busy(&db, &name).await == 0
+        })
+        .await;
+    }
+    tx.commit().await.unwrap();
+    assert_eq!(c.get("/kv").await.body, json!({"me": 1}), "nothing written");
+    assert_eq!(
+        c.put("/kv/x", json!(2)).await.status,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(c.get("/kv").await.body, json!({"me": 1, "x": 2}));
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn an_exhausted_pool_answers_503_after_the_bound_and_recovers() {
+    let db = Db::new().await;
+    let bound = Duration::from_millis(500);
+    let (_, store) = bounded_store(&db, 2, bound).await;
+    let pool = store.pool().clone();
+    let mut c = Client::new(app(layer(store), Gate::default()));
+    c.put("/kv/me", json!(1)).await;
+
+    let held = (pool.acquire().await.unwrap(), pool.acquire().await.unwrap());
+    let tasks: Vec<_> = (0..8)
+        .map(|i| {
+            let mut c = c.clone();
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let r = c.put(&format!("/kv/k{i}"), json!(i)).await;
+                (r.status, started.elapsed())
+            })
+        })
+        .collect();
+    for t in tasks {
+        let (status, took) = t.await.unwrap();
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(took >= bound && took < bound * 3, "answered after {took:?}");
+    }
+    drop(held);
+    assert_eq!(
+        c.get("/kv").await.body,
+        json!({"me": 1}),
+        "recovered, nothing written"
+    );
+    let tasks: Vec<_> = (0..8)
+        .map(|i| {
+            let mut c = c.clone();
+            tokio::spawn(async move { c.put(&format!("/kv/k{i}"), json!(i)).await.status })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), StatusCode::NO_CONTENT);
+    }
+    assert_eq!(c.get("/kv").await.body.as_object().unwrap().len(), 9);
+    db.drop_schema().await;
+}
+
+/// What one client of a load saw.
+#[derive(Default)]
+struct Seen {
+    ok: u64,
+    unavailable: u64,
+    unexpected: Vec<StatusCode>,
+    /// Counter values acknowledged with a 200, with when.
+    acked: Vec<(Instant, u64)>,
+    slowest: Duration,
+}
+
+/// One client incrementing its counter, one request after another, until
+/// `stop` turns true.
+async fn count_until(mut c: Client, stop: tokio::sync::watch::Receiver<bool>) -> (Client, Seen) {
+    let mut seen = Seen::default();
+    while !*stop.borrow() {
+        let started = Instant::now();
+        let r = c.get("/counter").await;
+        seen.slowest = seen.slowest.max(started.elapsed());
+        match r.status {
+            StatusCode::OK => {
+                seen.ok += 1;
+                seen.acked
+                    .push((Instant::now(), r.body["count"].as_u64().unwrap()));
+            }
+            StatusCode::SERVICE_UNAVAILABLE => {
+                seen.unavailable += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => seen.unexpected.push(other),
+        }
+    }
+    (c, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_restart_and_outage_under_load_lose_no_acknowledged_write() {
+    let cluster = Cluster::start();
+    let bound = Duration::from_secs(2);
+    let pool = PgPoolOptions::new()
+        .max_connections(4)
+        .acquire_timeout(bound)
+        .test_before_acquire(false)
+        .connect(&cluster.url)
+        .await
+        .unwrap();
+    let store = PgStore::new(pool, tower_pg_session::PgStoreConfig::new())
+        .await
+        .unwrap();
+    let app = app(layer(store), Gate::default());
+    let mut clients = Vec::new();
+    for _ in 0..6 {
+        let mut c = Client::new(app.clone());
+        assert_eq!(c.get("/counter").await.body, json!({"count": 1}));
+        clients.push(c);
+    }
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let runs: Vec<_> = clients
+        .into_iter()
+        .map(|c| tokio::spawn(count_until(c, stopped.clone())))
+        .collect();
+
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let cluster = tokio::task::spawn_blocking(move || {
+        cluster.restart_fast();
+        cluster
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let cluster = tokio::task::spawn_blocking(move || {
+        cluster.stop_fast();
+        std::thread::sleep(Duration::from_secs(5));
+        cluster.pg_ctl_start();
+        cluster
+    })
+    .await
+    .unwrap();
+    let back = Instant::now();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.send_replace(true);
+
+    let mut recovered = Duration::ZERO;
+    for (i, run) in runs.into_iter().enumerate() {
+        let (mut c, seen) = run.await.unwrap();
+        assert!(
+            seen.unexpected.is_empty(),
+            "client {i}: {:?}",
+            seen.unexpected
+        );
+        assert!(seen.unavailable > 0, "client {i} saw the outage");
+        assert!(
+            seen.slowest < bound + Duration::from_millis(1500),
+            "client {i}: a request took {:?}",
+            seen.slowest
+        );
+        let mut last = 1;
+        for &(_, n) in &seen.acked {
+            assert!(n > last, "client {i}: acknowledged {n} after {last}");
+            last = n;
+        }
+        let first_after = seen
+            .acked
+            .iter()
+            .find(|(at, _)| *at >= back)
+            .map(|(at, _)| *at - back)
+            .unwrap_or_else(|| panic!("client {i} never recovered"));
+        recovered = recovered.max(first_after);
+        let stored = c.get("/counter").await.body["count"].as_u64().unwrap();
+        assert!(
+            stored > last,
+            "client {i}: {last} was acknowledged, {stored} stored"
+        );
+    }
+    eprintln!("every client recovered {recovered:?} after the server was back");
+    assert!(recovered < Duration::from_secs(3));
+    drop(cluster);
+}
