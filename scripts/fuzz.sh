@@ -30,7 +30,7 @@ for target in $(cargo +nightly fuzz list); do
     echo "fuzz: $target FAILED (input in fuzz/artifacts/$target)"
     exit 1
   fi
-  execs="$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -n 1)"
+  execs="$(grep -a '^stat::number_of_executed_units:' "$log" | tail -n 1 | awk '{print $2}')"
   rm -f "$log"
   summary+="$(printf '%-16s %12s execs in %ss, no crash' "$target" "${execs:-?}" "$secs")"$'\n'
 done
