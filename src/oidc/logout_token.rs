@@ -200,3 +200,64 @@ fn decode_json<T: serde::de::DeserializeOwned>(part: &str) -> Option<T> {
     let bytes = URL_SAFE_NO_PAD.decode(part.trim_end_matches('=')).ok()?;
     serde_json::from_slice(&bytes).ok()
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    const EXPECT: Expect<'static> = Expect {
+        issuer: "https://idp.example",
+        client_id: "demo",
+        skew: 60,
+        now: 1_800_000_000,
+    };
+
+    fn claims(patch: Value) -> Map<String, Value> {
+        let mut c = json!({
+            "iss": "https://idp.example", "aud": "demo", "iat": 1_800_000_000_i64,
+            "exp": 1_800_000_120_i64, "jti": "j", "sid": "s",
+            "events": {"http://schemas.openid.net/event/backchannel-logout": {}},
+        });
+        for (k, v) in patch.as_object().expect("object") {
+            match v {
+                Value::Null => c.as_object_mut().expect("object").remove(k),
+                v => c
+                    .as_object_mut()
+                    .expect("object")
+                    .insert(k.clone(), v.clone()),
+            };
+        }
+        c.as_object().expect("object").clone()
+    }
+
+    #[test]
+    fn extreme_times_are_refused_without_overflow() {
+        assert!(check_claims(claims(json!({})), &EXPECT).is_ok());
+        for (patch, why) in [
+            (json!({"iat": i64::MIN}), "iat out of range"),
+            (json!({"iat": i64::MAX}), "iat out of range"),
+            (json!({"exp": i64::MIN}), "expired"),
+            (json!({"exp": null}), "no exp"),
+            (json!({"exp": 1.5e300}), "no exp"),
+        ] {
+            let got = check_claims(claims(patch.clone()), &EXPECT).map(|_| ());
+            assert_eq!(got, Err(why), "{patch}");
+        }
+        let far = Expect {
+            now: i64::MAX,
+            skew: i64::MAX,
+            ..EXPECT
+        };
+        let _ = check_claims(claims(json!({"iat": i64::MAX, "exp": i64::MAX})), &far);
+    }
+
+    #[test]
+    fn oversized_tokens_are_refused_before_decoding() {
+        let algs = [CoreJwsSigningAlgorithm::RsaSsaPkcs1V15Sha256];
+        let huge = format!("{}.{}.{}", "a".repeat(MAX_TOKEN_LEN), "b", "c");
+        assert_eq!(parse(&huge, &algs).map(|_| ()), Err("too long"));
+        assert_eq!(parse("a.b", &algs).map(|_| ()), Err("not a signed JWT"));
+    }
+}
