@@ -38,11 +38,14 @@
 //! | variable | default |
 //! |---|---|
 //! | `BIND_ADDR` | `127.0.0.1:3000` |
-//! | `DATABASE_URL` | `postgres://postgres@127.0.0.1:5432/postgres`; when nothing answers there and `initdb`/`pg_ctl` are installed, a throwaway cluster in a temporary directory |
+//! | `DATABASE_URL` | `postgres://postgres@127.0.0.1:5432/postgres`; when nothing answers there and `initdb`/`pg_ctl` are installed, a throwaway cluster in a temporary directory. Several hosts (`postgres://u@a:5432,b:5432/db`, or libpq's `host=a,b …`): the writable one is used, and found again after a failover. TLS: `sslmode=require`, `verify-ca` or `verify-full`, `sslrootcert=ca.pem`. A given URL need not answer at start: `/healthz` answers 503 until it does, and the table is created then |
 //! | `SESSION_SECRET` | comma-separated signing keys (32+ bytes each; with `EXPRESS_COMPAT=1`, express-session's secrets, any length), the first signs; a random one, with a warning, when unset |
 //! | `EXPRESS_COMPAT` | `1`: share sessions with an Express app (express-session + connect-pg-simple): cookie `connect.sid` in express-session's format, plain ids, the connect-pg-simple table; `count` is the `req.session.count` of the Node side |
 //! | `SESSION_COOKIE_NAME` | `session` (`connect.sid` with `EXPRESS_COMPAT=1`) |
 //! | `DB_POOL_SIZE` | `10` |
+//! | `DB_ACQUIRE_TIMEOUT_SECS` | `5`: how long a request waits for a database connection before answering 503 |
+//! | `DB_MAX_LIFETIME_SECS` / `DB_IDLE_TIMEOUT_SECS` | `1800` / `600`: connections older / idle longer are closed (`0`: never) |
+//! | `DB_PASSWORD_FILE` | none; a file holding the database password, read again for each new connection (rotated credentials) |
 //! | `PRUNE_INTERVAL_SECS` | `900` (`0` turns pruning off) |
 //! | `SESSION_TTL_SECS` | `86400` (idle timeout) |
 //! | `COOKIE_SECURE` | on; `0` for plain-http use other than on localhost |
@@ -77,6 +80,7 @@ use tower::{Layer, ServiceExt};
 use tower_pg_session::{
     crypto::{EncryptionKey, Keyring},
     oidc::{AuthError, OidcClient, OidcConfig, Provider, RequireLoginLayer, User},
+    store::PgConnect,
     ExpressSecrets, PgStore, PgStoreConfig, PruneConfig, Session, SessionError, SessionLayer,
     SigningKeys,
 };
@@ -424,7 +428,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .init();
 
     let bind: SocketAddr = env_or("BIND_ADDR", SocketAddr::from(([127, 0, 0, 1], 3000)))?;
-    let pool_size: u32 = env_or("DB_POOL_SIZE", 10)?;
     let prune_secs: u64 = env_or("PRUNE_INTERVAL_SECS", 900)?;
     let ttl_secs: u64 = env_or("SESSION_TTL_SECS", 86_400)?;
     let secure = env::var("COOKIE_SECURE").map(|v| v != "0").unwrap_or(true);
@@ -461,25 +464,31 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let client_id = env_str("OIDC_CLIENT_ID").unwrap_or_else(|| "demo".to_owned());
     let mut client_secret = env_str("OIDC_CLIENT_SECRET");
 
-    let explicit_url = env::var("DATABASE_URL").ok();
-    let url = explicit_url
-        .clone()
-        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
     let mut _cluster = None;
-    let store = match PgStore::connect_with(&url, pool_size, PgStoreConfig::new()).await {
-        Ok(store) => store,
-        Err(e) if explicit_url.is_none() => {
-            tracing::warn!(error = %e, "no PostgreSQL at the default address; starting a throwaway cluster");
-            let cluster = local_pg::start().ok_or_else(|| {
-                format!("{e}; and no initdb/pg_ctl to start a local cluster: set DATABASE_URL")
-            })?;
-            tracing::info!(url = %cluster.url, "throwaway PostgreSQL cluster started (removed on exit)");
-            let store =
-                PgStore::connect_with(&cluster.url, pool_size, PgStoreConfig::new()).await?;
-            _cluster = Some(cluster);
-            store
+    let store = match env::var("DATABASE_URL") {
+        // The given database may not answer yet: start anyway (`/healthz`
+        // answers 503 until it does) and prepare the table on first contact.
+        Ok(url) => PgStore::connect_lazy(connect_options(&url)?, PgStoreConfig::new()),
+        Err(_) => {
+            let url = "postgres://postgres@127.0.0.1:5432/postgres";
+            match PgStore::connect_to(connect_options(url)?, PgStoreConfig::new()).await {
+                Ok(store) => store,
+                Err(e) => {
+                    tracing::warn!(error = %e, "no PostgreSQL at the default address; starting a throwaway cluster");
+                    let cluster = local_pg::start().ok_or_else(|| {
+                        format!(
+                            "{e}; and no initdb/pg_ctl to start a local cluster: set DATABASE_URL"
+                        )
+                    })?;
+                    tracing::info!(url = %cluster.url, "throwaway PostgreSQL cluster started (removed on exit)");
+                    let store =
+                        PgStore::connect_to(connect_options(&cluster.url)?, PgStoreConfig::new())
+                            .await?;
+                    _cluster = Some(cluster);
+                    store
+                }
+            }
         }
-        Err(e) => return Err(e.into()),
     };
 
     let secrets: Option<Vec<String>> = env::var("SESSION_SECRET").ok().map(|s| {
@@ -650,6 +659,35 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         p.shutdown().await;
     }
     Ok(())
+}
+
+/// The database URL (one host or several, TLS parameters) with the pool
+/// settings and the password file of the environment.
+fn connect_options(url: &str) -> Result<PgConnect, Box<dyn std::error::Error>> {
+    let secs = |name: &str, default: u64| -> Result<Option<Duration>, String> {
+        let secs: u64 = env_or(name, default)?;
+        Ok((secs > 0).then(|| Duration::from_secs(secs)))
+    };
+    let mut connect = PgConnect::from_url(url)?
+        .with_max_connections(env_or("DB_POOL_SIZE", 10)?)
+        .with_max_lifetime(secs("DB_MAX_LIFETIME_SECS", 1800)?)
+        .with_idle_timeout(secs("DB_IDLE_TIMEOUT_SECS", 600)?);
+    if let Some(acquire) = env_opt::<f64>("DB_ACQUIRE_TIMEOUT_SECS")? {
+        connect = connect.with_acquire_timeout(Duration::from_secs_f64(acquire.max(0.01)));
+    }
+    if let Some(file) = env_str("DB_PASSWORD_FILE") {
+        // Read for each new connection: a rotated password (Vault agent, a
+        // Kubernetes secret) is picked up without a restart.
+        connect = connect.with_password_provider(move || {
+            let file = file.clone();
+            async move {
+                tokio::fs::read_to_string(&file)
+                    .await
+                    .map(|p| p.trim_end_matches(['\r', '\n']).to_owned())
+            }
+        });
+    }
+    Ok(connect)
 }
 
 fn is_loopback(url: &Url) -> bool {

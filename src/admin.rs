@@ -85,7 +85,10 @@ impl Admin {
         self.store.column_to_instant("expire")
     }
 
-    fn require_extended(&self) -> Result<(), StoreError> {
+    /// Prepares the table (a lazily connected store may not have yet) and
+    /// checks it has the optional columns.
+    async fn require_extended(&self) -> Result<(), StoreError> {
+        self.store.prepared().await?;
         if self.store.has_extended_columns() {
             Ok(())
         } else {
@@ -102,7 +105,7 @@ impl Admin {
     /// [`StoreError::Database`], or [`StoreError::Schema`] on a table without
     /// the `user_id` column.
     pub async fn user_sessions(&self, user: &str) -> Result<Vec<SessionInfo>, StoreError> {
-        self.require_extended()?;
+        self.require_extended().await?;
         let sql = format!(
             "SELECT left(encode(sha256(convert_to(sid, 'UTF8')), 'hex'), {HANDLE_LEN}), created_at, last_seen, {expire}, user_agent, ip \
              FROM {t} WHERE user_id = $2 AND expire > {now} ORDER BY created_at NULLS FIRST",
@@ -135,7 +138,7 @@ impl Admin {
     /// # Errors
     /// As [`Self::user_sessions`].
     pub async fn revoke_session(&self, user: &str, handle: &str) -> Result<bool, StoreError> {
-        self.require_extended()?;
+        self.require_extended().await?;
         let sql = format!(
             "DELETE FROM {t} WHERE user_id = $1 AND left(encode(sha256(convert_to(sid, 'UTF8')), 'hex'), {HANDLE_LEN}) = $2",
             t = self.table()
@@ -162,7 +165,7 @@ impl Admin {
     /// # Errors
     /// As [`Self::user_sessions`].
     pub async fn revoke_others(&self, user: &str, keep: &str) -> Result<u64, StoreError> {
-        self.require_extended()?;
+        self.require_extended().await?;
         let sql = format!(
             "DELETE FROM {t} WHERE user_id = $1 AND left(encode(sha256(convert_to(sid, 'UTF8')), 'hex'), {HANDLE_LEN}) <> $2",
             t = self.table()
@@ -181,6 +184,7 @@ impl Admin {
     /// # Errors
     /// [`StoreError::Database`]; batches already committed stay deleted.
     pub async fn revoke_all(&self) -> Result<u64, StoreError> {
+        self.store.prepared().await?;
         let sql = format!(
             "DELETE FROM {t} WHERE sid IN (SELECT sid FROM {t} LIMIT 5000 FOR UPDATE SKIP LOCKED)",
             t = self.table()
@@ -205,6 +209,7 @@ impl Admin {
     /// # Errors
     /// [`StoreError::Database`].
     pub async fn stats(&self) -> Result<Stats, StoreError> {
+        self.store.prepared().await?;
         let t = self.table();
         let now = self.now_sql();
         let created = if self.store.has_extended_columns() {

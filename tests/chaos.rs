@@ -13,77 +13,18 @@
 
 mod common;
 
-use std::{
-    path::PathBuf,
-    process::Stdio,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
-use common::{cluster::Cluster, latency::Latency};
+use common::{cluster::Cluster, demo_bin::demo, latency::Latency};
 use rand::Rng;
 use serde_json::Value;
-use tokio::{
-    process::{Child, Command},
-    sync::watch,
-    task::JoinHandle,
-};
+use tokio::{sync::watch, task::JoinHandle};
 
 /// A request slower than this hangs: the demo's pool waits 5 s at most for
 /// a connection (`PgStore::connect_with`), a statement as long for a row
 /// lock, and a request makes at most three such waits (its load; its save's
 /// connection and row).
 const HANG: Duration = Duration::from_secs(16);
-
-struct Demo {
-    child: Child,
-    url: String,
-}
-
-fn binary() -> PathBuf {
-    let dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"));
-    let bin = dir.join("debug/examples/demo");
-    assert!(
-        bin.exists(),
-        "build the demo first: cargo build --example demo"
-    );
-    bin
-}
-
-async fn demo(db: &str, pool: u32) -> Demo {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = Command::new(binary())
-        .env("BIND_ADDR", format!("127.0.0.1:{port}"))
-        .env("DATABASE_URL", db)
-        .env("DB_POOL_SIZE", pool.to_string())
-        .env("SESSION_SECRET", common::KEY_A)
-        .env("COOKIE_SECURE", "0")
-        .env("PRUNE_INTERVAL_SECS", "0")
-        // No provider: login is not what these scenarios exercise.
-        .env("OIDC_ISSUER", "http://127.0.0.1:9")
-        .env("RUST_LOG", "off")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let url = format!("http://127.0.0.1:{port}");
-    let http = reqwest::Client::new();
-    for _ in 0..300 {
-        if let Ok(r) = http.get(format!("{url}/healthz")).send().await {
-            if r.status().is_success() {
-                return Demo { child, url };
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("the demo did not start");
-}
 
 #[derive(Default)]
 struct Seen {
@@ -242,8 +183,8 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "minutes long; run by scripts/chaos.sh"]
 async fn chaos() {
-    let cluster = std::sync::Arc::new(Cluster::start());
-    let url = cluster.url.clone();
+    let cluster = std::sync::Arc::new(Cluster::new(None, &[]));
+    let url = cluster.url("postgres");
     let admin = sqlx::PgPool::connect(&url).await.unwrap();
     let mut rows = Vec::new();
 
@@ -275,9 +216,9 @@ async fn chaos() {
             None,
             async move {
                 blocking(move || {
-                    c.stop_fast();
+                    c.stop();
                     std::thread::sleep(Duration::from_secs(5));
-                    c.pg_ctl_start();
+                    c.start();
                 })
                 .await;
                 Instant::now()

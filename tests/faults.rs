@@ -9,7 +9,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
-use common::{cluster::Cluster, *};
+use common::{cluster::Cluster, demo_bin, *};
 use serde_json::json;
 use sqlx::postgres::PgPoolOptions;
 use tower_pg_session::PgStore;
@@ -201,13 +201,13 @@ async fn count_until(mut c: Client, stop: tokio::sync::watch::Receiver<bool>) ->
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_restart_and_outage_under_load_lose_no_acknowledged_write() {
-    let cluster = Cluster::start();
+    let cluster = Cluster::new(None, &[]);
     let bound = Duration::from_secs(2);
     let pool = PgPoolOptions::new()
         .max_connections(4)
         .acquire_timeout(bound)
         .test_before_acquire(false)
-        .connect(&cluster.url)
+        .connect(&cluster.url("postgres"))
         .await
         .unwrap();
     let store = PgStore::new(pool, tower_pg_session::PgStoreConfig::new())
@@ -235,9 +235,9 @@ async fn a_server_restart_and_outage_under_load_lose_no_acknowledged_write() {
     .unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let cluster = tokio::task::spawn_blocking(move || {
-        cluster.stop_fast();
+        cluster.stop();
         std::thread::sleep(Duration::from_secs(5));
-        cluster.pg_ctl_start();
+        cluster.start();
         cluster
     })
     .await
@@ -281,4 +281,141 @@ async fn a_server_restart_and_outage_under_load_lose_no_acknowledged_write() {
     eprintln!("every client recovered {recovered:?} after the server was back");
     assert!(recovered < Duration::from_secs(3));
     drop(cluster);
+}
+
+/// A provider that answers too slowly fails the login callback that needs
+/// it with 502 within the HTTP timeout; users whose tokens are still valid
+/// carry on while their refresh fails, and the refresh succeeds on a later
+/// request once the provider is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_provider_fails_only_what_needs_it_and_the_refresh_is_retried() {
+    use common::idp::{setup, Browser};
+    // Tokens live 60 s and are due for refresh 2 s after they are issued;
+    // each call to the provider gets 1 s.
+    let s = setup("keycloak", 1, 60, |c| {
+        c.with_refresh_before(Duration::from_secs(58))
+            .with_http_timeout(Duration::from_secs(1))
+    })
+    .await;
+    let app = s.apps[0].url.clone();
+    let (ann, bob) = (Browser::new(), Browser::new());
+    ann.login(&app, "ann", "/me").await;
+    bob.login(&app, "bob", "/me").await;
+    let cat = Browser::new();
+    let auth = cat.start_login(&app, "/").await;
+    let callback = cat.authorize(&auth, "cat").await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+
+    s.idp.set_delay(3000).await;
+    let started = Instant::now();
+    let r = cat.api(&callback).await;
+    assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
+    assert!(
+        started.elapsed() < Duration::from_millis(2500),
+        "{:?}",
+        started.elapsed()
+    );
+    for (who, b) in [("ann", &ann), ("bob", &bob)] {
+        let started = Instant::now();
+        let r = b.me(&app).await;
+        assert_eq!(
+            r.status(),
+            StatusCode::OK,
+            "{who}: the token is still valid"
+        );
+        assert!(
+            started.elapsed() < Duration::from_millis(2500),
+            "{who}: {:?}",
+            started.elapsed()
+        );
+    }
+
+    s.idp.set_delay(0).await;
+    // The provider finishes what it was asked meanwhile.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let before = s.idp.stats().await["refresh_token"].as_u64().unwrap();
+    for (who, b) in [("ann", &ann), ("bob", &bob)] {
+        let r = b.me(&app).await;
+        assert_eq!(r.status(), StatusCode::OK, "{who}");
+        let me: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(me["sub"], who);
+    }
+    let after = s.idp.stats().await["refresh_token"].as_u64().unwrap();
+    assert_eq!(after - before, 2, "each refresh retried once, and done");
+    s.db.drop_schema().await;
+}
+
+/// An instance killed with SIGKILL in the middle of saves of large values:
+/// every row another instance reads afterwards is a whole session, holding
+/// at least each value acknowledged before the kill.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_instance_leaves_nothing_half_written() {
+    let db = Db::new().await;
+    sqlx::query(&format!("CREATE SCHEMA {}", db.schema))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let url = format!(
+        "{}?options=-c%20search_path%3D{}",
+        database_url(),
+        db.schema
+    );
+    let (mut victim, survivor) = (demo_bin::demo(&url, 4).await, demo_bin::demo(&url, 4).await);
+    let pad = "x".repeat(30_000);
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let runs: Vec<_> = (0..8)
+        .map(|_| {
+            let (target, pad, stopped) = (victim.url.clone(), pad.clone(), stopped.clone());
+            tokio::spawn(async move {
+                let http = reqwest::Client::builder()
+                    .cookie_store(true)
+                    .build()
+                    .unwrap();
+                let mut acked = 0;
+                for n in 1.. {
+                    if *stopped.borrow() {
+                        break;
+                    }
+                    let sent = http
+                        .put(format!("{target}/kv/blob"))
+                        .json(&json!({"n": n, "pad": pad}))
+                        .send()
+                        .await;
+                    match sent {
+                        Ok(r) if r.status() == StatusCode::NO_CONTENT => acked = n,
+                        _ => break,
+                    }
+                }
+                (http, acked)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    victim.child.start_kill().unwrap();
+    stop.send_replace(true);
+    for run in runs {
+        let (http, acked) = run.await.unwrap();
+        assert!(acked > 0, "the client saved before the kill");
+        let kv: serde_json::Value = http
+            .get(format!("{}/kv", survivor.url))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert!(kv["blob"]["n"].as_u64().unwrap() >= acked);
+        assert_eq!(kv["blob"]["pad"].as_str().map(str::len), Some(30_000));
+    }
+    let rows: Vec<serde_json::Value> =
+        sqlx::query_scalar(&format!("SELECT sess::jsonb FROM {}", db.table()))
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert!(rows.len() >= 8);
+    for sess in rows {
+        assert_eq!(sess["blob"]["pad"].as_str().map(str::len), Some(30_000));
+    }
+    drop((victim, survivor));
+    db.drop_schema().await;
 }

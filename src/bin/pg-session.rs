@@ -13,14 +13,17 @@ use std::{process::ExitCode, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use sqlx::postgres::PgPoolOptions;
-use tower_pg_session::{store::PruneOutcome, PgStore, PgStoreConfig, PruneConfig, StoreError};
+use tower_pg_session::{
+    store::{PgConnect, PruneOutcome},
+    PgStore, PgStoreConfig, PruneConfig, StoreError,
+};
 
 /// Administration of tower-pg-session's session table.
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
-    /// Database URL.
+    /// Database URL: `postgres://user@host[:port][,host2[:port]…]/db?sslmode=verify-full&sslrootcert=ca.pem`
+    /// (or libpq's `host=a,b dbname=db …`); with several hosts, the writable one is used.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     database_url: String,
     /// Schema of the table (default: the search path).
@@ -106,18 +109,11 @@ async fn run(cli: Cli) -> Result<(), StoreError> {
     }
     // Only `init` may change the schema; every other command needs the table.
     let init = matches!(cli.command, Command::Init);
-    let options: sqlx::postgres::PgConnectOptions = cli
-        .database_url
-        .parse()
-        .map_err(|_| StoreError::InvalidUrl)?;
-    let host = format!("{}:{}", options.get_host(), options.get_port());
-    let pool = PgPoolOptions::new()
-        .max_connections(2)
-        .acquire_timeout(Duration::from_secs(5))
-        .connect_with(options)
-        .await
-        .map_err(|source| StoreError::Connect { host, source })?;
-    let store = PgStore::new(pool, config.with_create_table(init)).await?;
+    // Hosts, TLS (`sslmode`, `sslrootcert`) and `target_session_attrs` as in libpq.
+    let connect = PgConnect::from_url(&cli.database_url)?
+        .with_max_connections(2)
+        .with_acquire_timeout(Duration::from_secs(5));
+    let store = PgStore::connect_to(connect, config.with_create_table(init)).await?;
     let admin = store.admin();
     match cli.command {
         Command::Init => println!("table {} is ready", store.table_name()),

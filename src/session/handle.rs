@@ -316,6 +316,9 @@ impl Session {
     /// Gives the session a new id, keeping its data; call it on login so an id
     /// planted before login is worthless after (session fixation). Costs one
     /// statement at save, folded into the data write if there is one.
+    /// The OIDC guard's callback does this itself; its login record is
+    /// sealed for the session's id, so cycling the id of a session already
+    /// logged in through the guard ends that login.
     ///
     /// # Errors
     /// As [`Session::get`].
@@ -667,6 +670,7 @@ impl Session {
             "session store failed"
         );
         metrics::failure("store_unavailable");
+        self.shared.store.report(&error);
         st.failure = Some(failure);
         SessionError::Store(error)
     }

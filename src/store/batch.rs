@@ -381,13 +381,15 @@ impl Job for UpdateJob {
         for w in repeats {
             let _ = w.reply.send(Ok(None));
         }
+        if batch.is_empty() {
+            return;
+        }
         // Safe to repeat on a broken connection: a row the first attempt
         // wrote after all is at a new version, so the second skips it and
         // its request takes the conflict path, which re-applies the same
         // changes.
         let result = retry_once(|| async {
             match batch.as_slice() {
-                [] => Ok(Vec::new()),
                 // Alone: the plain statement, which waits for a row lock
                 // (within the bound) rather than skipping the row.
                 [one] => {
@@ -404,9 +406,6 @@ impl Job for UpdateJob {
             }
         })
         .await;
-        if batch.is_empty() {
-            return;
-        }
         let versions: HashMap<String, String> = match result {
             Ok(rows) => rows.into_iter().collect(),
             Err(e) => return fail_all(batch, e),

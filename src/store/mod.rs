@@ -20,6 +20,10 @@
 //! row since it was loaded) falls back to `SELECT … FOR UPDATE`, re-applies the
 //! request's key-level changes to the fresh data, and writes once more.
 //!
+//! A statement waits for a row lock at most the pool's acquire timeout (set
+//! in the statement itself, local to its transaction), and a transaction
+//! starts where a dropped request cannot leave it open.
+//!
 //! ```no_run
 //! # async fn run() -> Result<(), tower_pg_session::StoreError> {
 //! use tower_pg_session::{PgStore, PgStoreConfig};
@@ -31,20 +35,20 @@
 //! ```
 
 mod batch;
+mod connect;
 mod prune;
 mod schema;
 #[cfg(feature = "tower-sessions")]
 mod tower_sessions;
 
-use std::{fmt, str::FromStr, sync::Arc};
+use std::fmt;
+use std::sync::{Arc, OnceLock};
 
-use sqlx::{
-    postgres::{PgConnectOptions, PgPoolOptions},
-    PgPool, Row,
-};
+use sqlx::{PgPool, Row};
 use time::OffsetDateTime;
 
 pub(crate) use self::batch::LoadPolicy;
+pub use self::connect::{PgConnect, ProviderError, TargetSessionAttrs};
 pub use self::prune::{PruneConfig, PruneOutcome, Pruner};
 use self::schema::{ExpireType, Ident, Layout, SessType, TableName};
 use crate::error::ConfigError;
@@ -65,6 +69,14 @@ pub enum StoreError {
     /// The database URL could not be parsed; it is not repeated, as it may hold a password.
     #[error("invalid database URL")]
     InvalidUrl,
+    /// The database URL has a value this crate does not handle; the message
+    /// names the parameter, never the URL.
+    #[error("unsupported database URL: {0}")]
+    UnsupportedUrl(&'static str),
+    /// A store made by [`PgStore::connect_lazy`] has not reached its database
+    /// yet (another request is trying right now).
+    #[error("the session database has not answered yet")]
+    NotReady,
     /// A query failed.
     #[error("session database error")]
     Database(#[from] sqlx::Error),
@@ -97,7 +109,7 @@ impl StoreError {
     #[must_use]
     pub fn is_unavailable(&self) -> bool {
         match self {
-            Self::Connect { .. } => true,
+            Self::Connect { .. } | Self::NotReady => true,
             Self::Shared(e) => e.is_unavailable(),
             Self::Database(e) => {
                 matches!(
@@ -109,7 +121,31 @@ impl StoreError {
                         | sqlx::Error::Protocol(_)
                         | sqlx::Error::WorkerCrashed
                 ) || matches!(e, sqlx::Error::Database(d) if d.code().is_some_and(|c| c.starts_with("08") || c.starts_with("57P")))
+                    || self.is_read_only()
             }
+            _ => false,
+        }
+    }
+
+    /// The server refused a write as read-only (SQLSTATE 25006): a standby,
+    /// or a primary demoted meanwhile.
+    pub(crate) fn is_read_only(&self) -> bool {
+        self.has_code(|c| c == "25006")
+    }
+
+    /// The server refused the credentials (SQLSTATE class 28).
+    pub(crate) fn is_auth_failure(&self) -> bool {
+        self.has_code(|c| c.starts_with("28"))
+    }
+
+    fn has_code(&self, wanted: impl Fn(&str) -> bool) -> bool {
+        match self {
+            Self::Shared(e) => e.has_code(wanted),
+            Self::Database(sqlx::Error::Database(d))
+            | Self::Connect {
+                source: sqlx::Error::Database(d),
+                ..
+            } => d.code().is_some_and(|c| wanted(&c)),
             _ => false,
         }
     }
@@ -248,17 +284,37 @@ pub struct PgStore {
 struct Inner {
     pool: PgPool,
     name: TableName,
-    layout: Layout,
-    sql: Sql,
+    /// The table's layout and statements, once the database has answered.
+    ready: OnceLock<Ready>,
+    /// One preparation at a time; others fail fast meanwhile.
+    preparing: tokio::sync::Mutex<()>,
+    create_table: bool,
+    timestamp_zone: Option<String>,
+    /// Present when the store made its own pool: follows the writable server.
+    router: Option<Arc<connect::Router>>,
     loads: batch::Batcher<batch::LoadJob>,
     updates: batch::Batcher<batch::UpdateJob>,
+}
+
+/// What preparing the table found, and the statements built from it.
+struct Ready {
+    layout: Layout,
+    sql: Sql,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(router) = &self.router {
+            router.detach();
+        }
+    }
 }
 
 impl fmt::Debug for PgStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PgStore")
             .field("table", &self.inner.name.qualified())
-            .field("layout", &self.inner.layout)
+            .field("layout", &self.inner.ready.get().map(|r| &r.layout))
             .finish_non_exhaustive()
     }
 }
@@ -273,10 +329,10 @@ impl PgStore {
         Self::connect_with(url, 10, PgStoreConfig::new()).await
     }
 
-    /// Connects a pool of at most `max_connections` to `url` and prepares the
-    /// table described by `config`. The pool does not ping connections before
-    /// each use (a round trip per request); pass your own pool to
-    /// [`Self::new`] for other settings.
+    /// Connects a pool of at most `max_connections` to `url` (one host or
+    /// several: see [`PgConnect::from_url`]) and prepares the table described
+    /// by `config`. The pool does not ping connections before each use (a
+    /// round trip per request).
     ///
     /// # Errors
     /// As [`Self::connect`].
@@ -285,19 +341,43 @@ impl PgStore {
         max_connections: u32,
         config: PgStoreConfig,
     ) -> Result<Self, StoreError> {
-        let options = PgConnectOptions::from_str(url).map_err(|_| StoreError::InvalidUrl)?;
-        let host = format!("{}:{}", options.get_host(), options.get_port());
-        let pool = PgPoolOptions::new()
-            .max_connections(max_connections)
-            .acquire_timeout(std::time::Duration::from_secs(5))
-            // No ping before each use: it is a round trip per request. A
-            // connection that died meanwhile fails its one query (that
-            // request gets the unavailable status) and is replaced.
-            .test_before_acquire(false)
-            .connect_with(options)
-            .await
-            .map_err(|source| StoreError::Connect { host, source })?;
-        Self::new(pool, config).await
+        let connect = PgConnect::from_url(url)?.with_max_connections(max_connections);
+        Self::connect_to(connect, config).await
+    }
+
+    /// Connects as `connect` says (hosts, TLS, credentials, pool settings),
+    /// to the first writable host, and prepares the table.
+    ///
+    /// # Errors
+    /// [`StoreError::Connect`] naming each host tried and why it was not used
+    /// (refused, read-only, TLS or credentials), or any error of [`Self::new`].
+    pub async fn connect_to(connect: PgConnect, config: PgStoreConfig) -> Result<Self, StoreError> {
+        let (pool, router) = connect.lazy_pool();
+        let found = router.find().await;
+        let store = Self::build(pool, config, Some(Arc::clone(&router)));
+        let (index, options) = found?;
+        router.use_target(index, options);
+        store.ready().await?;
+        Ok(store)
+    }
+
+    /// A store that starts without its database: nothing is sent until the
+    /// first request, and the table is prepared on the first statement that
+    /// reaches the database. Until then requests (and [`Self::ping`]) fail as
+    /// unavailable ([`StoreError::is_unavailable`]), and keep trying.
+    ///
+    /// ```no_run
+    /// # use tower_pg_session::{store::PgConnect, PgStore, PgStoreConfig};
+    /// # fn run() -> Result<(), tower_pg_session::StoreError> {
+    /// let store = PgStore::connect_lazy(
+    ///     PgConnect::from_url("postgres://app@db-a,db-b/app?sslmode=verify-full")?,
+    ///     PgStoreConfig::new(),
+    /// );
+    /// # Ok(()) }
+    /// ```
+    pub fn connect_lazy(connect: PgConnect, config: PgStoreConfig) -> Self {
+        let (pool, router) = connect.lazy_pool();
+        Self::build(pool, config, Some(router))
     }
 
     /// Prepares the table described by `config` on `pool`: creates it when
@@ -311,36 +391,72 @@ impl PgStore {
     /// [`StoreError::Database`] when a query fails, [`StoreError::MissingTable`]
     /// or [`StoreError::Schema`] when the table cannot be used.
     pub async fn new(pool: PgPool, config: PgStoreConfig) -> Result<Self, StoreError> {
+        let store = Self::build(pool, config, None);
+        store.ready().await?;
+        Ok(store)
+    }
+
+    fn build(pool: PgPool, config: PgStoreConfig, router: Option<Arc<connect::Router>>) -> Self {
         let name = TableName {
             schema: config.schema,
             table: config.table,
         };
-        let layout = schema::prepare(
-            &pool,
-            &name,
-            config.create_table,
-            config.timestamp_zone.as_deref(),
-        )
-        .await?;
-        // A statement waits for a row lock no longer than a request waits
-        // for a connection: a row held elsewhere costs that request the
-        // unavailable status, not an unbounded wait.
-        let lock_wait = pool.options().get_acquire_timeout();
-        let sql = Sql::new(&name, &layout, lock_wait);
         let slots = config.load_slots.unwrap_or_else(|| {
             DEFAULT_LOAD_SLOTS.min(pool.options().get_max_connections() as usize)
         });
-        tracing::debug!(table = %name.qualified(), ?layout, slots, "session store ready");
-        Ok(Self {
+        Self {
             inner: Arc::new(Inner {
                 pool,
                 name,
-                layout,
-                sql,
+                ready: OnceLock::new(),
+                preparing: tokio::sync::Mutex::new(()),
+                create_table: config.create_table,
+                timestamp_zone: config.timestamp_zone,
+                router,
                 loads: batch::Batcher::new(slots),
                 updates: batch::Batcher::new(slots),
             }),
-        })
+        }
+    }
+
+    /// The table's layout and statements, preparing the table on first use.
+    async fn ready(&self) -> Result<&Ready, StoreError> {
+        if let Some(ready) = self.inner.ready.get() {
+            return Ok(ready);
+        }
+        // A request arriving while another prepares fails fast rather than
+        // queueing behind a database that may not answer.
+        let Ok(_preparing) = self.inner.preparing.try_lock() else {
+            return Err(StoreError::NotReady);
+        };
+        if let Some(ready) = self.inner.ready.get() {
+            return Ok(ready);
+        }
+        let inner = &self.inner;
+        let layout = schema::prepare(
+            &inner.pool,
+            &inner.name,
+            inner.create_table,
+            inner.timestamp_zone.as_deref(),
+        )
+        .await
+        .inspect_err(|e| self.report(e))?;
+        // A statement waits for a row lock no longer than a request waits
+        // for a connection: a row held elsewhere costs that request the
+        // unavailable status, not an unbounded wait.
+        let lock_wait = inner.pool.options().get_acquire_timeout();
+        let sql = Sql::new(&inner.name, &layout, lock_wait);
+        tracing::debug!(table = %inner.name.qualified(), ?layout, "session store ready");
+        Ok(inner.ready.get_or_init(|| Ready { layout, sql }))
+    }
+
+    /// Lets the store react to a failed statement: a broken connection, a
+    /// read-only server or refused credentials make it look for the writable
+    /// server again (when it made its own pool).
+    pub(crate) fn report(&self, error: &StoreError) {
+        if let Some(router) = &self.inner.router {
+            router.report(error);
+        }
     }
 
     /// The pool the store runs on.
@@ -358,22 +474,45 @@ impl PgStore {
     /// # Errors
     /// [`StoreError::Database`] when it does not.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.inner.pool).await?;
-        Ok(())
+        let answer = match self.ready().await {
+            Ok(_) => sqlx::query("SELECT 1")
+                .execute(&self.inner.pool)
+                .await
+                .map_err(StoreError::from),
+            Err(e) => Err(e),
+        };
+        answer.inspect_err(|e| self.report(e)).map(|_| ())
     }
 
     /// SQL turning the timestamptz parameter `param` into the `expire` column's type.
+    /// (Call [`Self::prepared`] first: before, `param` is returned unchanged.)
     pub(crate) fn instant_to_column(&self, param: &str) -> String {
-        to_col(&self.inner.layout.expire, param)
+        match self.inner.ready.get() {
+            Some(ready) => to_col(&ready.layout.expire, param),
+            None => param.to_owned(),
+        }
     }
 
     /// SQL turning `column` (of the `expire` column's type) into a timestamptz.
     pub(crate) fn column_to_instant(&self, column: &str) -> String {
-        to_instant(&self.inner.layout.expire, column)
+        match self.inner.ready.get() {
+            Some(ready) => to_instant(&ready.layout.expire, column),
+            None => column.to_owned(),
+        }
     }
 
+    /// Whether the table has the optional columns; before the table is
+    /// prepared, whether preparing it will add them.
     pub(crate) fn has_extended_columns(&self) -> bool {
-        self.inner.layout.extended
+        self.inner
+            .ready
+            .get()
+            .map_or(self.inner.create_table, |r| r.layout.extended)
+    }
+
+    /// Prepares the table unless done already.
+    pub(crate) async fn prepared(&self) -> Result<(), StoreError> {
+        self.ready().await.map(|_| ())
     }
 
     /// Loads the live rows under `keys`, extending the expiry of each in the
@@ -383,12 +522,13 @@ impl PgStore {
         keys: &[&str],
         at: &LoadParams,
     ) -> Result<Vec<(String, Loaded)>, StoreError> {
+        let ready = self.ready().await?;
         let Some((index, keys)) = padded(keys) else {
             return Ok(Vec::new());
         };
         let statements = match at.absolute_secs {
-            Some(_) => &self.inner.sql.load,
-            None => &self.inner.sql.load_idle,
+            Some(_) => &ready.sql.load,
+            None => &ready.sql.load_idle,
         };
         let Some(sql) = statements.get(index) else {
             return Ok(Vec::new());
@@ -416,15 +556,16 @@ impl PgStore {
         row: &NewRow<'_>,
         now: OffsetDateTime,
     ) -> Result<Option<String>, StoreError> {
+        let ready = self.ready().await?;
         // Safe to repeat: if the first attempt was written after all, the
         // second finds the id taken and the caller picks another (the first
         // row, which no cookie names, expires unused).
         retry_once(|| async {
-            let mut q = sqlx::query_scalar(&self.inner.sql.insert)
+            let mut q = sqlx::query_scalar(&ready.sql.insert)
                 .bind(key)
                 .bind(row.sess)
                 .bind(row.expire);
-            if self.inner.layout.extended {
+            if ready.layout.extended {
                 q = q
                     .bind(now)
                     .bind(row.user_id)
@@ -447,14 +588,15 @@ impl PgStore {
         row: &NewRow<'_>,
         now: OffsetDateTime,
     ) -> Result<Option<String>, StoreError> {
-        let mut q = sqlx::query_scalar(&self.inner.sql.update)
+        let ready = self.ready().await?;
+        let mut q = sqlx::query_scalar(&ready.sql.update)
             .bind(key)
             .bind(new_key)
             .bind(row.sess)
             .bind(row.expire)
             .bind(version)
             .bind(now);
-        if self.inner.layout.extended {
+        if ready.layout.extended {
             q = q.bind(row.user_id).bind(row.provider_sid);
         }
         Ok(q.fetch_optional(&self.inner.pool).await?)
@@ -467,17 +609,18 @@ impl PgStore {
         &self,
         jobs: &[&batch::UpdateJob],
     ) -> Result<Vec<(String, String)>, StoreError> {
+        let ready = self.ready().await?;
         let (Some(first), Some((index, padded))) = (jobs.first(), padded(jobs)) else {
             return Ok(Vec::new());
         };
-        let Some(sql) = self.inner.sql.update_many.get(index) else {
+        let Some(sql) = ready.sql.update_many.get(index) else {
             return Ok(Vec::new());
         };
         let mut q = sqlx::query_as(sql).bind(first.now);
         // The same row twice (padding) is written once.
         for j in padded {
             q = q.bind(&j.key).bind(&j.sess).bind(j.expire).bind(&j.version);
-            if self.inner.layout.extended {
+            if ready.layout.extended {
                 q = q.bind(&j.user_id).bind(&j.provider_sid);
             }
         }
@@ -492,8 +635,9 @@ impl PgStore {
         key: &str,
         now: OffsetDateTime,
     ) -> Result<Option<(Tx, Loaded)>, StoreError> {
+        let ready = self.ready().await?;
         let mut tx = self.begin().await?;
-        let row = sqlx::query(&self.inner.sql.select_for_update)
+        let row = sqlx::query(&ready.sql.select_for_update)
             .bind(key)
             .bind(now)
             .fetch_optional(&mut *tx)
@@ -563,12 +707,13 @@ impl PgStore {
         new_key: &str,
         row: &NewRow<'_>,
     ) -> Result<String, StoreError> {
-        let mut q = sqlx::query_scalar(&self.inner.sql.update_locked)
+        let ready = self.ready().await?;
+        let mut q = sqlx::query_scalar(&ready.sql.update_locked)
             .bind(key)
             .bind(new_key)
             .bind(row.sess)
             .bind(row.expire);
-        if self.inner.layout.extended {
+        if ready.layout.extended {
             q = q.bind(row.user_id).bind(row.provider_sid);
         }
         let version: String = q.fetch_one(&mut *tx).await?;
@@ -635,7 +780,8 @@ impl PgStore {
     }
 
     async fn delete_by(&self, column: &'static str, value: &str) -> Result<u64, StoreError> {
-        if !self.inner.layout.extended {
+        let ready = self.ready().await?;
+        if !ready.layout.extended {
             return Err(StoreError::Schema(format!(
                 "table {} has no {column} column",
                 self.inner.name.qualified()
@@ -654,8 +800,9 @@ impl PgStore {
 
     /// Deletes a row; true when one was there.
     pub(crate) async fn delete(&self, key: &str) -> Result<bool, StoreError> {
+        let ready = self.ready().await?;
         let done = retry_once(|| async {
-            Ok(sqlx::query(&self.inner.sql.delete)
+            Ok(sqlx::query(&ready.sql.delete)
                 .bind(key)
                 .execute(&self.inner.pool)
                 .await?)

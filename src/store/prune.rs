@@ -147,6 +147,7 @@ impl PgStore {
     ) -> Result<PruneOutcome, StoreError> {
         let batch_size = config.batch_size;
         let inner = &self.inner;
+        let ready = self.ready().await?;
         // A session-level advisory lock lives as long as the connection that
         // took it. A detached connection closes when dropped, so a run that is
         // cancelled midway cannot leave the lock behind on a pooled connection.
@@ -167,7 +168,7 @@ impl PgStore {
                 let started = std::time::Instant::now();
                 let now = OffsetDateTime::now_utc();
                 let (mut deleted, next): (i64, Option<String>) =
-                    sqlx::query_as(&inner.sql.prune_batch)
+                    sqlx::query_as(&ready.sql.prune_batch)
                         .bind(now)
                         .bind(limit)
                         .bind(&from)
@@ -175,7 +176,7 @@ impl PgStore {
                         .await?;
                 if let (0, Some(next)) = (deleted, &next) {
                     // More than a batch of rows expired at the instant `next`.
-                    deleted = sqlx::query_scalar(&inner.sql.prune_tied)
+                    deleted = sqlx::query_scalar(&ready.sql.prune_tied)
                         .bind(now)
                         .bind(limit)
                         .bind(next)
@@ -242,6 +243,7 @@ impl PgStore {
                     }
                     Err(error) => {
                         tracing::warn!(error = %crate::log_safe::untrusted(&error), retry_in = ?backoff, "session prune failed");
+                        store.report(&error);
                         let this = backoff;
                         backoff = (backoff * 2).min(config.max_backoff).min(config.interval);
                         this.min(config.interval)

@@ -57,7 +57,8 @@ impl SessionStore for PgStore {
 
     async fn save(&self, record: &Record) -> session_store::Result<()> {
         let sess = encode(record)?;
-        sqlx::query(&self.inner.sql.save_any)
+        let ready = self.ready().await?;
+        sqlx::query(&ready.sql.save_any)
             .bind(record.id.to_string())
             .bind(&sess)
             .bind(to_micros(record.expiry_date))

@@ -101,6 +101,18 @@ impl Idp {
         get_json(&format!("{}/__test/stats", self.base)).await
     }
 
+    /// From now on the provider answers everything `ms` late (0: at once).
+    pub async fn set_delay(&self, ms: u64) {
+        let r = self
+            .http
+            .post(format!("{}/__test/delay", self.base))
+            .json(&json!({ "ms": ms }))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success());
+    }
+
     pub async fn rotate_keys(&self) {
         let r = self
             .http

@@ -4,6 +4,7 @@
 #![allow(dead_code, unreachable_pub, missing_docs, clippy::unwrap_used)]
 
 pub mod cluster;
+pub mod demo_bin;
 pub mod express;
 pub mod idp;
 pub mod latency;

@@ -436,9 +436,18 @@ async function testSign(req, res) {
   return json(res, 200, { jwt });
 }
 
+// POST /__test/delay {"ms": N}: every later request other than /__test/*
+// is answered N ms late (a slow provider); 0 turns it off.
+let delayMs = 0;
+
 async function handle(req, res) {
   const url = new URL(req.url, 'http://127.0.0.1');
   const p = url.pathname;
+  if (p === '/__test/delay' && req.method === 'POST') {
+    delayMs = Number(JSON.parse(await readBody(req)).ms) || 0;
+    return json(res, 200, { ms: delayMs });
+  }
+  if (delayMs > 0 && !p.startsWith('/__test/')) await new Promise((r) => setTimeout(r, delayMs));
   const m = p.startsWith(PREFIX) && /^\/interaction\/([\w-]+)(\/abort)?$/.exec(p.slice(PREFIX.length));
   if (m && (req.method === 'GET' || (req.method === 'POST' && !m[2]))) return interaction(req, res, m[1], !!m[2]);
   if (p === PREFIX || p.startsWith(`${PREFIX}/`)) {

@@ -17,6 +17,7 @@ use tracing::Instrument;
 
 use super::{response::RequestKind, Rejection, RejectionKind};
 use crate::{
+    crypto::Keyring,
     log_safe::untrusted,
     oidc::{
         record::{self, LoginRecord, Stored, USER_KEY},
@@ -213,15 +214,18 @@ pub(crate) async fn authorize(client: OidcClient, session: Option<Session>) -> A
 
     if reseal {
         // Sealed under a key no longer first: sealed again under the current
-        // key with this request's save.
-        let written = match record::seal_login(&config.keys, &binding, &record) {
-            Ok(sealed) => session
-                .insert_reserved(USER_KEY, &sealed)
-                .await
-                .map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
+        // key, under the row lock, so that a refresh written meanwhile is not
+        // overwritten with this request's older tokens.
+        let keys = config.keys.clone();
+        let resealed = session
+            .exclusive(|data, binding| std::future::ready(reseal_fresh(&keys, &data, &binding)))
+            .await;
+        let failed = match resealed {
+            Ok(Ok(_)) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(e) => Some(e.to_string()),
         };
-        if let Err(e) = written {
+        if let Some(e) = failed {
             tracing::warn!(error = %untrusted(&e), "re-sealing the login failed");
         }
     }
@@ -234,6 +238,26 @@ async fn log_out(session: &Session, why: &str) -> Rejection {
     tracing::warn!(reason = %untrusted(why), "ending the login");
     session.destroy().await;
     Rejection::new(RejectionKind::LoggedOut)
+}
+
+/// Under the row lock: the freshest record sealed again under the current
+/// key, unless another request did so meanwhile or it no longer opens (the
+/// next request deals with that).
+fn reseal_fresh(
+    keys: &Keyring,
+    data: &Data,
+    binding: &str,
+) -> Result<(Changes, ()), serde_json::Error> {
+    let Stored::Opened {
+        record,
+        reseal: true,
+    } = record::open_login(keys, binding, data.get(USER_KEY))
+    else {
+        return Ok((Vec::new(), ()));
+    };
+    let sealed = record::seal_login(keys, binding, &record)?;
+    let raw = serde_json::value::to_raw_value(&sealed)?;
+    Ok((vec![(USER_KEY.to_owned(), Some(raw))], ()))
 }
 
 type Refreshed = (Changes, (LoginRecord, bool));
