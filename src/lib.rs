@@ -5,6 +5,9 @@ pub mod admin;
 #[cfg(feature = "oidc")]
 pub mod crypto;
 pub mod error;
+#[cfg(feature = "__fuzz")]
+#[doc(hidden)]
+pub mod fuzz;
 mod log_safe;
 pub mod metrics;
 #[cfg(feature = "oidc")]

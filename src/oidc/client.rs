@@ -13,13 +13,12 @@ use openidconnect::{
         CoreAuthDisplay, CoreClaimName, CoreClaimType, CoreClient, CoreClientAuthMethod,
         CoreErrorResponseType, CoreGrantType, CoreIdToken, CoreIdTokenVerifier, CoreJsonWebKey,
         CoreJsonWebKeySet, CoreJweContentEncryptionAlgorithm, CoreJweKeyManagementAlgorithm,
-        CoreJwsSigningAlgorithm, CoreResponseMode, CoreResponseType, CoreSubjectIdentifierType,
-        CoreTokenResponse,
+        CoreResponseMode, CoreResponseType, CoreSubjectIdentifierType, CoreTokenResponse,
     },
     reqwest,
     url::Url,
     AdditionalProviderMetadata, ClientId, ClientSecret, EndpointMaybeSet, EndpointNotSet,
-    EndpointSet, IssuerUrl, JsonWebKey, Nonce, OAuth2TokenResponse, ProviderMetadata, RedirectUrl,
+    EndpointSet, IssuerUrl, Nonce, OAuth2TokenResponse, ProviderMetadata, RedirectUrl,
     RefreshToken, RequestTokenError, TokenResponse,
 };
 use serde::{Deserialize, Serialize};
@@ -29,7 +28,7 @@ use tokio::sync::RwLock;
 
 use super::{
     config::{OidcConfig, Provider},
-    AuthError, AuthErrorKind,
+    logout_token, AuthError, AuthErrorKind,
 };
 use crate::{log_safe::untrusted, store::PgStore};
 
@@ -512,134 +511,37 @@ impl OidcClient {
         token: &str,
     ) -> Result<Map<String, Value>, AuthError> {
         let bad = |why: &str| AuthError::new(AuthErrorKind::InvalidLogoutToken, why.to_owned());
-        let mut parts = token.split('.');
-        let (Some(h), Some(p), Some(sig), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            return Err(bad("not a signed JWT"));
-        };
-        let header: Value = decode_json(h).ok_or_else(|| bad("malformed header"))?;
-        // Explicit typing (section 2.4): a token typed as anything else (an
-        // access token, a security event) is not a logout token. The generic
-        // `JWT` of providers that predate the recommendation is accepted.
-        if let Some(typ) = header.get("typ") {
-            let typ = typ.as_str().unwrap_or_default().to_ascii_lowercase();
-            let typ = typ.strip_prefix("application/").unwrap_or(&typ);
-            if typ != "logout+jwt" && typ != "jwt" {
-                return Err(bad("typ is not logout+jwt"));
-            }
-        }
-        let alg: CoreJwsSigningAlgorithm = serde_json::from_value(header["alg"].clone())
-            .map_err(|_| bad("unknown signature algorithm"))?;
-        if !self.inner.config.algorithms.contains(&alg) {
-            return Err(bad("signature algorithm not allowed"));
-        }
-        let kid = header["kid"].as_str();
-        let signature = URL_SAFE_NO_PAD
-            .decode(sig)
-            .map_err(|_| bad("malformed signature"))?;
-        let message = &token.as_bytes()[..h.len() + 1 + p.len()];
+        let parsed = logout_token::parse(token, &self.inner.config.algorithms).map_err(bad)?;
         let mut refetch = false;
         loop {
-            let jwks = self.jwks(refetch).await;
-            let candidates: Vec<&CoreJsonWebKey> = jwks
-                .keys()
-                .iter()
-                .filter(|k| kid.is_none() || k.key_id().map(|id| id.as_str()) == kid)
-                .collect();
-            if candidates
-                .iter()
-                .any(|k| k.verify_signature(&alg, message, &signature).is_ok())
-            {
-                break;
+            match parsed.verify(&*self.jwks(refetch).await) {
+                logout_token::Signature::Valid => break,
+                logout_token::Signature::NoKey if !refetch => refetch = true,
+                _ => return Err(bad("bad signature")),
             }
-            if candidates.is_empty() && !refetch {
-                refetch = true;
-                continue;
-            }
-            return Err(bad("bad signature"));
         }
-        let claims: Map<String, Value> = decode_json(p).ok_or_else(|| bad("malformed claims"))?;
-        if claims.get("iss").and_then(Value::as_str) != Some(&self.inner.issuer) {
-            return Err(bad("wrong issuer"));
-        }
-        let client_id = &self.inner.config.client_id;
-        let aud_ok = match claims.get("aud") {
-            Some(Value::String(a)) => a == client_id,
-            Some(Value::Array(list)) => list.iter().any(|a| a.as_str() == Some(client_id)),
-            _ => false,
+        let expect = logout_token::Expect {
+            issuer: &self.inner.issuer,
+            client_id: &self.inner.config.client_id,
+            skew: i64::try_from(self.inner.config.clock_skew.as_secs()).unwrap_or(i64::MAX),
+            now: OffsetDateTime::now_utc().unix_timestamp(),
         };
-        if !aud_ok {
-            return Err(bad("wrong audience"));
-        }
-        let now = OffsetDateTime::now_utc().unix_timestamp();
-        let skew = i64::try_from(self.inner.config.clock_skew.as_secs()).unwrap_or(i64::MAX);
-        let iat = claims
-            .get("iat")
-            .and_then(Value::as_i64)
-            .ok_or_else(|| bad("no iat"))?;
-        if iat > now.saturating_add(skew)
-            || iat
-                < now
-                    .saturating_sub(LOGOUT_TOKEN_MAX_AGE)
-                    .saturating_sub(skew)
-        {
-            return Err(bad("iat out of range"));
-        }
-        let exp = claims
-            .get("exp")
-            .and_then(Value::as_i64)
-            .ok_or_else(|| bad("no exp"))?;
-        if exp < now.saturating_sub(skew) {
-            return Err(bad("expired"));
-        }
-        let event_ok = claims
-            .get("events")
-            .and_then(Value::as_object)
-            .and_then(|e| e.get("http://schemas.openid.net/event/backchannel-logout"))
-            .is_some_and(Value::is_object);
-        if !event_ok {
-            return Err(bad("no back-channel logout event"));
-        }
-        if claims.contains_key("nonce") {
-            return Err(bad("a logout token must not carry a nonce"));
-        }
-        let has = |k: &str| {
-            claims
-                .get(k)
-                .and_then(Value::as_str)
-                .is_some_and(|s| !s.is_empty())
-        };
-        if !has("sid") && !has("sub") {
-            return Err(bad("neither sid nor sub"));
-        }
-        let Some(jti) = claims.get("jti").and_then(Value::as_str) else {
-            return Err(bad("no jti"));
-        };
-        let keep_until = iat
-            .saturating_add(LOGOUT_TOKEN_MAX_AGE)
-            .saturating_add(skew.saturating_mul(2));
-        let keep_until = OffsetDateTime::from_unix_timestamp(keep_until)
-            .unwrap_or_else(|_| OffsetDateTime::now_utc());
+        let checked = parsed.check(&expect).map_err(bad)?;
         let fresh = self
             .inner
             .store
             .remember_once(
-                &format!("logout-jti:{}:{jti}", self.inner.issuer),
-                keep_until,
+                &format!("logout-jti:{}:{}", self.inner.issuer, checked.jti),
+                checked.keep_until,
             )
             .await
             .map_err(|e| AuthError::new(AuthErrorKind::SessionUnavailable, e.to_string()))?;
         if !fresh {
             return Err(bad("replayed (jti seen before)"));
         }
-        Ok(claims)
+        Ok(checked.claims)
     }
 }
-
-/// Logout tokens older than this are refused (their `jti` is remembered for
-/// as long, so a replay is caught either way).
-const LOGOUT_TOKEN_MAX_AGE: i64 = 600;
 
 /// When a token that lives `expires_in` from `now` (unix seconds) expires;
 /// a provider's absurd lifetime saturates rather than wrapping.

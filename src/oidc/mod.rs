@@ -40,7 +40,11 @@ mod client;
 mod config;
 mod flow;
 mod guard;
+pub(crate) mod logout_token;
 mod record;
+
+#[cfg(feature = "__fuzz")]
+pub(crate) use self::record::safe_return_to;
 
 use std::fmt;
 
@@ -254,7 +258,7 @@ impl Redirect {
 /// A `Location` value is ASCII: bytes outside it (a `return_to` of
 /// `/café`) and any control or space are percent-encoded, the rest
 /// (already-encoded `%XX` included) kept.
-fn encode_location(location: &str) -> String {
+pub(crate) fn encode_location(location: &str) -> String {
     use std::fmt::Write;
     let mut out = String::with_capacity(location.len());
     for b in location.bytes() {

@@ -678,3 +678,74 @@ mod tests {
         assert!(!format!("{:?}", SigningKeys::new([K1]).expect("ok")).contains("k1"));
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn id() -> impl Strategy<Value = SessionId> {
+        "[A-Za-z0-9_-]{22,64}".prop_map(SessionId)
+    }
+
+    fn cookie(c: &CookieConfig, name: &str, value: &str) -> Option<Verified> {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_str(&format!("{name}={value}")).ok()?,
+        );
+        c.read(&h, name)
+    }
+
+    fn value_of(set_cookie: &HeaderValue) -> String {
+        let s = set_cookie.to_str().expect("ascii");
+        let pair = s.split(';').next().expect("a pair");
+        pair.split_once('=').expect("name=value").1.to_owned()
+    }
+
+    proptest! {
+        #[test]
+        fn signed_cookies_verify_under_their_key_only(
+            id in id(),
+            key in "[ -~]{32,64}",
+            other in "[ -~]{32,64}",
+            flip in any::<prop::sample::Index>(),
+        ) {
+            let c = CookieConfig::new(Codec::Signed(SigningKeys::new([&key]).expect("key")));
+            let value = value_of(&c.set("session", &id, 60));
+            prop_assert_eq!(cookie(&c, "session", &value), Some((id.clone(), false)));
+            if other != key {
+                let o = CookieConfig::new(Codec::Signed(SigningKeys::new([&other]).expect("key")));
+                prop_assert_eq!(cookie(&o, "session", &value), None);
+            }
+            // Any one character changed (to another of the alphabet) fails.
+            let mut bytes = value.into_bytes();
+            let i = flip.index(bytes.len());
+            bytes[i] = if bytes[i] == b'A' { b'B' } else { b'A' };
+            let tampered = String::from_utf8(bytes).expect("ascii");
+            prop_assert_eq!(cookie(&c, "session", &tampered), None);
+        }
+
+        #[test]
+        fn express_cookies_round_trip_as_express_session_writes_them(
+            id in id(),
+            secret in "\\PC{1,40}",
+        ) {
+            let c = CookieConfig::new(Codec::Express(ExpressSecrets::new([&secret]).expect("secret")));
+            let value = value_of(&c.set("connect.sid", &id, 60));
+            prop_assert!(value.starts_with("s%3A"));
+            prop_assert!(!value.contains('='), "never padded: {}", value);
+            prop_assert_eq!(cookie(&c, "connect.sid", &value), Some((id.clone(), false)));
+            let raw = percent_decode(&value).expect("decodes");
+            prop_assert_eq!(cookie(&c, "connect.sid", &raw), Some((id, false)));
+        }
+
+        #[test]
+        fn percent_encoding_round_trips(s in "\\PC*") {
+            let encoded = percent_encode(&s);
+            prop_assert!(encoded.is_ascii());
+            prop_assert_eq!(percent_decode(&encoded), Some(s));
+        }
+    }
+}

@@ -167,3 +167,26 @@ mod tests {
         assert_eq!(data.to_json(), r#"{"a":10}"#);
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #[test]
+        fn the_counted_length_is_the_written_length(
+            entries in prop::collection::vec(("\\PC*|[\\x00-\\x1f\"\\\\]*", any::<i64>()), 0..8),
+        ) {
+            let mut data = Data::default();
+            for (k, v) in &entries {
+                data.set(k, RawValue::from_string(v.to_string()).expect("raw"));
+            }
+            let json = data.to_json();
+            prop_assert_eq!(data.encoded_len(), json.len());
+            let back = Data::parse(&json).expect("parses");
+            prop_assert_eq!(back.to_json(), json);
+        }
+    }
+}

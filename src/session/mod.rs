@@ -42,6 +42,8 @@ mod layer;
 pub(crate) mod reserved;
 mod service;
 
+#[cfg(feature = "__fuzz")]
+pub(crate) use self::cookie::{Codec, CookieConfig};
 pub use self::{
     cookie::{ExpressSecrets, SameSite, SigningKeys},
     future::ResponseFuture,
