@@ -43,3 +43,12 @@ ensure_pgbouncer() {
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbouncer >/dev/null
   fi
 }
+
+# The native-tls feature (built by --all-features) links OpenSSL; the TLS
+# tests make their certificates with the openssl command.
+ensure_build_deps() {
+  if ! pkg-config --exists openssl 2>/dev/null || ! command -v openssl >/dev/null 2>&1; then
+    echo "installing OpenSSL headers and pkg-config from Debian's packages" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libssl-dev pkg-config openssl >/dev/null
+  fi
+}
