@@ -347,6 +347,56 @@ async fn a_slow_provider_fails_only_what_needs_it_and_the_refresh_is_retried() {
     s.db.drop_schema().await;
 }
 
+/// A request dropped while its token refresh is at the provider: the
+/// refresh still lands, so the provider's new tokens are kept (a provider
+/// that rotates refresh tokens has already retired the old one) and the next
+/// request does not refresh again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_whose_request_is_dropped_still_lands() {
+    use common::idp::{setup, Browser};
+    // Tokens live 60 s and are due for refresh 2 s after they are issued.
+    let s = setup("keycloak", 1, 60, |c| {
+        c.with_refresh_before(Duration::from_secs(58))
+    })
+    .await;
+    let app = s.apps[0].url.clone();
+    let dan = Browser::new();
+    dan.login(&app, "dan", "/me").await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+
+    s.idp.set_delay_after_reading(1500).await;
+    let before = s.idp.stats().await["refresh_token"].as_u64().unwrap();
+    let dropped = dan
+        .http
+        .get(format!("{app}/me"))
+        .header("x-test-deadline-ms", "300")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        dropped.status(),
+        StatusCode::GATEWAY_TIMEOUT,
+        "dropped mid-refresh"
+    );
+    s.idp.set_delay(0).await;
+    // The provider carries out the refresh no request waits for any more;
+    // its new token is due 2 s later, so the next request must not refresh.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while s.idp.stats().await["refresh_token"].as_u64().unwrap() == before {
+        assert!(
+            Instant::now() < deadline,
+            "the provider never saw the refresh"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = dan.me(&app).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let after = s.idp.stats().await["refresh_token"].as_u64().unwrap();
+    assert_eq!(after - before, 1, "the dropped request's refresh was kept");
+    s.db.drop_schema().await;
+}
+
 /// An instance killed with SIGKILL in the middle of saves of large values:
 /// every row another instance reads afterwards is a whole session, holding
 /// at least each value acknowledged before the kill.

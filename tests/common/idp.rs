@@ -101,12 +101,23 @@ impl Idp {
         get_json(&format!("{}/__test/stats", self.base)).await
     }
 
-    /// From now on the provider answers everything `ms` late (0: at once).
+    /// From now on the provider answers everything `ms` late (0: at once);
+    /// a client gone by then has had nothing done for it.
     pub async fn set_delay(&self, ms: u64) {
+        self.delay(ms, false).await;
+    }
+
+    /// As [`Self::set_delay`], but the provider reads each form first and
+    /// carries it out even when its client has gone by the answer.
+    pub async fn set_delay_after_reading(&self, ms: u64) {
+        self.delay(ms, true).await;
+    }
+
+    async fn delay(&self, ms: u64, read_first: bool) {
         let r = self
             .http
             .post(format!("{}/__test/delay", self.base))
-            .json(&json!({ "ms": ms }))
+            .json(&json!({ "ms": ms, "read_first": read_first }))
             .send()
             .await
             .unwrap();
@@ -279,6 +290,22 @@ pub fn router(
         )
         .with_state(AppState { client, backchannel })
         .layer(layer)
+        .layer(axum::middleware::from_fn(deadline))
+}
+
+/// `x-test-deadline-ms: N` drops the request after N ms wherever it is, as a
+/// timeout layer or a client that hangs up does; the answer is then 504.
+async fn deadline(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let ms = request
+        .headers()
+        .get("x-test-deadline-ms")
+        .and_then(|v| v.to_str().ok()?.parse().ok());
+    match ms {
+        Some(ms) => tokio::time::timeout(std::time::Duration::from_millis(ms), next.run(request))
+            .await
+            .unwrap_or_else(|_| StatusCode::GATEWAY_TIMEOUT.into_response()),
+        None => next.run(request).await,
+    }
 }
 
 pub struct Setup {

@@ -436,18 +436,29 @@ async function testSign(req, res) {
   return json(res, 200, { jwt });
 }
 
-// POST /__test/delay {"ms": N}: every later request other than /__test/*
-// is answered N ms late (a slow provider); 0 turns it off.
+// POST /__test/delay {"ms": N, "read_first": bool}: every later request
+// other than /__test/* is handled N ms late (a slow provider); with
+// read_first a form body is read before the wait, so the request is carried
+// out even when its client has gone. 0 turns it off.
 let delayMs = 0;
+let readFirst = false;
 
 async function handle(req, res) {
   const url = new URL(req.url, 'http://127.0.0.1');
   const p = url.pathname;
   if (p === '/__test/delay' && req.method === 'POST') {
-    delayMs = Number(JSON.parse(await readBody(req)).ms) || 0;
+    const body = JSON.parse(await readBody(req));
+    delayMs = Number(body.ms) || 0;
+    readFirst = body.read_first === true;
     return json(res, 200, { ms: delayMs });
   }
-  if (delayMs > 0 && !p.startsWith('/__test/')) await new Promise((r) => setTimeout(r, delayMs));
+  if (delayMs > 0 && !p.startsWith('/__test/')) {
+    // With read_first, a form is read in full before the wait, so the
+    // provider acts on it even if the client has gone by the answer.
+    const form = readFirst && req.method === 'POST' && /urlencoded/.test(req.headers['content-type'] || '');
+    if (form) req.body = Object.fromEntries(new URLSearchParams(await readBody(req)));
+    await new Promise((r) => setTimeout(r, delayMs));
+  }
   const m = p.startsWith(PREFIX) && /^\/interaction\/([\w-]+)(\/abort)?$/.exec(p.slice(PREFIX.length));
   if (m && (req.method === 'GET' || (req.method === 'POST' && !m[2]))) return interaction(req, res, m[1], !!m[2]);
   if (p === PREFIX || p.startsWith(`${PREFIX}/`)) {

@@ -189,10 +189,24 @@ pub(crate) async fn authorize(client: OidcClient, session: Option<Session>) -> A
                 .await);
             }
         } else {
-            let result = session
-                .exclusive(|data, binding| refresh(client.clone(), data, binding))
-                .instrument(tracing::info_span!("oidc.refresh"))
-                .await;
+            // In a task of its own: a refresh the provider has carried out
+            // (and, with rotation, retired the old refresh token for) is
+            // written even if this request is dropped meanwhile.
+            let (locked, client) = (session.clone(), client.clone());
+            let result = crate::store::detached(
+                async move {
+                    locked
+                        .exclusive(|data, binding| refresh(client, data, binding))
+                        .await
+                }
+                .instrument(tracing::info_span!("oidc.refresh")),
+            )
+            .await
+            .unwrap_or_else(|| {
+                Err(SessionError::Store(crate::StoreError::Database(
+                    sqlx::Error::WorkerCrashed,
+                )))
+            });
             if let Ok(Err(e)) = &result {
                 crate::metrics::failure(format!("refresh_{}", e.kind().code()));
             }
