@@ -33,7 +33,7 @@
 mod batch;
 mod connect;
 mod prune;
-mod schema;
+pub(crate) mod schema;
 #[cfg(feature = "tower-sessions")]
 mod tower_sessions;
 

@@ -1,0 +1,589 @@
+//! The token vault against the real Postgres, with the local OpenID provider
+//! standing in for a connected service ("mail").
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+use tower_pg_session::{
+    crypto::Keyring,
+    vault::{Integration, TokenVault, Tokens, VaultConfig, VaultError},
+    PgStore,
+};
+
+use common::{
+    idp::{Browser, Idp, CLIENT_ID, CLIENT_SECRET},
+    Db,
+};
+
+/// Where the provider sends the browser back to; never visited.
+const REDIRECT_BASE: &str = "http://127.0.0.1:9";
+
+struct Setup {
+    db: Db,
+    idp: Idp,
+    store: PgStore,
+    keys: Keyring,
+    flavor: &'static str,
+}
+
+async fn setup(flavor: &'static str) -> Setup {
+    let db = Db::new().await;
+    let idp = Idp::start(flavor, &[REDIRECT_BASE.to_owned()], 3600).await;
+    let store = db.store().await;
+    Setup {
+        db,
+        idp,
+        store,
+        keys: Keyring::generate(),
+        flavor,
+    }
+}
+
+impl Setup {
+    fn token_endpoint(&self) -> String {
+        match self.flavor {
+            "keycloak" => format!("{}/protocol/openid-connect/token", self.idp.issuer),
+            _ => format!("{}/oauth2/token", self.idp.issuer),
+        }
+    }
+
+    fn revocation_endpoint(&self) -> String {
+        match self.flavor {
+            "keycloak" => format!("{}/protocol/openid-connect/revoke", self.idp.issuer),
+            _ => format!("{}/oauth2/revoke", self.idp.issuer),
+        }
+    }
+
+    fn config(&self) -> VaultConfig {
+        let mail = Integration::new("mail", &self.token_endpoint(), CLIENT_ID)
+            .unwrap()
+            .with_client_secret(CLIENT_SECRET);
+        VaultConfig::new()
+            .with_schema_name(&self.db.schema)
+            .unwrap()
+            .with_integration(mail)
+            .with_http_timeout(Duration::from_secs(5))
+    }
+
+    async fn vault(&self) -> TokenVault {
+        TokenVault::new(&self.store, self.keys.clone(), self.config())
+            .await
+            .unwrap()
+    }
+
+    fn table(&self) -> String {
+        format!("\"{}\".\"oauth_tokens\"", self.db.schema)
+    }
+
+    /// Logs `user` in at the provider with PKCE and exchanges the code, as
+    /// an app connecting the account would: the provider's token response.
+    async fn connect(&self, user: &str) -> Value {
+        let verifier = URL_SAFE_NO_PAD.encode(rand::random::<[u8; 32]>());
+        let challenge = URL_SAFE_NO_PAD.encode(Sha256::digest(verifier.as_bytes()));
+        let auth = match self.flavor {
+            "keycloak" => format!("{}/protocol/openid-connect/auth", self.idp.issuer),
+            _ => format!("{}/oauth2/authorize", self.idp.issuer),
+        };
+        let redirect = format!("{REDIRECT_BASE}/auth/callback");
+        let url = format!(
+            "{auth}?client_id={CLIENT_ID}&response_type=code&scope=openid&state=s1\
+             &redirect_uri={}&code_challenge={challenge}&code_challenge_method=S256",
+            common::idp::urlencode(&redirect)
+        );
+        let callback = Browser::new().authorize(&url, user).await;
+        let code = url::Url::parse(&callback)
+            .unwrap()
+            .query_pairs()
+            .find(|(k, _)| k == "code")
+            .map(|(_, v)| v.into_owned())
+            .expect("the callback carries a code");
+        let r = reqwest::Client::new()
+            .post(self.token_endpoint())
+            .basic_auth(CLIENT_ID, Some(CLIENT_SECRET))
+            .form(&[
+                ("grant_type", "authorization_code"),
+                ("code", code.as_str()),
+                ("redirect_uri", redirect.as_str()),
+                ("code_verifier", verifier.as_str()),
+            ])
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "code exchange: {}", r.status());
+        r.json().await.unwrap()
+    }
+
+    /// The token response as the vault's input, expiring `expires_in` from now.
+    fn tokens(response: &Value, expires_in: Duration) -> Tokens {
+        Tokens::new(response["access_token"].as_str().unwrap().to_owned())
+            .with_refresh_token(response["refresh_token"].as_str().unwrap().to_owned())
+            .with_expires_in(expires_in)
+            .with_scopes(["openid"])
+    }
+
+    /// Makes the stored access token of `user` expire `secs` from now.
+    async fn expire_in(&self, user: &str, secs: i64) {
+        sqlx::query(&format!(
+            "UPDATE {} SET expires_at = now() + make_interval(secs => $2) WHERE user_id = $1",
+            self.table()
+        ))
+        .bind(user)
+        .bind(secs as f64)
+        .execute(&self.db.pool)
+        .await
+        .unwrap();
+    }
+
+    async fn refreshes(&self) -> i64 {
+        self.idp.stats().await["refresh_token"].as_i64().unwrap()
+    }
+
+    async fn fault(&self, mode: &str, count: u32, size: usize) {
+        let r = reqwest::Client::new()
+            .post(format!("{}/__test/token-fault", self.idp.base))
+            .json(&json!({"mode": mode, "count": count, "size": size}))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success());
+    }
+
+    async fn column(&self, user: &str, column: &str) -> Option<String> {
+        sqlx::query_scalar(&format!(
+            "SELECT {column} FROM {} WHERE user_id = $1 AND integration = 'mail'",
+            self.table()
+        ))
+        .bind(user)
+        .fetch_one(&self.db.pool)
+        .await
+        .unwrap()
+    }
+
+    /// Uses `refresh_token` at the provider directly: its status and body.
+    async fn try_refresh_token(&self, refresh_token: &str) -> (u16, Value) {
+        let r = reqwest::Client::new()
+            .post(self.token_endpoint())
+            .basic_auth(CLIENT_ID, Some(CLIENT_SECRET))
+            .form(&[
+                ("grant_type", "refresh_token"),
+                ("refresh_token", refresh_token),
+            ])
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+}
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+#[tokio::test]
+async fn stores_gets_and_refreshes_with_rotation() {
+    let s = setup("keycloak").await;
+    let vault = s.vault().await;
+    let connected = s.connect("ann").await;
+    let first_rt = connected["refresh_token"].as_str().unwrap().to_owned();
+    vault
+        .store("ann", "mail", Setup::tokens(&connected, HOUR))
+        .await
+        .unwrap();
+
+    // Not due: the stored token, no provider call.
+    let token = vault.get("ann", "mail").await.unwrap();
+    assert_eq!(token.secret(), connected["access_token"].as_str().unwrap());
+    assert_eq!(s.refreshes().await, 0);
+    assert!(!format!("{token:?}").contains(token.secret()));
+
+    // Expiring within 5 minutes: refreshed first.
+    s.expire_in("ann", 60).await;
+    let refreshed = vault.get("ann", "mail").await.unwrap();
+    assert_ne!(refreshed.secret(), token.secret());
+    assert_eq!(s.refreshes().await, 1);
+    let left = refreshed.expires_at().unwrap() - OffsetDateTime::now_utc();
+    assert!(left > time::Duration::minutes(50), "{left}");
+    // The provider rotated the refresh token: the first one is dead, and the
+    // vault kept the new one, so the next refresh works.
+    let (status, body) = s.try_refresh_token(&first_rt).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_grant"))
+    );
+    // Reusing the old one made the provider revoke the grant: connect anew.
+    let connected = s.connect("ann").await;
+    vault
+        .store(
+            "ann",
+            "mail",
+            Setup::tokens(&connected, Duration::from_secs(60)),
+        )
+        .await
+        .unwrap();
+    let a = vault.get("ann", "mail").await.unwrap();
+    s.expire_in("ann", 60).await;
+    let b = vault.get("ann", "mail").await.unwrap();
+    assert_ne!(a.secret(), b.secret(), "the rotated refresh token was used");
+
+    // Metadata only in listings; the table holds no token in the clear.
+    let list = vault.list("ann").await.unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0].integration, "mail");
+    assert!(list[0].last_refreshed_at.is_some() && list[0].refreshable);
+    assert!(!list[0].needs_reconsent);
+    let listed = serde_json::to_string(&list).unwrap();
+    assert!(!listed.contains(b.secret()), "{listed}");
+    let dump: String = sqlx::query_scalar(&format!(
+        "SELECT string_agg(t::text, ',') FROM {} t",
+        s.table()
+    ))
+    .fetch_one(&s.db.pool)
+    .await
+    .unwrap();
+    assert!(!dump.contains(b.secret()));
+
+    assert!(vault.remove("ann", "mail").await.unwrap());
+    assert!(matches!(
+        vault.get("ann", "mail").await,
+        Err(VaultError::NotConnected { .. })
+    ));
+    assert!(vault.list("ann").await.unwrap().is_empty());
+    s.db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn keeps_the_refresh_token_when_the_provider_sends_none() {
+    let s = setup("cognito").await;
+    let vault = s.vault().await;
+    let connected = s.connect("bo").await;
+    vault
+        .store(
+            "bo",
+            "mail",
+            Setup::tokens(&connected, Duration::from_secs(60)),
+        )
+        .await
+        .unwrap();
+    let mut seen = vec![connected["access_token"].as_str().unwrap().to_owned()];
+    for round in 1..=3 {
+        s.expire_in("bo", 60).await;
+        let token = vault.get("bo", "mail").await.unwrap();
+        assert!(!seen.contains(&token.secret().to_owned()), "round {round}");
+        seen.push(token.secret().to_owned());
+        assert_eq!(s.refreshes().await, round);
+    }
+    // The one refresh token still works at the provider.
+    let rt = connected["refresh_token"].as_str().unwrap();
+    assert_eq!(s.try_refresh_token(rt).await.0, 200);
+    s.db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn invalid_grant_needs_reconsent_and_stops_calling_the_provider() {
+    let s = setup("keycloak").await;
+    let vault = s.vault().await;
+    let connected = s.connect("cy").await;
+    vault
+        .store(
+            "cy",
+            "mail",
+            Setup::tokens(&connected, Duration::from_secs(60)),
+        )
+        .await
+        .unwrap();
+    let r = reqwest::Client::new()
+        .post(s.revocation_endpoint())
+        .basic_auth(CLIENT_ID, Some(CLIENT_SECRET))
+        .form(&[("token", connected["refresh_token"].as_str().unwrap())])
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+
+    for _ in 0..3 {
+        let err = vault.get("cy", "mail").await.unwrap_err();
+        assert!(matches!(err, VaultError::NeedsReconsent { .. }), "{err}");
+    }
+    assert_eq!(
+        s.refreshes().await,
+        1,
+        "one call at the provider, no retries"
+    );
+    let list = vault.list("cy").await.unwrap();
+    assert!(list[0].needs_reconsent);
+
+    // Connecting again clears the mark.
+    let connected = s.connect("cy").await;
+    vault
+        .store("cy", "mail", Setup::tokens(&connected, HOUR))
+        .await
+        .unwrap();
+    assert_eq!(
+        vault.get("cy", "mail").await.unwrap().secret(),
+        connected["access_token"].as_str().unwrap()
+    );
+    assert!(!vault.list("cy").await.unwrap()[0].needs_reconsent);
+    s.db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn a_ciphertext_moved_to_another_row_or_field_does_not_open() {
+    let s = setup("keycloak").await;
+    let vault = s.vault().await;
+    for user in ["dee", "eve"] {
+        vault
+            .store(
+                user,
+                "mail",
+                Tokens::new(format!("access-of-{user}"))
+                    .with_refresh_token(format!("refresh-of-{user}"))
+                    .with_expires_in(HOUR),
+            )
+            .await
+            .unwrap();
+    }
+    let t = s.table();
+    // Eve's row gets Dee's sealed access token.
+    sqlx::query(&format!(
+        "UPDATE {t} SET access_token = (SELECT access_token FROM {t} WHERE user_id = 'dee') \
+         WHERE user_id = 'eve'"
+    ))
+    .execute(&s.db.pool)
+    .await
+    .unwrap();
+    let err = vault.get("eve", "mail").await.unwrap_err();
+    assert!(matches!(err, VaultError::Unreadable { .. }), "{err}");
+    assert!(!err.to_string().contains("access-of"));
+
+    // Dee's refresh token moved into Dee's own access-token field.
+    sqlx::query(&format!(
+        "UPDATE {t} SET access_token = refresh_token WHERE user_id = 'dee'"
+    ))
+    .execute(&s.db.pool)
+    .await
+    .unwrap();
+    let err = vault.get("dee", "mail").await.unwrap_err();
+    assert!(matches!(err, VaultError::Unreadable { .. }), "{err}");
+
+    // A vault with other keys cannot open anything either.
+    let other = TokenVault::new(&s.store, Keyring::generate(), s.config())
+        .await
+        .unwrap();
+    vault
+        .store("fay", "mail", Tokens::new("access-of-fay".into()))
+        .await
+        .unwrap();
+    assert!(matches!(
+        other.get("fay", "mail").await,
+        Err(VaultError::Unreadable { .. })
+    ));
+    assert_eq!(
+        vault.get("fay", "mail").await.unwrap().secret(),
+        "access-of-fay"
+    );
+    assert_eq!(s.refreshes().await, 0);
+    s.db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn two_instances_refresh_a_nearly_expired_token_once() {
+    let s = setup("keycloak").await;
+    // Two instances, each with a pool and vault of its own.
+    let second_db = Db::new().await;
+    let second_store = PgStore::new(second_db.pool.clone(), s.db.config())
+        .await
+        .unwrap();
+    let vaults = [
+        s.vault().await,
+        TokenVault::new(&second_store, s.keys.clone(), s.config())
+            .await
+            .unwrap(),
+    ];
+    let connected = s.connect("gus").await;
+    vaults[0]
+        .store(
+            "gus",
+            "mail",
+            Setup::tokens(&connected, Duration::from_secs(30)),
+        )
+        .await
+        .unwrap();
+
+    let mut tasks = Vec::new();
+    for vault in &vaults {
+        for _ in 0..20 {
+            let vault = vault.clone();
+            tasks.push(tokio::spawn(async move {
+                vault
+                    .get("gus", "mail")
+                    .await
+                    .map(|t| t.secret().to_owned())
+            }));
+        }
+    }
+    let mut secrets = Vec::new();
+    for task in tasks {
+        secrets.push(task.await.unwrap().unwrap());
+    }
+    assert_eq!(
+        s.refreshes().await,
+        1,
+        "exactly one refresh at the provider"
+    );
+    assert!(
+        secrets.iter().all(|t| t == &secrets[0]),
+        "all got the refreshed token"
+    );
+    assert_ne!(secrets[0], connected["access_token"].as_str().unwrap());
+    s.db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn a_provider_that_is_down_leaves_the_old_token_in_use_while_valid() {
+    let mut s = setup("keycloak").await;
+    let vault = s.vault().await;
+    let connected = s.connect("hal").await;
+    vault
+        .store(
+            "hal",
+            "mail",
+            Setup::tokens(&connected, Duration::from_secs(60)),
+        )
+        .await
+        .unwrap();
+    let sealed_rt = s.column("hal", "refresh_token").await;
+
+    // A 503: the old token, still valid, is used; nothing is lost.
+    s.fault("unavailable", 1, 0).await;
+    let token = vault.get("hal", "mail").await.unwrap();
+    assert_eq!(token.secret(), connected["access_token"].as_str().unwrap());
+    assert_eq!(s.column("hal", "refresh_token").await, sealed_rt);
+
+    // Once it has expired, the error says what is wrong.
+    s.expire_in("hal", -1).await;
+    s.fault("unavailable", 1, 0).await;
+    let err = vault.get("hal", "mail").await.unwrap_err();
+    assert!(
+        matches!(err, VaultError::ProviderUnavailable { .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("503"), "{err}");
+
+    // The provider gone altogether (connection refused).
+    let idp = std::mem::replace(
+        &mut s.idp,
+        Idp::start("keycloak", &[REDIRECT_BASE.to_owned()], 3600).await,
+    );
+    drop(idp);
+    let err = vault.get("hal", "mail").await.unwrap_err();
+    assert!(
+        matches!(err, VaultError::ProviderUnavailable { .. }),
+        "{err}"
+    );
+    assert_eq!(s.column("hal", "refresh_token").await, sealed_rt);
+    assert!(!vault.list("hal").await.unwrap()[0].needs_reconsent);
+    s.db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn a_malformed_token_response_is_refused_and_changes_nothing() {
+    let s = setup("keycloak").await;
+    let vault = s.vault().await;
+    let connected = s.connect("ida").await;
+    vault
+        .store(
+            "ida",
+            "mail",
+            Setup::tokens(&connected, Duration::from_secs(60)),
+        )
+        .await
+        .unwrap();
+    s.expire_in("ida", -1).await;
+    let before = s.column("ida", "access_token").await;
+    s.fault("malformed", 1, 0).await;
+    let err = vault.get("ida", "mail").await.unwrap_err();
+    assert!(
+        matches!(err, VaultError::InvalidTokenResponse { .. }),
+        "{err}"
+    );
+    assert_eq!(s.column("ida", "access_token").await, before);
+    // The kept refresh token still works once the provider answers properly.
+    let token = vault.get("ida", "mail").await.unwrap();
+    assert_ne!(token.secret(), connected["access_token"].as_str().unwrap());
+    assert_eq!(s.refreshes().await, 1);
+    s.db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn an_oversized_token_is_refused() {
+    let s = setup("keycloak").await;
+    let vault = s.vault().await;
+    let err = vault
+        .store("jo", "mail", Tokens::new("x".repeat(16 * 1024 + 1)))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            VaultError::TokenTooLarge {
+                size: 16385,
+                limit: 16384
+            }
+        ),
+        "{err}"
+    );
+    assert!(vault.list("jo").await.unwrap().is_empty());
+
+    let connected = s.connect("jo").await;
+    vault
+        .store(
+            "jo",
+            "mail",
+            Setup::tokens(&connected, Duration::from_secs(60)),
+        )
+        .await
+        .unwrap();
+    s.expire_in("jo", -1).await;
+    let before = s.column("jo", "access_token").await;
+    s.fault("oversized", 1, 20_000).await;
+    let err = vault.get("jo", "mail").await.unwrap_err();
+    assert!(
+        matches!(err, VaultError::InvalidTokenResponse { .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("over the limit"), "{err}");
+    assert_eq!(s.column("jo", "access_token").await, before);
+    s.db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_clear_error() {
+    let s = setup("keycloak").await;
+    let vault = s.vault().await;
+    assert!(matches!(
+        vault.get("kai", "calendar").await,
+        Err(VaultError::UnknownIntegration(_))
+    ));
+    assert!(matches!(
+        vault.get("kai", "mail").await,
+        Err(VaultError::NotConnected { .. })
+    ));
+    assert!(matches!(
+        vault.get("", "mail").await,
+        Err(VaultError::InvalidInput {
+            what: "user id",
+            ..
+        })
+    ));
+    // The table is created once, however many vaults start at once.
+    let starts = (0..4).map(|_| TokenVault::new(&s.store, s.keys.clone(), s.config()));
+    for started in futures_util::future::join_all(starts).await {
+        started.unwrap();
+    }
+    assert_eq!(vault.remove_all("kai").await.unwrap(), 0);
+    s.db.drop_schema().await;
+}
