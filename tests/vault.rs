@@ -587,3 +587,54 @@ async fn bad_input_gets_a_clear_error() {
     assert_eq!(vault.remove_all("kai").await.unwrap(), 0);
     s.db.drop_schema().await;
 }
+
+#[tokio::test]
+async fn a_caller_dropped_during_a_refresh_loses_nothing() {
+    let s = setup("keycloak").await;
+    // A pool whose backends the test can tell from everyone else's.
+    let (pool_name, store) = s.db.named_store(4).await;
+    let vault = TokenVault::new(&store, s.keys.clone(), s.config())
+        .await
+        .unwrap();
+    let connected = s.connect("lea").await;
+    let first = connected["access_token"].as_str().unwrap();
+    vault
+        .store(
+            "lea",
+            "mail",
+            Setup::tokens(&connected, Duration::from_secs(60)),
+        )
+        .await
+        .unwrap();
+    s.fault("slow", 1, 800).await;
+    // The caller gives up while the provider is still answering.
+    let dropped = tokio::time::timeout(Duration::from_millis(200), vault.get("lea", "mail")).await;
+    assert!(dropped.is_err(), "the get was cut short");
+
+    // The refresh finishes anyway: the rotated refresh token is kept, the
+    // lock is released, no connection stays inside a transaction.
+    common::eventually("the refresh lands", || async {
+        s.column("lea", "last_refreshed_at::text").await.is_some()
+    })
+    .await;
+    let token = vault.get("lea", "mail").await.unwrap();
+    assert_ne!(token.secret(), first);
+    assert_eq!(s.refreshes().await, 1);
+    s.expire_in("lea", 60).await;
+    let again = vault.get("lea", "mail").await.unwrap();
+    assert_ne!(
+        again.secret(),
+        token.secret(),
+        "the rotated refresh token works"
+    );
+    let in_tx: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity \
+         WHERE application_name = $1 AND state LIKE 'idle in transaction%'",
+    )
+    .bind(&pool_name)
+    .fetch_one(&s.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(in_tx, 0);
+    s.db.drop_schema().await;
+}

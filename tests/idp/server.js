@@ -441,9 +441,10 @@ async function testSign(req, res) {
 //   "unavailable" -> 503 with an HTML body (a provider that is down),
 //   "malformed"   -> 200 with a body that is not JSON,
 //   "oversized"   -> 200 with a well-formed response whose access_token is
-//                    `size` bytes long.
+//                    `size` bytes long,
+//   "slow"        -> the provider's own answer, `size` milliseconds late.
 // Each is counted in stats.faults; the request never reaches the provider.
-const TOKEN_FAULTS = ['unavailable', 'malformed', 'oversized'];
+const TOKEN_FAULTS = ['unavailable', 'malformed', 'oversized', 'slow'];
 let tokenFault = null;
 async function injectTokenFault(req, res) {
   await readBody(req).catch(() => '');
@@ -464,7 +465,12 @@ async function injectTokenFault(req, res) {
 async function handle(req, res) {
   const url = new URL(req.url, 'http://127.0.0.1');
   const p = url.pathname;
-  if (p === `${PREFIX}${ROUTES.token}` && req.method === 'POST' && tokenFault?.count > 0) return injectTokenFault(req, res);
+  if (p === `${PREFIX}${ROUTES.token}` && req.method === 'POST' && tokenFault?.count > 0) {
+    if (tokenFault.mode !== 'slow') return injectTokenFault(req, res);
+    tokenFault.count -= 1;
+    stats.faults = (stats.faults || 0) + 1;
+    await new Promise((r) => { setTimeout(r, tokenFault.size); });
+  }
   const m = p.startsWith(PREFIX) && /^\/interaction\/([\w-]+)(\/abort)?$/.exec(p.slice(PREFIX.length));
   if (m && (req.method === 'GET' || (req.method === 'POST' && !m[2]))) return interaction(req, res, m[1], !!m[2]);
   if (p === PREFIX || p.startsWith(`${PREFIX}/`)) {
