@@ -638,3 +638,94 @@ async fn a_caller_dropped_during_a_refresh_loses_nothing() {
     assert_eq!(in_tx, 0);
     s.db.drop_schema().await;
 }
+
+/// Every log line of this test binary, captured by a global subscriber (the
+/// refresh runs on a spawned task, so a thread-local one would miss it).
+fn logs() -> &'static std::sync::Arc<std::sync::Mutex<Vec<u8>>> {
+    use std::sync::{Arc, Mutex, OnceLock};
+    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let writer = Capture(buf.clone());
+        tracing_subscriber::fmt()
+            .with_env_filter("tower_pg_session=trace")
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .init();
+        buf
+    })
+}
+
+#[derive(Clone)]
+struct Capture(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn logs_carry_no_token_and_escape_what_users_chose() {
+    logs();
+    let s = setup("keycloak").await;
+    let vault = s.vault().await;
+    let connected = s.connect("mo").await;
+    vault
+        .store(
+            "mo",
+            "mail",
+            Setup::tokens(&connected, Duration::from_secs(60)),
+        )
+        .await
+        .unwrap();
+    let refreshed = vault.get("mo", "mail").await.unwrap();
+    assert_eq!(s.refreshes().await, 1);
+
+    // A hostile user id, and a row holding a token sealed for someone else.
+    let hostile = "x\n2026-01-01T00:00:00Z  INFO tower_pg_session: forged\u{1b}[2K\r";
+    for user in [hostile, "mo2"] {
+        vault
+            .store(
+                user,
+                "mail",
+                Tokens::new(format!("secret-of-{}", user.len())),
+            )
+            .await
+            .unwrap();
+    }
+    let t = s.table();
+    sqlx::query(&format!(
+        "UPDATE {t} SET access_token = (SELECT access_token FROM {t} WHERE user_id = 'mo2') \
+         WHERE user_id = $1"
+    ))
+    .bind(hostile)
+    .execute(&s.db.pool)
+    .await
+    .unwrap();
+    assert!(matches!(
+        vault.get(hostile, "mail").await,
+        Err(VaultError::Unreadable { .. })
+    ));
+
+    let text = String::from_utf8(logs().lock().unwrap().clone()).unwrap();
+    assert!(text.contains("does not open"), "{text}");
+    assert!(text.contains("x\\n2026-01-01"), "escaped user id: {text}");
+    for line in text.lines() {
+        assert!(!line.contains('\u{1b}') && !line.contains('\r'), "{line:?}");
+        assert!(!line.starts_with("2026-01-01"), "forged line: {line:?}");
+    }
+    for secret in [
+        connected["access_token"].as_str().unwrap(),
+        connected["refresh_token"].as_str().unwrap(),
+        refreshed.secret(),
+        "secret-of-",
+    ] {
+        assert!(!text.contains(secret), "a token was logged");
+    }
+    s.db.drop_schema().await;
+}
