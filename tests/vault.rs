@@ -729,3 +729,67 @@ async fn logs_carry_no_token_and_escape_what_users_chose() {
     }
     s.db.drop_schema().await;
 }
+
+#[tokio::test]
+async fn refreshes_and_failures_are_counted_by_integration_and_reason() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    recorder.install().unwrap();
+    let counter = |name: &str, reason: Option<&str>| {
+        snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .filter(|(k, ..)| {
+                let labels: Vec<_> = k.key().labels().collect();
+                k.key().name() == name
+                    && labels
+                        .iter()
+                        .any(|l| l.key() == "integration" && l.value() == "metered")
+                    && reason.is_none_or(|r| {
+                        labels.iter().any(|l| l.key() == "reason" && l.value() == r)
+                    })
+            })
+            .map(|(.., v)| match v {
+                DebugValue::Counter(n) => n,
+                _ => 0,
+            })
+            .sum::<u64>()
+    };
+    let s = setup("keycloak").await;
+    let metered = Integration::new("metered", &s.token_endpoint(), CLIENT_ID)
+        .unwrap()
+        .with_client_secret(CLIENT_SECRET);
+    let vault = TokenVault::new(
+        &s.store,
+        s.keys.clone(),
+        s.config().with_integration(metered),
+    )
+    .await
+    .unwrap();
+    let connected = s.connect("ned").await;
+    vault
+        .store(
+            "ned",
+            "metered",
+            Setup::tokens(&connected, Duration::from_secs(60)),
+        )
+        .await
+        .unwrap();
+    vault.get("ned", "metered").await.unwrap();
+    assert_eq!(counter("tower_pg_session_vault_refreshes_total", None), 1);
+
+    s.expire_in("ned", -1).await;
+    s.fault("malformed", 1, 0).await;
+    vault.get("ned", "metered").await.unwrap_err();
+    let failures = "tower_pg_session_vault_failures_total";
+    assert_eq!(counter(failures, Some("invalid_response")), 1);
+
+    s.fault("unavailable", 1, 0).await;
+    vault.get("ned", "metered").await.unwrap_err();
+    assert_eq!(counter(failures, Some("provider_unavailable")), 1);
+    // Each snapshot drains the counters: no refresh since the first one.
+    assert_eq!(counter("tower_pg_session_vault_refreshes_total", None), 0);
+    s.db.drop_schema().await;
+}
