@@ -793,3 +793,100 @@ async fn refreshes_and_failures_are_counted_by_integration_and_reason() {
     assert_eq!(counter("tower_pg_session_vault_refreshes_total", None), 0);
     s.db.drop_schema().await;
 }
+
+#[tokio::test]
+async fn reseal_moves_every_token_to_the_first_key_while_gets_go_on() {
+    use tower_pg_session::crypto::EncryptionKey;
+    let s = setup("keycloak").await;
+    let old = || EncryptionKey::from_bytes([7; 32]);
+    let new = || EncryptionKey::from_bytes([9; 32]);
+    let vault_with = |keys: Vec<EncryptionKey>| {
+        TokenVault::new(&s.store, Keyring::new(keys).unwrap(), s.config())
+    };
+    let before = vault_with(vec![old()]).await.unwrap();
+    let users: Vec<String> = (0..30).map(|n| format!("user-{n:02}")).collect();
+    for (n, user) in users.iter().enumerate() {
+        let mut tokens = Tokens::new(format!("access-{n}")).with_expires_in(HOUR);
+        if n % 3 != 0 {
+            tokens = tokens.with_refresh_token(format!("refresh-{n}"));
+        }
+        before.store(user, "mail", tokens).await.unwrap();
+    }
+    let old_id = Keyring::new(vec![old()])
+        .unwrap()
+        .current_key_id()
+        .to_string();
+    let new_id = Keyring::new(vec![new()])
+        .unwrap()
+        .current_key_id()
+        .to_string();
+    let usage = before.key_usage().await.unwrap();
+    assert_eq!(usage.len(), 1);
+    assert_eq!(
+        (usage[0].key_id.as_str(), usage[0].values),
+        (old_id.as_str(), 50)
+    );
+
+    // One row that does not open under any key: counted, left alone.
+    let t = s.table();
+    sqlx::query(&format!(
+        "UPDATE {t} SET access_token = (SELECT access_token FROM {t} WHERE user_id = 'user-01') \
+         WHERE user_id = 'user-02'"
+    ))
+    .execute(&s.db.pool)
+    .await
+    .unwrap();
+
+    // The app runs with the new key first while the old one is retired.
+    let rotated = vault_with(vec![new(), old()]).await.unwrap();
+    let reader = rotated.clone();
+    let readers = users.clone();
+    let gets = tokio::spawn(async move {
+        let mut ok = 0;
+        for _ in 0..5 {
+            for user in readers.iter().filter(|u| *u != "user-02") {
+                reader.get(user, "mail").await.unwrap();
+                ok += 1;
+            }
+        }
+        ok
+    });
+    let outcome = rotated.reseal(7).await.unwrap();
+    assert_eq!((outcome.resealed, outcome.unreadable), (29, 1));
+    assert_eq!(
+        gets.await.unwrap(),
+        29 * 5,
+        "no get failed during the reseal"
+    );
+
+    let usage = rotated.key_usage().await.unwrap();
+    let count = |id: &str| {
+        usage
+            .iter()
+            .find(|u| u.key_id == id)
+            .map_or(0, |u| u.values)
+    };
+    assert_eq!(count(&new_id), 48);
+    assert_eq!(
+        count(&old_id),
+        2,
+        "only the unreadable row's two values: {usage:?}"
+    );
+
+    // The old key can go: every readable token opens under the new one alone.
+    let after = vault_with(vec![new()]).await.unwrap();
+    for (n, user) in users.iter().enumerate().filter(|(n, _)| *n != 2) {
+        assert_eq!(
+            after.get(user, "mail").await.unwrap().secret(),
+            format!("access-{n}")
+        );
+    }
+    assert!(matches!(
+        before.get("user-05", "mail").await,
+        Err(VaultError::Unreadable { .. })
+    ));
+    // Resealing again finds nothing more to do.
+    let again = rotated.reseal(7).await.unwrap();
+    assert_eq!((again.resealed, again.unreadable), (0, 1));
+    s.db.drop_schema().await;
+}

@@ -48,6 +48,7 @@
 
 mod error;
 mod integration;
+mod reseal;
 pub(crate) mod schema;
 mod sql;
 mod tokens;
@@ -66,6 +67,7 @@ use tracing::Instrument;
 pub use self::{
     error::VaultError,
     integration::{ClientAuth, Integration},
+    reseal::{KeyUsage, ResealOutcome},
     tokens::{AccessToken, Connection, Tokens},
 };
 use self::{
@@ -385,10 +387,10 @@ impl TokenVault {
         let local = self.local_lock(user, name);
         let _queued = local.lock().await;
         let mut tx = self.inner.pool.begin().await?;
-        // Waiting longer than a refresh at the provider can take means the
-        // holder is stuck: give up rather than pile up.
-        let wait = self.inner.http_timeout.saturating_mul(2) + Duration::from_secs(5);
-        self.inner.sql.lock_timeout(&mut tx, wait).await?;
+        self.inner
+            .sql
+            .lock_timeout(&mut tx, self.lock_wait())
+            .await?;
         let row = self
             .inner
             .sql
@@ -485,6 +487,13 @@ impl TokenVault {
             token_type: fresh.token_type,
             scopes,
         })
+    }
+
+    /// How long to wait for a row another refresh holds: longer than a
+    /// refresh at the provider can take means the holder is stuck, so give
+    /// up rather than pile up.
+    fn lock_wait(&self) -> Duration {
+        self.inner.http_timeout.saturating_mul(2) + Duration::from_secs(5)
     }
 
     fn local_lock(&self, user: &str, name: &str) -> RefreshLock {

@@ -241,3 +241,100 @@ impl Sql {
         Ok(())
     }
 }
+
+/// The key id (hex) a sealed column was sealed under, read from the
+/// envelope's header in SQL: its first 8 base64url characters decode to the
+/// version byte, the 4-byte key id and a nonce byte.
+fn key_id_of(column: &str) -> String {
+    format!(
+        "CASE WHEN {column} ~ '^[A-Za-z0-9_-]{{8}}' THEN encode(substring(decode(\
+           translate(left({column}, 8), '-_', '+/'), 'base64') FROM 2 FOR 4), 'hex') \
+         ELSE 'malformed' END"
+    )
+}
+
+/// A row to seal again, as read under its lock.
+pub(crate) struct ToReseal {
+    pub(crate) user: String,
+    pub(crate) integration: String,
+    pub(crate) access_token: String,
+    pub(crate) refresh_token: Option<String>,
+}
+
+impl Sql {
+    /// How many sealed values each key id seals.
+    pub(crate) async fn key_usage(&self, pool: &PgPool) -> Result<Vec<(String, i64)>, sqlx::Error> {
+        let t = &self.table;
+        let (a, r) = (key_id_of("access_token"), key_id_of("refresh_token"));
+        sqlx::query_as(&format!(
+            "SELECT k, count(*) FROM (\
+               SELECT {a} AS k FROM {t} \
+               UNION ALL SELECT {r} FROM {t} WHERE refresh_token IS NOT NULL) s \
+             GROUP BY k ORDER BY k"
+        ))
+        .fetch_all(pool)
+        .await
+    }
+
+    /// Locks the next `limit` rows after `after` that hold a value sealed
+    /// under another key than `current`, in key order (a refresh locks one
+    /// row, so the two never deadlock), waiting for a refresh that holds one.
+    pub(crate) async fn lock_stale(
+        &self,
+        conn: &mut PgConnection,
+        current: &str,
+        after: Option<&(String, String)>,
+        limit: i64,
+    ) -> Result<Vec<ToReseal>, sqlx::Error> {
+        let t = &self.table;
+        let (a, r) = (key_id_of("access_token"), key_id_of("refresh_token"));
+        let (u, i) = after.cloned().unwrap_or_default();
+        let rows = sqlx::query(&format!(
+            "SELECT user_id, integration, access_token, refresh_token FROM {t} \
+             WHERE ($1 = '' AND $2 = '' OR (user_id, integration) > ($1, $2)) \
+               AND ({a} <> $3 OR (refresh_token IS NOT NULL AND {r} <> $3)) \
+             ORDER BY user_id, integration LIMIT $4 FOR UPDATE"
+        ))
+        .bind(u)
+        .bind(i)
+        .bind(current)
+        .bind(limit)
+        .fetch_all(conn)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(ToReseal {
+                    user: row.try_get(0)?,
+                    integration: row.try_get(1)?,
+                    access_token: row.try_get(2)?,
+                    refresh_token: row.try_get(3)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Writes the values sealed again, one statement for the batch.
+    pub(crate) async fn resealed(
+        &self,
+        conn: &mut PgConnection,
+        rows: &[ToReseal],
+    ) -> Result<(), sqlx::Error> {
+        let t = &self.table;
+        let users: Vec<&str> = rows.iter().map(|r| r.user.as_str()).collect();
+        let names: Vec<&str> = rows.iter().map(|r| r.integration.as_str()).collect();
+        let access: Vec<&str> = rows.iter().map(|r| r.access_token.as_str()).collect();
+        let refresh: Vec<Option<&str>> = rows.iter().map(|r| r.refresh_token.as_deref()).collect();
+        sqlx::query(&format!(
+            "UPDATE {t} AS v SET access_token = n.a, refresh_token = n.r \
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS n(u, i, a, r) \
+             WHERE v.user_id = n.u AND v.integration = n.i"
+        ))
+        .bind(users)
+        .bind(names)
+        .bind(access)
+        .bind(refresh)
+        .execute(conn)
+        .await?;
+        Ok(())
+    }
+}
