@@ -890,3 +890,79 @@ async fn reseal_moves_every_token_to_the_first_key_while_gets_go_on() {
     assert_eq!((again.resealed, again.unreadable), (0, 1));
     s.db.drop_schema().await;
 }
+
+#[cfg(feature = "cli")]
+#[tokio::test]
+async fn the_cli_reports_key_usage_and_reseals() {
+    use base64::engine::general_purpose::STANDARD;
+    let s = setup("keycloak").await;
+    let (old, new) = (STANDARD.encode([7u8; 32]), STANDARD.encode([9u8; 32]));
+    let cli = |keys: &str, args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_pg-session"))
+            .env("DATABASE_URL", common::database_url())
+            .env("TOKEN_KEYS", keys)
+            .args(["--schema", s.db.schema.as_str()])
+            .args(args)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.code(), text)
+    };
+    let id = |key: &str| {
+        Keyring::from_base64_list(key)
+            .unwrap()
+            .current_key_id()
+            .to_string()
+    };
+    let before = TokenVault::new(
+        &s.store,
+        Keyring::from_base64_list(&old).unwrap(),
+        s.config(),
+    )
+    .await
+    .unwrap();
+    for n in 0..3 {
+        let tokens = Tokens::new(format!("access-{n}")).with_refresh_token(format!("r-{n}"));
+        before
+            .store(&format!("u{n}"), "mail", tokens)
+            .await
+            .unwrap();
+    }
+    let rotated = format!("{new},{old}");
+    let (code, out) = cli(&rotated, &["keys"]);
+    assert_eq!(code, Some(0), "{out}");
+    let line = out.lines().find(|l| l.starts_with(&id(&old))).unwrap();
+    assert!(line.contains(" 6 ") && line.contains("reseal"), "{out}");
+    assert!(
+        out.contains(&format!("{} ", id(&new))) && out.contains("unused"),
+        "{out}"
+    );
+
+    let (code, out) = cli(&rotated, &["reseal", "--batch", "2"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("sealed 3 rows"), "{out}");
+    let (_, out) = cli(&rotated, &["keys"]);
+    let line = out.lines().find(|l| l.starts_with(&id(&new))).unwrap();
+    assert!(line.contains(" 6 ") && line.contains("first key"), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with(&id(&old)) && l.contains("unused")),
+        "{out}"
+    );
+    // And the tokens open under the new key alone.
+    let after = TokenVault::new(
+        &s.store,
+        Keyring::from_base64_list(&new).unwrap(),
+        s.config(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(after.get("u1", "mail").await.unwrap().secret(), "access-1");
+
+    // A bad key list: a clear error, exit status 1.
+    let (code, out) = cli("not-a-key", &["keys"]);
+    assert_eq!(code, Some(1));
+    assert!(out.contains("encryption key"), "{out}");
+    s.db.drop_schema().await;
+}

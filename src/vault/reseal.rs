@@ -54,6 +54,20 @@ impl TokenVault {
     /// # Errors
     /// [`VaultError::Store`]; what earlier batches resealed stays resealed.
     pub async fn reseal(&self, batch: usize) -> Result<ResealOutcome, VaultError> {
+        self.reseal_with(batch, |_| {}).await
+    }
+
+    /// [`reseal`](Self::reseal), calling `progress` with the number of rows
+    /// each batch handled (resealed or found unreadable), e.g. for a
+    /// progress bar.
+    ///
+    /// # Errors
+    /// As [`reseal`](Self::reseal).
+    pub async fn reseal_with(
+        &self,
+        batch: usize,
+        mut progress: impl FnMut(u64),
+    ) -> Result<ResealOutcome, VaultError> {
         let batch = i64::try_from(batch.max(1)).unwrap_or(i64::MAX);
         let mut outcome = ResealOutcome::default();
         let mut cursor: Cursor = None;
@@ -66,6 +80,7 @@ impl TokenVault {
                     .unwrap_or(Err(VaultError::Interrupted))?;
             outcome.resealed += resealed;
             outcome.unreadable += unreadable;
+            progress(resealed + unreadable);
             match next {
                 Some(_) => cursor = next,
                 None => return Ok(outcome),
