@@ -69,6 +69,9 @@ impl Setup {
             .unwrap()
             .with_integration(mail)
             .with_http_timeout(Duration::from_secs(5))
+            // Each test asks the provider again at once after a failure,
+            // except the one about outages.
+            .with_failure_backoff(Duration::ZERO)
     }
 
     async fn vault(&self) -> TokenVault {
@@ -964,5 +967,64 @@ async fn the_cli_reports_key_usage_and_reseals() {
     let (code, out) = cli("not-a-key", &["keys"]);
     assert_eq!(code, Some(1));
     assert!(out.contains("encryption key"), "{out}");
+    s.db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn an_outage_costs_one_provider_call_not_one_per_get() {
+    let s = setup("keycloak").await;
+    let config = s.config().with_failure_backoff(Duration::from_secs(10));
+    let vault = TokenVault::new(&s.store, s.keys.clone(), config)
+        .await
+        .unwrap();
+    let connected = s.connect("ole").await;
+    let old = connected["access_token"].as_str().unwrap().to_owned();
+    vault
+        .store(
+            "ole",
+            "mail",
+            Setup::tokens(&connected, Duration::from_secs(60)),
+        )
+        .await
+        .unwrap();
+    s.fault("unavailable", 1000, 0).await;
+    let gets = (0..20).map(|_| {
+        let vault = vault.clone();
+        tokio::spawn(async move {
+            vault
+                .get("ole", "mail")
+                .await
+                .map(|t| t.secret().to_owned())
+        })
+    });
+    for got in futures_util::future::join_all(gets).await {
+        assert_eq!(got.unwrap().unwrap(), old, "the old token, still valid");
+    }
+    let faults = || async { s.idp.stats().await["faults"].as_i64().unwrap_or(0) };
+    assert_eq!(
+        faults().await,
+        1,
+        "one call at the provider while it is down"
+    );
+
+    // Expired meanwhile: the remembered failure, at once.
+    s.expire_in("ole", -1).await;
+    let err = vault.get("ole", "mail").await.unwrap_err();
+    assert!(
+        matches!(err, VaultError::ProviderUnavailable { .. }),
+        "{err}"
+    );
+    assert_eq!(faults().await, 1);
+
+    // Once the pause is over, the provider is asked again.
+    let quick = TokenVault::new(
+        &s.store,
+        s.keys.clone(),
+        s.config().with_failure_backoff(Duration::ZERO),
+    )
+    .await
+    .unwrap();
+    quick.get("ole", "mail").await.unwrap_err();
+    assert_eq!(faults().await, 2);
     s.db.drop_schema().await;
 }

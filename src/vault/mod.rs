@@ -57,7 +57,7 @@ use std::{
     collections::HashMap,
     fmt,
     sync::{Arc, Mutex, PoisonError},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use openidconnect::reqwest;
@@ -100,6 +100,7 @@ pub struct VaultConfig {
     refresh_before: Duration,
     http_timeout: Duration,
     max_token_bytes: usize,
+    failure_backoff: Duration,
 }
 
 impl Default for VaultConfig {
@@ -119,6 +120,7 @@ impl VaultConfig {
             refresh_before: Duration::from_secs(300),
             http_timeout: Duration::from_secs(10),
             max_token_bytes: 16 * 1024,
+            failure_backoff: Duration::from_secs(10),
         }
     }
 
@@ -164,6 +166,16 @@ impl VaultConfig {
         self
     }
 
+    /// After a refresh failed (provider down, refused, unusable answer),
+    /// how long this process leaves the provider alone for that user and
+    /// integration (default 10 s): meanwhile `get` returns the old token
+    /// while it is valid, or the same error, without calling the provider.
+    #[must_use]
+    pub fn with_failure_backoff(mut self, pause: Duration) -> Self {
+        self.failure_backoff = pause;
+        self
+    }
+
     /// The longest token accepted, in bytes (default 16 KiB).
     #[must_use]
     pub fn with_max_token_bytes(mut self, limit: usize) -> Self {
@@ -192,6 +204,16 @@ struct Inner {
     /// Refreshes waiting in this process queue here rather than each
     /// holding a pooled connection while waiting for the row lock.
     local: Mutex<HashMap<(String, String), RefreshLock>>,
+    failure_backoff: Duration,
+    /// The last failed refresh per (user, integration), while it is recent.
+    failures: Mutex<HashMap<(String, String), Failure>>,
+}
+
+/// A refresh that failed recently, remembered so that an outage costs one
+/// call at the provider per pause, not one per `get`.
+struct Failure {
+    at: Instant,
+    error: VaultError,
 }
 
 impl fmt::Debug for TokenVault {
@@ -249,6 +271,8 @@ impl TokenVault {
                 http_timeout: config.http_timeout,
                 max_token_bytes: config.max_token_bytes,
                 local: Mutex::new(HashMap::new()),
+                failure_backoff: config.failure_backoff,
+                failures: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -410,6 +434,10 @@ impl TokenVault {
             tx.rollback().await?;
             return Ok(old);
         }
+        if let Some(error) = self.recent_failure(user, name) {
+            tx.rollback().await?;
+            return still_valid(old, error);
+        }
         let Some(sealed_rt) = &row.refresh_token else {
             tx.rollback().await?;
             return still_valid(
@@ -431,6 +459,7 @@ impl TokenVault {
                     .write_refreshed(&mut tx, user, name, &row, fresh)
                     .await?;
                 tx.commit().await?;
+                self.forget_failure(user, name);
                 metrics::vault_refresh(name);
                 tracing::debug!(integration = name, "access token refreshed");
                 Ok(token)
@@ -450,6 +479,7 @@ impl TokenVault {
                 tx.rollback().await?;
                 metrics::vault_failure(name, e.reason());
                 tracing::warn!(integration = name, error = %e, "token refresh failed");
+                self.remember_failure(user, name, &e);
                 still_valid(old, e)
             }
         }
@@ -494,6 +524,87 @@ impl TokenVault {
     /// up rather than pile up.
     fn lock_wait(&self) -> Duration {
         self.inner.http_timeout.saturating_mul(2) + Duration::from_secs(5)
+    }
+
+    /// The error of a refresh of this (user, integration) that failed less
+    /// than the backoff ago, rebuilt (the original stays for the next caller).
+    fn recent_failure(&self, user: &str, name: &str) -> Option<VaultError> {
+        let failures = self
+            .inner
+            .failures
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let failure = failures.get(&(user.to_owned(), name.to_owned()))?;
+        if failure.at.elapsed() >= self.inner.failure_backoff {
+            return None;
+        }
+        let integration = name.to_owned();
+        Some(match &failure.error {
+            VaultError::TokenRequestRejected { error, .. } => VaultError::TokenRequestRejected {
+                integration,
+                error: error.clone(),
+            },
+            VaultError::InvalidTokenResponse { detail, .. } => VaultError::InvalidTokenResponse {
+                integration,
+                detail: detail.clone(),
+            },
+            other => VaultError::ProviderUnavailable {
+                integration,
+                detail: format!(
+                    "a refresh failed {} s ago: {other}",
+                    failure.at.elapsed().as_secs()
+                ),
+            },
+        })
+    }
+
+    fn remember_failure(&self, user: &str, name: &str, error: &VaultError) {
+        let error = match error {
+            VaultError::TokenRequestRejected { integration, error } => {
+                VaultError::TokenRequestRejected {
+                    integration: integration.clone(),
+                    error: error.clone(),
+                }
+            }
+            VaultError::InvalidTokenResponse {
+                integration,
+                detail,
+            } => VaultError::InvalidTokenResponse {
+                integration: integration.clone(),
+                detail: detail.clone(),
+            },
+            VaultError::ProviderUnavailable {
+                integration,
+                detail,
+            } => VaultError::ProviderUnavailable {
+                integration: integration.clone(),
+                detail: detail.clone(),
+            },
+            // Not the provider's doing: nothing to pause for.
+            _ => return,
+        };
+        let mut failures = self
+            .inner
+            .failures
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let backoff = self.inner.failure_backoff;
+        failures.retain(|_, f| f.at.elapsed() < backoff);
+        failures.insert(
+            (user.to_owned(), name.to_owned()),
+            Failure {
+                at: Instant::now(),
+                error,
+            },
+        );
+    }
+
+    fn forget_failure(&self, user: &str, name: &str) {
+        self.inner
+            .failures
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&(user.to_owned(), name.to_owned()));
     }
 
     fn local_lock(&self, user: &str, name: &str) -> RefreshLock {
