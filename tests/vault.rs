@@ -1028,3 +1028,38 @@ async fn an_outage_costs_one_provider_call_not_one_per_get() {
     assert_eq!(faults().await, 2);
     s.db.drop_schema().await;
 }
+
+#[tokio::test]
+async fn remove_revokes_the_refresh_token_at_the_provider() {
+    let s = setup("keycloak").await;
+    let mail = Integration::new("mail", &s.token_endpoint(), CLIENT_ID)
+        .unwrap()
+        .with_client_secret(CLIENT_SECRET)
+        .with_revocation_endpoint(&s.revocation_endpoint())
+        .unwrap();
+    let vault = TokenVault::new(&s.store, s.keys.clone(), s.config().with_integration(mail))
+        .await
+        .unwrap();
+    let mut refresh_tokens = Vec::new();
+    for user in ["pia", "pia2"] {
+        let connected = s.connect(user).await;
+        refresh_tokens.push(connected["refresh_token"].as_str().unwrap().to_owned());
+        vault
+            .store(user, "mail", Setup::tokens(&connected, HOUR))
+            .await
+            .unwrap();
+    }
+    assert!(vault.remove("pia", "mail").await.unwrap());
+    let (status, body) = s.try_refresh_token(&refresh_tokens[0]).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_grant"))
+    );
+    assert!(!vault.remove("pia", "mail").await.unwrap(), "already gone");
+
+    assert_eq!(vault.remove_all("pia2").await.unwrap(), 1);
+    let (status, _) = s.try_refresh_token(&refresh_tokens[1]).await;
+    assert_eq!(status, 400, "erasure revokes too");
+    assert!(vault.list("pia2").await.unwrap().is_empty());
+    s.db.drop_schema().await;
+}

@@ -53,6 +53,7 @@ pub struct Integration {
     client_id: String,
     client_secret: Option<String>,
     auth: ClientAuth,
+    revocation_endpoint: Option<Url>,
 }
 
 impl fmt::Debug for Integration {
@@ -66,6 +67,10 @@ impl fmt::Debug for Integration {
                 &self.client_secret.as_ref().map(|_| "[redacted]"),
             )
             .field("auth", &self.auth)
+            .field(
+                "revocation_endpoint",
+                &self.revocation_endpoint.as_ref().map(Url::as_str),
+            )
             .finish()
     }
 }
@@ -92,6 +97,7 @@ impl Integration {
             client_id: client_id.to_owned(),
             client_secret: None,
             auth: ClientAuth::default(),
+            revocation_endpoint: None,
         })
     }
 
@@ -107,6 +113,17 @@ impl Integration {
     pub fn with_client_auth(mut self, auth: ClientAuth) -> Self {
         self.auth = auth;
         self
+    }
+
+    /// The provider's token revocation endpoint (RFC 7009): removing a
+    /// connection then revokes its refresh token there (none by default).
+    ///
+    /// # Errors
+    /// [`VaultError::InvalidInput`] for a URL that is not `https` (or `http`
+    /// on a loopback address).
+    pub fn with_revocation_endpoint(mut self, url: &str) -> Result<Self, VaultError> {
+        self.revocation_endpoint = Some(parse_endpoint(url)?);
+        Ok(self)
     }
 
     /// The integration's name in the vault.
@@ -131,17 +148,7 @@ impl Integration {
             ("grant_type", "refresh_token"),
             ("refresh_token", refresh_token),
         ];
-        let mut request = http.post(self.token_endpoint.clone());
-        match (&self.client_secret, self.auth) {
-            (Some(secret), ClientAuth::Basic) => {
-                request = request.basic_auth(urlencode(&self.client_id), Some(urlencode(secret)));
-            }
-            (Some(secret), ClientAuth::Post) => {
-                form.push(("client_id", &self.client_id));
-                form.push(("client_secret", secret));
-            }
-            (None, _) => form.push(("client_id", &self.client_id)),
-        }
+        let request = self.authenticated(http.post(self.token_endpoint.clone()), &mut form);
         let body = openidconnect::url::form_urlencoded::Serializer::new(String::new())
             .extend_pairs(form)
             .finish();
@@ -160,6 +167,64 @@ impl Integration {
             self.parse_success(&body, refresh_token, max_token)
         } else {
             Err(self.parse_failure(status, &body))
+        }
+    }
+
+    /// Revokes `refresh_token` where the provider has an endpoint for it;
+    /// best effort: a failure is logged, the connection is gone either way.
+    pub(crate) async fn revoke(&self, http: &reqwest::Client, refresh_token: &str) {
+        let Some(url) = &self.revocation_endpoint else {
+            return;
+        };
+        let mut form = vec![
+            ("token", refresh_token),
+            ("token_type_hint", "refresh_token"),
+        ];
+        let request = self.authenticated(http.post(url.clone()), &mut form);
+        let body = openidconnect::url::form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(form)
+            .finish();
+        let sent = request
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body)
+            .send()
+            .await;
+        match sent {
+            Ok(r) if r.status().is_success() => {
+                tracing::debug!(integration = %self.name, "refresh token revoked");
+            }
+            Ok(r) => tracing::warn!(
+                integration = %self.name,
+                status = %r.status(),
+                "refresh token revocation refused"
+            ),
+            Err(e) => tracing::warn!(
+                integration = %self.name,
+                error = %untrusted(error_chain(&e)),
+                "refresh token revocation failed"
+            ),
+        }
+    }
+
+    /// Adds the client's credentials as configured.
+    fn authenticated<'a>(
+        &'a self,
+        request: reqwest::RequestBuilder,
+        form: &mut Vec<(&'static str, &'a str)>,
+    ) -> reqwest::RequestBuilder {
+        match (&self.client_secret, self.auth) {
+            (Some(secret), ClientAuth::Basic) => {
+                request.basic_auth(urlencode(&self.client_id), Some(urlencode(secret)))
+            }
+            (Some(secret), ClientAuth::Post) => {
+                form.push(("client_id", &self.client_id));
+                form.push(("client_secret", secret));
+                request
+            }
+            (None, _) => {
+                form.push(("client_id", &self.client_id));
+                request
+            }
         }
     }
 

@@ -358,28 +358,61 @@ impl TokenVault {
         .await
     }
 
-    /// Forgets `user`'s tokens for `integration`; `true` when there were any.
+    /// Forgets `user`'s tokens for `integration`, and revokes the refresh
+    /// token at the provider when the integration has a revocation
+    /// endpoint; `true` when there were any.
     ///
     /// # Errors
     /// [`VaultError::Store`], [`VaultError::InvalidInput`].
     pub async fn remove(&self, user: &str, integration: &str) -> Result<bool, VaultError> {
         check_user(user)?;
         check_name(integration)?;
-        Ok(self
-            .inner
-            .sql
-            .remove(&self.inner.pool, user, integration)
-            .await?)
+        let (this, user, name) = (self.clone(), user.to_owned(), integration.to_owned());
+        // Once deleted, the revocation must still happen if the caller goes.
+        detached(async move {
+            let Some(sealed) = this
+                .inner
+                .sql
+                .remove(&this.inner.pool, &user, &name)
+                .await?
+            else {
+                return Ok(false);
+            };
+            this.revoke(&user, &name, sealed.as_deref()).await;
+            Ok(true)
+        })
+        .await
+        .unwrap_or(Err(VaultError::Interrupted))
     }
 
-    /// Forgets every token of `user` (erasure); returns how many
-    /// integrations were connected.
+    /// Forgets every token of `user` (erasure), revoking refresh tokens as
+    /// [`remove`](Self::remove) does; returns how many integrations were
+    /// connected.
     ///
     /// # Errors
     /// [`VaultError::Store`], [`VaultError::InvalidInput`].
     pub async fn remove_all(&self, user: &str) -> Result<u64, VaultError> {
         check_user(user)?;
-        Ok(self.inner.sql.remove_all(&self.inner.pool, user).await?)
+        let (this, user) = (self.clone(), user.to_owned());
+        detached(async move {
+            let removed = this.inner.sql.remove_all(&this.inner.pool, &user).await?;
+            for (name, sealed) in &removed {
+                this.revoke(&user, name, sealed.as_deref()).await;
+            }
+            Ok(removed.len() as u64)
+        })
+        .await
+        .unwrap_or(Err(VaultError::Interrupted))
+    }
+
+    /// Revokes a removed connection's refresh token where possible.
+    async fn revoke(&self, user: &str, name: &str, sealed: Option<&str>) {
+        let (Some(sealed), Ok(integration)) = (sealed, self.integration(name)) else {
+            return;
+        };
+        if let Ok(rt) = self.open(user, name, REFRESH, sealed) {
+            integration.revoke(&self.inner.http, &rt).await;
+        }
     }
 
     /// What `user` has connected: metadata only, never a token.

@@ -168,30 +168,38 @@ impl Sql {
         Ok(())
     }
 
+    /// Deletes the row; returns its sealed refresh token (if any) when
+    /// there was one.
     pub(crate) async fn remove(
         &self,
         pool: &PgPool,
         user: &str,
         integration: &str,
-    ) -> Result<bool, sqlx::Error> {
+    ) -> Result<Option<Option<String>>, sqlx::Error> {
         let t = &self.table;
-        let done = sqlx::query(&format!(
-            "DELETE FROM {t} WHERE user_id = $1 AND integration = $2"
+        sqlx::query_scalar(&format!(
+            "DELETE FROM {t} WHERE user_id = $1 AND integration = $2 RETURNING refresh_token"
         ))
         .bind(user)
         .bind(integration)
-        .execute(pool)
-        .await?;
-        Ok(done.rows_affected() > 0)
+        .fetch_optional(pool)
+        .await
     }
 
-    pub(crate) async fn remove_all(&self, pool: &PgPool, user: &str) -> Result<u64, sqlx::Error> {
+    /// Deletes every row of `user`; returns each integration and its sealed
+    /// refresh token.
+    pub(crate) async fn remove_all(
+        &self,
+        pool: &PgPool,
+        user: &str,
+    ) -> Result<Vec<(String, Option<String>)>, sqlx::Error> {
         let t = &self.table;
-        let done = sqlx::query(&format!("DELETE FROM {t} WHERE user_id = $1"))
-            .bind(user)
-            .execute(pool)
-            .await?;
-        Ok(done.rows_affected())
+        sqlx::query_as(&format!(
+            "DELETE FROM {t} WHERE user_id = $1 RETURNING integration, refresh_token"
+        ))
+        .bind(user)
+        .fetch_all(pool)
+        .await
     }
 
     /// Metadata of every connection of `user`; the token columns are not read.
