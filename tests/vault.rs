@@ -1063,3 +1063,41 @@ async fn remove_revokes_the_refresh_token_at_the_provider() {
     assert!(vault.list("pia2").await.unwrap().is_empty());
     s.db.drop_schema().await;
 }
+
+#[tokio::test]
+async fn an_oidc_integration_is_found_through_discovery() {
+    for flavor in ["keycloak", "cognito"] {
+        let s = setup(flavor).await;
+        let mail = Integration::discover("mail", &s.idp.issuer, CLIENT_ID)
+            .await
+            .unwrap()
+            .with_client_secret(CLIENT_SECRET);
+        assert_eq!(mail.token_endpoint(), s.token_endpoint());
+        let vault = TokenVault::new(&s.store, s.keys.clone(), s.config().with_integration(mail))
+            .await
+            .unwrap();
+        let connected = s.connect("quin").await;
+        vault
+            .store(
+                "quin",
+                "mail",
+                Setup::tokens(&connected, Duration::from_secs(60)),
+            )
+            .await
+            .unwrap();
+        vault.get("quin", "mail").await.unwrap();
+        assert_eq!(s.refreshes().await, 1);
+        // Discovery found the revocation endpoint too.
+        vault.remove("quin", "mail").await.unwrap();
+        let rt = connected["refresh_token"].as_str().unwrap();
+        assert_eq!(s.try_refresh_token(rt).await.0, 400, "{flavor}");
+        s.db.drop_schema().await;
+    }
+    let err = Integration::discover("mail", "http://127.0.0.1:9/realms/none", CLIENT_ID)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, VaultError::ProviderUnavailable { .. }),
+        "{err}"
+    );
+}

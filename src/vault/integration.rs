@@ -101,6 +101,59 @@ impl Integration {
         })
     }
 
+    /// An integration whose provider publishes OpenID Connect discovery
+    /// metadata at `{issuer}/.well-known/openid-configuration`: its token
+    /// endpoint and, when listed, its revocation endpoint come from there.
+    ///
+    /// # Errors
+    /// [`VaultError::ProviderUnavailable`] when the document cannot be
+    /// fetched, [`VaultError::InvalidTokenResponse`] when it is unusable
+    /// (another issuer, no token endpoint), [`VaultError::InvalidInput`] as
+    /// for [`new`](Self::new).
+    pub async fn discover(name: &str, issuer: &str, client_id: &str) -> Result<Self, VaultError> {
+        check_name(name)?;
+        let issuer = issuer.trim_end_matches('/');
+        let url = parse_endpoint(&format!("{issuer}/.well-known/openid-configuration"))?;
+        let failed = |detail: String| VaultError::ProviderUnavailable {
+            integration: name.to_owned(),
+            detail: untrusted(detail).to_string(),
+        };
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|e| failed(e.to_string()))?;
+        let response = http
+            .get(url)
+            .send()
+            .await
+            .map_err(|e| failed(format!("discovery failed: {}", error_chain(&e))))?;
+        if !response.status().is_success() {
+            return Err(failed(format!(
+                "discovery answered HTTP {}",
+                response.status()
+            )));
+        }
+        let body = read_bounded(response).await.map_err(failed)?;
+        let unusable = |detail: String| VaultError::InvalidTokenResponse {
+            integration: name.to_owned(),
+            detail: untrusted(detail).to_string(),
+        };
+        let metadata: Discovery = serde_json::from_slice(&body)
+            .map_err(|e| unusable(format!("discovery document: {e}")))?;
+        if metadata.issuer.trim_end_matches('/') != issuer {
+            return Err(unusable(format!(
+                "discovery names issuer {:?}",
+                metadata.issuer
+            )));
+        }
+        let mut integration = Self::new(name, &metadata.token_endpoint, client_id)?;
+        if let Some(revocation) = metadata.revocation_endpoint {
+            integration = integration.with_revocation_endpoint(&revocation)?;
+        }
+        Ok(integration)
+    }
+
     /// The client secret (none by default: a public client).
     #[must_use]
     pub fn with_client_secret(mut self, secret: &str) -> Self {
@@ -333,6 +386,15 @@ struct TokenResponse {
     refresh_token: Option<String>,
     #[serde(default)]
     scope: Option<String>,
+}
+
+/// The discovery fields the vault uses.
+#[derive(Deserialize)]
+struct Discovery {
+    issuer: String,
+    token_endpoint: String,
+    #[serde(default)]
+    revocation_endpoint: Option<String>,
 }
 
 /// RFC 6749 §5.2.
