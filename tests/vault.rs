@@ -1101,3 +1101,24 @@ async fn an_oidc_integration_is_found_through_discovery() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn a_get_that_needs_no_refresh_is_one_statement() {
+    let s = setup("keycloak").await;
+    let vault = s.vault().await;
+    vault
+        .store(
+            "rex",
+            "mail",
+            Tokens::new("access-rex".into()).with_expires_in(HOUR),
+        )
+        .await
+        .unwrap();
+    vault.get("rex", "mail").await.unwrap();
+    let before = s.db.statements().await;
+    for _ in 0..10 {
+        vault.get("rex", "mail").await.unwrap();
+    }
+    assert_eq!(s.db.statements().await - before, 10);
+    s.db.drop_schema().await;
+}
