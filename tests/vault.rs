@@ -1122,3 +1122,69 @@ async fn a_get_that_needs_no_refresh_is_one_statement() {
     assert_eq!(s.db.statements().await - before, 10);
     s.db.drop_schema().await;
 }
+
+#[tokio::test]
+async fn plaintext_tokens_are_imported_with_a_dry_run_first() {
+    use tower_pg_session::vault::ImportSource;
+    let s = setup("keycloak").await;
+    let vault = s.vault().await;
+    let legacy = format!("\"{}\".\"legacy_tokens\"", s.db.schema);
+    use sqlx::Executor;
+    s.db.pool
+        .execute(&*format!(
+            "CREATE TABLE {legacy} (owner text, provider text, access text, refresh text, \
+           expiry timestamptz); \
+         INSERT INTO {legacy} VALUES \
+           ('sam', 'mail', 'plain-access-sam', 'plain-refresh-sam', now() + interval '1 hour'), \
+           ('tia', 'mail', 'plain-access-tia', NULL, NULL), \
+           ('uma', 'mail', 'plain-access-uma', 'plain-refresh-uma', now() + interval '2 hours'), \
+           ('vic', 'fax', 'plain-access-vic', NULL, NULL), \
+           ('wes', 'mail', repeat('x', 20000), NULL, NULL)"
+        ))
+        .await
+        .unwrap();
+    let source = ImportSource::new(Some(&s.db.schema), "legacy_tokens")
+        .unwrap()
+        .with_columns(
+            "owner",
+            "provider",
+            "access",
+            Some("refresh"),
+            Some("expiry"),
+        )
+        .unwrap();
+
+    let dry = vault.import(&source, true).await.unwrap();
+    assert_eq!((dry.read, dry.imported, dry.skipped), (5, 3, 2));
+    for user in ["sam", "tia", "uma"] {
+        assert!(
+            vault.list(user).await.unwrap().is_empty(),
+            "a dry run stores nothing"
+        );
+    }
+
+    let done = vault.import(&source, false).await.unwrap();
+    assert_eq!((done.read, done.imported, done.skipped), (5, 3, 2));
+    assert_eq!(
+        vault.get("sam", "mail").await.unwrap().secret(),
+        "plain-access-sam"
+    );
+    assert_eq!(
+        vault.get("tia", "mail").await.unwrap().secret(),
+        "plain-access-tia"
+    );
+    let listed = vault.list("uma").await.unwrap();
+    assert!(listed[0].refreshable && listed[0].expires_at.is_some());
+    let dump: String = sqlx::query_scalar(&format!(
+        "SELECT string_agg(t::text, ',') FROM {} t",
+        s.table()
+    ))
+    .fetch_one(&s.db.pool)
+    .await
+    .unwrap();
+    assert!(!dump.contains("plain-"), "sealed, never in the clear");
+    // Running it again is harmless.
+    assert_eq!(vault.import(&source, false).await.unwrap().imported, 3);
+    assert!(ImportSource::new(None, "x; drop table y").is_err());
+    s.db.drop_schema().await;
+}

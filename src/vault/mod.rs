@@ -47,6 +47,7 @@
 //! ```
 
 mod error;
+mod import;
 mod integration;
 mod reseal;
 pub(crate) mod schema;
@@ -66,6 +67,7 @@ use tracing::Instrument;
 
 pub use self::{
     error::VaultError,
+    import::{ImportOutcome, ImportSource},
     integration::{ClientAuth, Integration},
     reseal::{KeyUsage, ResealOutcome},
     tokens::{AccessToken, Connection, Tokens},
