@@ -101,6 +101,41 @@ impl Integration {
         })
     }
 
+    /// Google's token and revocation endpoints, with the secret sent in the
+    /// form body as Google documents. (Google sends a refresh token only for
+    /// `access_type=offline`, and no new one on refresh: the vault keeps the
+    /// first.)
+    ///
+    /// # Errors
+    /// [`VaultError::InvalidInput`] for a bad name or client id.
+    pub fn google(name: &str, client_id: &str) -> Result<Self, VaultError> {
+        Self::new(name, "https://oauth2.googleapis.com/token", client_id)?
+            .with_client_auth(ClientAuth::Post)
+            .with_revocation_endpoint("https://oauth2.googleapis.com/revoke")
+    }
+
+    /// The Microsoft identity platform's v2.0 token endpoint for `tenant`
+    /// (a tenant id or domain, or `common`, `organizations`, `consumers`),
+    /// with the secret in the form body. It has no revocation endpoint.
+    ///
+    /// # Errors
+    /// [`VaultError::InvalidInput`] for a bad name, tenant or client id.
+    pub fn microsoft(name: &str, tenant: &str, client_id: &str) -> Result<Self, VaultError> {
+        let tenant_ok = !tenant.is_empty()
+            && tenant.len() <= 253
+            && tenant
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-'));
+        if !tenant_ok {
+            return Err(VaultError::InvalidInput {
+                what: "tenant",
+                reason: "only ASCII letters, digits, '.' and '-' are allowed",
+            });
+        }
+        let endpoint = format!("https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token");
+        Ok(Self::new(name, &endpoint, client_id)?.with_client_auth(ClientAuth::Post))
+    }
+
     /// An integration whose provider publishes OpenID Connect discovery
     /// metadata at `{issuer}/.well-known/openid-configuration`: its token
     /// endpoint and, when listed, its revocation endpoint come from there.
@@ -497,6 +532,28 @@ mod tests {
         assert!(parse_endpoint("http://127.0.0.1:8080/token").is_ok());
         assert!(parse_endpoint("http://example.com/token").is_err());
         assert!(parse_endpoint("nope").is_err());
+    }
+
+    #[test]
+    fn presets() {
+        let google = Integration::google("mail", "id").expect("valid");
+        assert_eq!(
+            google.token_endpoint(),
+            "https://oauth2.googleapis.com/token"
+        );
+        assert_eq!(google.auth, ClientAuth::Post);
+        assert!(google.revocation_endpoint.is_some());
+        let ms = Integration::microsoft("outlook", "contoso.onmicrosoft.com", "id").expect("valid");
+        assert_eq!(
+            ms.token_endpoint(),
+            "https://login.microsoftonline.com/contoso.onmicrosoft.com/oauth2/v2.0/token"
+        );
+        for bad in ["", "a/b", "evil.com#", "x?y"] {
+            assert!(
+                Integration::microsoft("outlook", bad, "id").is_err(),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]
