@@ -1188,3 +1188,47 @@ async fn plaintext_tokens_are_imported_with_a_dry_run_first() {
     assert!(ImportSource::new(None, "x; drop table y").is_err());
     s.db.drop_schema().await;
 }
+
+#[tokio::test]
+async fn a_row_held_elsewhere_leaves_the_old_token_in_use_while_valid() {
+    let s = setup("keycloak").await;
+    let config = s.config().with_lock_timeout(Duration::from_millis(300));
+    let vault = TokenVault::new(&s.store, s.keys.clone(), config)
+        .await
+        .unwrap();
+    vault
+        .store(
+            "yul",
+            "mail",
+            Tokens::new("old-access".into())
+                .with_refresh_token("some-refresh".into())
+                .with_expires_in(Duration::from_secs(60)),
+        )
+        .await
+        .unwrap();
+    let hold = || async {
+        let mut tx = s.db.pool.begin().await.unwrap();
+        sqlx::query(&format!("SELECT 1 FROM {} FOR UPDATE", s.table()))
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        tx
+    };
+    // Another instance holds the row (stuck mid-refresh): the token is due
+    // but still valid, so it is used rather than an error.
+    let held = hold().await;
+    assert_eq!(
+        vault.get("yul", "mail").await.unwrap().secret(),
+        "old-access"
+    );
+    held.rollback().await.unwrap();
+
+    // Expired: the database's refusal, clearly.
+    s.expire_in("yul", -1).await;
+    let held = hold().await;
+    let err = vault.get("yul", "mail").await.unwrap_err();
+    assert!(matches!(err, VaultError::Store(_)), "{err}");
+    held.rollback().await.unwrap();
+    assert_eq!(s.refreshes().await, 0);
+    s.db.drop_schema().await;
+}

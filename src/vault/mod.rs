@@ -103,6 +103,7 @@ pub struct VaultConfig {
     http_timeout: Duration,
     max_token_bytes: usize,
     failure_backoff: Duration,
+    lock_timeout: Option<Duration>,
 }
 
 impl Default for VaultConfig {
@@ -123,6 +124,7 @@ impl VaultConfig {
             http_timeout: Duration::from_secs(10),
             max_token_bytes: 16 * 1024,
             failure_backoff: Duration::from_secs(10),
+            lock_timeout: None,
         }
     }
 
@@ -178,6 +180,15 @@ impl VaultConfig {
         self
     }
 
+    /// How long a refresh waits for the row while another instance or job
+    /// refreshes it (default: twice the HTTP timeout plus 5 s). After that
+    /// the still-valid old token is used, or the error returned.
+    #[must_use]
+    pub fn with_lock_timeout(mut self, wait: Duration) -> Self {
+        self.lock_timeout = Some(wait);
+        self
+    }
+
     /// The longest token accepted, in bytes (default 16 KiB).
     #[must_use]
     pub fn with_max_token_bytes(mut self, limit: usize) -> Self {
@@ -201,7 +212,7 @@ struct Inner {
     integrations: HashMap<String, Integration>,
     http: reqwest::Client,
     refresh_before: time::Duration,
-    http_timeout: Duration,
+    lock_timeout: Duration,
     max_token_bytes: usize,
     /// Refreshes waiting in this process queue here rather than each
     /// holding a pooled connection while waiting for the row lock.
@@ -270,7 +281,9 @@ impl TokenVault {
                 http,
                 refresh_before: time::Duration::try_from(config.refresh_before)
                     .unwrap_or(time::Duration::MAX),
-                http_timeout: config.http_timeout,
+                lock_timeout: config
+                    .lock_timeout
+                    .unwrap_or(config.http_timeout.saturating_mul(2) + Duration::from_secs(5)),
                 max_token_bytes: config.max_token_bytes,
                 local: Mutex::new(HashMap::new()),
                 failure_backoff: config.failure_backoff,
@@ -347,14 +360,23 @@ impl TokenVault {
             if !self.due(&row) {
                 return self.open_row(user, &integration, &row);
             }
-            let this = self.clone();
-            let user = user.to_owned();
-            detached(
-                async move { this.refresh_locked(&user, &integration).await }
+            let (this, owner, name) = (self.clone(), user.to_owned(), integration.clone());
+            let refreshed = detached(
+                async move { this.refresh_locked(&owner, &name).await }
                     .instrument(tracing::Span::current()),
             )
             .await
-            .unwrap_or(Err(VaultError::Interrupted))
+            .unwrap_or(Err(VaultError::Interrupted));
+            match refreshed {
+                // The database (a row held elsewhere, no connection) or the
+                // task failed, not the provider: the token read before is
+                // as good as ever while it is valid.
+                Err(e @ (VaultError::Store(_) | VaultError::Interrupted)) => {
+                    tracing::warn!(integration = %integration, error = %e, "token refresh could not run");
+                    still_valid(self.open_row(user, &integration, &row)?, e)
+                }
+                other => other,
+            }
         }
         .instrument(span)
         .await
@@ -558,7 +580,7 @@ impl TokenVault {
     /// refresh at the provider can take means the holder is stuck, so give
     /// up rather than pile up.
     fn lock_wait(&self) -> Duration {
-        self.inner.http_timeout.saturating_mul(2) + Duration::from_secs(5)
+        self.inner.lock_timeout
     }
 
     /// The error of a refresh of this (user, integration) that failed less
