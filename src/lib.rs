@@ -14,6 +14,8 @@ pub mod metrics;
 pub mod oidc;
 pub mod session;
 pub mod store;
+#[cfg(feature = "oidc")]
+pub mod vault;
 
 pub use crate::{
     error::ConfigError,

@@ -12,6 +12,8 @@
 //! | `tower_pg_session_refreshes_total` | | access-token refreshes at the provider |
 //! | `tower_pg_session_logouts_total` | `kind`: `local`, `backchannel` | logouts |
 //! | `tower_pg_session_failures_total` | `reason` | failures by reason (`store_unavailable`, `too_large`, `bad_cookie`, `corrupt_data`, `ended_concurrently`, `login_<kind>`, `refresh_<kind>`, `login_record_tampered`, `login_record_unsealed`, `backchannel_rejected`) |
+//! | `tower_pg_session_vault_refreshes_total` | `integration` | token-vault refreshes at the provider |
+//! | `tower_pg_session_vault_failures_total` | `integration`, `reason` | token-vault failures (`needs_reconsent`, `provider_unavailable`, `rejected`, `invalid_response`, `unreadable`, …) |
 
 pub(crate) fn load(found: bool) {
     let result = if found { "found" } else { "missing" };
@@ -52,4 +54,20 @@ pub(crate) fn logout(kind: &'static str) {
 
 pub(crate) fn failure(reason: impl Into<metrics::SharedString>) {
     metrics::counter!("tower_pg_session_failures_total", "reason" => reason.into()).increment(1);
+}
+
+#[cfg(feature = "oidc")]
+pub(crate) fn vault_refresh(integration: &str) {
+    metrics::counter!("tower_pg_session_vault_refreshes_total", "integration" => integration.to_owned())
+        .increment(1);
+}
+
+#[cfg(feature = "oidc")]
+pub(crate) fn vault_failure(integration: &str, reason: &'static str) {
+    metrics::counter!(
+        "tower_pg_session_vault_failures_total",
+        "integration" => integration.to_owned(),
+        "reason" => reason
+    )
+    .increment(1);
 }

@@ -8,6 +8,8 @@
 //! pg-session revoke --user alice      # or --all
 //! pg-session export --user alice      # JSON, no secrets
 //! pg-session --pooler transaction stats   # through PgBouncer in transaction mode
+//! TOKEN_KEYS=new,old pg-session keys   # stored tokens per key id (token vault)
+//! TOKEN_KEYS=new,old pg-session reseal # seal them all under the first key
 //! ```
 
 use std::{process::ExitCode, time::Duration};
@@ -16,7 +18,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use tower_pg_session::{
     store::{PgConnect, PruneOutcome},
-    PgStore, PgStoreConfig, Pooler, PruneConfig, StoreError,
+    PgStore, PgStoreConfig, Pooler, PruneConfig,
 };
 
 /// Administration of tower-pg-session's session table.
@@ -71,6 +73,30 @@ enum Command {
     Revoke(RevokeArgs),
     /// A user's session metadata as JSON (no ids, data or tokens).
     Export(UserArg),
+    /// How many tokens in the token vault each key id seals.
+    #[cfg(feature = "oidc")]
+    Keys(VaultArgs),
+    /// Seal every token in the token vault again under the first key of
+    /// TOKEN_KEYS, in batches, while the app runs; resumable.
+    #[cfg(feature = "oidc")]
+    Reseal {
+        #[command(flatten)]
+        vault: VaultArgs,
+        /// Rows per transaction.
+        #[arg(long, default_value_t = 500)]
+        batch: usize,
+    },
+}
+
+#[cfg(feature = "oidc")]
+#[derive(Args)]
+struct VaultArgs {
+    /// The token keys, comma-separated base64: the first seals, all open.
+    #[arg(long, env = "TOKEN_KEYS", hide_env_values = true)]
+    token_keys: String,
+    /// The token vault's table (in --schema).
+    #[arg(long, default_value = "oauth_tokens")]
+    vault_table: String,
 }
 
 #[derive(Args)]
@@ -104,7 +130,7 @@ async fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprint!("error: {e}");
-            let mut source = std::error::Error::source(&e);
+            let mut source = e.source();
             while let Some(s) = source {
                 eprint!(": {s}");
                 source = s.source();
@@ -115,7 +141,7 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> Result<(), StoreError> {
+async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     let pooler = match cli.pooler {
         PoolerArg::Direct => Pooler::Direct,
         PoolerArg::Transaction => Pooler::Transaction,
@@ -210,6 +236,89 @@ async fn run(cli: Cli) -> Result<(), StoreError> {
                 serde_json::to_string_pretty(&json).unwrap_or_default()
             );
         }
+        #[cfg(feature = "oidc")]
+        Command::Keys(v) => vault::keys(&store, cli.schema.as_deref(), &v).await?,
+        #[cfg(feature = "oidc")]
+        Command::Reseal { vault: v, batch } => {
+            vault::reseal(&store, cli.schema.as_deref(), &v, batch).await?;
+        }
     }
     Ok(())
+}
+
+#[cfg(feature = "oidc")]
+mod vault {
+    use indicatif::{ProgressBar, ProgressStyle};
+    use tower_pg_session::{
+        crypto::Keyring,
+        vault::{TokenVault, VaultConfig},
+        PgStore,
+    };
+
+    use super::VaultArgs;
+
+    async fn open(
+        store: &PgStore,
+        schema: Option<&str>,
+        args: &VaultArgs,
+    ) -> Result<(TokenVault, Keyring), Box<dyn std::error::Error>> {
+        let keys = Keyring::from_base64_list(&args.token_keys)?;
+        let mut config = VaultConfig::new().with_table_name(&args.vault_table)?;
+        if let Some(schema) = schema {
+            config = config.with_schema_name(schema)?;
+        }
+        Ok((TokenVault::new(store, keys.clone(), config).await?, keys))
+    }
+
+    /// One line per key id: how many tokens it seals, and whether the
+    /// keyring seals with it, still opens with it, or no longer has it.
+    pub(super) async fn keys(
+        store: &PgStore,
+        schema: Option<&str>,
+        args: &VaultArgs,
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let (vault, keys) = open(store, schema, args).await?;
+        let current = keys.current_key_id().to_string();
+        let known: Vec<String> = keys.key_ids().map(|k| k.to_string()).collect();
+        println!("{:<10} {:>10}  status", "key id", "tokens");
+        let usage = vault.key_usage().await?;
+        for u in &usage {
+            let status = if u.key_id == current {
+                "seals (first key)"
+            } else if known.contains(&u.key_id) {
+                "opens only: run `pg-session reseal`"
+            } else {
+                "NOT in TOKEN_KEYS: these tokens do not open"
+            };
+            println!("{:<10} {:>10}  {status}", u.key_id, u.values);
+        }
+        for id in known
+            .iter()
+            .filter(|k| !usage.iter().any(|u| &u.key_id == *k))
+        {
+            println!("{id:<10} {:>10}  unused: can be removed from TOKEN_KEYS", 0);
+        }
+        Ok(())
+    }
+
+    pub(super) async fn reseal(
+        store: &PgStore,
+        schema: Option<&str>,
+        args: &VaultArgs,
+        batch: usize,
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let (vault, _) = open(store, schema, args).await?;
+        let bar = ProgressBar::new_spinner();
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} {pos} rows sealed again ({elapsed})")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        );
+        let outcome = vault.reseal_with(batch, |n| bar.inc(n)).await?;
+        bar.finish_and_clear();
+        println!(
+            "sealed {} rows under the first key; {} rows did not open and were left as they were",
+            outcome.resealed, outcome.unreadable
+        );
+        Ok(())
+    }
 }

@@ -38,7 +38,7 @@ mod batch;
 mod connect;
 mod pooler;
 mod prune;
-mod schema;
+pub(crate) mod schema;
 #[cfg(feature = "tower-sessions")]
 mod tower_sessions;
 

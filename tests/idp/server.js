@@ -145,7 +145,7 @@ const failed = { authorization_code: 0, refresh_token: 0 };
 // Accounts the provider names differently from now on: tokens issued for
 // their existing grants (refreshes) carry the new subject.
 const renamed = new Map();
-const resetStats = () => { for (const o of [stats, failed]) for (const k of Object.keys(o)) o[k] = 0; };
+const resetStats = () => { for (const o of [stats, failed]) for (const k of Object.keys(o)) o[k] = 0; tokenFault = null; };
 
 // ---------------------------------------------------------------- provider
 const cookieKeys = [crypto.randomBytes(32).toString('base64url')];
@@ -442,6 +442,31 @@ async function testSign(req, res) {
 // out even when its client has gone. 0 turns it off.
 let delayMs = 0;
 let readFirst = false;
+// POST /__test/token-fault {"mode", "count"?, "size"?}: the next `count`
+// (default 1) token-endpoint requests get, instead of the provider's answer:
+//   "unavailable" -> 503 with an HTML body (a provider that is down),
+//   "malformed"   -> 200 with a body that is not JSON,
+//   "oversized"   -> 200 with a well-formed response whose access_token is
+//                    `size` bytes long,
+//   "slow"        -> the provider's own answer, `size` milliseconds late.
+// Each is counted in stats.faults; the request never reaches the provider.
+const TOKEN_FAULTS = ['unavailable', 'malformed', 'oversized', 'slow'];
+let tokenFault = null;
+async function injectTokenFault(req, res) {
+  await readBody(req).catch(() => '');
+  tokenFault.count -= 1;
+  stats.faults = (stats.faults || 0) + 1;
+  const { mode, size } = tokenFault;
+  if (mode === 'unavailable') {
+    res.writeHead(503, { 'content-type': 'text/html' });
+    return res.end('<html><body>upstream unavailable</body></html>');
+  }
+  if (mode === 'malformed') {
+    res.writeHead(200, { 'content-type': 'application/json' });
+    return res.end('{"access_token": "abc", "token_type": "Bearer", ');
+  }
+  return json(res, 200, { access_token: 'a'.repeat(size), token_type: 'Bearer', expires_in: 3600 });
+}
 
 async function handle(req, res) {
   const url = new URL(req.url, 'http://127.0.0.1');
@@ -459,6 +484,12 @@ async function handle(req, res) {
     if (form) req.body = Object.fromEntries(new URLSearchParams(await readBody(req)));
     await new Promise((r) => setTimeout(r, delayMs));
   }
+  if (p === `${PREFIX}${ROUTES.token}` && req.method === 'POST' && tokenFault?.count > 0) {
+    if (tokenFault.mode !== 'slow') return injectTokenFault(req, res);
+    tokenFault.count -= 1;
+    stats.faults = (stats.faults || 0) + 1;
+    await new Promise((r) => { setTimeout(r, tokenFault.size); });
+  }
   const m = p.startsWith(PREFIX) && /^\/interaction\/([\w-]+)(\/abort)?$/.exec(p.slice(PREFIX.length));
   if (m && (req.method === 'GET' || (req.method === 'POST' && !m[2]))) return interaction(req, res, m[1], !!m[2]);
   if (p === PREFIX || p.startsWith(`${PREFIX}/`)) {
@@ -468,6 +499,12 @@ async function handle(req, res) {
     const rest = req.url.slice(PREFIX.length);
     req.url = rest.startsWith('/') ? rest : `/${rest}`;
     return callback(req, res);
+  }
+  if (p === '/__test/token-fault' && req.method === 'POST') {
+    const { mode, count = 1, size = 0 } = JSON.parse(await readBody(req));
+    if (!TOKEN_FAULTS.includes(mode)) return json(res, 400, { error: 'invalid_request', error_description: `mode must be one of ${TOKEN_FAULTS.join(', ')}` });
+    tokenFault = { mode, count, size };
+    return json(res, 200, tokenFault);
   }
   if (p === '/__test/stats' && req.method === 'GET') return json(res, 200, { ...stats, failed });
   if (p === '/__test/stats/reset' && req.method === 'POST') { resetStats(); return json(res, 200, stats); }

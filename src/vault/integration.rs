@@ -1,0 +1,566 @@
+//! [`Integration`]: one OAuth 2.0 provider the vault refreshes tokens at,
+//! and the refresh request itself (RFC 6749 §6).
+//!
+//! The request is written out here rather than through `openidconnect`'s
+//! client: the vault must bound the response body before parsing it, tell
+//! `invalid_grant` from every other failure, and accept the variations real
+//! providers send (`expires_in` as a string, no `token_type`, no new
+//! refresh token).
+
+use std::{fmt, time::Duration};
+
+use openidconnect::{reqwest, url::Url};
+use serde::Deserialize;
+use serde_json::Value;
+use time::OffsetDateTime;
+
+use super::{check_token, error::VaultError, Tokens};
+use crate::log_safe::untrusted;
+
+/// A token response larger than this is refused unread.
+const MAX_RESPONSE_BYTES: usize = 256 * 1024;
+
+/// How the client authenticates at the token endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum ClientAuth {
+    /// HTTP Basic with the form-encoded id and secret (`client_secret_basic`).
+    #[default]
+    Basic,
+    /// `client_id` and `client_secret` in the form body (`client_secret_post`).
+    Post,
+}
+
+/// One provider tokens are kept for: its name in the vault, its token
+/// endpoint and the client's credentials there.
+///
+/// `Debug` never shows the client secret.
+///
+/// ```
+/// use tower_pg_session::vault::{ClientAuth, Integration};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let mail = Integration::new("mail", "https://oauth2.googleapis.com/token", "my-client-id")?
+///     .with_client_secret("my-client-secret")
+///     .with_client_auth(ClientAuth::Post);
+/// assert_eq!(mail.name(), "mail");
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Integration {
+    name: String,
+    token_endpoint: Url,
+    client_id: String,
+    client_secret: Option<String>,
+    auth: ClientAuth,
+    revocation_endpoint: Option<Url>,
+}
+
+impl fmt::Debug for Integration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Integration")
+            .field("name", &self.name)
+            .field("token_endpoint", &self.token_endpoint.as_str())
+            .field("client_id", &self.client_id)
+            .field(
+                "client_secret",
+                &self.client_secret.as_ref().map(|_| "[redacted]"),
+            )
+            .field("auth", &self.auth)
+            .field(
+                "revocation_endpoint",
+                &self.revocation_endpoint.as_ref().map(Url::as_str),
+            )
+            .finish()
+    }
+}
+
+impl Integration {
+    /// An integration named `name` (1 to 64 characters of `[A-Za-z0-9._-]`)
+    /// whose token endpoint is `token_endpoint` (`https`, or `http` on a
+    /// loopback address), for the client `client_id`.
+    ///
+    /// # Errors
+    /// [`VaultError::InvalidInput`] for a bad name, URL or client id.
+    pub fn new(name: &str, token_endpoint: &str, client_id: &str) -> Result<Self, VaultError> {
+        check_name(name)?;
+        let token_endpoint = parse_endpoint(token_endpoint)?;
+        if client_id.is_empty() {
+            return Err(VaultError::InvalidInput {
+                what: "client id",
+                reason: "empty",
+            });
+        }
+        Ok(Self {
+            name: name.to_owned(),
+            token_endpoint,
+            client_id: client_id.to_owned(),
+            client_secret: None,
+            auth: ClientAuth::default(),
+            revocation_endpoint: None,
+        })
+    }
+
+    /// Google's token and revocation endpoints, with the secret sent in the
+    /// form body as Google documents. (Google sends a refresh token only for
+    /// `access_type=offline`, and no new one on refresh: the vault keeps the
+    /// first.)
+    ///
+    /// # Errors
+    /// [`VaultError::InvalidInput`] for a bad name or client id.
+    pub fn google(name: &str, client_id: &str) -> Result<Self, VaultError> {
+        Self::new(name, "https://oauth2.googleapis.com/token", client_id)?
+            .with_client_auth(ClientAuth::Post)
+            .with_revocation_endpoint("https://oauth2.googleapis.com/revoke")
+    }
+
+    /// The Microsoft identity platform's v2.0 token endpoint for `tenant`
+    /// (a tenant id or domain, or `common`, `organizations`, `consumers`),
+    /// with the secret in the form body. It has no revocation endpoint.
+    ///
+    /// # Errors
+    /// [`VaultError::InvalidInput`] for a bad name, tenant or client id.
+    pub fn microsoft(name: &str, tenant: &str, client_id: &str) -> Result<Self, VaultError> {
+        let tenant_ok = !tenant.is_empty()
+            && tenant.len() <= 253
+            && tenant
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-'));
+        if !tenant_ok {
+            return Err(VaultError::InvalidInput {
+                what: "tenant",
+                reason: "only ASCII letters, digits, '.' and '-' are allowed",
+            });
+        }
+        let endpoint = format!("https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token");
+        Ok(Self::new(name, &endpoint, client_id)?.with_client_auth(ClientAuth::Post))
+    }
+
+    /// An integration whose provider publishes OpenID Connect discovery
+    /// metadata at `{issuer}/.well-known/openid-configuration`: its token
+    /// endpoint and, when listed, its revocation endpoint come from there.
+    ///
+    /// # Errors
+    /// [`VaultError::ProviderUnavailable`] when the document cannot be
+    /// fetched, [`VaultError::InvalidTokenResponse`] when it is unusable
+    /// (another issuer, no token endpoint), [`VaultError::InvalidInput`] as
+    /// for [`new`](Self::new).
+    pub async fn discover(name: &str, issuer: &str, client_id: &str) -> Result<Self, VaultError> {
+        check_name(name)?;
+        let issuer = issuer.trim_end_matches('/');
+        let url = parse_endpoint(&format!("{issuer}/.well-known/openid-configuration"))?;
+        let failed = |detail: String| VaultError::ProviderUnavailable {
+            integration: name.to_owned(),
+            detail: untrusted(detail).to_string(),
+        };
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|e| failed(e.to_string()))?;
+        let response = http
+            .get(url)
+            .send()
+            .await
+            .map_err(|e| failed(format!("discovery failed: {}", error_chain(&e))))?;
+        if !response.status().is_success() {
+            return Err(failed(format!(
+                "discovery answered HTTP {}",
+                response.status()
+            )));
+        }
+        let body = read_bounded(response).await.map_err(failed)?;
+        let unusable = |detail: String| VaultError::InvalidTokenResponse {
+            integration: name.to_owned(),
+            detail: untrusted(detail).to_string(),
+        };
+        let metadata: Discovery = serde_json::from_slice(&body)
+            .map_err(|e| unusable(format!("discovery document: {e}")))?;
+        if metadata.issuer.trim_end_matches('/') != issuer {
+            return Err(unusable(format!(
+                "discovery names issuer {:?}",
+                metadata.issuer
+            )));
+        }
+        let mut integration = Self::new(name, &metadata.token_endpoint, client_id)?;
+        if let Some(revocation) = metadata.revocation_endpoint {
+            integration = integration.with_revocation_endpoint(&revocation)?;
+        }
+        Ok(integration)
+    }
+
+    /// The client secret (none by default: a public client).
+    #[must_use]
+    pub fn with_client_secret(mut self, secret: &str) -> Self {
+        self.client_secret = Some(secret.to_owned());
+        self
+    }
+
+    /// How the secret is sent (default [`ClientAuth::Basic`]).
+    #[must_use]
+    pub fn with_client_auth(mut self, auth: ClientAuth) -> Self {
+        self.auth = auth;
+        self
+    }
+
+    /// The provider's token revocation endpoint (RFC 7009): removing a
+    /// connection then revokes its refresh token there (none by default).
+    ///
+    /// # Errors
+    /// [`VaultError::InvalidInput`] for a URL that is not `https` (or `http`
+    /// on a loopback address).
+    pub fn with_revocation_endpoint(mut self, url: &str) -> Result<Self, VaultError> {
+        self.revocation_endpoint = Some(parse_endpoint(url)?);
+        Ok(self)
+    }
+
+    /// The integration's name in the vault.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The token endpoint.
+    pub fn token_endpoint(&self) -> &str {
+        self.token_endpoint.as_str()
+    }
+
+    /// Uses `refresh_token` at the token endpoint. A response without a
+    /// refresh token keeps `refresh_token` (providers that do not rotate).
+    pub(crate) async fn refresh(
+        &self,
+        http: &reqwest::Client,
+        refresh_token: &str,
+        max_token: usize,
+    ) -> Result<Tokens, VaultError> {
+        let mut form = vec![
+            ("grant_type", "refresh_token"),
+            ("refresh_token", refresh_token),
+        ];
+        let request = self.authenticated(http.post(self.token_endpoint.clone()), &mut form);
+        let body = openidconnect::url::form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(form)
+            .finish();
+        let response = request
+            .header("content-type", "application/x-www-form-urlencoded")
+            .header("accept", "application/json")
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| self.unavailable(error_chain(&e)))?;
+        let status = response.status();
+        let body = read_bounded(response)
+            .await
+            .map_err(|detail| self.classify_read_error(status, detail))?;
+        if status.is_success() {
+            self.parse_success(&body, refresh_token, max_token)
+        } else {
+            Err(self.parse_failure(status, &body))
+        }
+    }
+
+    /// Revokes `refresh_token` where the provider has an endpoint for it;
+    /// best effort: a failure is logged, the connection is gone either way.
+    pub(crate) async fn revoke(&self, http: &reqwest::Client, refresh_token: &str) {
+        let Some(url) = &self.revocation_endpoint else {
+            return;
+        };
+        let mut form = vec![
+            ("token", refresh_token),
+            ("token_type_hint", "refresh_token"),
+        ];
+        let request = self.authenticated(http.post(url.clone()), &mut form);
+        let body = openidconnect::url::form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(form)
+            .finish();
+        let sent = request
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body)
+            .send()
+            .await;
+        match sent {
+            Ok(r) if r.status().is_success() => {
+                tracing::debug!(integration = %self.name, "refresh token revoked");
+            }
+            Ok(r) => tracing::warn!(
+                integration = %self.name,
+                status = %r.status(),
+                "refresh token revocation refused"
+            ),
+            Err(e) => tracing::warn!(
+                integration = %self.name,
+                error = %untrusted(error_chain(&e)),
+                "refresh token revocation failed"
+            ),
+        }
+    }
+
+    /// Adds the client's credentials as configured.
+    fn authenticated<'a>(
+        &'a self,
+        request: reqwest::RequestBuilder,
+        form: &mut Vec<(&'static str, &'a str)>,
+    ) -> reqwest::RequestBuilder {
+        match (&self.client_secret, self.auth) {
+            (Some(secret), ClientAuth::Basic) => {
+                request.basic_auth(urlencode(&self.client_id), Some(urlencode(secret)))
+            }
+            (Some(secret), ClientAuth::Post) => {
+                form.push(("client_id", &self.client_id));
+                form.push(("client_secret", secret));
+                request
+            }
+            (None, _) => {
+                form.push(("client_id", &self.client_id));
+                request
+            }
+        }
+    }
+
+    fn classify_read_error(&self, status: reqwest::StatusCode, detail: String) -> VaultError {
+        if status.is_server_error() {
+            self.unavailable(format!("HTTP {status}"))
+        } else {
+            self.invalid(detail)
+        }
+    }
+
+    fn parse_success(
+        &self,
+        body: &[u8],
+        old_refresh: &str,
+        max_token: usize,
+    ) -> Result<Tokens, VaultError> {
+        let parsed: TokenResponse = serde_json::from_slice(body)
+            .map_err(|e| self.invalid(format!("not a token response: {e}")))?;
+        if parsed.access_token.is_empty() {
+            return Err(self.invalid("empty access_token".to_owned()));
+        }
+        if let Some(t) = &parsed.token_type {
+            if !t.eq_ignore_ascii_case("bearer") && !t.eq_ignore_ascii_case("dpop") {
+                return Err(self.invalid(format!(
+                    "unsupported token_type {}",
+                    untrusted(format!("{t:?}"))
+                )));
+            }
+        }
+        let expires_in = match &parsed.expires_in {
+            None | Some(Value::Null) => None,
+            Some(Value::Number(n)) => Some(n.as_u64()),
+            Some(Value::String(s)) => Some(s.trim().parse::<u64>().ok()),
+            Some(_) => Some(None),
+        };
+        let expires_in = match expires_in {
+            Some(None) => {
+                return Err(self.invalid("expires_in is not a number of seconds".to_owned()))
+            }
+            Some(Some(secs)) => Some(secs),
+            None => None,
+        };
+        check_token(&parsed.access_token, max_token).map_err(|e| self.invalid(e.to_string()))?;
+        let refresh = parsed
+            .refresh_token
+            .filter(|t| !t.is_empty())
+            .unwrap_or_else(|| old_refresh.to_owned());
+        check_token(&refresh, max_token).map_err(|e| self.invalid(e.to_string()))?;
+        let mut tokens = Tokens::new(parsed.access_token).with_refresh_token(refresh);
+        if let Some(secs) = expires_in {
+            tokens = tokens.with_expires_at(expires_at(secs));
+        }
+        if let Some(scope) = parsed.scope {
+            tokens = tokens.with_scopes(scope.split_whitespace());
+        }
+        if let Some(t) = parsed.token_type {
+            tokens = tokens.with_token_type(&t);
+        }
+        Ok(tokens)
+    }
+
+    fn parse_failure(&self, status: reqwest::StatusCode, body: &[u8]) -> VaultError {
+        let error = serde_json::from_slice::<ErrorResponse>(body)
+            .ok()
+            .map(|e| e.error);
+        match error.as_deref() {
+            Some("invalid_grant") => VaultError::NeedsReconsent {
+                integration: self.name.clone(),
+            },
+            Some(code) if !status.is_server_error() => VaultError::TokenRequestRejected {
+                integration: self.name.clone(),
+                error: untrusted(code).to_string(),
+            },
+            _ if status.is_server_error() || status.as_u16() == 429 => {
+                self.unavailable(format!("HTTP {status}"))
+            }
+            _ => self.invalid(format!("HTTP {status} without an OAuth error")),
+        }
+    }
+
+    fn unavailable(&self, detail: String) -> VaultError {
+        VaultError::ProviderUnavailable {
+            integration: self.name.clone(),
+            detail: untrusted(detail).to_string(),
+        }
+    }
+
+    fn invalid(&self, detail: String) -> VaultError {
+        VaultError::InvalidTokenResponse {
+            integration: self.name.clone(),
+            detail: untrusted(detail).to_string(),
+        }
+    }
+}
+
+/// RFC 6749 §5.1, with the fields real providers vary on kept loose.
+#[derive(Deserialize)]
+struct TokenResponse {
+    access_token: String,
+    #[serde(default)]
+    token_type: Option<String>,
+    #[serde(default)]
+    expires_in: Option<Value>,
+    #[serde(default)]
+    refresh_token: Option<String>,
+    #[serde(default)]
+    scope: Option<String>,
+}
+
+/// The discovery fields the vault uses.
+#[derive(Deserialize)]
+struct Discovery {
+    issuer: String,
+    token_endpoint: String,
+    #[serde(default)]
+    revocation_endpoint: Option<String>,
+}
+
+/// RFC 6749 §5.2.
+#[derive(Deserialize)]
+struct ErrorResponse {
+    error: String,
+}
+
+/// Reads at most [`MAX_RESPONSE_BYTES`] of the body.
+async fn read_bounded(mut response: reqwest::Response) -> Result<Vec<u8>, String> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| format!("reading the response failed: {e}"))?
+    {
+        if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
+            return Err(format!(
+                "the response is over the limit of {MAX_RESPONSE_BYTES} bytes"
+            ));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// Now plus `secs`, saturating at the largest instant `time` represents.
+fn expires_at(secs: u64) -> OffsetDateTime {
+    let secs = i64::try_from(secs).unwrap_or(i64::MAX);
+    OffsetDateTime::now_utc()
+        .checked_add(time::Duration::seconds(secs))
+        .unwrap_or_else(|| {
+            // Far enough that a refresh is never due; representable everywhere.
+            OffsetDateTime::now_utc() + Duration::from_secs(100 * 365 * 24 * 3600)
+        })
+}
+
+fn parse_endpoint(url: &str) -> Result<Url, VaultError> {
+    let bad = |reason| VaultError::InvalidInput {
+        what: "token endpoint",
+        reason,
+    };
+    let url = Url::parse(url).map_err(|_| bad("not a URL"))?;
+    let loopback = matches!(url.host_str(), Some("127.0.0.1" | "localhost" | "[::1]"));
+    match url.scheme() {
+        "https" => Ok(url),
+        "http" if loopback => Ok(url),
+        _ => Err(bad("must be https (or http on a loopback address)")),
+    }
+}
+
+/// Integration names appear in SQL parameters, AAD, metrics labels and log
+/// lines: a small alphabet keeps all of them unambiguous.
+pub(crate) fn check_name(name: &str) -> Result<(), VaultError> {
+    let bad = |reason| VaultError::InvalidInput {
+        what: "integration name",
+        reason,
+    };
+    if name.is_empty() || name.len() > 64 {
+        return Err(bad("must be 1 to 64 characters"));
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        return Err(bad(
+            "only ASCII letters, digits, '.', '_' and '-' are allowed",
+        ));
+    }
+    Ok(())
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cur = c.source();
+    }
+    out
+}
+
+fn urlencode(s: &str) -> String {
+    openidconnect::url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_endpoints() {
+        assert!(check_name("mail").is_ok());
+        assert!(check_name("google.drive-2_x").is_ok());
+        for bad in ["", "a b", "x\n", "é", &"a".repeat(65)] {
+            assert!(check_name(bad).is_err(), "{bad:?}");
+        }
+        assert!(parse_endpoint("https://example.com/token").is_ok());
+        assert!(parse_endpoint("http://127.0.0.1:8080/token").is_ok());
+        assert!(parse_endpoint("http://example.com/token").is_err());
+        assert!(parse_endpoint("nope").is_err());
+    }
+
+    #[test]
+    fn presets() {
+        let google = Integration::google("mail", "id").expect("valid");
+        assert_eq!(
+            google.token_endpoint(),
+            "https://oauth2.googleapis.com/token"
+        );
+        assert_eq!(google.auth, ClientAuth::Post);
+        assert!(google.revocation_endpoint.is_some());
+        let ms = Integration::microsoft("outlook", "contoso.onmicrosoft.com", "id").expect("valid");
+        assert_eq!(
+            ms.token_endpoint(),
+            "https://login.microsoftonline.com/contoso.onmicrosoft.com/oauth2/v2.0/token"
+        );
+        for bad in ["", "a/b", "evil.com#", "x?y"] {
+            assert!(
+                Integration::microsoft("outlook", bad, "id").is_err(),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn secret_is_not_in_debug() {
+        let i = Integration::new("mail", "https://example.com/token", "id")
+            .expect("valid")
+            .with_client_secret("s3cr3t-value");
+        assert!(!format!("{i:?}").contains("s3cr3t"));
+    }
+}

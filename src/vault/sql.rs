@@ -1,0 +1,348 @@
+//! Every statement the vault runs, next to the values it binds.
+
+use sqlx::{postgres::PgRow, PgConnection, PgPool, Row};
+use time::OffsetDateTime;
+
+use super::tokens::Connection;
+
+/// A row as read, tokens still sealed.
+#[derive(Clone)]
+pub(crate) struct Sealed {
+    pub(crate) access_token: String,
+    pub(crate) refresh_token: Option<String>,
+    pub(crate) expires_at: Option<OffsetDateTime>,
+    pub(crate) scopes: Vec<String>,
+    pub(crate) token_type: String,
+    pub(crate) needs_reconsent: bool,
+}
+
+const SEALED_COLUMNS: &str =
+    "access_token, refresh_token, expires_at, scopes, token_type, needs_reconsent_at IS NOT NULL";
+
+fn sealed(row: &PgRow) -> Result<Sealed, sqlx::Error> {
+    Ok(Sealed {
+        access_token: row.try_get(0)?,
+        refresh_token: row.try_get(1)?,
+        expires_at: row.try_get(2)?,
+        scopes: row.try_get(3)?,
+        token_type: row.try_get(4)?,
+        needs_reconsent: row.try_get(5)?,
+    })
+}
+
+/// The values of a write, sealed.
+pub(crate) struct Write<'a> {
+    pub(crate) access_token: &'a str,
+    pub(crate) refresh_token: Option<&'a str>,
+    pub(crate) expires_at: Option<OffsetDateTime>,
+    pub(crate) scopes: &'a [String],
+    pub(crate) token_type: &'a str,
+}
+
+#[derive(Debug)]
+pub(crate) struct Sql {
+    table: String,
+}
+
+impl Sql {
+    pub(crate) fn new(table: String) -> Self {
+        Self { table }
+    }
+
+    /// Reads the row, and notes the use when the last note is over a minute
+    /// old, skipping a row that a refresh holds locked so that reads never
+    /// queue behind a provider's answer.
+    pub(crate) async fn read(
+        &self,
+        pool: &PgPool,
+        user: &str,
+        integration: &str,
+    ) -> Result<Option<Sealed>, sqlx::Error> {
+        let t = &self.table;
+        let row = sqlx::query(&format!(
+            "WITH used AS (UPDATE {t} SET last_used_at = now() \
+               WHERE ctid = (SELECT ctid FROM {t} WHERE user_id = $1 AND integration = $2 \
+                 AND (last_used_at IS NULL OR last_used_at < now() - interval '60 seconds') \
+                 FOR UPDATE SKIP LOCKED)) \
+             SELECT {SEALED_COLUMNS} FROM {t} WHERE user_id = $1 AND integration = $2"
+        ))
+        .bind(user)
+        .bind(integration)
+        .fetch_optional(pool)
+        .await?;
+        row.as_ref().map(sealed).transpose()
+    }
+
+    /// Reads the row under a lock held until the transaction ends.
+    pub(crate) async fn lock(
+        &self,
+        conn: &mut PgConnection,
+        user: &str,
+        integration: &str,
+    ) -> Result<Option<Sealed>, sqlx::Error> {
+        let t = &self.table;
+        let row = sqlx::query(&format!(
+            "SELECT {SEALED_COLUMNS} FROM {t} WHERE user_id = $1 AND integration = $2 FOR UPDATE"
+        ))
+        .bind(user)
+        .bind(integration)
+        .fetch_optional(conn)
+        .await?;
+        row.as_ref().map(sealed).transpose()
+    }
+
+    /// Inserts or replaces the tokens; a new connection clears the
+    /// re-consent mark.
+    pub(crate) async fn upsert(
+        &self,
+        pool: &PgPool,
+        user: &str,
+        integration: &str,
+        w: &Write<'_>,
+    ) -> Result<(), sqlx::Error> {
+        let t = &self.table;
+        sqlx::query(&format!(
+            "INSERT INTO {t} (user_id, integration, access_token, refresh_token, expires_at, \
+               scopes, token_type) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+             ON CONFLICT (user_id, integration) DO UPDATE SET \
+               access_token = EXCLUDED.access_token, refresh_token = EXCLUDED.refresh_token, \
+               expires_at = EXCLUDED.expires_at, scopes = EXCLUDED.scopes, \
+               token_type = EXCLUDED.token_type, needs_reconsent_at = NULL, updated_at = now()"
+        ))
+        .bind(user)
+        .bind(integration)
+        .bind(w.access_token)
+        .bind(w.refresh_token)
+        .bind(w.expires_at)
+        .bind(w.scopes)
+        .bind(w.token_type)
+        .execute(pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Writes refreshed tokens into the locked row.
+    pub(crate) async fn refreshed(
+        &self,
+        conn: &mut PgConnection,
+        user: &str,
+        integration: &str,
+        w: &Write<'_>,
+    ) -> Result<(), sqlx::Error> {
+        let t = &self.table;
+        sqlx::query(&format!(
+            "UPDATE {t} SET access_token = $3, refresh_token = $4, expires_at = $5, \
+               scopes = CASE WHEN cardinality($6::text[]) > 0 THEN $6 ELSE scopes END, \
+               token_type = $7, updated_at = now(), last_refreshed_at = now(), \
+               last_used_at = now() \
+             WHERE user_id = $1 AND integration = $2"
+        ))
+        .bind(user)
+        .bind(integration)
+        .bind(w.access_token)
+        .bind(w.refresh_token)
+        .bind(w.expires_at)
+        .bind(w.scopes)
+        .bind(w.token_type)
+        .execute(conn)
+        .await?;
+        Ok(())
+    }
+
+    /// Marks the locked row as needing the user's consent again.
+    pub(crate) async fn needs_reconsent(
+        &self,
+        conn: &mut PgConnection,
+        user: &str,
+        integration: &str,
+    ) -> Result<(), sqlx::Error> {
+        let t = &self.table;
+        sqlx::query(&format!(
+            "UPDATE {t} SET needs_reconsent_at = now(), updated_at = now() \
+             WHERE user_id = $1 AND integration = $2"
+        ))
+        .bind(user)
+        .bind(integration)
+        .execute(conn)
+        .await?;
+        Ok(())
+    }
+
+    /// Deletes the row; returns its sealed refresh token (if any) when
+    /// there was one.
+    pub(crate) async fn remove(
+        &self,
+        pool: &PgPool,
+        user: &str,
+        integration: &str,
+    ) -> Result<Option<Option<String>>, sqlx::Error> {
+        let t = &self.table;
+        sqlx::query_scalar(&format!(
+            "DELETE FROM {t} WHERE user_id = $1 AND integration = $2 RETURNING refresh_token"
+        ))
+        .bind(user)
+        .bind(integration)
+        .fetch_optional(pool)
+        .await
+    }
+
+    /// Deletes every row of `user`; returns each integration and its sealed
+    /// refresh token.
+    pub(crate) async fn remove_all(
+        &self,
+        pool: &PgPool,
+        user: &str,
+    ) -> Result<Vec<(String, Option<String>)>, sqlx::Error> {
+        let t = &self.table;
+        sqlx::query_as(&format!(
+            "DELETE FROM {t} WHERE user_id = $1 RETURNING integration, refresh_token"
+        ))
+        .bind(user)
+        .fetch_all(pool)
+        .await
+    }
+
+    /// Metadata of every connection of `user`; the token columns are not read.
+    pub(crate) async fn list(
+        &self,
+        pool: &PgPool,
+        user: &str,
+    ) -> Result<Vec<Connection>, sqlx::Error> {
+        let t = &self.table;
+        let rows = sqlx::query(&format!(
+            "SELECT integration, expires_at, scopes, token_type, refresh_token IS NOT NULL, \
+               needs_reconsent_at IS NOT NULL, created_at, updated_at, last_used_at, \
+               last_refreshed_at \
+             FROM {t} WHERE user_id = $1 ORDER BY integration"
+        ))
+        .bind(user)
+        .fetch_all(pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Connection {
+                    integration: r.try_get(0)?,
+                    expires_at: r.try_get(1)?,
+                    scopes: r.try_get(2)?,
+                    token_type: r.try_get(3)?,
+                    refreshable: r.try_get(4)?,
+                    needs_reconsent: r.try_get(5)?,
+                    created_at: r.try_get(6)?,
+                    updated_at: r.try_get(7)?,
+                    last_used_at: r.try_get(8)?,
+                    last_refreshed_at: r.try_get(9)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Bounds how long a refresh waits for another one's row lock.
+    pub(crate) async fn lock_timeout(
+        &self,
+        conn: &mut PgConnection,
+        wait: std::time::Duration,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query("SELECT set_config('lock_timeout', $1, true)")
+            .bind(format!("{}ms", wait.as_millis().max(1)))
+            .execute(conn)
+            .await?;
+        Ok(())
+    }
+}
+
+/// The key id (hex) a sealed column was sealed under, read from the
+/// envelope's header in SQL: its first 8 base64url characters decode to the
+/// version byte, the 4-byte key id and a nonce byte.
+fn key_id_of(column: &str) -> String {
+    format!(
+        "CASE WHEN {column} ~ '^[A-Za-z0-9_-]{{8}}' THEN encode(substring(decode(\
+           translate(left({column}, 8), '-_', '+/'), 'base64') FROM 2 FOR 4), 'hex') \
+         ELSE 'malformed' END"
+    )
+}
+
+/// A row to seal again, as read under its lock.
+pub(crate) struct ToReseal {
+    pub(crate) user: String,
+    pub(crate) integration: String,
+    pub(crate) access_token: String,
+    pub(crate) refresh_token: Option<String>,
+}
+
+impl Sql {
+    /// How many sealed values each key id seals.
+    pub(crate) async fn key_usage(&self, pool: &PgPool) -> Result<Vec<(String, i64)>, sqlx::Error> {
+        let t = &self.table;
+        let (a, r) = (key_id_of("access_token"), key_id_of("refresh_token"));
+        sqlx::query_as(&format!(
+            "SELECT k, count(*) FROM (\
+               SELECT {a} AS k FROM {t} \
+               UNION ALL SELECT {r} FROM {t} WHERE refresh_token IS NOT NULL) s \
+             GROUP BY k ORDER BY k"
+        ))
+        .fetch_all(pool)
+        .await
+    }
+
+    /// Locks the next `limit` rows after `after` that hold a value sealed
+    /// under another key than `current`, in key order (a refresh locks one
+    /// row, so the two never deadlock), waiting for a refresh that holds one.
+    pub(crate) async fn lock_stale(
+        &self,
+        conn: &mut PgConnection,
+        current: &str,
+        after: Option<&(String, String)>,
+        limit: i64,
+    ) -> Result<Vec<ToReseal>, sqlx::Error> {
+        let t = &self.table;
+        let (a, r) = (key_id_of("access_token"), key_id_of("refresh_token"));
+        let (u, i) = after.cloned().unwrap_or_default();
+        let rows = sqlx::query(&format!(
+            "SELECT user_id, integration, access_token, refresh_token FROM {t} \
+             WHERE ($1 = '' AND $2 = '' OR (user_id, integration) > ($1, $2)) \
+               AND ({a} <> $3 OR (refresh_token IS NOT NULL AND {r} <> $3)) \
+             ORDER BY user_id, integration LIMIT $4 FOR UPDATE"
+        ))
+        .bind(u)
+        .bind(i)
+        .bind(current)
+        .bind(limit)
+        .fetch_all(conn)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(ToReseal {
+                    user: row.try_get(0)?,
+                    integration: row.try_get(1)?,
+                    access_token: row.try_get(2)?,
+                    refresh_token: row.try_get(3)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Writes the values sealed again, one statement for the batch.
+    pub(crate) async fn resealed(
+        &self,
+        conn: &mut PgConnection,
+        rows: &[ToReseal],
+    ) -> Result<(), sqlx::Error> {
+        let t = &self.table;
+        let users: Vec<&str> = rows.iter().map(|r| r.user.as_str()).collect();
+        let names: Vec<&str> = rows.iter().map(|r| r.integration.as_str()).collect();
+        let access: Vec<&str> = rows.iter().map(|r| r.access_token.as_str()).collect();
+        let refresh: Vec<Option<&str>> = rows.iter().map(|r| r.refresh_token.as_deref()).collect();
+        sqlx::query(&format!(
+            "UPDATE {t} AS v SET access_token = n.a, refresh_token = n.r \
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS n(u, i, a, r) \
+             WHERE v.user_id = n.u AND v.integration = n.i"
+        ))
+        .bind(users)
+        .bind(names)
+        .bind(access)
+        .bind(refresh)
+        .execute(conn)
+        .await?;
+        Ok(())
+    }
+}

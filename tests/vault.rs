@@ -1,0 +1,1234 @@
+//! The token vault against the real Postgres, with the local OpenID provider
+//! standing in for a connected service ("mail").
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+use tower_pg_session::{
+    crypto::Keyring,
+    vault::{Integration, TokenVault, Tokens, VaultConfig, VaultError},
+    PgStore,
+};
+
+use common::{
+    idp::{Browser, Idp, CLIENT_ID, CLIENT_SECRET},
+    Db,
+};
+
+/// Where the provider sends the browser back to; never visited.
+const REDIRECT_BASE: &str = "http://127.0.0.1:9";
+
+struct Setup {
+    db: Db,
+    idp: Idp,
+    store: PgStore,
+    keys: Keyring,
+    flavor: &'static str,
+}
+
+async fn setup(flavor: &'static str) -> Setup {
+    let db = Db::new().await;
+    let idp = Idp::start(flavor, &[REDIRECT_BASE.to_owned()], 3600).await;
+    let store = db.store().await;
+    Setup {
+        db,
+        idp,
+        store,
+        keys: Keyring::generate(),
+        flavor,
+    }
+}
+
+impl Setup {
+    fn token_endpoint(&self) -> String {
+        match self.flavor {
+            "keycloak" => format!("{}/protocol/openid-connect/token", self.idp.issuer),
+            _ => format!("{}/oauth2/token", self.idp.issuer),
+        }
+    }
+
+    fn revocation_endpoint(&self) -> String {
+        match self.flavor {
+            "keycloak" => format!("{}/protocol/openid-connect/revoke", self.idp.issuer),
+            _ => format!("{}/oauth2/revoke", self.idp.issuer),
+        }
+    }
+
+    fn config(&self) -> VaultConfig {
+        let mail = Integration::new("mail", &self.token_endpoint(), CLIENT_ID)
+            .unwrap()
+            .with_client_secret(CLIENT_SECRET);
+        VaultConfig::new()
+            .with_schema_name(&self.db.schema)
+            .unwrap()
+            .with_integration(mail)
+            .with_http_timeout(Duration::from_secs(5))
+            // Each test asks the provider again at once after a failure,
+            // except the one about outages.
+            .with_failure_backoff(Duration::ZERO)
+    }
+
+    async fn vault(&self) -> TokenVault {
+        TokenVault::new(&self.store, self.keys.clone(), self.config())
+            .await
+            .unwrap()
+    }
+
+    fn table(&self) -> String {
+        format!("\"{}\".\"oauth_tokens\"", self.db.schema)
+    }
+
+    /// Logs `user` in at the provider with PKCE and exchanges the code, as
+    /// an app connecting the account would: the provider's token response.
+    async fn connect(&self, user: &str) -> Value {
+        let verifier = URL_SAFE_NO_PAD.encode(rand::random::<[u8; 32]>());
+        let challenge = URL_SAFE_NO_PAD.encode(Sha256::digest(verifier.as_bytes()));
+        let auth = match self.flavor {
+            "keycloak" => format!("{}/protocol/openid-connect/auth", self.idp.issuer),
+            _ => format!("{}/oauth2/authorize", self.idp.issuer),
+        };
+        let redirect = format!("{REDIRECT_BASE}/auth/callback");
+        let url = format!(
+            "{auth}?client_id={CLIENT_ID}&response_type=code&scope=openid&state=s1\
+             &redirect_uri={}&code_challenge={challenge}&code_challenge_method=S256",
+            common::idp::urlencode(&redirect)
+        );
+        let callback = Browser::new().authorize(&url, user).await;
+        let code = url::Url::parse(&callback)
+            .unwrap()
+            .query_pairs()
+            .find(|(k, _)| k == "code")
+            .map(|(_, v)| v.into_owned())
+            .expect("the callback carries a code");
+        let r = reqwest::Client::new()
+            .post(self.token_endpoint())
+            .basic_auth(CLIENT_ID, Some(CLIENT_SECRET))
+            .form(&[
+                ("grant_type", "authorization_code"),
+                ("code", code.as_str()),
+                ("redirect_uri", redirect.as_str()),
+                ("code_verifier", verifier.as_str()),
+            ])
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "code exchange: {}", r.status());
+        r.json().await.unwrap()
+    }
+
+    /// The token response as the vault's input, expiring `expires_in` from now.
+    fn tokens(response: &Value, expires_in: Duration) -> Tokens {
+        Tokens::new(response["access_token"].as_str().unwrap().to_owned())
+            .with_refresh_token(response["refresh_token"].as_str().unwrap().to_owned())
+            .with_expires_in(expires_in)
+            .with_scopes(["openid"])
+    }
+
+    /// Makes the stored access token of `user` expire `secs` from now.
+    async fn expire_in(&self, user: &str, secs: i64) {
+        sqlx::query(&format!(
+            "UPDATE {} SET expires_at = now() + make_interval(secs => $2) WHERE user_id = $1",
+            self.table()
+        ))
+        .bind(user)
+        .bind(secs as f64)
+        .execute(&self.db.pool)
+        .await
+        .unwrap();
+    }
+
+    async fn refreshes(&self) -> i64 {
+        self.idp.stats().await["refresh_token"].as_i64().unwrap()
+    }
+
+    async fn fault(&self, mode: &str, count: u32, size: usize) {
+        let r = reqwest::Client::new()
+            .post(format!("{}/__test/token-fault", self.idp.base))
+            .json(&json!({"mode": mode, "count": count, "size": size}))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success());
+    }
+
+    async fn column(&self, user: &str, column: &str) -> Option<String> {
+        sqlx::query_scalar(&format!(
+            "SELECT {column} FROM {} WHERE user_id = $1 AND integration = 'mail'",
+            self.table()
+        ))
+        .bind(user)
+        .fetch_one(&self.db.pool)
+        .await
+        .unwrap()
+    }
+
+    /// Uses `refresh_token` at the provider directly: its status and body.
+    async fn try_refresh_token(&self, refresh_token: &str) -> (u16, Value) {
+        let r = reqwest::Client::new()
+            .post(self.token_endpoint())
+            .basic_auth(CLIENT_ID, Some(CLIENT_SECRET))
+            .form(&[
+                ("grant_type", "refresh_token"),
+                ("refresh_token", refresh_token),
+            ])
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+}
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+#[tokio::test]
+async fn stores_gets_and_refreshes_with_rotation() {
+    let s = setup("keycloak").await;
+    let vault = s.vault().await;
+    let connected = s.connect("ann").await;
+    let first_rt = connected["refresh_token"].as_str().unwrap().to_owned();
+    vault
+        .store("ann", "mail", Setup::tokens(&connected, HOUR))
+        .await
+        .unwrap();
+
+    // Not due: the stored token, no provider call.
+    let token = vault.get("ann", "mail").await.unwrap();
+    assert_eq!(token.secret(), connected["access_token"].as_str().unwrap());
+    assert_eq!(s.refreshes().await, 0);
+    assert!(!format!("{token:?}").contains(token.secret()));
+
+    // Expiring within 5 minutes: refreshed first.
+    s.expire_in("ann", 60).await;
+    let refreshed = vault.get("ann", "mail").await.unwrap();
+    assert_ne!(refreshed.secret(), token.secret());
+    assert_eq!(s.refreshes().await, 1);
+    let left = refreshed.expires_at().unwrap() - OffsetDateTime::now_utc();
+    assert!(left > time::Duration::minutes(50), "{left}");
+    // The provider rotated the refresh token: the first one is dead, and the
+    // vault kept the new one, so the next refresh works.
+    let (status, body) = s.try_refresh_token(&first_rt).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_grant"))
+    );
+    // Reusing the old one made the provider revoke the grant: connect anew.
+    let connected = s.connect("ann").await;
+    vault
+        .store(
+            "ann",
+            "mail",
+            Setup::tokens(&connected, Duration::from_secs(60)),
+        )
+        .await
+        .unwrap();
+    let a = vault.get("ann", "mail").await.unwrap();
+    s.expire_in("ann", 60).await;
+    let b = vault.get("ann", "mail").await.unwrap();
+    assert_ne!(a.secret(), b.secret(), "the rotated refresh token was used");
+
+    // Metadata only in listings; the table holds no token in the clear.
+    let list = vault.list("ann").await.unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0].integration, "mail");
+    assert!(list[0].last_refreshed_at.is_some() && list[0].refreshable);
+    assert!(!list[0].needs_reconsent);
+    let listed = serde_json::to_string(&list).unwrap();
+    assert!(!listed.contains(b.secret()), "{listed}");
+    let dump: String = sqlx::query_scalar(&format!(
+        "SELECT string_agg(t::text, ',') FROM {} t",
+        s.table()
+    ))
+    .fetch_one(&s.db.pool)
+    .await
+    .unwrap();
+    assert!(!dump.contains(b.secret()));
+
+    assert!(vault.remove("ann", "mail").await.unwrap());
+    assert!(matches!(
+        vault.get("ann", "mail").await,
+        Err(VaultError::NotConnected { .. })
+    ));
+    assert!(vault.list("ann").await.unwrap().is_empty());
+    s.db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn keeps_the_refresh_token_when_the_provider_sends_none() {
+    let s = setup("cognito").await;
+    let vault = s.vault().await;
+    let connected = s.connect("bo").await;
+    vault
+        .store(
+            "bo",
+            "mail",
+            Setup::tokens(&connected, Duration::from_secs(60)),
+        )
+        .await
+        .unwrap();
+    let mut seen = vec![connected["access_token"].as_str().unwrap().to_owned()];
+    for round in 1..=3 {
+        s.expire_in("bo", 60).await;
+        let token = vault.get("bo", "mail").await.unwrap();
+        assert!(!seen.contains(&token.secret().to_owned()), "round {round}");
+        seen.push(token.secret().to_owned());
+        assert_eq!(s.refreshes().await, round);
+    }
+    // The one refresh token still works at the provider.
+    let rt = connected["refresh_token"].as_str().unwrap();
+    assert_eq!(s.try_refresh_token(rt).await.0, 200);
+    s.db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn invalid_grant_needs_reconsent_and_stops_calling_the_provider() {
+    let s = setup("keycloak").await;
+    let vault = s.vault().await;
+    let connected = s.connect("cy").await;
+    vault
+        .store(
+            "cy",
+            "mail",
+            Setup::tokens(&connected, Duration::from_secs(60)),
+        )
+        .await
+        .unwrap();
+    let r = reqwest::Client::new()
+        .post(s.revocation_endpoint())
+        .basic_auth(CLIENT_ID, Some(CLIENT_SECRET))
+        .form(&[("token", connected["refresh_token"].as_str().unwrap())])
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+
+    for _ in 0..3 {
+        let err = vault.get("cy", "mail").await.unwrap_err();
+        assert!(matches!(err, VaultError::NeedsReconsent { .. }), "{err}");
+    }
+    assert_eq!(
+        s.refreshes().await,
+        1,
+        "one call at the provider, no retries"
+    );
+    let list = vault.list("cy").await.unwrap();
+    assert!(list[0].needs_reconsent);
+
+    // Connecting again clears the mark.
+    let connected = s.connect("cy").await;
+    vault
+        .store("cy", "mail", Setup::tokens(&connected, HOUR))
+        .await
+        .unwrap();
+    assert_eq!(
+        vault.get("cy", "mail").await.unwrap().secret(),
+        connected["access_token"].as_str().unwrap()
+    );
+    assert!(!vault.list("cy").await.unwrap()[0].needs_reconsent);
+    s.db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn a_ciphertext_moved_to_another_row_or_field_does_not_open() {
+    let s = setup("keycloak").await;
+    let vault = s.vault().await;
+    for user in ["dee", "eve"] {
+        vault
+            .store(
+                user,
+                "mail",
+                Tokens::new(format!("access-of-{user}"))
+                    .with_refresh_token(format!("refresh-of-{user}"))
+                    .with_expires_in(HOUR),
+            )
+            .await
+            .unwrap();
+    }
+    let t = s.table();
+    // Eve's row gets Dee's sealed access token.
+    sqlx::query(&format!(
+        "UPDATE {t} SET access_token = (SELECT access_token FROM {t} WHERE user_id = 'dee') \
+         WHERE user_id = 'eve'"
+    ))
+    .execute(&s.db.pool)
+    .await
+    .unwrap();
+    let err = vault.get("eve", "mail").await.unwrap_err();
+    assert!(matches!(err, VaultError::Unreadable { .. }), "{err}");
+    assert!(!err.to_string().contains("access-of"));
+
+    // Dee's refresh token moved into Dee's own access-token field.
+    sqlx::query(&format!(
+        "UPDATE {t} SET access_token = refresh_token WHERE user_id = 'dee'"
+    ))
+    .execute(&s.db.pool)
+    .await
+    .unwrap();
+    let err = vault.get("dee", "mail").await.unwrap_err();
+    assert!(matches!(err, VaultError::Unreadable { .. }), "{err}");
+
+    // A vault with other keys cannot open anything either.
+    let other = TokenVault::new(&s.store, Keyring::generate(), s.config())
+        .await
+        .unwrap();
+    vault
+        .store("fay", "mail", Tokens::new("access-of-fay".into()))
+        .await
+        .unwrap();
+    assert!(matches!(
+        other.get("fay", "mail").await,
+        Err(VaultError::Unreadable { .. })
+    ));
+    assert_eq!(
+        vault.get("fay", "mail").await.unwrap().secret(),
+        "access-of-fay"
+    );
+    assert_eq!(s.refreshes().await, 0);
+    s.db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn two_instances_refresh_a_nearly_expired_token_once() {
+    let s = setup("keycloak").await;
+    // Two instances, each with a pool and vault of its own.
+    let second_db = Db::new().await;
+    let second_store = PgStore::new(second_db.pool.clone(), s.db.config())
+        .await
+        .unwrap();
+    let vaults = [
+        s.vault().await,
+        TokenVault::new(&second_store, s.keys.clone(), s.config())
+            .await
+            .unwrap(),
+    ];
+    let connected = s.connect("gus").await;
+    vaults[0]
+        .store(
+            "gus",
+            "mail",
+            Setup::tokens(&connected, Duration::from_secs(30)),
+        )
+        .await
+        .unwrap();
+
+    let mut tasks = Vec::new();
+    for vault in &vaults {
+        for _ in 0..20 {
+            let vault = vault.clone();
+            tasks.push(tokio::spawn(async move {
+                vault
+                    .get("gus", "mail")
+                    .await
+                    .map(|t| t.secret().to_owned())
+            }));
+        }
+    }
+    let mut secrets = Vec::new();
+    for task in tasks {
+        secrets.push(task.await.unwrap().unwrap());
+    }
+    assert_eq!(
+        s.refreshes().await,
+        1,
+        "exactly one refresh at the provider"
+    );
+    assert!(
+        secrets.iter().all(|t| t == &secrets[0]),
+        "all got the refreshed token"
+    );
+    assert_ne!(secrets[0], connected["access_token"].as_str().unwrap());
+    s.db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn a_provider_that_is_down_leaves_the_old_token_in_use_while_valid() {
+    let mut s = setup("keycloak").await;
+    let vault = s.vault().await;
+    let connected = s.connect("hal").await;
+    vault
+        .store(
+            "hal",
+            "mail",
+            Setup::tokens(&connected, Duration::from_secs(60)),
+        )
+        .await
+        .unwrap();
+    let sealed_rt = s.column("hal", "refresh_token").await;
+
+    // A 503: the old token, still valid, is used; nothing is lost.
+    s.fault("unavailable", 1, 0).await;
+    let token = vault.get("hal", "mail").await.unwrap();
+    assert_eq!(token.secret(), connected["access_token"].as_str().unwrap());
+    assert_eq!(s.column("hal", "refresh_token").await, sealed_rt);
+
+    // Once it has expired, the error says what is wrong.
+    s.expire_in("hal", -1).await;
+    s.fault("unavailable", 1, 0).await;
+    let err = vault.get("hal", "mail").await.unwrap_err();
+    assert!(
+        matches!(err, VaultError::ProviderUnavailable { .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("503"), "{err}");
+
+    // The provider gone altogether (connection refused).
+    let idp = std::mem::replace(
+        &mut s.idp,
+        Idp::start("keycloak", &[REDIRECT_BASE.to_owned()], 3600).await,
+    );
+    drop(idp);
+    let err = vault.get("hal", "mail").await.unwrap_err();
+    assert!(
+        matches!(err, VaultError::ProviderUnavailable { .. }),
+        "{err}"
+    );
+    assert_eq!(s.column("hal", "refresh_token").await, sealed_rt);
+    assert!(!vault.list("hal").await.unwrap()[0].needs_reconsent);
+    s.db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn a_malformed_token_response_is_refused_and_changes_nothing() {
+    let s = setup("keycloak").await;
+    let vault = s.vault().await;
+    let connected = s.connect("ida").await;
+    vault
+        .store(
+            "ida",
+            "mail",
+            Setup::tokens(&connected, Duration::from_secs(60)),
+        )
+        .await
+        .unwrap();
+    s.expire_in("ida", -1).await;
+    let before = s.column("ida", "access_token").await;
+    s.fault("malformed", 1, 0).await;
+    let err = vault.get("ida", "mail").await.unwrap_err();
+    assert!(
+        matches!(err, VaultError::InvalidTokenResponse { .. }),
+        "{err}"
+    );
+    assert_eq!(s.column("ida", "access_token").await, before);
+    // The kept refresh token still works once the provider answers properly.
+    let token = vault.get("ida", "mail").await.unwrap();
+    assert_ne!(token.secret(), connected["access_token"].as_str().unwrap());
+    assert_eq!(s.refreshes().await, 1);
+    s.db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn an_oversized_token_is_refused() {
+    let s = setup("keycloak").await;
+    let vault = s.vault().await;
+    let err = vault
+        .store("jo", "mail", Tokens::new("x".repeat(16 * 1024 + 1)))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            VaultError::TokenTooLarge {
+                size: 16385,
+                limit: 16384
+            }
+        ),
+        "{err}"
+    );
+    assert!(vault.list("jo").await.unwrap().is_empty());
+
+    let connected = s.connect("jo").await;
+    vault
+        .store(
+            "jo",
+            "mail",
+            Setup::tokens(&connected, Duration::from_secs(60)),
+        )
+        .await
+        .unwrap();
+    s.expire_in("jo", -1).await;
+    let before = s.column("jo", "access_token").await;
+    s.fault("oversized", 1, 20_000).await;
+    let err = vault.get("jo", "mail").await.unwrap_err();
+    assert!(
+        matches!(err, VaultError::InvalidTokenResponse { .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("over the limit"), "{err}");
+    assert_eq!(s.column("jo", "access_token").await, before);
+    s.db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_clear_error() {
+    let s = setup("keycloak").await;
+    let vault = s.vault().await;
+    assert!(matches!(
+        vault.get("kai", "calendar").await,
+        Err(VaultError::UnknownIntegration(_))
+    ));
+    assert!(matches!(
+        vault.get("kai", "mail").await,
+        Err(VaultError::NotConnected { .. })
+    ));
+    assert!(matches!(
+        vault.get("", "mail").await,
+        Err(VaultError::InvalidInput {
+            what: "user id",
+            ..
+        })
+    ));
+    // The table is created once, however many vaults start at once.
+    let starts = (0..4).map(|_| TokenVault::new(&s.store, s.keys.clone(), s.config()));
+    for started in futures_util::future::join_all(starts).await {
+        started.unwrap();
+    }
+    assert_eq!(vault.remove_all("kai").await.unwrap(), 0);
+    s.db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn a_caller_dropped_during_a_refresh_loses_nothing() {
+    let s = setup("keycloak").await;
+    // A pool whose backends the test can tell from everyone else's.
+    let (pool_name, store) = s.db.named_store(4).await;
+    let vault = TokenVault::new(&store, s.keys.clone(), s.config())
+        .await
+        .unwrap();
+    let connected = s.connect("lea").await;
+    let first = connected["access_token"].as_str().unwrap();
+    vault
+        .store(
+            "lea",
+            "mail",
+            Setup::tokens(&connected, Duration::from_secs(60)),
+        )
+        .await
+        .unwrap();
+    s.fault("slow", 1, 800).await;
+    // The caller gives up while the provider is still answering.
+    let dropped = tokio::time::timeout(Duration::from_millis(200), vault.get("lea", "mail")).await;
+    assert!(dropped.is_err(), "the get was cut short");
+
+    // The refresh finishes anyway: the rotated refresh token is kept, the
+    // lock is released, no connection stays inside a transaction.
+    common::eventually("the refresh lands", || async {
+        s.column("lea", "last_refreshed_at::text").await.is_some()
+    })
+    .await;
+    let token = vault.get("lea", "mail").await.unwrap();
+    assert_ne!(token.secret(), first);
+    assert_eq!(s.refreshes().await, 1);
+    s.expire_in("lea", 60).await;
+    let again = vault.get("lea", "mail").await.unwrap();
+    assert_ne!(
+        again.secret(),
+        token.secret(),
+        "the rotated refresh token works"
+    );
+    let in_tx: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity \
+         WHERE application_name = $1 AND state LIKE 'idle in transaction%'",
+    )
+    .bind(&pool_name)
+    .fetch_one(&s.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(in_tx, 0);
+    s.db.drop_schema().await;
+}
+
+/// Every log line of this test binary, captured by a global subscriber (the
+/// refresh runs on a spawned task, so a thread-local one would miss it).
+fn logs() -> &'static std::sync::Arc<std::sync::Mutex<Vec<u8>>> {
+    use std::sync::{Arc, Mutex, OnceLock};
+    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let writer = Capture(buf.clone());
+        tracing_subscriber::fmt()
+            .with_env_filter("tower_pg_session=trace")
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .init();
+        buf
+    })
+}
+
+#[derive(Clone)]
+struct Capture(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn logs_carry_no_token_and_escape_what_users_chose() {
+    logs();
+    let s = setup("keycloak").await;
+    let vault = s.vault().await;
+    let connected = s.connect("mo").await;
+    vault
+        .store(
+            "mo",
+            "mail",
+            Setup::tokens(&connected, Duration::from_secs(60)),
+        )
+        .await
+        .unwrap();
+    let refreshed = vault.get("mo", "mail").await.unwrap();
+    assert_eq!(s.refreshes().await, 1);
+
+    // A hostile user id, and a row holding a token sealed for someone else.
+    let hostile = "x\n2026-01-01T00:00:00Z  INFO tower_pg_session: forged\u{1b}[2K\r";
+    for user in [hostile, "mo2"] {
+        vault
+            .store(
+                user,
+                "mail",
+                Tokens::new(format!("secret-of-{}", user.len())),
+            )
+            .await
+            .unwrap();
+    }
+    let t = s.table();
+    sqlx::query(&format!(
+        "UPDATE {t} SET access_token = (SELECT access_token FROM {t} WHERE user_id = 'mo2') \
+         WHERE user_id = $1"
+    ))
+    .bind(hostile)
+    .execute(&s.db.pool)
+    .await
+    .unwrap();
+    assert!(matches!(
+        vault.get(hostile, "mail").await,
+        Err(VaultError::Unreadable { .. })
+    ));
+
+    let text = String::from_utf8(logs().lock().unwrap().clone()).unwrap();
+    assert!(text.contains("does not open"), "{text}");
+    assert!(text.contains("x\\n2026-01-01"), "escaped user id: {text}");
+    for line in text.lines() {
+        assert!(!line.contains('\u{1b}') && !line.contains('\r'), "{line:?}");
+        assert!(!line.starts_with("2026-01-01"), "forged line: {line:?}");
+    }
+    for secret in [
+        connected["access_token"].as_str().unwrap(),
+        connected["refresh_token"].as_str().unwrap(),
+        refreshed.secret(),
+        "secret-of-",
+    ] {
+        assert!(!text.contains(secret), "a token was logged");
+    }
+    s.db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn refreshes_and_failures_are_counted_by_integration_and_reason() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    recorder.install().unwrap();
+    let counter = |name: &str, reason: Option<&str>| {
+        snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .filter(|(k, ..)| {
+                let labels: Vec<_> = k.key().labels().collect();
+                k.key().name() == name
+                    && labels
+                        .iter()
+                        .any(|l| l.key() == "integration" && l.value() == "metered")
+                    && reason.is_none_or(|r| {
+                        labels.iter().any(|l| l.key() == "reason" && l.value() == r)
+                    })
+            })
+            .map(|(.., v)| match v {
+                DebugValue::Counter(n) => n,
+                _ => 0,
+            })
+            .sum::<u64>()
+    };
+    let s = setup("keycloak").await;
+    let metered = Integration::new("metered", &s.token_endpoint(), CLIENT_ID)
+        .unwrap()
+        .with_client_secret(CLIENT_SECRET);
+    let vault = TokenVault::new(
+        &s.store,
+        s.keys.clone(),
+        s.config().with_integration(metered),
+    )
+    .await
+    .unwrap();
+    let connected = s.connect("ned").await;
+    vault
+        .store(
+            "ned",
+            "metered",
+            Setup::tokens(&connected, Duration::from_secs(60)),
+        )
+        .await
+        .unwrap();
+    vault.get("ned", "metered").await.unwrap();
+    assert_eq!(counter("tower_pg_session_vault_refreshes_total", None), 1);
+
+    s.expire_in("ned", -1).await;
+    s.fault("malformed", 1, 0).await;
+    vault.get("ned", "metered").await.unwrap_err();
+    let failures = "tower_pg_session_vault_failures_total";
+    assert_eq!(counter(failures, Some("invalid_response")), 1);
+
+    s.fault("unavailable", 1, 0).await;
+    vault.get("ned", "metered").await.unwrap_err();
+    assert_eq!(counter(failures, Some("provider_unavailable")), 1);
+    // Each snapshot drains the counters: no refresh since the first one.
+    assert_eq!(counter("tower_pg_session_vault_refreshes_total", None), 0);
+    s.db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn reseal_moves_every_token_to_the_first_key_while_gets_go_on() {
+    use tower_pg_session::crypto::EncryptionKey;
+    let s = setup("keycloak").await;
+    let old = || EncryptionKey::from_bytes([7; 32]);
+    let new = || EncryptionKey::from_bytes([9; 32]);
+    let vault_with = |keys: Vec<EncryptionKey>| {
+        TokenVault::new(&s.store, Keyring::new(keys).unwrap(), s.config())
+    };
+    let before = vault_with(vec![old()]).await.unwrap();
+    let users: Vec<String> = (0..30).map(|n| format!("user-{n:02}")).collect();
+    for (n, user) in users.iter().enumerate() {
+        let mut tokens = Tokens::new(format!("access-{n}")).with_expires_in(HOUR);
+        if n % 3 != 0 {
+            tokens = tokens.with_refresh_token(format!("refresh-{n}"));
+        }
+        before.store(user, "mail", tokens).await.unwrap();
+    }
+    let old_id = Keyring::new(vec![old()])
+        .unwrap()
+        .current_key_id()
+        .to_string();
+    let new_id = Keyring::new(vec![new()])
+        .unwrap()
+        .current_key_id()
+        .to_string();
+    let usage = before.key_usage().await.unwrap();
+    assert_eq!(usage.len(), 1);
+    assert_eq!(
+        (usage[0].key_id.as_str(), usage[0].values),
+        (old_id.as_str(), 50)
+    );
+
+    // One row that does not open under any key: counted, left alone.
+    let t = s.table();
+    sqlx::query(&format!(
+        "UPDATE {t} SET access_token = (SELECT access_token FROM {t} WHERE user_id = 'user-01') \
+         WHERE user_id = 'user-02'"
+    ))
+    .execute(&s.db.pool)
+    .await
+    .unwrap();
+
+    // The app runs with the new key first while the old one is retired.
+    let rotated = vault_with(vec![new(), old()]).await.unwrap();
+    let reader = rotated.clone();
+    let readers = users.clone();
+    let gets = tokio::spawn(async move {
+        let mut ok = 0;
+        for _ in 0..5 {
+            for user in readers.iter().filter(|u| *u != "user-02") {
+                reader.get(user, "mail").await.unwrap();
+                ok += 1;
+            }
+        }
+        ok
+    });
+    let outcome = rotated.reseal(7).await.unwrap();
+    assert_eq!((outcome.resealed, outcome.unreadable), (29, 1));
+    assert_eq!(
+        gets.await.unwrap(),
+        29 * 5,
+        "no get failed during the reseal"
+    );
+
+    let usage = rotated.key_usage().await.unwrap();
+    let count = |id: &str| {
+        usage
+            .iter()
+            .find(|u| u.key_id == id)
+            .map_or(0, |u| u.values)
+    };
+    assert_eq!(count(&new_id), 48);
+    assert_eq!(
+        count(&old_id),
+        2,
+        "only the unreadable row's two values: {usage:?}"
+    );
+
+    // The old key can go: every readable token opens under the new one alone.
+    let after = vault_with(vec![new()]).await.unwrap();
+    for (n, user) in users.iter().enumerate().filter(|(n, _)| *n != 2) {
+        assert_eq!(
+            after.get(user, "mail").await.unwrap().secret(),
+            format!("access-{n}")
+        );
+    }
+    assert!(matches!(
+        before.get("user-05", "mail").await,
+        Err(VaultError::Unreadable { .. })
+    ));
+    // Resealing again finds nothing more to do.
+    let again = rotated.reseal(7).await.unwrap();
+    assert_eq!((again.resealed, again.unreadable), (0, 1));
+    s.db.drop_schema().await;
+}
+
+#[cfg(feature = "cli")]
+#[tokio::test]
+async fn the_cli_reports_key_usage_and_reseals() {
+    use base64::engine::general_purpose::STANDARD;
+    let s = setup("keycloak").await;
+    let (old, new) = (STANDARD.encode([7u8; 32]), STANDARD.encode([9u8; 32]));
+    let cli = |keys: &str, args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_pg-session"))
+            .env("DATABASE_URL", common::database_url())
+            .env("TOKEN_KEYS", keys)
+            .args(["--schema", s.db.schema.as_str()])
+            .args(args)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.code(), text)
+    };
+    let id = |key: &str| {
+        Keyring::from_base64_list(key)
+            .unwrap()
+            .current_key_id()
+            .to_string()
+    };
+    let before = TokenVault::new(
+        &s.store,
+        Keyring::from_base64_list(&old).unwrap(),
+        s.config(),
+    )
+    .await
+    .unwrap();
+    for n in 0..3 {
+        let tokens = Tokens::new(format!("access-{n}")).with_refresh_token(format!("r-{n}"));
+        before
+            .store(&format!("u{n}"), "mail", tokens)
+            .await
+            .unwrap();
+    }
+    let rotated = format!("{new},{old}");
+    let (code, out) = cli(&rotated, &["keys"]);
+    assert_eq!(code, Some(0), "{out}");
+    let line = out.lines().find(|l| l.starts_with(&id(&old))).unwrap();
+    assert!(line.contains(" 6 ") && line.contains("reseal"), "{out}");
+    assert!(
+        out.contains(&format!("{} ", id(&new))) && out.contains("unused"),
+        "{out}"
+    );
+
+    let (code, out) = cli(&rotated, &["reseal", "--batch", "2"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("sealed 3 rows"), "{out}");
+    let (_, out) = cli(&rotated, &["keys"]);
+    let line = out.lines().find(|l| l.starts_with(&id(&new))).unwrap();
+    assert!(line.contains(" 6 ") && line.contains("first key"), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with(&id(&old)) && l.contains("unused")),
+        "{out}"
+    );
+    // And the tokens open under the new key alone.
+    let after = TokenVault::new(
+        &s.store,
+        Keyring::from_base64_list(&new).unwrap(),
+        s.config(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(after.get("u1", "mail").await.unwrap().secret(), "access-1");
+
+    // A bad key list: a clear error, exit status 1.
+    let (code, out) = cli("not-a-key", &["keys"]);
+    assert_eq!(code, Some(1));
+    assert!(out.contains("encryption key"), "{out}");
+    s.db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn an_outage_costs_one_provider_call_not_one_per_get() {
+    let s = setup("keycloak").await;
+    let config = s.config().with_failure_backoff(Duration::from_secs(10));
+    let vault = TokenVault::new(&s.store, s.keys.clone(), config)
+        .await
+        .unwrap();
+    let connected = s.connect("ole").await;
+    let old = connected["access_token"].as_str().unwrap().to_owned();
+    vault
+        .store(
+            "ole",
+            "mail",
+            Setup::tokens(&connected, Duration::from_secs(60)),
+        )
+        .await
+        .unwrap();
+    s.fault("unavailable", 1000, 0).await;
+    let gets = (0..20).map(|_| {
+        let vault = vault.clone();
+        tokio::spawn(async move {
+            vault
+                .get("ole", "mail")
+                .await
+                .map(|t| t.secret().to_owned())
+        })
+    });
+    for got in futures_util::future::join_all(gets).await {
+        assert_eq!(got.unwrap().unwrap(), old, "the old token, still valid");
+    }
+    let faults = || async { s.idp.stats().await["faults"].as_i64().unwrap_or(0) };
+    assert_eq!(
+        faults().await,
+        1,
+        "one call at the provider while it is down"
+    );
+
+    // Expired meanwhile: the remembered failure, at once.
+    s.expire_in("ole", -1).await;
+    let err = vault.get("ole", "mail").await.unwrap_err();
+    assert!(
+        matches!(err, VaultError::ProviderUnavailable { .. }),
+        "{err}"
+    );
+    assert_eq!(faults().await, 1);
+
+    // Once the pause is over, the provider is asked again.
+    let quick = TokenVault::new(
+        &s.store,
+        s.keys.clone(),
+        s.config().with_failure_backoff(Duration::ZERO),
+    )
+    .await
+    .unwrap();
+    quick.get("ole", "mail").await.unwrap_err();
+    assert_eq!(faults().await, 2);
+    s.db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn remove_revokes_the_refresh_token_at_the_provider() {
+    let s = setup("keycloak").await;
+    let mail = Integration::new("mail", &s.token_endpoint(), CLIENT_ID)
+        .unwrap()
+        .with_client_secret(CLIENT_SECRET)
+        .with_revocation_endpoint(&s.revocation_endpoint())
+        .unwrap();
+    let vault = TokenVault::new(&s.store, s.keys.clone(), s.config().with_integration(mail))
+        .await
+        .unwrap();
+    let mut refresh_tokens = Vec::new();
+    for user in ["pia", "pia2"] {
+        let connected = s.connect(user).await;
+        refresh_tokens.push(connected["refresh_token"].as_str().unwrap().to_owned());
+        vault
+            .store(user, "mail", Setup::tokens(&connected, HOUR))
+            .await
+            .unwrap();
+    }
+    assert!(vault.remove("pia", "mail").await.unwrap());
+    let (status, body) = s.try_refresh_token(&refresh_tokens[0]).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_grant"))
+    );
+    assert!(!vault.remove("pia", "mail").await.unwrap(), "already gone");
+
+    assert_eq!(vault.remove_all("pia2").await.unwrap(), 1);
+    let (status, _) = s.try_refresh_token(&refresh_tokens[1]).await;
+    assert_eq!(status, 400, "erasure revokes too");
+    assert!(vault.list("pia2").await.unwrap().is_empty());
+    s.db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn an_oidc_integration_is_found_through_discovery() {
+    for flavor in ["keycloak", "cognito"] {
+        let s = setup(flavor).await;
+        let mail = Integration::discover("mail", &s.idp.issuer, CLIENT_ID)
+            .await
+            .unwrap()
+            .with_client_secret(CLIENT_SECRET);
+        assert_eq!(mail.token_endpoint(), s.token_endpoint());
+        let vault = TokenVault::new(&s.store, s.keys.clone(), s.config().with_integration(mail))
+            .await
+            .unwrap();
+        let connected = s.connect("quin").await;
+        vault
+            .store(
+                "quin",
+                "mail",
+                Setup::tokens(&connected, Duration::from_secs(60)),
+            )
+            .await
+            .unwrap();
+        vault.get("quin", "mail").await.unwrap();
+        assert_eq!(s.refreshes().await, 1);
+        // Discovery found the revocation endpoint too.
+        vault.remove("quin", "mail").await.unwrap();
+        let rt = connected["refresh_token"].as_str().unwrap();
+        assert_eq!(s.try_refresh_token(rt).await.0, 400, "{flavor}");
+        s.db.drop_schema().await;
+    }
+    let err = Integration::discover("mail", "http://127.0.0.1:9/realms/none", CLIENT_ID)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, VaultError::ProviderUnavailable { .. }),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_get_that_needs_no_refresh_is_one_statement() {
+    let s = setup("keycloak").await;
+    let vault = s.vault().await;
+    vault
+        .store(
+            "rex",
+            "mail",
+            Tokens::new("access-rex".into()).with_expires_in(HOUR),
+        )
+        .await
+        .unwrap();
+    vault.get("rex", "mail").await.unwrap();
+    let before = s.db.statements().await;
+    for _ in 0..10 {
+        vault.get("rex", "mail").await.unwrap();
+    }
+    assert_eq!(s.db.statements().await - before, 10);
+    s.db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn plaintext_tokens_are_imported_with_a_dry_run_first() {
+    use tower_pg_session::vault::ImportSource;
+    let s = setup("keycloak").await;
+    let vault = s.vault().await;
+    let legacy = format!("\"{}\".\"legacy_tokens\"", s.db.schema);
+    use sqlx::Executor;
+    s.db.pool
+        .execute(&*format!(
+            "CREATE TABLE {legacy} (owner text, provider text, access text, refresh text, \
+           expiry timestamptz); \
+         INSERT INTO {legacy} VALUES \
+           ('sam', 'mail', 'plain-access-sam', 'plain-refresh-sam', now() + interval '1 hour'), \
+           ('tia', 'mail', 'plain-access-tia', NULL, NULL), \
+           ('uma', 'mail', 'plain-access-uma', 'plain-refresh-uma', now() + interval '2 hours'), \
+           ('vic', 'fax', 'plain-access-vic', NULL, NULL), \
+           ('wes', 'mail', repeat('x', 20000), NULL, NULL)"
+        ))
+        .await
+        .unwrap();
+    let source = ImportSource::new(Some(&s.db.schema), "legacy_tokens")
+        .unwrap()
+        .with_columns(
+            "owner",
+            "provider",
+            "access",
+            Some("refresh"),
+            Some("expiry"),
+        )
+        .unwrap();
+
+    let dry = vault.import(&source, true).await.unwrap();
+    assert_eq!((dry.read, dry.imported, dry.skipped), (5, 3, 2));
+    for user in ["sam", "tia", "uma"] {
+        assert!(
+            vault.list(user).await.unwrap().is_empty(),
+            "a dry run stores nothing"
+        );
+    }
+
+    let done = vault.import(&source, false).await.unwrap();
+    assert_eq!((done.read, done.imported, done.skipped), (5, 3, 2));
+    assert_eq!(
+        vault.get("sam", "mail").await.unwrap().secret(),
+        "plain-access-sam"
+    );
+    assert_eq!(
+        vault.get("tia", "mail").await.unwrap().secret(),
+        "plain-access-tia"
+    );
+    let listed = vault.list("uma").await.unwrap();
+    assert!(listed[0].refreshable && listed[0].expires_at.is_some());
+    let dump: String = sqlx::query_scalar(&format!(
+        "SELECT string_agg(t::text, ',') FROM {} t",
+        s.table()
+    ))
+    .fetch_one(&s.db.pool)
+    .await
+    .unwrap();
+    assert!(!dump.contains("plain-"), "sealed, never in the clear");
+    // Running it again is harmless.
+    assert_eq!(vault.import(&source, false).await.unwrap().imported, 3);
+    assert!(ImportSource::new(None, "x; drop table y").is_err());
+    s.db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn a_row_held_elsewhere_leaves_the_old_token_in_use_while_valid() {
+    let s = setup("keycloak").await;
+    let config = s.config().with_lock_timeout(Duration::from_millis(300));
+    let vault = TokenVault::new(&s.store, s.keys.clone(), config)
+        .await
+        .unwrap();
+    vault
+        .store(
+            "yul",
+            "mail",
+            Tokens::new("old-access".into())
+                .with_refresh_token("some-refresh".into())
+                .with_expires_in(Duration::from_secs(60)),
+        )
+        .await
+        .unwrap();
+    let hold = || async {
+        let mut tx = s.db.pool.begin().await.unwrap();
+        sqlx::query(&format!("SELECT 1 FROM {} FOR UPDATE", s.table()))
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        tx
+    };
+    // Another instance holds the row (stuck mid-refresh): the token is due
+    // but still valid, so it is used rather than an error.
+    let held = hold().await;
+    assert_eq!(
+        vault.get("yul", "mail").await.unwrap().secret(),
+        "old-access"
+    );
+    held.rollback().await.unwrap();
+
+    // Expired: the database's refusal, clearly.
+    s.expire_in("yul", -1).await;
+    let held = hold().await;
+    let err = vault.get("yul", "mail").await.unwrap_err();
+    assert!(matches!(err, VaultError::Store(_)), "{err}");
+    held.rollback().await.unwrap();
+    assert_eq!(s.refreshes().await, 0);
+    s.db.drop_schema().await;
+}
