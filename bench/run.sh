@@ -33,7 +33,11 @@ MEMORY=${MEMORY:-0} MEMORY_SESSIONS=${MEMORY_SESSIONS:-10000 1000000}
 export PGHOST=${PGHOST:-127.0.0.1} PGPORT=${PGPORT:-5432} PGUSER=${PGUSER:-postgres}
 BENCH_DB=${BENCH_DB:-tower_pg_session_bench}
 PGBOUNCER_PORT=${PGBOUNCER_PORT:-16432}
-export BENCH_DATABASE_URL="postgres://$PGUSER@$PGHOST:$PGPORT/$BENCH_DB" BENCH_POOL=$POOL
+# Every contender, pgbench included, talks to the loopback server in the
+# clear: the crate's TLS backend would otherwise upgrade its connections
+# (sslmode=prefer) while Node's pg stays in the clear.
+export PGSSLMODE=disable
+export BENCH_DATABASE_URL="postgres://$PGUSER@$PGHOST:$PGPORT/$BENCH_DB?sslmode=disable" BENCH_POOL=$POOL
 [[ $PGHOST == 127.0.0.1 || $PGHOST == localhost ]] || { echo "PGHOST must be local" >&2; exit 2; }
 
 BIN=$BENCH/target/release/bench-server
@@ -101,7 +105,7 @@ if [[ " $CONTENDERS " == *" pg-session-pgbouncer "* ]]; then
   done
   psql -X -q -At -h 127.0.0.1 -p "$PGBOUNCER_PORT" -d "$BENCH_DB" -c 'SELECT 1' >/dev/null ||
     { cat "$WORK/pgbouncer.log" >&2; log "pgbouncer did not start"; exit 1; }
-  export BENCH_PGBOUNCER_URL="postgres://$PGUSER@127.0.0.1:$PGBOUNCER_PORT/$BENCH_DB"
+  export BENCH_PGBOUNCER_URL="postgres://$PGUSER@127.0.0.1:$PGBOUNCER_PORT/$BENCH_DB?sslmode=disable"
 fi
 
 {
