@@ -25,8 +25,14 @@ done
 cargo build --all-features --example demo
 
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --all-features --no-fail-fast "$@"
+  runner=(cargo nextest run)
 else
-  cargo test --all-features --no-fail-fast "$@"
+  runner=(cargo test)
+fi
+"${runner[@]}" --all-features --no-fail-fast "$@"
+# With every feature on, sqlx speaks TLS through native-tls; the default
+# backend, rustls, gets the TLS test here (default features and the CLI).
+if [ $# -eq 0 ]; then
+  "${runner[@]}" --features cli --test deploy tls_verify_full
 fi
 cargo test --all-features --doc "$@"
