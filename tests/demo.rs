@@ -27,18 +27,6 @@ impl Drop for Demo {
     }
 }
 
-fn binary() -> PathBuf {
-    let dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"));
-    let bin = dir.join("debug/examples/demo");
-    assert!(
-        bin.exists(),
-        "build the demo first: cargo build --example demo (scripts/test.sh does)"
-    );
-    bin
-}
-
 async fn start(env: &[(&str, String)]) -> Demo {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -46,7 +34,7 @@ async fn start(env: &[(&str, String)]) -> Demo {
         .unwrap()
         .port();
     let url = format!("http://127.0.0.1:{port}");
-    let mut cmd = Command::new(binary());
+    let mut cmd = Command::new(common::demo_bin::binary());
     cmd.env("BIND_ADDR", format!("127.0.0.1:{port}"))
         .env("PRUNE_INTERVAL_SECS", "0")
         .env("RUST_LOG", "warn")
@@ -416,7 +404,7 @@ async fn with_no_database_answering_the_demo_runs_on_a_throwaway_cluster() {
     assert!(isolated, "unshare -n is not permitted here");
     let mut child = Command::new("unshare")
         .args(["-n", "sh", "-c", "ip link set lo up && exec \"$0\""])
-        .arg(binary())
+        .arg(common::demo_bin::binary())
         .env("BIND_ADDR", "127.0.0.1:3000")
         .env("COOKIE_SECURE", "0")
         .env("PRUNE_INTERVAL_SECS", "0")

@@ -105,18 +105,6 @@ fn certificates() -> TempDir {
     dir
 }
 
-fn demo_binary() -> PathBuf {
-    let dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"));
-    let bin = dir.join("debug/examples/demo");
-    assert!(
-        bin.exists(),
-        "build the demo first: cargo build --all-features --example demo (scripts/test.sh does)"
-    );
-    bin
-}
-
 /// The demo on a free port with `env`; answers on `url`.
 struct Demo {
     child: tokio::process::Child,
@@ -126,7 +114,7 @@ struct Demo {
 impl Demo {
     fn start(env: &[(&str, String)]) -> Self {
         let port = free_port();
-        let mut cmd = tokio::process::Command::new(demo_binary());
+        let mut cmd = tokio::process::Command::new(common::demo_bin::binary());
         cmd.env("BIND_ADDR", format!("127.0.0.1:{port}"))
             .env("PRUNE_INTERVAL_SECS", "0")
             .env("COOKIE_SECURE", "0")

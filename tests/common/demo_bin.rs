@@ -11,14 +11,15 @@ pub struct Demo {
     pub url: String,
 }
 
-fn binary() -> PathBuf {
+/// The demo's binary, built beforehand with every feature.
+pub fn binary() -> PathBuf {
     let dir = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"));
     let bin = dir.join("debug/examples/demo");
     assert!(
         bin.exists(),
-        "build the demo first: cargo build --example demo"
+        "build the demo first: cargo build --all-features --example demo (scripts/test.sh does)"
     );
     bin
 }
