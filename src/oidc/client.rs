@@ -489,14 +489,7 @@ impl OidcClient {
             Some(secret) => req = req.basic_auth(urlencode(&c.client_id), Some(urlencode(secret))),
             None => form.push(("client_id", &c.client_id)),
         }
-        let body = openidconnect::url::form_urlencoded::Serializer::new(String::new())
-            .extend_pairs(form)
-            .finish();
-        let sent = req
-            .header("content-type", "application/x-www-form-urlencoded")
-            .body(body)
-            .send()
-            .await;
+        let sent = super::with_form(req, &form).send().await;
         match sent {
             Ok(r) if r.status().is_success() => tracing::debug!("refresh token revoked"),
             Ok(r) => tracing::warn!(status = %r.status(), "refresh token revocation refused"),

@@ -202,6 +202,20 @@ impl AuthError {
     }
 }
 
+/// `request` with `form` as its `application/x-www-form-urlencoded` body,
+/// as token and revocation endpoints take it.
+pub(crate) fn with_form(
+    request: openidconnect::reqwest::RequestBuilder,
+    form: &[(&str, &str)],
+) -> openidconnect::reqwest::RequestBuilder {
+    let body = openidconnect::url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(form)
+        .finish();
+    request
+        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+        .body(body)
+}
+
 fn escape_html(s: &str) -> String {
     s.chars()
         .map(|c| match c {

@@ -237,13 +237,8 @@ impl Integration {
             ("refresh_token", refresh_token),
         ];
         let request = self.authenticated(http.post(self.token_endpoint.clone()), &mut form);
-        let body = openidconnect::url::form_urlencoded::Serializer::new(String::new())
-            .extend_pairs(form)
-            .finish();
-        let response = request
-            .header("content-type", "application/x-www-form-urlencoded")
+        let response = crate::oidc::with_form(request, &form)
             .header("accept", "application/json")
-            .body(body)
             .send()
             .await
             .map_err(|e| self.unavailable(error_chain(&e)))?;
@@ -269,14 +264,7 @@ impl Integration {
             ("token_type_hint", "refresh_token"),
         ];
         let request = self.authenticated(http.post(url.clone()), &mut form);
-        let body = openidconnect::url::form_urlencoded::Serializer::new(String::new())
-            .extend_pairs(form)
-            .finish();
-        let sent = request
-            .header("content-type", "application/x-www-form-urlencoded")
-            .body(body)
-            .send()
-            .await;
+        let sent = crate::oidc::with_form(request, &form).send().await;
         match sent {
             Ok(r) if r.status().is_success() => {
                 tracing::debug!(integration = %self.name, "refresh token revoked");
