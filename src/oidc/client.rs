@@ -554,7 +554,8 @@ fn payload_claims(jwt: &str) -> Result<Map<String, Value>, AuthError> {
         .ok_or_else(|| AuthError::new(AuthErrorKind::InvalidIdToken, "malformed ID token payload"))
 }
 
-fn urlencode(s: &str) -> String {
+/// Percent-encodes for a form or for HTTP Basic credentials (RFC 6749 §2.3.1).
+pub(crate) fn urlencode(s: &str) -> String {
     openidconnect::url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 

@@ -43,6 +43,8 @@ mod guard;
 pub(crate) mod logout_token;
 mod record;
 
+pub(crate) use self::client::{error_chain, urlencode};
+
 #[cfg(feature = "__fuzz")]
 pub(crate) use self::record::safe_return_to;
 

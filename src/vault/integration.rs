@@ -15,7 +15,10 @@ use serde_json::Value;
 use time::OffsetDateTime;
 
 use super::{check_token, error::VaultError, Tokens};
-use crate::log_safe::untrusted;
+use crate::{
+    log_safe::untrusted,
+    oidc::{error_chain, urlencode},
+};
 
 /// A token response larger than this is refused unread.
 const MAX_RESPONSE_BYTES: usize = 256 * 1024;
@@ -488,21 +491,6 @@ pub(crate) fn check_name(name: &str) -> Result<(), VaultError> {
         ));
     }
     Ok(())
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
-        cur = c.source();
-    }
-    out
-}
-
-fn urlencode(s: &str) -> String {
-    openidconnect::url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
 #[cfg(test)]
