@@ -294,19 +294,7 @@ async fn tls_verify_full_needs_the_right_ca_and_host_name() {
 async fn the_demo_starts_before_its_database_and_serves_once_it_answers() {
     let dir = TempDir(work_dir("late"));
     let data = dir.0.join("data");
-    let (ok, out) = common::cluster::pg_tool(
-        "initdb",
-        &[
-            "-D",
-            data.to_str().unwrap(),
-            "-U",
-            "postgres",
-            "-A",
-            "trust",
-            "--no-sync",
-        ],
-    );
-    assert!(ok, "{out}");
+    common::cluster::initdb(&data);
     let port = free_port();
     let demo = Demo::start(&[
         (

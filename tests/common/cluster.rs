@@ -94,6 +94,23 @@ pub fn give_to_postgres(path: &Path) {
     }
 }
 
+/// A new data directory at `data`: superuser `postgres`, trust auth.
+pub fn initdb(data: &Path) {
+    let (ok, out) = pg_tool(
+        "initdb",
+        &[
+            "-D",
+            data.to_str().unwrap(),
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "--no-sync",
+        ],
+    );
+    assert!(ok, "initdb failed: {out}");
+}
+
 pub struct Cluster {
     pub port: u16,
     pub data: PathBuf,
@@ -109,19 +126,7 @@ impl Cluster {
     pub fn new(hba: Option<&str>, settings: &[&str]) -> Self {
         let dir = work_dir("cluster");
         let data = dir.join("data");
-        let (ok, out) = pg_tool(
-            "initdb",
-            &[
-                "-D",
-                data.to_str().unwrap(),
-                "-U",
-                "postgres",
-                "-A",
-                "trust",
-                "--no-sync",
-            ],
-        );
-        assert!(ok, "initdb failed: {out}");
+        initdb(&data);
         if let Some(hba) = hba {
             std::fs::write(data.join("pg_hba.conf"), hba).unwrap();
             give_to_postgres(&data.join("pg_hba.conf"));
