@@ -122,6 +122,22 @@ impl Setup {
         r.json().await.unwrap()
     }
 
+    /// Connects `user` at the provider and stores the tokens under `mail`,
+    /// expiring `expires_in` from now; returns the provider's token response.
+    async fn connect_and_store(
+        &self,
+        vault: &TokenVault,
+        user: &str,
+        expires_in: Duration,
+    ) -> Value {
+        let connected = self.connect(user).await;
+        vault
+            .store(user, "mail", Self::tokens(&connected, expires_in))
+            .await
+            .unwrap();
+        connected
+    }
+
     /// The token response as the vault's input, expiring `expires_in` from now.
     fn tokens(response: &Value, expires_in: Duration) -> Tokens {
         Tokens::new(response["access_token"].as_str().unwrap().to_owned())
@@ -218,15 +234,8 @@ async fn stores_gets_and_refreshes_with_rotation() {
         (400, Some("invalid_grant"))
     );
     // Reusing the old one made the provider revoke the grant: connect anew.
-    let connected = s.connect("ann").await;
-    vault
-        .store(
-            "ann",
-            "mail",
-            Setup::tokens(&connected, Duration::from_secs(60)),
-        )
-        .await
-        .unwrap();
+    s.connect_and_store(&vault, "ann", Duration::from_secs(60))
+        .await;
     let a = vault.get("ann", "mail").await.unwrap();
     s.expire_in("ann", 60).await;
     let b = vault.get("ann", "mail").await.unwrap();
@@ -262,15 +271,9 @@ async fn stores_gets_and_refreshes_with_rotation() {
 async fn keeps_the_refresh_token_when_the_provider_sends_none() {
     let s = setup("cognito").await;
     let vault = s.vault().await;
-    let connected = s.connect("bo").await;
-    vault
-        .store(
-            "bo",
-            "mail",
-            Setup::tokens(&connected, Duration::from_secs(60)),
-        )
-        .await
-        .unwrap();
+    let connected = s
+        .connect_and_store(&vault, "bo", Duration::from_secs(60))
+        .await;
     let mut seen = vec![connected["access_token"].as_str().unwrap().to_owned()];
     for round in 1..=3 {
         s.expire_in("bo", 60).await;
@@ -289,15 +292,9 @@ async fn keeps_the_refresh_token_when_the_provider_sends_none() {
 async fn invalid_grant_needs_reconsent_and_stops_calling_the_provider() {
     let s = setup("keycloak").await;
     let vault = s.vault().await;
-    let connected = s.connect("cy").await;
-    vault
-        .store(
-            "cy",
-            "mail",
-            Setup::tokens(&connected, Duration::from_secs(60)),
-        )
-        .await
-        .unwrap();
+    let connected = s
+        .connect_and_store(&vault, "cy", Duration::from_secs(60))
+        .await;
     let r = reqwest::Client::new()
         .post(s.revocation_endpoint())
         .basic_auth(CLIENT_ID, Some(CLIENT_SECRET))
@@ -320,11 +317,7 @@ async fn invalid_grant_needs_reconsent_and_stops_calling_the_provider() {
     assert!(list[0].needs_reconsent);
 
     // Connecting again clears the mark.
-    let connected = s.connect("cy").await;
-    vault
-        .store("cy", "mail", Setup::tokens(&connected, HOUR))
-        .await
-        .unwrap();
+    let connected = s.connect_and_store(&vault, "cy", HOUR).await;
     assert_eq!(
         vault.get("cy", "mail").await.unwrap().secret(),
         connected["access_token"].as_str().unwrap()
@@ -449,15 +442,9 @@ async fn two_instances_refresh_a_nearly_expired_token_once() {
 async fn a_provider_that_is_down_leaves_the_old_token_in_use_while_valid() {
     let mut s = setup("keycloak").await;
     let vault = s.vault().await;
-    let connected = s.connect("hal").await;
-    vault
-        .store(
-            "hal",
-            "mail",
-            Setup::tokens(&connected, Duration::from_secs(60)),
-        )
-        .await
-        .unwrap();
+    let connected = s
+        .connect_and_store(&vault, "hal", Duration::from_secs(60))
+        .await;
     let sealed_rt = s.column("hal", "refresh_token").await;
 
     // A 503: the old token, still valid, is used; nothing is lost.
@@ -496,15 +483,9 @@ async fn a_provider_that_is_down_leaves_the_old_token_in_use_while_valid() {
 async fn a_malformed_token_response_is_refused_and_changes_nothing() {
     let s = setup("keycloak").await;
     let vault = s.vault().await;
-    let connected = s.connect("ida").await;
-    vault
-        .store(
-            "ida",
-            "mail",
-            Setup::tokens(&connected, Duration::from_secs(60)),
-        )
-        .await
-        .unwrap();
+    let connected = s
+        .connect_and_store(&vault, "ida", Duration::from_secs(60))
+        .await;
     s.expire_in("ida", -1).await;
     let before = s.column("ida", "access_token").await;
     s.fault("malformed", 1, 0).await;
@@ -541,15 +522,8 @@ async fn an_oversized_token_is_refused() {
     );
     assert!(vault.list("jo").await.unwrap().is_empty());
 
-    let connected = s.connect("jo").await;
-    vault
-        .store(
-            "jo",
-            "mail",
-            Setup::tokens(&connected, Duration::from_secs(60)),
-        )
-        .await
-        .unwrap();
+    s.connect_and_store(&vault, "jo", Duration::from_secs(60))
+        .await;
     s.expire_in("jo", -1).await;
     let before = s.column("jo", "access_token").await;
     s.fault("oversized", 1, 20_000).await;
@@ -677,15 +651,9 @@ async fn logs_carry_no_token_and_escape_what_users_chose() {
     logs();
     let s = setup("keycloak").await;
     let vault = s.vault().await;
-    let connected = s.connect("mo").await;
-    vault
-        .store(
-            "mo",
-            "mail",
-            Setup::tokens(&connected, Duration::from_secs(60)),
-        )
-        .await
-        .unwrap();
+    let connected = s
+        .connect_and_store(&vault, "mo", Duration::from_secs(60))
+        .await;
     let refreshed = vault.get("mo", "mail").await.unwrap();
     assert_eq!(s.refreshes().await, 1);
 
@@ -1076,15 +1044,9 @@ async fn an_oidc_integration_is_found_through_discovery() {
         let vault = TokenVault::new(&s.store, s.keys.clone(), s.config().with_integration(mail))
             .await
             .unwrap();
-        let connected = s.connect("quin").await;
-        vault
-            .store(
-                "quin",
-                "mail",
-                Setup::tokens(&connected, Duration::from_secs(60)),
-            )
-            .await
-            .unwrap();
+        let connected = s
+            .connect_and_store(&vault, "quin", Duration::from_secs(60))
+            .await;
         vault.get("quin", "mail").await.unwrap();
         assert_eq!(s.refreshes().await, 1);
         // Discovery found the revocation endpoint too.
