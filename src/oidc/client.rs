@@ -79,8 +79,31 @@ pub(crate) enum LogoutStyle {
 }
 
 /// A relying party of one OpenID provider. Cheap to clone.
+///
+/// Built by [`discover`](Self::discover) (discovery now, an error when the
+/// provider is down) or [`lazy`](Self::lazy) (discovery on first use, so an
+/// application starts while its provider is down; until discovery works,
+/// logins and the guard answer 503 and discovery is tried again at most
+/// every [`with_discovery_retry`](super::OidcConfig::with_discovery_retry)).
 #[derive(Clone)]
 pub struct OidcClient {
+    shared: Arc<Shared>,
+}
+
+/// What is known without the provider, and the discovered client once there.
+struct Shared {
+    config: OidcConfig,
+    store: PgStore,
+    issuer: String,
+    provider: Provider,
+    discovered: tokio::sync::OnceCell<Discovered>,
+    /// The last failed discovery, answered again until a retry is due.
+    failed: std::sync::Mutex<Option<(Instant, AuthError)>>,
+}
+
+/// The client once its provider is discovered: what the flows run on.
+#[derive(Clone)]
+pub(crate) struct Discovered {
     pub(crate) inner: Arc<Inner>,
 }
 
@@ -101,9 +124,10 @@ pub(crate) struct Inner {
 impl fmt::Debug for OidcClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("OidcClient")
-            .field("issuer", &self.inner.issuer)
-            .field("provider", &self.inner.provider)
-            .field("config", &self.inner.config)
+            .field("issuer", &self.shared.issuer)
+            .field("provider", &self.shared.provider)
+            .field("config", &self.shared.config)
+            .field("discovered", &self.shared.discovered.initialized())
             .finish_non_exhaustive()
     }
 }
@@ -143,6 +167,21 @@ impl OidcClient {
     /// says why), [`AuthErrorKind::SessionUnavailable`] when the store cannot
     /// create its companion table.
     pub async fn discover(config: OidcConfig, store: PgStore) -> Result<Self, AuthError> {
+        let client = Self::lazy(config, store);
+        client
+            .shared
+            .discovered
+            .get_or_try_init(|| discover(&client.shared))
+            .await?;
+        Ok(client)
+    }
+
+    /// A client that discovers its provider on first use, and again after a
+    /// failure once [`with_discovery_retry`](super::OidcConfig::with_discovery_retry)
+    /// has passed: the application starts while the provider is down, and
+    /// its logins and guarded routes answer 503
+    /// ([`AuthErrorKind::LoginUnavailable`]) until discovery works.
+    pub fn lazy(config: OidcConfig, store: PgStore) -> Self {
         let provider = config
             .provider
             .clone()
@@ -152,94 +191,111 @@ impl OidcClient {
             Provider::Keycloak => config.issuer.trim_end_matches('/').to_owned(),
             _ => config.issuer.clone(),
         };
-        // Following redirects would let a hostile metadata document point
-        // requests anywhere (SSRF); timeouts keep a stalled provider from
-        // stalling every login.
-        let http = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(config.http_timeout.min(Duration::from_secs(5)))
-            .timeout(config.http_timeout)
-            .build()
-            .map_err(|e| AuthError::new(AuthErrorKind::ProviderUnavailable, e.to_string()))?;
-        let issuer_url = IssuerUrl::new(issuer.clone())
-            .map_err(|e| AuthError::new(AuthErrorKind::ProviderUnavailable, e.to_string()))?;
-        let metadata = Metadata::discover_async(issuer_url, &http)
-            .await
-            .map_err(|e| {
-                AuthError::new(
-                    AuthErrorKind::ProviderUnavailable,
-                    format!("discovery at {issuer} failed: {}", error_chain(&e)),
-                )
-            })?;
-        let extra = metadata.additional_metadata().clone();
-        let auth_origin = metadata.authorization_endpoint().url().origin();
-        let logout = match &provider {
-            Provider::Cognito { domain } => {
-                let base = match domain {
-                    Some(d) => d.clone(),
-                    None => Url::parse(&auth_origin.ascii_serialization()).map_err(|e| {
-                        AuthError::new(AuthErrorKind::ProviderUnavailable, e.to_string())
-                    })?,
-                };
-                LogoutStyle::Cognito(base.join("logout").unwrap_or(base))
-            }
-            _ => match extra.end_session_endpoint.as_deref().map(Url::parse) {
-                Some(Ok(url)) => LogoutStyle::EndSession(url),
-                _ => LogoutStyle::None,
-            },
-        };
-        let revocation = extra
-            .revocation_endpoint
-            .as_deref()
-            .and_then(|u| Url::parse(u).ok());
-        let jwks = metadata.jwks().clone();
-        let jwks_uri = metadata.jwks_uri().clone();
-        let redirect = RedirectUrl::from_url(config.redirect_uri());
-        let client = CoreClient::from_provider_metadata(
-            metadata,
-            ClientId::new(config.client_id.clone()),
-            config.client_secret.clone().map(ClientSecret::new),
-        )
-        .set_redirect_uri(redirect);
-        store
-            .ensure_seen_table()
-            .await
-            .map_err(|e| AuthError::new(AuthErrorKind::SessionUnavailable, e.to_string()))?;
-        tracing::info!(%issuer, ?provider, "OpenID provider discovered");
-        Ok(Self {
-            inner: Arc::new(Inner {
-                iss_param_required: extra
-                    .authorization_response_iss_parameter_supported
-                    .unwrap_or(false),
+        Self {
+            shared: Arc::new(Shared {
                 config,
-                client,
-                http,
+                store,
                 issuer,
                 provider,
-                logout,
-                revocation,
-                store,
-                jwks_uri,
-                jwks: RwLock::new((Arc::new(jwks), None)),
+                discovered: tokio::sync::OnceCell::new(),
+                failed: std::sync::Mutex::new(None),
             }),
-        })
+        }
+    }
+
+    /// Whether discovery has succeeded.
+    pub fn is_discovered(&self) -> bool {
+        self.shared.discovered.initialized()
+    }
+
+    /// The discovered client: discovery runs once, shared by concurrent
+    /// callers; after a failure the same error is answered until a retry is
+    /// due, so an outage costs the provider one request per pause.
+    pub(crate) async fn discovered(&self) -> Result<&Discovered, AuthError> {
+        if let Some(d) = self.shared.discovered.get() {
+            return Ok(d);
+        }
+        let retry = self.shared.config.discovery_retry;
+        if let Some((at, e)) = &*self.failed() {
+            if at.elapsed() < retry {
+                return Err(e.clone());
+            }
+        }
+        let result = self
+            .shared
+            .discovered
+            .get_or_try_init(|| discover(&self.shared))
+            .await;
+        match result {
+            Ok(d) => Ok(d),
+            Err(e) => {
+                tracing::warn!(error = %untrusted(&e), retry_secs = retry.as_secs(), "OpenID discovery failed: logins answer 503 until it works");
+                let unavailable = AuthError::new(
+                    AuthErrorKind::LoginUnavailable,
+                    format!(
+                        "the OpenID provider is unavailable, retrying every {} s: {}",
+                        retry.as_secs(),
+                        e.detail()
+                    ),
+                );
+                *self.failed() = Some((Instant::now(), unavailable.clone()));
+                Err(if e.kind() == AuthErrorKind::ProviderUnavailable {
+                    unavailable
+                } else {
+                    e
+                })
+            }
+        }
+    }
+
+    /// The discovered client, if discovery has already succeeded.
+    pub(crate) fn discovered_now(&self) -> Option<&Discovered> {
+        self.shared.discovered.get()
+    }
+
+    fn failed(&self) -> std::sync::MutexGuard<'_, Option<(Instant, AuthError)>> {
+        self.shared
+            .failed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The issuer, as the provider names itself.
     pub fn issuer(&self) -> &str {
-        &self.inner.issuer
+        &self.shared.issuer
     }
 
     /// The provider preset in use.
     pub fn provider(&self) -> &Provider {
-        &self.inner.provider
+        &self.shared.provider
     }
 
     /// The configuration.
     pub fn config(&self) -> &OidcConfig {
-        &self.inner.config
+        &self.shared.config
     }
 
+    /// Verifies an ID token given as a compact JWT, as the callback does:
+    /// signature with a pinned algorithm list (refetching the provider's keys
+    /// once for an unknown key id), `iss`, `aud`/`azp`, `exp`/`iat` within the
+    /// clock skew, and the nonce when one is given. Returns its claims.
+    ///
+    /// # Errors
+    /// [`AuthErrorKind::InvalidIdToken`] saying which check failed,
+    /// [`AuthErrorKind::LoginUnavailable`] before discovery works.
+    pub async fn verify_id_token_jwt(
+        &self,
+        jwt: &str,
+        nonce: Option<&str>,
+    ) -> Result<Map<String, Value>, AuthError> {
+        self.discovered()
+            .await?
+            .verify_id_token_jwt(jwt, nonce)
+            .await
+    }
+}
+
+impl Discovered {
     pub(crate) fn store(&self) -> &PgStore {
         &self.inner.store
     }
@@ -299,14 +355,8 @@ impl OidcClient {
         self.inner.jwks.read().await.0.clone()
     }
 
-    /// Verifies an ID token given as a compact JWT, as the callback does:
-    /// signature with a pinned algorithm list (refetching the provider's keys
-    /// once for an unknown key id), `iss`, `aud`/`azp`, `exp`/`iat` within the
-    /// clock skew, and the nonce when one is given. Returns its claims.
-    ///
-    /// # Errors
-    /// [`AuthErrorKind::InvalidIdToken`] saying which check failed.
-    pub async fn verify_id_token_jwt(
+    /// See [`OidcClient::verify_id_token_jwt`].
+    pub(crate) async fn verify_id_token_jwt(
         &self,
         jwt: &str,
         nonce: Option<&str>,
@@ -534,6 +584,84 @@ impl OidcClient {
         }
         Ok(checked.claims)
     }
+}
+
+/// Discovery: the provider's metadata, the client built from it, and the
+/// store's companion table.
+async fn discover(shared: &Shared) -> Result<Discovered, AuthError> {
+    let (config, store) = (shared.config.clone(), shared.store.clone());
+    let (issuer, provider) = (shared.issuer.clone(), shared.provider.clone());
+    // Following redirects would let a hostile metadata document point
+    // requests anywhere (SSRF); timeouts keep a stalled provider from
+    // stalling every login.
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(config.http_timeout.min(Duration::from_secs(5)))
+        .timeout(config.http_timeout)
+        .build()
+        .map_err(|e| AuthError::new(AuthErrorKind::ProviderUnavailable, e.to_string()))?;
+    let issuer_url = IssuerUrl::new(issuer.clone())
+        .map_err(|e| AuthError::new(AuthErrorKind::ProviderUnavailable, e.to_string()))?;
+    let metadata = Metadata::discover_async(issuer_url, &http)
+        .await
+        .map_err(|e| {
+            AuthError::new(
+                AuthErrorKind::ProviderUnavailable,
+                format!("discovery at {issuer} failed: {}", error_chain(&e)),
+            )
+        })?;
+    let extra = metadata.additional_metadata().clone();
+    let auth_origin = metadata.authorization_endpoint().url().origin();
+    let logout = match &provider {
+        Provider::Cognito { domain } => {
+            let base = match domain {
+                Some(d) => d.clone(),
+                None => Url::parse(&auth_origin.ascii_serialization()).map_err(|e| {
+                    AuthError::new(AuthErrorKind::ProviderUnavailable, e.to_string())
+                })?,
+            };
+            LogoutStyle::Cognito(base.join("logout").unwrap_or(base))
+        }
+        _ => match extra.end_session_endpoint.as_deref().map(Url::parse) {
+            Some(Ok(url)) => LogoutStyle::EndSession(url),
+            _ => LogoutStyle::None,
+        },
+    };
+    let revocation = extra
+        .revocation_endpoint
+        .as_deref()
+        .and_then(|u| Url::parse(u).ok());
+    let jwks = metadata.jwks().clone();
+    let jwks_uri = metadata.jwks_uri().clone();
+    let redirect = RedirectUrl::from_url(config.redirect_uri());
+    let client = CoreClient::from_provider_metadata(
+        metadata,
+        ClientId::new(config.client_id.clone()),
+        config.client_secret.clone().map(ClientSecret::new),
+    )
+    .set_redirect_uri(redirect);
+    store
+        .ensure_seen_table()
+        .await
+        .map_err(|e| AuthError::new(AuthErrorKind::SessionUnavailable, e.to_string()))?;
+    tracing::info!(%issuer, ?provider, "OpenID provider discovered");
+    Ok(Discovered {
+        inner: Arc::new(Inner {
+            iss_param_required: extra
+                .authorization_response_iss_parameter_supported
+                .unwrap_or(false),
+            config,
+            client,
+            http,
+            issuer,
+            provider,
+            logout,
+            revocation,
+            store,
+            jwks_uri,
+            jwks: RwLock::new((Arc::new(jwks), None)),
+        }),
+    })
 }
 
 /// When a token that lives `expires_in` from `now` (unix seconds) expires;

@@ -87,6 +87,8 @@ pub struct OidcConfig {
     pub(crate) app_url: Url,
     pub(crate) login_path: String,
     pub(crate) callback_path: String,
+    pub(crate) logout_path: String,
+    pub(crate) backchannel_logout_path: String,
     pub(crate) post_logout_redirect: Url,
     pub(crate) scopes: Vec<String>,
     pub(crate) provider: Option<Provider>,
@@ -96,6 +98,7 @@ pub struct OidcConfig {
     pub(crate) max_pending_logins: usize,
     pub(crate) algorithms: Vec<CoreJwsSigningAlgorithm>,
     pub(crate) http_timeout: Duration,
+    pub(crate) discovery_retry: Duration,
     pub(crate) keys: Keyring,
     pub(crate) bridge_key: Option<String>,
 }
@@ -161,6 +164,8 @@ impl OidcConfig {
             app_url: app,
             login_path: "auth/login".to_owned(),
             callback_path: "auth/callback".to_owned(),
+            logout_path: "auth/logout".to_owned(),
+            backchannel_logout_path: "auth/backchannel-logout".to_owned(),
             post_logout_redirect: post_logout,
             scopes: vec!["openid".into(), "profile".into(), "email".into()],
             provider: None,
@@ -170,6 +175,7 @@ impl OidcConfig {
             max_pending_logins: 5,
             algorithms: DEFAULT_ALGS.to_vec(),
             http_timeout: Duration::from_secs(10),
+            discovery_retry: Duration::from_secs(5),
             keys,
             bridge_key: None,
         })
@@ -252,6 +258,30 @@ impl OidcConfig {
         self
     }
 
+    /// The path (under `app_url`) of the logout handler (default
+    /// `auth/logout`), served by [`OidcClient::routes`](super::OidcClient::routes)
+    /// and [`OidcRoutesLayer`](super::OidcRoutesLayer).
+    pub fn with_logout_path(mut self, path: &str) -> Self {
+        self.logout_path = path.trim_start_matches('/').to_owned();
+        self
+    }
+
+    /// The path (under `app_url`) of the back-channel logout handler
+    /// (default `auth/backchannel-logout`), the URL to register at the
+    /// provider.
+    pub fn with_backchannel_logout_path(mut self, path: &str) -> Self {
+        self.backchannel_logout_path = path.trim_start_matches('/').to_owned();
+        self
+    }
+
+    /// How long a client built with [`OidcClient::lazy`](super::OidcClient::lazy)
+    /// waits after a failed discovery before trying again (default 5 s);
+    /// meanwhile logins answer 503 at once.
+    pub fn with_discovery_retry(mut self, pause: Duration) -> Self {
+        self.discovery_retry = pause;
+        self
+    }
+
     /// Where the provider sends the browser after logout (default `app_url`).
     ///
     /// # Errors
@@ -300,7 +330,12 @@ impl OidcConfig {
     }
 
     pub(crate) fn login_path_abs(&self) -> String {
-        format!("{}{}", self.app_url.path(), self.login_path)
+        self.path_abs(&self.login_path)
+    }
+
+    /// `path` (relative to `app_url`) as the request path it arrives as.
+    pub(crate) fn path_abs(&self, path: &str) -> String {
+        format!("{}{}", self.app_url.path(), path)
     }
 
     /// `scheme://host[:port]` of the application, for `Origin` checks.

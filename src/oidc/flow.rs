@@ -10,7 +10,7 @@ use time::OffsetDateTime;
 use tracing::Instrument;
 
 use super::{
-    client::{constant_eq, OidcClient},
+    client::{constant_eq, Discovered, LogoutStyle, OidcClient},
     record::{
         self, groups_of, pending_key, safe_return_to, LoginRecord, PendingLogin, Stored,
         PENDING_PREFIX, USER_KEY,
@@ -66,7 +66,177 @@ impl OidcClient {
     ///
     /// # Errors
     /// [`AuthErrorKind::SessionUnavailable`] when the session cannot be read.
+    /// [`AuthErrorKind::LoginUnavailable`] (503) while the provider is not
+    /// discovered.
     pub async fn login(
+        &self,
+        session: &Session,
+        return_to: Option<&str>,
+    ) -> Result<Redirect, AuthError> {
+        self.discovered().await?.login(session, return_to).await
+    }
+
+    /// Completes a login from the callback's query string. The pending login
+    /// named by `state` is consumed before anything else (so a callback can
+    /// succeed once), then the issuer, the code exchange and the ID token are
+    /// checked. On success the session id is cycled and the user stored; the
+    /// redirect goes to the page the login started from.
+    ///
+    /// # Errors
+    /// An [`AuthError`] whose kind says what was wrong; none leaves a
+    /// half-logged-in session.
+    pub async fn callback(
+        &self,
+        session: &Session,
+        query: Option<&str>,
+    ) -> Result<(Redirect, User), AuthError> {
+        let result = async {
+            self.discovered()
+                .await?
+                .complete_login(session, query)
+                .await
+        }
+        .instrument(tracing::info_span!("oidc.callback"))
+        .await;
+        if let Err(e) = &result {
+            tracing::warn!(error = %untrusted(e), "login failed");
+            crate::metrics::failure(format!("login_{}", e.kind().code()));
+        }
+        result
+    }
+
+    /// Ends the session: checks that the request comes from the app's own
+    /// origin (`Origin`, else `Referer`), destroys the session, revokes the
+    /// refresh token where the provider allows, and redirects to the
+    /// provider's logout (RP-initiated logout; Cognito's `/logout`), or to the
+    /// post-logout page when the provider has none.
+    ///
+    /// Before the provider is discovered (a [lazy](Self::lazy) client), the
+    /// session still ends, and the browser goes to the post-logout page.
+    ///
+    /// # Errors
+    /// [`AuthErrorKind::CrossSiteRequest`] (403) for a request from elsewhere.
+    pub async fn logout(
+        &self,
+        session: &Session,
+        headers: &HeaderMap,
+    ) -> Result<Redirect, AuthError> {
+        let config = self.config();
+        check_same_origin(&config.app_origin(), headers)?;
+        let record = end_session(config, session).await;
+        let target = match self.discovered_now() {
+            Some(discovered) => discovered.provider_logout(record.as_ref()).await,
+            None => config.post_logout_redirect.to_string(),
+        };
+        if let Some(r) = &record {
+            tracing::info!(sub = %untrusted(&r.sub), "logout");
+        }
+        crate::metrics::logout("local");
+        Ok(Redirect::see_other(&target))
+    }
+
+    /// Handles a back-channel logout request (its form-encoded body): verifies
+    /// the `logout_token` and deletes every session it names, by the
+    /// provider's session id (`sid`) or else by subject. Answers 200, or 400
+    /// with the spec's error body; never a redirect.
+    pub async fn backchannel_logout(&self, body: &[u8]) -> http::Response<String> {
+        let token = openidconnect::url::form_urlencoded::parse(body)
+            .find(|(k, _)| k == "logout_token")
+            .map(|(_, v)| v.into_owned());
+        let result = match token {
+            None => Err(AuthError::new(
+                AuthErrorKind::InvalidLogoutToken,
+                "no logout_token",
+            )),
+            Some(token) => match self.discovered().await {
+                Ok(discovered) => discovered.apply_logout_token(&token).await,
+                Err(e) => Err(e),
+            },
+        };
+        backchannel_response(result)
+    }
+}
+
+/// Refuses a logout that comes from another site: `Origin`, else `Referer`,
+/// must be the application's.
+fn check_same_origin(origin: &str, headers: &HeaderMap) -> Result<(), AuthError> {
+    let same_origin = match headers.get(header::ORIGIN).map(|v| v.to_str()) {
+        Some(Ok(o)) => o == origin,
+        Some(Err(_)) => false,
+        None => headers
+            .get(header::REFERER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|r| Url::parse(r).ok())
+            .is_some_and(|r| r.origin().ascii_serialization() == origin),
+    };
+    if same_origin {
+        Ok(())
+    } else {
+        Err(AuthError::new(
+            AuthErrorKind::CrossSiteRequest,
+            "logout must come from the application's own pages",
+        ))
+    }
+}
+
+/// Destroys the session; returns its login record when one opens (only such
+/// a record names tokens to revoke or hint with).
+async fn end_session(config: &super::OidcConfig, session: &Session) -> Option<LoginRecord> {
+    let raw: Option<Box<RawValue>> = session.get(USER_KEY).await.ok().flatten();
+    let binding = session.binding_key().await.ok();
+    session.destroy().await;
+    binding.and_then(
+        |binding| match record::open_login(&config.keys, &binding, raw.as_deref()) {
+            Stored::Opened { record, .. } => Some(record),
+            _ => None,
+        },
+    )
+}
+
+/// The answer to a back-channel logout: 200, 400 with the spec's error body,
+/// or 503 when the store or the provider's keys are out of reach.
+fn backchannel_response(result: Result<u64, AuthError>) -> http::Response<String> {
+    let (status, body) = match result {
+        Ok(n) => {
+            tracing::info!(sessions = n, "back-channel logout");
+            crate::metrics::logout("backchannel");
+            (StatusCode::OK, String::new())
+        }
+        Err(e) => {
+            tracing::warn!(error = %untrusted(&e), "back-channel logout refused");
+            crate::metrics::failure("backchannel_rejected");
+            let code = match e.kind() {
+                AuthErrorKind::SessionUnavailable | AuthErrorKind::LoginUnavailable => {
+                    StatusCode::SERVICE_UNAVAILABLE
+                }
+                _ => StatusCode::BAD_REQUEST,
+            };
+            (
+                code,
+                serde_json::json!({"error": "invalid_request", "error_description": e.detail()})
+                    .to_string(),
+            )
+        }
+    };
+    let mut response = http::Response::new(body);
+    *response.status_mut() = status;
+    let h = response.headers_mut();
+    h.insert(
+        header::CACHE_CONTROL,
+        http::HeaderValue::from_static("no-store"),
+    );
+    if status != StatusCode::OK {
+        h.insert(
+            header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
+    }
+    response
+}
+
+impl Discovered {
+    /// See [`OidcClient::login`].
+    pub(crate) async fn login(
         &self,
         session: &Session,
         return_to: Option<&str>,
@@ -133,32 +303,7 @@ impl OidcClient {
         Ok(Redirect::found(url.as_str()))
     }
 
-    /// Completes a login from the callback's query string. The pending login
-    /// named by `state` is consumed before anything else (so a callback can
-    /// succeed once), then the issuer, the code exchange and the ID token are
-    /// checked. On success the session id is cycled and the user stored; the
-    /// redirect goes to the page the login started from.
-    ///
-    /// # Errors
-    /// An [`AuthError`] whose kind says what was wrong; none leaves a
-    /// half-logged-in session.
-    pub async fn callback(
-        &self,
-        session: &Session,
-        query: Option<&str>,
-    ) -> Result<(Redirect, User), AuthError> {
-        let result = self
-            .complete_login(session, query)
-            .instrument(tracing::info_span!("oidc.callback"))
-            .await;
-        if let Err(e) = &result {
-            tracing::warn!(error = %untrusted(e), "login failed");
-            crate::metrics::failure(format!("login_{}", e.kind().code()));
-        }
-        result
-    }
-
-    async fn complete_login(
+    pub(crate) async fn complete_login(
         &self,
         session: &Session,
         query: Option<&str>,
@@ -281,59 +426,21 @@ impl OidcClient {
         ))
     }
 
-    /// Ends the session: checks that the request comes from the app's own
-    /// origin (`Origin`, else `Referer`), destroys the session, revokes the
-    /// refresh token where the provider allows, and redirects to the
-    /// provider's logout (RP-initiated logout; Cognito's `/logout`), or to the
-    /// post-logout page when the provider has none.
-    ///
-    /// # Errors
-    /// [`AuthErrorKind::CrossSiteRequest`] (403) for a request from elsewhere.
-    pub async fn logout(
-        &self,
-        session: &Session,
-        headers: &HeaderMap,
-    ) -> Result<Redirect, AuthError> {
+    /// Revokes the login's refresh token where the provider allows, and
+    /// returns where the browser goes to end the provider's session.
+    async fn provider_logout(&self, record: Option<&LoginRecord>) -> String {
         let config = &self.inner.config;
-        let origin = config.app_origin();
-        let same_origin = match headers.get(header::ORIGIN).map(|v| v.to_str()) {
-            Some(Ok(o)) => o == origin,
-            Some(Err(_)) => false,
-            None => headers
-                .get(header::REFERER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|r| Url::parse(r).ok())
-                .is_some_and(|r| r.origin().ascii_serialization() == origin),
-        };
-        if !same_origin {
-            return Err(AuthError::new(
-                AuthErrorKind::CrossSiteRequest,
-                "logout must come from the application's own pages",
-            ));
-        }
-        let raw: Option<Box<RawValue>> = session.get(USER_KEY).await.ok().flatten();
-        let binding = session.binding_key().await.ok();
-        session.destroy().await;
-        // Only a record that opens names tokens to revoke or hint with.
-        let record = binding.and_then(|binding| {
-            match record::open_login(&config.keys, &binding, raw.as_deref()) {
-                Stored::Opened { record, .. } => Some(record),
-                _ => None,
-            }
-        });
-        let (id_token, refresh) = record
-            .as_ref()
-            .map_or((None, None), |r| (r.idt.clone(), r.rt.clone()));
+        let (id_token, refresh) = record.map_or((None, None), |r| (r.idt.as_ref(), r.rt.as_ref()));
         if let Some(rt) = refresh {
-            self.revoke(&rt).await;
+            self.revoke(rt).await;
         }
         let after = config.post_logout_redirect.as_str();
-        let target = match &self.inner.logout {
-            super::client::LogoutStyle::EndSession(url) => {
+        match &self.inner.logout {
+            LogoutStyle::EndSession(url) => {
                 let mut url = url.clone();
                 {
                     let mut q = url.query_pairs_mut();
-                    if let Some(hint) = &id_token {
+                    if let Some(hint) = id_token {
                         q.append_pair("id_token_hint", hint);
                     }
                     q.append_pair("client_id", &config.client_id);
@@ -342,71 +449,15 @@ impl OidcClient {
                 }
                 url.to_string()
             }
-            super::client::LogoutStyle::Cognito(url) => {
+            LogoutStyle::Cognito(url) => {
                 let mut url = url.clone();
                 url.query_pairs_mut()
                     .append_pair("client_id", &config.client_id)
                     .append_pair("logout_uri", after);
                 url.to_string()
             }
-            super::client::LogoutStyle::None => after.to_owned(),
-        };
-        if let Some(r) = &record {
-            tracing::info!(sub = %untrusted(&r.sub), "logout");
+            LogoutStyle::None => after.to_owned(),
         }
-        crate::metrics::logout("local");
-        Ok(Redirect::see_other(&target))
-    }
-
-    /// Handles a back-channel logout request (its form-encoded body): verifies
-    /// the `logout_token` and deletes every session it names, by the
-    /// provider's session id (`sid`) or else by subject. Answers 200, or 400
-    /// with the spec's error body; never a redirect.
-    pub async fn backchannel_logout(&self, body: &[u8]) -> http::Response<String> {
-        let token = openidconnect::url::form_urlencoded::parse(body)
-            .find(|(k, _)| k == "logout_token")
-            .map(|(_, v)| v.into_owned());
-        let result = match token {
-            None => Err(AuthError::new(
-                AuthErrorKind::InvalidLogoutToken,
-                "no logout_token",
-            )),
-            Some(token) => self.apply_logout_token(&token).await,
-        };
-        let (status, body) = match result {
-            Ok(n) => {
-                tracing::info!(sessions = n, "back-channel logout");
-                crate::metrics::logout("backchannel");
-                (StatusCode::OK, String::new())
-            }
-            Err(e) => {
-                tracing::warn!(error = %untrusted(&e), "back-channel logout refused");
-                crate::metrics::failure("backchannel_rejected");
-                let code = if e.kind() == AuthErrorKind::SessionUnavailable {
-                    StatusCode::SERVICE_UNAVAILABLE
-                } else {
-                    StatusCode::BAD_REQUEST
-                };
-                (
-                    code,
-                    serde_json::json!({"error": "invalid_request", "error_description": e.detail()}).to_string(),
-                )
-            }
-        };
-        let mut response = http::Response::new(body);
-        *response.status_mut() = status;
-        let h = response.headers_mut();
-        h.insert(
-            header::CACHE_CONTROL,
-            http::HeaderValue::from_static("no-store"),
-        );
-        if status != StatusCode::OK {
-            h.insert(
-                header::CONTENT_TYPE,
-                http::HeaderValue::from_static("application/json"),
-            );
-        }
-        response
     }
 
     async fn apply_logout_token(&self, token: &str) -> Result<u64, AuthError> {

@@ -42,6 +42,7 @@ mod flow;
 mod guard;
 pub(crate) mod logout_token;
 mod record;
+pub mod routes;
 
 pub(crate) use self::client::{error_chain, urlencode};
 
@@ -59,13 +60,14 @@ pub use self::{
     client::OidcClient,
     config::{OidcConfig, Provider},
     guard::{Rejection, RejectionKind, RequireLogin, RequireLoginFuture, RequireLoginLayer},
+    routes::{OidcRoutes, OidcRoutesFuture, OidcRoutesLayer},
 };
 /// The URL type of the configuration ([`Provider::Cognito`]'s domain).
 pub use openidconnect::url::Url;
 
 /// What went wrong in a login, logout or back-channel logout. Its
 /// [`status`](Self::status) is what the browser should get.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct AuthError {
     kind: AuthErrorKind,
     detail: String,
@@ -103,6 +105,9 @@ pub enum AuthErrorKind {
     SessionUnavailable,
     /// A logout came from another site.
     CrossSiteRequest,
+    /// The provider is not discovered yet (a [lazy](OidcClient::lazy)
+    /// client whose provider has not answered): try again shortly.
+    LoginUnavailable,
 }
 
 impl AuthErrorKind {
@@ -122,6 +127,7 @@ impl AuthErrorKind {
             Self::ProviderUnavailable => "provider_unavailable",
             Self::SessionUnavailable => "session_unavailable",
             Self::CrossSiteRequest => "cross_site_request",
+            Self::LoginUnavailable => "login_unavailable",
         }
     }
 }
@@ -154,12 +160,14 @@ impl AuthError {
 
     /// The status the response carries: 400 for a bad or replayed callback,
     /// 403 for a cross-site logout, 502 when the provider is unreachable, 503
-    /// when the session store is.
+    /// when the session store is or the provider is not discovered yet.
     pub fn status(&self) -> StatusCode {
         match self.kind {
             AuthErrorKind::CrossSiteRequest => StatusCode::FORBIDDEN,
             AuthErrorKind::ProviderUnavailable => StatusCode::BAD_GATEWAY,
-            AuthErrorKind::SessionUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            AuthErrorKind::SessionUnavailable | AuthErrorKind::LoginUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             _ => StatusCode::BAD_REQUEST,
         }
     }

@@ -8,14 +8,12 @@ use std::{
 };
 
 use axum::{
-    body::Bytes,
-    extract::{Path, Query, RawQuery, State},
-    http::{header, HeaderMap, StatusCode},
+    extract::{Path, State},
+    http::{header, StatusCode},
     response::{IntoResponse, Response},
-    routing::{get, post},
+    routing::get,
     Json, Router,
 };
-use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::{
     io::{AsyncBufReadExt, BufReader},
@@ -209,22 +207,25 @@ impl Drop for App {
     }
 }
 
-#[derive(Clone)]
-struct AppState {
-    client: OidcClient,
-    backchannel: Arc<Mutex<Vec<String>>>,
-}
-
-#[derive(Deserialize)]
-struct LoginQuery {
-    return_to: Option<String>,
-}
-
-fn wants_html(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.contains("text/html"))
+/// Keeps what the provider delivers to the back-channel logout route.
+async fn record_backchannel(
+    State(delivered): State<Arc<Mutex<Vec<String>>>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if request.uri().path() != "/auth/backchannel-logout" {
+        return next.run(request).await;
+    }
+    let (parts, body) = request.into_parts();
+    let body = axum::body::to_bytes(body, 1 << 20)
+        .await
+        .unwrap_or_default();
+    delivered
+        .lock()
+        .unwrap()
+        .push(String::from_utf8_lossy(&body).into_owned());
+    next.run(axum::extract::Request::from_parts(parts, body.into()))
+        .await
 }
 
 pub fn router(
@@ -247,49 +248,32 @@ pub fn router(
         .route_layer(RequireLoginLayer::new(client.clone()));
     Router::new()
         .merge(protected)
-        .route(
-            "/auth/login",
-            get(|State(s): State<AppState>, session: Session, Query(q): Query<LoginQuery>| async move {
-                s.client.login(&session, q.return_to.as_deref()).await
-            }),
-        )
-        .route(
-            "/auth/callback",
-            get(|State(s): State<AppState>, session: Session, headers: HeaderMap, RawQuery(q): RawQuery| async move {
-                match s.client.callback(&session, q.as_deref()).await {
-                    Ok((redirect, _)) => redirect.into_response(),
-                    Err(e) => e.to_response::<axum::body::Body>(wants_html(&headers)).into_response(),
-                }
-            }),
-        )
-        .route(
-            "/auth/logout",
-            post(|State(s): State<AppState>, session: Session, headers: HeaderMap| async move {
-                s.client.logout(&session, &headers).await
-            }),
-        )
-        .route(
-            "/auth/backchannel-logout",
-            post(|State(s): State<AppState>, body: Bytes| async move {
-                s.backchannel.lock().unwrap().push(String::from_utf8_lossy(&body).into_owned());
-                let r = s.client.backchannel_logout(&body).await;
-                let (parts, body) = r.into_parts();
-                Response::from_parts(parts, axum::body::Body::from(body))
-            }),
-        )
+        // The login's routes as users wire them: one call.
+        .merge(client.routes())
         .route("/", get(|| async { "home" }))
         // An ordinary handler that stores what the client sends, as apps do.
         .route(
             "/kv/{key}",
-            axum::routing::put(|session: Session, Path(key): Path<String>, Json(value): Json<Value>| async move {
-                session.insert(&key, &value).await.map(|()| StatusCode::NO_CONTENT)
-            })
+            axum::routing::put(
+                |session: Session, Path(key): Path<String>, Json(value): Json<Value>| async move {
+                    session
+                        .insert(&key, &value)
+                        .await
+                        .map(|()| StatusCode::NO_CONTENT)
+                },
+            )
             .delete(|session: Session, Path(key): Path<String>| async move {
-                session.remove::<Value>(&key).await.map(|_| StatusCode::NO_CONTENT)
+                session
+                    .remove::<Value>(&key)
+                    .await
+                    .map(|_| StatusCode::NO_CONTENT)
             }),
         )
-        .with_state(AppState { client, backchannel })
         .layer(layer)
+        .layer(axum::middleware::from_fn_with_state(
+            backchannel,
+            record_backchannel,
+        ))
         .layer(axum::middleware::from_fn(deadline))
 }
 

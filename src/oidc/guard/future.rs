@@ -150,7 +150,7 @@ pub(crate) async fn authorize(client: OidcClient, session: Option<Session>) -> A
         Err(e) => return Err(store_failed(&e)),
     };
     if raw.is_none() {
-        return Err(Rejection::new(RejectionKind::NotLoggedIn));
+        return Err(not_logged_in(&client).await);
     }
     let binding = match session.binding_key().await {
         Ok(b) => b,
@@ -160,7 +160,7 @@ pub(crate) async fn authorize(client: OidcClient, session: Option<Session>) -> A
     let (mut record, mut reseal) = match record::open_login(&config.keys, &binding, raw.as_deref())
     {
         Stored::Opened { record, reseal } => (record, reseal),
-        Stored::Absent => return Err(Rejection::new(RejectionKind::NotLoggedIn)),
+        Stored::Absent => return Err(not_logged_in(&client).await),
         Stored::Clear => {
             // Nothing this version wrote: an older version's record, or
             // someone else's data. Dropped, never trusted.
@@ -213,7 +213,12 @@ pub(crate) async fn authorize(client: OidcClient, session: Option<Session>) -> A
             match result {
                 Ok(Ok(Exclusive::Done(next))) => (record, reseal) = next,
                 Ok(Ok(Exclusive::Gone)) => return Err(Rejection::new(RejectionKind::NotLoggedIn)),
-                Ok(Err(e)) if e.kind() == AuthErrorKind::ProviderUnavailable => {
+                Ok(Err(e))
+                    if matches!(
+                        e.kind(),
+                        AuthErrorKind::ProviderUnavailable | AuthErrorKind::LoginUnavailable
+                    ) =>
+                {
                     tracing::warn!(error = %untrusted(&e), "token refresh failed");
                     if expired(record.exp) {
                         return Err(Rejection::new(RejectionKind::ProviderUnavailable));
@@ -245,6 +250,15 @@ pub(crate) async fn authorize(client: OidcClient, session: Option<Session>) -> A
     }
     let token = AccessToken(record.at.clone());
     Ok((User::from_record(&record), token))
+}
+
+/// A request without a login: sent to log in, unless the provider cannot be
+/// discovered, in which case a login could not start either.
+async fn not_logged_in(client: &OidcClient) -> Rejection {
+    match client.discovered().await {
+        Ok(_) => Rejection::new(RejectionKind::NotLoggedIn),
+        Err(_) => Rejection::new(RejectionKind::LoginUnavailable),
+    }
 }
 
 /// Ends the login now: the session is destroyed.
@@ -306,7 +320,11 @@ async fn refresh(client: OidcClient, data: Data, binding: String) -> Result<Refr
             "login record without a refresh token",
         ));
     };
-    let tokens = client.refresh(&rt, &fresh.nonce, &fresh.sub).await?;
+    let tokens = client
+        .discovered()
+        .await?
+        .refresh(&rt, &fresh.nonce, &fresh.sub)
+        .await?;
     let mut next = fresh;
     next.at = tokens.access_token;
     // Providers without rotation (Cognito) send no new refresh token.

@@ -48,6 +48,9 @@ pub enum RejectionKind {
     SessionUnavailable,
     /// No session layer runs before the guard.
     MissingSessionLayer,
+    /// No login, and none can start: the provider is not discovered yet
+    /// (a [lazy](crate::oidc::OidcClient::lazy) client). 503 with `Retry-After`.
+    LoginUnavailable,
 }
 
 impl Rejection {
@@ -68,6 +71,7 @@ impl fmt::Display for Rejection {
             RejectionKind::LoggedOut => "logged out",
             RejectionKind::ProviderUnavailable => "identity provider unavailable",
             RejectionKind::SessionUnavailable => "session store unavailable",
+            RejectionKind::LoginUnavailable => "the OpenID provider is not discovered yet",
             RejectionKind::MissingSessionLayer => {
                 "no session: add tower_pg_session::SessionLayer before RequireLoginLayer"
             }

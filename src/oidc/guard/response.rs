@@ -56,13 +56,18 @@ impl RequestKind {
         }
         let failure = match kind {
             RejectionKind::MissingSessionLayer => Some(StatusCode::INTERNAL_SERVER_ERROR),
-            RejectionKind::SessionUnavailable => Some(StatusCode::SERVICE_UNAVAILABLE),
+            RejectionKind::SessionUnavailable | RejectionKind::LoginUnavailable => {
+                Some(StatusCode::SERVICE_UNAVAILABLE)
+            }
             RejectionKind::ProviderUnavailable => Some(StatusCode::BAD_GATEWAY),
             RejectionKind::NotLoggedIn | RejectionKind::LoggedOut => None,
         };
         let mut status = StatusCode::OK;
         let h = r.headers_mut();
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if kind == RejectionKind::LoginUnavailable {
+            h.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+        }
         match (self, failure) {
             (Self::Grpc, _) => {
                 // gRPC reports errors in trailers-only responses with HTTP 200.

@@ -1,0 +1,51 @@
+use std::fmt;
+
+use tower_layer::Layer;
+
+use super::{OidcRoutes, Paths};
+use crate::oidc::OidcClient;
+
+/// Serves the login's routes at the configured paths and passes every other
+/// request to the wrapped service; for hyper, tonic or any tower stack (with
+/// axum, [`OidcClient::routes`] is the shorter way). See the
+/// [module docs](super).
+///
+/// ```no_run
+/// # use tower_pg_session::{oidc::{OidcClient, OidcRoutesLayer}, SessionLayer};
+/// # fn stack<S>(oidc: OidcClient, sessions: SessionLayer, app: S) {
+/// let service = tower::ServiceBuilder::new()
+///     .layer(sessions)
+///     .layer(OidcRoutesLayer::new(oidc))
+///     .service(app);
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct OidcRoutesLayer {
+    client: OidcClient,
+    paths: Paths,
+}
+
+impl fmt::Debug for OidcRoutesLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OidcRoutesLayer")
+            .field("issuer", &self.client.issuer())
+            .field("paths", &self.paths)
+            .finish()
+    }
+}
+
+impl OidcRoutesLayer {
+    /// The routes of `client`'s configuration.
+    pub fn new(client: OidcClient) -> Self {
+        let paths = Paths::new(client.config());
+        Self { client, paths }
+    }
+}
+
+impl<S> Layer<S> for OidcRoutesLayer {
+    type Service = OidcRoutes<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        OidcRoutes::new(inner, self.client.clone(), self.paths.clone())
+    }
+}
