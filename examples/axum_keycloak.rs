@@ -63,21 +63,12 @@
 
 use std::{env, error::Error, net::SocketAddr};
 
-use axum::{
-    body::{Body, Bytes},
-    extract::{Query, RawQuery, State},
-    http::HeaderMap,
-    response::{Html, IntoResponse, Response},
-    routing::{get, post},
-    Json, Router,
-};
-use serde::Deserialize;
+use axum::{response::Html, routing::get, Json, Router};
 use serde_json::{json, Value};
-use tower::ServiceBuilder;
 use tower_pg_session::{
     crypto::Keyring,
-    oidc::{AuthError, OidcClient, OidcConfig, Redirect, RequireLoginLayer, User},
-    ConfigError, PgStore, PruneConfig, Session, SessionLayer, SigningKeys,
+    oidc::{OidcClient, OidcConfig, RequireLoginLayer, User},
+    ConfigError, PgStore, PruneConfig, SessionLayer, SigningKeys,
 };
 
 #[tokio::main]
@@ -143,22 +134,19 @@ pub(crate) fn oidc_config(
 
 /// The routes; the same function serves `main` and the tests.
 pub(crate) fn app(oidc: OidcClient, sessions: SessionLayer) -> Router {
-    let public = Router::new()
+    // Only `/me` needs a login: the guard finds the user in the session (or
+    // refreshes the access token, or turns the request away).
+    let protected = Router::new()
+        .route("/me", get(me))
+        .route_layer(RequireLoginLayer::new(oidc.clone()));
+    Router::new()
         .route("/", get(home))
-        .route("/auth/login", get(login))
-        .route("/auth/callback", get(callback))
-        .route("/auth/logout", post(logout))
-        .route("/auth/backchannel-logout", post(backchannel_logout))
-        .layer(sessions.clone());
-    let protected = Router::new().route("/me", get(me)).layer(
-        // Order matters: the session layer runs first and puts the `Session`
-        // into the request; the guard then finds the user in it (or refreshes
-        // the access token, or turns the request away).
-        ServiceBuilder::new()
-            .layer(sessions)
-            .layer(RequireLoginLayer::new(oidc.clone())),
-    );
-    public.merge(protected).with_state(oidc)
+        .merge(protected)
+        // GET /auth/login?return_to=/path, GET /auth/callback,
+        // POST /auth/logout, POST /auth/backchannel-logout.
+        .merge(oidc.routes())
+        // Outside everything that uses the session.
+        .layer(sessions)
 }
 
 async fn home() -> Html<&'static str> {
@@ -167,55 +155,6 @@ async fn home() -> Html<&'static str> {
          <p><a href=\"/me\">/me</a> (logs you in first)</p>\
          <form method=post action=\"/auth/logout\"><button>Log out</button></form>",
     )
-}
-
-#[derive(Deserialize)]
-struct LoginQuery {
-    return_to: Option<String>,
-}
-
-async fn login(
-    State(oidc): State<OidcClient>,
-    session: Session,
-    Query(q): Query<LoginQuery>,
-) -> Result<Redirect, AuthError> {
-    oidc.login(&session, q.return_to.as_deref()).await
-}
-
-async fn callback(
-    State(oidc): State<OidcClient>,
-    session: Session,
-    headers: HeaderMap,
-    RawQuery(query): RawQuery,
-) -> Response {
-    match oidc.callback(&session, query.as_deref()).await {
-        Ok((redirect, user)) => {
-            tracing::info!(sub = user.sub(), "logged in");
-            redirect.into_response()
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "login failed");
-            // A page for browsers, JSON for API clients.
-            e.response_for::<Body>(&headers)
-        }
-    }
-}
-
-async fn logout(
-    State(oidc): State<OidcClient>,
-    session: Session,
-    headers: HeaderMap,
-) -> Result<Redirect, AuthError> {
-    // Ends the session here, then sends the browser to Keycloak's
-    // end_session_endpoint, which comes back to `{APP_URL}/`.
-    oidc.logout(&session, &headers).await
-}
-
-async fn backchannel_logout(
-    State(oidc): State<OidcClient>,
-    body: Bytes,
-) -> axum::http::Response<String> {
-    oidc.backchannel_logout(&body).await
 }
 
 async fn me(user: User) -> Json<Value> {

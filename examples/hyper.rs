@@ -4,11 +4,12 @@
 //! It shows:
 //! - a tower stack served by hyper through hyper-util's
 //!   `TowerToHyperService`, HTTP/1.1 and HTTP/2 on one port (`auto::Builder`);
+//! - `OidcRoutesLayer`, which serves the login's routes (`GET /auth/login`,
+//!   `GET /auth/callback`, `POST /auth/logout` (same origin only),
+//!   `POST /auth/backchannel-logout`) and passes every other request on;
 //! - one `service_fn` handler that takes the `Session` the session layer put
 //!   into the request's extensions and dispatches on the path by hand:
-//!   `GET /counter` (a count kept in the session), `GET /auth/login`,
-//!   `GET /auth/callback`, `POST /auth/logout` (same origin only) and
-//!   `GET /me`;
+//!   `GET /counter` (a count kept in the session) and `GET /me`;
 //! - `GET /me` alone behind `RequireLoginLayer`, wrapped around its own
 //!   handler, which reads the `User` from the request's extensions. A
 //!   browser without a login is sent to `/auth/login` and back, an API
@@ -59,7 +60,7 @@ use tokio::net::TcpListener;
 use tower::{service_fn, Layer, Service, ServiceBuilder, ServiceExt};
 use tower_pg_session::{
     crypto::Keyring,
-    oidc::{OidcClient, OidcConfig, RequireLoginLayer, Url, User},
+    oidc::{OidcClient, OidcConfig, OidcRoutesLayer, RequireLoginLayer, User},
     PgStore, PruneConfig, Session, SessionError, SessionLayer, SigningKeys,
 };
 
@@ -118,7 +119,11 @@ pub(crate) fn app(
         // Reads the session cookie and puts a `Session` into every request;
         // after the handler, saves what it changed and sets the cookie.
         .layer(sessions)
-        // Our request handler, with the OpenID client it logs users in with.
+        // GET /auth/login?return_to=/path, GET /auth/callback,
+        // POST /auth/logout, POST /auth/backchannel-logout; every other
+        // request goes on to the handler.
+        .layer(OidcRoutesLayer::new(oidc.clone()))
+        // Our request handler, with the OpenID client its guard checks with.
         .service_fn(move |request| handle(oidc.clone(), request))
 }
 
@@ -160,27 +165,6 @@ async fn handle(
     };
     let response = match (request.method(), request.uri().path()) {
         (&Method::GET, "/counter") => counter(&session).await,
-        (&Method::GET, "/auth/login") => {
-            let return_to = query_param(&request, "return_to");
-            match oidc.login(&session, return_to.as_deref()).await {
-                Ok(redirect) => redirect.to_response(),
-                Err(e) => e.response_for(request.headers()),
-            }
-        }
-        (&Method::GET, "/auth/callback") => {
-            match oidc.callback(&session, request.uri().query()).await {
-                Ok((redirect, user)) => {
-                    tracing::info!(sub = user.sub(), "logged in");
-                    redirect.to_response()
-                }
-                // A page for browsers, JSON for API clients.
-                Err(e) => e.response_for(request.headers()),
-            }
-        }
-        (&Method::POST, "/auth/logout") => match oidc.logout(&session, request.headers()).await {
-            Ok(redirect) => redirect.to_response(),
-            Err(e) => e.response_for(request.headers()),
-        },
         // Only this route needs a login: the guard wraps its handler alone.
         // (It must run inside the session layer, as here: it reads the session.)
         (&Method::GET, "/me") => {
@@ -220,16 +204,6 @@ async fn me(request: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infalli
         "email": user.claims().get("email"),
         "groups": user.groups(),
     })))
-}
-
-/// One decoded query parameter (by the `url` crate, which
-/// `tower_pg_session::oidc` re-exports).
-fn query_param<B>(request: &Request<B>, name: &str) -> Option<String> {
-    let mut url = Url::parse("http://localhost/").ok()?;
-    url.set_query(request.uri().query());
-    url.query_pairs()
-        .find(|(key, _)| key == name)
-        .map(|(_, value)| value.into_owned())
 }
 
 fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {

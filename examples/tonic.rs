@@ -58,15 +58,7 @@
 
 use std::{env, error::Error, future::IntoFuture, net::SocketAddr};
 
-use axum::{
-    body::Body,
-    extract::{Query, RawQuery, State},
-    http::HeaderMap,
-    response::{IntoResponse, Response},
-    routing::{get, post},
-    Router,
-};
-use serde::Deserialize;
+use axum::{routing::get, Router};
 use tokio::net::TcpListener;
 use tonic::{
     metadata::MetadataValue,
@@ -79,7 +71,7 @@ use tonic_health::pb::{
 };
 use tower_pg_session::{
     crypto::Keyring,
-    oidc::{AuthError, OidcClient, OidcConfig, Redirect, RequireLoginLayer, User},
+    oidc::{OidcClient, OidcConfig, RequireLoginLayer, User},
     PgStore, PruneConfig, Session, SessionError, SessionLayer, SigningKeys,
 };
 
@@ -195,11 +187,10 @@ pub(crate) async fn check(grpc_url: &str, cookie: Option<&str>) -> Result<Servin
 pub(crate) fn login_app(oidc: OidcClient, sessions: SessionLayer) -> Router {
     Router::new()
         .route("/", get(home))
-        .route("/auth/login", get(login))
-        .route("/auth/callback", get(callback))
-        .route("/auth/logout", post(logout))
+        // GET /auth/login, GET /auth/callback, POST /auth/logout,
+        // POST /auth/backchannel-logout.
+        .merge(oidc.routes())
         .layer(sessions)
-        .with_state(oidc)
 }
 
 async fn home(session: Session) -> Result<String, SessionError> {
@@ -209,37 +200,4 @@ async fn home(session: Session) -> Result<String, SessionError> {
         ),
         None => "Not logged in: GET /auth/login".to_owned(),
     })
-}
-
-#[derive(Deserialize)]
-struct LoginQuery {
-    return_to: Option<String>,
-}
-
-async fn login(
-    State(oidc): State<OidcClient>,
-    session: Session,
-    Query(q): Query<LoginQuery>,
-) -> Result<Redirect, AuthError> {
-    oidc.login(&session, q.return_to.as_deref()).await
-}
-
-async fn callback(
-    State(oidc): State<OidcClient>,
-    session: Session,
-    headers: HeaderMap,
-    RawQuery(query): RawQuery,
-) -> Response {
-    match oidc.callback(&session, query.as_deref()).await {
-        Ok((redirect, _user)) => redirect.into_response(),
-        Err(e) => e.response_for::<Body>(&headers),
-    }
-}
-
-async fn logout(
-    State(oidc): State<OidcClient>,
-    session: Session,
-    headers: HeaderMap,
-) -> Result<Redirect, AuthError> {
-    oidc.logout(&session, &headers).await
 }

@@ -1,7 +1,8 @@
 //! OpenID Connect login: the handlers' side ([`OidcClient::login`],
 //! [`OidcClient::callback`], [`OidcClient::logout`],
 //! [`OidcClient::backchannel_logout`]) and a guard for protected routes
-//! ([`RequireLoginLayer`]).
+//! ([`RequireLoginLayer`]), served at the configured paths by
+//! [`OidcClient::routes`] or [`OidcRoutesLayer`].
 //!
 //! Built on the session layer: a login's state, nonce and PKCE verifier are
 //! kept in the session (one entry per pending login, so several tabs can log
@@ -14,8 +15,8 @@
 //! writing them, and a record that does not open is never trusted.
 //!
 //! ```no_run
-//! use axum::{extract::RawQuery, http::HeaderMap, response::IntoResponse, routing::{get, post}, Router};
-//! use tower_pg_session::{crypto::Keyring, oidc::{OidcClient, OidcConfig, RequireLoginLayer, User}, PgStore, Session, SessionLayer, SigningKeys};
+//! use axum::{routing::get, Router};
+//! use tower_pg_session::{crypto::Keyring, oidc::{OidcClient, OidcConfig, RequireLoginLayer, User}, PgStore, SessionLayer, SigningKeys};
 //!
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! let store = PgStore::connect("postgres://postgres@127.0.0.1/postgres").await?;
@@ -24,17 +25,16 @@
 //!     .with_client_secret(&std::env::var("OIDC_CLIENT_SECRET")?);
 //! let oidc = OidcClient::discover(config, store.clone()).await?;
 //!
-//! let (login, callback) = (oidc.clone(), oidc.clone());
 //! let app: Router = Router::new()
 //!     .route("/me", get(|user: User| async move { user.sub().to_owned() }))
 //!     .route_layer(RequireLoginLayer::new(oidc.clone()))
-//!     .route("/auth/login", get(move |s: Session| async move { login.login(&s, None).await }))
-//!     .route("/auth/callback", get(move |s: Session, RawQuery(q): RawQuery| async move {
-//!         callback.callback(&s, q.as_deref()).await.map(|(redirect, _user)| redirect)
-//!     }))
+//!     .merge(oidc.routes()) // login, callback, logout, back-channel logout
 //!     .layer(SessionLayer::new(store, SigningKeys::new([std::env::var("SESSION_SECRET")?])?));
 //! # Ok(()) }
 //! ```
+//!
+//! Without axum, [`OidcRoutesLayer`] serves the same routes in any tower
+//! stack (hyper, tonic).
 
 mod client;
 mod config;

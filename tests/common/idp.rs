@@ -48,6 +48,11 @@ impl Idp {
     /// Starts the provider in `flavor` ("keycloak" or "cognito") with one
     /// client registered for the app at `app_url`.
     pub async fn start(flavor: &str, app_urls: &[String], access_ttl: u64) -> Self {
+        Self::start_on(flavor, app_urls, access_ttl, 0).await
+    }
+
+    /// As [`Self::start`], listening on `port` (0: any free one).
+    pub async fn start_on(flavor: &str, app_urls: &[String], access_ttl: u64, port: u16) -> Self {
         assert!(
             idp_dir().join("node_modules").exists(),
             "tests/idp/node_modules is missing: run the tests through scripts/test.sh (it runs npm ci)"
@@ -68,7 +73,7 @@ impl Idp {
             .env("IDP_FLAVOR", flavor)
             .env("IDP_CLIENTS", clients.to_string())
             .env("ACCESS_TOKEN_TTL", access_ttl.to_string())
-            .env("PORT", "0")
+            .env("PORT", port.to_string())
             .env("IDP_MAX_SECONDS", "600")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

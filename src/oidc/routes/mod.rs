@@ -10,7 +10,7 @@
 //! | `POST {logout}` | [`OidcClient::logout`] (same origin only) |
 //! | `POST {backchannel}` | [`OidcClient::backchannel_logout`] |
 //!
-//! The paths are [`OidcConfig`](super::OidcConfig)'s (`auth/login`,
+//! The paths are [`OidcConfig`]'s (`auth/login`,
 //! `auth/callback`, `auth/logout`, `auth/backchannel-logout` under the
 //! application's URL by default). Another method on one of them answers
 //! 405. The session layer must run outside these routes.
@@ -165,7 +165,7 @@ fn plain<B: From<String>>(status: StatusCode, allow: &str, text: &str) -> Respon
 #[cfg(feature = "axum")]
 impl OidcClient {
     /// The login's routes at the configured paths, for an axum router
-    /// ([module docs](self::routes) list them). Merge it under the session
+    /// ([module docs](crate::oidc::routes) list them). Merge it under the session
     /// layer:
     ///
     /// ```no_run
