@@ -253,7 +253,7 @@ impl KeyId {
 
 impl fmt::Display for KeyId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+        f.write_str(&crate::hex::encode(&self.0))
     }
 }
 
@@ -648,9 +648,7 @@ mod tests {
 
     use super::*;
 
-    fn hex(bytes: &[u8]) -> String {
-        bytes.iter().map(|b| format!("{b:02x}")).collect()
-    }
+    use crate::hex::encode as hex;
 
     fn unhex(s: &str) -> Vec<u8> {
         assert_eq!(s.len() % 2, 0, "odd-length hex");

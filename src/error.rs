@@ -52,6 +52,7 @@ pub enum ConfigError {
     /// Token encryption keys were rejected.
     #[cfg(feature = "oidc")]
     #[error("invalid token encryption keys")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "oidc")))]
     TokenKeys(#[from] crate::crypto::KeyError),
     /// A duration setting is out of range.
     #[error("invalid duration for {setting}: {reason}")]

@@ -3,18 +3,22 @@
 
 pub mod admin;
 #[cfg(feature = "oidc")]
+#[cfg_attr(docsrs, doc(cfg(feature = "oidc")))]
 pub mod crypto;
 pub mod error;
 #[cfg(feature = "__fuzz")]
 #[doc(hidden)]
 pub mod fuzz;
+mod hex;
 mod log_safe;
 pub mod metrics;
 #[cfg(feature = "oidc")]
+#[cfg_attr(docsrs, doc(cfg(feature = "oidc")))]
 pub mod oidc;
 pub mod session;
 pub mod store;
 #[cfg(feature = "oidc")]
+#[cfg_attr(docsrs, doc(cfg(feature = "oidc")))]
 pub mod vault;
 
 pub use crate::{

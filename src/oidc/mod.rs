@@ -373,12 +373,14 @@ mod axum_impls {
 
     use super::{AccessToken, AuthError, Redirect, User};
 
+    #[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
     impl IntoResponse for Redirect {
         fn into_response(self) -> Response {
             self.to_response()
         }
     }
 
+    #[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
     impl IntoResponse for AuthError {
         fn into_response(self) -> Response {
             self.to_response(false)

@@ -27,8 +27,7 @@ const PENDING_FIELD: &str = "oidc.login";
 /// constant time.
 pub(crate) fn pending_key(state: &str) -> String {
     let digest = Sha256::digest(state.as_bytes());
-    let hex: String = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
-    format!("{PENDING_PREFIX}{hex}")
+    format!("{PENDING_PREFIX}{}", crate::hex::encode(&digest[..12]))
 }
 
 /// A login between the redirect to the provider and the callback.

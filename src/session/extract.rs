@@ -8,6 +8,7 @@ use http::{request::Parts, StatusCode};
 
 use super::{Session, SessionError};
 
+#[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
 impl<S: Send + Sync> FromRequestParts<S> for Session {
     type Rejection = (StatusCode, &'static str);
 
@@ -19,6 +20,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Session {
     }
 }
 
+#[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
 impl IntoResponse for SessionError {
     fn into_response(self) -> Response {
         let status = match &self {

@@ -270,10 +270,7 @@ impl Session {
         self.ensure_loaded(&mut st).await?;
         let hashed = self.shared.config.hashed_ids;
         Ok(st.row.as_ref().map(|row| {
-            Sha256::digest(row.id.storage_key(hashed).as_bytes())[..8]
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect()
+            crate::hex::encode(&Sha256::digest(row.id.storage_key(hashed).as_bytes())[..8])
         }))
     }
 

@@ -11,6 +11,7 @@ use tower_sessions_core::{
 
 use super::{LoadPolicy, NewRow, PgStore, StoreError};
 
+#[cfg_attr(docsrs, doc(cfg(feature = "tower-sessions")))]
 impl From<StoreError> for session_store::Error {
     fn from(e: StoreError) -> Self {
         session_store::Error::Backend(e.to_string())
@@ -28,6 +29,7 @@ fn encode(record: &Record) -> session_store::Result<String> {
     serde_json::to_string(&record.data).map_err(|e| session_store::Error::Encode(e.to_string()))
 }
 
+#[cfg_attr(docsrs, doc(cfg(feature = "tower-sessions")))]
 #[async_trait]
 impl SessionStore for PgStore {
     async fn create(&self, record: &mut Record) -> session_store::Result<()> {
@@ -94,6 +96,7 @@ impl SessionStore for PgStore {
     }
 }
 
+#[cfg_attr(docsrs, doc(cfg(feature = "tower-sessions")))]
 #[async_trait]
 impl ExpiredDeletion for PgStore {
     async fn delete_expired(&self) -> session_store::Result<()> {

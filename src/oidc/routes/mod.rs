@@ -163,6 +163,7 @@ fn plain<B: From<String>>(status: StatusCode, allow: &str, text: &str) -> Respon
 }
 
 #[cfg(feature = "axum")]
+#[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
 impl OidcClient {
     /// The login's routes at the configured paths, for an axum router
     /// ([module docs](crate::oidc::routes) list them). Merge it under the session
