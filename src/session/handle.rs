@@ -13,7 +13,9 @@ use serde_json::value::RawValue;
 use time::OffsetDateTime;
 use tokio::sync::Mutex;
 
-use super::{cookie::SessionId, data::Data, layer::Config, reserved, SessionError};
+use super::{
+    budget::WaitBudget, cookie::SessionId, data::Data, layer::Config, reserved, SessionError,
+};
 use tracing::Instrument;
 
 use crate::{
@@ -44,6 +46,9 @@ struct Shared {
     /// The request was dropped before its response was ready (see
     /// [`Session::abandon`]).
     abandoned: AtomicBool,
+    /// Bounds the request's database waits together (load, save, retries,
+    /// the conflict path) by the pool's acquire timeout.
+    waits: WaitBudget,
 }
 
 #[derive(Default)]
@@ -131,8 +136,10 @@ impl Session {
         incoming: Option<SessionId>,
         client: ClientInfo,
     ) -> Self {
+        let waits = WaitBudget::new(store.pool().options().get_acquire_timeout());
         Self {
             shared: Arc::new(Shared {
+                waits,
                 store,
                 config,
                 incoming,
@@ -502,8 +509,8 @@ impl Session {
         };
         let key = row.id.storage_key(config.hashed_ids);
         let now = OffsetDateTime::now_utc();
-        let locked = store
-            .lock_row(&key, now)
+        let locked = self
+            .waited(store.lock_row(&key, now))
             .await
             .map_err(|e| self.fail(&mut st, Failure::Unavailable, e))?;
         let Some((tx, fresh)) = locked else {
@@ -627,10 +634,12 @@ impl Session {
         };
         let config = &self.shared.config;
         let span = tracing::debug_span!("session.load", session = %id.log_id());
-        let loaded = self
+        let load = self
             .shared
             .store
-            .load_shared(id.storage_key(config.hashed_ids), config.load_policy())
+            .load_shared(id.storage_key(config.hashed_ids), config.load_policy());
+        let loaded = self
+            .waited(load)
             .instrument(span)
             .await
             .map_err(|e| self.fail(st, Failure::Unavailable, e))?;
@@ -663,6 +672,16 @@ impl Session {
         Ok(())
     }
 
+    /// One database wait of this request, within what is left of its bound.
+    /// (A write under a row lock this request already holds is not one: it
+    /// waits for no connection and no lock, and is never cut short.)
+    async fn waited<T>(
+        &self,
+        wait: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        self.shared.waits.run(wait).await
+    }
+
     fn fail(&self, st: &mut State, failure: Failure, error: StoreError) -> SessionError {
         tracing::error!(
             error = %untrusted(&error),
@@ -680,8 +699,7 @@ impl Session {
         let config = &self.shared.config;
         let hashed = config.hashed_ids;
         if let Some(key) = st.delete_key.clone() {
-            store
-                .delete(&key)
+            self.waited(store.delete(&key))
                 .await
                 .map_err(|e| self.fail(st, Failure::Unavailable, e))?;
             st.delete_key = None;
@@ -713,8 +731,8 @@ impl Session {
             // 192 random bits do not collide; the loop is for the impossible case.
             for _ in 0..3 {
                 let id = st.next_id.take().unwrap_or_else(SessionId::generate);
-                let inserted = store
-                    .insert(&id.storage_key(hashed), &new, now)
+                let inserted = self
+                    .waited(store.insert(&id.storage_key(hashed), &new, now))
                     .await
                     .map_err(|e| self.fail(st, Failure::Unavailable, e))?;
                 if let Some(version) = inserted {
@@ -750,9 +768,11 @@ impl Session {
         // A save under the same key may share its statement with others; a
         // new id (login) goes alone.
         let updated = if new_key == key {
-            store.update_shared(&key, &row.version, &new, now).await
+            self.waited(store.update_shared(&key, &row.version, &new, now))
+                .await
         } else {
-            store.update(&key, &new_key, &row.version, &new, now).await
+            self.waited(store.update(&key, &new_key, &row.version, &new, now))
+                .await
         }
         .map_err(|e| self.fail(st, Failure::Unavailable, e))?;
         if let Some(version) = updated {
@@ -766,8 +786,8 @@ impl Session {
         }
         // Someone else wrote the row since we read it (or it is gone): lock it,
         // re-apply this request's changes to what is there now, write again.
-        let locked = store
-            .lock_row(&key, now)
+        let locked = self
+            .waited(store.lock_row(&key, now))
             .await
             .map_err(|e| self.fail(st, Failure::Unavailable, e))?;
         let Some((tx, fresh)) = locked else {

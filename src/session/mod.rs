@@ -32,6 +32,7 @@
 //! absent: the request gets a fresh, empty session and the row the cookie named
 //! is not touched.
 
+mod budget;
 mod cookie;
 mod data;
 #[cfg(feature = "axum")]

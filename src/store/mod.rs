@@ -100,6 +100,10 @@ pub enum StoreError {
     /// A configuration value was rejected.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// The request's time for database waits (the pool's acquire timeout,
+    /// shared by all of its waits) ran out before the store answered.
+    #[error("the session database did not answer in time")]
+    TimedOut,
     /// A statement that served several requests at once failed; each of
     /// them reports the same error.
     #[error(transparent)]
@@ -112,7 +116,7 @@ impl StoreError {
     #[must_use]
     pub fn is_unavailable(&self) -> bool {
         match self {
-            Self::Connect { .. } | Self::NotReady => true,
+            Self::Connect { .. } | Self::NotReady | Self::TimedOut => true,
             Self::Shared(e) => e.is_unavailable(),
             Self::Database(e) => {
                 matches!(
