@@ -32,14 +32,16 @@
 //! absent: the request gets a fresh, empty session and the row the cookie named
 //! is not touched.
 
-mod budget;
 mod cookie;
 mod data;
+mod expiry;
+mod express;
 #[cfg(feature = "axum")]
 mod extract;
 mod future;
 mod handle;
 mod layer;
+mod plan;
 pub(crate) mod reserved;
 mod service;
 

@@ -35,9 +35,11 @@
 //! ```
 
 mod batch;
+mod budget;
 mod connect;
 mod pooler;
 mod prune;
+mod save;
 pub(crate) mod schema;
 #[cfg(feature = "tower-sessions")]
 mod tower_sessions;
@@ -49,9 +51,11 @@ use sqlx::{PgPool, Row};
 use time::OffsetDateTime;
 
 pub(crate) use self::batch::LoadPolicy;
+pub(crate) use self::budget::WaitBudget;
 pub use self::connect::{PgConnect, ProviderError, TargetSessionAttrs};
 pub use self::pooler::Pooler;
 pub use self::prune::{PruneConfig, PruneOutcome, Pruner};
+pub(crate) use self::save::{Merge, OwnedRow, Write, Written};
 use self::schema::{ExpireType, Ident, Layout, SessType, TableName};
 use crate::error::ConfigError;
 
@@ -695,31 +699,6 @@ impl PgStore {
         Ok(written)
     }
 
-    /// Locks the live row for the rest of the returned transaction. `None`
-    /// when there is no live row: it is then not re-created by anyone holding
-    /// this result.
-    pub(crate) async fn lock_row(
-        &self,
-        key: &str,
-        now: OffsetDateTime,
-    ) -> Result<Option<(Tx, Loaded)>, StoreError> {
-        let ready = self.ready().await?;
-        let mut tx = self.begin().await?;
-        let row = sqlx::query(&ready.sql.select_for_update)
-            .persistent(self.persistent())
-            .bind(key)
-            .bind(now)
-            .fetch_optional(&mut *tx)
-            .await?;
-        match row {
-            Some(row) => Ok(Some((tx, Loaded::from_row(&row)?))),
-            None => {
-                tx.rollback().await?;
-                Ok(None)
-            }
-        }
-    }
-
     /// Starts a transaction on a pooled connection.
     ///
     /// `BEGIN` runs in its own task: sqlx rolls a dropped transaction back
@@ -736,59 +715,6 @@ impl PgStore {
         }))
         .await
         .ok_or(StoreError::Database(sqlx::Error::WorkerCrashed))?
-    }
-
-    /// Writes a row locked by [`Self::lock_row`] (optionally under a new key)
-    /// and commits. Once called it completes even if the caller is dropped:
-    /// what it writes was computed under the row lock, so it is never stale,
-    /// and work done meanwhile (a token refresh) is not lost.
-    pub(crate) async fn write_locked(
-        &self,
-        tx: Tx,
-        key: &str,
-        new_key: &str,
-        row: &NewRow<'_>,
-    ) -> Result<String, StoreError> {
-        let store = self.clone();
-        let (key, new_key) = (key.to_owned(), new_key.to_owned());
-        let (sess, expire) = (row.sess.to_owned(), row.expire);
-        let user_id = row.user_id.map(str::to_owned);
-        let provider_sid = row.provider_sid.map(str::to_owned);
-        detached(async move {
-            let row = NewRow {
-                sess: &sess,
-                expire,
-                user_id: user_id.as_deref(),
-                provider_sid: provider_sid.as_deref(),
-                user_agent: None,
-                ip: None,
-            };
-            store.write_and_commit(tx, &key, &new_key, &row).await
-        })
-        .await
-        .ok_or(StoreError::Database(sqlx::Error::WorkerCrashed))?
-    }
-
-    async fn write_and_commit(
-        &self,
-        mut tx: Tx,
-        key: &str,
-        new_key: &str,
-        row: &NewRow<'_>,
-    ) -> Result<String, StoreError> {
-        let ready = self.ready().await?;
-        let mut q = sqlx::query_scalar(&ready.sql.update_locked)
-            .persistent(self.persistent())
-            .bind(key)
-            .bind(new_key)
-            .bind(row.sess)
-            .bind(row.expire);
-        if ready.layout.extended {
-            q = q.bind(row.user_id).bind(row.provider_sid);
-        }
-        let version: String = q.fetch_one(&mut *tx).await?;
-        tx.commit().await?;
-        Ok(version)
     }
 
     /// Deletes every session of `user` (the `user_id` column); returns how many.
@@ -895,7 +821,7 @@ impl PgStore {
     }
 }
 
-/// A transaction holding a session row lock.
+/// A transaction on the store's pool (the admin statistics use one too).
 pub(crate) type Tx = sqlx::Transaction<'static, sqlx::Postgres>;
 
 /// Runs `op` once more when it failed on a connection that broke under it

@@ -8,7 +8,7 @@
 
 use std::{future::Future, sync::Mutex, time::Duration};
 
-use crate::store::StoreError;
+use super::StoreError;
 
 /// What is left of a request's database waiting time.
 ///
@@ -37,10 +37,9 @@ impl WaitBudget {
     }
 
     /// Runs `wait` within what is left, and charges the time it took. Out
-    /// of time, `wait` is dropped (every store operation the session layer
-    /// bounds is safe to drop: a transaction rolls back, a shared statement
-    /// skips a request no longer waiting for it) and the request fails as
-    /// unavailable. A statement already sent may still complete; it writes
+    /// of time, `wait` is dropped (every store operation bounded so is safe
+    /// to drop: a transaction rolls back, a shared statement skips a request
+    /// no longer waiting for it) and the request fails as unavailable. A statement already sent may still complete; it writes
     /// whole rows, checked against the version loaded, never stale data.
     pub(crate) async fn run<T>(
         &self,
