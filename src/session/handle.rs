@@ -278,16 +278,13 @@ impl Session {
     /// # Errors
     /// As [`Session::get`].
     pub async fn handle(&self) -> Result<Option<String>, SessionError> {
-        use sha2::{Digest, Sha256};
         let mut st = self.shared.state.lock().await;
         self.ensure_loaded(&mut st).await?;
         let hashed = self.shared.config.hashed_ids;
-        Ok(st.row.as_ref().map(|row| {
-            Sha256::digest(row.id.storage_key(hashed).as_bytes())[..8]
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect()
-        }))
+        Ok(st
+            .row
+            .as_ref()
+            .map(|row| crate::store::handle(&row.id.storage_key(hashed))))
     }
 
     /// The user an Express app logged in with Passport: `sess.passport.user`

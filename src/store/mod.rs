@@ -37,6 +37,7 @@
 mod batch;
 mod budget;
 mod connect;
+mod handle;
 mod pooler;
 mod prune;
 mod save;
@@ -53,6 +54,7 @@ use time::OffsetDateTime;
 pub(crate) use self::batch::LoadPolicy;
 pub(crate) use self::budget::WaitBudget;
 pub use self::connect::{PgConnect, ProviderError, TargetSessionAttrs};
+pub(crate) use self::handle::{handle, handle_sql};
 pub use self::pooler::Pooler;
 pub use self::prune::{PruneConfig, PruneOutcome, Pruner};
 pub(crate) use self::save::{Merge, OwnedRow, Write, Written};
