@@ -583,27 +583,10 @@ impl PgStore {
         at: &LoadParams,
     ) -> Result<Vec<(String, Loaded)>, StoreError> {
         let ready = self.ready().await?;
-        let Some((index, keys)) = padded(keys) else {
+        let Some(query) = ready.sql.load_query(keys, at) else {
             return Ok(Vec::new());
         };
-        let statements = match at.absolute_secs {
-            Some(_) => &ready.sql.load,
-            None => &ready.sql.load_idle,
-        };
-        let Some(sql) = statements.get(index) else {
-            return Ok(Vec::new());
-        };
-        let mut query = sqlx::query(sql)
-            .persistent(self.persistent())
-            .bind(at.extend_to)
-            .bind(at.now)
-            .bind(at.touch_before);
-        if let Some(secs) = at.absolute_secs {
-            query = query.bind(secs);
-        }
-        for key in keys {
-            query = query.bind(*key);
-        }
+        let query = query.persistent(self.persistent());
         let mut conn = self.conn().await?;
         let rows = query.fetch_all(conn.get()).await?;
         conn.done().await?;
@@ -624,19 +607,10 @@ impl PgStore {
         // second finds the id taken and the caller picks another (the first
         // row, which no cookie names, expires unused).
         retry_once(|| async {
-            let mut q = sqlx::query_scalar(&ready.sql.insert)
-                .persistent(self.persistent())
-                .bind(key)
-                .bind(row.sess)
-                .bind(row.expire);
-            if ready.layout.extended {
-                q = q
-                    .bind(now)
-                    .bind(row.user_id)
-                    .bind(row.provider_sid)
-                    .bind(row.user_agent)
-                    .bind(row.ip);
-            }
+            let q = ready
+                .sql
+                .insert_query(key, row, now)
+                .persistent(self.persistent());
             let mut conn = self.conn().await?;
             let inserted = q.fetch_optional(conn.get()).await?;
             conn.done().await?;
@@ -656,17 +630,10 @@ impl PgStore {
         now: OffsetDateTime,
     ) -> Result<Option<String>, StoreError> {
         let ready = self.ready().await?;
-        let mut q = sqlx::query_scalar(&ready.sql.update)
-            .persistent(self.persistent())
-            .bind(key)
-            .bind(new_key)
-            .bind(row.sess)
-            .bind(row.expire)
-            .bind(version)
-            .bind(now);
-        if ready.layout.extended {
-            q = q.bind(row.user_id).bind(row.provider_sid);
-        }
+        let q = ready
+            .sql
+            .update_query(key, new_key, version, row, now)
+            .persistent(self.persistent());
         let mut conn = self.conn().await?;
         let written = q.fetch_optional(conn.get()).await?;
         conn.done().await?;
@@ -681,22 +648,10 @@ impl PgStore {
         jobs: &[&batch::UpdateJob],
     ) -> Result<Vec<(String, String)>, StoreError> {
         let ready = self.ready().await?;
-        let (Some(first), Some((index, padded))) = (jobs.first(), padded(jobs)) else {
+        let Some(q) = ready.sql.update_many_query(jobs) else {
             return Ok(Vec::new());
         };
-        let Some(sql) = ready.sql.update_many.get(index) else {
-            return Ok(Vec::new());
-        };
-        let mut q = sqlx::query_as(sql)
-            .persistent(self.persistent())
-            .bind(first.now);
-        // The same row twice (padding) is written once.
-        for j in padded {
-            q = q.bind(&j.key).bind(&j.sess).bind(j.expire).bind(&j.version);
-            if ready.layout.extended {
-                q = q.bind(&j.user_id).bind(&j.provider_sid);
-            }
-        }
+        let q = q.persistent(self.persistent());
         let mut conn = self.conn().await?;
         let written = q.fetch_all(conn.get()).await?;
         conn.done().await?;
@@ -812,9 +767,10 @@ impl PgStore {
         let ready = self.ready().await?;
         let done = retry_once(|| async {
             let mut conn = self.conn().await?;
-            let done = sqlx::query(&ready.sql.delete)
+            let done = ready
+                .sql
+                .delete_query(key)
                 .persistent(self.persistent())
-                .bind(key)
                 .execute(conn.get())
                 .await?;
             conn.done().await?;

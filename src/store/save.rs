@@ -183,10 +183,10 @@ impl PgStore {
     ) -> Result<Option<(Tx, Loaded)>, StoreError> {
         let ready = self.ready().await?;
         let mut tx = self.begin().await?;
-        let row = sqlx::query(&ready.sql.select_for_update)
+        let row = ready
+            .sql
+            .select_for_update_query(key, now)
             .persistent(self.persistent())
-            .bind(key)
-            .bind(now)
             .fetch_optional(&mut *tx)
             .await?;
         match row {
@@ -234,16 +234,12 @@ impl PgStore {
         row: &NewRow<'_>,
     ) -> Result<String, StoreError> {
         let ready = self.ready().await?;
-        let mut q = sqlx::query_scalar(&ready.sql.update_locked)
+        let version = ready
+            .sql
+            .update_locked_query(key, new_key, row)
             .persistent(self.persistent())
-            .bind(key)
-            .bind(new_key)
-            .bind(row.sess)
-            .bind(row.expire);
-        if ready.layout.extended {
-            q = q.bind(row.user_id).bind(row.provider_sid);
-        }
-        let version: String = q.fetch_one(&mut *tx).await?;
+            .fetch_one(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(version)
     }

@@ -2,9 +2,13 @@
 //! names and the detected layout. Each builder's doc lists its parameters,
 //! in the order the store binds them; `tests` pins the text per layout.
 
+use time::OffsetDateTime;
+
 use super::{
-    batch, prune,
+    batch::{self, UpdateJob},
+    padded, prune,
     schema::{ExpireType, Layout, SessType, TableName},
+    LoadParams, NewRow,
 };
 
 /// The statements, built once from the validated names and detected layout.
@@ -26,6 +30,8 @@ pub(super) struct Sql {
     /// Unconditional update of a live row (the tower-sessions `save`).
     #[cfg_attr(not(feature = "tower-sessions"), allow(dead_code))]
     pub(super) save_any: String,
+    /// The table has the optional columns: their values are bound too.
+    extended: bool,
 }
 
 /// What every builder needs: the quoted table name and its layout.
@@ -58,7 +64,131 @@ impl Sql {
             prune_batch: prune::batch_sql(&table),
             prune_tied: prune::tied_sql(&table),
             save_any: table.save_any(),
+            extended: layout.extended,
         }
+    }
+}
+type Args = sqlx::postgres::PgArguments;
+/// A statement with its parameters bound.
+pub(super) type Query<'q> = sqlx::query::Query<'q, sqlx::Postgres, Args>;
+/// A statement answering one column, with its parameters bound.
+pub(super) type Scalar<'q, O> = sqlx::query::QueryScalar<'q, sqlx::Postgres, O, Args>;
+/// A statement answering rows of `O`, with its parameters bound.
+pub(super) type Rows<'q, O> = sqlx::query::QueryAs<'q, sqlx::Postgres, O, Args>;
+
+/// Each statement bound to its values, in the order its builder documents.
+impl Sql {
+    /// [`Table::load`] of `keys`, padded to the next arity; `None` for none.
+    pub(super) fn load_query<'q>(&'q self, keys: &[&'q str], at: &LoadParams) -> Option<Query<'q>> {
+        let (index, keys) = padded(keys)?;
+        let statements = match at.absolute_secs {
+            Some(_) => &self.load,
+            None => &self.load_idle,
+        };
+        let mut q = sqlx::query(statements.get(index)?)
+            .bind(at.extend_to)
+            .bind(at.now)
+            .bind(at.touch_before);
+        if let Some(secs) = at.absolute_secs {
+            q = q.bind(secs);
+        }
+        for key in keys {
+            q = q.bind(*key);
+        }
+        Some(q)
+    }
+
+    /// [`Table::insert`].
+    pub(super) fn insert_query<'q>(
+        &'q self,
+        key: &'q str,
+        row: &NewRow<'q>,
+        now: OffsetDateTime,
+    ) -> Scalar<'q, String> {
+        let q = sqlx::query_scalar(&self.insert)
+            .bind(key)
+            .bind(row.sess)
+            .bind(row.expire);
+        if !self.extended {
+            return q;
+        }
+        q.bind(now)
+            .bind(row.user_id)
+            .bind(row.provider_sid)
+            .bind(row.user_agent)
+            .bind(row.ip)
+    }
+
+    /// [`Table::update`].
+    pub(super) fn update_query<'q>(
+        &'q self,
+        key: &'q str,
+        new_key: &'q str,
+        version: &'q str,
+        row: &NewRow<'q>,
+        now: OffsetDateTime,
+    ) -> Scalar<'q, String> {
+        let q = sqlx::query_scalar(&self.update)
+            .bind(key)
+            .bind(new_key)
+            .bind(row.sess)
+            .bind(row.expire)
+            .bind(version)
+            .bind(now);
+        if !self.extended {
+            return q;
+        }
+        q.bind(row.user_id).bind(row.provider_sid)
+    }
+
+    /// [`Table::update_many`] of `jobs`, padded to the next arity (the same
+    /// row twice is written once); `None` for none.
+    pub(super) fn update_many_query<'q>(
+        &'q self,
+        jobs: &[&'q UpdateJob],
+    ) -> Option<Rows<'q, (String, String)>> {
+        let first = jobs.first()?;
+        let (index, padded) = padded(jobs)?;
+        let mut q = sqlx::query_as(self.update_many.get(index)?).bind(first.now);
+        for j in padded {
+            q = q.bind(&j.key).bind(&j.sess).bind(j.expire).bind(&j.version);
+            if self.extended {
+                q = q.bind(&j.user_id).bind(&j.provider_sid);
+            }
+        }
+        Some(q)
+    }
+
+    /// [`Table::select_for_update`].
+    pub(super) fn select_for_update_query<'q>(
+        &'q self,
+        key: &'q str,
+        now: OffsetDateTime,
+    ) -> Query<'q> {
+        sqlx::query(&self.select_for_update).bind(key).bind(now)
+    }
+
+    /// [`Table::update_locked`].
+    pub(super) fn update_locked_query<'q>(
+        &'q self,
+        key: &'q str,
+        new_key: &'q str,
+        row: &NewRow<'q>,
+    ) -> Scalar<'q, String> {
+        let q = sqlx::query_scalar(&self.update_locked)
+            .bind(key)
+            .bind(new_key)
+            .bind(row.sess)
+            .bind(row.expire);
+        if !self.extended {
+            return q;
+        }
+        q.bind(row.user_id).bind(row.provider_sid)
+    }
+
+    /// [`Table::delete`].
+    pub(super) fn delete_query<'q>(&'q self, key: &'q str) -> Query<'q> {
+        sqlx::query(&self.delete).bind(key)
     }
 }
 
