@@ -697,19 +697,16 @@ impl PgStore {
     /// Creates the companion table of [`Self::remember_once`] when missing.
     #[cfg_attr(not(feature = "oidc"), allow(dead_code))]
     pub(crate) async fn ensure_seen_table(&self) -> Result<(), StoreError> {
-        let t = self.inner.name.seen_table();
         let mut tx = self.begin().await?;
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
             .persistent(self.persistent())
             .bind(self.inner.name.lock_key("ddl"))
             .execute(&mut *tx)
             .await?;
-        sqlx::query(&format!(
-            "CREATE TABLE IF NOT EXISTS {t} (key text PRIMARY KEY, expire timestamptz NOT NULL)"
-        ))
-        .persistent(self.persistent())
-        .execute(&mut *tx)
-        .await?;
+        sqlx::query(&schema::seen_ddl(&self.inner.name))
+            .persistent(self.persistent())
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(())
     }
