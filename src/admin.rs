@@ -17,7 +17,7 @@ use serde::Serialize;
 use sqlx::Row;
 use time::OffsetDateTime;
 
-use crate::store::{PgStore, StoreError};
+use crate::store::{handle_sql, PgStore, StoreError};
 
 /// Administration of the sessions in a [`PgStore`]; see [`PgStore::admin`].
 #[derive(Debug, Clone)]
@@ -60,8 +60,6 @@ pub struct Stats {
     /// Table, indexes and TOAST, in bytes.
     pub table_bytes: i64,
 }
-
-const HANDLE_LEN: usize = 16;
 
 impl PgStore {
     /// Session administration on this store.
@@ -107,9 +105,10 @@ impl Admin {
     pub async fn user_sessions(&self, user: &str) -> Result<Vec<SessionInfo>, StoreError> {
         self.require_extended().await?;
         let sql = format!(
-            "SELECT left(encode(sha256(convert_to(sid, 'UTF8')), 'hex'), {HANDLE_LEN}), created_at, last_seen, {expire}, user_agent, ip \
+            "SELECT {handle}, created_at, last_seen, {expire}, user_agent, ip \
              FROM {t} WHERE user_id = $2 AND expire > {now} ORDER BY created_at NULLS FIRST",
             t = self.table(),
+            handle = handle_sql("sid"),
             expire = self.expire_sql(),
             now = self.now_sql(),
         );
@@ -143,8 +142,9 @@ impl Admin {
     pub async fn revoke_session(&self, user: &str, handle: &str) -> Result<bool, StoreError> {
         self.require_extended().await?;
         let sql = format!(
-            "DELETE FROM {t} WHERE user_id = $1 AND left(encode(sha256(convert_to(sid, 'UTF8')), 'hex'), {HANDLE_LEN}) = $2",
-            t = self.table()
+            "DELETE FROM {t} WHERE user_id = $1 AND {handle} = $2",
+            t = self.table(),
+            handle = handle_sql("sid"),
         );
         let mut conn = self.store.conn().await?;
         let done = sqlx::query(&sql)
@@ -173,8 +173,9 @@ impl Admin {
     pub async fn revoke_others(&self, user: &str, keep: &str) -> Result<u64, StoreError> {
         self.require_extended().await?;
         let sql = format!(
-            "DELETE FROM {t} WHERE user_id = $1 AND left(encode(sha256(convert_to(sid, 'UTF8')), 'hex'), {HANDLE_LEN}) <> $2",
-            t = self.table()
+            "DELETE FROM {t} WHERE user_id = $1 AND {handle} <> $2",
+            t = self.table(),
+            handle = handle_sql("sid"),
         );
         let mut conn = self.store.conn().await?;
         let done = sqlx::query(&sql)

@@ -21,10 +21,14 @@ use serde_json::Value;
 use tokio::{sync::watch, task::JoinHandle};
 
 /// A request slower than this hangs: the demo's pool waits 5 s at most for
-/// a connection (`PgStore::connect_with`), a statement as long for a row
-/// lock, and a request makes at most three such waits (its load; its save's
-/// connection and row).
-const HANG: Duration = Duration::from_secs(16);
+/// a connection (`PgStore::connect_with`), and a request's database waits
+/// (its load; its save's connection and row) share that bound.
+const HANG: Duration = Duration::from_secs(8);
+
+/// How long the load runs after a fault: longer than a request may wait
+/// (the demo's acquire timeout), so that a request queued behind the work
+/// the fault left over shows in the recovery time rather than as "never".
+const AFTER: Duration = Duration::from_secs(8);
 
 #[derive(Default)]
 struct Seen {
@@ -37,11 +41,13 @@ struct Seen {
     slowest: Duration,
 }
 
-/// One client alternating over `urls` until `stop`; each request given up
-/// after a random budget within `budget` (ms), else after [`HANG`].
+/// One client alternating over `urls` until `stop`; while `faulting`, each
+/// request given up after a random budget within `budget` (ms), else after
+/// [`HANG`].
 async fn client(
     urls: Vec<String>,
     budget: Option<(u64, u64)>,
+    faulting: watch::Receiver<bool>,
     stop: watch::Receiver<bool>,
 ) -> (reqwest::Client, Vec<String>, Seen) {
     let http = reqwest::Client::builder()
@@ -53,6 +59,8 @@ async fn client(
     while !*stop.borrow() {
         i += 1;
         let url = &urls[i % urls.len()];
+        // Giving up is the fault: once it ends, clients wait again.
+        let budget = budget.filter(|_| *faulting.borrow());
         let timeout = match budget {
             Some((lo, hi)) => Duration::from_millis(rand::thread_rng().gen_range(lo..hi)),
             None => HANG,
@@ -104,7 +112,7 @@ struct Row {
 }
 
 /// Runs `clients` clients over `urls`, applies `fault` (which returns when
-/// the fault ended), lets the load run 3 s more, and tallies.
+/// the fault ended), lets the load run [`AFTER`] more, and tallies.
 async fn scenario<F>(
     name: &'static str,
     clients: usize,
@@ -117,12 +125,21 @@ where
     F: std::future::Future<Output = Instant>,
 {
     let (stop, stopped) = watch::channel(false);
+    let (faulting, fault_on) = watch::channel(true);
     let runs: Vec<JoinHandle<_>> = (0..clients)
-        .map(|_| tokio::spawn(client(urls.clone(), budget, stopped.clone())))
+        .map(|_| {
+            tokio::spawn(client(
+                urls.clone(),
+                budget,
+                fault_on.clone(),
+                stopped.clone(),
+            ))
+        })
         .collect();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let ended = fault.await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    faulting.send_replace(false);
+    tokio::time::sleep(AFTER).await;
     stop.send_replace(true);
     let mut row = Row {
         name,
@@ -274,11 +291,11 @@ async fn chaos() {
     let starved = demo(&far, 2).await;
     rows.push(
         scenario(
-            "24 clients giving up after 30-500 ms, pool 2, +5 ms each way",
+            "24 clients giving up after 30-150 ms for 10 s, pool 2, +5 ms each way",
             24,
             vec![starved.url.clone()],
             &starved.url,
-            Some((30, 500)),
+            Some((30, 150)),
             async {
                 tokio::time::sleep(Duration::from_secs(10)).await;
                 Instant::now()

@@ -608,3 +608,37 @@ async fn extreme_stored_creation_times_end_or_keep_the_session_without_panic() {
     }
     db.drop_schema().await;
 }
+
+/// The handle a session reports for itself is the one administrators see
+/// for its row (computed in Rust for the one, in SQL for the other), with
+/// plain and hashed ids alike, and revoking by it ends that session.
+#[tokio::test]
+async fn a_sessions_own_handle_is_the_one_administrators_see() {
+    use axum::{extract::Path, routing::post, Json, Router};
+    use tower_pg_session::Session;
+
+    for hashed in [false, true] {
+        let db = Db::new().await;
+        let store = db.store().await;
+        let app = Router::new()
+            .route(
+                "/handle/{user}",
+                post(|s: Session, Path(user): Path<String>| async move {
+                    s.set_user_id(Some(&user)).await?;
+                    s.insert("user", &user).await?;
+                    s.save().await?;
+                    Ok::<_, tower_pg_session::SessionError>(Json(json!(s.handle().await?)))
+                }),
+            )
+            .layer(layer(store.clone()).with_hashed_ids(hashed).unwrap());
+        let mut c = Client::new(app);
+        let own = c.post("/handle/ann").await.body;
+        let own = own.as_str().expect("a row, so a handle").to_owned();
+        let listed = store.admin().user_sessions("ann").await.unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].handle, own, "hashed ids: {hashed}");
+        assert!(store.admin().revoke_session("ann", &own).await.unwrap());
+        assert_eq!(db.rows().await, 0);
+        db.drop_schema().await;
+    }
+}

@@ -13,13 +13,21 @@ use serde_json::value::RawValue;
 use time::OffsetDateTime;
 use tokio::sync::Mutex;
 
-use super::{cookie::SessionId, data::Data, layer::Config, reserved, SessionError};
+use super::{
+    cookie::SessionId,
+    data::Data,
+    layer::Config,
+    plan::{plan_save, SavePlan, TooLarge},
+    reserved, SessionError,
+};
 use tracing::Instrument;
 
 use crate::{
     log_safe::untrusted,
     metrics,
-    store::{detached, NewRow, PgStore, StoreError},
+    store::{
+        detached, Loaded, Merge, NewRow, OwnedRow, PgStore, StoreError, WaitBudget, Write, Written,
+    },
 };
 
 /// The session of the current request, found in the request extensions.
@@ -44,36 +52,39 @@ struct Shared {
     /// The request was dropped before its response was ready (see
     /// [`Session::abandon`]).
     abandoned: AtomicBool,
+    /// Bounds the request's database waits together (load, save, retries,
+    /// the conflict path) by the pool's acquire timeout.
+    waits: WaitBudget,
 }
 
 #[derive(Default)]
-struct State {
-    loaded: bool,
-    row: Option<Row>,
-    data: Data,
+pub(super) struct State {
+    pub(super) loaded: bool,
+    pub(super) row: Option<Row>,
+    pub(super) data: Data,
     /// Key-level changes in the order made: `None` removes the key.
-    changes: Changes,
-    user_id: Option<String>,
-    provider_sid: Option<String>,
-    meta_changed: bool,
-    cycle: bool,
+    pub(super) changes: Changes,
+    pub(super) user_id: Option<String>,
+    pub(super) provider_sid: Option<String>,
+    pub(super) meta_changed: bool,
+    pub(super) cycle: bool,
     /// The id a new or cycled session will get, fixed early when something
     /// must be bound to it before the save (see [`Session::binding_key`]).
-    next_id: Option<SessionId>,
-    delete_key: Option<String>,
-    cookie: CookieAction,
-    failure: Option<Failure>,
+    pub(super) next_id: Option<SessionId>,
+    pub(super) delete_key: Option<String>,
+    pub(super) cookie: CookieAction,
+    pub(super) failure: Option<Failure>,
     /// The cookie was signed by a retired key: send it again, signed anew.
-    resign: bool,
+    pub(super) resign: bool,
 }
 
 /// The stored row this session is bound to.
 #[derive(Clone)]
-struct Row {
-    id: SessionId,
-    version: String,
-    created_at: Option<OffsetDateTime>,
-    expire: OffsetDateTime,
+pub(super) struct Row {
+    pub(super) id: SessionId,
+    pub(super) version: String,
+    pub(super) created_at: Option<OffsetDateTime>,
+    pub(super) expire: OffsetDateTime,
 }
 
 /// What the application opted in to record about the client at creation.
@@ -131,8 +142,10 @@ impl Session {
         incoming: Option<SessionId>,
         client: ClientInfo,
     ) -> Self {
+        let waits = WaitBudget::new(store.pool().options().get_acquire_timeout());
         Self {
             shared: Arc::new(Shared {
+                waits,
                 store,
                 config,
                 incoming,
@@ -265,13 +278,13 @@ impl Session {
     /// # Errors
     /// As [`Session::get`].
     pub async fn handle(&self) -> Result<Option<String>, SessionError> {
-        use sha2::{Digest, Sha256};
         let mut st = self.shared.state.lock().await;
         self.ensure_loaded(&mut st).await?;
         let hashed = self.shared.config.hashed_ids;
-        Ok(st.row.as_ref().map(|row| {
-            crate::hex::encode(&Sha256::digest(row.id.storage_key(hashed).as_bytes())[..8])
-        }))
+        Ok(st
+            .row
+            .as_ref()
+            .map(|row| crate::store::handle(&row.id.storage_key(hashed))))
     }
 
     /// The user an Express app logged in with Passport: `sess.passport.user`
@@ -490,53 +503,54 @@ impl Session {
         F: FnOnce(Data, String) -> Fut,
         Fut: std::future::Future<Output = Result<(Changes, T), E>>,
     {
-        let store = &self.shared.store;
-        let config = &self.shared.config;
         let mut st = self.shared.state.lock().await;
         self.ensure_loaded(&mut st).await?;
         let Some(row) = st.row.clone() else {
             return Ok(Ok(Exclusive::Gone));
         };
-        let key = row.id.storage_key(config.hashed_ids);
+        let key = row.id.storage_key(self.shared.config.hashed_ids);
         let now = OffsetDateTime::now_utc();
-        let locked = store
-            .lock_row(&key, now)
-            .await
-            .map_err(|e| self.fail(&mut st, Failure::Unavailable, e))?;
-        let Some((tx, fresh)) = locked else {
-            *st = State {
-                loaded: true,
-                cookie: CookieAction::Remove,
-                ..State::default()
-            };
-            return Ok(Ok(Exclusive::Gone));
+        let binding = key.clone();
+        let locked = self
+            .shared
+            .store
+            .update_locked(&key, now, &self.shared.waits, |fresh| async move {
+                let Some(mut data) = Data::parse(&fresh.sess) else {
+                    return (None, None);
+                };
+                let (changes, value) = match f(data.clone(), binding).await {
+                    Ok(done) => done,
+                    Err(e) => return (None, Some(Err(e))),
+                };
+                let mut write = None;
+                if !changes.is_empty() {
+                    apply_changes(&mut data, &changes);
+                    write = Some(OwnedRow {
+                        sess: data.to_json(),
+                        expire: fresh.expire,
+                        user_id: fresh.user_id.clone(),
+                        provider_sid: fresh.provider_sid.clone(),
+                    });
+                }
+                (write, Some(Ok((data, fresh, value))))
+            })
+            .await;
+        let locked = locked.map_err(|e| self.fail(&mut st, Failure::Unavailable, e))?;
+        let (done, version) = match locked {
+            None => {
+                *st = State {
+                    loaded: true,
+                    cookie: CookieAction::Remove,
+                    ..State::default()
+                };
+                return Ok(Ok(Exclusive::Gone));
+            }
+            // Not a session's data: left alone.
+            Some((None, _)) => return Ok(Ok(Exclusive::Gone)),
+            Some((Some(Err(e)), _)) => return Ok(Err(e)),
+            Some((Some(Ok(done)), version)) => (done, version),
         };
-        let Some(mut data) = Data::parse(&fresh.sess) else {
-            return Ok(Ok(Exclusive::Gone));
-        };
-        let (changes, value) = match f(data.clone(), key.clone()).await {
-            Ok(done) => done,
-            Err(e) => return Ok(Err(e)),
-        };
-        let mut version = fresh.version.clone();
-        if !changes.is_empty() {
-            apply_changes(&mut data, &changes);
-            let sess = data.to_json();
-            let new = NewRow {
-                sess: &sess,
-                expire: fresh.expire,
-                user_id: fresh.user_id.as_deref(),
-                provider_sid: fresh.provider_sid.as_deref(),
-                user_agent: None,
-                ip: None,
-            };
-            version = store
-                .write_locked(tx, &key, &key, &new)
-                .await
-                .map_err(|e| self.fail(&mut st, Failure::Unavailable, e))?;
-        } else if let Err(e) = tx.commit().await {
-            return Err(self.fail(&mut st, Failure::Unavailable, e.into()));
-        }
+        let (mut data, fresh, value) = done;
         // The handle now starts from the stored state; its own pending
         // changes are applied on top, as a save would.
         let pending = st.changes.clone();
@@ -624,10 +638,14 @@ impl Session {
         };
         let config = &self.shared.config;
         let span = tracing::debug_span!("session.load", session = %id.log_id());
-        let loaded = self
+        let load = self
             .shared
             .store
-            .load_shared(id.storage_key(config.hashed_ids), config.load_policy())
+            .load_shared(id.storage_key(config.hashed_ids), config.load_policy());
+        let loaded = self
+            .shared
+            .waits
+            .run(load)
             .instrument(span)
             .await
             .map_err(|e| self.fail(st, Failure::Unavailable, e))?;
@@ -673,157 +691,170 @@ impl Session {
     }
 
     async fn save_locked(&self, st: &mut State) -> Result<(), SessionError> {
-        let store = &self.shared.store;
         let config = &self.shared.config;
-        let hashed = config.hashed_ids;
-        if let Some(key) = st.delete_key.clone() {
-            store
-                .delete(&key)
-                .await
-                .map_err(|e| self.fail(st, Failure::Unavailable, e))?;
-            st.delete_key = None;
-        }
-        if st.changes.is_empty() && !st.cycle && !st.meta_changed {
-            return Ok(());
-        }
-        self.check_size(st, st.data.encoded_len())?;
+        let policy = config.save_policy();
         let now = OffsetDateTime::now_utc();
-        let (user_id, provider_sid) = (st.user_id.clone(), st.provider_sid.clone());
-        let Some(row) = st.row.clone() else {
-            if st.data.is_empty() && !st.meta_changed {
-                st.changes.clear();
-                st.cycle = false;
-                return Ok(());
-            }
-            let expire = config.expire_at(now, None);
-            config.stamp(&mut st.data, expire);
-            let sess = st.data.to_json();
-            self.check_size(st, sess.len())?;
-            let new = NewRow {
-                sess: &sess,
-                expire,
-                user_id: user_id.as_deref(),
-                provider_sid: provider_sid.as_deref(),
-                user_agent: self.shared.client.user_agent.as_deref(),
-                ip: self.shared.client.ip.as_deref(),
-            };
-            // 192 random bits do not collide; the loop is for the impossible case.
-            for _ in 0..3 {
-                let id = st.next_id.take().unwrap_or_else(SessionId::generate);
-                let inserted = store
-                    .insert(&id.storage_key(hashed), &new, now)
-                    .await
-                    .map_err(|e| self.fail(st, Failure::Unavailable, e))?;
-                if let Some(version) = inserted {
-                    metrics::save("insert");
-                    self.saved(st, id, version, Some(now), expire);
+        // 192 random bits do not collide; the retries are for the impossible case.
+        let mut ids_left = 3;
+        loop {
+            let plan = plan_save(st, &policy, now).map_err(|e| self.too_large(st, e))?;
+            match plan {
+                SavePlan::Nothing => {
+                    st.changes.clear();
+                    st.cycle = false;
                     return Ok(());
                 }
+                SavePlan::Delete { key } => {
+                    self.write(st, Write::Delete { key: &key }).await?;
+                    st.delete_key = None;
+                }
+                SavePlan::Insert(w) => {
+                    let key = w.id.storage_key(config.hashed_ids);
+                    let (user_id, provider_sid) = (st.user_id.clone(), st.provider_sid.clone());
+                    let client = &self.shared.client;
+                    let row = NewRow {
+                        sess: &w.sess,
+                        expire: w.expire,
+                        user_id: user_id.as_deref(),
+                        provider_sid: provider_sid.as_deref(),
+                        user_agent: client.user_agent.as_deref(),
+                        ip: client.ip.as_deref(),
+                    };
+                    let written = self
+                        .write(
+                            st,
+                            Write::Insert {
+                                key: &key,
+                                row,
+                                now,
+                            },
+                        )
+                        .await?;
+                    if let Written::Inserted(version) = written {
+                        metrics::save("insert");
+                        st.data = w.data;
+                        self.saved(st, w.id, version, Some(now), w.expire);
+                        return Ok(());
+                    }
+                    ids_left -= 1;
+                    if ids_left == 0 {
+                        let e = StoreError::Schema("could not allocate a unique session id".into());
+                        return Err(self.fail(st, Failure::Unavailable, e));
+                    }
+                    st.next_id = None;
+                }
+                SavePlan::Update {
+                    key,
+                    version,
+                    created_at,
+                    write,
+                } => {
+                    return self
+                        .update(st, &key, &version, created_at, write, now)
+                        .await
+                }
             }
-            let e = StoreError::Schema("could not allocate a unique session id".into());
-            return Err(self.fail(st, Failure::Unavailable, e));
-        };
-        let key = row.id.storage_key(hashed);
-        let new_id = if st.cycle {
-            st.next_id.clone().unwrap_or_else(SessionId::generate)
-        } else {
-            row.id.clone()
-        };
-        let new_key = new_id.storage_key(hashed);
-        // Keep `expire` unless its extension is due: an update that changes
-        // no indexed column can be a HOT update (no index writes).
-        let expire = config.next_expire(now, row.created_at, row.expire);
-        config.stamp(&mut st.data, expire);
-        let sess = st.data.to_json();
-        self.check_size(st, sess.len())?;
-        let new = NewRow {
-            sess: &sess,
-            expire,
+        }
+    }
+
+    /// Executes a write that needs no merge.
+    async fn write(&self, st: &mut State, write: Write<'_>) -> Result<Written, SessionError> {
+        let written = self
+            .shared
+            .store
+            .save(write, &mut NoMerge, &self.shared.waits)
+            .await;
+        written.map_err(|e| self.fail(st, Failure::Unavailable, e))
+    }
+
+    /// Writes the loaded row; if someone else wrote it since, re-applies this
+    /// request's changes to what is there now, under its lock.
+    async fn update(
+        &self,
+        st: &mut State,
+        key: &str,
+        version: &str,
+        created_at: Option<OffsetDateTime>,
+        w: super::plan::Written,
+        now: OffsetDateTime,
+    ) -> Result<(), SessionError> {
+        let new_key = w.id.storage_key(self.shared.config.hashed_ids);
+        let (user_id, provider_sid) = (st.user_id.clone(), st.provider_sid.clone());
+        let row = NewRow {
+            sess: &w.sess,
+            expire: w.expire,
             user_id: user_id.as_deref(),
             provider_sid: provider_sid.as_deref(),
             user_agent: None,
             ip: None,
         };
-        // A save under the same key may share its statement with others; a
-        // new id (login) goes alone.
-        let updated = if new_key == key {
-            store.update_shared(&key, &row.version, &new, now).await
-        } else {
-            store.update(&key, &new_key, &row.version, &new, now).await
-        }
-        .map_err(|e| self.fail(st, Failure::Unavailable, e))?;
-        if let Some(version) = updated {
-            metrics::save("update");
-            self.saved(st, new_id, version, row.created_at, expire);
-            return Ok(());
-        }
-        metrics::conflict();
-        if self.abandoned(&row.id) {
-            return Ok(());
-        }
-        // Someone else wrote the row since we read it (or it is gone): lock it,
-        // re-apply this request's changes to what is there now, write again.
-        let locked = store
-            .lock_row(&key, now)
-            .await
-            .map_err(|e| self.fail(st, Failure::Unavailable, e))?;
-        let Some((tx, fresh)) = locked else {
-            // Destroyed (logout, revocation, prune) while this request ran:
-            // its changes are dropped rather than bringing the session back.
-            tracing::info!(session = %row.id.log_id(), "session ended during the request; changes dropped");
-            metrics::failure("ended_concurrently");
-            *st = State {
-                loaded: true,
-                cookie: CookieAction::Remove,
-                ..State::default()
-            };
-            return Ok(());
+        let write = Write::Update {
+            key,
+            new_key: &new_key,
+            version,
+            row,
+            now,
         };
-        if self.abandoned(&row.id) {
-            // Dropping `tx` rolls back.
-            return Ok(());
-        }
-        let mut data = Data::parse(&fresh.sess).unwrap_or_default();
-        apply_changes(&mut data, &st.changes);
-        // Dropping `tx` on refusal rolls back: the stored session stays as it was.
-        self.check_size(st, data.encoded_len())?;
-        if !st.meta_changed {
-            st.user_id = fresh.user_id;
-            st.provider_sid = fresh.provider_sid;
-        }
-        let expire = config.next_expire(now, fresh.created_at, fresh.expire);
-        config.stamp(&mut data, expire);
-        let sess = data.to_json();
-        self.check_size(st, sess.len())?;
-        let new = NewRow {
-            sess: &sess,
-            expire,
-            user_id: st.user_id.as_deref(),
-            provider_sid: st.provider_sid.as_deref(),
-            user_agent: None,
-            ip: None,
+        let row_id = match &st.row {
+            Some(r) => r.id.clone(),
+            None => w.id.clone(),
         };
-        let version = store
-            .write_locked(tx, &key, &new_key, &new)
-            .await
-            .map_err(|e| self.fail(st, Failure::Unavailable, e))?;
-        st.data = data;
-        self.saved(st, new_id, version, fresh.created_at, expire);
-        tracing::debug!(session = %row.id.log_id(), "re-applied changes after a concurrent write");
-        metrics::save("merge");
+        let mut merge = Remerge {
+            session: self,
+            st: &mut *st,
+            row_id: &row_id,
+            now,
+            merged: None,
+            refused: None,
+        };
+        let written = self
+            .shared
+            .store
+            .save(write, &mut merge, &self.shared.waits)
+            .await;
+        let (merged, refused) = (merge.merged, merge.refused);
+        match written.map_err(|e| self.fail(st, Failure::Unavailable, e))? {
+            Written::Updated(version) => {
+                metrics::save("update");
+                st.data = w.data;
+                self.saved(st, w.id, version, created_at, w.expire);
+            }
+            Written::Merged(version) => {
+                if let Some((data, created_at, expire)) = merged {
+                    st.data = data;
+                    self.saved(st, w.id, version, created_at, expire);
+                }
+                tracing::debug!(session = %row_id.log_id(), "re-applied changes after a concurrent write");
+                metrics::save("merge");
+            }
+            Written::Gone => {
+                // Destroyed (logout, revocation, prune) while this request ran:
+                // its changes are dropped rather than bringing the session back.
+                tracing::info!(session = %row_id.log_id(), "session ended during the request; changes dropped");
+                metrics::failure("ended_concurrently");
+                *st = State {
+                    loaded: true,
+                    cookie: CookieAction::Remove,
+                    ..State::default()
+                };
+            }
+            Written::Declined | Written::Deleted | Written::Inserted(_) | Written::Taken => {
+                if let Some(e) = refused {
+                    return Err(self.too_large(st, e));
+                }
+            }
+        }
         Ok(())
     }
 
-    /// Refuses to write more than the limit: `size` is the exact length
-    /// of the `sess` text to be written (or of the data before it is stamped).
-    fn check_size(&self, st: &mut State, size: usize) -> Result<(), SessionError> {
-        let limit = self.shared.config.max_size;
-        if size <= limit {
-            return Ok(());
-        }
+    /// Records a refusal to write more than the limit.
+    fn too_large(&self, st: &mut State, e: TooLarge) -> SessionError {
         metrics::failure("too_large");
         st.failure = Some(Failure::TooLarge);
-        Err(SessionError::TooLarge { size, limit })
+        SessionError::TooLarge {
+            size: e.size,
+            limit: e.limit,
+        }
     }
 
     fn saved(
@@ -852,6 +883,72 @@ impl Session {
             created_at,
             expire,
         });
+    }
+}
+
+/// Writes that never conflict.
+struct NoMerge;
+
+impl Merge for NoMerge {
+    fn wanted(&mut self) -> bool {
+        false
+    }
+
+    fn merge(&mut self, _: Loaded) -> Option<OwnedRow> {
+        None
+    }
+}
+
+/// The conflict path of a save: this request's key-level changes over the
+/// row as it is now.
+struct Remerge<'a> {
+    session: &'a Session,
+    st: &'a mut State,
+    row_id: &'a SessionId,
+    now: OffsetDateTime,
+    /// The data, creation time and expiry written.
+    merged: Option<(Data, Option<OffsetDateTime>, OffsetDateTime)>,
+    refused: Option<TooLarge>,
+}
+
+impl Merge for Remerge<'_> {
+    fn wanted(&mut self) -> bool {
+        metrics::conflict();
+        !self.session.abandoned(self.row_id)
+    }
+
+    fn merge(&mut self, fresh: Loaded) -> Option<OwnedRow> {
+        if self.session.abandoned(self.row_id) {
+            return None;
+        }
+        let policy = self.session.shared.config.save_policy();
+        let st = &mut *self.st;
+        let mut data = Data::parse(&fresh.sess).unwrap_or_default();
+        apply_changes(&mut data, &st.changes);
+        if let Err(e) = policy.fits(data.encoded_len()) {
+            self.refused = Some(e);
+            return None;
+        }
+        if !st.meta_changed {
+            st.user_id = fresh.user_id;
+            st.provider_sid = fresh.provider_sid;
+        }
+        let expire = policy
+            .expiry
+            .next_expire(self.now, fresh.created_at, fresh.expire);
+        policy.stamp(&mut data, expire);
+        let sess = data.to_json();
+        if let Err(e) = policy.fits(sess.len()) {
+            self.refused = Some(e);
+            return None;
+        }
+        self.merged = Some((data, fresh.created_at, expire));
+        Some(OwnedRow {
+            sess,
+            expire,
+            user_id: st.user_id.clone(),
+            provider_sid: st.provider_sid.clone(),
+        })
     }
 }
 

@@ -3,15 +3,15 @@
 use std::{fmt, sync::Arc, time::Duration};
 
 use http::StatusCode;
-use time::OffsetDateTime;
 use tower_layer::Layer;
 
 use super::{
     cookie::{
         check_cookie_name, check_domain, Codec, CookieConfig, ExpressSecrets, SameSite, SigningKeys,
     },
-    data::Data,
+    expiry::Expiry,
     handle::ClientInfo,
+    plan::SavePolicy,
     service::SessionService,
 };
 use crate::{
@@ -60,109 +60,32 @@ impl Config {
         }
     }
 
-    /// In Express mode, writes express-session's `cookie` object for a row
-    /// expiring at `expire`, as Express itself would serialize it.
-    pub(crate) fn stamp(&self, data: &mut Data, expire: OffsetDateTime) {
-        if !self.express {
-            return;
-        }
-        let max_age_ms = self
-            .idle
-            .or(self.absolute)
-            .map_or(0, |d| d.as_millis() as u64);
-        let c = &self.cookie;
-        // Field order and format as express-session's `Cookie#toJSON`.
-        let mut json = format!(
-            r#"{{"originalMaxAge":{max_age_ms},"expires":"{}","secure":{},"httpOnly":true"#,
-            js_date(expire),
-            c.secure
-        );
-        if let Some(domain) = &c.domain {
-            json.push_str(&format!(r#","domain":"{domain}""#));
-        }
-        json.push_str(&format!(
-            r#","path":{},"sameSite":"{}"}}"#,
-            serde_json::Value::from(c.path.as_str()),
-            match c.same_site {
-                SameSite::Lax => "lax",
-                SameSite::Strict => "strict",
-                SameSite::None => "none",
-            }
-        ));
-        if let Ok(raw) = serde_json::value::RawValue::from_string(json) {
-            data.set("cookie", raw);
-        }
-    }
-
-    /// How loads extend the idle expiry.
-    pub(crate) fn load_policy(&self) -> LoadPolicy {
-        LoadPolicy {
+    /// When rows expire, from this layer's timeouts.
+    pub(crate) fn expiry(&self) -> Expiry {
+        Expiry {
             idle: self.idle,
             absolute: self.absolute,
             touch_fraction: self.touch_fraction,
         }
     }
 
-    /// The expiry of an existing row written now: unchanged until the idle
-    /// extension is due (as for reads), so most writes leave `expire` alone.
-    pub(crate) fn next_expire(
-        &self,
-        now: OffsetDateTime,
-        created: Option<OffsetDateTime>,
-        current: OffsetDateTime,
-    ) -> OffsetDateTime {
-        let fresh = self.expire_at(now, created);
-        match self.idle {
-            Some(idle) if current >= now + idle.mul_f64(1.0 - self.touch_fraction) => {
-                current.min(fresh)
-            }
-            _ => fresh,
-        }
+    /// How loads extend the idle expiry.
+    pub(crate) fn load_policy(&self) -> LoadPolicy {
+        self.expiry().load_policy()
     }
 
-    /// The expiry a row written now gets.
-    pub(crate) fn expire_at(
-        &self,
-        now: OffsetDateTime,
-        created: Option<OffsetDateTime>,
-    ) -> OffsetDateTime {
-        let idle = self.idle.map(|d| now + d);
-        // `created` is stored data: its sum saturates rather than panics.
-        let absolute = self.absolute.map(|d| later(created.unwrap_or(now), d));
-        match (idle, absolute) {
-            (Some(a), Some(b)) => a.min(b),
-            (Some(a), None) => a,
-            (None, Some(b)) => b,
-            (None, None) => now + DEFAULT_IDLE,
+    /// What shapes this layer's saves.
+    pub(crate) fn save_policy(&self) -> SavePolicy<'_> {
+        SavePolicy {
+            expiry: self.expiry(),
+            max_size: self.max_size,
+            hashed_ids: self.hashed_ids,
+            express: self.express.then_some(&self.cookie),
         }
     }
 }
 
-/// `Date.prototype.toJSON`: `2026-11-23T08:00:00.000Z`.
-fn js_date(t: OffsetDateTime) -> String {
-    let t = t.to_offset(time::UtcOffset::UTC);
-    format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
-        t.year(),
-        u8::from(t.month()),
-        t.day(),
-        t.hour(),
-        t.minute(),
-        t.second(),
-        t.millisecond()
-    )
-}
-
-/// `t + d`, saturating at the last day `time` represents (Postgres keeps it
-/// as is), so a far-future stored time cannot panic.
-fn later(t: OffsetDateTime, d: Duration) -> OffsetDateTime {
-    time::Duration::try_from(d)
-        .ok()
-        .and_then(|d| t.checked_add(d))
-        .unwrap_or_else(|| time::Date::MAX.midnight().assume_utc())
-}
-
-const DEFAULT_IDLE: Duration = Duration::from_secs(24 * 60 * 60);
+pub(super) const DEFAULT_IDLE: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// Adds a [`Session`](super::Session) to every request and saves it when the
 /// response is ready.

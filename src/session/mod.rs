@@ -34,11 +34,14 @@
 
 mod cookie;
 mod data;
+mod expiry;
+mod express;
 #[cfg(feature = "axum")]
 mod extract;
 mod future;
 mod handle;
 mod layer;
+mod plan;
 pub(crate) mod reserved;
 mod service;
 

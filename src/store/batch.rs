@@ -199,8 +199,12 @@ impl PgStore {
     }
 }
 
-/// The first job's group decides; other groups stay queued.
+/// The first job's group decides; other groups stay queued. Jobs whose
+/// request stopped waiting (its time for database waits ran out, or it was
+/// dropped) are left out: no statement writes for a request that has
+/// already answered.
 fn take_batch<J: Job>(waiting: &mut Vec<Pending<J>>) -> Vec<Pending<J>> {
+    waiting.retain(|w| !w.reply.is_closed());
     let Some(first) = waiting.first() else {
         return Vec::new();
     };

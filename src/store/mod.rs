@@ -35,10 +35,14 @@
 //! ```
 
 mod batch;
+mod budget;
 mod connect;
+mod handle;
 mod pooler;
 mod prune;
+mod save;
 pub(crate) mod schema;
+mod sql;
 #[cfg(feature = "tower-sessions")]
 mod tower_sessions;
 
@@ -49,10 +53,14 @@ use sqlx::{PgPool, Row};
 use time::OffsetDateTime;
 
 pub(crate) use self::batch::LoadPolicy;
+pub(crate) use self::budget::WaitBudget;
 pub use self::connect::{PgConnect, ProviderError, TargetSessionAttrs};
+pub(crate) use self::handle::{handle, handle_sql};
 pub use self::pooler::Pooler;
 pub use self::prune::{PruneConfig, PruneOutcome, Pruner};
-use self::schema::{ExpireType, Ident, Layout, SessType, TableName};
+pub(crate) use self::save::{Merge, OwnedRow, Write, Written};
+use self::schema::{Ident, Layout, TableName};
+use self::sql::{to_col, to_instant, Sql};
 use crate::error::ConfigError;
 
 /// Errors from the store.
@@ -100,6 +108,10 @@ pub enum StoreError {
     /// A configuration value was rejected.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// The request's time for database waits (the pool's acquire timeout,
+    /// shared by all of its waits) ran out before the store answered.
+    #[error("the session database did not answer in time")]
+    TimedOut,
     /// A statement that served several requests at once failed; each of
     /// them reports the same error.
     #[error(transparent)]
@@ -112,7 +124,7 @@ impl StoreError {
     #[must_use]
     pub fn is_unavailable(&self) -> bool {
         match self {
-            Self::Connect { .. } | Self::NotReady => true,
+            Self::Connect { .. } | Self::NotReady | Self::TimedOut => true,
             Self::Shared(e) => e.is_unavailable(),
             Self::Database(e) => {
                 matches!(
@@ -571,27 +583,10 @@ impl PgStore {
         at: &LoadParams,
     ) -> Result<Vec<(String, Loaded)>, StoreError> {
         let ready = self.ready().await?;
-        let Some((index, keys)) = padded(keys) else {
+        let Some(query) = ready.sql.load_query(keys, at) else {
             return Ok(Vec::new());
         };
-        let statements = match at.absolute_secs {
-            Some(_) => &ready.sql.load,
-            None => &ready.sql.load_idle,
-        };
-        let Some(sql) = statements.get(index) else {
-            return Ok(Vec::new());
-        };
-        let mut query = sqlx::query(sql)
-            .persistent(self.persistent())
-            .bind(at.extend_to)
-            .bind(at.now)
-            .bind(at.touch_before);
-        if let Some(secs) = at.absolute_secs {
-            query = query.bind(secs);
-        }
-        for key in keys {
-            query = query.bind(*key);
-        }
+        let query = query.persistent(self.persistent());
         let mut conn = self.conn().await?;
         let rows = query.fetch_all(conn.get()).await?;
         conn.done().await?;
@@ -612,19 +607,10 @@ impl PgStore {
         // second finds the id taken and the caller picks another (the first
         // row, which no cookie names, expires unused).
         retry_once(|| async {
-            let mut q = sqlx::query_scalar(&ready.sql.insert)
-                .persistent(self.persistent())
-                .bind(key)
-                .bind(row.sess)
-                .bind(row.expire);
-            if ready.layout.extended {
-                q = q
-                    .bind(now)
-                    .bind(row.user_id)
-                    .bind(row.provider_sid)
-                    .bind(row.user_agent)
-                    .bind(row.ip);
-            }
+            let q = ready
+                .sql
+                .insert_query(key, row, now)
+                .persistent(self.persistent());
             let mut conn = self.conn().await?;
             let inserted = q.fetch_optional(conn.get()).await?;
             conn.done().await?;
@@ -644,17 +630,10 @@ impl PgStore {
         now: OffsetDateTime,
     ) -> Result<Option<String>, StoreError> {
         let ready = self.ready().await?;
-        let mut q = sqlx::query_scalar(&ready.sql.update)
-            .persistent(self.persistent())
-            .bind(key)
-            .bind(new_key)
-            .bind(row.sess)
-            .bind(row.expire)
-            .bind(version)
-            .bind(now);
-        if ready.layout.extended {
-            q = q.bind(row.user_id).bind(row.provider_sid);
-        }
+        let q = ready
+            .sql
+            .update_query(key, new_key, version, row, now)
+            .persistent(self.persistent());
         let mut conn = self.conn().await?;
         let written = q.fetch_optional(conn.get()).await?;
         conn.done().await?;
@@ -669,51 +648,14 @@ impl PgStore {
         jobs: &[&batch::UpdateJob],
     ) -> Result<Vec<(String, String)>, StoreError> {
         let ready = self.ready().await?;
-        let (Some(first), Some((index, padded))) = (jobs.first(), padded(jobs)) else {
+        let Some(q) = ready.sql.update_many_query(jobs) else {
             return Ok(Vec::new());
         };
-        let Some(sql) = ready.sql.update_many.get(index) else {
-            return Ok(Vec::new());
-        };
-        let mut q = sqlx::query_as(sql)
-            .persistent(self.persistent())
-            .bind(first.now);
-        // The same row twice (padding) is written once.
-        for j in padded {
-            q = q.bind(&j.key).bind(&j.sess).bind(j.expire).bind(&j.version);
-            if ready.layout.extended {
-                q = q.bind(&j.user_id).bind(&j.provider_sid);
-            }
-        }
+        let q = q.persistent(self.persistent());
         let mut conn = self.conn().await?;
         let written = q.fetch_all(conn.get()).await?;
         conn.done().await?;
         Ok(written)
-    }
-
-    /// Locks the live row for the rest of the returned transaction. `None`
-    /// when there is no live row: it is then not re-created by anyone holding
-    /// this result.
-    pub(crate) async fn lock_row(
-        &self,
-        key: &str,
-        now: OffsetDateTime,
-    ) -> Result<Option<(Tx, Loaded)>, StoreError> {
-        let ready = self.ready().await?;
-        let mut tx = self.begin().await?;
-        let row = sqlx::query(&ready.sql.select_for_update)
-            .persistent(self.persistent())
-            .bind(key)
-            .bind(now)
-            .fetch_optional(&mut *tx)
-            .await?;
-        match row {
-            Some(row) => Ok(Some((tx, Loaded::from_row(&row)?))),
-            None => {
-                tx.rollback().await?;
-                Ok(None)
-            }
-        }
     }
 
     /// Starts a transaction on a pooled connection.
@@ -732,59 +674,6 @@ impl PgStore {
         }))
         .await
         .ok_or(StoreError::Database(sqlx::Error::WorkerCrashed))?
-    }
-
-    /// Writes a row locked by [`Self::lock_row`] (optionally under a new key)
-    /// and commits. Once called it completes even if the caller is dropped:
-    /// what it writes was computed under the row lock, so it is never stale,
-    /// and work done meanwhile (a token refresh) is not lost.
-    pub(crate) async fn write_locked(
-        &self,
-        tx: Tx,
-        key: &str,
-        new_key: &str,
-        row: &NewRow<'_>,
-    ) -> Result<String, StoreError> {
-        let store = self.clone();
-        let (key, new_key) = (key.to_owned(), new_key.to_owned());
-        let (sess, expire) = (row.sess.to_owned(), row.expire);
-        let user_id = row.user_id.map(str::to_owned);
-        let provider_sid = row.provider_sid.map(str::to_owned);
-        detached(async move {
-            let row = NewRow {
-                sess: &sess,
-                expire,
-                user_id: user_id.as_deref(),
-                provider_sid: provider_sid.as_deref(),
-                user_agent: None,
-                ip: None,
-            };
-            store.write_and_commit(tx, &key, &new_key, &row).await
-        })
-        .await
-        .ok_or(StoreError::Database(sqlx::Error::WorkerCrashed))?
-    }
-
-    async fn write_and_commit(
-        &self,
-        mut tx: Tx,
-        key: &str,
-        new_key: &str,
-        row: &NewRow<'_>,
-    ) -> Result<String, StoreError> {
-        let ready = self.ready().await?;
-        let mut q = sqlx::query_scalar(&ready.sql.update_locked)
-            .persistent(self.persistent())
-            .bind(key)
-            .bind(new_key)
-            .bind(row.sess)
-            .bind(row.expire);
-        if ready.layout.extended {
-            q = q.bind(row.user_id).bind(row.provider_sid);
-        }
-        let version: String = q.fetch_one(&mut *tx).await?;
-        tx.commit().await?;
-        Ok(version)
     }
 
     /// Deletes every session of `user` (the `user_id` column); returns how many.
@@ -808,19 +697,16 @@ impl PgStore {
     /// Creates the companion table of [`Self::remember_once`] when missing.
     #[cfg_attr(not(feature = "oidc"), allow(dead_code))]
     pub(crate) async fn ensure_seen_table(&self) -> Result<(), StoreError> {
-        let t = self.inner.name.seen_table();
         let mut tx = self.begin().await?;
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
             .persistent(self.persistent())
             .bind(self.inner.name.lock_key("ddl"))
             .execute(&mut *tx)
             .await?;
-        sqlx::query(&format!(
-            "CREATE TABLE IF NOT EXISTS {t} (key text PRIMARY KEY, expire timestamptz NOT NULL)"
-        ))
-        .persistent(self.persistent())
-        .execute(&mut *tx)
-        .await?;
+        sqlx::query(&schema::seen_ddl(&self.inner.name))
+            .persistent(self.persistent())
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -878,9 +764,10 @@ impl PgStore {
         let ready = self.ready().await?;
         let done = retry_once(|| async {
             let mut conn = self.conn().await?;
-            let done = sqlx::query(&ready.sql.delete)
+            let done = ready
+                .sql
+                .delete_query(key)
                 .persistent(self.persistent())
-                .bind(key)
                 .execute(conn.get())
                 .await?;
             conn.done().await?;
@@ -891,7 +778,7 @@ impl PgStore {
     }
 }
 
-/// A transaction holding a session row lock.
+/// A transaction on the store's pool (the admin statistics use one too).
 pub(crate) type Tx = sqlx::Transaction<'static, sqlx::Postgres>;
 
 /// Runs `op` once more when it failed on a connection that broke under it
@@ -970,294 +857,6 @@ pub(crate) struct NewRow<'a> {
     pub(crate) ip: Option<&'a str>,
 }
 
-/// The statements, built once from the validated names and detected layout.
-#[derive(Debug)]
-struct Sql {
-    /// Loads of 1, 2, 4, … [`batch::MAX_KEYS`] keys, with an absolute timeout.
-    load: Vec<String>,
-    /// The same without one.
-    load_idle: Vec<String>,
-    insert: String,
-    update: String,
-    /// Updates of 1, 2, 4, … [`batch::MAX_KEYS`] rows (index 0 unused).
-    update_many: Vec<String>,
-    select_for_update: String,
-    update_locked: String,
-    delete: String,
-    prune_batch: String,
-    prune_tied: String,
-    /// Unconditional update of a live row (the tower-sessions `save`).
-    #[cfg_attr(not(feature = "tower-sessions"), allow(dead_code))]
-    save_any: String,
-}
-
-impl Sql {
-    fn new(name: &TableName, layout: &Layout, lock_wait: std::time::Duration) -> Self {
-        let t = name.qualified();
-        // Bounds the row lock waits of one statement (or of the rest of its
-        // transaction) without a round trip of its own: the setting is made
-        // before any row is read, and is local to the transaction.
-        let bounded = format!(
-            "WITH lock_wait AS MATERIALIZED (\
-               SELECT set_config('lock_timeout', '{}', true))",
-            lock_wait.as_millis().clamp(1, i32::MAX as u128)
-        );
-        let bound = "EXISTS (SELECT FROM lock_wait)";
-        let to_col = |p: &str| to_col(&layout.expire, p);
-        let json = match layout.sess {
-            SessType::Json => "json",
-            SessType::Jsonb => "jsonb",
-        };
-        let ext_cols = if layout.extended {
-            "created_at, user_id, provider_sid"
-        } else {
-            "NULL::timestamptz AS created_at, NULL::text AS user_id, NULL::text AS provider_sid"
-        };
-        // The touch also records when the session was last seen (to the
-        // touch's granularity: no extra writes for it).
-        let touch_extra = if layout.extended {
-            ", last_seen = $2"
-        } else {
-            ""
-        };
-        // Parameters: $1 extend to, $2 now, $3 touch rows expiring before,
-        // [$4 absolute timeout in seconds], then the keys. The rows are
-        // found once by primary key. Only those due are locked and updated,
-        // and a row locked elsewhere (a write or a token refresh in progress)
-        // is skipped rather than waited for: a load never waits on a row
-        // lock, and loads sharing a statement never wait on each other. The
-        // UPDATE returns the latest version of a row it touches.
-        let load_sql = |keys: usize, absolute: bool| {
-            let first = if absolute { 5 } else { 4 };
-            let list = (first..first + keys)
-                .map(|n| format!("${n}"))
-                .collect::<Vec<_>>()
-                .join(", ");
-            let extend = |of: &str| {
-                if absolute {
-                    to_col(&format!(
-                        "LEAST($1, {of}created_at + $4 * interval '1 second')"
-                    ))
-                } else {
-                    to_col("$1")
-                }
-            };
-            let now = to_col("$2");
-            let before = to_col("$3");
-            let from_cur = to_instant(&layout.expire, "expire");
-            let from_t = to_instant(&layout.expire, "t.expire");
-            let t_ext = if layout.extended {
-                "t.created_at, t.user_id, t.provider_sid"
-            } else {
-                ext_cols
-            };
-            // The table is reached by primary key, then by physical row id
-            // (TID scans), and the times are compared only on the
-            // materialized rows: no plan can choose the expire index, and no
-            // estimate depends on the time parameters, so Postgres keeps one
-            // generic plan instead of planning each execution. A row locked
-            // by `due` is the version `cur` read (a newer one has another
-            // row id and fails the TID check), so the checks made on `cur`
-            // hold for it.
-            let rows = by_key(
-                &t,
-                &format!("ctid AS row_id, sid, sess, expire, xmin, {ext_cols}"),
-                &list,
-            );
-            format!(
-                "WITH cur AS MATERIALIZED ({rows}), \
-                 due AS (\
-                   SELECT ctid AS row_id FROM {t} \
-                   WHERE ctid = ANY(ARRAY(SELECT row_id FROM cur \
-                     WHERE expire > {now} AND expire < {before} AND expire < {extend_cur})) \
-                   FOR UPDATE SKIP LOCKED), \
-                 touched AS (\
-                   UPDATE {t} AS t SET expire = {extend_t}{touch_extra} \
-                   WHERE ctid = ANY(ARRAY(SELECT row_id FROM due)) \
-                   RETURNING t.sess::text AS sess, {from_t} AS expire, t.xmin::text AS version, \
-                   {t_ext}, t.sid) \
-                 SELECT sess, expire, version, created_at, user_id, provider_sid, true, sid::text \
-                 FROM touched \
-                 UNION ALL \
-                 SELECT sess::text, {from_cur}, xmin::text, created_at, user_id, provider_sid, \
-                 false, sid::text FROM cur \
-                 WHERE expire > {now} \
-                 AND NOT EXISTS (SELECT 1 FROM touched WHERE touched.sid = cur.sid)",
-                extend_cur = extend(""),
-                extend_t = extend("t."),
-            )
-        };
-        let load = arities().map(|k| load_sql(k, true)).collect();
-        // Without an absolute timeout the cap (and its parameter) goes: the
-        // statement that runs on every request stays as small as it can be.
-        let load_idle = arities().map(|k| load_sql(k, false)).collect();
-        let from_col = to_instant(&layout.expire, "expire");
-        let (insert_cols, insert_vals, set_ext, set_ext_locked) = if layout.extended {
-            (
-                ", created_at, last_seen, user_id, provider_sid, user_agent, ip",
-                ", $4, $4, $5, $6, $7, $8",
-                ", user_id = $7, provider_sid = $8, last_seen = $6",
-                ", user_id = $5, provider_sid = $6",
-            )
-        } else {
-            ("", "", "", "")
-        };
-        let insert = format!(
-            "INSERT INTO {t} (sid, sess, expire{insert_cols}) \
-             VALUES ($1, $2::{json}, {expire}{insert_vals}) \
-             ON CONFLICT (sid) DO NOTHING RETURNING xmin::text",
-            expire = to_col("$3"),
-        );
-        let update = format!(
-            "{bounded} UPDATE {t} SET sid = $2, sess = $3::{json}, expire = {expire}{set_ext} \
-             WHERE sid = $1 AND xmin = $5::xid AND expire > {now} AND {bound} \
-             RETURNING xmin::text",
-            expire = to_col("$4"),
-            now = to_col("$6"),
-        );
-        // $1 now, then per row: key, sess, expire, version[, user_id,
-        // provider_sid]. Each row is written only if it is still at the
-        // version its request loaded and no one else holds it.
-        let update_many_sql = |rows: usize| {
-            let per = if layout.extended { 6 } else { 4 };
-            let values = (0..rows)
-                .map(|r| {
-                    let p = |i: usize| format!("${}", 2 + r * per + i);
-                    let ext = if layout.extended {
-                        format!(", {}::text, {}::text", p(4), p(5))
-                    } else {
-                        String::new()
-                    };
-                    format!(
-                        "({}::text, {}::text, {}::timestamptz, {}::xid{ext})",
-                        p(0),
-                        p(1),
-                        p(2),
-                        p(3)
-                    )
-                })
-                .collect::<Vec<_>>()
-                .join(", ");
-            let (v_ext, set_ext) = if layout.extended {
-                (
-                    ", user_id, provider_sid",
-                    ", user_id = v.user_id, provider_sid = v.provider_sid, last_seen = $1",
-                )
-            } else {
-                ("", "")
-            };
-            // As for loads: primary key, then physical row ids, whatever
-            // the planner thinks of the table's size or the time.
-            let keys = (0..rows)
-                .map(|r| format!("${}", 2 + r * per))
-                .collect::<Vec<_>>()
-                .join(", ");
-            let rows = by_key(&t, "ctid AS row_id, expire", &keys);
-            format!(
-                "WITH v (sid, sess, expire, version{v_ext}) AS (VALUES {values}), \
-                 cur AS MATERIALIZED ({rows}), \
-                 free AS (\
-                   SELECT ctid AS row_id, sid, xmin FROM {t} \
-                   WHERE ctid = ANY(ARRAY(SELECT row_id FROM cur WHERE expire > {now})) \
-                   FOR UPDATE SKIP LOCKED) \
-                 UPDATE {t} AS t SET sess = v.sess::{json}, expire = {expire}{set_ext} \
-                 FROM v JOIN free ON free.sid = v.sid AND free.xmin = v.version \
-                 WHERE t.ctid = ANY(ARRAY(SELECT row_id FROM free)) AND t.ctid = free.row_id \
-                 RETURNING v.sid::text, t.xmin::text",
-                now = to_col("$1"),
-                expire = to_col("v.expire"),
-            )
-        };
-        let update_many = arities().map(update_many_sql).collect();
-        let select_for_update = format!(
-            "{bounded} SELECT sess::text, {from_col}, xmin::text, {ext_cols}, false FROM {t} \
-             WHERE sid = $1 AND expire > {now} AND {bound} FOR UPDATE",
-            now = to_col("$2"),
-        );
-        let update_locked = format!(
-            "UPDATE {t} SET sid = $2, sess = $3::{json}, expire = {expire}{set_ext_locked} \
-             WHERE sid = $1 RETURNING xmin::text",
-            expire = to_col("$4"),
-        );
-        let delete = format!("{bounded} DELETE FROM {t} WHERE sid = $1 AND {bound}");
-        // Batches walk the expire index in order, each starting where the
-        // previous one ended ($3, the column's own value as text, exact for
-        // both column types): the index entries of rows already deleted stay
-        // until vacuum, and a scan from the start would step over all of them
-        // again, batch after batch. A batch deletes the rows before the
-        // (limit + 1)-th expired one (at most `limit`) by an index range scan,
-        // so each row is visited once; that row's expiry is where the next
-        // batch starts, NULL once the rest fit in this batch. A row extended
-        // meanwhile fails the re-check on its new version and stays.
-        let column_type = match layout.expire {
-            ExpireType::WithTimeZone => "timestamptz",
-            ExpireType::WithoutTimeZone(_) => "timestamp",
-        };
-        // A batch lost in a crash is simply deleted again by the next run, so
-        // no batch waits for its commit to reach the disk: the setting is
-        // local to the batch's own transaction (it never outlives it, even
-        // on a connection a pooler hands to someone else next).
-        let no_sync = "WITH no_sync AS MATERIALIZED (\
-                         SELECT set_config('synchronous_commit', 'off', true))";
-        let prune_batch = format!(
-            "{no_sync}, next AS MATERIALIZED (\
-               SELECT expire FROM {t} WHERE expire >= $3::{column_type} AND expire < {now} \
-               AND EXISTS (SELECT FROM no_sync) ORDER BY expire OFFSET $2 LIMIT 1), \
-             gone AS (DELETE FROM {t} WHERE expire >= $3::{column_type} \
-               AND expire < coalesce((SELECT expire FROM next), {now}) RETURNING 1) \
-             SELECT (SELECT count(*) FROM gone), (SELECT expire::text FROM next)",
-            now = to_col("$1"),
-        );
-        // More than `limit` expired rows share one instant ($3): a batch
-        // takes `limit` of them by physical row id.
-        let prune_tied = format!(
-            "{no_sync}, gone AS (DELETE FROM {t} WHERE ctid = ANY(ARRAY(\
-               SELECT ctid FROM {t} WHERE expire = $3::{column_type} AND expire < {now} \
-               AND EXISTS (SELECT FROM no_sync) LIMIT $2)) \
-             AND expire = $3::{column_type} AND expire < {now} RETURNING 1) \
-             SELECT count(*) FROM gone",
-            now = to_col("$1"),
-        );
-        let save_any = format!(
-            "UPDATE {t} SET sess = $2::{json}, expire = {expire} WHERE sid = $1",
-            expire = to_col("$3"),
-        );
-        Self {
-            load,
-            load_idle,
-            insert,
-            update,
-            update_many,
-            select_for_update,
-            update_locked,
-            delete,
-            prune_batch,
-            prune_tied,
-            save_any,
-        }
-    }
-}
-
-/// The rows of `t` whose `sid` is one of `keys` (a list of parameters,
-/// repeats allowed), `columns` of each: one primary-key lookup per distinct
-/// key. Unlike `sid IN (…)`, which Postgres answers with a sequential scan
-/// once the list is long and the table small, this plan never depends on
-/// the table's size.
-fn by_key(t: &str, columns: &str, keys: &str) -> String {
-    format!(
-        "SELECT r.* FROM (SELECT DISTINCT k FROM unnest(ARRAY[{keys}]::text[]) AS k) AS keys \
-         CROSS JOIN LATERAL (SELECT {columns} FROM {t} WHERE sid = keys.k LIMIT 1) AS r"
-    )
-}
-
-/// The arities shared statements are prepared for: 1, 2, 4, …
-/// [`batch::MAX_KEYS`]. One statement per power of two keeps few prepared
-/// statements, each with one generic plan (an array parameter would make
-/// Postgres plan every execution anew).
-fn arities() -> impl Iterator<Item = usize> {
-    (0..=batch::MAX_KEYS.trailing_zeros()).map(|p| 1 << p)
-}
-
 /// The index in [`arities`] of the statement for `items`, and the items
 /// padded to its arity by repeating the last; `None` for no items.
 fn padded<T>(items: &[T]) -> Option<(usize, impl Iterator<Item = &T>)> {
@@ -1265,21 +864,4 @@ fn padded<T>(items: &[T]) -> Option<(usize, impl Iterator<Item = &T>)> {
     let arity = items.len().next_power_of_two();
     let padded = items.iter().chain(std::iter::repeat(last)).take(arity);
     Some((arity.trailing_zeros() as usize, padded))
-}
-
-/// Instants travel as timestamptz; a `timestamp` column holds wall-clock time
-/// in the zone Node writes it in, so values are converted on the way in…
-fn to_col(expire: &ExpireType, param: &str) -> String {
-    match expire {
-        ExpireType::WithTimeZone => param.to_owned(),
-        ExpireType::WithoutTimeZone(zone) => format!("({param} AT TIME ZONE '{zone}')"),
-    }
-}
-
-/// …and on the way out.
-fn to_instant(expire: &ExpireType, column: &str) -> String {
-    match expire {
-        ExpireType::WithTimeZone => column.to_owned(),
-        ExpireType::WithoutTimeZone(zone) => format!("({column} AT TIME ZONE '{zone}')"),
-    }
 }

@@ -7,7 +7,7 @@ use time::OffsetDateTime;
 use tokio::{sync::watch, task::JoinHandle};
 use tracing::Instrument;
 
-use super::{PgStore, Pooler, StoreError};
+use super::{sql::Table, PgStore, Pooler, StoreError};
 
 /// How the background pruner runs.
 #[derive(Debug, Clone)]
@@ -365,4 +365,51 @@ impl Drop for Pruner {
     fn drop(&mut self) {
         let _ = self.stop.send(true);
     }
+}
+
+/// A batch lost in a crash is simply deleted again by the next run, so no
+/// batch waits for its commit to reach the disk: the setting is local to
+/// the batch's own transaction (it never outlives it, even on a connection
+/// a pooler hands to someone else next).
+const NO_SYNC: &str = "WITH no_sync AS MATERIALIZED (\
+                         SELECT set_config('synchronous_commit', 'off', true))";
+
+/// One batch. Parameters: $1 now, $2 limit, $3 where to start (the
+/// `expire` column's own value as text, exact for both column types).
+///
+/// Batches walk the expire index in order, each starting where the
+/// previous one ended: the index entries of rows already deleted stay
+/// until vacuum, and a scan from the start would step over all of them
+/// again, batch after batch. A batch deletes the rows before the
+/// (limit + 1)-th expired one (at most `limit`) by an index range scan, so
+/// each row is visited once; that row's expiry is where the next batch
+/// starts, NULL once the rest fit in this batch. A row extended meanwhile
+/// fails the re-check on its new version and stays.
+pub(super) fn batch_sql(table: &Table<'_>) -> String {
+    format!(
+        "{NO_SYNC}, next AS MATERIALIZED (\
+           SELECT expire FROM {t} WHERE expire >= $3::{column_type} AND expire < {now} \
+           AND EXISTS (SELECT FROM no_sync) ORDER BY expire OFFSET $2 LIMIT 1), \
+         gone AS (DELETE FROM {t} WHERE expire >= $3::{column_type} \
+           AND expire < coalesce((SELECT expire FROM next), {now}) RETURNING 1) \
+         SELECT (SELECT count(*) FROM gone), (SELECT expire::text FROM next)",
+        t = table.t,
+        column_type = table.column_type(),
+        now = table.to_col("$1"),
+    )
+}
+
+/// More than `limit` expired rows share one instant ($3): a batch takes
+/// `limit` ($2) of them by physical row id. $1 is now.
+pub(super) fn tied_sql(table: &Table<'_>) -> String {
+    format!(
+        "{NO_SYNC}, gone AS (DELETE FROM {t} WHERE ctid = ANY(ARRAY(\
+           SELECT ctid FROM {t} WHERE expire = $3::{column_type} AND expire < {now} \
+           AND EXISTS (SELECT FROM no_sync) LIMIT $2)) \
+         AND expire = $3::{column_type} AND expire < {now} RETURNING 1) \
+         SELECT count(*) FROM gone",
+        t = table.t,
+        column_type = table.column_type(),
+        now = table.to_col("$1"),
+    )
 }

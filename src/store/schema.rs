@@ -253,6 +253,17 @@ async fn columns_of(
     Ok(columns)
 }
 
+/// The idempotent DDL of the companion table in which the login records
+/// one-time values (the `jti` of back-channel logout tokens) until they
+/// expire, so that a replay is refused across instances.
+#[cfg_attr(not(feature = "oidc"), allow(dead_code))]
+pub(crate) fn seen_ddl(name: &TableName) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {} (key text PRIMARY KEY, expire timestamptz NOT NULL)",
+        name.seen_table()
+    )
+}
+
 /// The idempotent DDL: the connect-pg-simple table, plus nullable columns that
 /// Node ignores and that make per-user and per-provider-session lookups an
 /// index scan.

@@ -1,0 +1,708 @@
+//! The hot-path statements, one builder each, built once from the validated
+//! names and the detected layout. Each builder's doc lists its parameters,
+//! in the order the store binds them; `tests` pins the text per layout.
+
+use time::OffsetDateTime;
+
+use super::{
+    batch::{self, UpdateJob},
+    padded, prune,
+    schema::{ExpireType, Layout, SessType, TableName},
+    LoadParams, NewRow,
+};
+
+/// The statements, built once from the validated names and detected layout.
+#[derive(Debug)]
+pub(super) struct Sql {
+    /// Loads of 1, 2, 4, … [`batch::MAX_KEYS`] keys, with an absolute timeout.
+    pub(super) load: Vec<String>,
+    /// The same without one.
+    pub(super) load_idle: Vec<String>,
+    pub(super) insert: String,
+    pub(super) update: String,
+    /// Updates of 1, 2, 4, … [`batch::MAX_KEYS`] rows (index 0 unused).
+    pub(super) update_many: Vec<String>,
+    pub(super) select_for_update: String,
+    pub(super) update_locked: String,
+    pub(super) delete: String,
+    pub(super) prune_batch: String,
+    pub(super) prune_tied: String,
+    /// Unconditional update of a live row (the tower-sessions `save`).
+    #[cfg_attr(not(feature = "tower-sessions"), allow(dead_code))]
+    pub(super) save_any: String,
+    /// The table has the optional columns: their values are bound too.
+    extended: bool,
+}
+
+/// What every builder needs: the quoted table name and its layout.
+pub(super) struct Table<'a> {
+    pub(super) t: String,
+    pub(super) layout: &'a Layout,
+    /// Bounds the row lock waits of one statement (or of the rest of its
+    /// transaction) without a round trip of its own: the setting is made
+    /// before any row is read, and is local to the transaction.
+    bounded: String,
+}
+
+/// The condition that makes a statement depend on [`Table::bounded`].
+const BOUND: &str = "EXISTS (SELECT FROM lock_wait)";
+
+impl Sql {
+    pub(super) fn new(name: &TableName, layout: &Layout, lock_wait: std::time::Duration) -> Self {
+        let table = Table::new(name, layout, lock_wait);
+        Self {
+            load: arities().map(|k| table.load(k, true)).collect(),
+            // Without an absolute timeout the cap (and its parameter) goes: the
+            // statement that runs on every request stays as small as it can be.
+            load_idle: arities().map(|k| table.load(k, false)).collect(),
+            insert: table.insert(),
+            update: table.update(),
+            update_many: arities().map(|rows| table.update_many(rows)).collect(),
+            select_for_update: table.select_for_update(),
+            update_locked: table.update_locked(),
+            delete: table.delete(),
+            prune_batch: prune::batch_sql(&table),
+            prune_tied: prune::tied_sql(&table),
+            save_any: table.save_any(),
+            extended: layout.extended,
+        }
+    }
+}
+type Args = sqlx::postgres::PgArguments;
+/// A statement with its parameters bound.
+pub(super) type Query<'q> = sqlx::query::Query<'q, sqlx::Postgres, Args>;
+/// A statement answering one column, with its parameters bound.
+pub(super) type Scalar<'q, O> = sqlx::query::QueryScalar<'q, sqlx::Postgres, O, Args>;
+/// A statement answering rows of `O`, with its parameters bound.
+pub(super) type Rows<'q, O> = sqlx::query::QueryAs<'q, sqlx::Postgres, O, Args>;
+
+/// Each statement bound to its values, in the order its builder documents.
+impl Sql {
+    /// [`Table::load`] of `keys`, padded to the next arity; `None` for none.
+    pub(super) fn load_query<'q>(&'q self, keys: &[&'q str], at: &LoadParams) -> Option<Query<'q>> {
+        let (index, keys) = padded(keys)?;
+        let statements = match at.absolute_secs {
+            Some(_) => &self.load,
+            None => &self.load_idle,
+        };
+        let mut q = sqlx::query(statements.get(index)?)
+            .bind(at.extend_to)
+            .bind(at.now)
+            .bind(at.touch_before);
+        if let Some(secs) = at.absolute_secs {
+            q = q.bind(secs);
+        }
+        for key in keys {
+            q = q.bind(*key);
+        }
+        Some(q)
+    }
+
+    /// [`Table::insert`].
+    pub(super) fn insert_query<'q>(
+        &'q self,
+        key: &'q str,
+        row: &NewRow<'q>,
+        now: OffsetDateTime,
+    ) -> Scalar<'q, String> {
+        let q = sqlx::query_scalar(&self.insert)
+            .bind(key)
+            .bind(row.sess)
+            .bind(row.expire);
+        if !self.extended {
+            return q;
+        }
+        q.bind(now)
+            .bind(row.user_id)
+            .bind(row.provider_sid)
+            .bind(row.user_agent)
+            .bind(row.ip)
+    }
+
+    /// [`Table::update`].
+    pub(super) fn update_query<'q>(
+        &'q self,
+        key: &'q str,
+        new_key: &'q str,
+        version: &'q str,
+        row: &NewRow<'q>,
+        now: OffsetDateTime,
+    ) -> Scalar<'q, String> {
+        let q = sqlx::query_scalar(&self.update)
+            .bind(key)
+            .bind(new_key)
+            .bind(row.sess)
+            .bind(row.expire)
+            .bind(version)
+            .bind(now);
+        if !self.extended {
+            return q;
+        }
+        q.bind(row.user_id).bind(row.provider_sid)
+    }
+
+    /// [`Table::update_many`] of `jobs`, padded to the next arity (the same
+    /// row twice is written once); `None` for none.
+    pub(super) fn update_many_query<'q>(
+        &'q self,
+        jobs: &[&'q UpdateJob],
+    ) -> Option<Rows<'q, (String, String)>> {
+        let first = jobs.first()?;
+        let (index, padded) = padded(jobs)?;
+        let mut q = sqlx::query_as(self.update_many.get(index)?).bind(first.now);
+        for j in padded {
+            q = q.bind(&j.key).bind(&j.sess).bind(j.expire).bind(&j.version);
+            if self.extended {
+                q = q.bind(&j.user_id).bind(&j.provider_sid);
+            }
+        }
+        Some(q)
+    }
+
+    /// [`Table::select_for_update`].
+    pub(super) fn select_for_update_query<'q>(
+        &'q self,
+        key: &'q str,
+        now: OffsetDateTime,
+    ) -> Query<'q> {
+        sqlx::query(&self.select_for_update).bind(key).bind(now)
+    }
+
+    /// [`Table::update_locked`].
+    pub(super) fn update_locked_query<'q>(
+        &'q self,
+        key: &'q str,
+        new_key: &'q str,
+        row: &NewRow<'q>,
+    ) -> Scalar<'q, String> {
+        let q = sqlx::query_scalar(&self.update_locked)
+            .bind(key)
+            .bind(new_key)
+            .bind(row.sess)
+            .bind(row.expire);
+        if !self.extended {
+            return q;
+        }
+        q.bind(row.user_id).bind(row.provider_sid)
+    }
+
+    /// [`Table::delete`].
+    pub(super) fn delete_query<'q>(&'q self, key: &'q str) -> Query<'q> {
+        sqlx::query(&self.delete).bind(key)
+    }
+}
+
+impl<'a> Table<'a> {
+    pub(super) fn new(
+        name: &TableName,
+        layout: &'a Layout,
+        lock_wait: std::time::Duration,
+    ) -> Self {
+        Self {
+            t: name.qualified(),
+            layout,
+            bounded: format!(
+                "WITH lock_wait AS MATERIALIZED (\
+                   SELECT set_config('lock_timeout', '{}', true))",
+                lock_wait.as_millis().clamp(1, i32::MAX as u128)
+            ),
+        }
+    }
+
+    /// `param` (a timestamptz) as the `expire` column's type.
+    pub(super) fn to_col(&self, param: &str) -> String {
+        to_col(&self.layout.expire, param)
+    }
+
+    /// The `expire` column's type, for casts.
+    pub(super) fn column_type(&self) -> &'static str {
+        match self.layout.expire {
+            ExpireType::WithTimeZone => "timestamptz",
+            ExpireType::WithoutTimeZone(_) => "timestamp",
+        }
+    }
+
+    fn json(&self) -> &'static str {
+        match self.layout.sess {
+            SessType::Json => "json",
+            SessType::Jsonb => "jsonb",
+        }
+    }
+
+    fn ext_cols(&self) -> &'static str {
+        if self.layout.extended {
+            "created_at, user_id, provider_sid"
+        } else {
+            "NULL::timestamptz AS created_at, NULL::text AS user_id, NULL::text AS provider_sid"
+        }
+    }
+
+    /// Loads `keys` rows. Parameters: $1 extend to, $2 now, $3 touch rows
+    /// expiring before, [$4 absolute timeout in seconds], then the keys.
+    ///
+    /// The rows are found once by primary key. Only those due are locked
+    /// and updated, and a row locked elsewhere (a write or a token refresh
+    /// in progress) is skipped rather than waited for: a load never waits on
+    /// a row lock, and loads sharing a statement never wait on each other.
+    /// The UPDATE returns the latest version of a row it touches.
+    fn load(&self, keys: usize, absolute: bool) -> String {
+        let (t, layout) = (&self.t, self.layout);
+        let ext_cols = self.ext_cols();
+        // The touch also records when the session was last seen (to the
+        // touch's granularity: no extra writes for it).
+        let touch_extra = if layout.extended {
+            ", last_seen = $2"
+        } else {
+            ""
+        };
+        let first = if absolute { 5 } else { 4 };
+        let list = (first..first + keys)
+            .map(|n| format!("${n}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let extend = |of: &str| {
+            if absolute {
+                self.to_col(&format!(
+                    "LEAST($1, {of}created_at + $4 * interval '1 second')"
+                ))
+            } else {
+                self.to_col("$1")
+            }
+        };
+        let now = self.to_col("$2");
+        let before = self.to_col("$3");
+        let from_cur = to_instant(&layout.expire, "expire");
+        let from_t = to_instant(&layout.expire, "t.expire");
+        let t_ext = if layout.extended {
+            "t.created_at, t.user_id, t.provider_sid"
+        } else {
+            ext_cols
+        };
+        // The table is reached by primary key, then by physical row id
+        // (TID scans), and the times are compared only on the
+        // materialized rows: no plan can choose the expire index, and no
+        // estimate depends on the time parameters, so Postgres keeps one
+        // generic plan instead of planning each execution. A row locked
+        // by `due` is the version `cur` read (a newer one has another
+        // row id and fails the TID check), so the checks made on `cur`
+        // hold for it.
+        let rows = by_key(
+            t,
+            &format!("ctid AS row_id, sid, sess, expire, xmin, {ext_cols}"),
+            &list,
+        );
+        format!(
+            "WITH cur AS MATERIALIZED ({rows}), \
+             due AS (\
+               SELECT ctid AS row_id FROM {t} \
+               WHERE ctid = ANY(ARRAY(SELECT row_id FROM cur \
+                 WHERE expire > {now} AND expire < {before} AND expire < {extend_cur})) \
+               FOR UPDATE SKIP LOCKED), \
+             touched AS (\
+               UPDATE {t} AS t SET expire = {extend_t}{touch_extra} \
+               WHERE ctid = ANY(ARRAY(SELECT row_id FROM due)) \
+               RETURNING t.sess::text AS sess, {from_t} AS expire, t.xmin::text AS version, \
+               {t_ext}, t.sid) \
+             SELECT sess, expire, version, created_at, user_id, provider_sid, true, sid::text \
+             FROM touched \
+             UNION ALL \
+             SELECT sess::text, {from_cur}, xmin::text, created_at, user_id, provider_sid, \
+             false, sid::text FROM cur \
+             WHERE expire > {now} \
+             AND NOT EXISTS (SELECT 1 FROM touched WHERE touched.sid = cur.sid)",
+            extend_cur = extend(""),
+            extend_t = extend("t."),
+        )
+    }
+
+    /// Creates a row unless the id is taken. Parameters: $1 key, $2 sess,
+    /// $3 expire[, $4 now (created_at, last_seen), $5 user_id,
+    /// $6 provider_sid, $7 user_agent, $8 ip].
+    fn insert(&self) -> String {
+        let (cols, vals) = if self.layout.extended {
+            (
+                ", created_at, last_seen, user_id, provider_sid, user_agent, ip",
+                ", $4, $4, $5, $6, $7, $8",
+            )
+        } else {
+            ("", "")
+        };
+        format!(
+            "INSERT INTO {t} (sid, sess, expire{cols}) \
+             VALUES ($1, $2::{json}, {expire}{vals}) \
+             ON CONFLICT (sid) DO NOTHING RETURNING xmin::text",
+            t = self.t,
+            json = self.json(),
+            expire = self.to_col("$3"),
+        )
+    }
+
+    /// Writes a live row still at the version loaded, possibly under a new
+    /// key. Parameters: $1 key, $2 new key, $3 sess, $4 expire, $5 version,
+    /// $6 now[, $7 user_id, $8 provider_sid].
+    fn update(&self) -> String {
+        let set_ext = if self.layout.extended {
+            ", user_id = $7, provider_sid = $8, last_seen = $6"
+        } else {
+            ""
+        };
+        format!(
+            "{bounded} UPDATE {t} SET sid = $2, sess = $3::{json}, expire = {expire}{set_ext} \
+             WHERE sid = $1 AND xmin = $5::xid AND expire > {now} AND {BOUND} \
+             RETURNING xmin::text",
+            bounded = self.bounded,
+            t = self.t,
+            json = self.json(),
+            expire = self.to_col("$4"),
+            now = self.to_col("$6"),
+        )
+    }
+
+    /// Writes `rows` rows, each only if it is still at the version its
+    /// request loaded and no one else holds it. Parameters: $1 now, then per
+    /// row: key, sess, expire, version[, user_id, provider_sid].
+    fn update_many(&self, rows: usize) -> String {
+        let (t, layout) = (&self.t, self.layout);
+        let per = if layout.extended { 6 } else { 4 };
+        let values = (0..rows)
+            .map(|r| {
+                let p = |i: usize| format!("${}", 2 + r * per + i);
+                let ext = if layout.extended {
+                    format!(", {}::text, {}::text", p(4), p(5))
+                } else {
+                    String::new()
+                };
+                format!(
+                    "({}::text, {}::text, {}::timestamptz, {}::xid{ext})",
+                    p(0),
+                    p(1),
+                    p(2),
+                    p(3)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let (v_ext, set_ext) = if layout.extended {
+            (
+                ", user_id, provider_sid",
+                ", user_id = v.user_id, provider_sid = v.provider_sid, last_seen = $1",
+            )
+        } else {
+            ("", "")
+        };
+        // As for loads: primary key, then physical row ids, whatever
+        // the planner thinks of the table's size or the time.
+        let keys = (0..rows)
+            .map(|r| format!("${}", 2 + r * per))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let rows = by_key(t, "ctid AS row_id, expire", &keys);
+        format!(
+            "WITH v (sid, sess, expire, version{v_ext}) AS (VALUES {values}), \
+             cur AS MATERIALIZED ({rows}), \
+             free AS (\
+               SELECT ctid AS row_id, sid, xmin FROM {t} \
+               WHERE ctid = ANY(ARRAY(SELECT row_id FROM cur WHERE expire > {now})) \
+               FOR UPDATE SKIP LOCKED) \
+             UPDATE {t} AS t SET sess = v.sess::{json}, expire = {expire}{set_ext} \
+             FROM v JOIN free ON free.sid = v.sid AND free.xmin = v.version \
+             WHERE t.ctid = ANY(ARRAY(SELECT row_id FROM free)) AND t.ctid = free.row_id \
+             RETURNING v.sid::text, t.xmin::text",
+            json = self.json(),
+            now = self.to_col("$1"),
+            expire = self.to_col("v.expire"),
+        )
+    }
+
+    /// Reads and locks a live row. Parameters: $1 key, $2 now.
+    fn select_for_update(&self) -> String {
+        format!(
+            "{bounded} SELECT sess::text, {from_col}, xmin::text, {ext_cols}, false FROM {t} \
+             WHERE sid = $1 AND expire > {now} AND {BOUND} FOR UPDATE",
+            bounded = self.bounded,
+            from_col = to_instant(&self.layout.expire, "expire"),
+            ext_cols = self.ext_cols(),
+            t = self.t,
+            now = self.to_col("$2"),
+        )
+    }
+
+    /// Writes a row this transaction has locked. Parameters: $1 key, $2 new
+    /// key, $3 sess, $4 expire[, $5 user_id, $6 provider_sid].
+    fn update_locked(&self) -> String {
+        let set_ext = if self.layout.extended {
+            ", user_id = $5, provider_sid = $6"
+        } else {
+            ""
+        };
+        format!(
+            "UPDATE {t} SET sid = $2, sess = $3::{json}, expire = {expire}{set_ext} \
+             WHERE sid = $1 RETURNING xmin::text",
+            t = self.t,
+            json = self.json(),
+            expire = self.to_col("$4"),
+        )
+    }
+
+    /// Deletes a row. Parameters: $1 key.
+    fn delete(&self) -> String {
+        format!(
+            "{bounded} DELETE FROM {t} WHERE sid = $1 AND {BOUND}",
+            bounded = self.bounded,
+            t = self.t,
+        )
+    }
+
+    /// Writes a row whatever its version. Parameters: $1 key, $2 sess,
+    /// $3 expire.
+    fn save_any(&self) -> String {
+        format!(
+            "UPDATE {t} SET sess = $2::{json}, expire = {expire} WHERE sid = $1",
+            t = self.t,
+            json = self.json(),
+            expire = self.to_col("$3"),
+        )
+    }
+}
+
+/// The rows of `t` whose `sid` is one of `keys` (a list of parameters,
+/// repeats allowed), `columns` of each: one primary-key lookup per distinct
+/// key. Unlike `sid IN (…)`, which Postgres answers with a sequential scan
+/// once the list is long and the table small, this plan never depends on
+/// the table's size.
+fn by_key(t: &str, columns: &str, keys: &str) -> String {
+    format!(
+        "SELECT r.* FROM (SELECT DISTINCT k FROM unnest(ARRAY[{keys}]::text[]) AS k) AS keys \
+         CROSS JOIN LATERAL (SELECT {columns} FROM {t} WHERE sid = keys.k LIMIT 1) AS r"
+    )
+}
+
+/// The arities shared statements are prepared for: 1, 2, 4, …
+/// [`batch::MAX_KEYS`]. One statement per power of two keeps few prepared
+/// statements, each with one generic plan (an array parameter would make
+/// Postgres plan every execution anew).
+pub(super) fn arities() -> impl Iterator<Item = usize> {
+    (0..=batch::MAX_KEYS.trailing_zeros()).map(|p| 1 << p)
+}
+
+/// Instants travel as timestamptz; a `timestamp` column holds wall-clock time
+/// in the zone Node writes it in, so values are converted on the way in…
+pub(super) fn to_col(expire: &ExpireType, param: &str) -> String {
+    match expire {
+        ExpireType::WithTimeZone => param.to_owned(),
+        ExpireType::WithoutTimeZone(zone) => format!("({param} AT TIME ZONE '{zone}')"),
+    }
+}
+
+/// …and on the way out.
+pub(super) fn to_instant(expire: &ExpireType, column: &str) -> String {
+    match expire {
+        ExpireType::WithTimeZone => column.to_owned(),
+        ExpireType::WithoutTimeZone(zone) => format!("({column} AT TIME ZONE '{zone}')"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The text of every statement, per table layout: a change to the SQL
+    //! shows here first. (Loads and shared updates are pinned at their two
+    //! smallest arities.)
+
+    use super::*;
+    use crate::store::schema::Ident;
+
+    fn sql(schema: Option<&str>, table: &str, layout: Layout) -> Sql {
+        let ident = |s: &str| Ident::new(s).unwrap_or_else(|_| unreachable!());
+        let name = TableName {
+            schema: schema.map(ident),
+            table: ident(table),
+        };
+        Sql::new(&name, &layout, std::time::Duration::from_millis(5000))
+    }
+
+    /// connect-pg-simple's own table: `json`, `timestamp` (read in UTC), no extra columns.
+    #[test]
+    fn a_connect_pg_simple_table() {
+        let sql = sql(
+            None,
+            "session",
+            Layout {
+                sess: SessType::Json,
+                expire: ExpireType::WithoutTimeZone("UTC".into()),
+                extended: false,
+            },
+        );
+        assert_eq!(
+            sql.insert,
+            "INSERT INTO \"session\" (sid, sess, expire) VALUES ($1, $2::json, ($3 AT TIME ZONE 'UTC')) ON CONFLICT (sid) DO NOTHING RETURNING xmin::text"
+        );
+        assert_eq!(
+            sql.update,
+            "WITH lock_wait AS MATERIALIZED (SELECT set_config('lock_timeout', '5000', true)) UPDATE \"session\" SET sid = $2, sess = $3::json, expire = ($4 AT TIME ZONE 'UTC') WHERE sid = $1 AND xmin = $5::xid AND expire > ($6 AT TIME ZONE 'UTC') AND EXISTS (SELECT FROM lock_wait) RETURNING xmin::text"
+        );
+        assert_eq!(
+            sql.select_for_update,
+            "WITH lock_wait AS MATERIALIZED (SELECT set_config('lock_timeout', '5000', true)) SELECT sess::text, (expire AT TIME ZONE 'UTC'), xmin::text, NULL::timestamptz AS created_at, NULL::text AS user_id, NULL::text AS provider_sid, false FROM \"session\" WHERE sid = $1 AND expire > ($2 AT TIME ZONE 'UTC') AND EXISTS (SELECT FROM lock_wait) FOR UPDATE"
+        );
+        assert_eq!(
+            sql.update_locked,
+            "UPDATE \"session\" SET sid = $2, sess = $3::json, expire = ($4 AT TIME ZONE 'UTC') WHERE sid = $1 RETURNING xmin::text"
+        );
+        assert_eq!(
+            sql.delete,
+            "WITH lock_wait AS MATERIALIZED (SELECT set_config('lock_timeout', '5000', true)) DELETE FROM \"session\" WHERE sid = $1 AND EXISTS (SELECT FROM lock_wait)"
+        );
+        assert_eq!(
+            sql.save_any,
+            "UPDATE \"session\" SET sess = $2::json, expire = ($3 AT TIME ZONE 'UTC') WHERE sid = $1"
+        );
+        assert_eq!(
+            sql.prune_batch,
+            "WITH no_sync AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true)), next AS MATERIALIZED (SELECT expire FROM \"session\" WHERE expire >= $3::timestamp AND expire < ($1 AT TIME ZONE 'UTC') AND EXISTS (SELECT FROM no_sync) ORDER BY expire OFFSET $2 LIMIT 1), gone AS (DELETE FROM \"session\" WHERE expire >= $3::timestamp AND expire < coalesce((SELECT expire FROM next), ($1 AT TIME ZONE 'UTC')) RETURNING 1) SELECT (SELECT count(*) FROM gone), (SELECT expire::text FROM next)"
+        );
+        assert_eq!(
+            sql.prune_tied,
+            "WITH no_sync AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true)), gone AS (DELETE FROM \"session\" WHERE ctid = ANY(ARRAY(SELECT ctid FROM \"session\" WHERE expire = $3::timestamp AND expire < ($1 AT TIME ZONE 'UTC') AND EXISTS (SELECT FROM no_sync) LIMIT $2)) AND expire = $3::timestamp AND expire < ($1 AT TIME ZONE 'UTC') RETURNING 1) SELECT count(*) FROM gone"
+        );
+        assert_eq!(
+            sql.load[0],
+            "WITH cur AS MATERIALIZED (SELECT r.* FROM (SELECT DISTINCT k FROM unnest(ARRAY[$5]::text[]) AS k) AS keys CROSS JOIN LATERAL (SELECT ctid AS row_id, sid, sess, expire, xmin, NULL::timestamptz AS created_at, NULL::text AS user_id, NULL::text AS provider_sid FROM \"session\" WHERE sid = keys.k LIMIT 1) AS r), due AS (SELECT ctid AS row_id FROM \"session\" WHERE ctid = ANY(ARRAY(SELECT row_id FROM cur WHERE expire > ($2 AT TIME ZONE 'UTC') AND expire < ($3 AT TIME ZONE 'UTC') AND expire < (LEAST($1, created_at + $4 * interval '1 second') AT TIME ZONE 'UTC'))) FOR UPDATE SKIP LOCKED), touched AS (UPDATE \"session\" AS t SET expire = (LEAST($1, t.created_at + $4 * interval '1 second') AT TIME ZONE 'UTC') WHERE ctid = ANY(ARRAY(SELECT row_id FROM due)) RETURNING t.sess::text AS sess, (t.expire AT TIME ZONE 'UTC') AS expire, t.xmin::text AS version, NULL::timestamptz AS created_at, NULL::text AS user_id, NULL::text AS provider_sid, t.sid) SELECT sess, expire, version, created_at, user_id, provider_sid, true, sid::text FROM touched UNION ALL SELECT sess::text, (expire AT TIME ZONE 'UTC'), xmin::text, created_at, user_id, provider_sid, false, sid::text FROM cur WHERE expire > ($2 AT TIME ZONE 'UTC') AND NOT EXISTS (SELECT 1 FROM touched WHERE touched.sid = cur.sid)"
+        );
+        assert_eq!(
+            sql.load_idle[1],
+            "WITH cur AS MATERIALIZED (SELECT r.* FROM (SELECT DISTINCT k FROM unnest(ARRAY[$4, $5]::text[]) AS k) AS keys CROSS JOIN LATERAL (SELECT ctid AS row_id, sid, sess, expire, xmin, NULL::timestamptz AS created_at, NULL::text AS user_id, NULL::text AS provider_sid FROM \"session\" WHERE sid = keys.k LIMIT 1) AS r), due AS (SELECT ctid AS row_id FROM \"session\" WHERE ctid = ANY(ARRAY(SELECT row_id FROM cur WHERE expire > ($2 AT TIME ZONE 'UTC') AND expire < ($3 AT TIME ZONE 'UTC') AND expire < ($1 AT TIME ZONE 'UTC'))) FOR UPDATE SKIP LOCKED), touched AS (UPDATE \"session\" AS t SET expire = ($1 AT TIME ZONE 'UTC') WHERE ctid = ANY(ARRAY(SELECT row_id FROM due)) RETURNING t.sess::text AS sess, (t.expire AT TIME ZONE 'UTC') AS expire, t.xmin::text AS version, NULL::timestamptz AS created_at, NULL::text AS user_id, NULL::text AS provider_sid, t.sid) SELECT sess, expire, version, created_at, user_id, provider_sid, true, sid::text FROM touched UNION ALL SELECT sess::text, (expire AT TIME ZONE 'UTC'), xmin::text, created_at, user_id, provider_sid, false, sid::text FROM cur WHERE expire > ($2 AT TIME ZONE 'UTC') AND NOT EXISTS (SELECT 1 FROM touched WHERE touched.sid = cur.sid)"
+        );
+        assert_eq!(
+            sql.update_many[0],
+            "WITH v (sid, sess, expire, version) AS (VALUES ($2::text, $3::text, $4::timestamptz, $5::xid)), cur AS MATERIALIZED (SELECT r.* FROM (SELECT DISTINCT k FROM unnest(ARRAY[$2]::text[]) AS k) AS keys CROSS JOIN LATERAL (SELECT ctid AS row_id, expire FROM \"session\" WHERE sid = keys.k LIMIT 1) AS r), free AS (SELECT ctid AS row_id, sid, xmin FROM \"session\" WHERE ctid = ANY(ARRAY(SELECT row_id FROM cur WHERE expire > ($1 AT TIME ZONE 'UTC'))) FOR UPDATE SKIP LOCKED) UPDATE \"session\" AS t SET sess = v.sess::json, expire = (v.expire AT TIME ZONE 'UTC') FROM v JOIN free ON free.sid = v.sid AND free.xmin = v.version WHERE t.ctid = ANY(ARRAY(SELECT row_id FROM free)) AND t.ctid = free.row_id RETURNING v.sid::text, t.xmin::text"
+        );
+        assert_eq!(
+            sql.update_many[1],
+            "WITH v (sid, sess, expire, version) AS (VALUES ($2::text, $3::text, $4::timestamptz, $5::xid), ($6::text, $7::text, $8::timestamptz, $9::xid)), cur AS MATERIALIZED (SELECT r.* FROM (SELECT DISTINCT k FROM unnest(ARRAY[$2, $6]::text[]) AS k) AS keys CROSS JOIN LATERAL (SELECT ctid AS row_id, expire FROM \"session\" WHERE sid = keys.k LIMIT 1) AS r), free AS (SELECT ctid AS row_id, sid, xmin FROM \"session\" WHERE ctid = ANY(ARRAY(SELECT row_id FROM cur WHERE expire > ($1 AT TIME ZONE 'UTC'))) FOR UPDATE SKIP LOCKED) UPDATE \"session\" AS t SET sess = v.sess::json, expire = (v.expire AT TIME ZONE 'UTC') FROM v JOIN free ON free.sid = v.sid AND free.xmin = v.version WHERE t.ctid = ANY(ARRAY(SELECT row_id FROM free)) AND t.ctid = free.row_id RETURNING v.sid::text, t.xmin::text"
+        );
+    }
+
+    /// The table this crate creates: `json`, `timestamptz`, the extra columns.
+    #[test]
+    fn a_table_with_the_extended_columns() {
+        let sql = sql(
+            None,
+            "session",
+            Layout {
+                sess: SessType::Json,
+                expire: ExpireType::WithTimeZone,
+                extended: true,
+            },
+        );
+        assert_eq!(
+            sql.insert,
+            "INSERT INTO \"session\" (sid, sess, expire, created_at, last_seen, user_id, provider_sid, user_agent, ip) VALUES ($1, $2::json, $3, $4, $4, $5, $6, $7, $8) ON CONFLICT (sid) DO NOTHING RETURNING xmin::text"
+        );
+        assert_eq!(
+            sql.update,
+            "WITH lock_wait AS MATERIALIZED (SELECT set_config('lock_timeout', '5000', true)) UPDATE \"session\" SET sid = $2, sess = $3::json, expire = $4, user_id = $7, provider_sid = $8, last_seen = $6 WHERE sid = $1 AND xmin = $5::xid AND expire > $6 AND EXISTS (SELECT FROM lock_wait) RETURNING xmin::text"
+        );
+        assert_eq!(
+            sql.select_for_update,
+            "WITH lock_wait AS MATERIALIZED (SELECT set_config('lock_timeout', '5000', true)) SELECT sess::text, expire, xmin::text, created_at, user_id, provider_sid, false FROM \"session\" WHERE sid = $1 AND expire > $2 AND EXISTS (SELECT FROM lock_wait) FOR UPDATE"
+        );
+        assert_eq!(
+            sql.update_locked,
+            "UPDATE \"session\" SET sid = $2, sess = $3::json, expire = $4, user_id = $5, provider_sid = $6 WHERE sid = $1 RETURNING xmin::text"
+        );
+        assert_eq!(
+            sql.delete,
+            "WITH lock_wait AS MATERIALIZED (SELECT set_config('lock_timeout', '5000', true)) DELETE FROM \"session\" WHERE sid = $1 AND EXISTS (SELECT FROM lock_wait)"
+        );
+        assert_eq!(
+            sql.save_any,
+            "UPDATE \"session\" SET sess = $2::json, expire = $3 WHERE sid = $1"
+        );
+        assert_eq!(
+            sql.prune_batch,
+            "WITH no_sync AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true)), next AS MATERIALIZED (SELECT expire FROM \"session\" WHERE expire >= $3::timestamptz AND expire < $1 AND EXISTS (SELECT FROM no_sync) ORDER BY expire OFFSET $2 LIMIT 1), gone AS (DELETE FROM \"session\" WHERE expire >= $3::timestamptz AND expire < coalesce((SELECT expire FROM next), $1) RETURNING 1) SELECT (SELECT count(*) FROM gone), (SELECT expire::text FROM next)"
+        );
+        assert_eq!(
+            sql.prune_tied,
+            "WITH no_sync AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true)), gone AS (DELETE FROM \"session\" WHERE ctid = ANY(ARRAY(SELECT ctid FROM \"session\" WHERE expire = $3::timestamptz AND expire < $1 AND EXISTS (SELECT FROM no_sync) LIMIT $2)) AND expire = $3::timestamptz AND expire < $1 RETURNING 1) SELECT count(*) FROM gone"
+        );
+        assert_eq!(
+            sql.load[0],
+            "WITH cur AS MATERIALIZED (SELECT r.* FROM (SELECT DISTINCT k FROM unnest(ARRAY[$5]::text[]) AS k) AS keys CROSS JOIN LATERAL (SELECT ctid AS row_id, sid, sess, expire, xmin, created_at, user_id, provider_sid FROM \"session\" WHERE sid = keys.k LIMIT 1) AS r), due AS (SELECT ctid AS row_id FROM \"session\" WHERE ctid = ANY(ARRAY(SELECT row_id FROM cur WHERE expire > $2 AND expire < $3 AND expire < LEAST($1, created_at + $4 * interval '1 second'))) FOR UPDATE SKIP LOCKED), touched AS (UPDATE \"session\" AS t SET expire = LEAST($1, t.created_at + $4 * interval '1 second'), last_seen = $2 WHERE ctid = ANY(ARRAY(SELECT row_id FROM due)) RETURNING t.sess::text AS sess, t.expire AS expire, t.xmin::text AS version, t.created_at, t.user_id, t.provider_sid, t.sid) SELECT sess, expire, version, created_at, user_id, provider_sid, true, sid::text FROM touched UNION ALL SELECT sess::text, expire, xmin::text, created_at, user_id, provider_sid, false, sid::text FROM cur WHERE expire > $2 AND NOT EXISTS (SELECT 1 FROM touched WHERE touched.sid = cur.sid)"
+        );
+        assert_eq!(
+            sql.load_idle[1],
+            "WITH cur AS MATERIALIZED (SELECT r.* FROM (SELECT DISTINCT k FROM unnest(ARRAY[$4, $5]::text[]) AS k) AS keys CROSS JOIN LATERAL (SELECT ctid AS row_id, sid, sess, expire, xmin, created_at, user_id, provider_sid FROM \"session\" WHERE sid = keys.k LIMIT 1) AS r), due AS (SELECT ctid AS row_id FROM \"session\" WHERE ctid = ANY(ARRAY(SELECT row_id FROM cur WHERE expire > $2 AND expire < $3 AND expire < $1)) FOR UPDATE SKIP LOCKED), touched AS (UPDATE \"session\" AS t SET expire = $1, last_seen = $2 WHERE ctid = ANY(ARRAY(SELECT row_id FROM due)) RETURNING t.sess::text AS sess, t.expire AS expire, t.xmin::text AS version, t.created_at, t.user_id, t.provider_sid, t.sid) SELECT sess, expire, version, created_at, user_id, provider_sid, true, sid::text FROM touched UNION ALL SELECT sess::text, expire, xmin::text, created_at, user_id, provider_sid, false, sid::text FROM cur WHERE expire > $2 AND NOT EXISTS (SELECT 1 FROM touched WHERE touched.sid = cur.sid)"
+        );
+        assert_eq!(
+            sql.update_many[0],
+            "WITH v (sid, sess, expire, version, user_id, provider_sid) AS (VALUES ($2::text, $3::text, $4::timestamptz, $5::xid, $6::text, $7::text)), cur AS MATERIALIZED (SELECT r.* FROM (SELECT DISTINCT k FROM unnest(ARRAY[$2]::text[]) AS k) AS keys CROSS JOIN LATERAL (SELECT ctid AS row_id, expire FROM \"session\" WHERE sid = keys.k LIMIT 1) AS r), free AS (SELECT ctid AS row_id, sid, xmin FROM \"session\" WHERE ctid = ANY(ARRAY(SELECT row_id FROM cur WHERE expire > $1)) FOR UPDATE SKIP LOCKED) UPDATE \"session\" AS t SET sess = v.sess::json, expire = v.expire, user_id = v.user_id, provider_sid = v.provider_sid, last_seen = $1 FROM v JOIN free ON free.sid = v.sid AND free.xmin = v.version WHERE t.ctid = ANY(ARRAY(SELECT row_id FROM free)) AND t.ctid = free.row_id RETURNING v.sid::text, t.xmin::text"
+        );
+        assert_eq!(
+            sql.update_many[1],
+            "WITH v (sid, sess, expire, version, user_id, provider_sid) AS (VALUES ($2::text, $3::text, $4::timestamptz, $5::xid, $6::text, $7::text), ($8::text, $9::text, $10::timestamptz, $11::xid, $12::text, $13::text)), cur AS MATERIALIZED (SELECT r.* FROM (SELECT DISTINCT k FROM unnest(ARRAY[$2, $8]::text[]) AS k) AS keys CROSS JOIN LATERAL (SELECT ctid AS row_id, expire FROM \"session\" WHERE sid = keys.k LIMIT 1) AS r), free AS (SELECT ctid AS row_id, sid, xmin FROM \"session\" WHERE ctid = ANY(ARRAY(SELECT row_id FROM cur WHERE expire > $1)) FOR UPDATE SKIP LOCKED) UPDATE \"session\" AS t SET sess = v.sess::json, expire = v.expire, user_id = v.user_id, provider_sid = v.provider_sid, last_seen = $1 FROM v JOIN free ON free.sid = v.sid AND free.xmin = v.version WHERE t.ctid = ANY(ARRAY(SELECT row_id FROM free)) AND t.ctid = free.row_id RETURNING v.sid::text, t.xmin::text"
+        );
+    }
+
+    /// A schema-qualified table with `jsonb`, `timestamp` in Europe/Berlin, the extra columns.
+    #[test]
+    fn a_schema_qualified_jsonb_table_in_a_named_zone() {
+        let sql = sql(
+            Some("auth"),
+            "web_sessions",
+            Layout {
+                sess: SessType::Jsonb,
+                expire: ExpireType::WithoutTimeZone("Europe/Berlin".into()),
+                extended: true,
+            },
+        );
+        assert_eq!(
+            sql.insert,
+            "INSERT INTO \"auth\".\"web_sessions\" (sid, sess, expire, created_at, last_seen, user_id, provider_sid, user_agent, ip) VALUES ($1, $2::jsonb, ($3 AT TIME ZONE 'Europe/Berlin'), $4, $4, $5, $6, $7, $8) ON CONFLICT (sid) DO NOTHING RETURNING xmin::text"
+        );
+        assert_eq!(
+            sql.update,
+            "WITH lock_wait AS MATERIALIZED (SELECT set_config('lock_timeout', '5000', true)) UPDATE \"auth\".\"web_sessions\" SET sid = $2, sess = $3::jsonb, expire = ($4 AT TIME ZONE 'Europe/Berlin'), user_id = $7, provider_sid = $8, last_seen = $6 WHERE sid = $1 AND xmin = $5::xid AND expire > ($6 AT TIME ZONE 'Europe/Berlin') AND EXISTS (SELECT FROM lock_wait) RETURNING xmin::text"
+        );
+        assert_eq!(
+            sql.select_for_update,
+            "WITH lock_wait AS MATERIALIZED (SELECT set_config('lock_timeout', '5000', true)) SELECT sess::text, (expire AT TIME ZONE 'Europe/Berlin'), xmin::text, created_at, user_id, provider_sid, false FROM \"auth\".\"web_sessions\" WHERE sid = $1 AND expire > ($2 AT TIME ZONE 'Europe/Berlin') AND EXISTS (SELECT FROM lock_wait) FOR UPDATE"
+        );
+        assert_eq!(
+            sql.update_locked,
+            "UPDATE \"auth\".\"web_sessions\" SET sid = $2, sess = $3::jsonb, expire = ($4 AT TIME ZONE 'Europe/Berlin'), user_id = $5, provider_sid = $6 WHERE sid = $1 RETURNING xmin::text"
+        );
+        assert_eq!(
+            sql.delete,
+            "WITH lock_wait AS MATERIALIZED (SELECT set_config('lock_timeout', '5000', true)) DELETE FROM \"auth\".\"web_sessions\" WHERE sid = $1 AND EXISTS (SELECT FROM lock_wait)"
+        );
+        assert_eq!(
+            sql.save_any,
+            "UPDATE \"auth\".\"web_sessions\" SET sess = $2::jsonb, expire = ($3 AT TIME ZONE 'Europe/Berlin') WHERE sid = $1"
+        );
+        assert_eq!(
+            sql.prune_batch,
+            "WITH no_sync AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true)), next AS MATERIALIZED (SELECT expire FROM \"auth\".\"web_sessions\" WHERE expire >= $3::timestamp AND expire < ($1 AT TIME ZONE 'Europe/Berlin') AND EXISTS (SELECT FROM no_sync) ORDER BY expire OFFSET $2 LIMIT 1), gone AS (DELETE FROM \"auth\".\"web_sessions\" WHERE expire >= $3::timestamp AND expire < coalesce((SELECT expire FROM next), ($1 AT TIME ZONE 'Europe/Berlin')) RETURNING 1) SELECT (SELECT count(*) FROM gone), (SELECT expire::text FROM next)"
+        );
+        assert_eq!(
+            sql.prune_tied,
+            "WITH no_sync AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true)), gone AS (DELETE FROM \"auth\".\"web_sessions\" WHERE ctid = ANY(ARRAY(SELECT ctid FROM \"auth\".\"web_sessions\" WHERE expire = $3::timestamp AND expire < ($1 AT TIME ZONE 'Europe/Berlin') AND EXISTS (SELECT FROM no_sync) LIMIT $2)) AND expire = $3::timestamp AND expire < ($1 AT TIME ZONE 'Europe/Berlin') RETURNING 1) SELECT count(*) FROM gone"
+        );
+        assert_eq!(
+            sql.load[0],
+            "WITH cur AS MATERIALIZED (SELECT r.* FROM (SELECT DISTINCT k FROM unnest(ARRAY[$5]::text[]) AS k) AS keys CROSS JOIN LATERAL (SELECT ctid AS row_id, sid, sess, expire, xmin, created_at, user_id, provider_sid FROM \"auth\".\"web_sessions\" WHERE sid = keys.k LIMIT 1) AS r), due AS (SELECT ctid AS row_id FROM \"auth\".\"web_sessions\" WHERE ctid = ANY(ARRAY(SELECT row_id FROM cur WHERE expire > ($2 AT TIME ZONE 'Europe/Berlin') AND expire < ($3 AT TIME ZONE 'Europe/Berlin') AND expire < (LEAST($1, created_at + $4 * interval '1 second') AT TIME ZONE 'Europe/Berlin'))) FOR UPDATE SKIP LOCKED), touched AS (UPDATE \"auth\".\"web_sessions\" AS t SET expire = (LEAST($1, t.created_at + $4 * interval '1 second') AT TIME ZONE 'Europe/Berlin'), last_seen = $2 WHERE ctid = ANY(ARRAY(SELECT row_id FROM due)) RETURNING t.sess::text AS sess, (t.expire AT TIME ZONE 'Europe/Berlin') AS expire, t.xmin::text AS version, t.created_at, t.user_id, t.provider_sid, t.sid) SELECT sess, expire, version, created_at, user_id, provider_sid, true, sid::text FROM touched UNION ALL SELECT sess::text, (expire AT TIME ZONE 'Europe/Berlin'), xmin::text, created_at, user_id, provider_sid, false, sid::text FROM cur WHERE expire > ($2 AT TIME ZONE 'Europe/Berlin') AND NOT EXISTS (SELECT 1 FROM touched WHERE touched.sid = cur.sid)"
+        );
+        assert_eq!(
+            sql.load_idle[1],
+            "WITH cur AS MATERIALIZED (SELECT r.* FROM (SELECT DISTINCT k FROM unnest(ARRAY[$4, $5]::text[]) AS k) AS keys CROSS JOIN LATERAL (SELECT ctid AS row_id, sid, sess, expire, xmin, created_at, user_id, provider_sid FROM \"auth\".\"web_sessions\" WHERE sid = keys.k LIMIT 1) AS r), due AS (SELECT ctid AS row_id FROM \"auth\".\"web_sessions\" WHERE ctid = ANY(ARRAY(SELECT row_id FROM cur WHERE expire > ($2 AT TIME ZONE 'Europe/Berlin') AND expire < ($3 AT TIME ZONE 'Europe/Berlin') AND expire < ($1 AT TIME ZONE 'Europe/Berlin'))) FOR UPDATE SKIP LOCKED), touched AS (UPDATE \"auth\".\"web_sessions\" AS t SET expire = ($1 AT TIME ZONE 'Europe/Berlin'), last_seen = $2 WHERE ctid = ANY(ARRAY(SELECT row_id FROM due)) RETURNING t.sess::text AS sess, (t.expire AT TIME ZONE 'Europe/Berlin') AS expire, t.xmin::text AS version, t.created_at, t.user_id, t.provider_sid, t.sid) SELECT sess, expire, version, created_at, user_id, provider_sid, true, sid::text FROM touched UNION ALL SELECT sess::text, (expire AT TIME ZONE 'Europe/Berlin'), xmin::text, created_at, user_id, provider_sid, false, sid::text FROM cur WHERE expire > ($2 AT TIME ZONE 'Europe/Berlin') AND NOT EXISTS (SELECT 1 FROM touched WHERE touched.sid = cur.sid)"
+        );
+        assert_eq!(
+            sql.update_many[0],
+            "WITH v (sid, sess, expire, version, user_id, provider_sid) AS (VALUES ($2::text, $3::text, $4::timestamptz, $5::xid, $6::text, $7::text)), cur AS MATERIALIZED (SELECT r.* FROM (SELECT DISTINCT k FROM unnest(ARRAY[$2]::text[]) AS k) AS keys CROSS JOIN LATERAL (SELECT ctid AS row_id, expire FROM \"auth\".\"web_sessions\" WHERE sid = keys.k LIMIT 1) AS r), free AS (SELECT ctid AS row_id, sid, xmin FROM \"auth\".\"web_sessions\" WHERE ctid = ANY(ARRAY(SELECT row_id FROM cur WHERE expire > ($1 AT TIME ZONE 'Europe/Berlin'))) FOR UPDATE SKIP LOCKED) UPDATE \"auth\".\"web_sessions\" AS t SET sess = v.sess::jsonb, expire = (v.expire AT TIME ZONE 'Europe/Berlin'), user_id = v.user_id, provider_sid = v.provider_sid, last_seen = $1 FROM v JOIN free ON free.sid = v.sid AND free.xmin = v.version WHERE t.ctid = ANY(ARRAY(SELECT row_id FROM free)) AND t.ctid = free.row_id RETURNING v.sid::text, t.xmin::text"
+        );
+        assert_eq!(
+            sql.update_many[1],
+            "WITH v (sid, sess, expire, version, user_id, provider_sid) AS (VALUES ($2::text, $3::text, $4::timestamptz, $5::xid, $6::text, $7::text), ($8::text, $9::text, $10::timestamptz, $11::xid, $12::text, $13::text)), cur AS MATERIALIZED (SELECT r.* FROM (SELECT DISTINCT k FROM unnest(ARRAY[$2, $8]::text[]) AS k) AS keys CROSS JOIN LATERAL (SELECT ctid AS row_id, expire FROM \"auth\".\"web_sessions\" WHERE sid = keys.k LIMIT 1) AS r), free AS (SELECT ctid AS row_id, sid, xmin FROM \"auth\".\"web_sessions\" WHERE ctid = ANY(ARRAY(SELECT row_id FROM cur WHERE expire > ($1 AT TIME ZONE 'Europe/Berlin'))) FOR UPDATE SKIP LOCKED) UPDATE \"auth\".\"web_sessions\" AS t SET sess = v.sess::jsonb, expire = (v.expire AT TIME ZONE 'Europe/Berlin'), user_id = v.user_id, provider_sid = v.provider_sid, last_seen = $1 FROM v JOIN free ON free.sid = v.sid AND free.xmin = v.version WHERE t.ctid = ANY(ARRAY(SELECT row_id FROM free)) AND t.ctid = free.row_id RETURNING v.sid::text, t.xmin::text"
+        );
+    }
+}
