@@ -1194,3 +1194,159 @@ async fn a_row_held_elsewhere_leaves_the_old_token_in_use_while_valid() {
     assert_eq!(s.refreshes().await, 0);
     s.db.drop_schema().await;
 }
+
+/// The key id `keys` seals with.
+fn key_id(keys: &Keyring) -> String {
+    keys.current_key_id().to_string()
+}
+
+/// An app instance of `s` at `addr` (port 0: a port of its own), sealing
+/// with `keys`.
+async fn serve_with(s: &common::idp::Setup, keys: Keyring, addr: &str) -> common::idp::App {
+    use tower_pg_session::oidc::OidcConfig;
+    // The address of an instance just stopped frees up once its task ends.
+    let mut listener = tokio::net::TcpListener::bind(addr).await;
+    for _ in 0..50 {
+        if listener.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        listener = tokio::net::TcpListener::bind(addr).await;
+    }
+    let listener = listener.unwrap();
+    let url = format!("http://127.0.0.1:{}", listener.local_addr().unwrap().port());
+    let config = OidcConfig::new(&s.idp.issuer, CLIENT_ID, &url, keys)
+        .unwrap()
+        .with_client_secret(CLIENT_SECRET);
+    common::idp::App::serve(&s.db, listener, url, config).await
+}
+
+#[tokio::test]
+async fn login_records_in_sessions_move_to_the_new_key_while_requests_go_on() {
+    use tower_pg_session::crypto::EncryptionKey;
+    let mut s = common::idp::setup("keycloak", 1, 3600, |c| c).await;
+    let old_app = s.apps[0].url.clone();
+    let mut browsers = Vec::new();
+    for n in 0..6 {
+        let b = Browser::new();
+        b.login(&old_app, &format!("user{n}"), "/").await;
+        browsers.push(b);
+    }
+    // A login in progress: its pending record is sealed under the old key too.
+    let pending = Browser::new();
+    let auth = pending.start_login(&old_app, "/after").await;
+    // A record copied into another session does not open there.
+    let t = s.db.table();
+    let rows: Vec<(String, String)> =
+        sqlx::query_as(&format!("SELECT sid, sess::text FROM {t} ORDER BY sid"))
+            .fetch_all(&s.db.pool)
+            .await
+            .unwrap();
+    let copied = rows
+        .iter()
+        .find(|(_, sess)| sess.contains("\"oidc\""))
+        .map(|(_, sess)| serde_json::from_str::<Value>(sess).unwrap()["oidc"].clone())
+        .unwrap();
+    sqlx::query(&format!(
+        "INSERT INTO {t} (sid, sess, expire) VALUES ('moved', $1::json, now() + interval '1 hour')"
+    ))
+    .bind(json!({ "oidc": copied }).to_string())
+    .execute(&s.db.pool)
+    .await
+    .unwrap();
+
+    let store = s.db.store().await;
+    let old_id = key_id(&s.token_keys);
+    let usage = store.session_key_usage().await.unwrap();
+    assert_eq!(usage.len(), 1, "{usage:?}");
+    assert_eq!(
+        (usage[0].key_id.as_str(), usage[0].values),
+        (old_id.as_str(), 8)
+    );
+
+    // The app now runs with the new key first; requests keep writing
+    // (the guard reseals what it reads, handlers store data) meanwhile.
+    let new_key = EncryptionKey::generate();
+    let rotated = Keyring::new(vec![new_key.clone(), s.token_key.clone()]).unwrap();
+    let app = serve_with(&s, rotated.clone(), "127.0.0.1:0").await;
+    let mut tasks = Vec::new();
+    for (n, b) in browsers.iter().enumerate() {
+        let (b, url) = (b.clone(), app.url.clone());
+        tasks.push(tokio::spawn(async move {
+            for i in 0..15 {
+                let r = b
+                    .http
+                    .put(format!("{url}/kv/k{i}"))
+                    .json(&json!(n * 100 + i))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 204, "write {i} of browser {n}");
+                assert_eq!(b.me(&url).await.status(), 200);
+            }
+        }));
+    }
+    let mut outcome = tower_pg_session::vault::ResealOutcome::default();
+    while !tasks.iter().all(|t| t.is_finished()) {
+        let o = store.reseal_sessions(&rotated, 2).await.unwrap();
+        outcome.resealed += o.resealed;
+        outcome.unreadable = o.unreadable;
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let last = store.reseal_sessions(&rotated, 2).await.unwrap();
+    assert_eq!(last.unreadable, 1, "the moved record, left as it was");
+    assert!(
+        outcome.resealed >= 1,
+        "at least the pending login: {outcome:?}"
+    );
+
+    let usage = store.session_key_usage().await.unwrap();
+    let count = |id: &str| {
+        usage
+            .iter()
+            .find(|u| u.key_id == id)
+            .map_or(0, |u| u.values)
+    };
+    assert_eq!(count(&key_id(&rotated)), 7, "{usage:?}");
+    assert_eq!(count(&old_id), 1, "only the moved record: {usage:?}");
+
+    // No write was lost to a reseal.
+    for (n, b) in browsers.iter().enumerate() {
+        let me = b.me(&app.url).await;
+        assert_eq!(me.status(), 200);
+        let sess: Vec<String> = sqlx::query_scalar(&format!(
+            "SELECT sess::text FROM {t} WHERE sess::text LIKE $1"
+        ))
+        .bind(format!("%\"k14\":{}%", n * 100 + 14))
+        .fetch_all(&s.db.pool)
+        .await
+        .unwrap();
+        let data: Value = serde_json::from_str(&sess[0]).unwrap();
+        for i in 0..15 {
+            assert_eq!(
+                data[format!("k{i}")],
+                json!(n * 100 + i),
+                "browser {n} key {i}"
+            );
+        }
+    }
+
+    // The old key can go: an app with the new key alone keeps everyone
+    // logged in, and the login in progress completes there.
+    let only_new = Keyring::from(new_key);
+    drop(app);
+    drop(s.apps.remove(0));
+    let app = serve_with(&s, only_new, old_app.trim_start_matches("http://")).await;
+    assert_eq!(app.url, old_app);
+    for b in &browsers {
+        assert_eq!(b.me(&app.url).await.status(), 200);
+    }
+    let callback = pending.authorize(&auth, "late").await;
+    let r = pending.get(&callback).await;
+    assert_eq!(r.status().as_u16(), 302);
+    assert_eq!(common::idp::location(&r), "/after");
+    assert_eq!(pending.me(&app.url).await.status(), 200);
+    s.db.drop_schema().await;
+}

@@ -38,6 +38,8 @@ mod batch;
 mod connect;
 mod pooler;
 mod prune;
+#[cfg(feature = "oidc")]
+mod reseal;
 pub(crate) mod schema;
 #[cfg(feature = "tower-sessions")]
 mod tower_sessions;

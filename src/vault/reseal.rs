@@ -15,7 +15,14 @@ pub struct KeyUsage {
     pub values: u64,
 }
 
-/// What [`TokenVault::reseal`] did.
+impl KeyUsage {
+    pub(crate) fn new(key_id: String, values: u64) -> Self {
+        Self { key_id, values }
+    }
+}
+
+/// What [`TokenVault::reseal`] (and
+/// [`PgStore::reseal_sessions`](crate::PgStore::reseal_sessions)) did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ResealOutcome {
@@ -38,10 +45,7 @@ impl TokenVault {
         let rows = self.inner.sql.key_usage(&self.inner.pool).await?;
         Ok(rows
             .into_iter()
-            .map(|(key_id, n)| KeyUsage {
-                key_id,
-                values: u64::try_from(n).unwrap_or(0),
-            })
+            .map(|(key_id, n)| KeyUsage::new(key_id, u64::try_from(n).unwrap_or(0)))
             .collect())
     }
 

@@ -250,17 +250,6 @@ impl Sql {
     }
 }
 
-/// The key id (hex) a sealed column was sealed under, read from the
-/// envelope's header in SQL: its first 8 base64url characters decode to the
-/// version byte, the 4-byte key id and a nonce byte.
-fn key_id_of(column: &str) -> String {
-    format!(
-        "CASE WHEN {column} ~ '^[A-Za-z0-9_-]{{8}}' THEN encode(substring(decode(\
-           translate(left({column}, 8), '-_', '+/'), 'base64') FROM 2 FOR 4), 'hex') \
-         ELSE 'malformed' END"
-    )
-}
-
 /// A row to seal again, as read under its lock.
 pub(crate) struct ToReseal {
     pub(crate) user: String,
@@ -273,7 +262,10 @@ impl Sql {
     /// How many sealed values each key id seals.
     pub(crate) async fn key_usage(&self, pool: &PgPool) -> Result<Vec<(String, i64)>, sqlx::Error> {
         let t = &self.table;
-        let (a, r) = (key_id_of("access_token"), key_id_of("refresh_token"));
+        let (a, r) = (
+            crate::crypto::key_id_sql("access_token"),
+            crate::crypto::key_id_sql("refresh_token"),
+        );
         sqlx::query_as(&format!(
             "SELECT k, count(*) FROM (\
                SELECT {a} AS k FROM {t} \
@@ -295,7 +287,10 @@ impl Sql {
         limit: i64,
     ) -> Result<Vec<ToReseal>, sqlx::Error> {
         let t = &self.table;
-        let (a, r) = (key_id_of("access_token"), key_id_of("refresh_token"));
+        let (a, r) = (
+            crate::crypto::key_id_sql("access_token"),
+            crate::crypto::key_id_sql("refresh_token"),
+        );
         let (u, i) = after.cloned().unwrap_or_default();
         let rows = sqlx::query(&format!(
             "SELECT user_id, integration, access_token, refresh_token FROM {t} \
