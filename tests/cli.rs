@@ -336,3 +336,61 @@ async fn keys_and_reseal_cover_the_login_records_in_sessions() {
     assert_eq!(carts, ["0", "1", "2", "3"], "the other keys are kept");
     db.drop_schema().await;
 }
+
+#[cfg(feature = "oidc")]
+#[tokio::test]
+async fn sessions_and_export_show_connected_accounts() {
+    use sqlx::Executor;
+    use tower_pg_session::{
+        crypto::Keyring,
+        vault::{Integration, TokenVault, Tokens, VaultConfig},
+    };
+    let db = Db::new().await;
+    let store = db.store().await;
+    db.pool
+        .execute(&*format!(
+            "INSERT INTO {t} (sid, sess, expire, created_at, user_id) VALUES \
+             ('s1', '{{}}', (now() AT TIME ZONE current_setting('log_timezone')) + interval '1 hour', now(), 'gus')",
+            t = db.table()
+        ))
+        .await
+        .unwrap();
+    let run = |args: &[&str]| with_keys(&db, "", args);
+    // No vault table: as before, and none is created.
+    let (code, out, err) = run(&["sessions", "--user", "gus"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!out.contains("connected account"), "{out}");
+    let (_, out, _) = run(&["export", "--user", "gus"]);
+    assert!(!out.contains("connections"), "{out}");
+    let created: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+        .bind(format!("\"{}\".\"oauth_tokens\"", db.schema))
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert!(!created);
+
+    let vault = TokenVault::new(
+        &store,
+        Keyring::generate(),
+        VaultConfig::new()
+            .with_schema_name(&db.schema)
+            .unwrap()
+            .with_integration(Integration::new("mail", "http://127.0.0.1:9/t", "app").unwrap()),
+    )
+    .await
+    .unwrap();
+    let tokens = Tokens::new("at-gus".into())
+        .with_refresh_token("rt-gus".into())
+        .with_scopes(["inbox"]);
+    vault.store("gus", "mail", tokens).await.unwrap();
+    let (code, out, err) = run(&["sessions", "--user", "gus"]);
+    assert_eq!(code, 0, "{err}");
+    let line = out.lines().find(|l| l.starts_with("mail ")).unwrap();
+    assert!(line.contains("inbox") && line.contains("ok"), "{out}");
+    let (code, out, err) = run(&["export", "--user", "gus"]);
+    assert_eq!(code, 0, "{err}");
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(json["connections"][0]["integration"], "mail");
+    assert!(!out.contains("at-gus") && !out.contains("rt-gus"), "{out}");
+    db.drop_schema().await;
+}

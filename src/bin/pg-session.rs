@@ -145,6 +145,11 @@ struct UserArg {
     /// The user id (the `user_id` column; the OIDC subject).
     #[arg(long)]
     user: String,
+    /// The token vault's table (in --schema), whose connected accounts are
+    /// shown too when it exists.
+    #[cfg(feature = "oidc")]
+    #[arg(long, default_value = "oauth_tokens")]
+    vault_table: String,
 }
 
 #[derive(Args)]
@@ -201,6 +206,13 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         .with_acquire_timeout(Duration::from_secs(5));
     let store = PgStore::connect_to(connect, config.with_create_table(init)).await?;
     let admin = store.admin();
+    #[cfg(feature = "oidc")]
+    let admin = match &cli.command {
+        Command::Sessions(u) | Command::Export(u) => {
+            vault::with_vault(&store, admin, cli.schema.as_deref(), &u.vault_table).await?
+        }
+        _ => admin,
+    };
     match cli.command {
         Command::Init => println!("table {} is ready", store.table_name()),
         Command::Stats => {
@@ -243,13 +255,7 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 "{:<17} {:<26} {:<26} {:<26} {:<16} user agent",
                 "handle", "created", "last seen", "expires", "ip"
             );
-            let fmt = |t: Option<time::OffsetDateTime>| {
-                t.and_then(|t| {
-                    t.format(&time::format_description::well_known::Rfc3339)
-                        .ok()
-                })
-                .unwrap_or_else(|| "-".into())
-            };
+            let fmt = rfc3339;
             for s in &list {
                 println!(
                     "{:<17} {:<26} {:<26} {:<26} {:<16} {}",
@@ -262,6 +268,8 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 );
             }
             println!("{} live sessions of {}", list.len(), u.user);
+            #[cfg(feature = "oidc")]
+            vault::print_connections(&admin.user_connections(&u.user).await?);
         }
         Command::Revoke(r) => {
             let n = match (r.user, r.all) {
@@ -289,6 +297,15 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+/// An instant as RFC 3339, `-` for none.
+fn rfc3339(t: Option<time::OffsetDateTime>) -> String {
+    t.and_then(|t| {
+        t.format(&time::format_description::well_known::Rfc3339)
+            .ok()
+    })
+    .unwrap_or_else(|| "-".into())
+}
+
 #[cfg(feature = "oidc")]
 mod vault {
     use std::{
@@ -298,8 +315,9 @@ mod vault {
 
     use indicatif::{ProgressBar, ProgressStyle};
     use tower_pg_session::{
+        admin::Admin,
         crypto::Keyring,
-        vault::{ImportSource, Integration, KeyUsage, TokenVault, VaultConfig},
+        vault::{Connection, ImportSource, Integration, KeyUsage, TokenVault, VaultConfig},
         PgStore,
     };
 
@@ -389,6 +407,54 @@ mod vault {
             outcome.resealed, outcome.unreadable
         );
         Ok(())
+    }
+
+    /// `admin` covering the vault's table when it exists. Listing and
+    /// exporting read no token, so no key is needed: a throwaway keyring
+    /// stands in.
+    pub(super) async fn with_vault(
+        store: &PgStore,
+        admin: Admin,
+        schema: Option<&str>,
+        table: &str,
+    ) -> Result<Admin, Box<dyn std::error::Error>> {
+        let mut config = VaultConfig::new().with_table_name(table)?;
+        let mut name = format!("\"{table}\"");
+        if let Some(schema) = schema {
+            config = config.with_schema_name(schema)?;
+            name = format!("\"{schema}\".{name}");
+        }
+        let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+            .bind(name)
+            .fetch_one(store.pool())
+            .await?;
+        if !exists {
+            return Ok(admin);
+        }
+        let vault = TokenVault::new(store, Keyring::generate(), config).await?;
+        Ok(admin.with_vault(&vault))
+    }
+
+    pub(super) fn print_connections(list: &[Connection]) {
+        if list.is_empty() {
+            return;
+        }
+        println!();
+        println!(
+            "{:<20} {:<26} {:<26} {:<9} scopes",
+            "connected account", "expires", "last used", "status"
+        );
+        for c in list {
+            let status = if c.needs_reconsent { "reconsent" } else { "ok" };
+            println!(
+                "{:<20} {:<26} {:<26} {:<9} {}",
+                c.integration,
+                super::rfc3339(c.expires_at),
+                super::rfc3339(c.last_used_at),
+                status,
+                c.scopes.join(" ")
+            );
+        }
     }
 
     pub(super) async fn import(
