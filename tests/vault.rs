@@ -1352,3 +1352,83 @@ async fn login_records_in_sessions_move_to_the_new_key_while_requests_go_on() {
     assert_eq!(pending.me(&app.url).await.status(), 200);
     s.db.drop_schema().await;
 }
+
+#[tokio::test]
+async fn gauges_count_stored_tokens_per_integration() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    // This task's thread only: other tests of this binary may run alongside.
+    let _local = metrics::set_default_local_recorder(&recorder);
+    // One snapshot holds every gauge (taking one resets what it read).
+    let gauges = || {
+        snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .filter_map(|(k, .., v)| {
+                let integration = k
+                    .key()
+                    .labels()
+                    .find(|l| l.key() == "integration")?
+                    .value()
+                    .to_owned();
+                match v {
+                    DebugValue::Gauge(g) => Some((
+                        format!("{}{{{integration}}}", k.key().name()),
+                        g.into_inner(),
+                    )),
+                    _ => None,
+                }
+            })
+            .collect::<std::collections::HashMap<String, f64>>()
+    };
+    let s = setup("keycloak").await;
+    let crm = Integration::new("crm", &s.token_endpoint(), CLIENT_ID).unwrap();
+    let vault = TokenVault::new(&s.store, s.keys.clone(), s.config().with_integration(crm))
+        .await
+        .unwrap();
+    for n in 0..5 {
+        vault
+            .store(&format!("u{n}"), "mail", Tokens::new(format!("t{n}")))
+            .await
+            .unwrap();
+    }
+    sqlx::query(&format!(
+        "UPDATE {} SET needs_reconsent_at = now() WHERE user_id IN ('u1', 'u2')",
+        s.table()
+    ))
+    .execute(&s.db.pool)
+    .await
+    .unwrap();
+    let counts = vault.record_gauges().await.unwrap();
+    assert_eq!(counts.len(), 2, "{counts:?}");
+    assert_eq!(
+        (
+            counts[1].integration.as_str(),
+            counts[1].tokens,
+            counts[1].needs_reconsent
+        ),
+        ("mail", 5, 2)
+    );
+    let g = gauges();
+    assert_eq!(
+        g.get("tower_pg_session_vault_tokens{mail}"),
+        Some(&5.0),
+        "{g:?}"
+    );
+    assert_eq!(
+        g.get("tower_pg_session_vault_needs_reconsent{mail}"),
+        Some(&2.0)
+    );
+    assert_eq!(g.get("tower_pg_session_vault_tokens{crm}"), Some(&0.0));
+    vault.remove("u0", "mail").await.unwrap();
+    vault.record_gauges().await.unwrap();
+    let g = gauges();
+    assert_eq!(
+        g.get("tower_pg_session_vault_tokens{mail}"),
+        Some(&4.0),
+        "{g:?}"
+    );
+    s.db.drop_schema().await;
+}

@@ -47,6 +47,7 @@
 //! ```
 
 mod error;
+mod gauges;
 mod import;
 mod integration;
 mod reseal;
@@ -67,6 +68,7 @@ use tracing::Instrument;
 
 pub use self::{
     error::VaultError,
+    gauges::TokenCount,
     import::{ImportOutcome, ImportSource},
     integration::{ClientAuth, Integration},
     reseal::{KeyUsage, ResealOutcome},

@@ -236,6 +236,21 @@ impl Sql {
             .collect()
     }
 
+    /// Per integration, how many rows and how many of them need the user's
+    /// consent again: one pass over the table, for a periodic gauge.
+    pub(crate) async fn token_counts(
+        &self,
+        pool: &PgPool,
+    ) -> Result<Vec<(String, i64, i64)>, sqlx::Error> {
+        let t = &self.table;
+        sqlx::query_as(&format!(
+            "SELECT integration, count(*), count(*) FILTER (WHERE needs_reconsent_at IS NOT NULL) \
+             FROM {t} GROUP BY integration"
+        ))
+        .fetch_all(pool)
+        .await
+    }
+
     /// Bounds how long a refresh waits for another one's row lock.
     pub(crate) async fn lock_timeout(
         &self,
