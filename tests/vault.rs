@@ -1432,3 +1432,253 @@ async fn gauges_count_stored_tokens_per_integration() {
     );
     s.db.drop_schema().await;
 }
+
+/// The binding the vault seals a token with (its row), as documented next
+/// to `row_binding` in src/vault/mod.rs: the seeding below seals in bulk.
+fn vault_aad<'a>(binding: &'a str, field: &'a str) -> tower_pg_session::crypto::Aad<'a> {
+    tower_pg_session::crypto::Aad {
+        session: binding,
+        field,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reseal_of_100k_values_under_load_loses_nothing() {
+    use std::time::Instant;
+    use tower_pg_session::crypto::EncryptionKey;
+    const VAULT_ROWS: usize = 50_000;
+    const SESSION_ROWS: usize = 50_000;
+    let started = Instant::now();
+    let s = setup("keycloak").await;
+    let (old, new) = (
+        EncryptionKey::from_bytes([3; 32]),
+        EncryptionKey::from_bytes([4; 32]),
+    );
+    let old_ring = Keyring::new(vec![old.clone()]).unwrap();
+    let rotated = Keyring::new(vec![new.clone(), old]).unwrap();
+    let only_new = Keyring::new(vec![new]).unwrap();
+    let vault_with = |keys: &Keyring| TokenVault::new(&s.store, keys.clone(), s.config());
+    let before = vault_with(&old_ring).await.unwrap();
+
+    // Seed: sealed under the old key in Rust, written by one statement per table.
+    let binding = |user: &str| format!("vault:{}:{user}:mail", user.len());
+    let users: Vec<String> = (0..VAULT_ROWS).map(|n| format!("seed-{n:06}")).collect();
+    let sealed: Vec<String> = users
+        .iter()
+        .enumerate()
+        .map(|(n, u)| {
+            old_ring.seal(
+                format!("a{n}").as_bytes(),
+                &vault_aad(&binding(u), "vault.access_token"),
+            )
+        })
+        .collect();
+    sqlx::query(&format!(
+        "INSERT INTO {} (user_id, integration, access_token, expires_at) \
+         SELECT u, 'mail', a, now() + interval '1 day' FROM unnest($1::text[], $2::text[]) AS x(u, a)",
+        s.table()
+    ))
+    .bind(&users)
+    .bind(&sealed)
+    .execute(&s.db.pool)
+    .await
+    .unwrap();
+    let sids: Vec<String> = (0..SESSION_ROWS).map(|n| format!("seed-{n:06}")).collect();
+    let sess: Vec<String> = sids
+        .iter()
+        .enumerate()
+        .map(|(n, sid)| {
+            let record = old_ring.seal(
+                format!("{{\"sub\":\"s{n}\"}}").as_bytes(),
+                &vault_aad(sid, "oidc"),
+            );
+            json!({ "oidc": record, "n": n }).to_string()
+        })
+        .collect();
+    sqlx::query(&format!(
+        "INSERT INTO {} (sid, sess, expire) \
+         SELECT sid, sess::json, now() + interval '1 day' FROM unnest($1::text[], $2::text[]) AS x(sid, sess)",
+        s.db.table()
+    ))
+    .bind(&sids)
+    .bind(&sess)
+    .execute(&s.db.pool)
+    .await
+    .unwrap();
+    eprintln!("seeded 100,000 sealed values in {:?}", started.elapsed());
+
+    // Live load: users whose tokens the provider rotates on each refresh,
+    // browsers whose sessions hold a login record and get written to.
+    let mut refreshing = Vec::new();
+    for n in 0..3 {
+        let user = format!("live-{n}");
+        s.connect_and_store(&before, &user, Duration::from_secs(60))
+            .await;
+        refreshing.push(user);
+    }
+    let layer = common::layer(s.store.clone());
+    let app = common::app(layer, common::Gate::default());
+    let mut clients = Vec::new();
+    for n in 0..8 {
+        let mut c = common::Client::new(app.clone());
+        c.put("/kv/start", json!(n)).await;
+        clients.push(c);
+    }
+    // Their login records, sealed under the old key for their rows.
+    let live: Vec<String> = sqlx::query_scalar(&format!(
+        "SELECT sid FROM {} WHERE sid NOT LIKE 'seed-%'",
+        s.db.table()
+    ))
+    .fetch_all(&s.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(live.len(), 8);
+    for sid in &live {
+        let record = old_ring.seal(b"{\"sub\":\"live\"}", &vault_aad(sid, "oidc"));
+        sqlx::query(&format!(
+            "UPDATE {} SET sess = (sess::jsonb || jsonb_build_object('oidc', $2::text))::json WHERE sid = $1",
+            s.db.table()
+        ))
+        .bind(sid)
+        .bind(record)
+        .execute(&s.db.pool)
+        .await
+        .unwrap();
+    }
+
+    let app_vault = vault_with(&rotated).await.unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = Vec::new();
+    for user in refreshing.clone() {
+        let (v, stop, db) = (app_vault.clone(), stop.clone(), s.db.pool.clone());
+        let t = s.table();
+        load.push(tokio::spawn(async move {
+            let mut refreshes = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                sqlx::query(&format!(
+                    "UPDATE {t} SET expires_at = now() + interval '60 seconds' WHERE user_id = $1"
+                ))
+                .bind(&user)
+                .execute(&db)
+                .await
+                .unwrap();
+                v.get(&user, "mail").await.expect("a get during the reseal");
+                refreshes += 1;
+            }
+            refreshes
+        }));
+    }
+    for worker in 0..2usize {
+        let (v, stop) = (app_vault.clone(), stop.clone());
+        load.push(tokio::spawn(async move {
+            let mut gets = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let n = (gets as usize * 7919 + worker * 104_729) % VAULT_ROWS;
+                let token = v.get(&format!("seed-{n:06}"), "mail").await.expect("a get");
+                assert_eq!(token.secret(), format!("a{n}"));
+                gets += 1;
+            }
+            gets
+        }));
+    }
+    let writers: Vec<_> = clients
+        .into_iter()
+        .map(|mut c| {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut writes = 0u32;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let r = c.put(&format!("/kv/w{writes}"), json!(writes)).await;
+                    assert_eq!(r.status, 204, "a session save during the reseal");
+                    writes += 1;
+                }
+                (c, writes)
+            })
+        })
+        .collect();
+
+    let t0 = Instant::now();
+    let vault_outcome = app_vault.reseal(500).await.unwrap();
+    let t_vault = t0.elapsed();
+    let t1 = Instant::now();
+    let session_outcome = s.store.reseal_sessions(&rotated, 500).await.unwrap();
+    let t_sessions = t1.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut requests = 0;
+    for task in load {
+        requests += task.await.expect("no request failed");
+    }
+    let mut clients = Vec::new();
+    for task in writers {
+        let (c, writes) = task.await.expect("no session save failed");
+        requests += writes;
+        clients.push((c, writes));
+    }
+    eprintln!(
+        "resealed {} vault rows in {t_vault:?} and {} session rows in {t_sessions:?}, \
+         {requests} requests meanwhile",
+        vault_outcome.resealed, session_outcome.resealed
+    );
+    assert_eq!(vault_outcome.unreadable + session_outcome.unreadable, 0);
+    assert!(vault_outcome.resealed >= VAULT_ROWS as u64);
+    assert!(session_outcome.resealed >= SESSION_ROWS as u64);
+
+    // Nothing is left under the old key.
+    let old_id = key_id(&old_ring);
+    let vault_usage = app_vault.key_usage().await.unwrap();
+    let session_usage = s.store.session_key_usage().await.unwrap();
+    assert!(
+        vault_usage
+            .iter()
+            .chain(&session_usage)
+            .all(|u| u.key_id != old_id),
+        "{vault_usage:?} {session_usage:?}"
+    );
+    // Every value opens under the new key alone, as what it was.
+    let rows: Vec<(String, String)> = sqlx::query_as(&format!(
+        "SELECT user_id, access_token FROM {} WHERE user_id LIKE 'seed-%' ORDER BY user_id",
+        s.table()
+    ))
+    .fetch_all(&s.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), VAULT_ROWS);
+    for (n, (user, sealed)) in rows.iter().enumerate() {
+        let opened = only_new
+            .open(sealed, &vault_aad(&binding(user), "vault.access_token"))
+            .unwrap();
+        assert_eq!(opened.plaintext(), format!("a{n}").as_bytes());
+    }
+    let rows: Vec<(String, String)> = sqlx::query_as(&format!(
+        "SELECT sid, sess::text FROM {} ORDER BY sid",
+        s.db.table()
+    ))
+    .fetch_all(&s.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), SESSION_ROWS + 8);
+    for (sid, sess) in &rows {
+        let data: Value = serde_json::from_str(sess).unwrap();
+        only_new
+            .open(data["oidc"].as_str().unwrap(), &vault_aad(sid, "oidc"))
+            .unwrap();
+    }
+    // No concurrent write was lost: every session holds all it was sent,
+    // and each rotated refresh token still works.
+    for (mut c, writes) in clients {
+        let body = c.get("/kv").await.body;
+        for w in 0..writes {
+            assert_eq!(body[format!("w{w}")], json!(w), "write {w} of {writes}");
+        }
+    }
+    let after = vault_with(&only_new).await.unwrap();
+    for user in &refreshing {
+        s.expire_in(user, 60).await;
+        after
+            .get(user, "mail")
+            .await
+            .expect("the latest refresh token");
+    }
+    eprintln!("whole test {:?}", started.elapsed());
+    s.db.drop_schema().await;
+}
