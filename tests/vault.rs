@@ -1682,3 +1682,67 @@ async fn reseal_of_100k_values_under_load_loses_nothing() {
     eprintln!("whole test {:?}", started.elapsed());
     s.db.drop_schema().await;
 }
+
+#[tokio::test]
+async fn a_session_row_held_elsewhere_is_resealed_once_released_and_its_write_kept() {
+    use tower_pg_session::crypto::EncryptionKey;
+    let db = Db::new().await;
+    let store = db.store().await;
+    let (old, new) = (
+        EncryptionKey::from_bytes([5; 32]),
+        EncryptionKey::from_bytes([6; 32]),
+    );
+    let old_ring = Keyring::new(vec![old.clone()]).unwrap();
+    let rotated = Keyring::new(vec![new.clone(), old]).unwrap();
+    let t = db.table();
+    let seal = |keys: &Keyring, sid: &str| keys.seal(b"{\"sub\":\"x\"}", &vault_aad(sid, "oidc"));
+    for n in 0..10 {
+        let sid = format!("sid-{n}");
+        sqlx::query(&format!(
+            "INSERT INTO {t} (sid, sess, expire) VALUES ($1, $2::json, now() + interval '1 hour')"
+        ))
+        .bind(&sid)
+        .bind(json!({ "oidc": seal(&old_ring, &sid), "n": n }).to_string())
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    }
+    // A request holds one row (as the guard does during a token refresh).
+    let mut holder = db.pool.begin().await.unwrap();
+    sqlx::query(&format!("SELECT 1 FROM {t} WHERE sid = 'sid-3' FOR UPDATE"))
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let (st, keys) = (store.clone(), rotated.clone());
+    let reseal = tokio::spawn(async move { st.reseal_sessions(&keys, 4).await });
+    let old_id = key_id(&old_ring);
+    common::eventually("every free row resealed", || async {
+        let usage = store.session_key_usage().await.unwrap();
+        usage.iter().find(|u| u.key_id == old_id).map(|u| u.values) == Some(1)
+    })
+    .await;
+    assert!(!reseal.is_finished(), "it waits for the held row");
+    // The holder writes the row (a new record and data of its own) and commits.
+    sqlx::query(&format!(
+        "UPDATE {t} SET sess = $1::json WHERE sid = 'sid-3'"
+    ))
+    .bind(json!({ "oidc": seal(&old_ring, "sid-3"), "n": 3, "refreshed": true }).to_string())
+    .execute(&mut *holder)
+    .await
+    .unwrap();
+    holder.commit().await.unwrap();
+    let outcome = reseal.await.unwrap().unwrap();
+    assert_eq!((outcome.resealed, outcome.unreadable), (10, 0));
+    let sess: String =
+        sqlx::query_scalar(&format!("SELECT sess::text FROM {t} WHERE sid = 'sid-3'"))
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    let data: Value = serde_json::from_str(&sess).unwrap();
+    assert_eq!(data["refreshed"], json!(true), "the holder's write is kept");
+    Keyring::new(vec![new])
+        .unwrap()
+        .open(data["oidc"].as_str().unwrap(), &vault_aad("sid-3", "oidc"))
+        .expect("resealed after the holder's write");
+    db.drop_schema().await;
+}

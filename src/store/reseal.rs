@@ -4,9 +4,9 @@
 //!
 //! Safe while the application runs. A batch locks only rows no one else
 //! holds (`FOR UPDATE SKIP LOCKED`), so a request never queues behind a
-//! batch that itself waits; the rows it skipped are then taken one at a
-//! time, each waiting for its holder as a request would, so none is left
-//! behind. Each write changes the row's version: a request that loaded the
+//! batch that itself waits; once the free rows are done, the rows skipped
+//! are taken one at a time, each waiting for its holder as a request would,
+//! so none is left behind and none holds up the rest. Each write changes the row's version: a request that loaded the
 //! row before saves through the conflict path, which re-applies its own
 //! changes to the resealed data, so neither write is lost.
 
@@ -135,8 +135,8 @@ impl PgStore {
     /// first key of `keys` (the keyring the guard runs with), `batch` rows
     /// per transaction; values that do not open are left as they are and
     /// their rows counted. Safe while the application runs: a batch locks
-    /// only rows no one else holds, then takes the rows it skipped one at a
-    /// time, waiting for their holders; a request that loaded a row before
+    /// only rows no one else holds, and the rows skipped are taken one at a
+    /// time at the end, each waiting for its holder; a request that loaded a row before
     /// saves through the conflict path, which re-applies its own changes to
     /// the resealed data. Resumable: run it again after an error, and
     /// [`session_key_usage`](Self::session_key_usage) shows what is left.
@@ -166,6 +166,9 @@ impl PgStore {
         let limit = i64::try_from(batch.max(1)).unwrap_or(i64::MAX);
         let mut outcome = ResealOutcome::default();
         let mut after = String::new();
+        // Rows others held are taken once the free ones are done, so one
+        // busy row does not hold up the rest.
+        let mut busy = Vec::new();
         loop {
             let (this, keys_, from) = (self.clone(), keys.clone(), after.clone());
             let (rows, skipped, next) =
@@ -174,19 +177,21 @@ impl PgStore {
                     .ok_or(StoreError::Database(sqlx::Error::WorkerCrashed))??;
             outcome.add(&rows);
             progress(rows.len() as u64);
-            for sid in skipped {
-                let (this, keys_) = (self.clone(), keys.clone());
-                let row = detached(async move { this.reseal_busy(&keys_, &sid).await })
-                    .await
-                    .ok_or(StoreError::Database(sqlx::Error::WorkerCrashed))??;
-                outcome.add(&row);
-                progress(row.len() as u64);
-            }
+            busy.extend(skipped);
             match next {
                 Some(last) => after = last,
-                None => return Ok(outcome),
+                None => break,
             }
         }
+        for sid in busy {
+            let (this, keys_) = (self.clone(), keys.clone());
+            let row = detached(async move { this.reseal_busy(&keys_, &sid).await })
+                .await
+                .ok_or(StoreError::Database(sqlx::Error::WorkerCrashed))??;
+            outcome.add(&row);
+            progress(row.len() as u64);
+        }
+        Ok(outcome)
     }
 
     /// One batch of free rows after `after`: the rows resealed (or found
