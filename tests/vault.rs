@@ -1746,3 +1746,91 @@ async fn a_session_row_held_elsewhere_is_resealed_once_released_and_its_write_ke
         .expect("resealed after the holder's write");
     db.drop_schema().await;
 }
+
+#[tokio::test]
+async fn import_reseal_and_erasure_log_no_token_material() {
+    use tower_pg_session::{crypto::EncryptionKey, vault::ImportSource};
+    logs();
+    let s = setup("keycloak").await;
+    let old = Keyring::new(vec![EncryptionKey::from_bytes([1; 32])]).unwrap();
+    let vault = TokenVault::new(&s.store, old.clone(), s.config())
+        .await
+        .unwrap();
+    let legacy = format!("\"{}\".\"plain\"", s.db.schema);
+    use sqlx::Executor;
+    s.db.pool
+        .execute(&*format!(
+            "CREATE TABLE {legacy} (user_id text, integration text, access_token text, \
+               refresh_token text, expires_at timestamptz); \
+             INSERT INTO {legacy} VALUES \
+               ('pia', 'mail', 'plain-secret-at-1', 'plain-secret-rt-1', NULL), \
+               ('quin', 'fax', 'plain-secret-at-2', NULL, NULL), \
+               ('rae', 'mail', 'plain-secret-' || repeat('x', 20000), NULL, NULL)"
+        ))
+        .await
+        .unwrap();
+    let source = ImportSource::new(Some(&s.db.schema), "plain").unwrap();
+    vault.import(&source, true).await.unwrap();
+    assert_eq!(vault.import(&source, false).await.unwrap().imported, 1);
+    // A login record in a session, sealed under the old key.
+    let record = old.seal(
+        b"{\"at\":\"plain-secret-at-3\"}",
+        &vault_aad("sid-1", "oidc"),
+    );
+    sqlx::query(&format!(
+        "INSERT INTO {} (sid, sess, expire) VALUES ('sid-1', $1::json, now() + interval '1 hour')",
+        s.db.table()
+    ))
+    .bind(json!({ "oidc": record }).to_string())
+    .execute(&s.db.pool)
+    .await
+    .unwrap();
+    let sealed: Vec<String> = sqlx::query_scalar(&format!(
+        "SELECT access_token FROM {} UNION ALL SELECT refresh_token FROM {}",
+        s.table(),
+        s.table()
+    ))
+    .fetch_all(&s.db.pool)
+    .await
+    .unwrap();
+
+    let rotated = Keyring::new(vec![
+        EncryptionKey::from_bytes([2; 32]),
+        EncryptionKey::from_bytes([1; 32]),
+    ])
+    .unwrap();
+    let new_vault = TokenVault::new(&s.store, rotated.clone(), s.config())
+        .await
+        .unwrap();
+    assert_eq!(new_vault.reseal(10).await.unwrap().resealed, 1);
+    assert_eq!(
+        s.store
+            .reseal_sessions(&rotated, 10)
+            .await
+            .unwrap()
+            .resealed,
+        1
+    );
+    s.store
+        .admin()
+        .with_vault(&new_vault)
+        .erase_user("pia")
+        .await
+        .unwrap();
+
+    let text = String::from_utf8(logs().lock().unwrap().clone()).unwrap();
+    for span in [
+        "vault_import",
+        "vault_reseal",
+        "session_reseal",
+        "row not imported",
+    ] {
+        assert!(text.contains(span), "{span} is logged: {text}");
+    }
+    assert!(!text.contains("plain-secret"), "a token was logged: {text}");
+    for value in sealed.iter().chain([&record]) {
+        assert!(!text.contains(&value[8..40]), "a ciphertext was logged");
+    }
+    assert!(!text.contains("sid-1"), "a session id was logged");
+    s.db.drop_schema().await;
+}

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use sqlx::Row;
 use time::OffsetDateTime;
+use tracing::Instrument;
 
 use super::{detached, schema::SessType, to_col, PgStore, StoreError, Tx};
 use crate::{
@@ -163,7 +164,27 @@ impl PgStore {
         batch: usize,
         mut progress: impl FnMut(u64),
     ) -> Result<ResealOutcome, StoreError> {
+        let span = tracing::info_span!("session_reseal", batch);
         let limit = i64::try_from(batch.max(1)).unwrap_or(i64::MAX);
+        async {
+            let outcome = self.reseal_all(keys, limit, &mut progress).await?;
+            tracing::info!(
+                resealed = outcome.resealed,
+                unreadable = outcome.unreadable,
+                "session login records sealed under the first key"
+            );
+            Ok(outcome)
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn reseal_all(
+        &self,
+        keys: &Keyring,
+        limit: i64,
+        progress: &mut impl FnMut(u64),
+    ) -> Result<ResealOutcome, StoreError> {
         let mut outcome = ResealOutcome::default();
         let mut after = String::new();
         // Rows others held are taken once the free ones are done, so one

@@ -3,6 +3,7 @@
 
 use sqlx::Row;
 use time::OffsetDateTime;
+use tracing::Instrument;
 
 use super::{TokenVault, Tokens, VaultError};
 use crate::store::{schema::Ident, StoreError};
@@ -115,6 +116,26 @@ impl TokenVault {
     /// be written; rows already imported stay imported, and running it again
     /// is safe.
     pub async fn import(
+        &self,
+        source: &ImportSource,
+        dry_run: bool,
+    ) -> Result<ImportOutcome, VaultError> {
+        let span = tracing::info_span!("vault_import", dry_run);
+        async {
+            let outcome = self.import_rows(source, dry_run).await?;
+            tracing::info!(
+                read = outcome.read,
+                imported = outcome.imported,
+                skipped = outcome.skipped,
+                "plaintext tokens imported"
+            );
+            Ok(outcome)
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn import_rows(
         &self,
         source: &ImportSource,
         dry_run: bool,

@@ -2,6 +2,8 @@
 //! again under the keyring's first key.
 
 use super::{sql::ToReseal, TokenVault, VaultError, ACCESS, REFRESH};
+use tracing::Instrument;
+
 use crate::store::detached;
 
 /// How many stored values one key id seals.
@@ -72,7 +74,18 @@ impl TokenVault {
         batch: usize,
         mut progress: impl FnMut(u64),
     ) -> Result<ResealOutcome, VaultError> {
+        let span = tracing::info_span!("vault_reseal", batch);
         let batch = i64::try_from(batch.max(1)).unwrap_or(i64::MAX);
+        self.reseal_batches(batch, &mut progress)
+            .instrument(span)
+            .await
+    }
+
+    async fn reseal_batches(
+        &self,
+        batch: i64,
+        progress: &mut impl FnMut(u64),
+    ) -> Result<ResealOutcome, VaultError> {
         let mut outcome = ResealOutcome::default();
         let mut cursor: Cursor = None;
         loop {
@@ -87,7 +100,14 @@ impl TokenVault {
             progress(resealed + unreadable);
             match next {
                 Some(_) => cursor = next,
-                None => return Ok(outcome),
+                None => {
+                    tracing::info!(
+                        resealed = outcome.resealed,
+                        unreadable = outcome.unreadable,
+                        "vault tokens sealed under the first key"
+                    );
+                    return Ok(outcome);
+                }
             }
         }
     }
