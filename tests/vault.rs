@@ -1834,3 +1834,116 @@ async fn import_reseal_and_erasure_log_no_token_material() {
     assert!(!text.contains("sid-1"), "a session id was logged");
     s.db.drop_schema().await;
 }
+
+#[tokio::test]
+async fn session_reseal_keeps_express_rows_intact_on_connect_pg_simple_tables() {
+    use sqlx::Executor;
+    use tower_pg_session::{crypto::EncryptionKey, PgStore};
+    for (sess_type, expire_type) in [("json", "timestamp(6)"), ("jsonb", "timestamptz")] {
+        let db = Db::new().await;
+        db.pool
+            .execute(&*format!(
+                "CREATE SCHEMA {s}; \
+                 CREATE TABLE {s}.session (sid varchar NOT NULL COLLATE \"default\", \
+                   sess {sess_type} NOT NULL, expire {expire_type} NOT NULL); \
+                 ALTER TABLE {s}.session ADD CONSTRAINT session_pkey PRIMARY KEY (sid); \
+                 CREATE INDEX \"IDX_session_expire\" ON {s}.session (expire);",
+                s = db.schema
+            ))
+            .await
+            .unwrap();
+        let store = PgStore::new(db.pool.clone(), db.config().with_create_table(false))
+            .await
+            .unwrap();
+        let old = Keyring::new(vec![EncryptionKey::from_bytes([8; 32])]).unwrap();
+        let rotated = Keyring::new(vec![
+            EncryptionKey::from_bytes([9; 32]),
+            EncryptionKey::from_bytes([8; 32]),
+        ])
+        .unwrap();
+        let cookie = r#"{"originalMaxAge":86400000,"expires":"2030-01-01T00:00:00.000Z","secure":false,"httpOnly":true,"path":"/","sameSite":"lax"}"#;
+        for (sid, live) in [("live", true), ("gone", false)] {
+            let record = old.seal(b"{}", &vault_aad(sid, "oidc"));
+            let sess =
+                format!(r#"{{"cookie":{cookie},"oidc":"{record}","passport":{{"user":"ann"}}}}"#);
+            let expire = if live {
+                "+ interval '1 hour'"
+            } else {
+                "- interval '1 hour'"
+            };
+            sqlx::query(&format!(
+                "INSERT INTO {} (sid, sess, expire) VALUES ($1, $2::{sess_type}, \
+                 (now() AT TIME ZONE current_setting('log_timezone')) {expire})",
+                db.table()
+            ))
+            .bind(sid)
+            .bind(&sess)
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        }
+        let usage = store.session_key_usage().await.unwrap();
+        assert_eq!(usage.len(), 1, "live sessions only: {usage:?}");
+        assert_eq!(usage[0].values, 1);
+        let outcome = store.reseal_sessions(&rotated, 10).await.unwrap();
+        assert_eq!(
+            (outcome.resealed, outcome.unreadable),
+            (1, 0),
+            "{sess_type}"
+        );
+        let usage = store.session_key_usage().await.unwrap();
+        assert_eq!(usage[0].key_id, key_id(&rotated), "{sess_type}");
+
+        let read = |sid: &'static str| {
+            let db = &db;
+            async move {
+                let text: String = sqlx::query_scalar(&format!(
+                    "SELECT sess::text FROM {} WHERE sid = $1",
+                    db.table()
+                ))
+                .bind(sid)
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
+                text
+            }
+        };
+        let live = read("live").await;
+        if sess_type == "json" {
+            // Written back as read, but for the one value.
+            assert!(
+                live.starts_with(&format!(r#"{{"cookie":{cookie},"oidc":""#)),
+                "{live}"
+            );
+            assert!(live.ends_with(r#","passport":{"user":"ann"}}"#), "{live}");
+        }
+        let data: Value = serde_json::from_str(&live).unwrap();
+        assert_eq!(
+            data["cookie"],
+            serde_json::from_str::<Value>(cookie).unwrap()
+        );
+        assert_eq!(data["passport"], json!({"user": "ann"}));
+        Keyring::new(vec![EncryptionKey::from_bytes([9; 32])])
+            .unwrap()
+            .open(data["oidc"].as_str().unwrap(), &vault_aad("live", "oidc"))
+            .unwrap();
+        let gone: Value = serde_json::from_str(&read("gone").await).unwrap();
+        assert!(
+            gone["oidc"]
+                .as_str()
+                .unwrap()
+                .starts_with(&key_id_b64(&old)),
+            "an expired row is left to the pruner"
+        );
+        db.drop_schema().await;
+    }
+}
+
+/// The first characters of a value sealed under `keys`' first key (the
+/// version byte and the key id, in base64url).
+fn key_id_b64(keys: &Keyring) -> String {
+    let mut header = vec![1u8];
+    header.extend_from_slice(keys.current_key_id().as_bytes());
+    header.push(0);
+    URL_SAFE_NO_PAD.encode(&header)[..6].to_owned()
+}
