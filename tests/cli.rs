@@ -141,8 +141,14 @@ async fn through_pgbouncer_in_transaction_mode() {
 /// `pg-session` in the test's schema with `TOKEN_KEYS`.
 #[cfg(feature = "oidc")]
 fn with_keys(db: &Db, keys: &str, args: &[&str]) -> (i32, String, String) {
+    with_keys_at(&database_url(), db, keys, args)
+}
+
+/// [`with_keys`] through the database URL `url`.
+#[cfg(feature = "oidc")]
+fn with_keys_at(url: &str, db: &Db, keys: &str, args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_pg-session"))
-        .env("DATABASE_URL", database_url())
+        .env("DATABASE_URL", url)
         .env("TOKEN_KEYS", keys)
         .args(["--schema", db.schema.as_str()])
         .args(args)
@@ -268,9 +274,31 @@ async fn import_reads_a_plaintext_table_with_a_dry_run_first() {
 #[cfg(feature = "oidc")]
 #[tokio::test]
 async fn keys_and_reseal_cover_the_login_records_in_sessions() {
+    keys_and_reseal(None).await;
+}
+
+#[cfg(feature = "oidc")]
+#[tokio::test]
+async fn keys_and_reseal_through_pgbouncer_in_transaction_mode() {
+    let bouncer = pgbouncer::PgBouncer::start().await;
+    keys_and_reseal(Some(&bouncer.url())).await;
+}
+
+/// `keys` and `reseal` over login records sealed under an old key, straight
+/// to Postgres or through a pooler in transaction mode at `pooler`.
+#[cfg(feature = "oidc")]
+async fn keys_and_reseal(pooler: Option<&str>) {
     use base64::{engine::general_purpose::STANDARD, Engine};
     use tower_pg_session::crypto::{Aad, Keyring};
     let db = Db::new().await;
+    let with_keys = |db: &Db, keys: &str, args: &[&str]| match pooler {
+        Some(url) => {
+            let mut all = vec!["--pooler", "transaction"];
+            all.extend_from_slice(args);
+            with_keys_at(url, db, keys, &all)
+        }
+        None => with_keys(db, keys, args),
+    };
     db.store().await;
     let (old, new) = (STANDARD.encode([7u8; 32]), STANDARD.encode([9u8; 32]));
     let id = |k: &str| {

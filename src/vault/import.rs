@@ -144,13 +144,16 @@ impl TokenVault {
         let mut outcome = ImportOutcome::default();
         let mut after = (String::new(), String::new());
         loop {
+            let mut conn = self.inner.sql.pooler().conn(&self.inner.pool).await?;
             let rows = sqlx::query(&sql)
+                .persistent(self.inner.sql.persistent())
                 .bind(&after.0)
                 .bind(&after.1)
                 .bind(IMPORT_BATCH)
-                .fetch_all(&self.inner.pool)
+                .fetch_all(conn.get())
                 .await
                 .map_err(StoreError::from)?;
+            conn.done().await.map_err(StoreError::from)?;
             let Some(last) = rows.last() else {
                 return Ok(outcome);
             };
