@@ -168,6 +168,13 @@ impl PgStore {
         let limit = i64::try_from(batch.max(1)).unwrap_or(i64::MAX);
         async {
             let outcome = self.reseal_all(keys, limit, &mut progress).await?;
+            if outcome.unreadable > 0 {
+                // Counted, not named: a session's key is a credential.
+                tracing::warn!(
+                    rows = outcome.unreadable,
+                    "session rows hold a login value that opens under no key of the keyring; left as they were"
+                );
+            }
             tracing::info!(
                 resealed = outcome.resealed,
                 unreadable = outcome.unreadable,

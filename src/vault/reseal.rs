@@ -28,9 +28,10 @@ impl KeyUsage {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ResealOutcome {
-    /// Rows whose tokens are now sealed under the first key.
+    /// Rows whose sealed values are now sealed under the first key.
     pub resealed: u64,
-    /// Rows left as they were because a token did not open (logged).
+    /// Rows in which a value did not open; it is left as it was (and is
+    /// logged).
     pub unreadable: u64,
 }
 
