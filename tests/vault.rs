@@ -1947,3 +1947,41 @@ fn key_id_b64(keys: &Keyring) -> String {
     header.push(0);
     URL_SAFE_NO_PAD.encode(&header)[..6].to_owned()
 }
+
+#[tokio::test]
+async fn the_vault_stores_gets_and_refreshes_through_pgbouncer_in_transaction_mode() {
+    use tower_pg_session::Pooler;
+    let s = setup("keycloak").await;
+    let bouncer = common::pgbouncer::PgBouncer::start().await;
+    let store = PgStore::new(
+        bouncer.pool(4).await,
+        s.db.config().with_pooler(Pooler::Transaction),
+    )
+    .await
+    .unwrap();
+    let vault = TokenVault::new(&store, s.keys.clone(), s.config())
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", bouncer.log()));
+    let connected = s
+        .connect_and_store(&vault, "olga", Duration::from_secs(3600))
+        .await;
+    // Many statements in a row, each on whichever server connection is free.
+    for _ in 0..20 {
+        assert_eq!(
+            vault.get("olga", "mail").await.unwrap().secret(),
+            connected["access_token"].as_str().unwrap()
+        );
+    }
+    s.expire_in("olga", 30).await;
+    let refreshed = vault.get("olga", "mail").await.unwrap();
+    assert_ne!(
+        refreshed.secret(),
+        connected["access_token"].as_str().unwrap()
+    );
+    assert_eq!(s.refreshes().await, 1);
+    assert_eq!(vault.list("olga").await.unwrap().len(), 1);
+    assert_eq!(vault.key_usage().await.unwrap()[0].values, 2);
+    assert_eq!(vault.record_gauges().await.unwrap()[0].tokens, 1);
+    assert!(vault.remove("olga", "mail").await.unwrap());
+    s.db.drop_schema().await;
+}
