@@ -543,8 +543,9 @@ mod vault {
         }
 
         fn finish(self) {
-            if let Some(bar) = self.bar {
-                bar.finish_and_clear();
+            match self.bar {
+                Some(bar) => bar.finish_and_clear(),
+                None => eprintln!("{} {} handled", self.done, self.what),
             }
         }
     }
