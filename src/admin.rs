@@ -20,9 +20,13 @@ use time::OffsetDateTime;
 use crate::store::{handle_sql, PgStore, StoreError};
 
 /// Administration of the sessions in a [`PgStore`]; see [`PgStore::admin`].
+/// With [`Admin::with_vault`], exports and erasures cover the user's
+/// connected accounts in the token vault too.
 #[derive(Debug, Clone)]
 pub struct Admin {
     store: PgStore,
+    #[cfg(feature = "oidc")]
+    vault: Option<crate::vault::TokenVault>,
 }
 
 /// What an administrator may see of a session: no id, no data, no token.
@@ -66,6 +70,8 @@ impl PgStore {
     pub fn admin(&self) -> Admin {
         Admin {
             store: self.clone(),
+            #[cfg(feature = "oidc")]
+            vault: None,
         }
     }
 }
@@ -265,27 +271,94 @@ impl Admin {
     }
 
     /// Everything kept about `user`'s sessions except secrets, as JSON
-    /// (GDPR Art. 15): no ids, no session data, no tokens.
+    /// (GDPR Art. 15): no ids, no session data, no tokens. With a vault,
+    /// `connections` lists their connected accounts: integration, scopes,
+    /// expiry and audit times, never a token nor its ciphertext.
     ///
     /// # Errors
     /// As [`Self::user_sessions`].
     pub async fn export_user(&self, user: &str) -> Result<serde_json::Value, StoreError> {
         let sessions = self.user_sessions(user).await?;
-        Ok(serde_json::json!({
+        #[cfg_attr(not(feature = "oidc"), allow(unused_mut))]
+        let mut export = serde_json::json!({
             "user": user,
             "exported_at": OffsetDateTime::now_utc()
                 .format(&time::format_description::well_known::Rfc3339)
                 .unwrap_or_default(),
             "sessions": sessions,
-        }))
+        });
+        #[cfg(feature = "oidc")]
+        if self.vault.is_some() {
+            export["connections"] =
+                serde_json::to_value(self.user_connections(user).await?).unwrap_or_default();
+        }
+        Ok(export)
     }
 
     /// Deletes everything kept about `user` (GDPR Art. 17): all their
-    /// sessions, live or expired.
+    /// sessions, live or expired, and with a vault their connected accounts
+    /// (each refresh token revoked at its provider where it can be); returns
+    /// how many sessions.
     ///
     /// # Errors
     /// As [`Self::user_sessions`].
     pub async fn erase_user(&self, user: &str) -> Result<u64, StoreError> {
+        #[cfg(feature = "oidc")]
+        if let Some(vault) = &self.vault {
+            match vault.remove_all(user).await {
+                // An id the vault refuses is one it holds nothing for.
+                Ok(_) | Err(crate::vault::VaultError::InvalidInput { .. }) => {}
+                Err(e) => return Err(vault_error(e)),
+            }
+        }
         self.revoke_user(user).await
+    }
+}
+
+#[cfg(feature = "oidc")]
+impl Admin {
+    /// Exports and erasures also cover the user's connected accounts in
+    /// `vault`.
+    ///
+    /// ```no_run
+    /// # async fn run(store: tower_pg_session::PgStore, vault: tower_pg_session::vault::TokenVault) -> Result<(), tower_pg_session::StoreError> {
+    /// let admin = store.admin().with_vault(&vault);
+    /// let export = admin.export_user("alice").await?; // sessions and connections
+    /// admin.erase_user("alice").await?;
+    /// # Ok(()) }
+    /// ```
+    #[must_use]
+    pub fn with_vault(mut self, vault: &crate::vault::TokenVault) -> Self {
+        self.vault = Some(vault.clone());
+        self
+    }
+
+    /// The accounts `user` connected in the vault (none without one):
+    /// metadata only, never a token.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    pub async fn user_connections(
+        &self,
+        user: &str,
+    ) -> Result<Vec<crate::vault::Connection>, StoreError> {
+        let Some(vault) = &self.vault else {
+            return Ok(Vec::new());
+        };
+        match vault.list(user).await {
+            Ok(list) => Ok(list),
+            Err(crate::vault::VaultError::InvalidInput { .. }) => Ok(Vec::new()),
+            Err(e) => Err(vault_error(e)),
+        }
+    }
+}
+
+/// The store's view of a vault failure: the vault's operations here fail
+/// only in the database, or when their task is cut short.
+#[cfg(feature = "oidc")]
+fn vault_error(e: crate::vault::VaultError) -> StoreError {
+    match e {
+        crate::vault::VaultError::Store(e) => e,
+        _ => StoreError::Database(sqlx::Error::WorkerCrashed),
     }
 }

@@ -506,6 +506,18 @@ impl fmt::Debug for KeyIds<'_> {
     }
 }
 
+/// SQL giving the key id (8 hex digits, as [`KeyId`] displays it) a sealed
+/// value was sealed under, read from the envelope's header: the first 8
+/// base64url characters of `expr` (a text expression) decode to the version
+/// byte, the 4-byte key id and a nonce byte; `'malformed'` for anything else.
+pub(crate) fn key_id_sql(expr: &str) -> String {
+    format!(
+        "CASE WHEN {expr} ~ '^[A-Za-z0-9_-]{{8}}' THEN encode(substring(decode(\
+           translate(left({expr}, 8), '-_', '+/'), 'base64') FROM 2 FOR 4), 'hex') \
+         ELSE 'malformed' END"
+    )
+}
+
 /// A value opened by [`Keyring::open`].
 ///
 /// The plaintext is zeroized on drop; `Debug` shows only its length.

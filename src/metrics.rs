@@ -1,4 +1,4 @@
-//! Counters, through the [`metrics`] facade: install any exporter (Prometheus,
+//! Counters and gauges, through the [`metrics`] facade: install any exporter (Prometheus,
 //! StatsD, …) and they appear. Nothing is recorded without one.
 //!
 //! | counter | labels | counts |
@@ -14,6 +14,11 @@
 //! | `tower_pg_session_failures_total` | `reason` | failures by reason (`store_unavailable`, `too_large`, `bad_cookie`, `corrupt_data`, `ended_concurrently`, `login_<kind>`, `refresh_<kind>`, `login_record_tampered`, `login_record_unsealed`, `backchannel_rejected`) |
 //! | `tower_pg_session_vault_refreshes_total` | `integration` | token-vault refreshes at the provider |
 //! | `tower_pg_session_vault_failures_total` | `integration`, `reason` | token-vault failures (`needs_reconsent`, `provider_unavailable`, `rejected`, `invalid_response`, `unreadable`, …) |
+//!
+//! | gauge | labels | value |
+//! |---|---|---|
+//! | `tower_pg_session_vault_tokens` | `integration` | users with tokens stored, as of the last `TokenVault::record_gauges` |
+//! | `tower_pg_session_vault_needs_reconsent` | `integration` | of those, how many must connect again |
 
 pub(crate) fn load(found: bool) {
     let result = if found { "found" } else { "missing" };
@@ -70,4 +75,18 @@ pub(crate) fn vault_failure(integration: &str, reason: &'static str) {
         "reason" => reason
     )
     .increment(1);
+}
+
+#[cfg(feature = "oidc")]
+pub(crate) fn vault_tokens(integration: &str, tokens: u64, needs_reconsent: u64) {
+    // Gauges are f64; counts of rows stay exact far beyond any table's size.
+    #[allow(clippy::cast_precision_loss)]
+    let (tokens, reconsent) = (tokens as f64, needs_reconsent as f64);
+    metrics::gauge!("tower_pg_session_vault_tokens", "integration" => integration.to_owned())
+        .set(tokens);
+    metrics::gauge!(
+        "tower_pg_session_vault_needs_reconsent",
+        "integration" => integration.to_owned()
+    )
+    .set(reconsent);
 }

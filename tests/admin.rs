@@ -203,3 +203,95 @@ async fn every_admin_query_is_an_index_lookup_on_100k_rows() {
     }
     db.drop_schema().await;
 }
+
+#[cfg(feature = "oidc")]
+#[tokio::test]
+async fn export_and_erasure_cover_the_token_vault() {
+    use tower_pg_session::{
+        crypto::Keyring,
+        vault::{Integration, TokenVault, Tokens, VaultConfig},
+    };
+    let db = Db::new().await;
+    let store = db.store().await;
+    let layer = SessionLayer::new(store.clone(), SigningKeys::new([KEY_A]).unwrap())
+        .with_insecure_http_cookie()
+        .unwrap();
+    let app = app(layer, Gate::default());
+    let mut erin = login(&app, "erin", "Firefox", "192.0.2.7").await;
+    login(&app, "finn", "curl", "192.0.2.8").await;
+    let integration = |name| Integration::new(name, "http://127.0.0.1:9/token", "app").unwrap();
+    let vault = TokenVault::new(
+        &store,
+        Keyring::generate(),
+        VaultConfig::new()
+            .with_schema_name(&db.schema)
+            .unwrap()
+            .with_integration(integration("mail"))
+            .with_integration(integration("crm")),
+    )
+    .await
+    .unwrap();
+    for (user, name) in [("erin", "mail"), ("erin", "crm"), ("finn", "mail")] {
+        let tokens = Tokens::new(format!("at-{user}-{name}"))
+            .with_refresh_token(format!("rt-{user}-{name}"))
+            .with_expires_in(std::time::Duration::from_secs(3600))
+            .with_scopes(["mail.read"]);
+        vault.store(user, name, tokens).await.unwrap();
+    }
+    let vault_table = format!("\"{}\".\"oauth_tokens\"", db.schema);
+    let sealed: Vec<String> = sqlx::query_scalar(&format!(
+        "SELECT access_token FROM {vault_table} WHERE user_id = 'erin'"
+    ))
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+
+    // Without the vault, nothing changes for the app.
+    let plain = store.admin().export_user("erin").await.unwrap();
+    assert!(plain.get("connections").is_none(), "{plain}");
+
+    let admin = store.admin().with_vault(&vault);
+    let export = admin.export_user("erin").await.unwrap();
+    let connections = export["connections"].as_array().unwrap();
+    let names: Vec<&str> = connections
+        .iter()
+        .map(|c| c["integration"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["crm", "mail"]);
+    assert_eq!(connections[0]["scopes"], json!(["mail.read"]));
+    for field in ["expires_at", "created_at", "updated_at", "needs_reconsent"] {
+        assert!(!connections[1][field].is_null(), "{field}: {export}");
+    }
+    let text = export.to_string();
+    assert!(
+        !text.contains("at-erin") && !text.contains("rt-erin"),
+        "{text}"
+    );
+    for ciphertext in &sealed {
+        assert!(!text.contains(&ciphertext[..24]), "no ciphertext: {text}");
+    }
+    assert_eq!(admin.user_connections("erin").await.unwrap().len(), 2);
+
+    assert_eq!(admin.erase_user("erin").await.unwrap(), 1);
+    let left: i64 = sqlx::query_scalar(&format!(
+        "SELECT (SELECT count(*) FROM {vault_table} WHERE user_id = 'erin' \
+           OR access_token = ANY($1) OR refresh_token IS NOT NULL AND user_id <> 'finn') \
+         + (SELECT count(*) FROM {t} WHERE user_id = 'erin' OR sess::text LIKE '%erin%')",
+        t = db.table()
+    ))
+    .bind(&sealed)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(left, 0, "nothing of erin is left in either table");
+    assert_eq!(erin.get("/kv").await.body, json!({}), "logged out");
+    assert_eq!(admin.user_connections("finn").await.unwrap().len(), 1);
+    assert_eq!(
+        vault.get("finn", "mail").await.unwrap().secret(),
+        "at-finn-mail",
+        "other users keep theirs"
+    );
+    // Ids the vault refuses hold nothing: not an error.
+    assert_eq!(admin.erase_user("").await.unwrap(), 0);
+    db.drop_schema().await;
+}

@@ -137,3 +137,287 @@ async fn through_pgbouncer_in_transaction_mode() {
     assert_eq!(db.rows().await, 0);
     db.drop_schema().await;
 }
+
+/// `pg-session` in the test's schema with `TOKEN_KEYS`.
+#[cfg(feature = "oidc")]
+fn with_keys(db: &Db, keys: &str, args: &[&str]) -> (i32, String, String) {
+    with_keys_at(&database_url(), db, keys, args)
+}
+
+/// [`with_keys`] through the database URL `url`.
+#[cfg(feature = "oidc")]
+fn with_keys_at(url: &str, db: &Db, keys: &str, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_pg-session"))
+        .env("DATABASE_URL", url)
+        .env("TOKEN_KEYS", keys)
+        .args(["--schema", db.schema.as_str()])
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[cfg(feature = "oidc")]
+#[tokio::test]
+async fn import_reads_a_plaintext_table_with_a_dry_run_first() {
+    use base64::{engine::general_purpose::STANDARD, Engine};
+    use sqlx::Executor;
+    use tower_pg_session::{
+        crypto::Keyring,
+        vault::{Integration, TokenVault, VaultConfig},
+    };
+    let db = Db::new().await;
+    let store = db.store().await;
+    let legacy = format!("\"{}\".\"app_tokens\"", db.schema);
+    db.pool
+        .execute(&*format!(
+            "CREATE TABLE {legacy} (owner text, service text, at text, expiry timestamptz); \
+             INSERT INTO {legacy} VALUES \
+               ('ann', 'mail', 'clear-access-ann', now() + interval '1 hour'), \
+               ('ben', 'mail', 'clear-access-ben', NULL), \
+               ('cy', 'crm', 'clear-access-cy', NULL), \
+               ('', 'mail', 'clear-access-nobody', NULL)"
+        ))
+        .await
+        .unwrap();
+    let key = STANDARD.encode([5u8; 32]);
+    let import_from = |from: &str, access: &str, extra: &[&str]| {
+        let mut args = vec![
+            "import",
+            "--from",
+            from,
+            "--from-schema",
+            db.schema.as_str(),
+            "--integration",
+            "mail",
+            "--user-column",
+            "owner",
+            "--integration-column",
+            "service",
+            "--access-column",
+            access,
+            "--refresh-column",
+            "-",
+            "--expires-column",
+            "expiry",
+        ];
+        args.extend_from_slice(extra);
+        with_keys(&db, &key, &args)
+    };
+    let import = |extra: &[&str]| import_from("app_tokens", "at", extra);
+    let vault_rows = || async {
+        let n: Option<i64> = sqlx::query_scalar(&format!(
+            "SELECT (SELECT count(*) FROM \"{}\".\"oauth_tokens\") WHERE to_regclass($1) IS NOT NULL",
+            db.schema
+        ))
+        .bind(format!("\"{}\".\"oauth_tokens\"", db.schema))
+        .fetch_optional(&db.pool)
+        .await
+        .unwrap()
+        .flatten();
+        n.unwrap_or(0)
+    };
+
+    let (code, out, err) = import(&["--dry-run"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("read 4 rows; would import 2; skipped 2"),
+        "{out}"
+    );
+    assert!(out.contains("nothing was written"), "{out}");
+    assert_eq!(vault_rows().await, 0, "a dry run writes nothing");
+    assert!(!err.contains("clear-access"), "no token in the log: {err}");
+
+    let (code, out, err) = import(&[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("read 4 rows; imported 2; skipped 2"), "{out}");
+    assert_eq!(vault_rows().await, 2);
+    let dump: String = sqlx::query_scalar(&format!(
+        "SELECT string_agg(t::text, ',') FROM \"{}\".\"oauth_tokens\" t",
+        db.schema
+    ))
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(!dump.contains("clear-access"), "sealed: {dump}");
+    let vault = TokenVault::new(
+        &store,
+        Keyring::from_base64_list(&key).unwrap(),
+        VaultConfig::new()
+            .with_schema_name(&db.schema)
+            .unwrap()
+            .with_integration(Integration::new("mail", "http://127.0.0.1:9/token", "app").unwrap()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        vault.get("ann", "mail").await.unwrap().secret(),
+        "clear-access-ann"
+    );
+    assert!(vault.list("ann").await.unwrap()[0].expires_at.is_some());
+
+    // A column that is not there: a clear error, nothing more written.
+    let (code, _, err) = import_from("app_tokens", "nope", &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("nope"), "{err}");
+    let (code, _, err) = import_from("x; drop table y", "at", &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("invalid SQL identifier"), "{err}");
+    assert_eq!(vault_rows().await, 2);
+    db.drop_schema().await;
+}
+
+#[cfg(feature = "oidc")]
+#[tokio::test]
+async fn keys_and_reseal_cover_the_login_records_in_sessions() {
+    keys_and_reseal(None).await;
+}
+
+#[cfg(feature = "oidc")]
+#[tokio::test]
+async fn keys_and_reseal_through_pgbouncer_in_transaction_mode() {
+    let bouncer = pgbouncer::PgBouncer::start().await;
+    keys_and_reseal(Some(&bouncer.url())).await;
+}
+
+/// `keys` and `reseal` over login records sealed under an old key, straight
+/// to Postgres or through a pooler in transaction mode at `pooler`.
+#[cfg(feature = "oidc")]
+async fn keys_and_reseal(pooler: Option<&str>) {
+    use base64::{engine::general_purpose::STANDARD, Engine};
+    use tower_pg_session::crypto::{Aad, Keyring};
+    let db = Db::new().await;
+    let with_keys = |db: &Db, keys: &str, args: &[&str]| match pooler {
+        Some(url) => {
+            let mut all = vec!["--pooler", "transaction"];
+            all.extend_from_slice(args);
+            with_keys_at(url, db, keys, &all)
+        }
+        None => with_keys(db, keys, args),
+    };
+    db.store().await;
+    let (old, new) = (STANDARD.encode([7u8; 32]), STANDARD.encode([9u8; 32]));
+    let id = |k: &str| {
+        Keyring::from_base64_list(k)
+            .unwrap()
+            .current_key_id()
+            .to_string()
+    };
+    let old_ring = Keyring::from_base64_list(&old).unwrap();
+    // Login records as the guard seals them: bound to the row's key.
+    for n in 0..4 {
+        let sid = format!("sid-{n}");
+        let sealed = old_ring.seal(
+            b"{\"sub\":\"x\"}",
+            &Aad {
+                session: &sid,
+                field: "oidc",
+            },
+        );
+        sqlx::query(&format!(
+            "INSERT INTO {} (sid, sess, expire) VALUES ($1, $2::json, now() + interval '1 hour')",
+            db.table()
+        ))
+        .bind(&sid)
+        .bind(serde_json::json!({"oidc": sealed, "cart": n}).to_string())
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    }
+    let rotated = format!("{new},{old}");
+    let line = |out: &str, k: &str| {
+        out.lines()
+            .find(|l| l.starts_with(&id(k)))
+            .unwrap_or_default()
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let (code, out, err) = with_keys(&db, &rotated, &["keys"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(line(&out, &old), format!("{} 0 4", id(&old)), "{out}");
+    assert!(out.contains("run `pg-session reseal`"), "{out}");
+
+    let (code, out, err) = with_keys(&db, &rotated, &["reseal", "--batch", "3"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("sessions: sealed 4 rows"), "{out}");
+    // Not a terminal: plain progress lines instead of a bar.
+    assert!(err.lines().any(|l| l == "4 session rows handled"), "{err}");
+    assert!(err.lines().any(|l| l == "0 vault rows handled"), "{err}");
+    let (_, out, _) = with_keys(&db, &rotated, &["keys"]);
+    assert_eq!(line(&out, &new), format!("{} 0 4", id(&new)), "{out}");
+    assert_eq!(line(&out, &old), format!("{} 0 0", id(&old)), "{out}");
+    assert!(out.contains("unused: can be removed"), "{out}");
+    let carts: Vec<String> = sqlx::query_scalar(&format!(
+        "SELECT sess::json->>'cart' FROM {} ORDER BY sid",
+        db.table()
+    ))
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(carts, ["0", "1", "2", "3"], "the other keys are kept");
+    db.drop_schema().await;
+}
+
+#[cfg(feature = "oidc")]
+#[tokio::test]
+async fn sessions_and_export_show_connected_accounts() {
+    use sqlx::Executor;
+    use tower_pg_session::{
+        crypto::Keyring,
+        vault::{Integration, TokenVault, Tokens, VaultConfig},
+    };
+    let db = Db::new().await;
+    let store = db.store().await;
+    db.pool
+        .execute(&*format!(
+            "INSERT INTO {t} (sid, sess, expire, created_at, user_id) VALUES \
+             ('s1', '{{}}', (now() AT TIME ZONE current_setting('log_timezone')) + interval '1 hour', now(), 'gus')",
+            t = db.table()
+        ))
+        .await
+        .unwrap();
+    let run = |args: &[&str]| with_keys(&db, "", args);
+    // No vault table: as before, and none is created.
+    let (code, out, err) = run(&["sessions", "--user", "gus"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!out.contains("connected account"), "{out}");
+    let (_, out, _) = run(&["export", "--user", "gus"]);
+    assert!(!out.contains("connections"), "{out}");
+    let created: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+        .bind(format!("\"{}\".\"oauth_tokens\"", db.schema))
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert!(!created);
+
+    let vault = TokenVault::new(
+        &store,
+        Keyring::generate(),
+        VaultConfig::new()
+            .with_schema_name(&db.schema)
+            .unwrap()
+            .with_integration(Integration::new("mail", "http://127.0.0.1:9/t", "app").unwrap()),
+    )
+    .await
+    .unwrap();
+    let tokens = Tokens::new("at-gus".into())
+        .with_refresh_token("rt-gus".into())
+        .with_scopes(["inbox"]);
+    vault.store("gus", "mail", tokens).await.unwrap();
+    let (code, out, err) = run(&["sessions", "--user", "gus"]);
+    assert_eq!(code, 0, "{err}");
+    let line = out.lines().find(|l| l.starts_with("mail ")).unwrap();
+    assert!(line.contains("inbox") && line.contains("ok"), "{out}");
+    let (code, out, err) = run(&["export", "--user", "gus"]);
+    assert_eq!(code, 0, "{err}");
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(json["connections"][0]["integration"], "mail");
+    assert!(!out.contains("at-gus") && !out.contains("rt-gus"), "{out}");
+    db.drop_schema().await;
+}

@@ -905,8 +905,10 @@ async fn the_cli_reports_key_usage_and_reseals() {
     assert_eq!(code, Some(0), "{out}");
     let line = out.lines().find(|l| l.starts_with(&id(&old))).unwrap();
     assert!(line.contains(" 6 ") && line.contains("reseal"), "{out}");
+    // The first key seals nothing yet, and is not to be removed.
+    let line = out.lines().find(|l| l.starts_with(&id(&new))).unwrap();
     assert!(
-        out.contains(&format!("{} ", id(&new))) && out.contains("unused"),
+        line.contains("first key") && !line.contains("unused"),
         "{out}"
     );
 
@@ -1192,5 +1194,794 @@ async fn a_row_held_elsewhere_leaves_the_old_token_in_use_while_valid() {
     assert!(matches!(err, VaultError::Store(_)), "{err}");
     held.rollback().await.unwrap();
     assert_eq!(s.refreshes().await, 0);
+    s.db.drop_schema().await;
+}
+
+/// The key id `keys` seals with.
+fn key_id(keys: &Keyring) -> String {
+    keys.current_key_id().to_string()
+}
+
+/// An app instance of `s` at `addr` (port 0: a port of its own), sealing
+/// with `keys`.
+async fn serve_with(s: &common::idp::Setup, keys: Keyring, addr: &str) -> common::idp::App {
+    use tower_pg_session::oidc::OidcConfig;
+    // The address of an instance just stopped frees up once its task ends.
+    let mut listener = tokio::net::TcpListener::bind(addr).await;
+    for _ in 0..50 {
+        if listener.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        listener = tokio::net::TcpListener::bind(addr).await;
+    }
+    let listener = listener.unwrap();
+    let url = format!("http://127.0.0.1:{}", listener.local_addr().unwrap().port());
+    let config = OidcConfig::new(&s.idp.issuer, CLIENT_ID, &url, keys)
+        .unwrap()
+        .with_client_secret(CLIENT_SECRET);
+    common::idp::App::serve(&s.db, listener, url, config).await
+}
+
+#[tokio::test]
+async fn login_records_in_sessions_move_to_the_new_key_while_requests_go_on() {
+    use tower_pg_session::crypto::EncryptionKey;
+    let mut s = common::idp::setup("keycloak", 1, 3600, |c| c).await;
+    let old_app = s.apps[0].url.clone();
+    let mut browsers = Vec::new();
+    for n in 0..6 {
+        let b = Browser::new();
+        b.login(&old_app, &format!("user{n}"), "/").await;
+        browsers.push(b);
+    }
+    // A login in progress: its pending record is sealed under the old key too.
+    let pending = Browser::new();
+    let auth = pending.start_login(&old_app, "/after").await;
+    // A record copied into another session does not open there.
+    let t = s.db.table();
+    let rows: Vec<(String, String)> =
+        sqlx::query_as(&format!("SELECT sid, sess::text FROM {t} ORDER BY sid"))
+            .fetch_all(&s.db.pool)
+            .await
+            .unwrap();
+    let copied = rows
+        .iter()
+        .find(|(_, sess)| sess.contains("\"oidc\""))
+        .map(|(_, sess)| serde_json::from_str::<Value>(sess).unwrap()["oidc"].clone())
+        .unwrap();
+    sqlx::query(&format!(
+        "INSERT INTO {t} (sid, sess, expire) VALUES ('moved', $1::json, now() + interval '1 hour')"
+    ))
+    .bind(json!({ "oidc": copied }).to_string())
+    .execute(&s.db.pool)
+    .await
+    .unwrap();
+
+    let store = s.db.store().await;
+    let old_id = key_id(&s.token_keys);
+    let usage = store.session_key_usage().await.unwrap();
+    assert_eq!(usage.len(), 1, "{usage:?}");
+    assert_eq!(
+        (usage[0].key_id.as_str(), usage[0].values),
+        (old_id.as_str(), 8)
+    );
+
+    // The app now runs with the new key first; requests keep writing
+    // (the guard reseals what it reads, handlers store data) meanwhile.
+    let new_key = EncryptionKey::generate();
+    let rotated = Keyring::new(vec![new_key.clone(), s.token_key.clone()]).unwrap();
+    let app = serve_with(&s, rotated.clone(), "127.0.0.1:0").await;
+    let mut tasks = Vec::new();
+    for (n, b) in browsers.iter().enumerate() {
+        let (b, url) = (b.clone(), app.url.clone());
+        tasks.push(tokio::spawn(async move {
+            for i in 0..15 {
+                let r = b
+                    .http
+                    .put(format!("{url}/kv/k{i}"))
+                    .json(&json!(n * 100 + i))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 204, "write {i} of browser {n}");
+                assert_eq!(b.me(&url).await.status(), 200);
+            }
+        }));
+    }
+    let mut outcome = tower_pg_session::vault::ResealOutcome::default();
+    while !tasks.iter().all(|t| t.is_finished()) {
+        let o = store.reseal_sessions(&rotated, 2).await.unwrap();
+        outcome.resealed += o.resealed;
+        outcome.unreadable = o.unreadable;
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let last = store.reseal_sessions(&rotated, 2).await.unwrap();
+    assert_eq!(last.unreadable, 1, "the moved record, left as it was");
+    assert!(
+        outcome.resealed >= 1,
+        "at least the pending login: {outcome:?}"
+    );
+
+    let usage = store.session_key_usage().await.unwrap();
+    let count = |id: &str| {
+        usage
+            .iter()
+            .find(|u| u.key_id == id)
+            .map_or(0, |u| u.values)
+    };
+    assert_eq!(count(&key_id(&rotated)), 7, "{usage:?}");
+    assert_eq!(count(&old_id), 1, "only the moved record: {usage:?}");
+
+    // No write was lost to a reseal.
+    for (n, b) in browsers.iter().enumerate() {
+        let me = b.me(&app.url).await;
+        assert_eq!(me.status(), 200);
+        let sess: Vec<String> = sqlx::query_scalar(&format!(
+            "SELECT sess::text FROM {t} WHERE sess::text LIKE $1"
+        ))
+        .bind(format!("%\"k14\":{}%", n * 100 + 14))
+        .fetch_all(&s.db.pool)
+        .await
+        .unwrap();
+        let data: Value = serde_json::from_str(&sess[0]).unwrap();
+        for i in 0..15 {
+            assert_eq!(
+                data[format!("k{i}")],
+                json!(n * 100 + i),
+                "browser {n} key {i}"
+            );
+        }
+    }
+
+    // The old key can go: an app with the new key alone keeps everyone
+    // logged in, and the login in progress completes there.
+    let only_new = Keyring::from(new_key);
+    drop(app);
+    drop(s.apps.remove(0));
+    let app = serve_with(&s, only_new, old_app.trim_start_matches("http://")).await;
+    assert_eq!(app.url, old_app);
+    for b in &browsers {
+        assert_eq!(b.me(&app.url).await.status(), 200);
+    }
+    let callback = pending.authorize(&auth, "late").await;
+    let r = pending.get(&callback).await;
+    assert_eq!(r.status().as_u16(), 302);
+    assert_eq!(common::idp::location(&r), "/after");
+    assert_eq!(pending.me(&app.url).await.status(), 200);
+    s.db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn gauges_count_stored_tokens_per_integration() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    // This task's thread only: other tests of this binary may run alongside.
+    let _local = metrics::set_default_local_recorder(&recorder);
+    // One snapshot holds every gauge (taking one resets what it read).
+    let gauges = || {
+        snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .filter_map(|(k, .., v)| {
+                let integration = k
+                    .key()
+                    .labels()
+                    .find(|l| l.key() == "integration")?
+                    .value()
+                    .to_owned();
+                match v {
+                    DebugValue::Gauge(g) => Some((
+                        format!("{}{{{integration}}}", k.key().name()),
+                        g.into_inner(),
+                    )),
+                    _ => None,
+                }
+            })
+            .collect::<std::collections::HashMap<String, f64>>()
+    };
+    let s = setup("keycloak").await;
+    let crm = Integration::new("crm", &s.token_endpoint(), CLIENT_ID).unwrap();
+    let vault = TokenVault::new(&s.store, s.keys.clone(), s.config().with_integration(crm))
+        .await
+        .unwrap();
+    for n in 0..5 {
+        vault
+            .store(&format!("u{n}"), "mail", Tokens::new(format!("t{n}")))
+            .await
+            .unwrap();
+    }
+    sqlx::query(&format!(
+        "UPDATE {} SET needs_reconsent_at = now() WHERE user_id IN ('u1', 'u2')",
+        s.table()
+    ))
+    .execute(&s.db.pool)
+    .await
+    .unwrap();
+    let counts = vault.record_gauges().await.unwrap();
+    assert_eq!(counts.len(), 2, "{counts:?}");
+    assert_eq!(
+        (
+            counts[1].integration.as_str(),
+            counts[1].tokens,
+            counts[1].needs_reconsent
+        ),
+        ("mail", 5, 2)
+    );
+    let g = gauges();
+    assert_eq!(
+        g.get("tower_pg_session_vault_tokens{mail}"),
+        Some(&5.0),
+        "{g:?}"
+    );
+    assert_eq!(
+        g.get("tower_pg_session_vault_needs_reconsent{mail}"),
+        Some(&2.0)
+    );
+    assert_eq!(g.get("tower_pg_session_vault_tokens{crm}"), Some(&0.0));
+    vault.remove("u0", "mail").await.unwrap();
+    vault.record_gauges().await.unwrap();
+    let g = gauges();
+    assert_eq!(
+        g.get("tower_pg_session_vault_tokens{mail}"),
+        Some(&4.0),
+        "{g:?}"
+    );
+    s.db.drop_schema().await;
+}
+
+/// The binding the vault seals a token with (its row), as documented next
+/// to `row_binding` in src/vault/mod.rs: the seeding below seals in bulk.
+fn vault_aad<'a>(binding: &'a str, field: &'a str) -> tower_pg_session::crypto::Aad<'a> {
+    tower_pg_session::crypto::Aad {
+        session: binding,
+        field,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reseal_of_100k_values_under_load_loses_nothing() {
+    use std::time::Instant;
+    use tower_pg_session::crypto::EncryptionKey;
+    const VAULT_ROWS: usize = 50_000;
+    const SESSION_ROWS: usize = 50_000;
+    let started = Instant::now();
+    let s = setup("keycloak").await;
+    let (old, new) = (
+        EncryptionKey::from_bytes([3; 32]),
+        EncryptionKey::from_bytes([4; 32]),
+    );
+    let old_ring = Keyring::new(vec![old.clone()]).unwrap();
+    let rotated = Keyring::new(vec![new.clone(), old]).unwrap();
+    let only_new = Keyring::new(vec![new]).unwrap();
+    let vault_with = |keys: &Keyring| TokenVault::new(&s.store, keys.clone(), s.config());
+    let before = vault_with(&old_ring).await.unwrap();
+
+    // Seed: sealed under the old key in Rust, written by one statement per table.
+    let binding = |user: &str| format!("vault:{}:{user}:mail", user.len());
+    let users: Vec<String> = (0..VAULT_ROWS).map(|n| format!("seed-{n:06}")).collect();
+    let sealed: Vec<String> = users
+        .iter()
+        .enumerate()
+        .map(|(n, u)| {
+            old_ring.seal(
+                format!("a{n}").as_bytes(),
+                &vault_aad(&binding(u), "vault.access_token"),
+            )
+        })
+        .collect();
+    sqlx::query(&format!(
+        "INSERT INTO {} (user_id, integration, access_token, expires_at) \
+         SELECT u, 'mail', a, now() + interval '1 day' FROM unnest($1::text[], $2::text[]) AS x(u, a)",
+        s.table()
+    ))
+    .bind(&users)
+    .bind(&sealed)
+    .execute(&s.db.pool)
+    .await
+    .unwrap();
+    let sids: Vec<String> = (0..SESSION_ROWS).map(|n| format!("seed-{n:06}")).collect();
+    let sess: Vec<String> = sids
+        .iter()
+        .enumerate()
+        .map(|(n, sid)| {
+            let record = old_ring.seal(
+                format!("{{\"sub\":\"s{n}\"}}").as_bytes(),
+                &vault_aad(sid, "oidc"),
+            );
+            json!({ "oidc": record, "n": n }).to_string()
+        })
+        .collect();
+    sqlx::query(&format!(
+        "INSERT INTO {} (sid, sess, expire) \
+         SELECT sid, sess::json, now() + interval '1 day' FROM unnest($1::text[], $2::text[]) AS x(sid, sess)",
+        s.db.table()
+    ))
+    .bind(&sids)
+    .bind(&sess)
+    .execute(&s.db.pool)
+    .await
+    .unwrap();
+    eprintln!("seeded 100,000 sealed values in {:?}", started.elapsed());
+
+    // Live load: users whose tokens the provider rotates on each refresh,
+    // browsers whose sessions hold a login record and get written to.
+    let mut refreshing = Vec::new();
+    for n in 0..3 {
+        let user = format!("live-{n}");
+        s.connect_and_store(&before, &user, Duration::from_secs(60))
+            .await;
+        refreshing.push(user);
+    }
+    let layer = common::layer(s.store.clone());
+    let app = common::app(layer, common::Gate::default());
+    let mut clients = Vec::new();
+    for n in 0..8 {
+        let mut c = common::Client::new(app.clone());
+        c.put("/kv/start", json!(n)).await;
+        clients.push(c);
+    }
+    // Their login records, sealed under the old key for their rows.
+    let live: Vec<String> = sqlx::query_scalar(&format!(
+        "SELECT sid FROM {} WHERE sid NOT LIKE 'seed-%'",
+        s.db.table()
+    ))
+    .fetch_all(&s.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(live.len(), 8);
+    for sid in &live {
+        let record = old_ring.seal(b"{\"sub\":\"live\"}", &vault_aad(sid, "oidc"));
+        sqlx::query(&format!(
+            "UPDATE {} SET sess = (sess::jsonb || jsonb_build_object('oidc', $2::text))::json WHERE sid = $1",
+            s.db.table()
+        ))
+        .bind(sid)
+        .bind(record)
+        .execute(&s.db.pool)
+        .await
+        .unwrap();
+    }
+
+    let app_vault = vault_with(&rotated).await.unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = Vec::new();
+    for user in refreshing.clone() {
+        let (v, stop, db) = (app_vault.clone(), stop.clone(), s.db.pool.clone());
+        let t = s.table();
+        load.push(tokio::spawn(async move {
+            let mut refreshes = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                sqlx::query(&format!(
+                    "UPDATE {t} SET expires_at = now() + interval '60 seconds' WHERE user_id = $1"
+                ))
+                .bind(&user)
+                .execute(&db)
+                .await
+                .unwrap();
+                v.get(&user, "mail").await.expect("a get during the reseal");
+                refreshes += 1;
+            }
+            refreshes
+        }));
+    }
+    for worker in 0..2usize {
+        let (v, stop) = (app_vault.clone(), stop.clone());
+        load.push(tokio::spawn(async move {
+            let mut gets = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let n = (gets as usize * 7919 + worker * 104_729) % VAULT_ROWS;
+                let token = v.get(&format!("seed-{n:06}"), "mail").await.expect("a get");
+                assert_eq!(token.secret(), format!("a{n}"));
+                gets += 1;
+            }
+            gets
+        }));
+    }
+    let writers: Vec<_> = clients
+        .into_iter()
+        .map(|mut c| {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut writes = 0u32;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let r = c.put(&format!("/kv/w{writes}"), json!(writes)).await;
+                    assert_eq!(r.status, 204, "a session save during the reseal");
+                    writes += 1;
+                }
+                (c, writes)
+            })
+        })
+        .collect();
+
+    let t0 = Instant::now();
+    let vault_outcome = app_vault.reseal(500).await.unwrap();
+    let t_vault = t0.elapsed();
+    let t1 = Instant::now();
+    let session_outcome = s.store.reseal_sessions(&rotated, 500).await.unwrap();
+    let t_sessions = t1.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut requests = 0;
+    for task in load {
+        requests += task.await.expect("no request failed");
+    }
+    let mut clients = Vec::new();
+    for task in writers {
+        let (c, writes) = task.await.expect("no session save failed");
+        requests += writes;
+        clients.push((c, writes));
+    }
+    eprintln!(
+        "resealed {} vault rows in {t_vault:?} and {} session rows in {t_sessions:?}, \
+         {requests} requests meanwhile",
+        vault_outcome.resealed, session_outcome.resealed
+    );
+    assert_eq!(vault_outcome.unreadable + session_outcome.unreadable, 0);
+    assert!(vault_outcome.resealed >= VAULT_ROWS as u64);
+    assert!(session_outcome.resealed >= SESSION_ROWS as u64);
+
+    // Nothing is left under the old key.
+    let old_id = key_id(&old_ring);
+    let vault_usage = app_vault.key_usage().await.unwrap();
+    let session_usage = s.store.session_key_usage().await.unwrap();
+    assert!(
+        vault_usage
+            .iter()
+            .chain(&session_usage)
+            .all(|u| u.key_id != old_id),
+        "{vault_usage:?} {session_usage:?}"
+    );
+    // Every value opens under the new key alone, as what it was.
+    let rows: Vec<(String, String)> = sqlx::query_as(&format!(
+        "SELECT user_id, access_token FROM {} WHERE user_id LIKE 'seed-%' ORDER BY user_id",
+        s.table()
+    ))
+    .fetch_all(&s.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), VAULT_ROWS);
+    for (n, (user, sealed)) in rows.iter().enumerate() {
+        let opened = only_new
+            .open(sealed, &vault_aad(&binding(user), "vault.access_token"))
+            .unwrap();
+        assert_eq!(opened.plaintext(), format!("a{n}").as_bytes());
+    }
+    let rows: Vec<(String, String)> = sqlx::query_as(&format!(
+        "SELECT sid, sess::text FROM {} ORDER BY sid",
+        s.db.table()
+    ))
+    .fetch_all(&s.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), SESSION_ROWS + 8);
+    for (sid, sess) in &rows {
+        let data: Value = serde_json::from_str(sess).unwrap();
+        only_new
+            .open(data["oidc"].as_str().unwrap(), &vault_aad(sid, "oidc"))
+            .unwrap();
+    }
+    // No concurrent write was lost: every session holds all it was sent,
+    // and each rotated refresh token still works.
+    for (mut c, writes) in clients {
+        let body = c.get("/kv").await.body;
+        for w in 0..writes {
+            assert_eq!(body[format!("w{w}")], json!(w), "write {w} of {writes}");
+        }
+    }
+    let after = vault_with(&only_new).await.unwrap();
+    for user in &refreshing {
+        s.expire_in(user, 60).await;
+        after
+            .get(user, "mail")
+            .await
+            .expect("the latest refresh token");
+    }
+    eprintln!("whole test {:?}", started.elapsed());
+    s.db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn a_session_row_held_elsewhere_is_resealed_once_released_and_its_write_kept() {
+    use tower_pg_session::crypto::EncryptionKey;
+    let db = Db::new().await;
+    let store = db.store().await;
+    let (old, new) = (
+        EncryptionKey::from_bytes([5; 32]),
+        EncryptionKey::from_bytes([6; 32]),
+    );
+    let old_ring = Keyring::new(vec![old.clone()]).unwrap();
+    let rotated = Keyring::new(vec![new.clone(), old]).unwrap();
+    let t = db.table();
+    let seal = |keys: &Keyring, sid: &str| keys.seal(b"{\"sub\":\"x\"}", &vault_aad(sid, "oidc"));
+    for n in 0..10 {
+        let sid = format!("sid-{n}");
+        sqlx::query(&format!(
+            "INSERT INTO {t} (sid, sess, expire) VALUES ($1, $2::json, now() + interval '1 hour')"
+        ))
+        .bind(&sid)
+        .bind(json!({ "oidc": seal(&old_ring, &sid), "n": n }).to_string())
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    }
+    // A request holds one row (as the guard does during a token refresh).
+    let mut holder = db.pool.begin().await.unwrap();
+    sqlx::query(&format!("SELECT 1 FROM {t} WHERE sid = 'sid-3' FOR UPDATE"))
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let (st, keys) = (store.clone(), rotated.clone());
+    let reseal = tokio::spawn(async move { st.reseal_sessions(&keys, 4).await });
+    let old_id = key_id(&old_ring);
+    common::eventually("every free row resealed", || async {
+        let usage = store.session_key_usage().await.unwrap();
+        usage.iter().find(|u| u.key_id == old_id).map(|u| u.values) == Some(1)
+    })
+    .await;
+    assert!(!reseal.is_finished(), "it waits for the held row");
+    // The holder writes the row (a new record and data of its own) and commits.
+    sqlx::query(&format!(
+        "UPDATE {t} SET sess = $1::json WHERE sid = 'sid-3'"
+    ))
+    .bind(json!({ "oidc": seal(&old_ring, "sid-3"), "n": 3, "refreshed": true }).to_string())
+    .execute(&mut *holder)
+    .await
+    .unwrap();
+    holder.commit().await.unwrap();
+    let outcome = reseal.await.unwrap().unwrap();
+    assert_eq!((outcome.resealed, outcome.unreadable), (10, 0));
+    let sess: String =
+        sqlx::query_scalar(&format!("SELECT sess::text FROM {t} WHERE sid = 'sid-3'"))
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    let data: Value = serde_json::from_str(&sess).unwrap();
+    assert_eq!(data["refreshed"], json!(true), "the holder's write is kept");
+    Keyring::new(vec![new])
+        .unwrap()
+        .open(data["oidc"].as_str().unwrap(), &vault_aad("sid-3", "oidc"))
+        .expect("resealed after the holder's write");
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn import_reseal_and_erasure_log_no_token_material() {
+    use tower_pg_session::{crypto::EncryptionKey, vault::ImportSource};
+    logs();
+    let s = setup("keycloak").await;
+    let old = Keyring::new(vec![EncryptionKey::from_bytes([1; 32])]).unwrap();
+    let vault = TokenVault::new(&s.store, old.clone(), s.config())
+        .await
+        .unwrap();
+    let legacy = format!("\"{}\".\"plain\"", s.db.schema);
+    use sqlx::Executor;
+    s.db.pool
+        .execute(&*format!(
+            "CREATE TABLE {legacy} (user_id text, integration text, access_token text, \
+               refresh_token text, expires_at timestamptz); \
+             INSERT INTO {legacy} VALUES \
+               ('pia', 'mail', 'plain-secret-at-1', 'plain-secret-rt-1', NULL), \
+               ('quin', 'fax', 'plain-secret-at-2', NULL, NULL), \
+               ('rae', 'mail', 'plain-secret-' || repeat('x', 20000), NULL, NULL)"
+        ))
+        .await
+        .unwrap();
+    let source = ImportSource::new(Some(&s.db.schema), "plain").unwrap();
+    vault.import(&source, true).await.unwrap();
+    assert_eq!(vault.import(&source, false).await.unwrap().imported, 1);
+    // A login record in a session, sealed under the old key.
+    let record = old.seal(
+        b"{\"at\":\"plain-secret-at-3\"}",
+        &vault_aad("sid-1", "oidc"),
+    );
+    sqlx::query(&format!(
+        "INSERT INTO {} (sid, sess, expire) VALUES ('sid-1', $1::json, now() + interval '1 hour')",
+        s.db.table()
+    ))
+    .bind(json!({ "oidc": record }).to_string())
+    .execute(&s.db.pool)
+    .await
+    .unwrap();
+    let sealed: Vec<String> = sqlx::query_scalar(&format!(
+        "SELECT access_token FROM {} UNION ALL SELECT refresh_token FROM {}",
+        s.table(),
+        s.table()
+    ))
+    .fetch_all(&s.db.pool)
+    .await
+    .unwrap();
+
+    let rotated = Keyring::new(vec![
+        EncryptionKey::from_bytes([2; 32]),
+        EncryptionKey::from_bytes([1; 32]),
+    ])
+    .unwrap();
+    let new_vault = TokenVault::new(&s.store, rotated.clone(), s.config())
+        .await
+        .unwrap();
+    assert_eq!(new_vault.reseal(10).await.unwrap().resealed, 1);
+    assert_eq!(
+        s.store
+            .reseal_sessions(&rotated, 10)
+            .await
+            .unwrap()
+            .resealed,
+        1
+    );
+    s.store
+        .admin()
+        .with_vault(&new_vault)
+        .erase_user("pia")
+        .await
+        .unwrap();
+
+    let text = String::from_utf8(logs().lock().unwrap().clone()).unwrap();
+    for span in [
+        "vault_import",
+        "vault_reseal",
+        "session_reseal",
+        "row not imported",
+    ] {
+        assert!(text.contains(span), "{span} is logged: {text}");
+    }
+    assert!(!text.contains("plain-secret"), "a token was logged: {text}");
+    for value in sealed.iter().chain([&record]) {
+        assert!(!text.contains(&value[8..40]), "a ciphertext was logged");
+    }
+    assert!(!text.contains("sid-1"), "a session id was logged");
+    s.db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn session_reseal_keeps_express_rows_intact_on_connect_pg_simple_tables() {
+    use sqlx::Executor;
+    use tower_pg_session::{crypto::EncryptionKey, PgStore};
+    for (sess_type, expire_type) in [("json", "timestamp(6)"), ("jsonb", "timestamptz")] {
+        let db = Db::new().await;
+        db.pool
+            .execute(&*format!(
+                "CREATE SCHEMA {s}; \
+                 CREATE TABLE {s}.session (sid varchar NOT NULL COLLATE \"default\", \
+                   sess {sess_type} NOT NULL, expire {expire_type} NOT NULL); \
+                 ALTER TABLE {s}.session ADD CONSTRAINT session_pkey PRIMARY KEY (sid); \
+                 CREATE INDEX \"IDX_session_expire\" ON {s}.session (expire);",
+                s = db.schema
+            ))
+            .await
+            .unwrap();
+        let store = PgStore::new(db.pool.clone(), db.config().with_create_table(false))
+            .await
+            .unwrap();
+        let old = Keyring::new(vec![EncryptionKey::from_bytes([8; 32])]).unwrap();
+        let rotated = Keyring::new(vec![
+            EncryptionKey::from_bytes([9; 32]),
+            EncryptionKey::from_bytes([8; 32]),
+        ])
+        .unwrap();
+        let cookie = r#"{"originalMaxAge":86400000,"expires":"2030-01-01T00:00:00.000Z","secure":false,"httpOnly":true,"path":"/","sameSite":"lax"}"#;
+        for (sid, live) in [("live", true), ("gone", false)] {
+            let record = old.seal(b"{}", &vault_aad(sid, "oidc"));
+            let sess =
+                format!(r#"{{"cookie":{cookie},"oidc":"{record}","passport":{{"user":"ann"}}}}"#);
+            let expire = if live {
+                "+ interval '1 hour'"
+            } else {
+                "- interval '1 hour'"
+            };
+            sqlx::query(&format!(
+                "INSERT INTO {} (sid, sess, expire) VALUES ($1, $2::{sess_type}, \
+                 (now() AT TIME ZONE current_setting('log_timezone')) {expire})",
+                db.table()
+            ))
+            .bind(sid)
+            .bind(&sess)
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        }
+        let usage = store.session_key_usage().await.unwrap();
+        assert_eq!(usage.len(), 1, "live sessions only: {usage:?}");
+        assert_eq!(usage[0].values, 1);
+        let outcome = store.reseal_sessions(&rotated, 10).await.unwrap();
+        assert_eq!(
+            (outcome.resealed, outcome.unreadable),
+            (1, 0),
+            "{sess_type}"
+        );
+        let usage = store.session_key_usage().await.unwrap();
+        assert_eq!(usage[0].key_id, key_id(&rotated), "{sess_type}");
+
+        let read = |sid: &'static str| {
+            let db = &db;
+            async move {
+                let text: String = sqlx::query_scalar(&format!(
+                    "SELECT sess::text FROM {} WHERE sid = $1",
+                    db.table()
+                ))
+                .bind(sid)
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
+                text
+            }
+        };
+        let live = read("live").await;
+        if sess_type == "json" {
+            // Written back as read, but for the one value.
+            assert!(
+                live.starts_with(&format!(r#"{{"cookie":{cookie},"oidc":""#)),
+                "{live}"
+            );
+            assert!(live.ends_with(r#","passport":{"user":"ann"}}"#), "{live}");
+        }
+        let data: Value = serde_json::from_str(&live).unwrap();
+        assert_eq!(
+            data["cookie"],
+            serde_json::from_str::<Value>(cookie).unwrap()
+        );
+        assert_eq!(data["passport"], json!({"user": "ann"}));
+        Keyring::new(vec![EncryptionKey::from_bytes([9; 32])])
+            .unwrap()
+            .open(data["oidc"].as_str().unwrap(), &vault_aad("live", "oidc"))
+            .unwrap();
+        let gone: Value = serde_json::from_str(&read("gone").await).unwrap();
+        assert!(
+            gone["oidc"]
+                .as_str()
+                .unwrap()
+                .starts_with(&key_id_b64(&old)),
+            "an expired row is left to the pruner"
+        );
+        db.drop_schema().await;
+    }
+}
+
+/// The first characters of a value sealed under `keys`' first key (the
+/// version byte and the key id, in base64url).
+fn key_id_b64(keys: &Keyring) -> String {
+    let mut header = vec![1u8];
+    header.extend_from_slice(keys.current_key_id().as_bytes());
+    header.push(0);
+    URL_SAFE_NO_PAD.encode(&header)[..6].to_owned()
+}
+
+#[tokio::test]
+async fn the_vault_stores_gets_and_refreshes_through_pgbouncer_in_transaction_mode() {
+    use tower_pg_session::Pooler;
+    let s = setup("keycloak").await;
+    let bouncer = common::pgbouncer::PgBouncer::start().await;
+    let store = PgStore::new(
+        bouncer.pool(4).await,
+        s.db.config().with_pooler(Pooler::Transaction),
+    )
+    .await
+    .unwrap();
+    let vault = TokenVault::new(&store, s.keys.clone(), s.config())
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", bouncer.log()));
+    let connected = s
+        .connect_and_store(&vault, "olga", Duration::from_secs(3600))
+        .await;
+    // Many statements in a row, each on whichever server connection is free.
+    for _ in 0..20 {
+        assert_eq!(
+            vault.get("olga", "mail").await.unwrap().secret(),
+            connected["access_token"].as_str().unwrap()
+        );
+    }
+    s.expire_in("olga", 30).await;
+    let refreshed = vault.get("olga", "mail").await.unwrap();
+    assert_ne!(
+        refreshed.secret(),
+        connected["access_token"].as_str().unwrap()
+    );
+    assert_eq!(s.refreshes().await, 1);
+    assert_eq!(vault.list("olga").await.unwrap().len(), 1);
+    assert_eq!(vault.key_usage().await.unwrap()[0].values, 2);
+    assert_eq!(vault.record_gauges().await.unwrap()[0].tokens, 1);
+    assert!(vault.remove("olga", "mail").await.unwrap());
     s.db.drop_schema().await;
 }

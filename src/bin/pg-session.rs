@@ -8,8 +8,9 @@
 //! pg-session revoke --user alice      # or --all
 //! pg-session export --user alice      # JSON, no secrets
 //! pg-session --pooler transaction stats   # through PgBouncer in transaction mode
-//! TOKEN_KEYS=new,old pg-session keys   # stored tokens per key id (token vault)
+//! TOKEN_KEYS=new,old pg-session keys   # sealed values per key id (vault and sessions)
 //! TOKEN_KEYS=new,old pg-session reseal # seal them all under the first key
+//! TOKEN_KEYS=key pg-session import --from oauth_connections --integration mail --dry-run
 //! ```
 
 use std::{process::ExitCode, time::Duration};
@@ -73,11 +74,13 @@ enum Command {
     Revoke(RevokeArgs),
     /// A user's session metadata as JSON (no ids, data or tokens).
     Export(UserArg),
-    /// How many tokens in the token vault each key id seals.
+    /// How many sealed values each key id seals, in the token vault and in
+    /// the login records of live sessions.
     #[cfg(feature = "oidc")]
     Keys(VaultArgs),
-    /// Seal every token in the token vault again under the first key of
-    /// TOKEN_KEYS, in batches, while the app runs; resumable.
+    /// Seal every token in the token vault and every login record in the
+    /// sessions again under the first key of TOKEN_KEYS, in batches, while
+    /// the app runs; resumable (run it again after an interruption).
     #[cfg(feature = "oidc")]
     Reseal {
         #[command(flatten)]
@@ -86,6 +89,44 @@ enum Command {
         #[arg(long, default_value_t = 500)]
         batch: usize,
     },
+    /// Seal and store the tokens an application kept in the clear in a
+    /// table of its own (which is left as it is).
+    #[cfg(feature = "oidc")]
+    Import(ImportArgs),
+}
+
+#[cfg(feature = "oidc")]
+#[derive(Args)]
+struct ImportArgs {
+    #[command(flatten)]
+    vault: VaultArgs,
+    /// The table holding the plaintext tokens.
+    #[arg(long)]
+    from: String,
+    /// Its schema (default: the search path).
+    #[arg(long)]
+    from_schema: Option<String>,
+    /// The integrations the application configures; rows of others are skipped.
+    #[arg(long = "integration", required = true)]
+    integrations: Vec<String>,
+    /// Column of the user id.
+    #[arg(long, default_value = "user_id")]
+    user_column: String,
+    /// Column of the integration name.
+    #[arg(long, default_value = "integration")]
+    integration_column: String,
+    /// Column of the access token.
+    #[arg(long, default_value = "access_token")]
+    access_column: String,
+    /// Column of the refresh token; `-` when there is none.
+    #[arg(long, default_value = "refresh_token")]
+    refresh_column: String,
+    /// Column of the access token's expiry (a timestamp); `-` when there is none.
+    #[arg(long, default_value = "expires_at")]
+    expires_column: String,
+    /// Check and count only; write nothing.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 #[cfg(feature = "oidc")]
@@ -104,6 +145,11 @@ struct UserArg {
     /// The user id (the `user_id` column; the OIDC subject).
     #[arg(long)]
     user: String,
+    /// The token vault's table (in --schema), whose connected accounts are
+    /// shown too when it exists.
+    #[cfg(feature = "oidc")]
+    #[arg(long, default_value = "oauth_tokens")]
+    vault_table: String,
 }
 
 #[derive(Args)]
@@ -160,6 +206,13 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         .with_acquire_timeout(Duration::from_secs(5));
     let store = PgStore::connect_to(connect, config.with_create_table(init)).await?;
     let admin = store.admin();
+    #[cfg(feature = "oidc")]
+    let admin = match &cli.command {
+        Command::Sessions(u) | Command::Export(u) => {
+            vault::with_vault(&store, admin, cli.schema.as_deref(), &u.vault_table).await?
+        }
+        _ => admin,
+    };
     match cli.command {
         Command::Init => println!("table {} is ready", store.table_name()),
         Command::Stats => {
@@ -202,13 +255,7 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 "{:<17} {:<26} {:<26} {:<26} {:<16} user agent",
                 "handle", "created", "last seen", "expires", "ip"
             );
-            let fmt = |t: Option<time::OffsetDateTime>| {
-                t.and_then(|t| {
-                    t.format(&time::format_description::well_known::Rfc3339)
-                        .ok()
-                })
-                .unwrap_or_else(|| "-".into())
-            };
+            let fmt = rfc3339;
             for s in &list {
                 println!(
                     "{:<17} {:<26} {:<26} {:<26} {:<16} {}",
@@ -221,6 +268,8 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 );
             }
             println!("{} live sessions of {}", list.len(), u.user);
+            #[cfg(feature = "oidc")]
+            vault::print_connections(&admin.user_connections(&u.user).await?);
         }
         Command::Revoke(r) => {
             let n = match (r.user, r.all) {
@@ -242,20 +291,37 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         Command::Reseal { vault: v, batch } => {
             vault::reseal(&store, cli.schema.as_deref(), &v, batch).await?;
         }
+        #[cfg(feature = "oidc")]
+        Command::Import(args) => vault::import(&store, cli.schema.as_deref(), &args).await?,
     }
     Ok(())
 }
 
+/// An instant as RFC 3339, `-` for none.
+fn rfc3339(t: Option<time::OffsetDateTime>) -> String {
+    t.and_then(|t| {
+        t.format(&time::format_description::well_known::Rfc3339)
+            .ok()
+    })
+    .unwrap_or_else(|| "-".into())
+}
+
 #[cfg(feature = "oidc")]
 mod vault {
+    use std::{
+        io::IsTerminal,
+        time::{Duration, Instant},
+    };
+
     use indicatif::{ProgressBar, ProgressStyle};
     use tower_pg_session::{
+        admin::Admin,
         crypto::Keyring,
-        vault::{TokenVault, VaultConfig},
+        vault::{Connection, ImportSource, Integration, KeyUsage, TokenVault, VaultConfig},
         PgStore,
     };
 
-    use super::VaultArgs;
+    use super::{ImportArgs, VaultArgs};
 
     async fn open(
         store: &PgStore,
@@ -270,8 +336,9 @@ mod vault {
         Ok((TokenVault::new(store, keys.clone(), config).await?, keys))
     }
 
-    /// One line per key id: how many tokens it seals, and whether the
-    /// keyring seals with it, still opens with it, or no longer has it.
+    /// One line per key id: how many values it seals in the vault and in
+    /// sessions, and whether the keyring seals with it, still opens with
+    /// it, or no longer has it.
     pub(super) async fn keys(
         store: &PgStore,
         schema: Option<&str>,
@@ -280,23 +347,38 @@ mod vault {
         let (vault, keys) = open(store, schema, args).await?;
         let current = keys.current_key_id().to_string();
         let known: Vec<String> = keys.key_ids().map(|k| k.to_string()).collect();
-        println!("{:<10} {:>10}  status", "key id", "tokens");
-        let usage = vault.key_usage().await?;
-        for u in &usage {
-            let status = if u.key_id == current {
+        let in_vault = vault.key_usage().await?;
+        let in_sessions = store.session_key_usage().await?;
+        let mut ids: Vec<&str> = in_vault
+            .iter()
+            .chain(&in_sessions)
+            .map(|u| u.key_id.as_str())
+            .chain(known.iter().map(String::as_str))
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let count = |usage: &[KeyUsage], id: &str| {
+            usage
+                .iter()
+                .find(|u| u.key_id == id)
+                .map_or(0, |u| u.values)
+        };
+        println!(
+            "{:<10} {:>10} {:>10}  status",
+            "key id", "vault", "sessions"
+        );
+        for id in ids {
+            let (v, s) = (count(&in_vault, id), count(&in_sessions, id));
+            let status = if id == current {
                 "seals (first key)"
-            } else if known.contains(&u.key_id) {
+            } else if !known.iter().any(|k| k == id) {
+                "NOT in TOKEN_KEYS: these values do not open"
+            } else if v + s > 0 {
                 "opens only: run `pg-session reseal`"
             } else {
-                "NOT in TOKEN_KEYS: these tokens do not open"
+                "unused: can be removed from TOKEN_KEYS"
             };
-            println!("{:<10} {:>10}  {status}", u.key_id, u.values);
-        }
-        for id in known
-            .iter()
-            .filter(|k| !usage.iter().any(|u| &u.key_id == *k))
-        {
-            println!("{id:<10} {:>10}  unused: can be removed from TOKEN_KEYS", 0);
+            println!("{id:<10} {v:>10} {s:>10}  {status}");
         }
         Ok(())
     }
@@ -307,18 +389,164 @@ mod vault {
         args: &VaultArgs,
         batch: usize,
     ) -> Result<(), Box<dyn std::error::Error>> {
-        let (vault, _) = open(store, schema, args).await?;
-        let bar = ProgressBar::new_spinner();
-        bar.set_style(
-            ProgressStyle::with_template("{spinner} {pos} rows sealed again ({elapsed})")
-                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-        );
-        let outcome = vault.reseal_with(batch, |n| bar.inc(n)).await?;
-        bar.finish_and_clear();
+        let (vault, keys) = open(store, schema, args).await?;
+        let mut progress = Progress::new("vault rows");
+        let outcome = vault.reseal_with(batch, |n| progress.add(n)).await?;
+        progress.finish();
         println!(
-            "sealed {} rows under the first key; {} rows did not open and were left as they were",
+            "vault: sealed {} rows under the first key; {} rows did not open and were left as they were",
+            outcome.resealed, outcome.unreadable
+        );
+        let mut progress = Progress::new("session rows");
+        let outcome = store
+            .reseal_sessions_with(&keys, batch, |n| progress.add(n))
+            .await?;
+        progress.finish();
+        println!(
+            "sessions: sealed {} rows under the first key; {} rows did not open and were left as they were",
             outcome.resealed, outcome.unreadable
         );
         Ok(())
+    }
+
+    /// `admin` covering the vault's table when it exists. Listing and
+    /// exporting read no token, so no key is needed: a throwaway keyring
+    /// stands in.
+    pub(super) async fn with_vault(
+        store: &PgStore,
+        admin: Admin,
+        schema: Option<&str>,
+        table: &str,
+    ) -> Result<Admin, Box<dyn std::error::Error>> {
+        let mut config = VaultConfig::new().with_table_name(table)?;
+        let mut name = format!("\"{table}\"");
+        if let Some(schema) = schema {
+            config = config.with_schema_name(schema)?;
+            name = format!("\"{schema}\".{name}");
+        }
+        let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+            .bind(name)
+            .fetch_one(store.pool())
+            .await?;
+        if !exists {
+            return Ok(admin);
+        }
+        let vault = TokenVault::new(store, Keyring::generate(), config).await?;
+        Ok(admin.with_vault(&vault))
+    }
+
+    pub(super) fn print_connections(list: &[Connection]) {
+        if list.is_empty() {
+            return;
+        }
+        println!();
+        println!(
+            "{:<20} {:<26} {:<26} {:<9} scopes",
+            "connected account", "expires", "last used", "status"
+        );
+        for c in list {
+            let status = if c.needs_reconsent { "reconsent" } else { "ok" };
+            println!(
+                "{:<20} {:<26} {:<26} {:<9} {}",
+                c.integration,
+                super::rfc3339(c.expires_at),
+                super::rfc3339(c.last_used_at),
+                status,
+                c.scopes.join(" ")
+            );
+        }
+    }
+
+    pub(super) async fn import(
+        store: &PgStore,
+        schema: Option<&str>,
+        args: &ImportArgs,
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let keys = Keyring::from_base64_list(&args.vault.token_keys)?;
+        let mut config = VaultConfig::new().with_table_name(&args.vault.vault_table)?;
+        if let Some(schema) = schema {
+            config = config.with_schema_name(schema)?;
+        }
+        // Only the names matter: importing never calls a provider.
+        for name in &args.integrations {
+            config = config.with_integration(Integration::new(
+                name,
+                "http://127.0.0.1/unused",
+                "pg-session",
+            )?);
+        }
+        let vault = TokenVault::new(store, keys, config).await?;
+        let column = |c: &str| (c != "-").then(|| c.to_owned());
+        let (refresh, expires) = (column(&args.refresh_column), column(&args.expires_column));
+        let source = ImportSource::new(args.from_schema.as_deref(), &args.from)?.with_columns(
+            &args.user_column,
+            &args.integration_column,
+            &args.access_column,
+            refresh.as_deref(),
+            expires.as_deref(),
+        )?;
+        let outcome = vault.import(&source, args.dry_run).await?;
+        let verb = if args.dry_run {
+            "would import"
+        } else {
+            "imported"
+        };
+        println!(
+            "read {} rows; {verb} {}; skipped {} (unknown integration, bad user id, empty or oversized token: see the log)",
+            outcome.read, outcome.imported, outcome.skipped
+        );
+        if args.dry_run {
+            println!("dry run: nothing was written");
+        }
+        Ok(())
+    }
+
+    /// A progress bar on a terminal; otherwise a plain line at most once a
+    /// second (logs and CI keep a readable trace).
+    struct Progress {
+        bar: Option<ProgressBar>,
+        what: &'static str,
+        done: u64,
+        last_line: Instant,
+    }
+
+    impl Progress {
+        fn new(what: &'static str) -> Self {
+            let bar = std::io::stderr().is_terminal().then(|| {
+                let bar = ProgressBar::new_spinner();
+                bar.set_style(
+                    ProgressStyle::with_template(&format!(
+                        "{{spinner}} {{pos}} {what} sealed again ({{elapsed}}, {{per_sec}})"
+                    ))
+                    .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+                );
+                bar
+            });
+            Self {
+                bar,
+                what,
+                done: 0,
+                last_line: Instant::now(),
+            }
+        }
+
+        fn add(&mut self, n: u64) {
+            self.done += n;
+            match &self.bar {
+                Some(bar) => bar.inc(n),
+                None if self.last_line.elapsed() >= Duration::from_secs(1) => {
+                    self.last_line = Instant::now();
+                    eprintln!("{} {} handled", self.done, self.what);
+                }
+                None => {}
+            }
+        }
+
+        fn finish(self) {
+            match self.bar {
+                Some(bar) => bar.finish_and_clear(),
+                None => eprintln!("{} {} handled", self.done, self.what),
+            }
+        }
     }
 }

@@ -41,7 +41,7 @@ mod config;
 mod flow;
 mod guard;
 pub(crate) mod logout_token;
-mod record;
+pub(crate) mod record;
 pub mod routes;
 
 pub(crate) use self::client::{error_chain, urlencode};

@@ -154,6 +154,58 @@ fn open<T: DeserializeOwned>(
     }
 }
 
+/// What [`reseal_entry`] did with one session key's value.
+pub(crate) enum Resealed {
+    /// Not one of the guard's sealed values: left alone, not counted.
+    NotSealed,
+    /// Already sealed under the keyring's first key.
+    Current,
+    /// Sealed anew under the first key: the value to store instead.
+    Sealed(Box<RawValue>),
+    /// Does not open under any key of the keyring: left as it is.
+    Unreadable,
+}
+
+/// Seals the value stored under the guard's session key `key` again under
+/// the keyring's first key, with the same binding it was sealed with: the
+/// session's storage key for the login record, its own key for a pending
+/// login. The plaintext is not parsed, so any version of a record moves.
+pub(crate) fn reseal_entry(
+    keys: &Keyring,
+    storage_key: &str,
+    key: &str,
+    stored: &RawValue,
+) -> Resealed {
+    let aad = if key == USER_KEY {
+        Aad {
+            session: storage_key,
+            field: USER_KEY,
+        }
+    } else if key.starts_with(PENDING_PREFIX) {
+        Aad {
+            session: key,
+            field: PENDING_FIELD,
+        }
+    } else {
+        return Resealed::NotSealed;
+    };
+    let Ok(sealed) = serde_json::from_str::<&str>(stored.get()) else {
+        // Records in the clear are never trusted, so never sealed either.
+        return Resealed::NotSealed;
+    };
+    let Ok(opened) = keys.open(sealed, &aad) else {
+        return Resealed::Unreadable;
+    };
+    if !opened.needs_reseal() {
+        return Resealed::Current;
+    }
+    let again = keys.seal(opened.plaintext(), &aad);
+    match serde_json::value::to_raw_value(&again) {
+        Ok(raw) => Resealed::Sealed(raw),
+        Err(_) => Resealed::Unreadable,
+    }
+}
+
 /// Groups from `cognito:groups` (Cognito) or `groups` (Keycloak with a group mapper, others).
 pub(crate) fn groups_of(claims: &Map<String, Value>) -> Vec<String> {
     ["cognito:groups", "groups"]
@@ -282,6 +334,58 @@ mod tests {
         assert!(matches!(
             open_login(&after, "sid", Some(&sealed)),
             Stored::Opened { reseal: true, .. }
+        ));
+    }
+
+    #[test]
+    fn reseal_moves_records_to_the_first_key_with_their_binding() {
+        use crate::crypto::EncryptionKey;
+        let (old, new) = (EncryptionKey::generate(), EncryptionKey::generate());
+        let before = Keyring::new(vec![old.clone()]).expect("one key");
+        let after = Keyring::new(vec![new.clone(), old]).expect("two keys");
+        let only_new = Keyring::new(vec![new]).expect("one key");
+        let login_value = raw(&seal_login(&before, "sid", &login("alice")).expect("seals"));
+        let Resealed::Sealed(again) = reseal_entry(&after, "sid", USER_KEY, &login_value) else {
+            panic!("not resealed");
+        };
+        assert!(matches!(
+            open_login(&only_new, "sid", Some(&again)),
+            Stored::Opened { reseal: false, .. }
+        ));
+        assert!(matches!(
+            reseal_entry(&after, "sid", USER_KEY, &again),
+            Resealed::Current
+        ));
+        // Bound to another session: does not open, so it is not moved.
+        assert!(matches!(
+            reseal_entry(&after, "other", USER_KEY, &login_value),
+            Resealed::Unreadable
+        ));
+        let pending = PendingLogin {
+            state: "st".into(),
+            nonce: "n".into(),
+            pkce: "v".into(),
+            return_to: "/".into(),
+            exp_ms: 1,
+            started_ns: 1,
+        };
+        let key = pending_key("st");
+        let stored = raw(&seal_pending(&before, &key, &pending).expect("seals"));
+        let Resealed::Sealed(again) = reseal_entry(&after, "sid", &key, &stored) else {
+            panic!("not resealed");
+        };
+        assert!(matches!(
+            open_pending(&only_new, &key, Some(&again)),
+            Stored::Opened { .. }
+        ));
+        let clear = serde_json::value::to_raw_value(&login("admin")).expect("serializes");
+        assert!(matches!(
+            reseal_entry(&after, "sid", USER_KEY, &clear),
+            Resealed::NotSealed
+        ));
+        assert!(matches!(
+            reseal_entry(&after, "sid", "count", &login_value),
+            Resealed::NotSealed
         ));
     }
 

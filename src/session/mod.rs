@@ -33,7 +33,7 @@
 //! is not touched.
 
 mod cookie;
-mod data;
+pub(crate) mod data;
 mod expiry;
 mod express;
 #[cfg(feature = "axum")]

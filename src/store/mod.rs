@@ -40,6 +40,8 @@ mod connect;
 mod handle;
 mod pooler;
 mod prune;
+#[cfg(feature = "oidc")]
+mod reseal;
 mod save;
 pub(crate) mod schema;
 mod sql;

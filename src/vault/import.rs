@@ -3,6 +3,7 @@
 
 use sqlx::Row;
 use time::OffsetDateTime;
+use tracing::Instrument;
 
 use super::{TokenVault, Tokens, VaultError};
 use crate::store::{schema::Ident, StoreError};
@@ -119,17 +120,40 @@ impl TokenVault {
         source: &ImportSource,
         dry_run: bool,
     ) -> Result<ImportOutcome, VaultError> {
+        let span = tracing::info_span!("vault_import", dry_run);
+        async {
+            let outcome = self.import_rows(source, dry_run).await?;
+            tracing::info!(
+                read = outcome.read,
+                imported = outcome.imported,
+                skipped = outcome.skipped,
+                "plaintext tokens imported"
+            );
+            Ok(outcome)
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn import_rows(
+        &self,
+        source: &ImportSource,
+        dry_run: bool,
+    ) -> Result<ImportOutcome, VaultError> {
         let sql = source.select();
         let mut outcome = ImportOutcome::default();
         let mut after = (String::new(), String::new());
         loop {
+            let mut conn = self.inner.sql.pooler().conn(&self.inner.pool).await?;
             let rows = sqlx::query(&sql)
+                .persistent(self.inner.sql.persistent())
                 .bind(&after.0)
                 .bind(&after.1)
                 .bind(IMPORT_BATCH)
-                .fetch_all(&self.inner.pool)
+                .fetch_all(conn.get())
                 .await
                 .map_err(StoreError::from)?;
+            conn.done().await.map_err(StoreError::from)?;
             let Some(last) = rows.last() else {
                 return Ok(outcome);
             };

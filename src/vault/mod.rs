@@ -47,6 +47,7 @@
 //! ```
 
 mod error;
+mod gauges;
 mod import;
 mod integration;
 mod reseal;
@@ -67,6 +68,7 @@ use tracing::Instrument;
 
 pub use self::{
     error::VaultError,
+    gauges::TokenCount,
     import::{ImportOutcome, ImportSource},
     integration::{ClientAuth, Integration},
     reseal::{KeyUsage, ResealOutcome},
@@ -255,7 +257,7 @@ impl TokenVault {
         let name = schema::table_name(config.schema.as_deref(), &config.table)
             .map_err(StoreError::from)?;
         let pool = store.pool().clone();
-        schema::prepare(&pool, &name).await?;
+        schema::prepare(&pool, &name, store.pooler()).await?;
         // No redirects (a token endpoint never needs one, and following them
         // would send the refresh token elsewhere); a stalled provider costs
         // at most the timeout.
@@ -271,7 +273,7 @@ impl TokenVault {
         Ok(Self {
             inner: Arc::new(Inner {
                 pool,
-                sql: Sql::new(name.qualified()),
+                sql: Sql::new(name.qualified(), store.pooler()),
                 keyring,
                 integrations: config
                     .integrations

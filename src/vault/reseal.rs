@@ -2,6 +2,8 @@
 //! again under the keyring's first key.
 
 use super::{sql::ToReseal, TokenVault, VaultError, ACCESS, REFRESH};
+use tracing::Instrument;
+
 use crate::store::detached;
 
 /// How many stored values one key id seals.
@@ -15,13 +17,21 @@ pub struct KeyUsage {
     pub values: u64,
 }
 
-/// What [`TokenVault::reseal`] did.
+impl KeyUsage {
+    pub(crate) fn new(key_id: String, values: u64) -> Self {
+        Self { key_id, values }
+    }
+}
+
+/// What [`TokenVault::reseal`] (and
+/// [`PgStore::reseal_sessions`](crate::PgStore::reseal_sessions)) did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ResealOutcome {
-    /// Rows whose tokens are now sealed under the first key.
+    /// Rows whose sealed values are now sealed under the first key.
     pub resealed: u64,
-    /// Rows left as they were because a token did not open (logged).
+    /// Rows in which a value did not open; it is left as it was (and is
+    /// logged).
     pub unreadable: u64,
 }
 
@@ -38,10 +48,7 @@ impl TokenVault {
         let rows = self.inner.sql.key_usage(&self.inner.pool).await?;
         Ok(rows
             .into_iter()
-            .map(|(key_id, n)| KeyUsage {
-                key_id,
-                values: u64::try_from(n).unwrap_or(0),
-            })
+            .map(|(key_id, n)| KeyUsage::new(key_id, u64::try_from(n).unwrap_or(0)))
             .collect())
     }
 
@@ -68,7 +75,18 @@ impl TokenVault {
         batch: usize,
         mut progress: impl FnMut(u64),
     ) -> Result<ResealOutcome, VaultError> {
+        let span = tracing::info_span!("vault_reseal", batch);
         let batch = i64::try_from(batch.max(1)).unwrap_or(i64::MAX);
+        self.reseal_batches(batch, &mut progress)
+            .instrument(span)
+            .await
+    }
+
+    async fn reseal_batches(
+        &self,
+        batch: i64,
+        progress: &mut impl FnMut(u64),
+    ) -> Result<ResealOutcome, VaultError> {
         let mut outcome = ResealOutcome::default();
         let mut cursor: Cursor = None;
         loop {
@@ -83,7 +101,14 @@ impl TokenVault {
             progress(resealed + unreadable);
             match next {
                 Some(_) => cursor = next,
-                None => return Ok(outcome),
+                None => {
+                    tracing::info!(
+                        resealed = outcome.resealed,
+                        unreadable = outcome.unreadable,
+                        "vault tokens sealed under the first key"
+                    );
+                    return Ok(outcome);
+                }
             }
         }
     }

@@ -5,7 +5,7 @@ use sqlx::PgPool;
 use crate::{
     store::{
         schema::{Ident, TableName},
-        StoreError,
+        Pooler, StoreError,
     },
     ConfigError,
 };
@@ -23,21 +23,33 @@ pub(crate) fn table_name(schema: Option<&str>, table: &str) -> Result<TableName,
 
 /// Creates the table when missing. Serialised by an advisory lock and
 /// idempotent, so many instances starting at once neither fail nor race.
-pub(crate) async fn prepare(pool: &PgPool, name: &TableName) -> Result<(), StoreError> {
+pub(crate) async fn prepare(
+    pool: &PgPool,
+    name: &TableName,
+    pooler: Pooler,
+) -> Result<(), StoreError> {
+    let persistent = pooler == Pooler::Direct;
+    let mut conn = pooler.conn(pool).await?;
     let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+        .persistent(persistent)
         .bind(name.qualified())
-        .fetch_one(pool)
+        .fetch_one(conn.get())
         .await?;
+    conn.done().await?;
     if exists {
         return Ok(());
     }
     let mut tx = pool.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .persistent(persistent)
         .bind(name.lock_key("vault-ddl"))
         .execute(&mut *tx)
         .await?;
     for statement in ddl(name) {
-        sqlx::query(&statement).execute(&mut *tx).await?;
+        sqlx::query(&statement)
+            .persistent(persistent)
+            .execute(&mut *tx)
+            .await?;
     }
     tx.commit().await?;
     Ok(())

@@ -4,6 +4,7 @@ use sqlx::{postgres::PgRow, PgConnection, PgPool, Row};
 use time::OffsetDateTime;
 
 use super::tokens::Connection;
+use crate::store::Pooler;
 
 /// A row as read, tokens still sealed.
 #[derive(Clone)]
@@ -42,11 +43,28 @@ pub(crate) struct Write<'a> {
 #[derive(Debug)]
 pub(crate) struct Sql {
     table: String,
+    /// Behind a transaction pooler every statement is unnamed (a named one
+    /// may land on another server connection) and runs in a transaction of
+    /// its own (see [`Pooler`]).
+    persistent: bool,
+    pooler: Pooler,
 }
 
 impl Sql {
-    pub(crate) fn new(table: String) -> Self {
-        Self { table }
+    pub(crate) fn new(table: String, pooler: Pooler) -> Self {
+        Self {
+            table,
+            persistent: pooler == Pooler::Direct,
+            pooler,
+        }
+    }
+
+    pub(crate) fn pooler(&self) -> Pooler {
+        self.pooler
+    }
+
+    pub(crate) fn persistent(&self) -> bool {
+        self.persistent
     }
 
     /// Reads the row, and notes the use when the last note is over a minute
@@ -59,6 +77,7 @@ impl Sql {
         integration: &str,
     ) -> Result<Option<Sealed>, sqlx::Error> {
         let t = &self.table;
+        let mut conn = self.pooler.conn(pool).await?;
         let row = sqlx::query(&format!(
             "WITH used AS (UPDATE {t} SET last_used_at = now() \
                WHERE ctid = (SELECT ctid FROM {t} WHERE user_id = $1 AND integration = $2 \
@@ -66,10 +85,12 @@ impl Sql {
                  FOR UPDATE SKIP LOCKED)) \
              SELECT {SEALED_COLUMNS} FROM {t} WHERE user_id = $1 AND integration = $2"
         ))
+        .persistent(self.persistent)
         .bind(user)
         .bind(integration)
-        .fetch_optional(pool)
+        .fetch_optional(conn.get())
         .await?;
+        conn.done().await?;
         row.as_ref().map(sealed).transpose()
     }
 
@@ -84,6 +105,7 @@ impl Sql {
         let row = sqlx::query(&format!(
             "SELECT {SEALED_COLUMNS} FROM {t} WHERE user_id = $1 AND integration = $2 FOR UPDATE"
         ))
+        .persistent(self.persistent)
         .bind(user)
         .bind(integration)
         .fetch_optional(conn)
@@ -101,6 +123,7 @@ impl Sql {
         w: &Write<'_>,
     ) -> Result<(), sqlx::Error> {
         let t = &self.table;
+        let mut conn = self.pooler.conn(pool).await?;
         sqlx::query(&format!(
             "INSERT INTO {t} (user_id, integration, access_token, refresh_token, expires_at, \
                scopes, token_type) VALUES ($1, $2, $3, $4, $5, $6, $7) \
@@ -109,6 +132,7 @@ impl Sql {
                expires_at = EXCLUDED.expires_at, scopes = EXCLUDED.scopes, \
                token_type = EXCLUDED.token_type, needs_reconsent_at = NULL, updated_at = now()"
         ))
+        .persistent(self.persistent)
         .bind(user)
         .bind(integration)
         .bind(w.access_token)
@@ -116,8 +140,9 @@ impl Sql {
         .bind(w.expires_at)
         .bind(w.scopes)
         .bind(w.token_type)
-        .execute(pool)
+        .execute(conn.get())
         .await?;
+        conn.done().await?;
         Ok(())
     }
 
@@ -137,6 +162,7 @@ impl Sql {
                last_used_at = now() \
              WHERE user_id = $1 AND integration = $2"
         ))
+        .persistent(self.persistent)
         .bind(user)
         .bind(integration)
         .bind(w.access_token)
@@ -161,6 +187,7 @@ impl Sql {
             "UPDATE {t} SET needs_reconsent_at = now(), updated_at = now() \
              WHERE user_id = $1 AND integration = $2"
         ))
+        .persistent(self.persistent)
         .bind(user)
         .bind(integration)
         .execute(conn)
@@ -177,13 +204,17 @@ impl Sql {
         integration: &str,
     ) -> Result<Option<Option<String>>, sqlx::Error> {
         let t = &self.table;
-        sqlx::query_scalar(&format!(
+        let mut conn = self.pooler.conn(pool).await?;
+        let out = sqlx::query_scalar(&format!(
             "DELETE FROM {t} WHERE user_id = $1 AND integration = $2 RETURNING refresh_token"
         ))
+        .persistent(self.persistent)
         .bind(user)
         .bind(integration)
-        .fetch_optional(pool)
-        .await
+        .fetch_optional(conn.get())
+        .await?;
+        conn.done().await?;
+        Ok(out)
     }
 
     /// Deletes every row of `user`; returns each integration and its sealed
@@ -194,12 +225,16 @@ impl Sql {
         user: &str,
     ) -> Result<Vec<(String, Option<String>)>, sqlx::Error> {
         let t = &self.table;
-        sqlx::query_as(&format!(
+        let mut conn = self.pooler.conn(pool).await?;
+        let out = sqlx::query_as(&format!(
             "DELETE FROM {t} WHERE user_id = $1 RETURNING integration, refresh_token"
         ))
+        .persistent(self.persistent)
         .bind(user)
-        .fetch_all(pool)
-        .await
+        .fetch_all(conn.get())
+        .await?;
+        conn.done().await?;
+        Ok(out)
     }
 
     /// Metadata of every connection of `user`; the token columns are not read.
@@ -209,15 +244,18 @@ impl Sql {
         user: &str,
     ) -> Result<Vec<Connection>, sqlx::Error> {
         let t = &self.table;
+        let mut conn = self.pooler.conn(pool).await?;
         let rows = sqlx::query(&format!(
             "SELECT integration, expires_at, scopes, token_type, refresh_token IS NOT NULL, \
                needs_reconsent_at IS NOT NULL, created_at, updated_at, last_used_at, \
                last_refreshed_at \
              FROM {t} WHERE user_id = $1 ORDER BY integration"
         ))
+        .persistent(self.persistent)
         .bind(user)
-        .fetch_all(pool)
+        .fetch_all(conn.get())
         .await?;
+        conn.done().await?;
         rows.iter()
             .map(|r| {
                 Ok(Connection {
@@ -236,6 +274,25 @@ impl Sql {
             .collect()
     }
 
+    /// Per integration, how many rows and how many of them need the user's
+    /// consent again: one pass over the table, for a periodic gauge.
+    pub(crate) async fn token_counts(
+        &self,
+        pool: &PgPool,
+    ) -> Result<Vec<(String, i64, i64)>, sqlx::Error> {
+        let t = &self.table;
+        let mut conn = self.pooler.conn(pool).await?;
+        let out = sqlx::query_as(&format!(
+            "SELECT integration, count(*), count(*) FILTER (WHERE needs_reconsent_at IS NOT NULL) \
+             FROM {t} GROUP BY integration"
+        ))
+        .persistent(self.persistent)
+        .fetch_all(conn.get())
+        .await?;
+        conn.done().await?;
+        Ok(out)
+    }
+
     /// Bounds how long a refresh waits for another one's row lock.
     pub(crate) async fn lock_timeout(
         &self,
@@ -243,22 +300,12 @@ impl Sql {
         wait: std::time::Duration,
     ) -> Result<(), sqlx::Error> {
         sqlx::query("SELECT set_config('lock_timeout', $1, true)")
+            .persistent(self.persistent)
             .bind(format!("{}ms", wait.as_millis().max(1)))
             .execute(conn)
             .await?;
         Ok(())
     }
-}
-
-/// The key id (hex) a sealed column was sealed under, read from the
-/// envelope's header in SQL: its first 8 base64url characters decode to the
-/// version byte, the 4-byte key id and a nonce byte.
-fn key_id_of(column: &str) -> String {
-    format!(
-        "CASE WHEN {column} ~ '^[A-Za-z0-9_-]{{8}}' THEN encode(substring(decode(\
-           translate(left({column}, 8), '-_', '+/'), 'base64') FROM 2 FOR 4), 'hex') \
-         ELSE 'malformed' END"
-    )
 }
 
 /// A row to seal again, as read under its lock.
@@ -273,15 +320,22 @@ impl Sql {
     /// How many sealed values each key id seals.
     pub(crate) async fn key_usage(&self, pool: &PgPool) -> Result<Vec<(String, i64)>, sqlx::Error> {
         let t = &self.table;
-        let (a, r) = (key_id_of("access_token"), key_id_of("refresh_token"));
-        sqlx::query_as(&format!(
+        let mut conn = self.pooler.conn(pool).await?;
+        let (a, r) = (
+            crate::crypto::key_id_sql("access_token"),
+            crate::crypto::key_id_sql("refresh_token"),
+        );
+        let out = sqlx::query_as(&format!(
             "SELECT k, count(*) FROM (\
                SELECT {a} AS k FROM {t} \
                UNION ALL SELECT {r} FROM {t} WHERE refresh_token IS NOT NULL) s \
              GROUP BY k ORDER BY k"
         ))
-        .fetch_all(pool)
-        .await
+        .persistent(self.persistent)
+        .fetch_all(conn.get())
+        .await?;
+        conn.done().await?;
+        Ok(out)
     }
 
     /// Locks the next `limit` rows after `after` that hold a value sealed
@@ -295,7 +349,10 @@ impl Sql {
         limit: i64,
     ) -> Result<Vec<ToReseal>, sqlx::Error> {
         let t = &self.table;
-        let (a, r) = (key_id_of("access_token"), key_id_of("refresh_token"));
+        let (a, r) = (
+            crate::crypto::key_id_sql("access_token"),
+            crate::crypto::key_id_sql("refresh_token"),
+        );
         let (u, i) = after.cloned().unwrap_or_default();
         let rows = sqlx::query(&format!(
             "SELECT user_id, integration, access_token, refresh_token FROM {t} \
@@ -303,6 +360,7 @@ impl Sql {
                AND ({a} <> $3 OR (refresh_token IS NOT NULL AND {r} <> $3)) \
              ORDER BY user_id, integration LIMIT $4 FOR UPDATE"
         ))
+        .persistent(self.persistent)
         .bind(u)
         .bind(i)
         .bind(current)
@@ -337,6 +395,7 @@ impl Sql {
              FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS n(u, i, a, r) \
              WHERE v.user_id = n.u AND v.integration = n.i"
         ))
+        .persistent(self.persistent)
         .bind(users)
         .bind(names)
         .bind(access)
