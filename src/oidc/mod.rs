@@ -41,9 +41,10 @@ mod config;
 mod flow;
 mod guard;
 pub(crate) mod logout_token;
-mod record;
+pub(crate) mod pending;
+pub(crate) mod record;
 
-pub(crate) use self::client::{error_chain, urlencode};
+pub(crate) use self::client::{constant_eq, error_chain, urlencode};
 
 #[cfg(feature = "__fuzz")]
 pub(crate) use self::record::safe_return_to;
@@ -239,7 +240,7 @@ pub struct Redirect {
 }
 
 impl Redirect {
-    fn found(location: &str) -> Self {
+    pub(crate) fn found(location: &str) -> Self {
         Self {
             status: StatusCode::FOUND,
             location: encode_location(location),

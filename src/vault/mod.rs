@@ -46,6 +46,7 @@
 //! # Ok(()) }
 //! ```
 
+mod connect;
 mod error;
 mod import;
 mod integration;
@@ -66,6 +67,7 @@ use time::OffsetDateTime;
 use tracing::Instrument;
 
 pub use self::{
+    connect::Connected,
     error::VaultError,
     import::{ImportOutcome, ImportSource},
     integration::{ClientAuth, Integration},
@@ -104,6 +106,8 @@ pub struct VaultConfig {
     max_token_bytes: usize,
     failure_backoff: Duration,
     lock_timeout: Option<Duration>,
+    login_keys: Option<Keyring>,
+    connect_ttl: Duration,
 }
 
 impl Default for VaultConfig {
@@ -125,6 +129,8 @@ impl VaultConfig {
             max_token_bytes: 16 * 1024,
             failure_backoff: Duration::from_secs(10),
             lock_timeout: None,
+            login_keys: None,
+            connect_ttl: Duration::from_secs(600),
         }
     }
 
@@ -189,6 +195,24 @@ impl VaultConfig {
         self
     }
 
+    /// The keyring of the login guard ([`OidcConfig`](crate::oidc::OidcConfig)),
+    /// which [`TokenVault::connect`] opens the session's login record with
+    /// to learn the user (default: the vault's own keyring, when the login
+    /// and the vault share their keys).
+    #[must_use]
+    pub fn with_login_keyring(mut self, keys: Keyring) -> Self {
+        self.login_keys = Some(keys);
+        self
+    }
+
+    /// How long a started connection may take until its callback (default
+    /// 10 minutes).
+    #[must_use]
+    pub fn with_connect_ttl(mut self, ttl: Duration) -> Self {
+        self.connect_ttl = ttl;
+        self
+    }
+
     /// The longest token accepted, in bytes (default 16 KiB).
     #[must_use]
     pub fn with_max_token_bytes(mut self, limit: usize) -> Self {
@@ -218,6 +242,9 @@ struct Inner {
     /// holding a pooled connection while waiting for the row lock.
     local: Mutex<HashMap<(String, String), RefreshLock>>,
     failure_backoff: Duration,
+    /// Opens the session's login record (the user who connects).
+    login_keys: Keyring,
+    connect_ttl: Duration,
     /// The last failed refresh per (user, integration), while it is recent.
     failures: Mutex<HashMap<(String, String), Failure>>,
 }
@@ -268,6 +295,7 @@ impl TokenVault {
                 integration: String::new(),
                 detail: e.to_string(),
             })?;
+        let login_keys = config.login_keys.unwrap_or_else(|| keyring.clone());
         Ok(Self {
             inner: Arc::new(Inner {
                 pool,
@@ -287,6 +315,8 @@ impl TokenVault {
                 max_token_bytes: config.max_token_bytes,
                 local: Mutex::new(HashMap::new()),
                 failure_backoff: config.failure_backoff,
+                login_keys,
+                connect_ttl: config.connect_ttl,
                 failures: Mutex::new(HashMap::new()),
             }),
         })
