@@ -1592,3 +1592,27 @@ async fn a_plain_oauth_integration_connects_with_configured_endpoints() {
     assert!(app.vault.get("bob", "mail").await.is_ok());
     app.s.db.drop_schema().await;
 }
+
+#[tokio::test]
+async fn list_all_pages_through_every_users_connections() {
+    let s = setup("keycloak").await;
+    let vault = s.vault().await;
+    for user in ["carol", "alice", "bob"] {
+        vault
+            .store(user, "mail", Tokens::new(format!("token-of-{user}")))
+            .await
+            .unwrap();
+    }
+    let first = vault.list_all(None, 2).await.unwrap();
+    let users: Vec<&str> = first.iter().map(|(u, _)| u.as_str()).collect();
+    assert_eq!(users, ["alice", "bob"]);
+    let (last_user, last) = first.last().unwrap();
+    let rest = vault
+        .list_all(Some((last_user, &last.integration)), 2)
+        .await
+        .unwrap();
+    let users: Vec<&str> = rest.iter().map(|(u, _)| u.as_str()).collect();
+    assert_eq!(users, ["carol"]);
+    assert_eq!(rest[0].1.integration, "mail");
+    s.db.drop_schema().await;
+}

@@ -245,22 +245,7 @@ impl OidcClient {
         headers: &HeaderMap,
     ) -> Result<Redirect, AuthError> {
         let config = &self.inner.config;
-        let origin = config.app_origin();
-        let same_origin = match headers.get(header::ORIGIN).map(|v| v.to_str()) {
-            Some(Ok(o)) => o == origin,
-            Some(Err(_)) => false,
-            None => headers
-                .get(header::REFERER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|r| Url::parse(r).ok())
-                .is_some_and(|r| r.origin().ascii_serialization() == origin),
-        };
-        if !same_origin {
-            return Err(AuthError::new(
-                AuthErrorKind::CrossSiteRequest,
-                "logout must come from the application's own pages",
-            ));
-        }
+        self.check_same_origin(headers)?;
         let raw: Option<Box<RawValue>> = session.get(USER_KEY).await.ok().flatten();
         let binding = session.binding_key().await.ok();
         session.destroy().await;
@@ -306,6 +291,34 @@ impl OidcClient {
         }
         crate::metrics::logout("local");
         Ok(Redirect::see_other(&target))
+    }
+
+    /// Checks that a state-changing request comes from the application's own
+    /// pages: its `Origin`, else its `Referer`, is the application's origin
+    /// (as [`logout`](Self::logout) does; for other such routes too).
+    ///
+    /// # Errors
+    /// [`AuthErrorKind::CrossSiteRequest`] (403) for a request from elsewhere
+    /// or that names no origin.
+    pub fn check_same_origin(&self, headers: &HeaderMap) -> Result<(), AuthError> {
+        let origin = self.inner.config.app_origin();
+        let same_origin = match headers.get(header::ORIGIN).map(|v| v.to_str()) {
+            Some(Ok(o)) => o == origin,
+            Some(Err(_)) => false,
+            None => headers
+                .get(header::REFERER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|r| Url::parse(r).ok())
+                .is_some_and(|r| r.origin().ascii_serialization() == origin),
+        };
+        if same_origin {
+            Ok(())
+        } else {
+            Err(AuthError::new(
+                AuthErrorKind::CrossSiteRequest,
+                "this request must come from the application's own pages",
+            ))
+        }
     }
 
     /// Handles a back-channel logout request (its form-encoded body): verifies

@@ -478,6 +478,43 @@ impl TokenVault {
         Ok(self.inner.sql.list(&self.inner.pool, user).await?)
     }
 
+    /// Every user's connections, a page at a time, for background jobs:
+    /// at most `limit` (1 to 1000) `(user, connection)` pairs after the
+    /// `(user, integration)` of the last one of the page before (`None`
+    /// for the first page); fewer than `limit` means the last page.
+    ///
+    /// ```no_run
+    /// # async fn job(vault: tower_pg_session::vault::TokenVault) -> Result<(), Box<dyn std::error::Error>> {
+    /// let mut after: Option<(String, String)> = None;
+    /// loop {
+    ///     let key = after.as_ref().map(|(u, i)| (u.as_str(), i.as_str()));
+    ///     let page = vault.list_all(key, 100).await?;
+    ///     for (user, connection) in &page {
+    ///         let _token = vault.get(user, &connection.integration).await;
+    ///     }
+    ///     match page.last() {
+    ///         Some((user, c)) if page.len() == 100 => after = Some((user.clone(), c.integration.clone())),
+    ///         _ => break,
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`VaultError::Store`].
+    pub async fn list_all(
+        &self,
+        after: Option<(&str, &str)>,
+        limit: usize,
+    ) -> Result<Vec<(String, Connection)>, VaultError> {
+        let limit = limit.clamp(1, 1000) as i64;
+        Ok(self
+            .inner
+            .sql
+            .list_all(&self.inner.pool, after, limit)
+            .await?)
+    }
+
     fn integration(&self, name: &str) -> Result<&Integration, VaultError> {
         self.inner
             .integrations

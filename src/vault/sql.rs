@@ -19,6 +19,26 @@ pub(crate) struct Sealed {
 const SEALED_COLUMNS: &str =
     "access_token, refresh_token, expires_at, scopes, token_type, needs_reconsent_at IS NOT NULL";
 
+/// What [`connection`] reads, in its order.
+const CONNECTION_COLUMNS: &str = "integration, expires_at, scopes, token_type, \
+    refresh_token IS NOT NULL, needs_reconsent_at IS NOT NULL, created_at, updated_at, \
+    last_used_at, last_refreshed_at";
+
+fn connection(r: &PgRow) -> Result<Connection, sqlx::Error> {
+    Ok(Connection {
+        integration: r.try_get(0)?,
+        expires_at: r.try_get(1)?,
+        scopes: r.try_get(2)?,
+        token_type: r.try_get(3)?,
+        refreshable: r.try_get(4)?,
+        needs_reconsent: r.try_get(5)?,
+        created_at: r.try_get(6)?,
+        updated_at: r.try_get(7)?,
+        last_used_at: r.try_get(8)?,
+        last_refreshed_at: r.try_get(9)?,
+    })
+}
+
 fn sealed(row: &PgRow) -> Result<Sealed, sqlx::Error> {
     Ok(Sealed {
         access_token: row.try_get(0)?,
@@ -210,29 +230,36 @@ impl Sql {
     ) -> Result<Vec<Connection>, sqlx::Error> {
         let t = &self.table;
         let rows = sqlx::query(&format!(
-            "SELECT integration, expires_at, scopes, token_type, refresh_token IS NOT NULL, \
-               needs_reconsent_at IS NOT NULL, created_at, updated_at, last_used_at, \
-               last_refreshed_at \
-             FROM {t} WHERE user_id = $1 ORDER BY integration"
+            "SELECT {CONNECTION_COLUMNS} FROM {t} WHERE user_id = $1 ORDER BY integration"
         ))
         .bind(user)
         .fetch_all(pool)
         .await?;
+        rows.iter().map(connection).collect()
+    }
+
+    /// At most `limit` connections of every user, in (user, integration)
+    /// order, after `after` (keyset paging: each page is one index range).
+    pub(crate) async fn list_all(
+        &self,
+        pool: &PgPool,
+        after: Option<(&str, &str)>,
+        limit: i64,
+    ) -> Result<Vec<(String, Connection)>, sqlx::Error> {
+        let t = &self.table;
+        let (user, integration) = after.unwrap_or(("", ""));
+        let rows = sqlx::query(&format!(
+            "SELECT {CONNECTION_COLUMNS}, user_id FROM {t} \
+             WHERE (user_id, integration) > ($1, $2) \
+             ORDER BY user_id, integration LIMIT $3"
+        ))
+        .bind(user)
+        .bind(integration)
+        .bind(limit)
+        .fetch_all(pool)
+        .await?;
         rows.iter()
-            .map(|r| {
-                Ok(Connection {
-                    integration: r.try_get(0)?,
-                    expires_at: r.try_get(1)?,
-                    scopes: r.try_get(2)?,
-                    token_type: r.try_get(3)?,
-                    refreshable: r.try_get(4)?,
-                    needs_reconsent: r.try_get(5)?,
-                    created_at: r.try_get(6)?,
-                    updated_at: r.try_get(7)?,
-                    last_used_at: r.try_get(8)?,
-                    last_refreshed_at: r.try_get(9)?,
-                })
-            })
+            .map(|r| Ok((r.try_get(10)?, connection(r)?)))
             .collect()
     }
 
