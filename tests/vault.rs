@@ -1244,6 +1244,13 @@ mod connecting {
     }
 
     pub(super) async fn app(tweak: impl FnOnce(Integration) -> Integration) -> App {
+        app_with(tweak, |c| c).await
+    }
+
+    pub(super) async fn app_with(
+        tweak: impl FnOnce(Integration) -> Integration,
+        configure: impl FnOnce(VaultConfig) -> VaultConfig,
+    ) -> App {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://127.0.0.1:{}", listener.local_addr().unwrap().port());
         let db = Db::new().await;
@@ -1273,7 +1280,7 @@ mod connecting {
             .unwrap()
             .add_scope("email")
             .unwrap();
-        let config = s.config().with_integration(tweak(mail));
+        let config = configure(s.config().with_integration(tweak(mail)));
         let vault = TokenVault::new(&s.store, s.keys.clone(), config)
             .await
             .unwrap();
@@ -1301,8 +1308,9 @@ mod connecting {
             )
             .route(
                 "/integrations/{name}/callback",
-                get(|State(a): State<AppState>, session: Session, RawQuery(q): RawQuery| async move {
-                    match a.vault.connect_callback(&session, q.as_deref()).await {
+                get(|State(a): State<AppState>, session: Session, headers: axum::http::HeaderMap, RawQuery(q): RawQuery| async move {
+                    let peer = "127.0.0.1".parse().ok();
+                    match a.vault.connect_callback_audited(&session, q.as_deref(), &headers, peer).await {
                         Ok((redirect, _)) => redirect.into_response(),
                         Err(e) => e.into_response(),
                     }
@@ -1614,5 +1622,122 @@ async fn list_all_pages_through_every_users_connections() {
     let users: Vec<&str> = rest.iter().map(|(u, _)| u.as_str()).collect();
     assert_eq!(users, ["carol"]);
     assert_eq!(rest[0].1.integration, "mail");
+    s.db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn the_connect_audit_records_the_client_only_when_on() {
+    use tower_pg_session::vault::ClientIp;
+
+    let audit_row = |app: &connecting::App| {
+        let (pool, table) = (app.s.db.pool.clone(), app.s.table());
+        async move {
+            sqlx::query_as::<_, (Option<String>, Option<String>)>(&format!(
+                "SELECT host(connect_ip), connect_user_agent FROM {table}"
+            ))
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    for on in [false, true] {
+        let app = connecting::app_with(
+            |i| i,
+            |c| {
+                if on {
+                    c.with_connect_audit(ClientIp::LastForwardedFor)
+                } else {
+                    c
+                }
+            },
+        )
+        .await;
+        let browser = app.logged_in("alice").await;
+        let callback = app.consent(&browser, "alice").await;
+        let r = browser
+            .http
+            .get(&callback)
+            .header("x-forwarded-for", "6.6.6.6, 203.0.113.7")
+            .header("user-agent", format!("Mozilla/5.0 {}", "x".repeat(2000)))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), reqwest::StatusCode::FOUND);
+        let (ip, ua) = audit_row(&app).await;
+        if on {
+            assert_eq!(ip.as_deref(), Some("203.0.113.7"));
+            let ua = ua.unwrap();
+            assert!(
+                ua.starts_with("Mozilla/5.0 x") && ua.len() == 512,
+                "{}",
+                ua.len()
+            );
+        } else {
+            assert_eq!((ip, ua), (None, None));
+        }
+        // A later store (a refresh, an import) leaves what was recorded.
+        app.vault
+            .store("alice", "mail", Tokens::new("replaced".to_owned()))
+            .await
+            .unwrap();
+        assert_eq!(audit_row(&app).await.0.is_some(), on);
+        app.s.db.drop_schema().await;
+    }
+}
+
+#[tokio::test]
+async fn an_existing_table_gains_the_audit_columns_at_concurrent_start_ups() {
+    let s = setup("keycloak").await;
+    // The table as the first version created it, with a row.
+    let t = s.table();
+    sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {}", s.db.schema))
+        .execute(&s.db.pool)
+        .await
+        .unwrap();
+    sqlx::query(&format!(
+        "CREATE TABLE {t} (user_id text NOT NULL, integration text NOT NULL, \
+           access_token text NOT NULL, refresh_token text, expires_at timestamptz, \
+           scopes text[] NOT NULL DEFAULT '{{}}', token_type text NOT NULL DEFAULT 'Bearer', \
+           needs_reconsent_at timestamptz, created_at timestamptz NOT NULL DEFAULT now(), \
+           updated_at timestamptz NOT NULL DEFAULT now(), last_used_at timestamptz, \
+           last_refreshed_at timestamptz, PRIMARY KEY (user_id, integration))"
+    ))
+    .execute(&s.db.pool)
+    .await
+    .unwrap();
+    let old = s.vault().await;
+    old.store("dora", "mail", Tokens::new("kept-token".to_owned()))
+        .await
+        .unwrap();
+    sqlx::query(&format!(
+        "ALTER TABLE {t} DROP COLUMN connect_ip, DROP COLUMN connect_user_agent"
+    ))
+    .execute(&s.db.pool)
+    .await
+    .unwrap();
+
+    let starts: Vec<_> = (0..4)
+        .map(|_| {
+            let (store, keys, config) = (s.store.clone(), s.keys.clone(), s.config());
+            tokio::spawn(async move { TokenVault::new(&store, keys, config).await })
+        })
+        .collect();
+    for start in starts {
+        start.await.unwrap().unwrap();
+    }
+    let columns: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM information_schema.columns \
+         WHERE table_schema = $1 AND table_name = 'oauth_tokens' \
+           AND column_name IN ('connect_ip', 'connect_user_agent')",
+    )
+    .bind(&s.db.schema)
+    .fetch_one(&s.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(columns, 2);
+    assert_eq!(
+        s.vault().await.get("dora", "mail").await.unwrap().secret(),
+        "kept-token"
+    );
     s.db.drop_schema().await;
 }

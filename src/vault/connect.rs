@@ -5,11 +5,14 @@
 //! session key, taken once, compared in constant time, with an expiry and a
 //! cap per browser.
 
+use std::net::IpAddr;
+
+use http::{header, HeaderMap, HeaderName};
 use serde_json::value::RawValue;
 use time::OffsetDateTime;
 use tracing::Instrument;
 
-use super::{TokenVault, VaultError};
+use super::{sql::Audit, TokenVault, VaultError};
 use crate::{
     log_safe::untrusted,
     metrics,
@@ -37,6 +40,59 @@ pub struct Connected {
     /// Whether the provider issued a refresh token (without one, the
     /// connection lasts as long as the access token).
     pub refreshable: bool,
+}
+
+/// Where the connect audit ([`VaultConfig::with_connect_audit`](super::VaultConfig::with_connect_audit))
+/// takes the client's IP address from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ClientIp {
+    /// The socket's peer: the client itself when nothing stands between.
+    Peer,
+    /// The last address of `X-Forwarded-For`: the one a single trusted
+    /// reverse proxy appended (the earlier ones are the client's to choose).
+    LastForwardedFor,
+    /// The value of a header a trusted proxy sets to the client's address
+    /// alone (`X-Real-IP`, `Fly-Client-IP`, …).
+    Header(HeaderName),
+}
+
+/// Longest `User-Agent` kept, in bytes.
+const MAX_USER_AGENT: usize = 512;
+
+impl ClientIp {
+    /// The client's address from this source, if it names one.
+    fn pick(&self, headers: &HeaderMap, peer: Option<IpAddr>) -> Option<IpAddr> {
+        let text = |name: &HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
+        match self {
+            Self::Peer => peer,
+            Self::LastForwardedFor => text(&HeaderName::from_static("x-forwarded-for"))?
+                .rsplit(',')
+                .next()?
+                .trim()
+                .parse()
+                .ok(),
+            Self::Header(name) => text(name)?.trim().parse().ok(),
+        }
+    }
+}
+
+/// What the audit records about the client of a request.
+fn audit_of(source: &ClientIp, headers: &HeaderMap, peer: Option<IpAddr>) -> Audit {
+    let user_agent = headers
+        .get(header::USER_AGENT)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        .map(|ua| {
+            let mut end = ua.len().min(MAX_USER_AGENT);
+            while !ua.is_char_boundary(end) {
+                end -= 1;
+            }
+            ua[..end].to_owned()
+        });
+    Audit {
+        ip: source.pick(headers, peer).map(|ip| ip.to_string()),
+        user_agent,
+    }
 }
 
 /// Longest `error` plus `error_description` of a provider kept in an error.
@@ -126,8 +182,31 @@ impl TokenVault {
         session: &Session,
         query: Option<&str>,
     ) -> Result<(Redirect, Connected), VaultError> {
+        self.connect_callback_audited(session, query, &HeaderMap::new(), None)
+            .await
+    }
+
+    /// [`connect_callback`](Self::connect_callback) that also records the
+    /// client (IP address and `User-Agent`) from the request's `headers` and
+    /// the socket's `peer` address, when the audit is on
+    /// ([`VaultConfig::with_connect_audit`](super::VaultConfig::with_connect_audit)).
+    ///
+    /// # Errors
+    /// As [`connect_callback`](Self::connect_callback).
+    pub async fn connect_callback_audited(
+        &self,
+        session: &Session,
+        query: Option<&str>,
+        headers: &HeaderMap,
+        peer: Option<IpAddr>,
+    ) -> Result<(Redirect, Connected), VaultError> {
+        let audit = self
+            .inner
+            .connect_audit
+            .as_ref()
+            .map(|source| audit_of(source, headers, peer));
         let result = self
-            .complete_connect(session, query)
+            .complete_connect(session, query, audit.as_ref())
             .instrument(tracing::info_span!("vault_connect_callback"))
             .await;
         if let Err(e) = &result {
@@ -141,6 +220,7 @@ impl TokenVault {
         &self,
         session: &Session,
         query: Option<&str>,
+        audit: Option<&Audit>,
     ) -> Result<(Redirect, Connected), VaultError> {
         let params =
             pending::callback_params(query).map_err(|detail| VaultError::InvalidCallback {
@@ -195,7 +275,7 @@ impl TokenVault {
             scopes: tokens.scopes.clone(),
             refreshable: tokens.refresh_token.is_some(),
         };
-        self.store(&user, &name, tokens).await?;
+        self.store_with(&user, &name, tokens, audit).await?;
         tracing::info!(integration = %name, user = %untrusted(&user), "account connected");
         let back = safe_return_to(Some(&pending.return_to));
         Ok((Redirect::found(&back), connected))
@@ -248,3 +328,50 @@ impl TokenVault {
 
 /// Pending connections kept per browser; the oldest goes first past it.
 const MAX_PENDING: usize = 5;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                http::HeaderValue::from_bytes(v.as_bytes()).expect("value"),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn the_client_ip_comes_from_the_configured_source_only() {
+        let peer: Option<IpAddr> = "10.0.0.1".parse().ok();
+        let h = headers(&[
+            ("x-forwarded-for", "6.6.6.6, 203.0.113.7"),
+            ("x-real-ip", " 2001:db8::1 "),
+        ]);
+        let ip = |source: ClientIp, h: &HeaderMap| source.pick(h, peer).map(|i| i.to_string());
+        assert_eq!(ip(ClientIp::Peer, &h).as_deref(), Some("10.0.0.1"));
+        assert_eq!(
+            ip(ClientIp::LastForwardedFor, &h).as_deref(),
+            Some("203.0.113.7")
+        );
+        let real = ClientIp::Header(HeaderName::from_static("x-real-ip"));
+        assert_eq!(ip(real.clone(), &h).as_deref(), Some("2001:db8::1"));
+        // Garbage or nothing: no address rather than a wrong one.
+        let bad = headers(&[("x-forwarded-for", "1.2.3.4, evil"), ("x-real-ip", "x")]);
+        assert_eq!(ip(ClientIp::LastForwardedFor, &bad), None);
+        assert_eq!(ip(real, &bad), None);
+        assert_eq!(ip(ClientIp::LastForwardedFor, &HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn the_user_agent_is_bounded() {
+        let long = "é".repeat(400);
+        let audit = audit_of(&ClientIp::Peer, &headers(&[("user-agent", &long)]), None);
+        let ua = audit.user_agent.expect("kept");
+        assert!(ua.len() <= MAX_USER_AGENT && ua.starts_with('é'));
+        assert_eq!(audit.ip, None);
+    }
+}

@@ -6,7 +6,12 @@
 //!   many instances starting at once), keyed by `(user_id, integration)`:
 //!   the sealed access and refresh tokens, expiry, scopes, token type, a
 //!   re-consent mark, and audit columns (`created_at`, `updated_at`,
-//!   `last_used_at`, `last_refreshed_at`).
+//!   `last_used_at`, `last_refreshed_at`; with
+//!   [`VaultConfig::with_connect_audit`], `connect_ip` and
+//!   `connect_user_agent` of the client that connected the account). Columns
+//!   later versions add are added to an existing table at start-up, nullable.
+//! - **Connecting** an account from a logged-in session:
+//!   [`TokenVault::connect`] and [`TokenVault::connect_callback`].
 //! - **Sealed** with the crate's [`Keyring`]: each token is bound to its user,
 //!   integration and field, so a value copied to another row or column does
 //!   not open ([`VaultError::Unreadable`]; the vault fails closed and logs it).
@@ -67,7 +72,7 @@ use time::OffsetDateTime;
 use tracing::Instrument;
 
 pub use self::{
-    connect::Connected,
+    connect::{ClientIp, Connected},
     error::VaultError,
     import::{ImportOutcome, ImportSource},
     integration::{ClientAuth, Integration},
@@ -76,7 +81,7 @@ pub use self::{
 };
 use self::{
     integration::check_name,
-    sql::{Sealed, Sql, Write},
+    sql::{Audit, Sealed, Sql, Write},
 };
 use crate::{
     crypto::{Aad, Keyring},
@@ -108,6 +113,7 @@ pub struct VaultConfig {
     lock_timeout: Option<Duration>,
     login_keys: Option<Keyring>,
     connect_ttl: Duration,
+    connect_audit: Option<ClientIp>,
 }
 
 impl Default for VaultConfig {
@@ -131,6 +137,7 @@ impl VaultConfig {
             lock_timeout: None,
             login_keys: None,
             connect_ttl: Duration::from_secs(600),
+            connect_audit: None,
         }
     }
 
@@ -213,6 +220,25 @@ impl VaultConfig {
         self
     }
 
+    /// Records who connected an account: the client's IP address, taken
+    /// from `ip`, and its `User-Agent` (at most 512 bytes), in the nullable
+    /// columns `connect_ip` and `connect_user_agent`, written by
+    /// [`TokenVault::connect_callback_audited`]. Off by default: these are
+    /// personal data; turn the audit on where your privacy notice covers it.
+    ///
+    /// ```
+    /// use tower_pg_session::vault::{ClientIp, VaultConfig};
+    ///
+    /// // Behind one reverse proxy that appends the client to X-Forwarded-For:
+    /// let config = VaultConfig::new()
+    ///     .with_connect_audit(ClientIp::LastForwardedFor);
+    /// ```
+    #[must_use]
+    pub fn with_connect_audit(mut self, ip: ClientIp) -> Self {
+        self.connect_audit = Some(ip);
+        self
+    }
+
     /// The longest token accepted, in bytes (default 16 KiB).
     #[must_use]
     pub fn with_max_token_bytes(mut self, limit: usize) -> Self {
@@ -245,6 +271,7 @@ struct Inner {
     /// Opens the session's login record (the user who connects).
     login_keys: Keyring,
     connect_ttl: Duration,
+    connect_audit: Option<ClientIp>,
     /// The last failed refresh per (user, integration), while it is recent.
     failures: Mutex<HashMap<(String, String), Failure>>,
 }
@@ -317,6 +344,7 @@ impl TokenVault {
                 failure_backoff: config.failure_backoff,
                 login_keys,
                 connect_ttl: config.connect_ttl,
+                connect_audit: config.connect_audit,
                 failures: Mutex::new(HashMap::new()),
             }),
         })
@@ -333,6 +361,17 @@ impl TokenVault {
         user: &str,
         integration: &str,
         tokens: Tokens,
+    ) -> Result<(), VaultError> {
+        self.store_with(user, integration, tokens, None).await
+    }
+
+    /// [`store`](Self::store), recording the connecting client when given.
+    async fn store_with(
+        &self,
+        user: &str,
+        integration: &str,
+        tokens: Tokens,
+        audit: Option<&Audit>,
     ) -> Result<(), VaultError> {
         let integration = self.integration(integration)?.name();
         check_user(user)?;
@@ -355,7 +394,7 @@ impl TokenVault {
         };
         self.inner
             .sql
-            .upsert(&self.inner.pool, user, integration, &write)
+            .upsert(&self.inner.pool, user, integration, &write, audit)
             .instrument(tracing::debug_span!("vault_store", integration))
             .await?;
         Ok(())

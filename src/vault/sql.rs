@@ -59,6 +59,14 @@ pub(crate) struct Write<'a> {
     pub(crate) token_type: &'a str,
 }
 
+/// The client that connected an account, when the audit is on.
+#[derive(Debug, Default)]
+pub(crate) struct Audit {
+    /// An IP address, as text (cast to `inet` in SQL).
+    pub(crate) ip: Option<String>,
+    pub(crate) user_agent: Option<String>,
+}
+
 #[derive(Debug)]
 pub(crate) struct Sql {
     table: String,
@@ -119,25 +127,41 @@ impl Sql {
         user: &str,
         integration: &str,
         w: &Write<'_>,
+        audit: Option<&Audit>,
     ) -> Result<(), sqlx::Error> {
         let t = &self.table;
-        sqlx::query(&format!(
+        // A connection with the audit on records its client; any other
+        // write leaves what a connection recorded.
+        let (columns, values, set) = match audit {
+            Some(_) => (
+                ", connect_ip, connect_user_agent",
+                ", $8::inet, $9",
+                ", connect_ip = EXCLUDED.connect_ip, \
+                 connect_user_agent = EXCLUDED.connect_user_agent",
+            ),
+            None => ("", "", ""),
+        };
+        let sql = format!(
             "INSERT INTO {t} (user_id, integration, access_token, refresh_token, expires_at, \
-               scopes, token_type) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+               scopes, token_type{columns}) VALUES ($1, $2, $3, $4, $5, $6, $7{values}) \
              ON CONFLICT (user_id, integration) DO UPDATE SET \
                access_token = EXCLUDED.access_token, refresh_token = EXCLUDED.refresh_token, \
                expires_at = EXCLUDED.expires_at, scopes = EXCLUDED.scopes, \
-               token_type = EXCLUDED.token_type, needs_reconsent_at = NULL, updated_at = now()"
-        ))
-        .bind(user)
-        .bind(integration)
-        .bind(w.access_token)
-        .bind(w.refresh_token)
-        .bind(w.expires_at)
-        .bind(w.scopes)
-        .bind(w.token_type)
-        .execute(pool)
-        .await?;
+               token_type = EXCLUDED.token_type, needs_reconsent_at = NULL, updated_at = now()\
+               {set}"
+        );
+        let mut query = sqlx::query(&sql)
+            .bind(user)
+            .bind(integration)
+            .bind(w.access_token)
+            .bind(w.refresh_token)
+            .bind(w.expires_at)
+            .bind(w.scopes)
+            .bind(w.token_type);
+        if let Some(a) = audit {
+            query = query.bind(a.ip.as_deref()).bind(a.user_agent.as_deref());
+        }
+        query.execute(pool).await?;
         Ok(())
     }
 
