@@ -75,7 +75,7 @@
 //! | `TOKEN_KEYS` | comma-separated base64 32-byte keys sealing the tokens (`openssl rand -base64 32`), the first seals; a random one, with a warning, when unset |
 //! | `OIDC_REFRESH_BEFORE` | `300`: seconds before expiry at which the access token is refreshed |
 //! | `OIDC_PROVIDER` | `keycloak`, `cognito` or `generic`; detected from the issuer when unset. With the local provider, `cognito` starts its Cognito flavor |
-//! | `INTEGRATION_ISSUER` | the issuer of the `mail` integration's provider (OpenID discovery); unset: the login's provider and client. Its client must allow the redirect URI `{APP_URL}/integrations/mail/callback` (registered at the local provider) |
+//! | `INTEGRATION_ISSUER` | the issuer of the `mail` integration's provider (OpenID discovery); unset: the local provider with its client `demo-mail` (secret `demo-mail-secret`), or with `OIDC_ISSUER` the login's provider and client. The client must allow the redirect URI `{APP_URL}/integrations/mail/callback` |
 //! | `INTEGRATION_CLIENT_ID` / `INTEGRATION_CLIENT_SECRET` | the client at `INTEGRATION_ISSUER` (the id is required with it) |
 //! | `INTEGRATION_POLL_SECS` | `5`: how often the background task gets every connected account's token (`0`: off) |
 //! | `COGNITO_DOMAIN` | Cognito's hosted-UI origin for logout (`https://x.auth.eu-west-1.amazoncognito.com`); default: the origin of the authorization endpoint |
@@ -456,6 +456,9 @@ impl Vault {
     }
 }
 
+/// The mail service's client at the local provider (id, secret).
+const LOCAL_MAIL_CLIENT: (&str, &str) = ("demo-mail", "demo-mail-secret");
+
 /// Where the `mail` integration lives and the client there.
 struct MailSettings {
     issuer: String,
@@ -691,16 +694,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             let secret = client_secret
                 .get_or_insert_with(|| "demo-secret".to_owned())
                 .clone();
+            // The login's client, and the mail service's: a client of its
+            // own, so that disconnecting mail (which revokes its grant) does
+            // not end the login.
             let clients = json!([{
                 "client_id": client_id,
                 "client_secret": secret,
-                "redirect_uris": [
-                    format!("{app_url}/auth/callback"),
-                    format!("{app_url}/integrations/mail/callback"),
-                ],
+                "redirect_uris": [format!("{app_url}/auth/callback")],
                 "post_logout_redirect_uris": [format!("{app_url}/")],
                 "backchannel_logout_uri": format!("{app_url}/auth/backchannel-logout"),
                 "backchannel_logout_session_required": true,
+            }, {
+                "client_id": LOCAL_MAIL_CLIENT.0,
+                "client_secret": LOCAL_MAIL_CLIENT.1,
+                "redirect_uris": [format!("{app_url}/integrations/mail/callback")],
             }]);
             let flavor = match provider_name.as_deref() {
                 Some("cognito") => "cognito",
@@ -740,11 +747,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             client_secret: env_str("INTEGRATION_CLIENT_SECRET"),
             redirect_uri: format!("{app_url}/integrations/mail/callback"),
         }),
-        None => issuer.as_ref().ok().map(|issuer| MailSettings {
-            issuer: issuer.clone(),
-            client_id: client_id.clone(),
-            client_secret: client_secret.clone(),
-            redirect_uri: format!("{app_url}/integrations/mail/callback"),
+        None => issuer.as_ref().ok().map(|issuer| {
+            let (client_id, client_secret) = match idp {
+                Some(_) => (
+                    LOCAL_MAIL_CLIENT.0.to_owned(),
+                    Some(LOCAL_MAIL_CLIENT.1.to_owned()),
+                ),
+                None => (client_id.clone(), client_secret.clone()),
+            };
+            MailSettings {
+                issuer: issuer.clone(),
+                client_id,
+                client_secret,
+                redirect_uri: format!("{app_url}/integrations/mail/callback"),
+            }
         }),
     };
     let poll_secs: u64 = env_or("INTEGRATION_POLL_SECS", 5)?;

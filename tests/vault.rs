@@ -1741,3 +1741,24 @@ async fn an_existing_table_gains_the_audit_columns_at_concurrent_start_ups() {
     );
     s.db.drop_schema().await;
 }
+
+#[tokio::test]
+async fn an_expired_connection_is_refused_and_stores_nothing() {
+    let app = connecting::app_with(|i| i, |c| c.with_connect_ttl(Duration::ZERO)).await;
+    let browser = app.logged_in("alice").await;
+    let callback = app.consent(&browser, "alice").await;
+    let r = browser.api(&callback).await;
+    let status = r.status();
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(status.as_u16(), 400, "{body}");
+    assert_eq!(body["error"], "invalid_callback");
+    assert!(
+        body["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("took too long"),
+        "{body}"
+    );
+    assert_eq!(app.rows().await, 0);
+    app.s.db.drop_schema().await;
+}
