@@ -392,12 +392,7 @@ impl Login {
     async fn client(&self) -> Result<OidcClient, Response> {
         match &*self.0.read().await {
             Ok(client) => Ok(client.clone()),
-            Err(why) => Err((
-                StatusCode::SERVICE_UNAVAILABLE,
-                [(header::CACHE_CONTROL, "no-store")],
-                Json(json!({"error": "login_unavailable", "error_description": why})),
-            )
-                .into_response()),
+            Err(why) => Err(unavailable("login_unavailable", why)),
         }
     }
 }
@@ -437,6 +432,16 @@ async fn discover_until_ready(
     }
 }
 
+/// 503 with `error` and why.
+fn unavailable(error: &str, why: &str) -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        [(header::CACHE_CONTROL, "no-store")],
+        Json(json!({"error": error, "error_description": why})),
+    )
+        .into_response()
+}
+
 /// The token vault once its integration is found and its table ready;
 /// until then, why there is none.
 #[derive(Clone)]
@@ -446,12 +451,7 @@ impl Vault {
     async fn get(&self) -> Result<TokenVault, Response> {
         match &*self.0.read().await {
             Ok(vault) => Ok(vault.clone()),
-            Err(why) => Err((
-                StatusCode::SERVICE_UNAVAILABLE,
-                [(header::CACHE_CONTROL, "no-store")],
-                Json(json!({"error": "vault_unavailable", "error_description": why})),
-            )
-                .into_response()),
+            Err(why) => Err(unavailable("vault_unavailable", why)),
         }
     }
 }

@@ -284,17 +284,22 @@ async fn express_compat_shares_count_with_a_node_app() {
     db.drop().await;
 }
 
-/// The demo with its own schema on the test database.
-async fn start_in(db: &common::Db) -> Demo {
+/// Creates `db`'s schema; the database URL whose search path is that schema.
+async fn schema_url(db: &common::Db) -> String {
     sqlx::query(&format!("CREATE SCHEMA {}", db.schema))
         .execute(&db.pool)
         .await
         .unwrap();
-    let url = format!(
+    format!(
         "{}?options=-c%20search_path%3D{}",
         common::database_url(),
         db.schema
-    );
+    )
+}
+
+/// The demo with its own schema on the test database.
+async fn start_in(db: &common::Db) -> Demo {
+    let url = schema_url(db).await;
     start(&[
         ("DATABASE_URL", url),
         ("SESSION_SECRET", common::KEY_A.to_owned()),
@@ -502,15 +507,7 @@ async fn integrations_connect_check_refresh_and_disconnect_as_documented() {
     use base64::{engine::general_purpose::STANDARD, Engine};
 
     let db = common::Db::new().await;
-    sqlx::query(&format!("CREATE SCHEMA {}", db.schema))
-        .execute(&db.pool)
-        .await
-        .unwrap();
-    let url = format!(
-        "{}?options=-c%20search_path%3D{}",
-        common::database_url(),
-        db.schema
-    );
+    let url = schema_url(&db).await;
     let (demo, log) = start_logged(&[
         ("DATABASE_URL", url),
         ("SESSION_SECRET", common::KEY_A.to_owned()),
