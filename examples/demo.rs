@@ -33,7 +33,7 @@
 //! Routes: `GET /` (links and a logout button), `GET /healthz`,
 //! `GET /counter`, `GET /peek`, `PUT /kv/{key}` (JSON body; 403
 //! `{"error": "reserved_key"}` and nothing stored for the login's keys
-//! `oidc` and `oidc.login.*`, and with `EXPRESS_COMPAT=1` Passport's
+//! `oidc` and `oidc.login.*`, the vault's `vault.connect.*`, and with `EXPRESS_COMPAT=1` Passport's
 //! `passport`), `GET /kv`,
 //! `GET /auth/login?return_to=/path`, `GET /auth/callback`,
 //! `POST /auth/logout`, `POST /auth/backchannel-logout`, `GET /me`

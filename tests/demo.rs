@@ -337,7 +337,12 @@ async fn kv_refuses_the_login_keys_and_the_session_stays_intact() {
     let before = kv().await;
     let forged = json!({"sub": "admin", "iss": "x", "claims": {"sub": "admin"},
         "groups": ["admins"], "nonce": "n", "at": before["oidc"], "exp": null});
-    for key in ["oidc", "oidc.login.0123456789abcdef01234567", "oidc.login."] {
+    for key in [
+        "oidc",
+        "oidc.login.0123456789abcdef01234567",
+        "oidc.login.",
+        "vault.connect.0123456789abcdef01234567",
+    ] {
         let (status, body) = kv_put(&b.http, app, key, &forged).await;
         assert_eq!(status, StatusCode::FORBIDDEN, "{key}");
         assert_eq!(body["error"], "reserved_key", "{key}: {body}");
