@@ -14,7 +14,13 @@
 //!   (`tests/idp`, Node.js >= 20.19; `npm ci` there on first run); it stops
 //!   with the demo;
 //! - a provider that is down at start: the session routes work, `/auth/*`
-//!   and `/me` answer 503 with the reason, and discovery is retried every 5 s.
+//!   and `/me` answer 503 with the reason, and discovery is retried every 5 s;
+//! - the token vault: a logged-in user connects a mail account
+//!   (`/integrations/mail/connect` → provider → `/integrations/mail/callback`;
+//!   the local provider stands in for the mail service), its tokens are kept
+//!   sealed in Postgres and refreshed when due; a background task gets every
+//!   connected account's token every `INTEGRATION_POLL_SECS` and logs its
+//!   expiry (never a token).
 //!
 //! ```not_rust
 //! cargo run --example demo
@@ -27,11 +33,23 @@
 //! Routes: `GET /` (links and a logout button), `GET /healthz`,
 //! `GET /counter`, `GET /peek`, `PUT /kv/{key}` (JSON body; 403
 //! `{"error": "reserved_key"}` and nothing stored for the login's keys
-//! `oidc` and `oidc.login.*`, and with `EXPRESS_COMPAT=1` Passport's
+//! `oidc` and `oidc.login.*`, the vault's `vault.connect.*`, and with `EXPRESS_COMPAT=1` Passport's
 //! `passport`), `GET /kv`,
 //! `GET /auth/login?return_to=/path`, `GET /auth/callback`,
 //! `POST /auth/logout`, `POST /auth/backchannel-logout`, `GET /me`
-//! (`{"sub", "claims", "access_token_expires_at"}`).
+//! (`{"sub", "claims", "access_token_expires_at"}`),
+//! `GET /integrations/mail/connect?return_to=/path` (logged-in only, else
+//! 401; redirects to the provider), `GET /integrations/mail/callback`
+//! (redirects to `return_to`; a forged, replayed or expired one answers 400,
+//! a refusal at the provider 403), `GET /integrations` (the logged-in user's
+//! `[{"integration", "expires_at", "scopes", "last_refreshed_at"}]`, times in
+//! unix seconds), `GET /integrations/mail/check` (gets the token through the
+//! vault, refreshing it when due: `{"valid": true, "expires_at": <unix s>}`,
+//! never the token; 404 when not connected, 409 when the user must connect
+//! again, 502 when the provider fails), `POST /integrations/mail/disconnect`
+//! (same-origin only, as logout, else 403; `{"removed": bool}`, and the
+//! refresh token is revoked at the provider). `oidc`, `oidc.login.*` and
+//! `vault.connect.*` are reserved session keys.
 //!
 //! Environment:
 //!
@@ -57,10 +75,15 @@
 //! | `TOKEN_KEYS` | comma-separated base64 32-byte keys sealing the tokens (`openssl rand -base64 32`), the first seals; a random one, with a warning, when unset |
 //! | `OIDC_REFRESH_BEFORE` | `300`: seconds before expiry at which the access token is refreshed |
 //! | `OIDC_PROVIDER` | `keycloak`, `cognito` or `generic`; detected from the issuer when unset. With the local provider, `cognito` starts its Cognito flavor |
+//! | `INTEGRATION_ISSUER` | the issuer of the `mail` integration's provider (OpenID discovery); unset: the local provider with its client `demo-mail` (secret `demo-mail-secret`), or with `OIDC_ISSUER` the login's provider and client. The client must allow the redirect URI `{APP_URL}/integrations/mail/callback` |
+//! | `INTEGRATION_CLIENT_ID` / `INTEGRATION_CLIENT_SECRET` | the client at `INTEGRATION_ISSUER` (the id is required with it) |
+//! | `INTEGRATION_POLL_SECS` | `5`: how often the background task gets every connected account's token (`0`: off) |
 //! | `COGNITO_DOMAIN` | Cognito's hosted-UI origin for logout (`https://x.auth.eu-west-1.amazoncognito.com`); default: the origin of the authorization endpoint |
 //!
 //! The local provider also reads `ACCESS_TOKEN_TTL` (seconds, default 3600):
-//! `ACCESS_TOKEN_TTL=60 OIDC_REFRESH_BEFORE=30` shows refreshes.
+//! `ACCESS_TOKEN_TTL=60 OIDC_REFRESH_BEFORE=30` shows refreshes (the
+//! vault refreshes a connected account 5 minutes before expiry, so with
+//! `ACCESS_TOKEN_TTL` under 300 every check refreshes).
 
 use std::{env, net::SocketAddr, str::FromStr, sync::Arc, time::Duration};
 
@@ -82,6 +105,7 @@ use tower_pg_session::{
     crypto::{EncryptionKey, Keyring},
     oidc::{AuthError, OidcClient, OidcConfig, Provider, RequireLoginLayer, User},
     store::PgConnect,
+    vault::{Integration, TokenVault, VaultConfig, VaultError},
     ExpressSecrets, PgStore, PgStoreConfig, Pooler, PruneConfig, Session, SessionError,
     SessionLayer, SigningKeys,
 };
@@ -368,12 +392,7 @@ impl Login {
     async fn client(&self) -> Result<OidcClient, Response> {
         match &*self.0.read().await {
             Ok(client) => Ok(client.clone()),
-            Err(why) => Err((
-                StatusCode::SERVICE_UNAVAILABLE,
-                [(header::CACHE_CONTROL, "no-store")],
-                Json(json!({"error": "login_unavailable", "error_description": why})),
-            )
-                .into_response()),
+            Err(why) => Err(unavailable("login_unavailable", why)),
         }
     }
 }
@@ -413,10 +432,133 @@ async fn discover_until_ready(
     }
 }
 
+/// 503 with `error` and why.
+fn unavailable(error: &str, why: &str) -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        [(header::CACHE_CONTROL, "no-store")],
+        Json(json!({"error": error, "error_description": why})),
+    )
+        .into_response()
+}
+
+/// The token vault once its integration is found and its table ready;
+/// until then, why there is none.
+#[derive(Clone)]
+struct Vault(Arc<RwLock<Result<TokenVault, String>>>);
+
+impl Vault {
+    async fn get(&self) -> Result<TokenVault, Response> {
+        match &*self.0.read().await {
+            Ok(vault) => Ok(vault.clone()),
+            Err(why) => Err(unavailable("vault_unavailable", why)),
+        }
+    }
+}
+
+/// The mail service's client at the local provider (id, secret).
+const LOCAL_MAIL_CLIENT: (&str, &str) = ("demo-mail", "demo-mail-secret");
+
+/// Where the `mail` integration lives and the client there.
+struct MailSettings {
+    issuer: String,
+    client_id: String,
+    client_secret: Option<String>,
+    redirect_uri: String,
+}
+
+/// Finds the `mail` integration through discovery and prepares the vault's
+/// table, retrying until both work (the provider or the database may not
+/// answer yet).
+async fn vault_until_ready(vault: Vault, settings: MailSettings, store: PgStore, keys: Keyring) {
+    let build = || async {
+        let mut mail = Integration::discover("mail", &settings.issuer, &settings.client_id)
+            .await?
+            .with_redirect_uri(&settings.redirect_uri)?
+            .add_scope("openid")?
+            .add_scope("email")?;
+        if let Some(secret) = &settings.client_secret {
+            mail = mail.with_client_secret(secret);
+        }
+        TokenVault::new(
+            &store,
+            keys.clone(),
+            VaultConfig::new().with_integration(mail),
+        )
+        .await
+    };
+    loop {
+        match build().await {
+            Ok(ready) => {
+                tracing::info!(issuer = %settings.issuer, "token vault ready: integration mail");
+                *vault.0.write().await = Ok(ready);
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_secs = DISCOVERY_RETRY.as_secs(), "token vault not ready");
+                *vault.0.write().await = Err(format!("the token vault is not ready: {e}"));
+            }
+        }
+        tokio::time::sleep(DISCOVERY_RETRY).await;
+    }
+}
+
+/// Every `every`, gets the token of every connected account through the
+/// vault (refreshing those due) and logs its expiry, never the token; at
+/// most [`POLL_MAX`] accounts a round.
+async fn poll_connections(vault: Vault, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Ok(vault) = vault.get().await else {
+            continue;
+        };
+        let mut after: Option<(String, String)> = None;
+        let mut seen = 0;
+        while seen < POLL_MAX {
+            let key = after.as_ref().map(|(u, i)| (u.as_str(), i.as_str()));
+            let page = match vault.list_all(key, POLL_PAGE).await {
+                Ok(page) => page,
+                Err(e) => {
+                    tracing::warn!(error = %e, "listing connected accounts failed");
+                    break;
+                }
+            };
+            for (user, connection) in &page {
+                let integration = connection.integration.as_str();
+                match vault.get(user, integration).await {
+                    Ok(token) => tracing::info!(
+                        user = ?user,
+                        integration,
+                        expires_at = token.expires_at().map(|t| t.unix_timestamp()),
+                        "connected account checked"
+                    ),
+                    Err(e) => {
+                        tracing::warn!(user = ?user, integration, error = %e, "connected account unusable")
+                    }
+                }
+            }
+            seen += page.len();
+            match page.last() {
+                Some((user, c)) if page.len() == POLL_PAGE => {
+                    after = Some((user.clone(), c.integration.clone()));
+                }
+                _ => break,
+            }
+        }
+    }
+}
+
+/// Accounts the background poll looks at per page, and per round.
+const POLL_PAGE: usize = 100;
+const POLL_MAX: usize = 10_000;
+
 #[derive(Clone)]
 struct AppState {
     store: PgStore,
     login: Login,
+    vault: Vault,
 }
 
 #[tokio::main]
@@ -552,6 +694,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             let secret = client_secret
                 .get_or_insert_with(|| "demo-secret".to_owned())
                 .clone();
+            // The login's client, and the mail service's: a client of its
+            // own, so that disconnecting mail (which revokes its grant) does
+            // not end the login.
             let clients = json!([{
                 "client_id": client_id,
                 "client_secret": secret,
@@ -559,6 +704,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "post_logout_redirect_uris": [format!("{app_url}/")],
                 "backchannel_logout_uri": format!("{app_url}/auth/backchannel-logout"),
                 "backchannel_logout_session_required": true,
+            }, {
+                "client_id": LOCAL_MAIL_CLIENT.0,
+                "client_secret": LOCAL_MAIL_CLIENT.1,
+                "redirect_uris": [format!("{app_url}/integrations/mail/callback")],
             }]);
             let flavor = match provider_name.as_deref() {
                 Some("cognito") => "cognito",
@@ -582,6 +731,59 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     ))
                 }
             }
+        }
+    };
+
+    // The `mail` integration: the login's provider and client unless
+    // INTEGRATION_ISSUER (and its client) are given.
+    let vault = Vault(Arc::new(RwLock::new(Err(
+        "the token vault is not ready yet".to_owned(),
+    ))));
+    let mail = match env_str("INTEGRATION_ISSUER") {
+        Some(issuer) => Some(MailSettings {
+            issuer,
+            client_id: env_str("INTEGRATION_CLIENT_ID")
+                .ok_or("INTEGRATION_ISSUER is set: set INTEGRATION_CLIENT_ID too")?,
+            client_secret: env_str("INTEGRATION_CLIENT_SECRET"),
+            redirect_uri: format!("{app_url}/integrations/mail/callback"),
+        }),
+        None => issuer.as_ref().ok().map(|issuer| {
+            let (client_id, client_secret) = match idp {
+                Some(_) => (
+                    LOCAL_MAIL_CLIENT.0.to_owned(),
+                    Some(LOCAL_MAIL_CLIENT.1.to_owned()),
+                ),
+                None => (client_id.clone(), client_secret.clone()),
+            };
+            MailSettings {
+                issuer: issuer.clone(),
+                client_id,
+                client_secret,
+                redirect_uri: format!("{app_url}/integrations/mail/callback"),
+            }
+        }),
+    };
+    let poll_secs: u64 = env_or("INTEGRATION_POLL_SECS", 5)?;
+    let vault_tasks = match mail {
+        Some(settings) => {
+            let ready = tokio::spawn(vault_until_ready(
+                vault.clone(),
+                settings,
+                store.clone(),
+                token_keys.clone(),
+            ));
+            let poll = (poll_secs > 0).then(|| {
+                tokio::spawn(poll_connections(
+                    vault.clone(),
+                    Duration::from_secs(poll_secs),
+                ))
+            });
+            vec![Some(ready), poll].into_iter().flatten().collect()
+        }
+        None => {
+            *vault.0.write().await =
+                Err("no integration provider: set INTEGRATION_ISSUER".to_owned());
+            Vec::new()
         }
     };
 
@@ -632,9 +834,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     };
 
-    let state = AppState { store, login };
+    let state = AppState {
+        store,
+        login,
+        vault,
+    };
     let protected = Router::new()
         .route("/me", get(me))
+        .route("/integrations", get(integrations))
+        .route("/integrations/{name}/check", get(integration_check))
+        .route(
+            "/integrations/{name}/disconnect",
+            post(integration_disconnect),
+        )
         .route_layer(middleware::from_fn_with_state(state.clone(), require_login));
     let app = Router::new()
         .route("/", get(index))
@@ -647,6 +859,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .route("/auth/callback", get(auth_callback))
         .route("/auth/logout", post(auth_logout))
         .route("/auth/backchannel-logout", post(backchannel_logout))
+        .route("/integrations/{name}/connect", get(integration_connect))
+        .route("/integrations/{name}/callback", get(integration_callback))
         .merge(protected)
         .layer(layer)
         .with_state(state);
@@ -659,6 +873,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .with_graceful_shutdown(shutdown_signal())
         .await?;
     if let Some(task) = discovery {
+        task.abort();
+    }
+    for task in vault_tasks {
         task.abort();
     }
     if let Some(idp) = idp {
@@ -870,4 +1087,92 @@ async fn me(user: User) -> Json<Value> {
         "claims": user.claims(),
         "access_token_expires_at": user.access_token_expires_at(),
     }))
+}
+
+/// Starts connecting an account (logged-in users only): to the provider.
+async fn integration_connect(
+    State(state): State<AppState>,
+    session: Session,
+    Path(name): Path<String>,
+    Query(params): Query<LoginParams>,
+) -> Result<Response, Response> {
+    let vault = state.vault.get().await?;
+    match vault
+        .connect(&session, &name, params.return_to.as_deref())
+        .await
+    {
+        Ok(redirect) => Ok(redirect.into_response()),
+        Err(e) => Err(vault_error(e)),
+    }
+}
+
+/// The provider's answer: the tokens are stored, the browser sent back.
+async fn integration_callback(
+    State(state): State<AppState>,
+    session: Session,
+    RawQuery(query): RawQuery,
+) -> Result<Response, Response> {
+    let vault = state.vault.get().await?;
+    match vault.connect_callback(&session, query.as_deref()).await {
+        Ok((redirect, connected)) => {
+            tracing::info!(integration = %connected.integration, "account connected");
+            Ok(redirect.into_response())
+        }
+        Err(e) => Err(vault_error(e)),
+    }
+}
+
+/// The logged-in user's connected accounts: metadata, never a token.
+async fn integrations(State(state): State<AppState>, user: User) -> Result<Response, Response> {
+    let vault = state.vault.get().await?;
+    let list = vault.list(user.sub()).await.map_err(vault_error)?;
+    let list: Vec<Value> = list
+        .iter()
+        .map(|c| {
+            json!({
+                "integration": c.integration,
+                "expires_at": c.expires_at.map(|t| t.unix_timestamp()),
+                "scopes": c.scopes,
+                "last_refreshed_at": c.last_refreshed_at.map(|t| t.unix_timestamp()),
+            })
+        })
+        .collect();
+    Ok(Json(list).into_response())
+}
+
+/// Gets the token through the vault (refreshed when due) and says whether
+/// it is valid and until when; the token itself never leaves the server.
+async fn integration_check(
+    State(state): State<AppState>,
+    user: User,
+    Path(name): Path<String>,
+) -> Result<Response, Response> {
+    let vault = state.vault.get().await?;
+    let token = vault.get(user.sub(), &name).await.map_err(vault_error)?;
+    Ok(Json(json!({
+        "valid": true,
+        "expires_at": token.expires_at().map(|t| t.unix_timestamp()),
+    }))
+    .into_response())
+}
+
+/// Forgets (and revokes) the account: same-origin requests only, as logout.
+async fn integration_disconnect(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    user: User,
+    Path(name): Path<String>,
+) -> Result<Response, Response> {
+    let client = state.login.client().await?;
+    client
+        .check_same_origin(&headers)
+        .map_err(|e| auth_error(&e, &headers))?;
+    let vault = state.vault.get().await?;
+    let removed = vault.remove(user.sub(), &name).await.map_err(vault_error)?;
+    Ok(Json(json!({ "removed": removed })).into_response())
+}
+
+fn vault_error(e: VaultError) -> Response {
+    tracing::warn!(error = %e, "integration request refused");
+    e.into_response()
 }

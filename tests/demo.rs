@@ -4,12 +4,20 @@
 
 mod common;
 
-use std::{path::PathBuf, process::Stdio, time::Duration};
+use std::{
+    path::PathBuf,
+    process::Stdio,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use axum::http::StatusCode;
 use common::idp::{location, Browser};
 use serde_json::{json, Value};
-use tokio::process::{Child, Command};
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    process::{Child, Command},
+};
 
 struct Demo {
     child: Child,
@@ -28,6 +36,28 @@ impl Drop for Demo {
 }
 
 async fn start(env: &[(&str, String)]) -> Demo {
+    start_with(env, Stdio::null()).await
+}
+
+/// As [`start`], with the demo's log (stdout) collected in the returned buffer.
+async fn start_logged(env: &[(&str, String)]) -> (Demo, Arc<Mutex<String>>) {
+    let log = Arc::new(Mutex::new(String::new()));
+    let mut demo = start_with(env, Stdio::piped()).await;
+    let stdout = demo.child.stdout.take().unwrap();
+    let sink = log.clone();
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(stdout).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            eprintln!("{line}");
+            let mut log = sink.lock().unwrap();
+            log.push_str(&line);
+            log.push('\n');
+        }
+    });
+    (demo, log)
+}
+
+async fn start_with(env: &[(&str, String)], stdout: Stdio) -> Demo {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -41,7 +71,7 @@ async fn start(env: &[(&str, String)]) -> Demo {
         .env_remove("OIDC_ISSUER")
         .env_remove("APP_URL")
         .env_remove("EXPRESS_COMPAT")
-        .stdout(Stdio::null())
+        .stdout(stdout)
         .stderr(Stdio::inherit())
         .kill_on_drop(true);
     for (k, v) in env {
@@ -254,17 +284,22 @@ async fn express_compat_shares_count_with_a_node_app() {
     db.drop().await;
 }
 
-/// The demo with its own schema on the test database.
-async fn start_in(db: &common::Db) -> Demo {
+/// Creates `db`'s schema; the database URL whose search path is that schema.
+async fn schema_url(db: &common::Db) -> String {
     sqlx::query(&format!("CREATE SCHEMA {}", db.schema))
         .execute(&db.pool)
         .await
         .unwrap();
-    let url = format!(
+    format!(
         "{}?options=-c%20search_path%3D{}",
         common::database_url(),
         db.schema
-    );
+    )
+}
+
+/// The demo with its own schema on the test database.
+async fn start_in(db: &common::Db) -> Demo {
+    let url = schema_url(db).await;
     start(&[
         ("DATABASE_URL", url),
         ("SESSION_SECRET", common::KEY_A.to_owned()),
@@ -302,7 +337,12 @@ async fn kv_refuses_the_login_keys_and_the_session_stays_intact() {
     let before = kv().await;
     let forged = json!({"sub": "admin", "iss": "x", "claims": {"sub": "admin"},
         "groups": ["admins"], "nonce": "n", "at": before["oidc"], "exp": null});
-    for key in ["oidc", "oidc.login.0123456789abcdef01234567", "oidc.login."] {
+    for key in [
+        "oidc",
+        "oidc.login.0123456789abcdef01234567",
+        "oidc.login.",
+        "vault.connect.0123456789abcdef01234567",
+    ] {
         let (status, body) = kv_put(&b.http, app, key, &forged).await;
         assert_eq!(status, StatusCode::FORBIDDEN, "{key}");
         assert_eq!(body["error"], "reserved_key", "{key}: {body}");
@@ -465,4 +505,168 @@ fn tempfile_dir() -> PathBuf {
     ));
     std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+#[tokio::test]
+async fn integrations_connect_check_refresh_and_disconnect_as_documented() {
+    use base64::{engine::general_purpose::STANDARD, Engine};
+
+    let db = common::Db::new().await;
+    let url = schema_url(&db).await;
+    let (demo, log) = start_logged(&[
+        ("DATABASE_URL", url),
+        ("SESSION_SECRET", common::KEY_A.to_owned()),
+        ("COOKIE_SECURE", "0".to_owned()),
+        ("TOKEN_KEYS", STANDARD.encode(rand::random::<[u8; 32]>())),
+        // Shorter than the vault's (and the login's) 5-minute margin: every
+        // check refreshes, and so does every request of the login.
+        ("ACCESS_TOKEN_TTL", "60".to_owned()),
+        ("INTEGRATION_POLL_SECS", "1".to_owned()),
+        ("RUST_LOG", "info,sqlx=warn".to_owned()),
+        ("NO_COLOR", "1".to_owned()),
+    ])
+    .await;
+    let app = &demo.url;
+    let b = Browser::new();
+    let json = |r: reqwest::Response| async move {
+        let (status, url) = (r.status(), r.url().clone());
+        let text = r.text().await.unwrap();
+        serde_json::from_str::<Value>(&text)
+            .unwrap_or_else(|e| panic!("{url}: {status} {text:?}: {e}"))
+    };
+
+    // Not logged in: refused, nothing started.
+    let r = b
+        .api(&format!(
+            "{app}/integrations/mail/connect?return_to=/settings"
+        ))
+        .await;
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let body = r.text().await.unwrap();
+    assert!(body.contains("not_logged_in"), "{body}");
+    assert_eq!(
+        b.api(&format!("{app}/integrations")).await.status(),
+        StatusCode::UNAUTHORIZED
+    );
+
+    let r = b.login(app, "zoe", "/").await;
+    assert_eq!(r.status(), StatusCode::FOUND);
+    assert_eq!(
+        json(b.api(&format!("{app}/integrations")).await).await,
+        json!([])
+    );
+    let r = b.api(&format!("{app}/integrations/mail/check")).await;
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+
+    // Connect: to the provider and back to return_to.
+    let r = b
+        .get(&format!(
+            "{app}/integrations/mail/connect?return_to=/settings"
+        ))
+        .await;
+    assert_eq!(r.status(), StatusCode::FOUND);
+    let auth = location(&r);
+    let callback = b.authorize(&auth, "zoe").await;
+    assert!(
+        callback.starts_with(&format!("{app}/integrations/mail/callback?")),
+        "{callback}"
+    );
+    let r = b.get(&callback).await;
+    assert_eq!(r.status(), StatusCode::FOUND);
+    assert_eq!(location(&r), "/settings");
+    // The same callback again is refused.
+    assert_eq!(b.api(&callback).await.status(), StatusCode::BAD_REQUEST);
+
+    let list = json(b.api(&format!("{app}/integrations")).await).await;
+    let entries = list.as_array().unwrap();
+    assert_eq!(entries.len(), 1, "{list}");
+    let entry = entries[0].as_object().unwrap();
+    let mut keys: Vec<&str> = entry.keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    assert_eq!(
+        keys,
+        ["expires_at", "integration", "last_refreshed_at", "scopes"]
+    );
+    assert_eq!(entry["integration"], "mail");
+    let first_expiry = entry["expires_at"].as_i64().unwrap();
+    assert!(entry["scopes"].is_array());
+
+    // Check: through the vault, refreshed (due with a 60 s lifetime), and
+    // the answer carries the expiry only.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let r = b.api(&format!("{app}/integrations/mail/check")).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let check = json(r).await;
+    let fields: Vec<&String> = check.as_object().unwrap().keys().collect();
+    assert_eq!(fields.len(), 2, "only valid and expires_at: {check}");
+    assert_eq!(check["valid"], true);
+    assert!(
+        check["expires_at"].as_i64().unwrap() > first_expiry,
+        "{check}"
+    );
+    let list = json(b.api(&format!("{app}/integrations")).await).await;
+    assert!(list[0]["last_refreshed_at"].as_i64().is_some(), "{list}");
+
+    // The background task gets the token of every connected account.
+    let mut logged = String::new();
+    for _ in 0..100 {
+        logged = log.lock().unwrap().clone();
+        if logged.contains("connected account checked") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let line = logged
+        .lines()
+        .find(|l| l.contains("connected account checked"))
+        .unwrap_or_else(|| panic!("no background check logged:\n{logged}"));
+    assert!(
+        line.contains("integration=\"mail\"") || line.contains("integration=mail"),
+        "{line}"
+    );
+    assert!(line.contains("expires_at="), "{line}");
+
+    // Disconnect: refused from another origin, done from the app's own.
+    let disconnect = format!("{app}/integrations/mail/disconnect");
+    let r = b
+        .http
+        .post(&disconnect)
+        .header("origin", "http://evil.example")
+        .header("accept", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    assert_eq!(
+        json(b.api(&format!("{app}/integrations")).await)
+            .await
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    let r = b
+        .http
+        .post(&disconnect)
+        .header("origin", app.as_str())
+        .header("accept", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(json(r).await, json!({"removed": true}));
+    assert_eq!(
+        json(b.api(&format!("{app}/integrations")).await).await,
+        json!([])
+    );
+    assert_eq!(
+        b.api(&format!("{app}/integrations/mail/check"))
+            .await
+            .status(),
+        StatusCode::NOT_FOUND
+    );
+    // The mail grant was revoked at the provider; the login's is another.
+    assert_eq!(json(b.api(&format!("{app}/me")).await).await["sub"], "zoe");
+    drop(demo);
+    db.drop_schema().await;
 }

@@ -1985,3 +1985,570 @@ async fn the_vault_stores_gets_and_refreshes_through_pgbouncer_in_transaction_mo
     assert!(vault.remove("olga", "mail").await.unwrap());
     s.db.drop_schema().await;
 }
+// ------------------------------------------------------------------ connect
+
+mod connecting {
+    use axum::{
+        extract::{Path, Query, RawQuery, State},
+        response::IntoResponse,
+        routing::get,
+        Router,
+    };
+    use reqwest::StatusCode;
+    use serde::Deserialize;
+    use tower_pg_session::{
+        oidc::{OidcClient, OidcConfig},
+        Session, SessionLayer, SigningKeys,
+    };
+
+    use super::*;
+    use common::idp::{absolute, location};
+
+    /// An app with the login and the vault's connect routes on a real
+    /// socket, the local provider acting as the `mail` integration.
+    pub(super) struct App {
+        pub(super) s: Setup,
+        pub(super) url: String,
+        pub(super) vault: TokenVault,
+        _server: Server,
+    }
+
+    /// The app's server task, stopped with the test.
+    struct Server(tokio::task::JoinHandle<()>);
+
+    impl Drop for Server {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+
+    #[derive(Clone)]
+    struct AppState {
+        login: OidcClient,
+        vault: TokenVault,
+    }
+
+    #[derive(Deserialize)]
+    struct ReturnTo {
+        return_to: Option<String>,
+    }
+
+    pub(super) async fn app(tweak: impl FnOnce(Integration) -> Integration) -> App {
+        app_with(tweak, |c| c).await
+    }
+
+    pub(super) async fn app_with(
+        tweak: impl FnOnce(Integration) -> Integration,
+        configure: impl FnOnce(VaultConfig) -> VaultConfig,
+    ) -> App {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://127.0.0.1:{}", listener.local_addr().unwrap().port());
+        let db = Db::new().await;
+        let idp = Idp::start("keycloak", std::slice::from_ref(&url), 3600).await;
+        let store = db.store().await;
+        let keys = Keyring::generate();
+        let s = Setup {
+            db,
+            idp,
+            store,
+            keys,
+            flavor: "keycloak",
+        };
+        let login_config = OidcConfig::new(&s.idp.issuer, CLIENT_ID, &url, s.keys.clone())
+            .unwrap()
+            .with_client_secret(CLIENT_SECRET);
+        let login = OidcClient::discover(login_config, s.store.clone())
+            .await
+            .unwrap();
+        let mail = Integration::discover("mail", &s.idp.issuer, CLIENT_ID)
+            .await
+            .unwrap()
+            .with_client_secret(CLIENT_SECRET)
+            .with_redirect_uri(&format!("{url}/integrations/mail/callback"))
+            .unwrap()
+            .add_scope("openid")
+            .unwrap()
+            .add_scope("email")
+            .unwrap();
+        let config = configure(s.config().with_integration(tweak(mail)));
+        let vault = TokenVault::new(&s.store, s.keys.clone(), config)
+            .await
+            .unwrap();
+        let layer = SessionLayer::new(s.store.clone(), SigningKeys::new([common::KEY_A]).unwrap())
+            .with_insecure_http_cookie()
+            .unwrap();
+        let router = Router::new()
+            .route(
+                "/auth/login",
+                get(|State(a): State<AppState>, session: Session, Query(q): Query<ReturnTo>| async move {
+                    a.login.login(&session, q.return_to.as_deref()).await
+                }),
+            )
+            .route(
+                "/auth/callback",
+                get(|State(a): State<AppState>, session: Session, RawQuery(q): RawQuery| async move {
+                    a.login.callback(&session, q.as_deref()).await.map(|(r, _)| r)
+                }),
+            )
+            .route(
+                "/integrations/{name}/connect",
+                get(|State(a): State<AppState>, session: Session, Path(name): Path<String>, Query(q): Query<ReturnTo>| async move {
+                    a.vault.connect(&session, &name, q.return_to.as_deref()).await
+                }),
+            )
+            .route(
+                "/integrations/{name}/callback",
+                get(|State(a): State<AppState>, session: Session, headers: axum::http::HeaderMap, RawQuery(q): RawQuery| async move {
+                    let peer = "127.0.0.1".parse().ok();
+                    match a.vault.connect_callback_audited(&session, q.as_deref(), &headers, peer).await {
+                        Ok((redirect, _)) => redirect.into_response(),
+                        Err(e) => e.into_response(),
+                    }
+                }),
+            )
+            .route(
+                "/keys",
+                get(|session: Session| async move {
+                    axum::Json(session.keys().await.unwrap())
+                }),
+            )
+            .with_state(AppState {
+                login,
+                vault: vault.clone(),
+            })
+            .layer(layer);
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, router).await;
+        });
+        App {
+            s,
+            url,
+            vault,
+            _server: Server(server),
+        }
+    }
+
+    impl App {
+        /// A browser logged in at the app as `user`.
+        pub(super) async fn logged_in(&self, user: &str) -> Browser {
+            let browser = Browser::new();
+            let r = browser.login(&self.url, user, "/").await;
+            assert_eq!(r.status(), StatusCode::FOUND, "login");
+            browser
+        }
+
+        /// Starts connecting `mail`: the provider URL the app redirects to.
+        pub(super) async fn start(&self, browser: &Browser, return_to: &str) -> String {
+            let r = browser
+                .get(&format!(
+                    "{}/integrations/mail/connect?return_to={}",
+                    self.url,
+                    common::idp::urlencode(return_to)
+                ))
+                .await;
+            assert_eq!(r.status(), StatusCode::FOUND, "connect");
+            location(&r)
+        }
+
+        /// The callback URL the provider sends the browser back to.
+        pub(super) async fn consent(&self, browser: &Browser, user: &str) -> String {
+            let auth = self.start(browser, "/settings").await;
+            absolute(&auth, &browser.authorize(&auth, user).await)
+        }
+
+        pub(super) async fn rows(&self) -> i64 {
+            sqlx::query_scalar(&format!("SELECT count(*) FROM {}", self.s.table()))
+                .fetch_one(&self.s.db.pool)
+                .await
+                .unwrap()
+        }
+    }
+
+    pub(super) fn param(url: &str, name: &str) -> Option<String> {
+        url::Url::parse(url)
+            .unwrap()
+            .query_pairs()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.into_owned())
+    }
+
+    pub(super) async fn error_of(r: reqwest::Response) -> (StatusCode, String) {
+        let status = r.status();
+        let body: Value = r.json().await.unwrap();
+        (
+            status,
+            body["error"].as_str().unwrap_or_default().to_owned(),
+        )
+    }
+}
+
+#[tokio::test]
+async fn a_logged_in_user_connects_an_account_once() {
+    let app = connecting::app(|i| i).await;
+    let browser = app.logged_in("alice").await;
+    let auth = app.start(&browser, "/settings?tab=mail").await;
+    assert!(auth.starts_with(&app.s.idp.issuer), "{auth}");
+    assert_eq!(
+        connecting::param(&auth, "code_challenge_method").as_deref(),
+        Some("S256")
+    );
+    assert_eq!(
+        connecting::param(&auth, "scope").as_deref(),
+        Some("openid email")
+    );
+    let callback = common::idp::absolute(&auth, &browser.authorize(&auth, "alice").await);
+    assert!(callback.starts_with(&format!("{}/integrations/mail/callback?", app.url)));
+
+    let r = browser.get(&callback).await;
+    assert_eq!(r.status(), reqwest::StatusCode::FOUND);
+    assert_eq!(common::idp::location(&r), "/settings?tab=mail");
+    let token = app.vault.get("alice", "mail").await.unwrap();
+    assert!(!token.secret().is_empty());
+    let listed = app.vault.list("alice").await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert!(listed[0].refreshable, "the provider issued a refresh token");
+    // The stored access token works at the provider.
+    let userinfo: Value = reqwest::Client::new()
+        .get(format!(
+            "{}/protocol/openid-connect/userinfo",
+            app.s.idp.issuer
+        ))
+        .bearer_auth(token.secret())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(userinfo["sub"], "alice");
+
+    // The same callback again: refused, the stored token untouched.
+    let before = app.s.column("alice", "access_token").await;
+    let r = browser.get(&callback).await;
+    let (status, error) = connecting::error_of(r).await;
+    assert_eq!((status.as_u16(), error.as_str()), (400, "invalid_callback"));
+    assert_eq!(app.s.column("alice", "access_token").await, before);
+    assert_eq!(app.rows().await, 1);
+    app.s.db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn a_forged_or_foreign_state_stores_nothing() {
+    let app = connecting::app(|i| i).await;
+    let alice = app.logged_in("alice").await;
+    let callback = app.consent(&alice, "alice").await;
+    let code = connecting::param(&callback, "code").unwrap();
+    for query in [
+        format!("state=forged&code={code}"),
+        format!("code={code}"),
+        "state=x&state=y&code=c".to_owned(),
+    ] {
+        let r = alice
+            .api(&format!("{}/integrations/mail/callback?{query}", app.url))
+            .await;
+        let (status, error) = connecting::error_of(r).await;
+        assert_eq!(
+            (status.as_u16(), error.as_str()),
+            (400, "invalid_callback"),
+            "{query}"
+        );
+    }
+    // Another logged-in browser cannot complete alice's connection.
+    let mallory = app.logged_in("mallory").await;
+    let (status, _) = connecting::error_of(mallory.api(&callback).await).await;
+    assert_eq!(status.as_u16(), 400);
+    assert_eq!(app.rows().await, 0);
+    // Application code cannot plant a pending connection either: the key is
+    // reserved (pinned in the session's unit tests), and what alice's
+    // browser holds is the sealed record under it.
+    let keys: Vec<String> = alice
+        .api(&format!("{}/keys", app.url))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        keys.iter().any(|k| k.starts_with("vault.connect.")),
+        "{keys:?}"
+    );
+    app.s.db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn return_to_another_origin_ends_on_a_local_path() {
+    let app = connecting::app(|i| i).await;
+    let browser = app.logged_in("alice").await;
+    for evil in [
+        "https://evil.example/",
+        "//evil.example/x",
+        "/\\evil.example",
+    ] {
+        let auth = app.start(&browser, evil).await;
+        let callback = common::idp::absolute(&auth, &browser.authorize(&auth, "alice").await);
+        let r = browser.get(&callback).await;
+        assert_eq!(r.status(), reqwest::StatusCode::FOUND, "{evil}");
+        assert_eq!(common::idp::location(&r), "/", "{evil}");
+    }
+    app.s.db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn connecting_needs_a_login() {
+    let app = connecting::app(|i| i).await;
+    let browser = Browser::new();
+    let r = browser
+        .api(&format!(
+            "{}/integrations/mail/connect?return_to=/x",
+            app.url
+        ))
+        .await;
+    let (status, error) = connecting::error_of(r).await;
+    assert_eq!((status.as_u16(), error.as_str()), (401, "not_logged_in"));
+    let keys: Vec<String> = browser
+        .api(&format!("{}/keys", app.url))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(keys.is_empty(), "nothing pending: {keys:?}");
+    // An integration without an authorization set-up cannot be connected.
+    let logged_in = app.logged_in("alice").await;
+    let r = logged_in
+        .api(&format!("{}/integrations/nope/connect", app.url))
+        .await;
+    assert_eq!(connecting::error_of(r).await.0.as_u16(), 404);
+    app.s.db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn a_provider_error_consumes_the_state_and_is_logged_escaped() {
+    logs();
+    let app = connecting::app(|i| i).await;
+    let browser = app.logged_in("alice").await;
+    let callback = app.consent(&browser, "alice").await;
+    let state = connecting::param(&callback, "state").unwrap();
+    let r = browser
+        .api(&format!(
+            "{}/integrations/mail/callback?state={}&error=access_denied&error_description={}",
+            app.url,
+            common::idp::urlencode(&state),
+            common::idp::urlencode("no\nFAKE line")
+        ))
+        .await;
+    let (status, error) = connecting::error_of(r).await;
+    assert_eq!((status.as_u16(), error.as_str()), (403, "consent_refused"));
+    // The state is gone: the real code cannot be used with it any more.
+    let (status, _) = connecting::error_of(browser.api(&callback).await).await;
+    assert_eq!(status.as_u16(), 400);
+    assert_eq!(app.rows().await, 0);
+    let text = String::from_utf8(logs().lock().unwrap().clone()).unwrap();
+    assert!(text.contains("access_denied: no\\nFAKE line"), "{text}");
+    assert!(!text.contains("no\nFAKE"), "{text}");
+    app.s.db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn a_malformed_or_oversized_token_response_stores_nothing() {
+    let app = connecting::app(|i| i).await;
+    let browser = app.logged_in("alice").await;
+    for (mode, size) in [("malformed", 0), ("oversized", 20_000), ("unavailable", 0)] {
+        let callback = app.consent(&browser, "alice").await;
+        app.s.fault(mode, 1, size).await;
+        let (status, error) = connecting::error_of(browser.api(&callback).await).await;
+        let expected = match mode {
+            "unavailable" => "provider_unavailable",
+            _ => "invalid_response",
+        };
+        assert_eq!((status.as_u16(), error.as_str()), (502, expected), "{mode}");
+        assert_eq!(app.rows().await, 0, "{mode}");
+    }
+    app.s.db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn a_plain_oauth_integration_connects_with_configured_endpoints() {
+    // Endpoints given by hand, no issuer: OAuth 2.0 without discovery (the
+    // local provider grants nothing without a scope it knows).
+    let app = connecting::app(|found| {
+        Integration::new("mail", found.token_endpoint(), CLIENT_ID)
+            .unwrap()
+            .with_client_secret(CLIENT_SECRET)
+            .with_authorization_endpoint(found.authorization_endpoint().unwrap())
+            .unwrap()
+            .with_redirect_uri(found.redirect_uri().unwrap())
+            .unwrap()
+            .add_scope("openid")
+            .unwrap()
+    })
+    .await;
+    let browser = app.logged_in("bob").await;
+    let auth = app.start(&browser, "/").await;
+    assert_eq!(connecting::param(&auth, "scope").as_deref(), Some("openid"));
+    let callback = common::idp::absolute(&auth, &browser.authorize(&auth, "bob").await);
+    let r = browser.get(&callback).await;
+    assert_eq!(r.status(), reqwest::StatusCode::FOUND, "{callback}");
+    assert!(app.vault.get("bob", "mail").await.is_ok());
+    app.s.db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn list_all_pages_through_every_users_connections() {
+    let s = setup("keycloak").await;
+    let vault = s.vault().await;
+    for user in ["carol", "alice", "bob"] {
+        vault
+            .store(user, "mail", Tokens::new(format!("token-of-{user}")))
+            .await
+            .unwrap();
+    }
+    let first = vault.list_all(None, 2).await.unwrap();
+    let users: Vec<&str> = first.iter().map(|(u, _)| u.as_str()).collect();
+    assert_eq!(users, ["alice", "bob"]);
+    let (last_user, last) = first.last().unwrap();
+    let rest = vault
+        .list_all(Some((last_user, &last.integration)), 2)
+        .await
+        .unwrap();
+    let users: Vec<&str> = rest.iter().map(|(u, _)| u.as_str()).collect();
+    assert_eq!(users, ["carol"]);
+    assert_eq!(rest[0].1.integration, "mail");
+    s.db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn the_connect_audit_records_the_client_only_when_on() {
+    use tower_pg_session::vault::ClientIp;
+
+    let audit_row = |app: &connecting::App| {
+        let (pool, table) = (app.s.db.pool.clone(), app.s.table());
+        async move {
+            sqlx::query_as::<_, (Option<String>, Option<String>)>(&format!(
+                "SELECT host(connect_ip), connect_user_agent FROM {table}"
+            ))
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    for on in [false, true] {
+        let app = connecting::app_with(
+            |i| i,
+            |c| {
+                if on {
+                    c.with_connect_audit(ClientIp::LastForwardedFor)
+                } else {
+                    c
+                }
+            },
+        )
+        .await;
+        let browser = app.logged_in("alice").await;
+        let callback = app.consent(&browser, "alice").await;
+        let r = browser
+            .http
+            .get(&callback)
+            .header("x-forwarded-for", "6.6.6.6, 203.0.113.7")
+            .header("user-agent", format!("Mozilla/5.0 {}", "x".repeat(2000)))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), reqwest::StatusCode::FOUND);
+        let (ip, ua) = audit_row(&app).await;
+        if on {
+            assert_eq!(ip.as_deref(), Some("203.0.113.7"));
+            let ua = ua.unwrap();
+            assert!(
+                ua.starts_with("Mozilla/5.0 x") && ua.len() == 512,
+                "{}",
+                ua.len()
+            );
+        } else {
+            assert_eq!((ip, ua), (None, None));
+        }
+        // A later store (a refresh, an import) leaves what was recorded.
+        app.vault
+            .store("alice", "mail", Tokens::new("replaced".to_owned()))
+            .await
+            .unwrap();
+        assert_eq!(audit_row(&app).await.0.is_some(), on);
+        app.s.db.drop_schema().await;
+    }
+}
+
+#[tokio::test]
+async fn an_existing_table_gains_the_audit_columns_at_concurrent_start_ups() {
+    let s = setup("keycloak").await;
+    // The table as the first version created it, with a row.
+    let t = s.table();
+    sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {}", s.db.schema))
+        .execute(&s.db.pool)
+        .await
+        .unwrap();
+    sqlx::query(&format!(
+        "CREATE TABLE {t} (user_id text NOT NULL, integration text NOT NULL, \
+           access_token text NOT NULL, refresh_token text, expires_at timestamptz, \
+           scopes text[] NOT NULL DEFAULT '{{}}', token_type text NOT NULL DEFAULT 'Bearer', \
+           needs_reconsent_at timestamptz, created_at timestamptz NOT NULL DEFAULT now(), \
+           updated_at timestamptz NOT NULL DEFAULT now(), last_used_at timestamptz, \
+           last_refreshed_at timestamptz, PRIMARY KEY (user_id, integration))"
+    ))
+    .execute(&s.db.pool)
+    .await
+    .unwrap();
+    let old = s.vault().await;
+    old.store("dora", "mail", Tokens::new("kept-token".to_owned()))
+        .await
+        .unwrap();
+    sqlx::query(&format!(
+        "ALTER TABLE {t} DROP COLUMN connect_ip, DROP COLUMN connect_user_agent"
+    ))
+    .execute(&s.db.pool)
+    .await
+    .unwrap();
+
+    let starts: Vec<_> = (0..4)
+        .map(|_| {
+            let (store, keys, config) = (s.store.clone(), s.keys.clone(), s.config());
+            tokio::spawn(async move { TokenVault::new(&store, keys, config).await })
+        })
+        .collect();
+    for start in starts {
+        start.await.unwrap().unwrap();
+    }
+    let columns: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM information_schema.columns \
+         WHERE table_schema = $1 AND table_name = 'oauth_tokens' \
+           AND column_name IN ('connect_ip', 'connect_user_agent')",
+    )
+    .bind(&s.db.schema)
+    .fetch_one(&s.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(columns, 2);
+    assert_eq!(
+        s.vault().await.get("dora", "mail").await.unwrap().secret(),
+        "kept-token"
+    );
+    s.db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn an_expired_connection_is_refused_and_stores_nothing() {
+    let app = connecting::app_with(|i| i, |c| c.with_connect_ttl(Duration::ZERO)).await;
+    let browser = app.logged_in("alice").await;
+    let callback = app.consent(&browser, "alice").await;
+    let r = browser.api(&callback).await;
+    let status = r.status();
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(status.as_u16(), 400, "{body}");
+    assert_eq!(body["error"], "invalid_callback");
+    assert!(
+        body["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("took too long"),
+        "{body}"
+    );
+    assert_eq!(app.rows().await, 0);
+    app.s.db.drop_schema().await;
+}

@@ -2,19 +2,15 @@
 
 use http::{header, HeaderMap, StatusCode};
 use openidconnect::{
-    core::CoreResponseType, url::Url, AuthenticationFlow, CsrfToken, Nonce, PkceCodeChallenge,
-    Scope,
+    core::CoreResponseType, url::Url, AuthenticationFlow, CsrfToken, Nonce, Scope,
 };
 use serde_json::{value::RawValue, Value};
-use time::OffsetDateTime;
 use tracing::Instrument;
 
 use super::{
-    client::{constant_eq, Discovered, LogoutStyle, OidcClient},
-    record::{
-        self, groups_of, pending_key, safe_return_to, LoginRecord, PendingLogin, Stored,
-        PENDING_PREFIX, USER_KEY,
-    },
+    client::{Discovered, LogoutStyle, OidcClient},
+    pending::{self, Bound, Limits, PendingError, Started},
+    record::{self, groups_of, safe_return_to, LoginRecord, Stored, USER_KEY},
     AuthError, AuthErrorKind, Redirect, User,
 };
 use crate::{
@@ -37,23 +33,27 @@ fn unsealable(e: serde_json::Error) -> AuthError {
     )
 }
 
-fn now_ms() -> i64 {
-    (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
+fn pending_error(e: PendingError) -> AuthError {
+    match e {
+        PendingError::Session(e) => session_error(e),
+        PendingError::Unsealable(e) => unsealable(e),
+        PendingError::Tampered => AuthError::new(
+            AuthErrorKind::TamperedData,
+            "the stored login does not open (edited, moved, from an older version, or its key retired)",
+        ),
+        PendingError::Unknown => {
+            AuthError::new(AuthErrorKind::UnknownState, "unknown or already used state")
+        }
+        PendingError::Expired => {
+            AuthError::new(AuthErrorKind::ExpiredState, "the login took too long")
+        }
+    }
 }
 
 /// The parameters of a callback, each at most once.
 fn params(query: Option<&str>) -> Result<Vec<(String, String)>, AuthError> {
-    let mut out: Vec<(String, String)> = Vec::new();
-    for (k, v) in openidconnect::url::form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
-        if out.iter().any(|(seen, _)| *seen == k) {
-            return Err(AuthError::new(
-                AuthErrorKind::MalformedCallback,
-                format!("parameter {k:?} given twice"),
-            ));
-        }
-        out.push((k.into_owned(), v.into_owned()));
-    }
-    Ok(out)
+    pending::callback_params(query)
+        .map_err(|detail| AuthError::new(AuthErrorKind::MalformedCallback, detail))
 }
 
 impl OidcClient {
@@ -122,7 +122,7 @@ impl OidcClient {
         headers: &HeaderMap,
     ) -> Result<Redirect, AuthError> {
         let config = self.config();
-        check_same_origin(&config.app_origin(), headers)?;
+        self.check_same_origin(headers)?;
         let record = end_session(config, session).await;
         let target = match self.discovered_now() {
             Some(discovered) => discovered.provider_logout(record.as_ref()).await,
@@ -157,7 +157,19 @@ impl OidcClient {
     }
 }
 
-/// Refuses a logout that comes from another site: `Origin`, else `Referer`,
+impl OidcClient {
+    /// Checks that a state-changing request comes from the application's own
+    /// pages: its `Origin`, else its `Referer`, is the application's origin
+    /// (as [`logout`](Self::logout) does; for other such routes too).
+    ///
+    /// # Errors
+    /// [`AuthErrorKind::CrossSiteRequest`] (403) for a request from elsewhere.
+    pub fn check_same_origin(&self, headers: &HeaderMap) -> Result<(), AuthError> {
+        check_same_origin(&self.config().app_origin(), headers)
+    }
+}
+
+/// Refuses a request that comes from another site: `Origin`, else `Referer`,
 /// must be the application's.
 fn check_same_origin(origin: &str, headers: &HeaderMap) -> Result<(), AuthError> {
     let same_origin = match headers.get(header::ORIGIN).map(|v| v.to_str()) {
@@ -242,50 +254,24 @@ impl Discovered {
         return_to: Option<&str>,
     ) -> Result<Redirect, AuthError> {
         let config = &self.inner.config;
-        let now = now_ms();
-        // Drop expired (or unreadable) pending logins, then the oldest
-        // beyond the cap.
-        let mut pending = Vec::new();
-        for key in session.keys().await.map_err(session_error)? {
-            if !key.starts_with(PENDING_PREFIX) {
-                continue;
-            }
-            let raw: Option<Box<RawValue>> = session.get(&key).await.ok().flatten();
-            match record::open_pending(&config.keys, &key, raw.as_deref()) {
-                Stored::Opened { record: p, .. } if p.exp_ms > now => {
-                    pending.push((p.started_ns, key));
-                }
-                _ => {
-                    let _ = session.remove_reserved::<Value>(&key).await;
-                }
-            }
-        }
-        pending.sort();
-        while pending.len() >= config.max_pending_logins {
-            let (_, key) = pending.remove(0);
-            let _ = session.remove_reserved::<Value>(&key).await;
-        }
-
-        let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
-        let state = CsrfToken::new_random();
         let nonce = Nonce::new_random();
-        // Sealed for the pending login's own key, not for the session id:
-        // another tab's login may cycle the session id before this one returns.
-        let key = pending_key(state.secret());
-        let record = PendingLogin {
-            state: state.secret().clone(),
-            nonce: nonce.secret().clone(),
-            pkce: verifier.secret().clone(),
-            return_to: safe_return_to(return_to),
-            exp_ms: now_ms()
-                .saturating_add(i64::try_from(config.login_ttl.as_millis()).unwrap_or(i64::MAX)),
-            started_ns: OffsetDateTime::now_utc().unix_timestamp_nanos() as i64,
+        let limits = Limits {
+            ttl: config.login_ttl,
+            max_pending: config.max_pending_logins,
         };
-        let sealed = record::seal_pending(&config.keys, &key, &record).map_err(unsealable)?;
-        session
-            .insert_reserved(&key, &sealed)
+        let Started { state, challenge } = pending::LOGIN
+            .start(
+                session,
+                &config.keys,
+                limits,
+                Bound {
+                    nonce: nonce.secret().clone(),
+                    ..Bound::default()
+                },
+                return_to,
+            )
             .await
-            .map_err(session_error)?;
+            .map_err(pending_error)?;
         let (state_c, nonce_c) = (state.clone(), nonce.clone());
         let mut request = self
             .inner
@@ -313,9 +299,7 @@ impl Discovered {
         let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
         if let Some(error) = get("error") {
             if let Some(state) = get("state") {
-                let _ = session
-                    .take_once_reserved::<Value>(&pending_key(state))
-                    .await;
+                pending::LOGIN.discard(session, state).await;
             }
             let description = get("error_description").unwrap_or("");
             return Err(AuthError::new(
@@ -325,32 +309,10 @@ impl Discovered {
         }
         let state =
             get("state").ok_or_else(|| AuthError::new(AuthErrorKind::MissingState, "no state"))?;
-        let key = pending_key(state);
-        let raw: Option<Box<RawValue>> = session
-            .take_once_reserved(&key)
+        let pending = pending::LOGIN
+            .take(session, &config.keys, state)
             .await
-            .map_err(session_error)?;
-        let pending = match record::open_pending(&config.keys, &key, raw.as_deref()) {
-            Stored::Opened { record, .. } => Some(record),
-            Stored::Absent => None,
-            Stored::Clear | Stored::Tampered => {
-                return Err(AuthError::new(
-                    AuthErrorKind::TamperedData,
-                    "the stored login does not open (edited, moved, from an older version, or its key retired)",
-                ))
-            }
-        };
-        let pending = pending
-            .filter(|p: &PendingLogin| constant_eq(&p.state, state))
-            .ok_or_else(|| {
-                AuthError::new(AuthErrorKind::UnknownState, "unknown or already used state")
-            })?;
-        if pending.exp_ms <= now_ms() {
-            return Err(AuthError::new(
-                AuthErrorKind::ExpiredState,
-                "the login took too long",
-            ));
-        }
+            .map_err(pending_error)?;
         // RFC 9207: the authorization response names its issuer.
         match get("iss") {
             Some(iss) if iss != self.inner.issuer => {

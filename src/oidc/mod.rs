@@ -41,10 +41,11 @@ mod config;
 mod flow;
 mod guard;
 pub(crate) mod logout_token;
+pub(crate) mod pending;
 pub(crate) mod record;
 pub mod routes;
 
-pub(crate) use self::client::{error_chain, urlencode};
+pub(crate) use self::client::{constant_eq, error_chain, urlencode};
 
 #[cfg(feature = "__fuzz")]
 pub(crate) use self::record::safe_return_to;
@@ -247,7 +248,7 @@ pub struct Redirect {
 }
 
 impl Redirect {
-    fn found(location: &str) -> Self {
+    pub(crate) fn found(location: &str) -> Self {
         Self {
             status: StatusCode::FOUND,
             location: encode_location(location),

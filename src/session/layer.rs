@@ -421,7 +421,8 @@ impl SessionLayer {
     /// cannot set it. Reading stays allowed. For keys another part trusts,
     /// such as Passport's `passport` next to an Express app (and the key of
     /// `OidcConfig::with_express_user_key`, which the guard still writes).
-    /// The guard's own keys (`oidc`, `oidc.login.*`) are always reserved.
+    /// The guard's own keys (`oidc`, `oidc.login.*`) and the vault's pending
+    /// connections (`vault.connect.*`) are always reserved.
     ///
     /// ```
     /// # async fn run(layer: tower_pg_session::SessionLayer) -> Result<(), tower_pg_session::ConfigError> {

@@ -90,7 +90,8 @@ pub enum SessionError {
     #[error("unsupported: {0}")]
     Unsupported(&'static str),
     /// Application code tried to write or remove a reserved key: the login
-    /// guard's own (`oidc`, `oidc.login.*`, always reserved) or one reserved
+    /// guard's own (`oidc`, `oidc.login.*`) or the vault's (`vault.connect.*`),
+    /// always reserved, or one reserved
     /// with [`SessionLayer::with_reserved_key`]. Nothing was changed.
     #[error("session key {key:?} is reserved; nothing was changed")]
     ReservedKey {

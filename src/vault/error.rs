@@ -1,6 +1,8 @@
 //! [`VaultError`]: everything the vault can report.
 
-use crate::store::StoreError;
+use http::StatusCode;
+
+use crate::{session::SessionError, store::StoreError};
 
 /// Why a vault operation failed. Messages never contain token material;
 /// text a provider chose is shown escaped and bounded.
@@ -83,6 +85,39 @@ pub enum VaultError {
         /// The integration's name.
         integration: String,
     },
+    /// Connecting an account needs a logged-in session (the guard's login
+    /// record), and this one has none, or one that does not open.
+    #[error("connecting an account needs a logged-in user")]
+    NotLoggedIn,
+    /// The integration has no authorization endpoint or no redirect URI, so
+    /// accounts cannot be connected through it.
+    #[error("{integration} has no authorization endpoint or redirect URI")]
+    NotConnectable {
+        /// The integration's name.
+        integration: String,
+    },
+    /// A connection's callback is unusable: no or unknown `state` (forged,
+    /// from another browser, or already used), an expired one, a record
+    /// that does not open, another issuer's `iss`, no `code`, a parameter
+    /// given twice. Nothing was stored.
+    #[error("invalid connection callback: {detail}")]
+    InvalidCallback {
+        /// What was wrong (escaped, bounded).
+        detail: String,
+    },
+    /// The provider answered the authorization request with an error (the
+    /// user declined, the client is not allowed that scope). The pending
+    /// connection is consumed; nothing was stored.
+    #[error("{integration} answered the connection with {error}")]
+    ConsentRefused {
+        /// The integration's name.
+        integration: String,
+        /// The provider's `error` and `error_description` (escaped, bounded).
+        error: String,
+    },
+    /// The session could not be read or written.
+    #[error("the session is unavailable")]
+    Session(#[source] SessionError),
     /// The database failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -111,8 +146,73 @@ impl VaultError {
             Self::InvalidTokenResponse { .. } => "invalid_response",
             Self::TokenTooLarge { .. } => "too_large",
             Self::Unreadable { .. } => "unreadable",
+            Self::NotLoggedIn => "not_logged_in",
+            Self::NotConnectable { .. } => "not_connectable",
+            Self::InvalidCallback { .. } => "invalid_callback",
+            Self::ConsentRefused { .. } => "consent_refused",
+            Self::Session(_) => "session",
             Self::Store(_) => "store",
             Self::Interrupted => "interrupted",
         }
+    }
+
+    /// The HTTP status an answer to this error carries: 400 for bad input
+    /// and callbacks, 401 without a login, 403 when the provider refused
+    /// consent, 404 for an integration that is unknown or not connected,
+    /// 409 when the user must connect again, 413 for a token over the
+    /// limit, 502 for a provider that failed, 500 for configuration and
+    /// unreadable data, 503 when the database or the session store failed.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::InvalidInput { .. } | Self::InvalidCallback { .. } => StatusCode::BAD_REQUEST,
+            Self::NotLoggedIn => StatusCode::UNAUTHORIZED,
+            Self::ConsentRefused { .. } => StatusCode::FORBIDDEN,
+            Self::UnknownIntegration(_) | Self::NotConnected { .. } => StatusCode::NOT_FOUND,
+            Self::NeedsReconsent { .. } => StatusCode::CONFLICT,
+            Self::TokenTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::ProviderUnavailable { .. }
+            | Self::TokenRequestRejected { .. }
+            | Self::InvalidTokenResponse { .. } => StatusCode::BAD_GATEWAY,
+            Self::NotConnectable { .. } | Self::Unreadable { .. } => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+            Self::Store(_) | Self::Session(_) | Self::Interrupted => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+        }
+    }
+
+    /// A short, stable code for a JSON answer (`{"error": …}`).
+    pub fn code(&self) -> &'static str {
+        self.reason()
+    }
+
+    /// The answer to a request that failed with this error:
+    /// [`status`](Self::status) and JSON `{"error", "error_description"}`
+    /// (never token material).
+    pub fn to_response<B: From<String>>(&self) -> http::Response<B> {
+        let body = serde_json::json!({
+            "error": self.code(),
+            "error_description": self.to_string(),
+        });
+        let mut r = http::Response::new(B::from(body.to_string()));
+        *r.status_mut() = self.status();
+        let headers = r.headers_mut();
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
+        headers.insert(
+            http::header::CACHE_CONTROL,
+            http::HeaderValue::from_static("no-store"),
+        );
+        r
+    }
+}
+
+#[cfg(feature = "axum")]
+impl axum_core::response::IntoResponse for VaultError {
+    fn into_response(self) -> axum_core::response::Response {
+        self.to_response()
     }
 }

@@ -57,6 +57,12 @@ pub struct Integration {
     client_secret: Option<String>,
     auth: ClientAuth,
     revocation_endpoint: Option<Url>,
+    /// What connecting an account needs (see [`Integration::connect_url`]).
+    authorization_endpoint: Option<Url>,
+    redirect_uri: Option<Url>,
+    scopes: Vec<String>,
+    authorization_params: Vec<(String, String)>,
+    issuer: Option<String>,
 }
 
 impl fmt::Debug for Integration {
@@ -74,6 +80,14 @@ impl fmt::Debug for Integration {
                 "revocation_endpoint",
                 &self.revocation_endpoint.as_ref().map(Url::as_str),
             )
+            .field(
+                "authorization_endpoint",
+                &self.authorization_endpoint.as_ref().map(Url::as_str),
+            )
+            .field("redirect_uri", &self.redirect_uri.as_ref().map(Url::as_str))
+            .field("scopes", &self.scopes)
+            .field("authorization_params", &self.authorization_params)
+            .field("issuer", &self.issuer)
             .finish()
     }
 }
@@ -87,7 +101,7 @@ impl Integration {
     /// [`VaultError::InvalidInput`] for a bad name, URL or client id.
     pub fn new(name: &str, token_endpoint: &str, client_id: &str) -> Result<Self, VaultError> {
         check_name(name)?;
-        let token_endpoint = parse_endpoint(token_endpoint)?;
+        let token_endpoint = parse_endpoint("token endpoint", token_endpoint)?;
         if client_id.is_empty() {
             return Err(VaultError::InvalidInput {
                 what: "client id",
@@ -101,25 +115,36 @@ impl Integration {
             client_secret: None,
             auth: ClientAuth::default(),
             revocation_endpoint: None,
+            authorization_endpoint: None,
+            redirect_uri: None,
+            scopes: Vec::new(),
+            authorization_params: Vec::new(),
+            issuer: None,
         })
     }
 
-    /// Google's token and revocation endpoints, with the secret sent in the
-    /// form body as Google documents. (Google sends a refresh token only for
-    /// `access_type=offline`, and no new one on refresh: the vault keeps the
-    /// first.)
+    /// Google's authorization, token and revocation endpoints, with the
+    /// secret sent in the form body as Google documents. Connecting asks for
+    /// `access_type=offline` and `prompt=consent`: Google sends a refresh
+    /// token only then, and sends no new one on refresh (the vault keeps the
+    /// first). Add the scopes of the API with [`add_scope`](Self::add_scope).
     ///
     /// # Errors
     /// [`VaultError::InvalidInput`] for a bad name or client id.
     pub fn google(name: &str, client_id: &str) -> Result<Self, VaultError> {
         Self::new(name, "https://oauth2.googleapis.com/token", client_id)?
             .with_client_auth(ClientAuth::Post)
-            .with_revocation_endpoint("https://oauth2.googleapis.com/revoke")
+            .with_revocation_endpoint("https://oauth2.googleapis.com/revoke")?
+            .with_authorization_endpoint("https://accounts.google.com/o/oauth2/v2/auth")?
+            .add_authorization_param("access_type", "offline")?
+            .add_authorization_param("prompt", "consent")
     }
 
-    /// The Microsoft identity platform's v2.0 token endpoint for `tenant`
-    /// (a tenant id or domain, or `common`, `organizations`, `consumers`),
-    /// with the secret in the form body. It has no revocation endpoint.
+    /// The Microsoft identity platform's v2.0 authorization and token
+    /// endpoints for `tenant` (a tenant id or domain, or `common`,
+    /// `organizations`, `consumers`), with the secret in the form body and
+    /// the `offline_access` scope (without it there is no refresh token). It
+    /// has no revocation endpoint.
     ///
     /// # Errors
     /// [`VaultError::InvalidInput`] for a bad name, tenant or client id.
@@ -135,13 +160,17 @@ impl Integration {
                 reason: "only ASCII letters, digits, '.' and '-' are allowed",
             });
         }
-        let endpoint = format!("https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token");
-        Ok(Self::new(name, &endpoint, client_id)?.with_client_auth(ClientAuth::Post))
+        let base = format!("https://login.microsoftonline.com/{tenant}/oauth2/v2.0");
+        Self::new(name, &format!("{base}/token"), client_id)?
+            .with_client_auth(ClientAuth::Post)
+            .with_authorization_endpoint(&format!("{base}/authorize"))?
+            .add_scope("offline_access")
     }
 
     /// An integration whose provider publishes OpenID Connect discovery
-    /// metadata at `{issuer}/.well-known/openid-configuration`: its token
-    /// endpoint and, when listed, its revocation endpoint come from there.
+    /// metadata at `{issuer}/.well-known/openid-configuration`: its token,
+    /// authorization and (when listed) revocation endpoints come from there,
+    /// and callbacks that name an issuer (RFC 9207 `iss`) must name this one.
     ///
     /// # Errors
     /// [`VaultError::ProviderUnavailable`] when the document cannot be
@@ -151,7 +180,10 @@ impl Integration {
     pub async fn discover(name: &str, issuer: &str, client_id: &str) -> Result<Self, VaultError> {
         check_name(name)?;
         let issuer = issuer.trim_end_matches('/');
-        let url = parse_endpoint(&format!("{issuer}/.well-known/openid-configuration"))?;
+        let url = parse_endpoint(
+            "issuer",
+            &format!("{issuer}/.well-known/openid-configuration"),
+        )?;
         let failed = |detail: String| VaultError::ProviderUnavailable {
             integration: name.to_owned(),
             detail: untrusted(detail).to_string(),
@@ -189,6 +221,10 @@ impl Integration {
         if let Some(revocation) = metadata.revocation_endpoint {
             integration = integration.with_revocation_endpoint(&revocation)?;
         }
+        if let Some(authorization) = metadata.authorization_endpoint {
+            integration = integration.with_authorization_endpoint(&authorization)?;
+        }
+        integration.issuer = Some(metadata.issuer);
         Ok(integration)
     }
 
@@ -213,8 +249,202 @@ impl Integration {
     /// [`VaultError::InvalidInput`] for a URL that is not `https` (or `http`
     /// on a loopback address).
     pub fn with_revocation_endpoint(mut self, url: &str) -> Result<Self, VaultError> {
-        self.revocation_endpoint = Some(parse_endpoint(url)?);
+        self.revocation_endpoint = Some(parse_endpoint("revocation endpoint", url)?);
         Ok(self)
+    }
+
+    /// Where [`TokenVault::connect`](super::TokenVault::connect) sends the
+    /// browser to ask for the user's consent (none by default: the
+    /// integration only refreshes tokens stored otherwise).
+    ///
+    /// ```
+    /// # use tower_pg_session::vault::Integration;
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let crm = Integration::new("crm", "https://crm.example/oauth/token", "id")?
+    ///     .with_authorization_endpoint("https://crm.example/oauth/authorize")?
+    ///     .with_redirect_uri("https://app.example/integrations/crm/callback")?
+    ///     .add_scope("contacts.read")?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`VaultError::InvalidInput`] for a URL that is not `https` (or `http`
+    /// on a loopback address).
+    pub fn with_authorization_endpoint(mut self, url: &str) -> Result<Self, VaultError> {
+        self.authorization_endpoint = Some(parse_endpoint("authorization endpoint", url)?);
+        Ok(self)
+    }
+
+    /// The application's callback URL registered at the provider, where the
+    /// browser comes back with the code (required to connect).
+    ///
+    /// # Errors
+    /// [`VaultError::InvalidInput`] for a URL that is not `https` (or `http`
+    /// on a loopback address), or that has a fragment.
+    pub fn with_redirect_uri(mut self, url: &str) -> Result<Self, VaultError> {
+        let url = parse_endpoint("redirect URI", url)?;
+        if url.fragment().is_some() {
+            return Err(VaultError::InvalidInput {
+                what: "redirect URI",
+                reason: "must not have a fragment",
+            });
+        }
+        self.redirect_uri = Some(url);
+        Ok(self)
+    }
+
+    /// Adds a scope to ask for when connecting (RFC 6749 §3.3: printable
+    /// ASCII without spaces, quotes or backslashes). A scope already there
+    /// is not added twice.
+    ///
+    /// # Errors
+    /// [`VaultError::InvalidInput`] for an empty or malformed scope.
+    pub fn add_scope(mut self, scope: &str) -> Result<Self, VaultError> {
+        let ok = !scope.is_empty()
+            && scope.len() <= 256
+            && scope
+                .bytes()
+                .all(|b| matches!(b, 0x21 | 0x23..=0x5b | 0x5d..=0x7e));
+        if !ok {
+            return Err(VaultError::InvalidInput {
+                what: "scope",
+                reason: "must be 1 to 256 printable ASCII characters without spaces, '\"' or '\\'",
+            });
+        }
+        if !self.scopes.iter().any(|s| s == scope) {
+            self.scopes.push(scope.to_owned());
+        }
+        Ok(self)
+    }
+
+    /// Adds a parameter to the authorization request (`access_type`,
+    /// `prompt`, `login_hint`, …); one of the same name is replaced.
+    ///
+    /// # Errors
+    /// [`VaultError::InvalidInput`] for a parameter the vault sets itself
+    /// (`client_id`, `redirect_uri`, `response_type`, `scope`, `state`,
+    /// `code_challenge`, `code_challenge_method`) or an empty name.
+    pub fn add_authorization_param(mut self, name: &str, value: &str) -> Result<Self, VaultError> {
+        const OWN: [&str; 7] = [
+            "client_id",
+            "redirect_uri",
+            "response_type",
+            "scope",
+            "state",
+            "code_challenge",
+            "code_challenge_method",
+        ];
+        if name.is_empty() || OWN.contains(&name) {
+            return Err(VaultError::InvalidInput {
+                what: "authorization parameter",
+                reason: "empty, or one the vault sets itself",
+            });
+        }
+        self.authorization_params.retain(|(n, _)| n != name);
+        self.authorization_params
+            .push((name.to_owned(), value.to_owned()));
+        Ok(self)
+    }
+
+    /// The issuer the provider names in its callbacks (RFC 9207 `iss`); a
+    /// callback naming another is refused. Set by [`discover`](Self::discover).
+    #[must_use]
+    pub fn with_issuer(mut self, issuer: &str) -> Self {
+        self.issuer = Some(issuer.to_owned());
+        self
+    }
+
+    /// The scopes asked for when connecting.
+    pub fn scopes(&self) -> &[String] {
+        &self.scopes
+    }
+
+    /// The redirect URI, when connecting is set up.
+    pub fn redirect_uri(&self) -> Option<&str> {
+        self.redirect_uri.as_ref().map(Url::as_str)
+    }
+
+    /// The authorization endpoint, when connecting is set up.
+    pub fn authorization_endpoint(&self) -> Option<&str> {
+        self.authorization_endpoint.as_ref().map(Url::as_str)
+    }
+
+    /// Whether accounts can be connected: an authorization endpoint and a
+    /// redirect URI are set.
+    pub(crate) fn check_connectable(&self) -> Result<(&Url, &Url), VaultError> {
+        match (&self.authorization_endpoint, &self.redirect_uri) {
+            (Some(endpoint), Some(redirect)) => Ok((endpoint, redirect)),
+            _ => Err(VaultError::NotConnectable {
+                integration: self.name.clone(),
+            }),
+        }
+    }
+
+    /// The authorization request URL for `state` and the PKCE `challenge`
+    /// (S256).
+    pub(crate) fn connect_url(&self, state: &str, challenge: &str) -> Result<Url, VaultError> {
+        let (endpoint, redirect) = self.check_connectable()?;
+        let mut url = endpoint.clone();
+        {
+            let mut q = url.query_pairs_mut();
+            q.append_pair("response_type", "code")
+                .append_pair("client_id", &self.client_id)
+                .append_pair("redirect_uri", redirect.as_str())
+                .append_pair("state", state)
+                .append_pair("code_challenge", challenge)
+                .append_pair("code_challenge_method", "S256");
+            if !self.scopes.is_empty() {
+                q.append_pair("scope", &self.scopes.join(" "));
+            }
+            for (name, value) in &self.authorization_params {
+                q.append_pair(name, value);
+            }
+        }
+        Ok(url)
+    }
+
+    /// Whether a callback's `iss` is acceptable: absent, or this
+    /// integration's issuer. A plain OAuth 2.0 integration without a
+    /// configured issuer has nothing to compare with and ignores it, as
+    /// RFC 9207 §2.4 lets clients that do not know the issuer do.
+    pub(crate) fn accepts_issuer(&self, iss: Option<&str>) -> bool {
+        match (iss, &self.issuer) {
+            (Some(iss), Some(issuer)) => iss.trim_end_matches('/') == issuer.trim_end_matches('/'),
+            _ => true,
+        }
+    }
+
+    /// Exchanges an authorization `code` with its PKCE `verifier` at the
+    /// token endpoint (RFC 6749 §4.1.3, RFC 7636).
+    pub(crate) async fn exchange(
+        &self,
+        http: &reqwest::Client,
+        code: &str,
+        verifier: &str,
+        max_token: usize,
+    ) -> Result<Tokens, VaultError> {
+        let redirect = self
+            .redirect_uri
+            .as_ref()
+            .map(Url::as_str)
+            .unwrap_or_default();
+        let form = vec![
+            ("grant_type", "authorization_code"),
+            ("code", code),
+            ("redirect_uri", redirect),
+            ("code_verifier", verifier),
+        ];
+        match self.token_request(http, form, None, max_token).await {
+            // Here it names the code (used, expired, not for this client),
+            // not a stored grant.
+            Err(VaultError::NeedsReconsent { integration }) => {
+                Err(VaultError::TokenRequestRejected {
+                    integration,
+                    error: "invalid_grant".to_owned(),
+                })
+            }
+            other => other,
+        }
     }
 
     /// The integration's name in the vault.
@@ -235,10 +465,22 @@ impl Integration {
         refresh_token: &str,
         max_token: usize,
     ) -> Result<Tokens, VaultError> {
-        let mut form = vec![
+        let form = vec![
             ("grant_type", "refresh_token"),
             ("refresh_token", refresh_token),
         ];
+        self.token_request(http, form, Some(refresh_token), max_token)
+            .await
+    }
+
+    /// One request at the token endpoint, its answer bounded and parsed.
+    async fn token_request<'a>(
+        &'a self,
+        http: &reqwest::Client,
+        mut form: Vec<(&'static str, &'a str)>,
+        old_refresh: Option<&str>,
+        max_token: usize,
+    ) -> Result<Tokens, VaultError> {
         let request = self.authenticated(http.post(self.token_endpoint.clone()), &mut form);
         let response = crate::oidc::with_form(request, &form)
             .header("accept", "application/json")
@@ -250,7 +492,7 @@ impl Integration {
             .await
             .map_err(|detail| self.classify_read_error(status, detail))?;
         if status.is_success() {
-            self.parse_success(&body, refresh_token, max_token)
+            self.parse_success(&body, old_refresh, max_token)
         } else {
             Err(self.parse_failure(status, &body))
         }
@@ -318,7 +560,7 @@ impl Integration {
     fn parse_success(
         &self,
         body: &[u8],
-        old_refresh: &str,
+        old_refresh: Option<&str>,
         max_token: usize,
     ) -> Result<Tokens, VaultError> {
         let parsed: TokenResponse = serde_json::from_slice(body)
@@ -351,9 +593,12 @@ impl Integration {
         let refresh = parsed
             .refresh_token
             .filter(|t| !t.is_empty())
-            .unwrap_or_else(|| old_refresh.to_owned());
-        check_token(&refresh, max_token).map_err(|e| self.invalid(e.to_string()))?;
-        let mut tokens = Tokens::new(parsed.access_token).with_refresh_token(refresh);
+            .or_else(|| old_refresh.map(str::to_owned));
+        let mut tokens = Tokens::new(parsed.access_token);
+        if let Some(refresh) = refresh {
+            check_token(&refresh, max_token).map_err(|e| self.invalid(e.to_string()))?;
+            tokens = tokens.with_refresh_token(refresh);
+        }
         if let Some(secs) = expires_in {
             tokens = tokens.with_expires_at(expires_at(secs));
         }
@@ -421,6 +666,8 @@ struct Discovery {
     token_endpoint: String,
     #[serde(default)]
     revocation_endpoint: Option<String>,
+    #[serde(default)]
+    authorization_endpoint: Option<String>,
 }
 
 /// RFC 6749 §5.2.
@@ -458,11 +705,8 @@ fn expires_at(secs: u64) -> OffsetDateTime {
         })
 }
 
-fn parse_endpoint(url: &str) -> Result<Url, VaultError> {
-    let bad = |reason| VaultError::InvalidInput {
-        what: "token endpoint",
-        reason,
-    };
+fn parse_endpoint(what: &'static str, url: &str) -> Result<Url, VaultError> {
+    let bad = |reason| VaultError::InvalidInput { what, reason };
     let url = Url::parse(url).map_err(|_| bad("not a URL"))?;
     let loopback = matches!(url.host_str(), Some("127.0.0.1" | "localhost" | "[::1]"));
     match url.scheme() {
@@ -504,10 +748,11 @@ mod tests {
         for bad in ["", "a b", "x\n", "é", &"a".repeat(65)] {
             assert!(check_name(bad).is_err(), "{bad:?}");
         }
-        assert!(parse_endpoint("https://example.com/token").is_ok());
-        assert!(parse_endpoint("http://127.0.0.1:8080/token").is_ok());
-        assert!(parse_endpoint("http://example.com/token").is_err());
-        assert!(parse_endpoint("nope").is_err());
+        let parse = |url| parse_endpoint("token endpoint", url);
+        assert!(parse("https://example.com/token").is_ok());
+        assert!(parse("http://127.0.0.1:8080/token").is_ok());
+        assert!(parse("http://example.com/token").is_err());
+        assert!(parse("nope").is_err());
     }
 
     #[test]
@@ -519,17 +764,76 @@ mod tests {
         );
         assert_eq!(google.auth, ClientAuth::Post);
         assert!(google.revocation_endpoint.is_some());
+        let google = google
+            .with_redirect_uri("https://app.example/cb")
+            .expect("valid")
+            .add_scope("https://www.googleapis.com/auth/gmail.readonly")
+            .expect("valid");
+        let url = google.connect_url("st", "ch").expect("connectable");
+        assert!(url
+            .as_str()
+            .starts_with("https://accounts.google.com/o/oauth2/v2/auth?"));
+        let q: Vec<(String, String)> = url.query_pairs().into_owned().collect();
+        for (k, v) in [
+            ("access_type", "offline"),
+            ("prompt", "consent"),
+            ("state", "st"),
+            ("code_challenge_method", "S256"),
+            ("redirect_uri", "https://app.example/cb"),
+            ("scope", "https://www.googleapis.com/auth/gmail.readonly"),
+        ] {
+            assert!(
+                q.contains(&(k.to_owned(), v.to_owned())),
+                "{k}={v} in {url}"
+            );
+        }
         let ms = Integration::microsoft("outlook", "contoso.onmicrosoft.com", "id").expect("valid");
         assert_eq!(
             ms.token_endpoint(),
             "https://login.microsoftonline.com/contoso.onmicrosoft.com/oauth2/v2.0/token"
         );
+        assert_eq!(
+            ms.authorization_endpoint(),
+            Some("https://login.microsoftonline.com/contoso.onmicrosoft.com/oauth2/v2.0/authorize")
+        );
+        assert_eq!(ms.scopes(), ["offline_access"]);
         for bad in ["", "a/b", "evil.com#", "x?y"] {
             assert!(
                 Integration::microsoft("outlook", bad, "id").is_err(),
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn connect_settings_are_checked() {
+        let i = Integration::new("crm", "https://crm.example/token", "id").expect("valid");
+        assert!(matches!(
+            i.connect_url("s", "c"),
+            Err(VaultError::NotConnectable { .. })
+        ));
+        for bad in ["", "a b", "x\"y", "é"] {
+            assert!(i.clone().add_scope(bad).is_err(), "{bad:?}");
+        }
+        for own in ["state", "redirect_uri", "code_challenge", ""] {
+            assert!(
+                i.clone().add_authorization_param(own, "x").is_err(),
+                "{own}"
+            );
+        }
+        assert!(i
+            .clone()
+            .with_redirect_uri("http://evil.example/cb")
+            .is_err());
+        assert!(i
+            .clone()
+            .with_redirect_uri("https://app.example/cb#x")
+            .is_err());
+        assert!(i.accepts_issuer(None));
+        assert!(i.accepts_issuer(Some("https://idp.example")));
+        let i = i.with_issuer("https://idp.example");
+        assert!(i.accepts_issuer(Some("https://idp.example")));
+        assert!(!i.accepts_issuer(Some("https://evil.example")));
     }
 
     #[test]

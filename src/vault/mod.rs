@@ -6,7 +6,12 @@
 //!   many instances starting at once), keyed by `(user_id, integration)`:
 //!   the sealed access and refresh tokens, expiry, scopes, token type, a
 //!   re-consent mark, and audit columns (`created_at`, `updated_at`,
-//!   `last_used_at`, `last_refreshed_at`).
+//!   `last_used_at`, `last_refreshed_at`; with
+//!   [`VaultConfig::with_connect_audit`], `connect_ip` and
+//!   `connect_user_agent` of the client that connected the account). Columns
+//!   later versions add are added to an existing table at start-up, nullable.
+//! - **Connecting** an account from a logged-in session:
+//!   [`TokenVault::connect`] and [`TokenVault::connect_callback`].
 //! - **Sealed** with the crate's [`Keyring`]: each token is bound to its user,
 //!   integration and field, so a value copied to another row or column does
 //!   not open ([`VaultError::Unreadable`]; the vault fails closed and logs it).
@@ -46,6 +51,7 @@
 //! # Ok(()) }
 //! ```
 
+mod connect;
 mod error;
 mod gauges;
 mod import;
@@ -67,6 +73,7 @@ use time::OffsetDateTime;
 use tracing::Instrument;
 
 pub use self::{
+    connect::{ClientIp, Connected},
     error::VaultError,
     gauges::TokenCount,
     import::{ImportOutcome, ImportSource},
@@ -76,7 +83,7 @@ pub use self::{
 };
 use self::{
     integration::check_name,
-    sql::{Sealed, Sql, Write},
+    sql::{Audit, Sealed, Sql, Write},
 };
 use crate::{
     crypto::{Aad, Keyring},
@@ -106,6 +113,9 @@ pub struct VaultConfig {
     max_token_bytes: usize,
     failure_backoff: Duration,
     lock_timeout: Option<Duration>,
+    login_keys: Option<Keyring>,
+    connect_ttl: Duration,
+    connect_audit: Option<ClientIp>,
 }
 
 impl Default for VaultConfig {
@@ -127,6 +137,9 @@ impl VaultConfig {
             max_token_bytes: 16 * 1024,
             failure_backoff: Duration::from_secs(10),
             lock_timeout: None,
+            login_keys: None,
+            connect_ttl: Duration::from_secs(600),
+            connect_audit: None,
         }
     }
 
@@ -191,6 +204,43 @@ impl VaultConfig {
         self
     }
 
+    /// The keyring of the login guard ([`OidcConfig`](crate::oidc::OidcConfig)),
+    /// which [`TokenVault::connect`] opens the session's login record with
+    /// to learn the user (default: the vault's own keyring, when the login
+    /// and the vault share their keys).
+    #[must_use]
+    pub fn with_login_keyring(mut self, keys: Keyring) -> Self {
+        self.login_keys = Some(keys);
+        self
+    }
+
+    /// How long a started connection may take until its callback (default
+    /// 10 minutes).
+    #[must_use]
+    pub fn with_connect_ttl(mut self, ttl: Duration) -> Self {
+        self.connect_ttl = ttl;
+        self
+    }
+
+    /// Records who connected an account: the client's IP address, taken
+    /// from `ip`, and its `User-Agent` (at most 512 bytes), in the nullable
+    /// columns `connect_ip` and `connect_user_agent`, written by
+    /// [`TokenVault::connect_callback_audited`]. Off by default: these are
+    /// personal data; turn the audit on where your privacy notice covers it.
+    ///
+    /// ```
+    /// use tower_pg_session::vault::{ClientIp, VaultConfig};
+    ///
+    /// // Behind one reverse proxy that appends the client to X-Forwarded-For:
+    /// let config = VaultConfig::new()
+    ///     .with_connect_audit(ClientIp::LastForwardedFor);
+    /// ```
+    #[must_use]
+    pub fn with_connect_audit(mut self, ip: ClientIp) -> Self {
+        self.connect_audit = Some(ip);
+        self
+    }
+
     /// The longest token accepted, in bytes (default 16 KiB).
     #[must_use]
     pub fn with_max_token_bytes(mut self, limit: usize) -> Self {
@@ -220,6 +270,10 @@ struct Inner {
     /// holding a pooled connection while waiting for the row lock.
     local: Mutex<HashMap<(String, String), RefreshLock>>,
     failure_backoff: Duration,
+    /// Opens the session's login record (the user who connects).
+    login_keys: Keyring,
+    connect_ttl: Duration,
+    connect_audit: Option<ClientIp>,
     /// The last failed refresh per (user, integration), while it is recent.
     failures: Mutex<HashMap<(String, String), Failure>>,
 }
@@ -270,6 +324,7 @@ impl TokenVault {
                 integration: String::new(),
                 detail: e.to_string(),
             })?;
+        let login_keys = config.login_keys.unwrap_or_else(|| keyring.clone());
         Ok(Self {
             inner: Arc::new(Inner {
                 pool,
@@ -289,6 +344,9 @@ impl TokenVault {
                 max_token_bytes: config.max_token_bytes,
                 local: Mutex::new(HashMap::new()),
                 failure_backoff: config.failure_backoff,
+                login_keys,
+                connect_ttl: config.connect_ttl,
+                connect_audit: config.connect_audit,
                 failures: Mutex::new(HashMap::new()),
             }),
         })
@@ -305,6 +363,17 @@ impl TokenVault {
         user: &str,
         integration: &str,
         tokens: Tokens,
+    ) -> Result<(), VaultError> {
+        self.store_with(user, integration, tokens, None).await
+    }
+
+    /// [`store`](Self::store), recording the connecting client when given.
+    async fn store_with(
+        &self,
+        user: &str,
+        integration: &str,
+        tokens: Tokens,
+        audit: Option<&Audit>,
     ) -> Result<(), VaultError> {
         let integration = self.integration(integration)?.name();
         check_user(user)?;
@@ -327,7 +396,7 @@ impl TokenVault {
         };
         self.inner
             .sql
-            .upsert(&self.inner.pool, user, integration, &write)
+            .upsert(&self.inner.pool, user, integration, &write, audit)
             .instrument(tracing::debug_span!("vault_store", integration))
             .await?;
         Ok(())
@@ -448,6 +517,43 @@ impl TokenVault {
     pub async fn list(&self, user: &str) -> Result<Vec<Connection>, VaultError> {
         check_user(user)?;
         Ok(self.inner.sql.list(&self.inner.pool, user).await?)
+    }
+
+    /// Every user's connections, a page at a time, for background jobs:
+    /// at most `limit` (1 to 1000) `(user, connection)` pairs after the
+    /// `(user, integration)` of the last one of the page before (`None`
+    /// for the first page); fewer than `limit` means the last page.
+    ///
+    /// ```no_run
+    /// # async fn job(vault: tower_pg_session::vault::TokenVault) -> Result<(), Box<dyn std::error::Error>> {
+    /// let mut after: Option<(String, String)> = None;
+    /// loop {
+    ///     let key = after.as_ref().map(|(u, i)| (u.as_str(), i.as_str()));
+    ///     let page = vault.list_all(key, 100).await?;
+    ///     for (user, connection) in &page {
+    ///         let _token = vault.get(user, &connection.integration).await;
+    ///     }
+    ///     match page.last() {
+    ///         Some((user, c)) if page.len() == 100 => after = Some((user.clone(), c.integration.clone())),
+    ///         _ => break,
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`VaultError::Store`].
+    pub async fn list_all(
+        &self,
+        after: Option<(&str, &str)>,
+        limit: usize,
+    ) -> Result<Vec<(String, Connection)>, VaultError> {
+        let limit = limit.clamp(1, 1000) as i64;
+        Ok(self
+            .inner
+            .sql
+            .list_all(&self.inner.pool, after, limit)
+            .await?)
     }
 
     fn integration(&self, name: &str) -> Result<&Integration, VaultError> {

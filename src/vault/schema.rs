@@ -21,8 +21,10 @@ pub(crate) fn table_name(schema: Option<&str>, table: &str) -> Result<TableName,
     })
 }
 
-/// Creates the table when missing. Serialised by an advisory lock and
-/// idempotent, so many instances starting at once neither fail nor race.
+/// Creates the table when missing, and adds the columns later versions
+/// added to an existing one. Serialised by an advisory lock and idempotent,
+/// so many instances starting at once neither fail nor race; at start-up
+/// with everything in place it costs one read.
 pub(crate) async fn prepare(
     pool: &PgPool,
     name: &TableName,
@@ -30,19 +32,31 @@ pub(crate) async fn prepare(
 ) -> Result<(), StoreError> {
     let persistent = pooler == Pooler::Direct;
     let mut conn = pooler.conn(pool).await?;
-    let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
-        .persistent(persistent)
-        .bind(name.qualified())
-        .fetch_one(conn.get())
-        .await?;
+    let complete: bool = sqlx::query_scalar(
+        "SELECT to_regclass($1) IS NOT NULL AND (SELECT count(*) FROM pg_attribute \
+           WHERE attrelid = to_regclass($1) AND attname = ANY($2) AND NOT attisdropped) = $3",
+    )
+    .persistent(persistent)
+    .bind(name.qualified())
+    .bind(ADDED_COLUMNS.iter().map(|(c, _)| *c).collect::<Vec<_>>())
+    .bind(ADDED_COLUMNS.len() as i64)
+    .fetch_one(conn.get())
+    .await?;
     conn.done().await?;
-    if exists {
+    if complete {
         return Ok(());
     }
     let mut tx = pool.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
         .persistent(persistent)
         .bind(name.lock_key("vault-ddl"))
+        .execute(&mut *tx)
+        .await?;
+    // Adding a nullable column is a catalog change, but it needs a moment of
+    // exclusive lock: give up rather than queue behind a long transaction
+    // (and stall every query queued behind this one).
+    sqlx::query("SET LOCAL lock_timeout = '5s'")
+        .persistent(persistent)
         .execute(&mut *tx)
         .await?;
     for statement in ddl(name) {
@@ -54,6 +68,10 @@ pub(crate) async fn prepare(
     tx.commit().await?;
     Ok(())
 }
+
+/// Columns added after the first version of the table, with their types:
+/// nullable, so existing rows need no rewrite.
+const ADDED_COLUMNS: [(&str, &str); 2] = [("connect_ip", "inet"), ("connect_user_agent", "text")];
 
 /// Sealed tokens per (user, integration); everything else is metadata that
 /// listings and operators may read.
@@ -79,6 +97,11 @@ fn ddl(name: &TableName) -> Vec<String> {
            last_refreshed_at timestamptz, \
            PRIMARY KEY (user_id, integration))"
     ));
+    for (column, kind) in ADDED_COLUMNS {
+        out.push(format!(
+            "ALTER TABLE {t} ADD COLUMN IF NOT EXISTS {column} {kind}"
+        ));
+    }
     out
 }
 
@@ -91,6 +114,8 @@ mod tests {
         let name = table_name(Some("auth"), DEFAULT_TABLE).expect("valid");
         assert_eq!(name.qualified(), "\"auth\".\"oauth_tokens\"");
         assert!(table_name(None, "x; drop").is_err());
-        assert!(ddl(&name)[1].contains("PRIMARY KEY (user_id, integration)"));
+        let ddl = ddl(&name);
+        assert!(ddl[1].contains("PRIMARY KEY (user_id, integration)"));
+        assert!(ddl[2].ends_with("ADD COLUMN IF NOT EXISTS connect_ip inet"));
     }
 }

@@ -20,6 +20,26 @@ pub(crate) struct Sealed {
 const SEALED_COLUMNS: &str =
     "access_token, refresh_token, expires_at, scopes, token_type, needs_reconsent_at IS NOT NULL";
 
+/// What [`connection`] reads, in its order.
+const CONNECTION_COLUMNS: &str = "integration, expires_at, scopes, token_type, \
+    refresh_token IS NOT NULL, needs_reconsent_at IS NOT NULL, created_at, updated_at, \
+    last_used_at, last_refreshed_at";
+
+fn connection(r: &PgRow) -> Result<Connection, sqlx::Error> {
+    Ok(Connection {
+        integration: r.try_get(0)?,
+        expires_at: r.try_get(1)?,
+        scopes: r.try_get(2)?,
+        token_type: r.try_get(3)?,
+        refreshable: r.try_get(4)?,
+        needs_reconsent: r.try_get(5)?,
+        created_at: r.try_get(6)?,
+        updated_at: r.try_get(7)?,
+        last_used_at: r.try_get(8)?,
+        last_refreshed_at: r.try_get(9)?,
+    })
+}
+
 fn sealed(row: &PgRow) -> Result<Sealed, sqlx::Error> {
     Ok(Sealed {
         access_token: row.try_get(0)?,
@@ -38,6 +58,14 @@ pub(crate) struct Write<'a> {
     pub(crate) expires_at: Option<OffsetDateTime>,
     pub(crate) scopes: &'a [String],
     pub(crate) token_type: &'a str,
+}
+
+/// The client that connected an account, when the audit is on.
+#[derive(Debug, Default)]
+pub(crate) struct Audit {
+    /// An IP address, as text (cast to `inet` in SQL).
+    pub(crate) ip: Option<String>,
+    pub(crate) user_agent: Option<String>,
 }
 
 #[derive(Debug)]
@@ -121,27 +149,43 @@ impl Sql {
         user: &str,
         integration: &str,
         w: &Write<'_>,
+        audit: Option<&Audit>,
     ) -> Result<(), sqlx::Error> {
         let t = &self.table;
         let mut conn = self.pooler.conn(pool).await?;
-        sqlx::query(&format!(
+        // A connection with the audit on records its client; any other
+        // write leaves what a connection recorded.
+        let (columns, values, set) = match audit {
+            Some(_) => (
+                ", connect_ip, connect_user_agent",
+                ", $8::inet, $9",
+                ", connect_ip = EXCLUDED.connect_ip, \
+                 connect_user_agent = EXCLUDED.connect_user_agent",
+            ),
+            None => ("", "", ""),
+        };
+        let sql = format!(
             "INSERT INTO {t} (user_id, integration, access_token, refresh_token, expires_at, \
-               scopes, token_type) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+               scopes, token_type{columns}) VALUES ($1, $2, $3, $4, $5, $6, $7{values}) \
              ON CONFLICT (user_id, integration) DO UPDATE SET \
                access_token = EXCLUDED.access_token, refresh_token = EXCLUDED.refresh_token, \
                expires_at = EXCLUDED.expires_at, scopes = EXCLUDED.scopes, \
-               token_type = EXCLUDED.token_type, needs_reconsent_at = NULL, updated_at = now()"
-        ))
-        .persistent(self.persistent)
-        .bind(user)
-        .bind(integration)
-        .bind(w.access_token)
-        .bind(w.refresh_token)
-        .bind(w.expires_at)
-        .bind(w.scopes)
-        .bind(w.token_type)
-        .execute(conn.get())
-        .await?;
+               token_type = EXCLUDED.token_type, needs_reconsent_at = NULL, updated_at = now()\
+               {set}"
+        );
+        let mut query = sqlx::query(&sql)
+            .persistent(self.persistent)
+            .bind(user)
+            .bind(integration)
+            .bind(w.access_token)
+            .bind(w.refresh_token)
+            .bind(w.expires_at)
+            .bind(w.scopes)
+            .bind(w.token_type);
+        if let Some(a) = audit {
+            query = query.bind(a.ip.as_deref()).bind(a.user_agent.as_deref());
+        }
+        query.execute(conn.get()).await?;
         conn.done().await?;
         Ok(())
     }
@@ -246,31 +290,41 @@ impl Sql {
         let t = &self.table;
         let mut conn = self.pooler.conn(pool).await?;
         let rows = sqlx::query(&format!(
-            "SELECT integration, expires_at, scopes, token_type, refresh_token IS NOT NULL, \
-               needs_reconsent_at IS NOT NULL, created_at, updated_at, last_used_at, \
-               last_refreshed_at \
-             FROM {t} WHERE user_id = $1 ORDER BY integration"
+            "SELECT {CONNECTION_COLUMNS} FROM {t} WHERE user_id = $1 ORDER BY integration"
         ))
         .persistent(self.persistent)
         .bind(user)
         .fetch_all(conn.get())
         .await?;
         conn.done().await?;
+        rows.iter().map(connection).collect()
+    }
+
+    /// At most `limit` connections of every user, in (user, integration)
+    /// order, after `after` (keyset paging: each page is one index range).
+    pub(crate) async fn list_all(
+        &self,
+        pool: &PgPool,
+        after: Option<(&str, &str)>,
+        limit: i64,
+    ) -> Result<Vec<(String, Connection)>, sqlx::Error> {
+        let t = &self.table;
+        let (user, integration) = after.unwrap_or(("", ""));
+        let mut conn = self.pooler.conn(pool).await?;
+        let rows = sqlx::query(&format!(
+            "SELECT {CONNECTION_COLUMNS}, user_id FROM {t} \
+             WHERE (user_id, integration) > ($1, $2) \
+             ORDER BY user_id, integration LIMIT $3"
+        ))
+        .persistent(self.persistent)
+        .bind(user)
+        .bind(integration)
+        .bind(limit)
+        .fetch_all(conn.get())
+        .await?;
+        conn.done().await?;
         rows.iter()
-            .map(|r| {
-                Ok(Connection {
-                    integration: r.try_get(0)?,
-                    expires_at: r.try_get(1)?,
-                    scopes: r.try_get(2)?,
-                    token_type: r.try_get(3)?,
-                    refreshable: r.try_get(4)?,
-                    needs_reconsent: r.try_get(5)?,
-                    created_at: r.try_get(6)?,
-                    updated_at: r.try_get(7)?,
-                    last_used_at: r.try_get(8)?,
-                    last_refreshed_at: r.try_get(9)?,
-                })
-            })
+            .map(|r| Ok((r.try_get(10)?, connection(r)?)))
             .collect()
     }
 

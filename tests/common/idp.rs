@@ -60,7 +60,11 @@ impl Idp {
         let clients = json!([{
             "client_id": CLIENT_ID,
             "client_secret": CLIENT_SECRET,
-            "redirect_uris": app_urls.iter().map(|u| format!("{u}/auth/callback")).collect::<Vec<_>>(),
+            // The login's callback, and the vault's for connecting the `mail` account.
+            "redirect_uris": app_urls
+                .iter()
+                .flat_map(|u| [format!("{u}/auth/callback"), format!("{u}/integrations/mail/callback")])
+                .collect::<Vec<_>>(),
             "post_logout_redirect_uris": app_urls.iter().map(|u| format!("{u}/")).collect::<Vec<_>>(),
             "backchannel_logout_uri": format!("{}/auth/backchannel-logout", app_urls[0]),
             "backchannel_logout_session_required": true,
@@ -416,8 +420,8 @@ impl Browser {
         let r = self.get(auth_url).await;
         assert_eq!(r.status().as_u16(), 303, "authorization request");
         let interaction = absolute(auth_url, &location(&r));
-        if interaction.contains("/auth/callback") {
-            return interaction; // the provider remembered the login
+        if !interaction.contains("/interaction/") {
+            return interaction; // the provider remembered the login: a callback
         }
         let r = self
             .http
