@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod oidc;
 pub mod session;
 pub mod store;
+mod task;
 #[cfg(feature = "oidc")]
 #[cfg_attr(docsrs, doc(cfg(feature = "oidc")))]
 pub mod vault;

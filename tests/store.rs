@@ -70,6 +70,29 @@ async fn creates_the_connect_pg_simple_table_once() {
 }
 
 #[tokio::test]
+async fn a_single_use_key_is_accepted_once_across_instances_until_it_expires() {
+    let db = Db::new().await;
+    let (a, b) = (db.store().await, db.store().await);
+    // Two instances preparing at once make one table.
+    let (x, y) = tokio::join!(a.prepare_single_use(), b.prepare_single_use());
+    x.unwrap();
+    y.unwrap();
+    let later = time::OffsetDateTime::now_utc() + time::Duration::hours(1);
+    let firsts = futures_util::future::join_all(
+        (0..8).map(|i| if i % 2 == 0 { &a } else { &b }.use_once("link:42", later)),
+    )
+    .await;
+    assert_eq!(firsts.iter().filter(|r| *r.as_ref().unwrap()).count(), 1);
+    // An expired use frees the key again; another key is independent.
+    let past = time::OffsetDateTime::now_utc() - time::Duration::seconds(1);
+    assert!(a.use_once("old", past).await.unwrap());
+    assert!(b.use_once("old", later).await.unwrap());
+    assert!(!a.use_once("old", later).await.unwrap());
+    assert!(a.use_once("link:43", later).await.unwrap());
+    db.drop_schema().await;
+}
+
+#[tokio::test]
 async fn eight_instances_starting_at_once_make_one_table() {
     let db = Db::with_pool_size(16).await;
     let mut starts = Vec::new();

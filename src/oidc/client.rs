@@ -573,7 +573,7 @@ impl Discovered {
         let fresh = self
             .inner
             .store
-            .remember_once(
+            .use_once(
                 &format!("logout-jti:{}:{}", self.inner.issuer, checked.jti),
                 checked.keep_until,
             )
@@ -641,7 +641,7 @@ async fn discover(shared: &Shared) -> Result<Discovered, AuthError> {
     )
     .set_redirect_uri(redirect);
     store
-        .ensure_seen_table()
+        .prepare_single_use()
         .await
         .map_err(|e| AuthError::new(AuthErrorKind::SessionUnavailable, e.to_string()))?;
     tracing::info!(%issuer, ?provider, "OpenID provider discovered");

@@ -4,13 +4,13 @@ use http::{header, HeaderMap, StatusCode};
 use openidconnect::{
     core::CoreResponseType, url::Url, AuthenticationFlow, CsrfToken, Nonce, Scope,
 };
-use serde_json::{value::RawValue, Value};
+use serde_json::Value;
 use tracing::Instrument;
 
 use super::{
     client::{Discovered, LogoutStyle, OidcClient},
     pending::{self, Bound, Limits, PendingError, Started},
-    record::{self, groups_of, safe_return_to, LoginRecord, Stored, USER_KEY},
+    record::{self, groups_of, safe_return_to, LoginRecord, StoreLoginError, Stored},
     AuthError, AuthErrorKind, Redirect, User,
 };
 use crate::{
@@ -194,15 +194,12 @@ fn check_same_origin(origin: &str, headers: &HeaderMap) -> Result<(), AuthError>
 /// Destroys the session; returns its login record when one opens (only such
 /// a record names tokens to revoke or hint with).
 async fn end_session(config: &super::OidcConfig, session: &Session) -> Option<LoginRecord> {
-    let raw: Option<Box<RawValue>> = session.get(USER_KEY).await.ok().flatten();
-    let binding = session.binding_key().await.ok();
+    let stored = record::load_login(&config.keys, session).await;
     session.destroy().await;
-    binding.and_then(
-        |binding| match record::open_login(&config.keys, &binding, raw.as_deref()) {
-            Stored::Opened { record, .. } => Some(record),
-            _ => None,
-        },
-    )
+    match stored {
+        Ok(Stored::Opened { record, .. }) => Some(record),
+        _ => None,
+    }
 }
 
 /// The answer to a back-channel logout: 200, 400 with the spec's error body,
@@ -345,7 +342,6 @@ impl Discovered {
         // A new id for the logged-in session: an id known before login is
         // worthless after it (session fixation).
         session.cycle_id().await.map_err(session_error)?;
-        let binding = session.binding_key().await.map_err(session_error)?;
         let record = LoginRecord {
             sub: sub.clone(),
             iss: self.inner.issuer.clone(),
@@ -358,24 +354,15 @@ impl Discovered {
             idt: tokens.id_token,
             exp: tokens.expires_at,
         };
-        let sealed = record::seal_login(&config.keys, &binding, &record).map_err(unsealable)?;
-        session
-            .insert_reserved(USER_KEY, &sealed)
+        record::store_login(&config.keys, session, &record)
             .await
-            .map_err(session_error)?;
+            .map_err(|e| match e {
+                StoreLoginError::Session(e) => session_error(e),
+                StoreLoginError::Serialize(e) => unsealable(e),
+            })?;
         if let Some(key) = &config.bridge_key {
             session
                 .insert_reserved(key, &serde_json::json!({ "user": sub }))
-                .await
-                .map_err(session_error)?;
-        }
-        if self.store().has_extended_columns() {
-            session
-                .set_user_id(Some(&sub))
-                .await
-                .map_err(session_error)?;
-            session
-                .set_provider_sid(sid.as_deref())
                 .await
                 .map_err(session_error)?;
         }

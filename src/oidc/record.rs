@@ -15,8 +15,12 @@
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use serde_json::{value::RawValue, Map, Value};
 
-use crate::crypto::{Aad, Keyring};
+use super::client::Tokens;
 pub(crate) use crate::session::reserved::USER_KEY;
+use crate::{
+    crypto::{Aad, Keyring},
+    session::{SealContext, Session, SessionError},
+};
 
 /// A login (or an account connection) between the redirect to the provider
 /// and the callback.
@@ -65,6 +69,28 @@ pub(crate) struct LoginRecord {
     pub(crate) exp: Option<i64>,
 }
 
+impl LoginRecord {
+    /// The record after a refresh: the one place refreshed tokens are
+    /// applied. Providers without rotation (Cognito) send no new refresh
+    /// token, so the old one stays; a refreshed ID token (already checked
+    /// against this login) brings its claims and groups.
+    pub(crate) fn refreshed(mut self, tokens: Tokens) -> Self {
+        self.at = tokens.access_token;
+        if let Some(rt) = tokens.refresh_token {
+            self.rt = Some(rt);
+        }
+        if let Some(idt) = tokens.id_token {
+            self.idt = Some(idt);
+        }
+        if let Some(claims) = tokens.claims {
+            self.groups = groups_of(&claims);
+            self.claims = claims;
+        }
+        self.exp = tokens.expires_at;
+        self
+    }
+}
+
 /// What was found under one of the guard's keys.
 pub(crate) enum Stored<T> {
     /// Nothing.
@@ -80,22 +106,60 @@ pub(crate) enum Stored<T> {
     Tampered,
 }
 
-/// The login record, sealed for the session whose storage key is `binding`.
+/// The login record, sealed for the session of `context`.
 pub(crate) fn seal_login(
     keys: &Keyring,
-    binding: &str,
+    context: &SealContext,
     record: &LoginRecord,
 ) -> Result<String, serde_json::Error> {
-    seal(keys, binding, USER_KEY, record)
+    seal(keys, &context.aad(USER_KEY), record)
 }
 
-/// Opens the login record of the session whose storage key is `binding`.
+/// Opens the login record of the session of `context`.
 pub(crate) fn open_login(
     keys: &Keyring,
-    binding: &str,
+    context: &SealContext,
     stored: Option<&RawValue>,
 ) -> Stored<LoginRecord> {
-    open(keys, binding, USER_KEY, stored)
+    open(keys, &context.aad(USER_KEY), stored)
+}
+
+/// Reads and opens the session's login record: the one place that does.
+pub(crate) async fn load_login(
+    keys: &Keyring,
+    session: &Session,
+) -> Result<Stored<LoginRecord>, SessionError> {
+    let raw: Option<Box<RawValue>> = session.get(USER_KEY).await?;
+    if raw.is_none() {
+        return Ok(Stored::Absent);
+    }
+    let context = session.seal_context().await?;
+    Ok(open_login(keys, &context, raw.as_deref()))
+}
+
+/// Seals `record` for the session and stores it, with the identity columns
+/// that per-user and back-channel logout look up.
+pub(crate) async fn store_login(
+    keys: &Keyring,
+    session: &Session,
+    record: &LoginRecord,
+) -> Result<(), StoreLoginError> {
+    let context = session.seal_context().await?;
+    let sealed = seal_login(keys, &context, record)?;
+    session.insert_reserved(USER_KEY, &sealed).await?;
+    session
+        .record_identity(&record.sub, record.sid.as_deref())
+        .await?;
+    Ok(())
+}
+
+/// Why [`store_login`] failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum StoreLoginError {
+    #[error(transparent)]
+    Session(#[from] SessionError),
+    #[error("login record does not serialize: {0}")]
+    Serialize(#[from] serde_json::Error),
 }
 
 /// A pending login or connection, sealed for its own `key` and its flow's
@@ -106,7 +170,14 @@ pub(crate) fn seal_pending(
     field: &str,
     pending: &PendingLogin,
 ) -> Result<String, serde_json::Error> {
-    seal(keys, key, field, pending)
+    seal(
+        keys,
+        &Aad {
+            session: key,
+            field,
+        },
+        pending,
+    )
 }
 
 /// Opens the pending login or connection stored under `key` for `field`.
@@ -116,23 +187,28 @@ pub(crate) fn open_pending(
     field: &str,
     stored: Option<&RawValue>,
 ) -> Stored<PendingLogin> {
-    open(keys, key, field, stored)
+    open(
+        keys,
+        &Aad {
+            session: key,
+            field,
+        },
+        stored,
+    )
 }
 
 fn seal<T: Serialize>(
     keys: &Keyring,
-    session: &str,
-    field: &str,
+    aad: &Aad<'_>,
     record: &T,
 ) -> Result<String, serde_json::Error> {
     let plain = zeroize::Zeroizing::new(serde_json::to_vec(record)?);
-    Ok(keys.seal(&plain, &Aad { session, field }))
+    Ok(keys.seal(&plain, aad))
 }
 
 fn open<T: DeserializeOwned>(
     keys: &Keyring,
-    session: &str,
-    field: &str,
+    aad: &Aad<'_>,
     stored: Option<&RawValue>,
 ) -> Stored<T> {
     let Some(stored) = stored else {
@@ -141,7 +217,7 @@ fn open<T: DeserializeOwned>(
     let Ok(sealed) = serde_json::from_str::<&str>(stored.get()) else {
         return Stored::Clear;
     };
-    let Ok(opened) = keys.open(sealed, &Aad { session, field }) else {
+    let Ok(opened) = keys.open(sealed, aad) else {
         return Stored::Tampered;
     };
     // Authentic yet unreadable only if the format changed under the same key.
@@ -275,6 +351,10 @@ mod tests {
         }
     }
 
+    fn ctx(key: &str) -> SealContext {
+        SealContext::new(key.to_owned())
+    }
+
     fn raw(v: &str) -> Box<RawValue> {
         serde_json::value::to_raw_value(v).expect("a string serializes")
     }
@@ -282,8 +362,8 @@ mod tests {
     #[test]
     fn a_login_record_opens_only_where_it_was_sealed() {
         let keys = Keyring::generate();
-        let sealed = raw(&seal_login(&keys, "sid-a", &login("alice")).expect("seals"));
-        match open_login(&keys, "sid-a", Some(&sealed)) {
+        let sealed = raw(&seal_login(&keys, &ctx("sid-a"), &login("alice")).expect("seals"));
+        match open_login(&keys, &ctx("sid-a"), Some(&sealed)) {
             Stored::Opened { record, reseal } => {
                 assert_eq!(record.sub, "alice");
                 assert_eq!(record.rt.as_deref(), Some("refresh"));
@@ -293,7 +373,7 @@ mod tests {
         }
         // Another session, another field, another keyring.
         assert!(matches!(
-            open_login(&keys, "sid-b", Some(&sealed)),
+            open_login(&keys, &ctx("sid-b"), Some(&sealed)),
             Stored::Tampered
         ));
         assert!(matches!(
@@ -301,10 +381,13 @@ mod tests {
             Stored::Tampered
         ));
         assert!(matches!(
-            open_login(&Keyring::generate(), "sid-a", Some(&sealed)),
+            open_login(&Keyring::generate(), &ctx("sid-a"), Some(&sealed)),
             Stored::Tampered
         ));
-        assert!(matches!(open_login(&keys, "sid-a", None), Stored::Absent));
+        assert!(matches!(
+            open_login(&keys, &ctx("sid-a"), None),
+            Stored::Absent
+        ));
     }
 
     #[test]
@@ -312,13 +395,16 @@ mod tests {
         let keys = Keyring::generate();
         let clear = serde_json::value::to_raw_value(&login("admin")).expect("serializes");
         assert!(matches!(
-            open_login(&keys, "sid", Some(&clear)),
+            open_login(&keys, &ctx("sid"), Some(&clear)),
             Stored::Clear
         ));
         for junk in ["null", "42", "[]", "{}", "\"not sealed\""] {
             let junk = RawValue::from_string(junk.to_owned()).expect("JSON");
             assert!(
-                !matches!(open_login(&keys, "sid", Some(&junk)), Stored::Opened { .. }),
+                !matches!(
+                    open_login(&keys, &ctx("sid"), Some(&junk)),
+                    Stored::Opened { .. }
+                ),
                 "{junk}"
             );
         }
@@ -330,9 +416,9 @@ mod tests {
         let (old, new) = (EncryptionKey::generate(), EncryptionKey::generate());
         let before = Keyring::new(vec![old.clone()]).expect("one key");
         let after = Keyring::new(vec![new, old]).expect("two keys");
-        let sealed = raw(&seal_login(&before, "sid", &login("alice")).expect("seals"));
+        let sealed = raw(&seal_login(&before, &ctx("sid"), &login("alice")).expect("seals"));
         assert!(matches!(
-            open_login(&after, "sid", Some(&sealed)),
+            open_login(&after, &ctx("sid"), Some(&sealed)),
             Stored::Opened { reseal: true, .. }
         ));
     }
@@ -344,12 +430,12 @@ mod tests {
         let before = Keyring::new(vec![old.clone()]).expect("one key");
         let after = Keyring::new(vec![new.clone(), old]).expect("two keys");
         let only_new = Keyring::new(vec![new]).expect("one key");
-        let login_value = raw(&seal_login(&before, "sid", &login("alice")).expect("seals"));
+        let login_value = raw(&seal_login(&before, &ctx("sid"), &login("alice")).expect("seals"));
         let Resealed::Sealed(again) = reseal_entry(&after, "sid", USER_KEY, &login_value) else {
             panic!("not resealed");
         };
         assert!(matches!(
-            open_login(&only_new, "sid", Some(&again)),
+            open_login(&only_new, &ctx("sid"), Some(&again)),
             Stored::Opened { reseal: false, .. }
         ));
         assert!(matches!(

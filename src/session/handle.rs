@@ -17,6 +17,7 @@ use super::{
     cookie::SessionId,
     data::Data,
     layer::Config,
+    locked::{LockedError, SealContext, Write as Update},
     plan::{plan_save, SavePlan, TooLarge},
     reserved, SessionError,
 };
@@ -96,13 +97,6 @@ pub(crate) struct ClientInfo {
 
 /// Key-level changes: `None` removes the key.
 pub(crate) type Changes = Vec<(String, Option<Box<RawValue>>)>;
-
-/// The result of [`Session::exclusive`].
-#[derive(Debug)]
-pub(crate) enum Exclusive<T> {
-    Done(T),
-    Gone,
-}
 
 /// What the response must say to the browser about the cookie.
 #[derive(Debug, Clone, Default)]
@@ -388,6 +382,25 @@ impl Session {
             .await
     }
 
+    /// Records who logged in on the session (user and provider session), in
+    /// the indexed columns that per-user and back-channel logout look up; a
+    /// no-op on a table without them.
+    #[cfg_attr(not(feature = "oidc"), allow(dead_code))]
+    pub(crate) async fn record_identity(
+        &self,
+        user: &str,
+        provider_sid: Option<&str>,
+    ) -> Result<(), SessionError> {
+        if !self.shared.store.has_extended_columns() {
+            return Ok(());
+        }
+        self.set_meta(|st| {
+            st.user_id = Some(user.to_owned());
+            st.provider_sid = provider_sid.map(str::to_owned);
+        })
+        .await
+    }
+
     async fn set_meta(&self, f: impl FnOnce(&mut State)) -> Result<(), SessionError> {
         if !self.shared.store.has_extended_columns() {
             return Err(SessionError::Unsupported(
@@ -417,7 +430,7 @@ impl Session {
             this.save_locked(&mut st).await
         })
         .await
-        .unwrap_or_else(|| Err(SessionError::Store(crashed())))
+        .unwrap_or_else(|| Err(SessionError::Store(StoreError::task_failed())))
     }
 
     /// Removes `key` and returns its value, atomically across every request
@@ -443,17 +456,19 @@ impl Session {
         key: &str,
     ) -> Result<Option<T>, SessionError> {
         let taken = self
-            .exclusive(|data, _| {
-                let value = data.get(key).map(|v| v.to_owned());
-                let changes = match value {
-                    Some(_) => vec![(key.to_owned(), None)],
-                    None => Vec::new(),
+            .update_locked(key, |value: Option<Box<RawValue>>, _| {
+                let write = match value {
+                    Some(_) => Update::Remove,
+                    None => Update::Keep,
                 };
-                std::future::ready(Ok::<_, std::convert::Infallible>((changes, value)))
+                std::future::ready(Ok::<_, std::convert::Infallible>((write, value)))
             })
-            .await?;
-        let Ok(Exclusive::Done(Some(raw))) = taken else {
-            return Ok(None);
+            .await;
+        let raw = match taken {
+            Ok(Some(raw)) => raw,
+            Ok(None) | Err(LockedError::Gone) => return Ok(None),
+            Err(LockedError::Session(e)) => return Err(e),
+            Err(LockedError::Update(never)) => match never {},
         };
         serde_json::from_str(raw.get())
             .map(Some)
@@ -474,83 +489,72 @@ impl Session {
         Ok(())
     }
 
-    /// The storage key the session's row will have once this request's
-    /// changes are saved: values sealed for this session are bound to it.
+    /// What binds values sealed for this session to it: the storage key its
+    /// row will have once this request's changes are saved.
     #[cfg_attr(not(feature = "oidc"), allow(dead_code))]
-    pub(crate) async fn binding_key(&self) -> Result<String, SessionError> {
+    pub(crate) async fn seal_context(&self) -> Result<SealContext, SessionError> {
         let mut st = self.shared.state.lock().await;
         self.ensure_loaded(&mut st).await?;
         let hashed = self.shared.config.hashed_ids;
-        Ok(match (&st.row, st.cycle) {
+        Ok(SealContext::new(match (&st.row, st.cycle) {
             (Some(row), false) => row.id.storage_key(hashed),
             _ => st
                 .next_id
                 .get_or_insert_with(SessionId::generate)
                 .storage_key(hashed),
-        })
+        }))
     }
 
-    /// Runs `f` on the freshest stored data (and the row's storage key) while
-    /// holding the row lock (so at
-    /// most one `f` runs per session at a time, across instances), writes the
-    /// changes it returns, and refreshes this handle's view. This request's
-    /// own pending changes stay pending. `Gone` when no live row exists.
-    pub(crate) async fn exclusive<T, E, F, Fut>(
+    /// Runs `f` on the freshest stored value of `key` (`None` when absent or
+    /// not a `T`) while holding the row lock, so that at most one `f` runs
+    /// per session at a time across instances; writes what it returns and
+    /// refreshes this handle's view. This request's own pending changes stay
+    /// pending. `f` gets the session's [`SealContext`] as stored.
+    #[cfg_attr(not(feature = "oidc"), allow(dead_code))]
+    pub(crate) async fn update_locked<T, R, E, F, Fut>(
         &self,
+        key: &str,
         f: F,
-    ) -> Result<Result<Exclusive<T>, E>, SessionError>
+    ) -> Result<R, LockedError<E>>
     where
-        F: FnOnce(Data, String) -> Fut,
-        Fut: std::future::Future<Output = Result<(Changes, T), E>>,
+        T: Serialize + DeserializeOwned,
+        F: FnOnce(Option<T>, SealContext) -> Fut,
+        Fut: std::future::Future<Output = Result<(Update<T>, R), E>>,
     {
         let mut st = self.shared.state.lock().await;
-        self.ensure_loaded(&mut st).await?;
+        self.ensure_loaded(&mut st)
+            .await
+            .map_err(LockedError::Session)?;
         let Some(row) = st.row.clone() else {
-            return Ok(Ok(Exclusive::Gone));
+            return Err(LockedError::Gone);
         };
-        let key = row.id.storage_key(self.shared.config.hashed_ids);
-        let now = OffsetDateTime::now_utc();
-        let binding = key.clone();
+        let storage_key = row.id.storage_key(self.shared.config.hashed_ids);
+        let context = SealContext::new(storage_key.clone());
         let locked = self
             .shared
             .store
-            .update_locked(&key, now, &self.shared.waits, |fresh| async move {
-                let Some(mut data) = Data::parse(&fresh.sess) else {
-                    return (None, None);
-                };
-                let (changes, value) = match f(data.clone(), binding).await {
-                    Ok(done) => done,
-                    Err(e) => return (None, Some(Err(e))),
-                };
-                let mut write = None;
-                if !changes.is_empty() {
-                    apply_changes(&mut data, &changes);
-                    write = Some(OwnedRow {
-                        sess: data.to_json(),
-                        expire: fresh.expire,
-                        user_id: fresh.user_id.clone(),
-                        provider_sid: fresh.provider_sid.clone(),
-                    });
-                }
-                (write, Some(Ok((data, fresh, value))))
-            })
-            .await;
-        let locked = locked.map_err(|e| self.fail(&mut st, Failure::Unavailable, e))?;
-        let (done, version) = match locked {
+            .update_locked(
+                &storage_key,
+                OffsetDateTime::now_utc(),
+                &self.shared.waits,
+                |fresh| update_key(fresh, key, context, f),
+            )
+            .await
+            .map_err(|e| LockedError::Session(self.fail(&mut st, Failure::Unavailable, e)))?;
+        let ((mut data, fresh, value), version) = match locked {
             None => {
                 *st = State {
                     loaded: true,
                     cookie: CookieAction::Remove,
                     ..State::default()
                 };
-                return Ok(Ok(Exclusive::Gone));
+                return Err(LockedError::Gone);
             }
             // Not a session's data: left alone.
-            Some((None, _)) => return Ok(Ok(Exclusive::Gone)),
-            Some((Some(Err(e)), _)) => return Ok(Err(e)),
+            Some((None, _)) => return Err(LockedError::Gone),
+            Some((Some(Err(e)), _)) => return Err(LockedError::Update(e)),
             Some((Some(Ok(done)), version)) => (done, version),
         };
-        let (mut data, fresh, value) = done;
         // The handle now starts from the stored state; its own pending
         // changes are applied on top, as a save would.
         let pending = st.changes.clone();
@@ -561,7 +565,7 @@ impl Session {
             st.provider_sid = fresh.provider_sid;
         }
         st.row = Some(Row { version, ..row });
-        Ok(Ok(Exclusive::Done(value)))
+        Ok(value)
     }
 
     /// What the response needs without any further I/O, when nothing is left
@@ -952,9 +956,50 @@ impl Merge for Remerge<'_> {
     }
 }
 
-/// The error of a store task that panicked.
-fn crashed() -> StoreError {
-    StoreError::Database(sqlx::Error::WorkerCrashed)
+/// Under the row lock: `f` on the stored value of `key`, and the row to
+/// write when it sets one. `None` (nothing written) when the row is not a
+/// session's data.
+#[allow(clippy::type_complexity)]
+async fn update_key<T, R, E, F, Fut>(
+    fresh: Loaded,
+    key: &str,
+    context: SealContext,
+    f: F,
+) -> (Option<OwnedRow>, Option<Result<(Data, Loaded, R), E>>)
+where
+    T: Serialize + DeserializeOwned,
+    F: FnOnce(Option<T>, SealContext) -> Fut,
+    Fut: std::future::Future<Output = Result<(Update<T>, R), E>>,
+{
+    let Some(mut data) = Data::parse(&fresh.sess) else {
+        return (None, None);
+    };
+    let current = data
+        .get(key)
+        .and_then(|raw| serde_json::from_str(raw.get()).ok());
+    let (write, value) = match f(current, context).await {
+        Ok(done) => done,
+        Err(e) => return (None, Some(Err(e))),
+    };
+    let changed = match write {
+        Update::Keep => false,
+        // A value that does not serialize is left unwritten, like `Keep`.
+        Update::Set(next) => match serde_json::value::to_raw_value(&next) {
+            Ok(raw) => {
+                data.set(key, raw);
+                true
+            }
+            Err(_) => false,
+        },
+        Update::Remove => data.remove(key),
+    };
+    let row = changed.then(|| OwnedRow {
+        sess: data.to_json(),
+        expire: fresh.expire,
+        user_id: fresh.user_id.clone(),
+        provider_sid: fresh.provider_sid.clone(),
+    });
+    (row, Some(Ok((data, fresh, value))))
 }
 
 fn apply_changes(data: &mut Data, changes: &[(String, Option<Box<RawValue>>)]) {

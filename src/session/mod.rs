@@ -41,6 +41,7 @@ mod extract;
 mod future;
 mod handle;
 mod layer;
+mod locked;
 mod plan;
 pub(crate) mod reserved;
 mod service;
@@ -57,7 +58,7 @@ pub use self::{
 #[cfg(feature = "oidc")]
 pub(crate) use self::{
     data::Data,
-    handle::{Changes, Exclusive},
+    locked::{LockedError, SealContext, Write},
 };
 use crate::store::StoreError;
 

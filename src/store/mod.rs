@@ -121,6 +121,11 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// The error of store work whose task panicked before it finished.
+    pub(crate) fn task_failed() -> Self {
+        Self::Database(sqlx::Error::WorkerCrashed)
+    }
+
     /// True when the database could not be reached or answered with a
     /// connection-level failure: a retry later may succeed.
     #[must_use]
@@ -696,9 +701,13 @@ impl PgStore {
         self.delete_by("provider_sid", sid).await
     }
 
-    /// Creates the companion table of [`Self::remember_once`] when missing.
-    #[cfg_attr(not(feature = "oidc"), allow(dead_code))]
-    pub(crate) async fn ensure_seen_table(&self) -> Result<(), StoreError> {
+    /// Creates the companion table of single-use keys ([`PgStore::use_once`])
+    /// if it is missing: idempotent, safe for concurrent start-ups. The login
+    /// guard calls it at discovery.
+    ///
+    /// # Errors
+    /// [`StoreError`] when the database is out of reach or refuses the DDL.
+    pub async fn prepare_single_use(&self) -> Result<(), StoreError> {
         let mut tx = self.begin().await?;
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
             .persistent(self.persistent())
@@ -713,14 +722,24 @@ impl PgStore {
         Ok(())
     }
 
-    /// Records `key` until `expire`; false when it was recorded before (a
-    /// replay). Atomic across instances.
-    #[cfg_attr(not(feature = "oidc"), allow(dead_code))]
-    pub(crate) async fn remember_once(
-        &self,
-        key: &str,
-        expire: OffsetDateTime,
-    ) -> Result<bool, StoreError> {
+    /// Records `key` as used until `expire`: true the first time, false
+    /// while an earlier use is recorded and not yet expired (a replay).
+    /// Atomic across instances; for single-use values such as the `jti` of
+    /// logout tokens or one-time links. Needs [`PgStore::prepare_single_use`]
+    /// first.
+    ///
+    /// ```no_run
+    /// # async fn run(store: tower_pg_session::PgStore) -> Result<(), tower_pg_session::StoreError> {
+    /// store.prepare_single_use().await?;
+    /// let until = time::OffsetDateTime::now_utc() + time::Duration::hours(1);
+    /// assert!(store.use_once("link:42", until).await?);
+    /// assert!(!store.use_once("link:42", until).await?);
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`StoreError`] when the database is out of reach.
+    pub async fn use_once(&self, key: &str, expire: OffsetDateTime) -> Result<bool, StoreError> {
         let t = self.inner.name.seen_table();
         // An expired entry may be reused; a live one may not.
         let sql = format!(
@@ -801,15 +820,7 @@ where
     }
 }
 
-/// Runs `work` in its own task and waits for it: a request future can be
-/// dropped at any await point, and work that must finish once started (a
-/// save, a commit, a `BEGIN`) runs where that cannot cut it short. `None`
-/// when the task panicked.
-pub(crate) async fn detached<T: Send + 'static>(
-    work: impl std::future::Future<Output = T> + Send + 'static,
-) -> Option<T> {
-    tokio::spawn(work).await.ok()
-}
+pub(crate) use crate::task::detached;
 
 /// Times for one load: the idle extension is written only when the row
 /// expires before `touch_before`.

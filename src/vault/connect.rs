@@ -8,7 +8,6 @@
 use std::net::IpAddr;
 
 use http::{header, HeaderMap, HeaderName};
-use serde_json::value::RawValue;
 use time::OffsetDateTime;
 use tracing::Instrument;
 
@@ -18,7 +17,7 @@ use crate::{
     metrics,
     oidc::{
         pending::{self, Bound, Limits, PendingError},
-        record::{self, safe_return_to, Stored, USER_KEY},
+        record::{self, safe_return_to, Stored},
         Redirect,
     },
     session::Session,
@@ -313,13 +312,10 @@ impl TokenVault {
 
     /// The subject of the login record on `session`, when it opens.
     async fn logged_in_user(&self, session: &Session) -> Result<String, VaultError> {
-        let raw: Option<Box<RawValue>> =
-            session.get(USER_KEY).await.map_err(VaultError::Session)?;
-        if raw.is_none() {
-            return Err(VaultError::NotLoggedIn);
-        }
-        let binding = session.binding_key().await.map_err(VaultError::Session)?;
-        match record::open_login(&self.inner.login_keys, &binding, raw.as_deref()) {
+        match record::load_login(&self.inner.login_keys, session)
+            .await
+            .map_err(VaultError::Session)?
+        {
             Stored::Opened { record, .. } => Ok(record.sub),
             _ => Err(VaultError::NotLoggedIn),
         }

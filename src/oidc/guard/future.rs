@@ -10,7 +10,7 @@ use std::{
 use futures_util::future::BoxFuture;
 use http::{Request, Response};
 use pin_project_lite::pin_project;
-use serde_json::{value::RawValue, Value};
+use serde_json::Value;
 use time::OffsetDateTime;
 use tower_service::Service;
 use tracing::Instrument;
@@ -23,7 +23,8 @@ use crate::{
         record::{self, LoginRecord, Stored, USER_KEY},
         AccessToken, AuthError, AuthErrorKind, OidcClient, User,
     },
-    session::{Changes, Data, Exclusive, Session, SessionError},
+    session::{LockedError, SealContext, Session, SessionError, Write},
+    store::StoreError,
 };
 
 type Authorized = Result<(User, AccessToken), Rejection>;
@@ -145,20 +146,11 @@ pub(crate) async fn authorize(client: OidcClient, session: Option<Session>) -> A
     let Some(session) = session else {
         return Err(Rejection::new(RejectionKind::MissingSessionLayer));
     };
-    let raw: Option<Box<RawValue>> = match session.get(USER_KEY).await {
-        Ok(r) => r,
-        Err(e) => return Err(store_failed(&e)),
-    };
-    if raw.is_none() {
-        return Err(not_logged_in(&client).await);
-    }
-    let binding = match session.binding_key().await {
-        Ok(b) => b,
-        Err(e) => return Err(store_failed(&e)),
-    };
     let config = client.config();
-    let (mut record, mut reseal) = match record::open_login(&config.keys, &binding, raw.as_deref())
-    {
+    let stored = record::load_login(&config.keys, &session)
+        .await
+        .map_err(|e| store_failed(&e))?;
+    let (mut record, mut reseal) = match stored {
         Stored::Opened { record, reseal } => (record, reseal),
         Stored::Absent => return Err(not_logged_in(&client).await),
         Stored::Clear => {
@@ -178,78 +170,87 @@ pub(crate) async fn authorize(client: OidcClient, session: Option<Session>) -> A
             .await);
         }
     };
-
     if due(record.exp, config.refresh_before) {
-        if record.rt.is_none() {
-            if expired(record.exp) {
-                return Err(log_out(
-                    &session,
-                    "access token expired and there is no refresh token",
-                )
-                .await);
-            }
-        } else {
-            // In a task of its own: a refresh the provider has carried out
-            // (and, with rotation, retired the old refresh token for) is
-            // written even if this request is dropped meanwhile.
-            let (locked, client) = (session.clone(), client.clone());
-            let result = crate::store::detached(
-                async move {
-                    locked
-                        .exclusive(|data, binding| refresh(client, data, binding))
-                        .await
-                }
-                .instrument(tracing::info_span!("oidc.refresh")),
-            )
-            .await
-            .unwrap_or_else(|| {
-                Err(SessionError::Store(crate::StoreError::Database(
-                    sqlx::Error::WorkerCrashed,
-                )))
-            });
-            if let Ok(Err(e)) = &result {
-                crate::metrics::failure(format!("refresh_{}", e.kind().code()));
-            }
-            match result {
-                Ok(Ok(Exclusive::Done(next))) => (record, reseal) = next,
-                Ok(Ok(Exclusive::Gone)) => return Err(Rejection::new(RejectionKind::NotLoggedIn)),
-                Ok(Err(e))
-                    if matches!(
-                        e.kind(),
-                        AuthErrorKind::ProviderUnavailable | AuthErrorKind::LoginUnavailable
-                    ) =>
-                {
-                    tracing::warn!(error = %untrusted(&e), "token refresh failed");
-                    if expired(record.exp) {
-                        return Err(Rejection::new(RejectionKind::ProviderUnavailable));
-                    }
-                    // Still valid for a while: carry on, retry on a later request.
-                }
-                Ok(Err(e)) => return Err(log_out(&session, &e.to_string()).await),
-                Err(e) => return Err(store_failed(&e)),
-            }
-        }
+        (record, reseal) = refresh_due(&client, &session, record, reseal).await?;
     }
-
     if reseal {
-        // Sealed under a key no longer first: sealed again under the current
-        // key, under the row lock, so that a refresh written meanwhile is not
-        // overwritten with this request's older tokens.
-        let keys = config.keys.clone();
-        let resealed = session
-            .exclusive(|data, binding| std::future::ready(reseal_fresh(&keys, &data, &binding)))
-            .await;
-        let failed = match resealed {
-            Ok(Ok(_)) => None,
-            Ok(Err(e)) => Some(e.to_string()),
-            Err(e) => Some(e.to_string()),
-        };
-        if let Some(e) = failed {
-            tracing::warn!(error = %untrusted(&e), "re-sealing the login failed");
-        }
+        reseal_login(&config.keys, &session).await;
     }
     let token = AccessToken(record.at.clone());
     Ok((User::from_record(&record), token))
+}
+
+/// The login with its tokens refreshed, or as it is while the provider is
+/// out of reach and the access token still valid.
+async fn refresh_due(
+    client: &OidcClient,
+    session: &Session,
+    record: LoginRecord,
+    reseal: bool,
+) -> Result<(LoginRecord, bool), Rejection> {
+    if record.rt.is_none() {
+        if expired(record.exp) {
+            let why = "access token expired and there is no refresh token";
+            return Err(log_out(session, why).await);
+        }
+        return Ok((record, reseal));
+    }
+    // In a task of its own: a refresh the provider has carried out (and,
+    // with rotation, retired the old refresh token for) is written even if
+    // this request is dropped meanwhile.
+    let (locked, owned) = (session.clone(), client.clone());
+    let result = crate::task::detached(
+        async move {
+            locked
+                .update_locked(USER_KEY, |stored, context| refresh(owned, stored, context))
+                .await
+        }
+        .instrument(tracing::info_span!("oidc.refresh")),
+    )
+    .await
+    .unwrap_or_else(|| {
+        Err(LockedError::Session(SessionError::Store(
+            StoreError::task_failed(),
+        )))
+    });
+    match result {
+        Ok(next) => Ok(next),
+        Err(LockedError::Gone) => Err(Rejection::new(RejectionKind::NotLoggedIn)),
+        Err(LockedError::Session(e)) => Err(store_failed(&e)),
+        Err(LockedError::Update(e)) => {
+            crate::metrics::failure(format!("refresh_{}", e.kind().code()));
+            let unreachable = matches!(
+                e.kind(),
+                AuthErrorKind::ProviderUnavailable | AuthErrorKind::LoginUnavailable
+            );
+            if !unreachable {
+                return Err(log_out(session, &e.to_string()).await);
+            }
+            tracing::warn!(error = %untrusted(&e), "token refresh failed");
+            if expired(record.exp) {
+                return Err(Rejection::new(RejectionKind::ProviderUnavailable));
+            }
+            // Still valid for a while: carry on, retry on a later request.
+            Ok((record, reseal))
+        }
+    }
+}
+
+/// Seals the login again under the current key, under the row lock, so
+/// that a refresh written meanwhile is not overwritten with this request's
+/// older tokens. A failure is logged: the next request tries again.
+async fn reseal_login(keys: &Keyring, session: &Session) {
+    let resealed = session
+        .update_locked(USER_KEY, |stored, context| {
+            std::future::ready(reseal_fresh(keys, stored, &context))
+        })
+        .await;
+    let failed = match resealed {
+        Ok(()) | Err(LockedError::Gone) => return,
+        Err(LockedError::Update(e)) => e.to_string(),
+        Err(LockedError::Session(e)) => e.to_string(),
+    };
+    tracing::warn!(error = %untrusted(&failed), "re-sealing the login failed");
 }
 
 /// A request without a login: sent to log in, unless the provider cannot be
@@ -273,46 +274,51 @@ async fn log_out(session: &Session, why: &str) -> Rejection {
 /// next request deals with that).
 fn reseal_fresh(
     keys: &Keyring,
-    data: &Data,
-    binding: &str,
-) -> Result<(Changes, ()), serde_json::Error> {
+    stored: Option<String>,
+    context: &SealContext,
+) -> Result<(Write<String>, ()), serde_json::Error> {
     let Stored::Opened {
         record,
         reseal: true,
-    } = record::open_login(keys, binding, data.get(USER_KEY))
+    } = open_stored(keys, stored, context)
     else {
-        return Ok((Vec::new(), ()));
+        return Ok((Write::Keep, ()));
     };
-    let sealed = record::seal_login(keys, binding, &record)?;
-    let raw = serde_json::value::to_raw_value(&sealed)?;
-    Ok((vec![(USER_KEY.to_owned(), Some(raw))], ()))
+    Ok((Write::Set(record::seal_login(keys, context, &record)?), ()))
 }
 
-type Refreshed = (Changes, (LoginRecord, bool));
+/// The login record under the row lock, as the session stores it (a sealed
+/// string; anything else does not open).
+fn open_stored(
+    keys: &Keyring,
+    stored: Option<String>,
+    context: &SealContext,
+) -> Stored<LoginRecord> {
+    let raw = stored.and_then(|s| serde_json::value::to_raw_value(&s).ok());
+    record::open_login(keys, context, raw.as_deref())
+}
 
 /// Under the row lock: refreshes the tokens of the freshest record, unless
 /// another request (or instance) did so while this one waited. Yields the
 /// record and whether it still needs re-sealing.
-async fn refresh(client: OidcClient, data: Data, binding: String) -> Result<Refreshed, AuthError> {
+async fn refresh(
+    client: OidcClient,
+    stored: Option<String>,
+    context: SealContext,
+) -> Result<(Write<String>, (LoginRecord, bool)), AuthError> {
     let config = client.config();
     let keys = &config.keys;
-    let (fresh, reseal) = match record::open_login(keys, &binding, data.get(USER_KEY)) {
+    let (fresh, reseal) = match open_stored(keys, stored, &context) {
         Stored::Opened { record, reseal } => (record, reseal),
-        Stored::Absent => {
+        Stored::Absent | Stored::Clear | Stored::Tampered => {
             return Err(AuthError::new(
                 AuthErrorKind::TamperedData,
-                "login record gone",
-            ))
-        }
-        Stored::Clear | Stored::Tampered => {
-            return Err(AuthError::new(
-                AuthErrorKind::TamperedData,
-                "login record does not open",
+                "login record gone or does not open",
             ))
         }
     };
     if !due(fresh.exp, config.refresh_before) {
-        return Ok((Vec::new(), (fresh, reseal)));
+        return Ok((Write::Keep, (fresh, reseal)));
     }
     let Some(rt) = fresh.rt.clone() else {
         return Err(AuthError::new(
@@ -325,25 +331,12 @@ async fn refresh(client: OidcClient, data: Data, binding: String) -> Result<Refr
         .await?
         .refresh(&rt, &fresh.nonce, &fresh.sub)
         .await?;
-    let mut next = fresh;
-    next.at = tokens.access_token;
-    // Providers without rotation (Cognito) send no new refresh token.
-    next.rt = Some(tokens.refresh_token.unwrap_or(rt));
-    if let Some(idt) = tokens.id_token {
-        next.idt = Some(idt);
-    }
-    if let Some(claims) = tokens.claims {
-        next.groups = record::groups_of(&claims);
-        next.claims = claims;
-    }
-    next.exp = tokens.expires_at;
-    let unsealable =
-        |e: serde_json::Error| AuthError::new(AuthErrorKind::TamperedData, e.to_string());
-    let sealed = record::seal_login(keys, &binding, &next).map_err(unsealable)?;
-    let raw = serde_json::value::to_raw_value(&sealed).map_err(unsealable)?;
+    let next = fresh.refreshed(tokens);
+    let sealed = record::seal_login(keys, &context, &next)
+        .map_err(|e| AuthError::new(AuthErrorKind::TamperedData, e.to_string()))?;
     tracing::info!(sub = %untrusted(&next.sub), "access token refreshed");
     crate::metrics::refresh();
-    Ok((vec![(USER_KEY.to_owned(), Some(raw))], (next, false)))
+    Ok((Write::Set(sealed), (next, false)))
 }
 
 #[cfg(test)]
