@@ -88,7 +88,7 @@
 use std::{env, net::SocketAddr, str::FromStr, sync::Arc, time::Duration};
 
 use axum::{
-    body::{Body, Bytes},
+    body::Body,
     extract::{Path, Query, RawQuery, Request, State},
     http::{header, HeaderMap, StatusCode},
     middleware::{self, Next},
@@ -99,11 +99,13 @@ use axum::{
 use openidconnect::url::{Host, Url};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tokio::sync::{oneshot, RwLock};
-use tower::{Layer, ServiceExt};
+use tokio::sync::RwLock;
 use tower_pg_session::{
     crypto::{EncryptionKey, Keyring},
-    oidc::{AuthError, OidcClient, OidcConfig, Provider, RequireLoginLayer, User},
+    oidc::{
+        AuthError, OidcClient, OidcConfig, Provider, Rejection, RejectionKind, RequireLoginLayer,
+        User,
+    },
     store::PgConnect,
     vault::{Integration, TokenVault, VaultConfig, VaultError},
     ExpressSecrets, PgStore, PgStoreConfig, Pooler, PruneConfig, Session, SessionError,
@@ -371,66 +373,9 @@ fn env_str(name: &str) -> Option<String> {
         .filter(|v| !v.is_empty())
 }
 
-/// How often discovery is retried while the provider is unreachable.
-const DISCOVERY_RETRY: Duration = Duration::from_secs(5);
-
-/// The OpenID client once discovery has succeeded; until then (or when login
-/// is off), why there is none. Shared by the login routes and the `/me` guard.
-#[derive(Clone)]
-struct Login(Arc<RwLock<Result<OidcClient, String>>>);
-
-impl Login {
-    fn new(why: String) -> Self {
-        Self(Arc::new(RwLock::new(Err(why))))
-    }
-
-    async fn set(&self, state: Result<OidcClient, String>) {
-        *self.0.write().await = state;
-    }
-
-    /// The client, or the 503 to answer without one.
-    async fn client(&self) -> Result<OidcClient, Response> {
-        match &*self.0.read().await {
-            Ok(client) => Ok(client.clone()),
-            Err(why) => Err(unavailable("login_unavailable", why)),
-        }
-    }
-}
-
-/// Discovers the provider, retrying until it answers; `first` fires after
-/// the first attempt.
-async fn discover_until_ready(
-    login: Login,
-    config: OidcConfig,
-    store: PgStore,
-    first: oneshot::Sender<()>,
-) {
-    let mut first = Some(first);
-    let mut last_error = String::new();
-    loop {
-        let result = OidcClient::discover(config.clone(), store.clone()).await;
-        let ready = result.is_ok();
-        let state = result.map_err(|e| {
-            let e = e.to_string();
-            if e != last_error {
-                tracing::warn!(error = %e, retry_secs = DISCOVERY_RETRY.as_secs(), "OpenID discovery failed: /auth/* and /me answer 503 until it works");
-                last_error.clone_from(&e);
-            }
-            format!(
-                "the OpenID provider is unavailable, retrying every {} s: {e}",
-                DISCOVERY_RETRY.as_secs()
-            )
-        });
-        login.set(state).await;
-        if let Some(tx) = first.take() {
-            let _ = tx.send(());
-        }
-        if ready {
-            return;
-        }
-        tokio::time::sleep(DISCOVERY_RETRY).await;
-    }
-}
+/// How often the vault's setup is retried while its provider or the
+/// database does not answer (the login's discovery retries on its own).
+const RETRY: Duration = Duration::from_secs(5);
 
 /// 503 with `error` and why.
 fn unavailable(error: &str, why: &str) -> Response {
@@ -495,11 +440,11 @@ async fn vault_until_ready(vault: Vault, settings: MailSettings, store: PgStore,
                 return;
             }
             Err(e) => {
-                tracing::warn!(error = %e, retry_secs = DISCOVERY_RETRY.as_secs(), "token vault not ready");
+                tracing::warn!(error = %e, retry_secs = RETRY.as_secs(), "token vault not ready");
                 *vault.0.write().await = Err(format!("the token vault is not ready: {e}"));
             }
         }
-        tokio::time::sleep(DISCOVERY_RETRY).await;
+        tokio::time::sleep(RETRY).await;
     }
 }
 
@@ -557,8 +502,91 @@ const POLL_MAX: usize = 10_000;
 #[derive(Clone)]
 struct AppState {
     store: PgStore,
-    login: Login,
+    /// The login, or why it is off.
+    login: Result<OidcClient, String>,
     vault: Vault,
+}
+
+/// The environment, read and checked before anything starts.
+struct Settings {
+    bind: SocketAddr,
+    store_config: PgStoreConfig,
+    prune_secs: u64,
+    ttl_secs: u64,
+    secure: bool,
+    token_keys: Keyring,
+    provider_name: Option<String>,
+    cognito_domain: Option<Url>,
+    refresh_before: Option<u64>,
+    client_id: String,
+    client_secret: Option<String>,
+    poll_secs: u64,
+}
+
+impl Settings {
+    fn from_env() -> Result<Self, Box<dyn std::error::Error>> {
+        let store_config = match env_str("DB_POOLER").as_deref() {
+            None | Some("direct" | "session") => PgStoreConfig::new(),
+            Some("transaction") => PgStoreConfig::new().with_pooler(Pooler::Transaction),
+            Some(other) => {
+                return Err(
+                    format!("DB_POOLER={other:?}: expected \"direct\" or \"transaction\"").into(),
+                )
+            }
+        };
+        let provider_name = env_str("OIDC_PROVIDER").map(|p| p.to_ascii_lowercase());
+        if let Some(p) = provider_name.as_deref() {
+            if !matches!(p, "keycloak" | "cognito" | "generic") {
+                return Err(
+                    format!("OIDC_PROVIDER={p:?}: use keycloak, cognito or generic").into(),
+                );
+            }
+        }
+        Ok(Self {
+            bind: env_or("BIND_ADDR", SocketAddr::from(([127, 0, 0, 1], 3000)))?,
+            store_config,
+            prune_secs: env_or("PRUNE_INTERVAL_SECS", 900)?,
+            ttl_secs: env_or("SESSION_TTL_SECS", 86_400)?,
+            secure: env::var("COOKIE_SECURE").map(|v| v != "0").unwrap_or(true),
+            token_keys: token_keys()?,
+            provider_name,
+            cognito_domain: env_str("COGNITO_DOMAIN")
+                .map(|d| Url::parse(&d).map_err(|e| format!("COGNITO_DOMAIN={d:?}: {e}")))
+                .transpose()?,
+            refresh_before: env_opt("OIDC_REFRESH_BEFORE")?,
+            client_id: env_str("OIDC_CLIENT_ID").unwrap_or_else(|| "demo".to_owned()),
+            client_secret: env_str("OIDC_CLIENT_SECRET"),
+            poll_secs: env_or("INTEGRATION_POLL_SECS", 5)?,
+        })
+    }
+}
+
+/// `TOKEN_KEYS`, or a random key (with a warning).
+fn token_keys() -> Result<Keyring, Box<dyn std::error::Error>> {
+    match env_str("TOKEN_KEYS") {
+        Some(list) => Ok(Keyring::from_base64_list(&list).map_err(|e| format!("TOKEN_KEYS: {e}"))?),
+        None => {
+            tracing::warn!(
+                "TOKEN_KEYS is not set: using a random key, so logins end when the demo stops"
+            );
+            Ok(Keyring::new(vec![EncryptionKey::generate()])?)
+        }
+    }
+}
+
+/// `APP_URL`, or the address the demo listens on.
+fn app_url(
+    listener: &tokio::net::TcpListener,
+) -> Result<(String, Url), Box<dyn std::error::Error>> {
+    let app_url = match env_str("APP_URL") {
+        Some(url) => url.trim_end_matches('/').to_owned(),
+        None => format!("http://{}", listener.local_addr()?),
+    };
+    let app = Url::parse(&app_url)
+        .ok()
+        .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+        .ok_or_else(|| format!("APP_URL={app_url:?} is not an absolute http(s) URL"))?;
+    Ok((app_url, app))
 }
 
 #[tokio::main]
@@ -569,79 +597,82 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .unwrap_or_else(|_| "info,sqlx=warn".into()),
         )
         .init();
+    let mut settings = Settings::from_env()?;
+    let listener = tokio::net::TcpListener::bind(settings.bind).await?;
+    let (app_url, app) = app_url(&listener)?;
 
-    let bind: SocketAddr = env_or("BIND_ADDR", SocketAddr::from(([127, 0, 0, 1], 3000)))?;
-    let store_config = match env_str("DB_POOLER").as_deref() {
-        None | Some("direct" | "session") => PgStoreConfig::new(),
-        Some("transaction") => PgStoreConfig::new().with_pooler(Pooler::Transaction),
-        Some(other) => {
-            return Err(
-                format!("DB_POOLER={other:?}: expected \"direct\" or \"transaction\"").into(),
-            )
-        }
+    let (store, _cluster) = start_database(settings.store_config.clone()).await?;
+    let layer = session_layer(&store, &settings, &app, &app_url)?;
+    let pruner = (settings.prune_secs > 0).then(|| {
+        let every = Duration::from_secs(settings.prune_secs);
+        store.spawn_pruner(PruneConfig::new().with_interval(every))
+    });
+    let (issuer, idp) = start_provider(&mut settings, &app_url).await;
+    let (vault, vault_tasks) = start_vault(&settings, &issuer, idp.is_some(), &app_url, &store)?;
+    let login = match issuer {
+        Ok(issuer) => Ok(login_client(&settings, &issuer, &app_url, &store)?),
+        Err(why) => Err(why),
     };
-    let prune_secs: u64 = env_or("PRUNE_INTERVAL_SECS", 900)?;
-    let ttl_secs: u64 = env_or("SESSION_TTL_SECS", 86_400)?;
-    let secure = env::var("COOKIE_SECURE").map(|v| v != "0").unwrap_or(true);
 
-    // The login's settings, all checked before anything starts.
-    let listener = tokio::net::TcpListener::bind(bind).await?;
-    let app_url = match env_str("APP_URL") {
-        Some(url) => url.trim_end_matches('/').to_owned(),
-        None => format!("http://{}", listener.local_addr()?),
-    };
-    let app = Url::parse(&app_url)
-        .ok()
-        .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
-        .ok_or_else(|| format!("APP_URL={app_url:?} is not an absolute http(s) URL"))?;
-    let token_keys = match env_str("TOKEN_KEYS") {
-        Some(list) => Keyring::from_base64_list(&list).map_err(|e| format!("TOKEN_KEYS: {e}"))?,
-        None => {
-            tracing::warn!(
-                "TOKEN_KEYS is not set: using a random key, so logins end when the demo stops"
-            );
-            Keyring::new(vec![EncryptionKey::generate()])?
-        }
-    };
-    let provider_name = env_str("OIDC_PROVIDER").map(|p| p.to_ascii_lowercase());
-    if let Some(p) = provider_name.as_deref() {
-        if !matches!(p, "keycloak" | "cognito" | "generic") {
-            return Err(format!("OIDC_PROVIDER={p:?}: use keycloak, cognito or generic").into());
-        }
+    let app = router(AppState {
+        store,
+        login,
+        vault,
+    })
+    .layer(layer);
+    tracing::info!("demo listening on http://{}", listener.local_addr()?);
+    if idp.is_some() {
+        tracing::info!("to log in, open {app_url}/me in a browser and log in with any user name and any password");
     }
-    let cognito_domain = env_str("COGNITO_DOMAIN")
-        .map(|d| Url::parse(&d).map_err(|e| format!("COGNITO_DOMAIN={d:?}: {e}")))
-        .transpose()?;
-    let refresh_before: Option<u64> = env_opt("OIDC_REFRESH_BEFORE")?;
-    let client_id = env_str("OIDC_CLIENT_ID").unwrap_or_else(|| "demo".to_owned());
-    let mut client_secret = env_str("OIDC_CLIENT_SECRET");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+    for task in vault_tasks {
+        task.abort();
+    }
+    if let Some(idp) = idp {
+        idp.stop().await;
+    }
+    if let Some(p) = pruner {
+        p.shutdown().await;
+    }
+    Ok(())
+}
 
-    let mut _cluster = None;
-    let store = match env::var("DATABASE_URL") {
+/// The store on `DATABASE_URL`; without it, on the default address, or on
+/// a throwaway cluster (returned: removed when dropped) when nothing answers
+/// there.
+async fn start_database(
+    config: PgStoreConfig,
+) -> Result<(PgStore, Option<local_pg::Cluster>), Box<dyn std::error::Error>> {
+    if let Ok(url) = env::var("DATABASE_URL") {
         // The given database may not answer yet: start anyway (`/healthz`
         // answers 503 until it does) and prepare the table on first contact.
-        Ok(url) => PgStore::connect_lazy(connect_options(&url)?, store_config),
-        Err(_) => {
-            let url = "postgres://postgres@127.0.0.1:5432/postgres";
-            match PgStore::connect_to(connect_options(url)?, store_config.clone()).await {
-                Ok(store) => store,
-                Err(e) => {
-                    tracing::warn!(error = %e, "no PostgreSQL at the default address; starting a throwaway cluster");
-                    let cluster = local_pg::start().ok_or_else(|| {
-                        format!(
-                            "{e}; and no initdb/pg_ctl to start a local cluster: set DATABASE_URL"
-                        )
-                    })?;
-                    tracing::info!(url = %cluster.url, "throwaway PostgreSQL cluster started (removed on exit)");
-                    let store =
-                        PgStore::connect_to(connect_options(&cluster.url)?, store_config).await?;
-                    _cluster = Some(cluster);
-                    store
-                }
-            }
+        return Ok((PgStore::connect_lazy(connect_options(&url)?, config), None));
+    }
+    let url = "postgres://postgres@127.0.0.1:5432/postgres";
+    match PgStore::connect_to(connect_options(url)?, config.clone()).await {
+        Ok(store) => Ok((store, None)),
+        Err(e) => {
+            tracing::warn!(error = %e, "no PostgreSQL at the default address; starting a throwaway cluster");
+            let cluster = local_pg::start().ok_or_else(|| {
+                format!("{e}; and no initdb/pg_ctl to start a local cluster: set DATABASE_URL")
+            })?;
+            tracing::info!(url = %cluster.url, "throwaway PostgreSQL cluster started (removed on exit)");
+            let store = PgStore::connect_to(connect_options(&cluster.url)?, config).await?;
+            Ok((store, Some(cluster)))
         }
-    };
+    }
+}
 
+/// The session layer: signed cookies of this demo, or express-session's
+/// next to an Express app (`EXPRESS_COMPAT=1`).
+fn session_layer(
+    store: &PgStore,
+    settings: &Settings,
+    app: &Url,
+    app_url: &str,
+) -> Result<SessionLayer, Box<dyn std::error::Error>> {
     let secrets: Option<Vec<String>> = env::var("SESSION_SECRET").ok().map(|s| {
         s.split(',')
             .map(str::trim)
@@ -654,9 +685,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             "SESSION_SECRET is not set: using a random key, so sessions end when the demo stops"
         );
     }
-    let express = env::var("EXPRESS_COMPAT").is_ok_and(|v| v == "1");
-    let mut layer = if express {
-        // Next to an Express app: its cookie, its secrets, its table.
+    let mut layer = if env::var("EXPRESS_COMPAT").is_ok_and(|v| v == "1") {
         let secrets = match secrets {
             Some(s) => ExpressSecrets::new(s)?,
             None => ExpressSecrets::new([SigningKeys::generate_secret()])?,
@@ -676,169 +705,172 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     if let Some(name) = env_str("SESSION_COOKIE_NAME") {
         layer = layer.with_cookie_name(&name)?;
     }
-    layer = layer.with_idle_timeout(Some(Duration::from_secs(ttl_secs)))?;
-    if !secure {
+    layer = layer.with_idle_timeout(Some(Duration::from_secs(settings.ttl_secs)))?;
+    if !settings.secure {
         layer = layer.with_insecure_http_cookie()?;
-    } else if app.scheme() == "http" && !is_loopback(&app) {
+    } else if app.scheme() == "http" && !is_loopback(app) {
         tracing::warn!(%app_url, "browsers send Secure cookies over plain http only to localhost: set COOKIE_SECURE=0 (or serve over https) or logins will not stick");
     }
-    let pruner = (prune_secs > 0).then(|| {
-        store.spawn_pruner(PruneConfig::new().with_interval(Duration::from_secs(prune_secs)))
-    });
+    Ok(layer)
+}
 
-    // The provider: the configured one, or the local one of tests/idp.
-    let mut idp = None;
-    let issuer = match env_str("OIDC_ISSUER") {
-        Some(issuer) => Ok(issuer),
-        None => {
-            let secret = client_secret
-                .get_or_insert_with(|| "demo-secret".to_owned())
-                .clone();
-            // The login's client, and the mail service's: a client of its
-            // own, so that disconnecting mail (which revokes its grant) does
-            // not end the login.
-            let clients = json!([{
-                "client_id": client_id,
-                "client_secret": secret,
-                "redirect_uris": [format!("{app_url}/auth/callback")],
-                "post_logout_redirect_uris": [format!("{app_url}/")],
-                "backchannel_logout_uri": format!("{app_url}/auth/backchannel-logout"),
-                "backchannel_logout_session_required": true,
-            }, {
-                "client_id": LOCAL_MAIL_CLIENT.0,
-                "client_secret": LOCAL_MAIL_CLIENT.1,
-                "redirect_uris": [format!("{app_url}/integrations/mail/callback")],
-            }]);
-            let flavor = match provider_name.as_deref() {
-                Some("cognito") => "cognito",
-                _ => "keycloak",
-            };
-            tracing::info!(
-                flavor,
-                "OIDC_ISSUER is not set: starting the local OpenID provider (tests/idp)"
-            );
-            match local_idp::start(flavor, &clients.to_string()).await {
-                Ok(started) => {
-                    tracing::info!(issuer = %started.issuer, client_id, "local OpenID provider started (stops with the demo)");
-                    let issuer = started.issuer.clone();
-                    idp = Some(started);
-                    Ok(issuer)
-                }
-                Err(e) => {
-                    tracing::warn!("{e}: running without login (/auth/* and /me answer 503); set OIDC_ISSUER to use another provider");
-                    Err(format!(
-                        "login is off: {e}; install Node.js or set OIDC_ISSUER"
-                    ))
-                }
+/// The provider's issuer: `OIDC_ISSUER`, or the local provider of
+/// `tests/idp`, started here with the login's client and the mail
+/// service's; `Err` says why login is off.
+async fn start_provider(
+    settings: &mut Settings,
+    app_url: &str,
+) -> (Result<String, String>, Option<local_idp::Idp>) {
+    if let Some(issuer) = env_str("OIDC_ISSUER") {
+        return (Ok(issuer), None);
+    }
+    let secret = settings
+        .client_secret
+        .get_or_insert_with(|| "demo-secret".to_owned())
+        .clone();
+    // The mail service has a client of its own, so that disconnecting mail
+    // (which revokes its grant) does not end the login.
+    let clients = json!([{
+        "client_id": settings.client_id,
+        "client_secret": secret,
+        "redirect_uris": [format!("{app_url}/auth/callback")],
+        "post_logout_redirect_uris": [format!("{app_url}/")],
+        "backchannel_logout_uri": format!("{app_url}/auth/backchannel-logout"),
+        "backchannel_logout_session_required": true,
+    }, {
+        "client_id": LOCAL_MAIL_CLIENT.0,
+        "client_secret": LOCAL_MAIL_CLIENT.1,
+        "redirect_uris": [format!("{app_url}/integrations/mail/callback")],
+    }]);
+    let flavor = match settings.provider_name.as_deref() {
+        Some("cognito") => "cognito",
+        _ => "keycloak",
+    };
+    tracing::info!(
+        flavor,
+        "OIDC_ISSUER is not set: starting the local OpenID provider (tests/idp)"
+    );
+    match local_idp::start(flavor, &clients.to_string()).await {
+        Ok(started) => {
+            tracing::info!(issuer = %started.issuer, client_id = %settings.client_id, "local OpenID provider started (stops with the demo)");
+            (Ok(started.issuer.clone()), Some(started))
+        }
+        Err(e) => {
+            tracing::warn!("{e}: running without login (/auth/* and /me answer 503); set OIDC_ISSUER to use another provider");
+            (
+                Err(format!(
+                    "login is off: {e}; install Node.js or set OIDC_ISSUER"
+                )),
+                None,
+            )
+        }
+    }
+}
+
+/// The login's client, discovering its provider on first use: while the
+/// provider is down, `/auth/*` and `/me` answer 503 with the reason and
+/// discovery is tried again every 5 s.
+fn login_client(
+    settings: &Settings,
+    issuer: &str,
+    app_url: &str,
+    store: &PgStore,
+) -> Result<OidcClient, Box<dyn std::error::Error>> {
+    let mut config = OidcConfig::new(
+        issuer,
+        &settings.client_id,
+        app_url,
+        settings.token_keys.clone(),
+    )?;
+    if let Some(secret) = &settings.client_secret {
+        config = config.with_client_secret(secret);
+    }
+    if let Some(secs) = settings.refresh_before {
+        config = config.with_refresh_before(Duration::from_secs(secs));
+    }
+    let provider = match settings.provider_name.as_deref() {
+        Some("keycloak") => Provider::Keycloak,
+        Some("cognito") => Provider::Cognito { domain: None },
+        Some(_) => Provider::Generic,
+        None => Provider::detect(issuer),
+    };
+    let provider = match provider {
+        Provider::Cognito { .. } => Provider::Cognito {
+            domain: settings.cognito_domain.clone(),
+        },
+        other => {
+            if settings.cognito_domain.is_some() {
+                tracing::warn!(provider = ?other, "COGNITO_DOMAIN is ignored: the provider is not Cognito");
             }
+            other
         }
     };
+    let config = config.with_provider(provider).with_discovery_retry(RETRY);
+    Ok(OidcClient::lazy(config, store.clone()))
+}
 
-    // The `mail` integration: the login's provider and client unless
-    // INTEGRATION_ISSUER (and its client) are given.
-    let vault = Vault(Arc::new(RwLock::new(Err(
-        "the token vault is not ready yet".to_owned(),
-    ))));
+/// A background task, stopped when the demo stops.
+type Task = tokio::task::JoinHandle<()>;
+
+/// The token vault with its `mail` integration (the login's provider and
+/// client unless `INTEGRATION_ISSUER` and its client are given), set up in
+/// the background, and the task that polls connected accounts.
+fn start_vault(
+    settings: &Settings,
+    issuer: &Result<String, String>,
+    local_idp: bool,
+    app_url: &str,
+    store: &PgStore,
+) -> Result<(Vault, Vec<Task>), Box<dyn std::error::Error>> {
+    let redirect_uri = format!("{app_url}/integrations/mail/callback");
     let mail = match env_str("INTEGRATION_ISSUER") {
         Some(issuer) => Some(MailSettings {
             issuer,
             client_id: env_str("INTEGRATION_CLIENT_ID")
                 .ok_or("INTEGRATION_ISSUER is set: set INTEGRATION_CLIENT_ID too")?,
             client_secret: env_str("INTEGRATION_CLIENT_SECRET"),
-            redirect_uri: format!("{app_url}/integrations/mail/callback"),
+            redirect_uri,
         }),
         None => issuer.as_ref().ok().map(|issuer| {
-            let (client_id, client_secret) = match idp {
-                Some(_) => (
+            let (client_id, client_secret) = if local_idp {
+                (
                     LOCAL_MAIL_CLIENT.0.to_owned(),
                     Some(LOCAL_MAIL_CLIENT.1.to_owned()),
-                ),
-                None => (client_id.clone(), client_secret.clone()),
+                )
+            } else {
+                (settings.client_id.clone(), settings.client_secret.clone())
             };
             MailSettings {
                 issuer: issuer.clone(),
                 client_id,
                 client_secret,
-                redirect_uri: format!("{app_url}/integrations/mail/callback"),
+                redirect_uri,
             }
         }),
     };
-    let poll_secs: u64 = env_or("INTEGRATION_POLL_SECS", 5)?;
-    let vault_tasks = match mail {
-        Some(settings) => {
-            let ready = tokio::spawn(vault_until_ready(
-                vault.clone(),
-                settings,
-                store.clone(),
-                token_keys.clone(),
-            ));
-            let poll = (poll_secs > 0).then(|| {
-                tokio::spawn(poll_connections(
-                    vault.clone(),
-                    Duration::from_secs(poll_secs),
-                ))
-            });
-            vec![Some(ready), poll].into_iter().flatten().collect()
-        }
-        None => {
-            *vault.0.write().await =
-                Err("no integration provider: set INTEGRATION_ISSUER".to_owned());
-            Vec::new()
-        }
+    let Some(mail) = mail else {
+        let why = "no integration provider: set INTEGRATION_ISSUER".to_owned();
+        return Ok((Vault(Arc::new(RwLock::new(Err(why)))), Vec::new()));
     };
+    let vault = Vault(Arc::new(RwLock::new(Err(
+        "the token vault is not ready yet".to_owned(),
+    ))));
+    let keys = settings.token_keys.clone();
+    let mut tasks = vec![tokio::spawn(vault_until_ready(
+        vault.clone(),
+        mail,
+        store.clone(),
+        keys,
+    ))];
+    if settings.poll_secs > 0 {
+        let every = Duration::from_secs(settings.poll_secs);
+        tasks.push(tokio::spawn(poll_connections(vault.clone(), every)));
+    }
+    Ok((vault, tasks))
+}
 
-    let login =
-        Login::new("the OpenID provider is not discovered yet (discovery in progress)".to_owned());
-    let discovery = match issuer {
-        Ok(issuer) => {
-            let mut config = OidcConfig::new(&issuer, &client_id, &app_url, token_keys)?;
-            if let Some(secret) = &client_secret {
-                config = config.with_client_secret(secret);
-            }
-            if let Some(secs) = refresh_before {
-                config = config.with_refresh_before(Duration::from_secs(secs));
-            }
-            let provider = match provider_name.as_deref() {
-                Some("keycloak") => Provider::Keycloak,
-                Some("cognito") => Provider::Cognito { domain: None },
-                Some(_) => Provider::Generic,
-                None => Provider::detect(&issuer),
-            };
-            let provider = match provider {
-                Provider::Cognito { .. } => Provider::Cognito {
-                    domain: cognito_domain,
-                },
-                other => {
-                    if cognito_domain.is_some() {
-                        tracing::warn!(provider = ?other, "COGNITO_DOMAIN is ignored: the provider is not Cognito");
-                    }
-                    other
-                }
-            };
-            config = config.with_provider(provider);
-            let (first_tx, first_rx) = oneshot::channel();
-            let task = tokio::spawn(discover_until_ready(
-                login.clone(),
-                config,
-                store.clone(),
-                first_tx,
-            ));
-            // Give the first attempt a moment, so that a healthy provider is
-            // ready when the demo says it listens; never wait long for a sick one.
-            let _ = tokio::time::timeout(Duration::from_secs(5), first_rx).await;
-            Some(task)
-        }
-        Err(why) => {
-            login.set(Err(why)).await;
-            None
-        }
-    };
-
-    let state = AppState {
-        store,
-        login,
-        vault,
-    };
+/// The demo's routes; `/me` and the integrations' pages need a login.
+fn router(state: AppState) -> Router {
     let protected = Router::new()
         .route("/me", get(me))
         .route("/integrations", get(integrations))
@@ -846,45 +878,64 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .route(
             "/integrations/{name}/disconnect",
             post(integration_disconnect),
-        )
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_login));
-    let app = Router::new()
+        );
+    let (login_routes, protected) = match &state.login {
+        Ok(client) => (
+            client.routes(),
+            protected
+                .route_layer(RequireLoginLayer::new(client.clone()))
+                .route_layer(middleware::map_response(explain_unavailable)),
+        ),
+        Err(why) => {
+            let off = login_off(why.clone());
+            (
+                Router::new()
+                    .route("/auth/login", get(off.clone()))
+                    .route("/auth/callback", get(off.clone()))
+                    .route("/auth/logout", post(off.clone()))
+                    .route("/auth/backchannel-logout", post(off.clone())),
+                protected.route_layer(middleware::from_fn(move |_: Request, _: Next| off())),
+            )
+        }
+    };
+    Router::new()
         .route("/", get(index))
         .route("/healthz", get(healthz))
         .route("/counter", get(counter))
         .route("/peek", get(peek))
         .route("/kv", get(kv_all))
         .route("/kv/{key}", put(kv_put))
-        .route("/auth/login", get(auth_login))
-        .route("/auth/callback", get(auth_callback))
-        .route("/auth/logout", post(auth_logout))
-        .route("/auth/backchannel-logout", post(backchannel_logout))
         .route("/integrations/{name}/connect", get(integration_connect))
         .route("/integrations/{name}/callback", get(integration_callback))
+        .merge(login_routes)
         .merge(protected)
-        .layer(layer)
-        .with_state(state);
+        .with_state(state)
+}
 
-    tracing::info!("demo listening on http://{}", listener.local_addr()?);
-    if idp.is_some() {
-        tracing::info!("to log in, open {app_url}/me in a browser and log in with any user name and any password");
+/// The guard answers 503 with an empty body while the provider is not
+/// discovered; the demo's API clients get the reason in JSON, as from
+/// `/auth/*`.
+async fn explain_unavailable(response: Response) -> Response {
+    match response.extensions().get::<Rejection>() {
+        Some(r) if r.kind() == RejectionKind::LoginUnavailable => {
+            let mut explained = unavailable("login_unavailable", &r.to_string());
+            explained.headers_mut().extend(
+                response
+                    .headers()
+                    .get(header::RETRY_AFTER)
+                    .map(|v| (header::RETRY_AFTER, v.clone())),
+            );
+            explained
+        }
+        _ => response,
     }
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
-    if let Some(task) = discovery {
-        task.abort();
-    }
-    for task in vault_tasks {
-        task.abort();
-    }
-    if let Some(idp) = idp {
-        idp.stop().await;
-    }
-    if let Some(p) = pruner {
-        p.shutdown().await;
-    }
-    Ok(())
+}
+
+/// With login off: the 503 that `/auth/*` and `/me` answer, with why.
+fn login_off(
+    why: String,
+) -> impl Fn() -> std::future::Ready<Response> + Clone + Send + Sync + 'static {
+    move || std::future::ready(unavailable("login_unavailable", &why))
 }
 
 /// The database URL (one host or several, TLS parameters) with the pool
@@ -1019,68 +1070,6 @@ struct LoginParams {
     return_to: Option<String>,
 }
 
-async fn auth_login(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    session: Session,
-    Query(params): Query<LoginParams>,
-) -> Result<Response, Response> {
-    let client = state.login.client().await?;
-    match client.login(&session, params.return_to.as_deref()).await {
-        Ok(redirect) => Ok(redirect.into_response()),
-        Err(e) => Err(auth_error(&e, &headers)),
-    }
-}
-
-async fn auth_callback(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    session: Session,
-    RawQuery(query): RawQuery,
-) -> Result<Response, Response> {
-    let client = state.login.client().await?;
-    match client.callback(&session, query.as_deref()).await {
-        Ok((redirect, _user)) => Ok(redirect.into_response()),
-        Err(e) => Err(auth_error(&e, &headers)),
-    }
-}
-
-async fn auth_logout(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    session: Session,
-) -> Result<Response, Response> {
-    let client = state.login.client().await?;
-    match client.logout(&session, &headers).await {
-        Ok(redirect) => Ok(redirect.into_response()),
-        Err(e) => Err(auth_error(&e, &headers)),
-    }
-}
-
-async fn backchannel_logout(
-    State(state): State<AppState>,
-    body: Bytes,
-) -> Result<Response, Response> {
-    let client = state.login.client().await?;
-    Ok(client.backchannel_logout(&body).await.into_response())
-}
-
-/// `RequireLoginLayer` around `/me`, with whichever client discovery produced
-/// (503 while there is none).
-async fn require_login(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    match state.login.client().await {
-        Ok(client) => match RequireLoginLayer::new(client)
-            .layer(next)
-            .oneshot(request)
-            .await
-        {
-            Ok(response) => response,
-            Err(never) => match never {},
-        },
-        Err(unavailable) => unavailable,
-    }
-}
-
 async fn me(user: User) -> Json<Value> {
     Json(json!({
         "sub": user.sub(),
@@ -1163,7 +1152,10 @@ async fn integration_disconnect(
     user: User,
     Path(name): Path<String>,
 ) -> Result<Response, Response> {
-    let client = state.login.client().await?;
+    let client = state
+        .login
+        .as_ref()
+        .map_err(|why| unavailable("login_unavailable", why))?;
     client
         .check_same_origin(&headers)
         .map_err(|e| auth_error(&e, &headers))?;

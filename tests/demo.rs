@@ -58,11 +58,12 @@ async fn start_logged(env: &[(&str, String)]) -> (Demo, Arc<Mutex<String>>) {
 }
 
 async fn start_with(env: &[(&str, String)], stdout: Stdio) -> Demo {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    // A test that needs to know the address first passes BIND_ADDR itself.
+    let port = env
+        .iter()
+        .find(|(k, _)| *k == "BIND_ADDR")
+        .map(|(_, v)| v.rsplit(':').next().unwrap().parse().unwrap())
+        .unwrap_or_else(common::cluster::free_port);
     let url = format!("http://127.0.0.1:{port}");
     let mut cmd = Command::new(common::demo_bin::binary());
     cmd.env("BIND_ADDR", format!("127.0.0.1:{port}"))
@@ -306,6 +307,68 @@ async fn start_in(db: &common::Db) -> Demo {
         ("COOKIE_SECURE", "0".to_owned()),
     ])
     .await
+}
+
+#[tokio::test]
+async fn a_provider_down_at_start_gets_503_with_the_reason_until_it_answers() {
+    let db = common::Db::new().await;
+    let (port, idp_port) = (common::cluster::free_port(), common::cluster::free_port());
+    let app = format!("http://127.0.0.1:{port}");
+    let demo = start(&[
+        ("DATABASE_URL", schema_url(&db).await),
+        ("BIND_ADDR", format!("127.0.0.1:{port}")),
+        ("APP_URL", app.clone()),
+        (
+            "OIDC_ISSUER",
+            format!("http://127.0.0.1:{idp_port}/realms/test"),
+        ),
+        ("OIDC_CLIENT_SECRET", common::idp::CLIENT_SECRET.to_owned()),
+        ("SESSION_SECRET", common::KEY_A.to_owned()),
+        ("COOKIE_SECURE", "0".to_owned()),
+        ("INTEGRATION_POLL_SECS", "0".to_owned()),
+    ])
+    .await;
+    let b = Browser::new();
+    let r = b.api(&format!("{app}/counter")).await;
+    assert_eq!(
+        r.status(),
+        StatusCode::OK,
+        "sessions work without the provider"
+    );
+    for path in ["/auth/login", "/auth/callback?code=c&state=s", "/me"] {
+        let r = b.api(&format!("{app}{path}")).await;
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE, "{path}");
+        let body: Value = r.json().await.unwrap_or_else(|e| panic!("{path}: {e}"));
+        assert_eq!(body["error"], "login_unavailable", "{path}: {body}");
+        let why = body["error_description"].as_str().unwrap_or_default();
+        assert!(why.contains("unavailable"), "{path}: {body}");
+    }
+    assert_eq!(
+        json!({"count": 1}),
+        b.api(&format!("{app}/peek"))
+            .await
+            .json::<Value>()
+            .await
+            .unwrap(),
+        "the refused requests left the session as it was"
+    );
+
+    // The provider comes up: logins work within the retry interval.
+    let _idp =
+        common::idp::Idp::start_on("keycloak", std::slice::from_ref(&app), 3600, idp_port).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while b.get(&format!("{app}/auth/login")).await.status() != StatusCode::FOUND {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "login still refused"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(location(&b.login(&app, "zoe", "/me").await), "/me");
+    let me: Value = b.api(&format!("{app}/me")).await.json().await.unwrap();
+    assert_eq!(me["sub"], "zoe");
+    drop(demo);
+    db.drop_schema().await;
 }
 
 /// `PUT {url}/kv/{key}` with `value`: the status and the JSON body.

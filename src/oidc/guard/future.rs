@@ -258,7 +258,7 @@ async fn reseal_login(keys: &Keyring, session: &Session) {
 async fn not_logged_in(client: &OidcClient) -> Rejection {
     match client.discovered().await {
         Ok(_) => Rejection::new(RejectionKind::NotLoggedIn),
-        Err(_) => Rejection::new(RejectionKind::LoginUnavailable),
+        Err(e) => Rejection::new(RejectionKind::LoginUnavailable).with_detail(e.detail()),
     }
 }
 

@@ -31,6 +31,9 @@ pub use self::{future::RequireLoginFuture, layer::RequireLoginLayer, service::Re
 #[derive(Debug, Clone)]
 pub struct Rejection {
     kind: RejectionKind,
+    /// Why, when more is known than the kind says (never secret: the
+    /// provider's discovery error).
+    detail: Option<String>,
 }
 
 /// The kind of a [`Rejection`].
@@ -55,7 +58,12 @@ pub enum RejectionKind {
 
 impl Rejection {
     pub(crate) fn new(kind: RejectionKind) -> Self {
-        Self { kind }
+        Self { kind, detail: None }
+    }
+
+    pub(crate) fn with_detail(mut self, detail: impl Into<String>) -> Self {
+        self.detail = Some(detail.into());
+        self
     }
 
     /// What happened.
@@ -66,12 +74,15 @@ impl Rejection {
 
 impl fmt::Display for Rejection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(detail) = &self.detail {
+            return f.write_str(detail);
+        }
         f.write_str(match self.kind {
             RejectionKind::NotLoggedIn => "not logged in",
             RejectionKind::LoggedOut => "logged out",
             RejectionKind::ProviderUnavailable => "identity provider unavailable",
             RejectionKind::SessionUnavailable => "session store unavailable",
-            RejectionKind::LoginUnavailable => "the OpenID provider is not discovered yet",
+            RejectionKind::LoginUnavailable => "the OpenID provider is unavailable",
             RejectionKind::MissingSessionLayer => {
                 "no session: add tower_pg_session::SessionLayer before RequireLoginLayer"
             }
