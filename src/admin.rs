@@ -146,21 +146,7 @@ impl Admin {
     /// # Errors
     /// As [`Self::user_sessions`].
     pub async fn revoke_session(&self, user: &str, handle: &str) -> Result<bool, StoreError> {
-        self.require_extended().await?;
-        let sql = format!(
-            "DELETE FROM {t} WHERE user_id = $1 AND {handle} = $2",
-            t = self.table(),
-            handle = handle_sql("sid"),
-        );
-        let mut conn = self.store.conn().await?;
-        let done = sqlx::query(&sql)
-            .persistent(self.store.persistent())
-            .bind(user)
-            .bind(handle)
-            .execute(conn.get())
-            .await?;
-        conn.done().await?;
-        Ok(done.rows_affected() > 0)
+        Ok(self.delete_of_user(user, "=", handle).await? > 0)
     }
 
     /// Ends every session of `user` (password change, account compromise).
@@ -177,17 +163,28 @@ impl Admin {
     /// # Errors
     /// As [`Self::user_sessions`].
     pub async fn revoke_others(&self, user: &str, keep: &str) -> Result<u64, StoreError> {
+        self.delete_of_user(user, "<>", keep).await
+    }
+
+    /// Deletes the sessions of `user` whose handle compares with `handle`
+    /// by `op` (`=` or `<>`); how many.
+    async fn delete_of_user(
+        &self,
+        user: &str,
+        op: &'static str,
+        handle: &str,
+    ) -> Result<u64, StoreError> {
         self.require_extended().await?;
         let sql = format!(
-            "DELETE FROM {t} WHERE user_id = $1 AND {handle} <> $2",
+            "DELETE FROM {t} WHERE user_id = $1 AND {h} {op} $2",
             t = self.table(),
-            handle = handle_sql("sid"),
+            h = handle_sql("sid"),
         );
         let mut conn = self.store.conn().await?;
         let done = sqlx::query(&sql)
             .persistent(self.store.persistent())
             .bind(user)
-            .bind(keep)
+            .bind(handle)
             .execute(conn.get())
             .await?;
         conn.done().await?;

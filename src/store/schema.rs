@@ -90,6 +90,12 @@ pub(crate) struct TableName {
 }
 
 impl TableName {
+    /// The schema's creation, when the name has one.
+    pub(crate) fn schema_ddl(&self) -> Option<String> {
+        let schema = self.schema.as_ref()?;
+        Some(format!("CREATE SCHEMA IF NOT EXISTS {schema}"))
+    }
+
     pub(crate) fn qualified(&self) -> String {
         match &self.schema {
             Some(s) => format!("{s}.{}", self.table),
@@ -269,10 +275,7 @@ pub(crate) fn seen_ddl(name: &TableName) -> String {
 /// index scan.
 fn ddl(name: &TableName) -> Vec<String> {
     let t = name.qualified();
-    let mut out = Vec::new();
-    if let Some(schema) = &name.schema {
-        out.push(format!("CREATE SCHEMA IF NOT EXISTS {schema}"));
-    }
+    let mut out: Vec<String> = name.schema_ddl().into_iter().collect();
     out.push(format!(
         "CREATE TABLE IF NOT EXISTS {t} (\
            sid varchar NOT NULL COLLATE \"default\" PRIMARY KEY, \

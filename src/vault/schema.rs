@@ -77,10 +77,7 @@ const ADDED_COLUMNS: [(&str, &str); 2] = [("connect_ip", "inet"), ("connect_user
 /// listings and operators may read.
 fn ddl(name: &TableName) -> Vec<String> {
     let t = name.qualified();
-    let mut out = Vec::new();
-    if let Some(schema) = &name.schema {
-        out.push(format!("CREATE SCHEMA IF NOT EXISTS {schema}"));
-    }
+    let mut out: Vec<String> = name.schema_ddl().into_iter().collect();
     out.push(format!(
         "CREATE TABLE IF NOT EXISTS {t} (\
            user_id text NOT NULL, \
