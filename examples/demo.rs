@@ -35,7 +35,8 @@
 //! `{"error": "reserved_key"}` and nothing stored for the login's keys
 //! `oidc` and `oidc.login.*`, the vault's `vault.connect.*`, and with `EXPRESS_COMPAT=1` Passport's
 //! `passport`), `GET /kv`,
-//! `GET /auth/login?return_to=/path`, `GET /auth/callback`,
+//! `GET /auth/login?return_to=/path` (also `&acr_values=…&max_age=…`: a
+//! login that asks for more, as step-up routes send browsers to), `GET /auth/callback`,
 //! `POST /auth/logout`, `POST /auth/backchannel-logout`, `GET /me`
 //! (`{"sub", "claims", "access_token_expires_at"}`),
 //! `GET /integrations/mail/connect?return_to=/path` (logged-in only, else
@@ -74,6 +75,8 @@
 //! | `OIDC_CLIENT_SECRET` | none (a public client); `demo-secret` with the local provider |
 //! | `TOKEN_KEYS` | comma-separated base64 32-byte keys sealing the tokens (`openssl rand -base64 32`), the first seals; a random one, with a warning, when unset |
 //! | `OIDC_REFRESH_BEFORE` | `300`: seconds before expiry at which the access token is refreshed |
+//! | `OIDC_ACR_VALUES` | none; space-separated authentication context classes every login asks for (e.g. Keycloak's `2`: a second factor); the ID token's `acr` must be one of them |
+//! | `OIDC_MAX_AGE` | none; seconds: every login must be at most this old at the provider (`max_age`, checked against `auth_time`) |
 //! | `OIDC_PROVIDER` | `keycloak`, `cognito` or `generic`; detected from the issuer when unset. With the local provider, `cognito` starts its Cognito flavor |
 //! | `INTEGRATION_ISSUER` | the issuer of the `mail` integration's provider (OpenID discovery); unset: the local provider with its client `demo-mail` (secret `demo-mail-secret`), or with `OIDC_ISSUER` the login's provider and client. The client must allow the redirect URI `{APP_URL}/integrations/mail/callback` |
 //! | `INTEGRATION_CLIENT_ID` / `INTEGRATION_CLIENT_SECRET` | the client at `INTEGRATION_ISSUER` (the id is required with it) |
@@ -787,6 +790,12 @@ fn login_client(
     }
     if let Some(secs) = settings.refresh_before {
         config = config.with_refresh_before(Duration::from_secs(secs));
+    }
+    if let Some(values) = env_str("OIDC_ACR_VALUES") {
+        config = config.with_acr_values(values.split_whitespace());
+    }
+    if let Some(secs) = env_opt::<u64>("OIDC_MAX_AGE")? {
+        config = config.with_max_age(Duration::from_secs(secs));
     }
     let provider = match settings.provider_name.as_deref() {
         Some("keycloak") => Provider::Keycloak,

@@ -116,6 +116,8 @@ pub(crate) struct Inner {
     pub(crate) logout: LogoutStyle,
     pub(crate) revocation: Option<Url>,
     pub(crate) iss_param_required: bool,
+    /// The provider takes the `claims` request parameter.
+    pub(crate) claims_parameter: bool,
     pub(crate) store: PgStore,
     jwks_uri: openidconnect::JsonWebKeySetUrl,
     jwks: RwLock<(Arc<CoreJsonWebKeySet>, Option<Instant>)>,
@@ -631,6 +633,7 @@ async fn discover(shared: &Shared) -> Result<Discovered, AuthError> {
         .revocation_endpoint
         .as_deref()
         .and_then(|u| Url::parse(u).ok());
+    let claims_parameter = metadata.claims_parameter_supported().unwrap_or(false);
     let jwks = metadata.jwks().clone();
     let jwks_uri = metadata.jwks_uri().clone();
     let redirect = RedirectUrl::from_url(config.redirect_uri());
@@ -650,6 +653,7 @@ async fn discover(shared: &Shared) -> Result<Discovered, AuthError> {
             iss_param_required: extra
                 .authorization_response_iss_parameter_supported
                 .unwrap_or(false),
+            claims_parameter,
             config,
             client,
             http,

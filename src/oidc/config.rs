@@ -4,6 +4,7 @@ use std::{fmt, time::Duration};
 
 use openidconnect::{core::CoreJwsSigningAlgorithm, url::Url};
 
+use super::step_up::StepUp;
 use crate::{crypto::Keyring, error::ConfigError};
 
 /// Provider-specific behaviour. Detected from the issuer unless set.
@@ -94,6 +95,8 @@ pub struct OidcConfig {
     pub(crate) provider: Option<Provider>,
     pub(crate) refresh_before: Duration,
     pub(crate) clock_skew: Duration,
+    /// What every login asks for unless it asks for more.
+    pub(crate) step_up: StepUp,
     pub(crate) login_ttl: Duration,
     pub(crate) max_pending_logins: usize,
     pub(crate) algorithms: Vec<CoreJwsSigningAlgorithm>,
@@ -171,6 +174,7 @@ impl OidcConfig {
             provider: None,
             refresh_before: Duration::from_secs(300),
             clock_skew: Duration::from_secs(60),
+            step_up: StepUp::default(),
             login_ttl: Duration::from_secs(600),
             max_pending_logins: 5,
             algorithms: DEFAULT_ALGS.to_vec(),
@@ -229,6 +233,27 @@ impl OidcConfig {
     /// Tolerated clock difference with the provider for `exp`/`iat` (default 60 s, at most 5 min).
     pub fn with_clock_skew(mut self, skew: Duration) -> Self {
         self.clock_skew = skew.min(Duration::from_secs(300));
+        self
+    }
+
+    /// Authentication context classes every login asks for, any one of them
+    /// (`acr_values`; default none). The ID token's `acr` must be one of
+    /// them. A login started with [`LoginOptions`](super::LoginOptions)
+    /// that names its own replaces them.
+    pub fn with_acr_values<I, S>(mut self, values: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.step_up.acr_values = values.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// The most time since the user last authenticated at the provider that
+    /// a login accepts (`max_age`; default none); the ID token's
+    /// `auth_time` must show it.
+    pub fn with_max_age(mut self, age: Duration) -> Self {
+        self.step_up.max_age = Some(age);
         self
     }
 

@@ -11,6 +11,7 @@ use super::{
     client::{Discovered, LogoutStyle, OidcClient},
     pending::{self, Bound, Limits, PendingError, Started},
     record::{self, groups_of, safe_return_to, LoginRecord, StoreLoginError, Stored},
+    step_up::LoginOptions,
     AuthError, AuthErrorKind, Redirect, User,
 };
 use crate::{
@@ -73,7 +74,24 @@ impl OidcClient {
         session: &Session,
         return_to: Option<&str>,
     ) -> Result<Redirect, AuthError> {
-        self.discovered().await?.login(session, return_to).await
+        let mut options = LoginOptions::new();
+        options.return_to = return_to.map(str::to_owned);
+        self.login_with(session, &options).await
+    }
+
+    /// [`Self::login`] asking the provider for more than the configured
+    /// defaults: an authentication context class (`acr_values`, with the
+    /// `acr` claim requested as essential) or a recent authentication
+    /// (`max_age`), which the callback then checks in the ID token.
+    ///
+    /// # Errors
+    /// As [`Self::login`].
+    pub async fn login_with(
+        &self,
+        session: &Session,
+        options: &LoginOptions,
+    ) -> Result<Redirect, AuthError> {
+        self.discovered().await?.login(session, options).await
     }
 
     /// Completes a login from the callback's query string. The pending login
@@ -248,9 +266,11 @@ impl Discovered {
     pub(crate) async fn login(
         &self,
         session: &Session,
-        return_to: Option<&str>,
+        options: &LoginOptions,
     ) -> Result<Redirect, AuthError> {
         let config = &self.inner.config;
+        let step_up = options.step_up.clone().or(&config.step_up);
+        let params = step_up.authorization_params(self.inner.claims_parameter);
         let nonce = Nonce::new_random();
         let limits = Limits {
             ttl: config.login_ttl,
@@ -263,9 +283,10 @@ impl Discovered {
                 limits,
                 Bound {
                     nonce: nonce.secret().clone(),
+                    step_up,
                     ..Bound::default()
                 },
-                return_to,
+                options.return_to.as_deref(),
             )
             .await
             .map_err(pending_error)?;
@@ -281,6 +302,9 @@ impl Discovered {
             .set_pkce_challenge(challenge);
         for scope in config.scopes.iter().filter(|s| *s != "openid") {
             request = request.add_scope(Scope::new(scope.clone()));
+        }
+        for (name, value) in params {
+            request = request.add_extra_param(name, value);
         }
         let (url, _, _) = request.url();
         Ok(Redirect::found(url.as_str()))
@@ -310,6 +334,7 @@ impl Discovered {
             .take(session, &config.keys, state)
             .await
             .map_err(pending_error)?;
+        let requested = pending.step_up();
         // RFC 9207: the authorization response names its issuer.
         match get("iss") {
             Some(iss) if iss != self.inner.issuer => {
@@ -332,6 +357,8 @@ impl Discovered {
             .exchange(code.to_owned(), pending.pkce, &pending.nonce)
             .await?;
         let claims = tokens.claims.unwrap_or_default();
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        requested.check_id_token(&claims, now, config.clock_skew)?;
         let sub = claims
             .get("sub")
             .and_then(Value::as_str)

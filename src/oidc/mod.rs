@@ -44,6 +44,7 @@ pub(crate) mod logout_token;
 pub(crate) mod pending;
 pub(crate) mod record;
 pub mod routes;
+mod step_up;
 
 pub(crate) use self::client::{constant_eq, error_chain, urlencode};
 
@@ -62,6 +63,7 @@ pub use self::{
     config::{OidcConfig, Provider},
     guard::{Rejection, RejectionKind, RequireLogin, RequireLoginFuture, RequireLoginLayer},
     routes::{OidcRoutes, OidcRoutesFuture, OidcRoutesLayer},
+    step_up::LoginOptions,
 };
 /// The URL type of the configuration ([`Provider::Cognito`]'s domain).
 pub use openidconnect::url::Url;
@@ -109,6 +111,9 @@ pub enum AuthErrorKind {
     /// The provider is not discovered yet (a [lazy](OidcClient::lazy)
     /// client whose provider has not answered): try again shortly.
     LoginUnavailable,
+    /// The provider did not authenticate the user as the login asked
+    /// (`acr_values`, `max_age`): 403.
+    InsufficientAuthentication,
 }
 
 impl AuthErrorKind {
@@ -129,6 +134,7 @@ impl AuthErrorKind {
             Self::SessionUnavailable => "session_unavailable",
             Self::CrossSiteRequest => "cross_site_request",
             Self::LoginUnavailable => "login_unavailable",
+            Self::InsufficientAuthentication => "insufficient_user_authentication",
         }
     }
 }
@@ -164,7 +170,9 @@ impl AuthError {
     /// when the session store is or the provider is not discovered yet.
     pub fn status(&self) -> StatusCode {
         match self.kind {
-            AuthErrorKind::CrossSiteRequest => StatusCode::FORBIDDEN,
+            AuthErrorKind::CrossSiteRequest | AuthErrorKind::InsufficientAuthentication => {
+                StatusCode::FORBIDDEN
+            }
             AuthErrorKind::ProviderUnavailable => StatusCode::BAD_GATEWAY,
             AuthErrorKind::SessionUnavailable | AuthErrorKind::LoginUnavailable => {
                 StatusCode::SERVICE_UNAVAILABLE

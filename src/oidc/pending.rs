@@ -16,6 +16,7 @@ use time::OffsetDateTime;
 use super::{
     client::constant_eq,
     record::{self, safe_return_to, PendingLogin, Stored},
+    step_up::StepUp,
 };
 use crate::{
     crypto::Keyring,
@@ -81,6 +82,8 @@ pub(crate) struct Bound {
     pub(crate) user: String,
     /// A connection's integration.
     pub(crate) integration: String,
+    /// What a login asks of the provider beyond a plain login.
+    pub(crate) step_up: StepUp,
 }
 
 /// Limits on a flow's pending requests.
@@ -136,6 +139,8 @@ impl Flow {
             nonce: bound.nonce,
             user: bound.user,
             integration: bound.integration,
+            acr_values: bound.step_up.acr_values,
+            max_age: bound.step_up.max_age.map(|d| d.as_secs()),
             pkce: verifier.secret().clone(),
             return_to: safe_return_to(return_to),
             exp_ms: now_ms().saturating_add(ttl),

@@ -15,7 +15,7 @@
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use serde_json::{value::RawValue, Map, Value};
 
-use super::client::Tokens;
+use super::{client::Tokens, step_up::StepUp};
 pub(crate) use crate::session::reserved::USER_KEY;
 use crate::{
     crypto::{Aad, Keyring},
@@ -36,6 +36,12 @@ pub(crate) struct PendingLogin {
     /// A connection's integration; empty for a login.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub(crate) integration: String,
+    /// A login's `acr_values`: the ID token's `acr` must be one of them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) acr_values: Vec<String>,
+    /// A login's `max_age`, seconds: the ID token's `auth_time` must show it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) max_age: Option<u64>,
     /// The PKCE verifier.
     pub(crate) pkce: String,
     pub(crate) return_to: String,
@@ -67,6 +73,16 @@ pub(crate) struct LoginRecord {
     /// Access token expiry, unix seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) exp: Option<i64>,
+}
+
+impl PendingLogin {
+    /// What the login asked of the provider beyond a plain login.
+    pub(crate) fn step_up(&self) -> StepUp {
+        StepUp {
+            acr_values: self.acr_values.clone(),
+            max_age: self.max_age.map(std::time::Duration::from_secs),
+        }
+    }
 }
 
 impl LoginRecord {
@@ -456,6 +472,8 @@ mod tests {
             started_ns: 1,
             user: String::new(),
             integration: String::new(),
+            acr_values: Vec::new(),
+            max_age: None,
         };
         let key = super::super::pending::LOGIN.key("st");
         let stored = raw(&seal_pending(&before, &key, "oidc.login", &pending).expect("seals"));

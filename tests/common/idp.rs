@@ -255,8 +255,18 @@ pub fn router(
             }),
         )
         .route_layer(RequireLoginLayer::new(client.clone()));
+    // Step-up: a second factor ("2"), or a login at most 2 s old.
+    let acr = |user: User| async move { Json(json!({"acr": user.claims().get("acr")})) };
+    let second_factor = Router::new()
+        .route("/stepup/acr2", get(acr))
+        .route_layer(RequireLoginLayer::new(client.clone()).with_acr_values(["2"]));
+    let recent = Router::new().route("/stepup/recent", get(acr)).route_layer(
+        RequireLoginLayer::new(client.clone()).with_max_auth_age(std::time::Duration::from_secs(2)),
+    );
     Router::new()
         .merge(protected)
+        .merge(second_factor)
+        .merge(recent)
         // The login's routes as users wire them: one call.
         .merge(client.routes())
         .route("/", get(|| async { "home" }))
@@ -417,6 +427,13 @@ impl Browser {
     /// Logs in at the provider as `user`; returns the callback URL the
     /// provider sends the browser to (not yet visited).
     pub async fn authorize(&self, auth_url: &str, user: &str) -> String {
+        self.authorize_with(auth_url, &[("login", user), ("password", "pw")])
+            .await
+    }
+
+    /// As [`Self::authorize`], posting `form` to the provider's login page
+    /// (e.g. with `("acr", "2")`: a second factor).
+    pub async fn authorize_with(&self, auth_url: &str, form: &[(&str, &str)]) -> String {
         let r = self.get(auth_url).await;
         assert_eq!(r.status().as_u16(), 303, "authorization request");
         let interaction = absolute(auth_url, &location(&r));
@@ -426,7 +443,7 @@ impl Browser {
         let r = self
             .http
             .post(&interaction)
-            .form(&[("login", user), ("password", "pw")])
+            .form(form)
             .send()
             .await
             .unwrap();

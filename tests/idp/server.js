@@ -24,6 +24,8 @@ const KEYCLOAK = FLAVOR === 'keycloak';
 const COGNITO = !KEYCLOAK;
 const PREFIX = KEYCLOAK ? '/realms/test' : '/us-east-1_TestPool';
 const ACCESS_TOKEN_TTL = Number(process.env.ACCESS_TOKEN_TTL || 3600);
+// IDP_CLAIMS_PARAMETER=0: no `claims` request parameter, as many providers.
+const CLAIMS_PARAMETER = process.env.IDP_CLAIMS_PARAMETER !== '0';
 const COGNITO_GROUPS = JSON.parse(process.env.IDP_COGNITO_GROUPS || '["admins","users"]');
 if (!(Number.isInteger(ACCESS_TOKEN_TTL) && ACCESS_TOKEN_TTL > 0)) {
   log('ACCESS_TOKEN_TTL must be a positive integer (seconds)');
@@ -235,7 +237,13 @@ function makeProvider(issuer) {
       Session: 14 * 24 * 3600,
       Grant: 14 * 24 * 3600,
     },
+    // Authentication levels as Keycloak names them: "1" a password, "2" a
+    // second factor. The login form's `acr` field says which one happened.
+    acrValues: ['1', '2'],
     features: {
+      // The `claims` request parameter: an essential `acr` that the session
+      // lacks makes the provider ask for a new login (step-up).
+      claimsParameter: { enabled: CLAIMS_PARAMETER },
       // Our own login page (see `interaction` below) instead of devInteractions,
       // whose pages pull a web font from the internet.
       devInteractions: { enabled: false },
@@ -317,7 +325,7 @@ const readBody = (req) => new Promise((resolve, reject) => {
 });
 
 // Login "UI" at <issuer>/interaction/<uid>:
-//   GET  -> HTML form; POST (form fields: login, password[, prompt=login]) ->
+//   GET  -> HTML form; POST (form fields: login, password[, prompt=login][, acr=1|2]) ->
 //   303 back to the authorization endpoint's resume URL.
 // Any non-empty login is accepted as the sub, the password is ignored.
 // A consent prompt (only if loadExistingGrant did not cover everything) is
@@ -346,10 +354,12 @@ async function interaction(req, res, uid, abort) {
   }
   let error = '';
   if (req.method === 'POST') {
-    const login = new URLSearchParams(await readBody(req)).get('login')?.trim();
+    const form = new URLSearchParams(await readBody(req));
+    const login = form.get('login')?.trim();
+    const acr = form.get('acr') || undefined;
     if (login) {
-      log(`login as ${login} for client ${params.client_id}`);
-      return provider.interactionFinished(req, res, { login: { accountId: login } }, { mergeWithLastSubmission: false });
+      log(`login as ${login} for client ${params.client_id}${acr ? ` at acr ${acr}` : ''}`);
+      return provider.interactionFinished(req, res, { login: { accountId: login, acr } }, { mergeWithLastSubmission: false });
     }
     error = '<p style="color:#b00">login must not be empty</p>';
   }

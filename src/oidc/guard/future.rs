@@ -4,6 +4,7 @@
 use std::{
     future::Future,
     pin::Pin,
+    sync::Arc,
     task::{ready, Context, Poll},
 };
 
@@ -21,6 +22,7 @@ use crate::{
     log_safe::untrusted,
     oidc::{
         record::{self, LoginRecord, Stored, USER_KEY},
+        step_up::StepUp,
         AccessToken, AuthError, AuthErrorKind, OidcClient, User,
     },
     session::{LockedError, SealContext, Session, SessionError, Write},
@@ -142,7 +144,11 @@ fn store_failed(e: &SessionError) -> Rejection {
 }
 
 /// Reads the user from the session, refreshing the tokens when due.
-pub(crate) async fn authorize(client: OidcClient, session: Option<Session>) -> Authorized {
+pub(crate) async fn authorize(
+    client: OidcClient,
+    session: Option<Session>,
+    step_up: Arc<StepUp>,
+) -> Authorized {
     let Some(session) = session else {
         return Err(Rejection::new(RejectionKind::MissingSessionLayer));
     };
@@ -175,6 +181,11 @@ pub(crate) async fn authorize(client: OidcClient, session: Option<Session>) -> A
     }
     if reseal {
         reseal_login(&config.keys, &session).await;
+    }
+    let now = OffsetDateTime::now_utc().unix_timestamp();
+    if let Some(why) = step_up.unmet(&record.claims, now, config.clock_skew) {
+        tracing::info!(reason = %untrusted(&why), "stronger or more recent authentication needed");
+        return Err(Rejection::insufficient((*step_up).clone(), why));
     }
     let token = AccessToken(record.at.clone());
     Ok((User::from_record(&record), token))

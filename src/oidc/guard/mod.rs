@@ -25,6 +25,8 @@ mod service;
 
 use std::fmt;
 
+use super::step_up::StepUp;
+
 pub use self::{future::RequireLoginFuture, layer::RequireLoginLayer, service::RequireLogin};
 
 /// Why a request was refused.
@@ -34,6 +36,8 @@ pub struct Rejection {
     /// Why, when more is known than the kind says (never secret: the
     /// provider's discovery error).
     detail: Option<String>,
+    /// What a login must have to pass (`InsufficientAuthentication`).
+    step_up: Option<StepUp>,
 }
 
 /// The kind of a [`Rejection`].
@@ -54,11 +58,28 @@ pub enum RejectionKind {
     /// No login, and none can start: the provider is not discovered yet
     /// (a [lazy](crate::oidc::OidcClient::lazy) client). 503 with `Retry-After`.
     LoginUnavailable,
+    /// Logged in, but not at the authentication context class or as recently
+    /// as the route requires (step-up authentication): a browser is sent
+    /// through a login that asks for it, an API client gets 401 with
+    /// `error="insufficient_user_authentication"`.
+    InsufficientAuthentication,
 }
 
 impl Rejection {
     pub(crate) fn new(kind: RejectionKind) -> Self {
-        Self { kind, detail: None }
+        Self {
+            kind,
+            detail: None,
+            step_up: None,
+        }
+    }
+
+    pub(crate) fn insufficient(step_up: StepUp, why: String) -> Self {
+        Self {
+            kind: RejectionKind::InsufficientAuthentication,
+            detail: Some(why),
+            step_up: Some(step_up),
+        }
     }
 
     pub(crate) fn with_detail(mut self, detail: impl Into<String>) -> Self {
@@ -83,6 +104,7 @@ impl fmt::Display for Rejection {
             RejectionKind::ProviderUnavailable => "identity provider unavailable",
             RejectionKind::SessionUnavailable => "session store unavailable",
             RejectionKind::LoginUnavailable => "the OpenID provider is unavailable",
+            RejectionKind::InsufficientAuthentication => "stronger authentication required",
             RejectionKind::MissingSessionLayer => {
                 "no session: add tower_pg_session::SessionLayer before RequireLoginLayer"
             }

@@ -60,8 +60,11 @@ impl RequestKind {
                 Some(StatusCode::SERVICE_UNAVAILABLE)
             }
             RejectionKind::ProviderUnavailable => Some(StatusCode::BAD_GATEWAY),
-            RejectionKind::NotLoggedIn | RejectionKind::LoggedOut => None,
+            RejectionKind::NotLoggedIn
+            | RejectionKind::LoggedOut
+            | RejectionKind::InsufficientAuthentication => None,
         };
+        let step_up = rejection.step_up.as_ref();
         let mut status = StatusCode::OK;
         let h = r.headers_mut();
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
@@ -72,7 +75,9 @@ impl RequestKind {
             (Self::Grpc, _) => {
                 // gRPC reports errors in trailers-only responses with HTTP 200.
                 let code = match kind {
-                    RejectionKind::NotLoggedIn | RejectionKind::LoggedOut => "16",
+                    RejectionKind::NotLoggedIn
+                    | RejectionKind::LoggedOut
+                    | RejectionKind::InsufficientAuthentication => "16",
                     _ => "14",
                 };
                 h.insert(
@@ -87,16 +92,24 @@ impl RequestKind {
             (_, Some(failed)) => status = failed,
             (Self::Browser { login }, None) => {
                 status = StatusCode::FOUND;
-                if let Ok(v) = HeaderValue::from_str(login) {
+                // A step-up login asks the provider for what the route needs.
+                let login = match step_up {
+                    Some(need) => format!("{login}{}", need.login_query()),
+                    None => login.clone(),
+                };
+                if let Ok(v) = HeaderValue::from_str(&login) {
                     h.insert(header::LOCATION, v);
                 }
             }
             (Self::Api, None) => {
                 status = StatusCode::UNAUTHORIZED;
-                h.insert(
-                    header::WWW_AUTHENTICATE,
-                    HeaderValue::from_static("Cookie realm=\"session\""),
-                );
+                let challenge = match step_up {
+                    Some(need) => format!("Cookie realm=\"session\"{}", need.challenge()),
+                    None => "Cookie realm=\"session\"".to_owned(),
+                };
+                if let Ok(v) = HeaderValue::from_str(&challenge) {
+                    h.insert(header::WWW_AUTHENTICATE, v);
+                }
             }
         }
         *r.status_mut() = status;

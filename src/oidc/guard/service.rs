@@ -1,5 +1,6 @@
 use std::{
     fmt,
+    sync::Arc,
     task::{Context, Poll},
 };
 
@@ -7,7 +8,10 @@ use http::{Request, Response};
 use tower_service::Service;
 
 use super::{future::RequireLoginFuture, response::RequestKind, RequireLoginLayer};
-use crate::{oidc::OidcClient, session::Session};
+use crate::{
+    oidc::{step_up::StepUp, OidcClient},
+    session::Session,
+};
 
 /// Lets only logged-in users reach the inner service; see the
 /// [`oidc` module docs](crate::oidc).
@@ -15,6 +19,7 @@ use crate::{oidc::OidcClient, session::Session};
 pub struct RequireLogin<S> {
     inner: S,
     client: OidcClient,
+    step_up: Arc<StepUp>,
 }
 
 impl<S: fmt::Debug> fmt::Debug for RequireLogin<S> {
@@ -27,8 +32,12 @@ impl<S: fmt::Debug> fmt::Debug for RequireLogin<S> {
 }
 
 impl<S> RequireLogin<S> {
-    pub(crate) fn new(inner: S, client: OidcClient) -> Self {
-        Self { inner, client }
+    pub(crate) fn new(inner: S, client: OidcClient, step_up: Arc<StepUp>) -> Self {
+        Self {
+            inner,
+            client,
+            step_up,
+        }
     }
 
     /// A layer that wraps services in this guard.
@@ -55,7 +64,11 @@ where
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let session = req.extensions().get::<Session>().cloned();
         let kind = RequestKind::of(&req, &self.client);
-        let authorize = Box::pin(super::future::authorize(self.client.clone(), session));
+        let authorize = Box::pin(super::future::authorize(
+            self.client.clone(),
+            session,
+            self.step_up.clone(),
+        ));
         // The clone is not necessarily ready; keep the one that is. See
         // https://docs.rs/tower/latest/tower/trait.Service.html#be-careful-when-cloning-inner-services
         let clone = self.inner.clone();

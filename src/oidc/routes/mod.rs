@@ -23,7 +23,7 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 
 pub use self::{future::OidcRoutesFuture, layer::OidcRoutesLayer, service::OidcRoutes};
-use super::{AuthError, OidcClient, OidcConfig};
+use super::{AuthError, LoginOptions, OidcClient, OidcConfig};
 use crate::session::Session;
 
 /// A back-channel logout body larger than this is refused (a logout token
@@ -115,7 +115,10 @@ where
     };
     let query = parts.uri.query();
     let answer = match route {
-        Route::Login => client.login(session, return_to(query).as_deref()).await,
+        Route::Login => {
+            let options = LoginOptions::from_query(query);
+            client.login_with(session, &options).await
+        }
         Route::Callback => client.callback(session, query).await.map(|(r, _)| r),
         Route::Logout => client.logout(session, &parts.headers).await,
         Route::BackchannelLogout => unreachable!("answered above"),
@@ -124,13 +127,6 @@ where
         |e: AuthError| e.response_for(&parts.headers),
         |redirect| redirect.to_response(),
     )
-}
-
-/// The `return_to` parameter of a login request.
-fn return_to(query: Option<&str>) -> Option<String> {
-    url::form_urlencoded::parse(query?.as_bytes())
-        .find(|(k, _)| k == "return_to")
-        .map(|(_, v)| v.into_owned())
 }
 
 async fn read_body<B>(body: B) -> Result<Vec<u8>, StatusCode>
