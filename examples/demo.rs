@@ -80,6 +80,7 @@
 //! | `OIDC_PROVIDER` | `keycloak`, `cognito` or `generic`; detected from the issuer when unset. With the local provider, `cognito` starts its Cognito flavor |
 //! | `INTEGRATION_ISSUER` | the issuer of the `mail` integration's provider (OpenID discovery); unset: the local provider with its client `demo-mail` (secret `demo-mail-secret`), or with `OIDC_ISSUER` the login's provider and client. The client must allow the redirect URI `{APP_URL}/integrations/mail/callback` |
 //! | `INTEGRATION_CLIENT_ID` / `INTEGRATION_CLIENT_SECRET` | the client at `INTEGRATION_ISSUER` (the id is required with it) |
+//! | `INTEGRATION_AUDIT` | `peer`: each connection records the client's address (the socket's peer) and `User-Agent` at connect; `forwarded`: the last `X-Forwarded-For` address (behind one trusted proxy); `off` |
 //! | `INTEGRATION_POLL_SECS` | `5`: how often the background task gets every connected account's token (`0`: off) |
 //! | `COGNITO_DOMAIN` | Cognito's hosted-UI origin for logout (`https://x.auth.eu-west-1.amazoncognito.com`); default: the origin of the authorization endpoint |
 //!
@@ -92,7 +93,7 @@ use std::{env, net::SocketAddr, str::FromStr, sync::Arc, time::Duration};
 
 use axum::{
     body::Body,
-    extract::{Path, Query, RawQuery, Request, State},
+    extract::{ConnectInfo, Path, Query, RawQuery, Request, State},
     http::{header, HeaderMap, StatusCode},
     middleware::{self, Next},
     response::{Html, IntoResponse, Response},
@@ -110,7 +111,7 @@ use tower_pg_session::{
         User,
     },
     store::PgConnect,
-    vault::{Integration, TokenVault, VaultConfig, VaultError},
+    vault::{ClientIp, Integration, TokenVault, VaultConfig, VaultError},
     ExpressSecrets, PgStore, PgStoreConfig, Pooler, PruneConfig, Session, SessionError,
     SessionLayer, SigningKeys,
 };
@@ -413,6 +414,8 @@ struct MailSettings {
     client_id: String,
     client_secret: Option<String>,
     redirect_uri: String,
+    /// Where the client's address at connect comes from; `None`: not recorded.
+    audit: Option<ClientIp>,
 }
 
 /// Finds the `mail` integration through discovery and prepares the vault's
@@ -431,7 +434,12 @@ async fn vault_until_ready(vault: Vault, settings: MailSettings, store: PgStore,
         TokenVault::new(
             &store,
             keys.clone(),
-            VaultConfig::new().with_integration(mail),
+            match &settings.audit {
+                Some(ip) => VaultConfig::new()
+                    .with_integration(mail)
+                    .with_connect_audit(ip.clone()),
+                None => VaultConfig::new().with_integration(mail),
+            },
         )
         .await
     };
@@ -627,9 +635,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     if idp.is_some() {
         tracing::info!("to log in, open {app_url}/me in a browser and log in with any user name and any password");
     }
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+    // The peer's address, for the connect audit.
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown_signal())
+    .await?;
     for task in vault_tasks {
         task.abort();
     }
@@ -832,6 +844,14 @@ fn start_vault(
     store: &PgStore,
 ) -> Result<(Vault, Vec<Task>), Box<dyn std::error::Error>> {
     let redirect_uri = format!("{app_url}/integrations/mail/callback");
+    let audit = match env_str("INTEGRATION_AUDIT").as_deref() {
+        None | Some("peer") => Some(ClientIp::Peer),
+        Some("forwarded") => Some(ClientIp::LastForwardedFor),
+        Some("off") => None,
+        Some(other) => {
+            return Err(format!("INTEGRATION_AUDIT={other:?}: use peer, forwarded or off").into())
+        }
+    };
     let mail = match env_str("INTEGRATION_ISSUER") {
         Some(issuer) => Some(MailSettings {
             issuer,
@@ -839,6 +859,7 @@ fn start_vault(
                 .ok_or("INTEGRATION_ISSUER is set: set INTEGRATION_CLIENT_ID too")?,
             client_secret: env_str("INTEGRATION_CLIENT_SECRET"),
             redirect_uri,
+            audit,
         }),
         None => issuer.as_ref().ok().map(|issuer| {
             let (client_id, client_secret) = if local_idp {
@@ -854,6 +875,7 @@ fn start_vault(
                 client_id,
                 client_secret,
                 redirect_uri,
+                audit,
             }
         }),
     };
@@ -1107,11 +1129,16 @@ async fn integration_connect(
 /// The provider's answer: the tokens are stored, the browser sent back.
 async fn integration_callback(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     session: Session,
     RawQuery(query): RawQuery,
 ) -> Result<Response, Response> {
     let vault = state.vault.get().await?;
-    match vault.connect_callback(&session, query.as_deref()).await {
+    let connected = vault
+        .connect_callback_audited(&session, query.as_deref(), &headers, Some(peer.ip()))
+        .await;
+    match connected {
         Ok((redirect, connected)) => {
             tracing::info!(integration = %connected.integration, "account connected");
             Ok(redirect.into_response())

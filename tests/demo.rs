@@ -634,11 +634,27 @@ async fn integrations_connect_check_refresh_and_disconnect_as_documented() {
         callback.starts_with(&format!("{app}/integrations/mail/callback?")),
         "{callback}"
     );
-    let r = b.get(&callback).await;
+    let r = b
+        .http
+        .get(&callback)
+        .header("user-agent", "Mozilla/5.0 (demo test)")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::FOUND);
     assert_eq!(location(&r), "/settings");
     // The same callback again is refused.
     assert_eq!(b.api(&callback).await.status(), StatusCode::BAD_REQUEST);
+    // The connect audit (on by default in the demo) names the client.
+    let (ip, agent): (Option<String>, Option<String>) = sqlx::query_as(&format!(
+        "SELECT host(connect_ip), connect_user_agent FROM {}.oauth_tokens WHERE user_id = 'zoe'",
+        db.schema
+    ))
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(ip.as_deref(), Some("127.0.0.1"));
+    assert_eq!(agent.as_deref(), Some("Mozilla/5.0 (demo test)"));
 
     let list = json(b.api(&format!("{app}/integrations")).await).await;
     let entries = list.as_array().unwrap();
