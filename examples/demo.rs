@@ -82,6 +82,7 @@
 //! | `INTEGRATION_CLIENT_ID` / `INTEGRATION_CLIENT_SECRET` | the client at `INTEGRATION_ISSUER` (the id is required with it) |
 //! | `INTEGRATION_AUDIT` | `peer`: each connection records the client's address (the socket's peer) and `User-Agent` at connect; `forwarded`: the last `X-Forwarded-For` address (behind one trusted proxy); `off` |
 //! | `INTEGRATION_POLL_SECS` | `5`: how often the background task gets every connected account's token (`0`: off) |
+//! | `OIDC2_ISSUER` / `OIDC2_CLIENT_ID` / `OIDC2_CLIENT_SECRET` | none; a second provider (Keycloak for staff, Cognito for customers, say): login at `/auth/login?provider=2`; its client must allow the redirect URI `{APP_URL}/auth/callback/2` (back-channel logout: `{APP_URL}/auth/backchannel-logout/2`). `/me` takes a login from either; logout ends it at its own provider |
 //! | `COGNITO_DOMAIN` | Cognito's hosted-UI origin for logout (`https://x.auth.eu-west-1.amazoncognito.com`); default: the origin of the authorization endpoint |
 //!
 //! The local provider also reads `ACCESS_TOKEN_TTL` (seconds, default 3600):
@@ -107,8 +108,8 @@ use tokio::sync::RwLock;
 use tower_pg_session::{
     crypto::{EncryptionKey, Keyring},
     oidc::{
-        AuthError, OidcClient, OidcConfig, Provider, Rejection, RejectionKind, RequireLoginLayer,
-        User,
+        AuthError, OidcClient, OidcConfig, OidcProviders, Provider, Rejection, RejectionKind,
+        RequireLoginLayer, User,
     },
     store::PgConnect,
     vault::{ClientIp, Integration, TokenVault, VaultConfig, VaultError},
@@ -514,7 +515,7 @@ const POLL_MAX: usize = 10_000;
 struct AppState {
     store: PgStore,
     /// The login, or why it is off.
-    login: Result<OidcClient, String>,
+    login: Result<OidcProviders, String>,
     vault: Vault,
 }
 
@@ -621,7 +622,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (issuer, idp) = start_provider(&mut settings, &app_url).await;
     let (vault, vault_tasks) = start_vault(&settings, &issuer, idp.is_some(), &app_url, &store)?;
     let login = match issuer {
-        Ok(issuer) => Ok(login_client(&settings, &issuer, &app_url, &store)?),
+        Ok(issuer) => Ok(login_providers(&settings, &issuer, &app_url, &store)?),
         Err(why) => Err(why),
     };
 
@@ -830,6 +831,33 @@ fn login_client(
     Ok(OidcClient::lazy(config, store.clone()))
 }
 
+/// The login's provider, named `1`, and with `OIDC2_ISSUER` a second one,
+/// named `2` (`/auth/login?provider=2`, callback `/auth/callback/2`,
+/// back-channel logout `/auth/backchannel-logout/2`).
+fn login_providers(
+    settings: &Settings,
+    issuer: &str,
+    app_url: &str,
+    store: &PgStore,
+) -> Result<OidcProviders, Box<dyn std::error::Error>> {
+    let first = login_client(settings, issuer, app_url, store)?;
+    let Some(issuer2) = env_str("OIDC2_ISSUER") else {
+        return Ok(OidcProviders::new([("1", first)])?);
+    };
+    let client_id =
+        env_str("OIDC2_CLIENT_ID").ok_or("OIDC2_ISSUER is set: set OIDC2_CLIENT_ID too")?;
+    let mut config = OidcConfig::new(&issuer2, &client_id, app_url, settings.token_keys.clone())?
+        .with_callback_path("auth/callback/2")
+        .with_backchannel_logout_path("auth/backchannel-logout/2")
+        .with_discovery_retry(RETRY);
+    if let Some(secret) = env_str("OIDC2_CLIENT_SECRET") {
+        config = config.with_client_secret(&secret);
+    }
+    let second = OidcClient::lazy(config, store.clone());
+    tracing::info!(issuer = %issuer2, "a second provider: /auth/login?provider=2");
+    Ok(OidcProviders::new([("1", first), ("2", second)])?)
+}
+
 /// A background task, stopped when the demo stops.
 type Task = tokio::task::JoinHandle<()>;
 
@@ -911,10 +939,10 @@ fn router(state: AppState) -> Router {
             post(integration_disconnect),
         );
     let (login_routes, protected) = match &state.login {
-        Ok(client) => (
-            client.routes(),
+        Ok(providers) => (
+            providers.routes(),
             protected
-                .route_layer(RequireLoginLayer::new(client.clone()))
+                .route_layer(RequireLoginLayer::any(providers))
                 .route_layer(middleware::map_response(explain_unavailable)),
         ),
         Err(why) => {
@@ -1188,11 +1216,12 @@ async fn integration_disconnect(
     user: User,
     Path(name): Path<String>,
 ) -> Result<Response, Response> {
-    let client = state
+    let providers = state
         .login
         .as_ref()
         .map_err(|why| unavailable("login_unavailable", why))?;
-    client
+    providers
+        .default_provider()
         .check_same_origin(&headers)
         .map_err(|e| auth_error(&e, &headers))?;
     let vault = state.vault.get().await?;

@@ -371,6 +371,54 @@ async fn a_provider_down_at_start_gets_503_with_the_reason_until_it_answers() {
     db.drop_schema().await;
 }
 
+#[tokio::test]
+async fn a_second_provider_logs_in_at_login_provider_2() {
+    let db = common::Db::new().await;
+    let port = common::cluster::free_port();
+    let app = format!("http://127.0.0.1:{port}");
+    let clients = json!([{
+        "client_id": "demo2",
+        "client_secret": "demo2-secret",
+        "redirect_uris": [format!("{app}/auth/callback/2")],
+        "post_logout_redirect_uris": [format!("{app}/")],
+    }]);
+    let idp2 = common::idp::Idp::start_with("keycloak", &clients, 3600, 0).await;
+    let demo = start(&[
+        ("DATABASE_URL", schema_url(&db).await),
+        ("BIND_ADDR", format!("127.0.0.1:{port}")),
+        ("APP_URL", app.clone()),
+        ("OIDC2_ISSUER", idp2.issuer.clone()),
+        ("OIDC2_CLIENT_ID", "demo2".to_owned()),
+        ("OIDC2_CLIENT_SECRET", "demo2-secret".to_owned()),
+        ("SESSION_SECRET", common::KEY_A.to_owned()),
+        ("COOKIE_SECURE", "0".to_owned()),
+        ("INTEGRATION_POLL_SECS", "0".to_owned()),
+    ])
+    .await;
+    let b = Browser::new();
+    let r = b
+        .get(&format!("{app}/auth/login?provider=2&return_to=/me"))
+        .await;
+    let auth = location(&r);
+    assert!(auth.starts_with(&idp2.base), "{auth}");
+    let callback = b.authorize(&auth, "zoe").await;
+    assert!(
+        callback.starts_with(&format!("{app}/auth/callback/2?")),
+        "{callback}"
+    );
+    assert_eq!(location(&b.get(&callback).await), "/me");
+    let me: Value = b.api(&format!("{app}/me")).await.json().await.unwrap();
+    assert_eq!(me["sub"], "zoe");
+    assert_eq!(me["claims"]["iss"], idp2.issuer.as_str());
+    let end = b.logout(&app).await;
+    assert!(end.starts_with(&idp2.base), "logout at provider 2: {end}");
+    // Provider 1 (the demo's own local provider) is the default.
+    let auth = b.start_login(&app, "/").await;
+    assert!(!auth.starts_with(&idp2.base), "{auth}");
+    drop(demo);
+    db.drop_schema().await;
+}
+
 /// `PUT {url}/kv/{key}` with `value`: the status and the JSON body.
 async fn kv_put(b: &reqwest::Client, url: &str, key: &str, value: &Value) -> (StatusCode, Value) {
     let r = b

@@ -283,6 +283,7 @@ impl Discovered {
                 limits,
                 Bound {
                     nonce: nonce.secret().clone(),
+                    iss: self.inner.issuer.clone(),
                     step_up,
                     ..Bound::default()
                 },
@@ -335,6 +336,14 @@ impl Discovered {
             .await
             .map_err(pending_error)?;
         let requested = pending.step_up();
+        // Started with another of the application's providers: its code is
+        // not for this one (mix-up).
+        if !pending.iss.is_empty() && pending.iss != self.inner.issuer {
+            return Err(AuthError::new(
+                AuthErrorKind::IssuerMismatch,
+                "the login was started with another provider",
+            ));
+        }
         // RFC 9207: the authorization response names its issuer.
         match get("iss") {
             Some(iss) if iss != self.inner.issuer => {

@@ -42,6 +42,7 @@ mod flow;
 mod guard;
 pub(crate) mod logout_token;
 pub(crate) mod pending;
+mod providers;
 pub(crate) mod record;
 pub mod routes;
 mod step_up;
@@ -62,6 +63,7 @@ pub use self::{
     client::OidcClient,
     config::{OidcConfig, Provider},
     guard::{Rejection, RejectionKind, RequireLogin, RequireLoginFuture, RequireLoginLayer},
+    providers::OidcProviders,
     routes::{OidcRoutes, OidcRoutesFuture, OidcRoutesLayer},
     step_up::LoginOptions,
 };

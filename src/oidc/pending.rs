@@ -82,6 +82,8 @@ pub(crate) struct Bound {
     pub(crate) user: String,
     /// A connection's integration.
     pub(crate) integration: String,
+    /// A login's issuer.
+    pub(crate) iss: String,
     /// What a login asks of the provider beyond a plain login.
     pub(crate) step_up: StepUp,
 }
@@ -139,6 +141,7 @@ impl Flow {
             nonce: bound.nonce,
             user: bound.user,
             integration: bound.integration,
+            iss: bound.iss,
             acr_values: bound.step_up.acr_values,
             max_age: bound.step_up.max_age.map(|d| d.as_secs()),
             pkce: verifier.secret().clone(),

@@ -36,6 +36,10 @@ pub(crate) struct PendingLogin {
     /// A connection's integration; empty for a login.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub(crate) integration: String,
+    /// The issuer a login was started with: only its callback completes it
+    /// (mix-up defence when an application has several providers).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub(crate) iss: String,
     /// A login's `acr_values`: the ID token's `acr` must be one of them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub(crate) acr_values: Vec<String>,
@@ -472,6 +476,7 @@ mod tests {
             started_ns: 1,
             user: String::new(),
             integration: String::new(),
+            iss: String::new(),
             acr_values: Vec::new(),
             max_age: None,
         };

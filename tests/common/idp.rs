@@ -72,6 +72,11 @@ impl Idp {
             "grant_types": ["authorization_code", "refresh_token"],
             "response_types": ["code"],
         }]);
+        Self::start_with(flavor, &clients, access_ttl, port).await
+    }
+
+    /// A provider with these clients (oidc-provider client metadata).
+    pub async fn start_with(flavor: &str, clients: &Value, access_ttl: u64, port: u16) -> Self {
         let mut child = Command::new("node")
             .arg(idp_dir().join("server.js"))
             .env("IDP_FLAVOR", flavor)

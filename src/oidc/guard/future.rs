@@ -23,7 +23,7 @@ use crate::{
     oidc::{
         record::{self, LoginRecord, Stored, USER_KEY},
         step_up::StepUp,
-        AccessToken, AuthError, AuthErrorKind, OidcClient, User,
+        AccessToken, AuthError, AuthErrorKind, OidcClient, OidcProviders, User,
     },
     session::{LockedError, SealContext, Session, SessionError, Write},
     store::StoreError,
@@ -145,39 +145,21 @@ fn store_failed(e: &SessionError) -> Rejection {
 
 /// Reads the user from the session, refreshing the tokens when due.
 pub(crate) async fn authorize(
-    client: OidcClient,
+    providers: OidcProviders,
     session: Option<Session>,
     step_up: Arc<StepUp>,
 ) -> Authorized {
     let Some(session) = session else {
         return Err(Rejection::new(RejectionKind::MissingSessionLayer));
     };
-    let config = client.config();
-    let stored = record::load_login(&config.keys, &session)
-        .await
-        .map_err(|e| store_failed(&e))?;
-    let (mut record, mut reseal) = match stored {
-        Stored::Opened { record, reseal } => (record, reseal),
-        Stored::Absent => return Err(not_logged_in(&client).await),
-        Stored::Clear => {
-            // Nothing this version wrote: an older version's record, or
-            // someone else's data. Dropped, never trusted.
-            tracing::warn!("login record not sealed (older version or written elsewhere): ignored");
-            crate::metrics::failure("login_record_unsealed");
-            let _ = session.remove_reserved::<Value>(USER_KEY).await;
-            return Err(Rejection::new(RejectionKind::NotLoggedIn));
-        }
-        Stored::Tampered => {
-            crate::metrics::failure("login_record_tampered");
-            return Err(log_out(
-                &session,
-                "login record does not open (tampered, moved from another session, or its key retired)",
-            )
-            .await);
-        }
+    let (mut record, mut reseal) = open(providers.default_provider(), &session).await?;
+    // A login of a provider these routes do not take is no login here.
+    let Some(client) = providers.by_issuer(&record.iss) else {
+        return Err(Rejection::new(RejectionKind::NotLoggedIn));
     };
+    let config = client.config();
     if due(record.exp, config.refresh_before) {
-        (record, reseal) = refresh_due(&client, &session, record, reseal).await?;
+        (record, reseal) = refresh_due(client, &session, record, reseal).await?;
     }
     if reseal {
         reseal_login(&config.keys, &session).await;
@@ -189,6 +171,34 @@ pub(crate) async fn authorize(
     }
     let token = AccessToken(record.at.clone());
     Ok((User::from_record(&record), token))
+}
+
+/// The session's login record, and whether it needs re-sealing; a record
+/// that does not open ends the login.
+async fn open(client: &OidcClient, session: &Session) -> Result<(LoginRecord, bool), Rejection> {
+    let stored = record::load_login(&client.config().keys, session)
+        .await
+        .map_err(|e| store_failed(&e))?;
+    match stored {
+        Stored::Opened { record, reseal } => Ok((record, reseal)),
+        Stored::Absent => Err(not_logged_in(client).await),
+        Stored::Clear => {
+            // Nothing this version wrote: an older version's record, or
+            // someone else's data. Dropped, never trusted.
+            tracing::warn!("login record not sealed (older version or written elsewhere): ignored");
+            crate::metrics::failure("login_record_unsealed");
+            let _ = session.remove_reserved::<Value>(USER_KEY).await;
+            Err(Rejection::new(RejectionKind::NotLoggedIn))
+        }
+        Stored::Tampered => {
+            crate::metrics::failure("login_record_tampered");
+            Err(log_out(
+                session,
+                "login record does not open (tampered, moved from another session, or its key retired)",
+            )
+            .await)
+        }
+    }
 }
 
 /// The login with its tokens refreshed, or as it is while the provider is

@@ -3,7 +3,7 @@ use std::{fmt, sync::Arc, time::Duration};
 use tower_layer::Layer;
 
 use super::RequireLogin;
-use crate::oidc::{step_up::StepUp, OidcClient};
+use crate::oidc::{step_up::StepUp, OidcClient, OidcProviders};
 
 /// Applies [`RequireLogin`] to a service.
 ///
@@ -20,14 +20,16 @@ use crate::oidc::{step_up::StepUp, OidcClient};
 #[derive(Clone)]
 #[must_use]
 pub struct RequireLoginLayer {
-    client: OidcClient,
+    providers: OidcProviders,
     step_up: Arc<StepUp>,
+    /// The login URL up to `return_to`.
+    login: Arc<str>,
 }
 
 impl fmt::Debug for RequireLoginLayer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RequireLoginLayer")
-            .field("issuer", &self.client.issuer())
+            .field("providers", &self.providers)
             .field("step_up", &self.step_up)
             .finish_non_exhaustive()
     }
@@ -36,10 +38,37 @@ impl fmt::Debug for RequireLoginLayer {
 impl RequireLoginLayer {
     /// Requires a user logged in through `client`.
     pub fn new(client: OidcClient) -> Self {
+        Self::any(&OidcProviders::from(client))
+    }
+
+    /// Requires a user logged in through any of `providers`; each login's
+    /// tokens are refreshed at the provider that issued them, and a browser
+    /// without a login goes to the default provider's login.
+    pub fn any(providers: &OidcProviders) -> Self {
+        let login = format!(
+            "{}?",
+            providers.default_provider().config().login_path_abs()
+        );
         Self {
-            client,
+            providers: providers.clone(),
             step_up: Arc::default(),
+            login: login.into(),
         }
+    }
+
+    /// Requires a user logged in through the provider named `name` of
+    /// `providers` (routes for customers only, say); a browser without such
+    /// a login goes to the login with `?provider=NAME`. `None` when no
+    /// provider has that name.
+    pub fn for_provider(providers: &OidcProviders, name: &str) -> Option<Self> {
+        let client = providers.get(name)?.clone();
+        let encoded: String = url::form_urlencoded::byte_serialize(name.as_bytes()).collect();
+        let login = format!("{}?provider={encoded}&", client.config().login_path_abs());
+        Some(Self {
+            providers: OidcProviders::from(client),
+            step_up: Arc::default(),
+            login: login.into(),
+        })
     }
 
     /// Also requires a login at one of these authentication context classes
@@ -81,6 +110,11 @@ impl<S> Layer<S> for RequireLoginLayer {
     type Service = RequireLogin<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        RequireLogin::new(inner, self.client.clone(), self.step_up.clone())
+        RequireLogin::new(
+            inner,
+            self.providers.clone(),
+            self.step_up.clone(),
+            self.login.clone(),
+        )
     }
 }

@@ -3,7 +3,6 @@
 use http::{header, HeaderValue, Request, Response, StatusCode};
 
 use super::{Rejection, RejectionKind};
-use crate::oidc::OidcClient;
 
 /// Who is asking, which decides how a refusal reads.
 #[derive(Debug, Clone)]
@@ -17,7 +16,9 @@ pub(crate) enum RequestKind {
 }
 
 impl RequestKind {
-    pub(crate) fn of<B>(req: &Request<B>, client: &OidcClient) -> Self {
+    /// `login` is the login URL up to its `return_to` parameter (`…?` or
+    /// `…?provider=NAME&`).
+    pub(crate) fn of<B>(req: &Request<B>, login: &str) -> Self {
         let header_has = |name: header::HeaderName, needle: &str| {
             req.headers()
                 .get_all(name)
@@ -42,7 +43,7 @@ impl RequestKind {
                 .to_owned();
             let return_to: String =
                 openidconnect::url::form_urlencoded::byte_serialize(here.as_bytes()).collect();
-            let login = format!("{}?return_to={return_to}", client.config().login_path_abs());
+            let login = format!("{login}return_to={return_to}");
             return Self::Browser { login };
         }
         Self::Api

@@ -9,7 +9,7 @@ use tower_service::Service;
 
 use super::{future::RequireLoginFuture, response::RequestKind, RequireLoginLayer};
 use crate::{
-    oidc::{step_up::StepUp, OidcClient},
+    oidc::{step_up::StepUp, OidcClient, OidcProviders},
     session::Session,
 };
 
@@ -18,25 +18,33 @@ use crate::{
 #[derive(Clone)]
 pub struct RequireLogin<S> {
     inner: S,
-    client: OidcClient,
+    providers: OidcProviders,
     step_up: Arc<StepUp>,
+    /// The login URL up to `return_to`.
+    login: Arc<str>,
 }
 
 impl<S: fmt::Debug> fmt::Debug for RequireLogin<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RequireLogin")
             .field("inner", &self.inner)
-            .field("issuer", &self.client.issuer())
+            .field("providers", &self.providers)
             .finish()
     }
 }
 
 impl<S> RequireLogin<S> {
-    pub(crate) fn new(inner: S, client: OidcClient, step_up: Arc<StepUp>) -> Self {
+    pub(crate) fn new(
+        inner: S,
+        providers: OidcProviders,
+        step_up: Arc<StepUp>,
+        login: Arc<str>,
+    ) -> Self {
         Self {
             inner,
-            client,
+            providers,
             step_up,
+            login,
         }
     }
 
@@ -63,9 +71,9 @@ where
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let session = req.extensions().get::<Session>().cloned();
-        let kind = RequestKind::of(&req, &self.client);
+        let kind = RequestKind::of(&req, &self.login);
         let authorize = Box::pin(super::future::authorize(
-            self.client.clone(),
+            self.providers.clone(),
             session,
             self.step_up.clone(),
         ));

@@ -3,7 +3,7 @@ use std::fmt;
 use tower_layer::Layer;
 
 use super::{OidcRoutes, Paths};
-use crate::oidc::OidcClient;
+use crate::oidc::{OidcClient, OidcProviders};
 
 /// Serves the login's routes at the configured paths and passes every other
 /// request to the wrapped service; for hyper, tonic or any tower stack (with
@@ -21,14 +21,14 @@ use crate::oidc::OidcClient;
 /// ```
 #[derive(Clone)]
 pub struct OidcRoutesLayer {
-    client: OidcClient,
+    providers: OidcProviders,
     paths: Paths,
 }
 
 impl fmt::Debug for OidcRoutesLayer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("OidcRoutesLayer")
-            .field("issuer", &self.client.issuer())
+            .field("providers", &self.providers)
             .field("paths", &self.paths)
             .finish()
     }
@@ -37,8 +37,13 @@ impl fmt::Debug for OidcRoutesLayer {
 impl OidcRoutesLayer {
     /// The routes of `client`'s configuration.
     pub fn new(client: OidcClient) -> Self {
-        let paths = Paths::new(client.config());
-        Self { client, paths }
+        Self::for_providers(OidcProviders::from(client))
+    }
+
+    /// The routes of several providers; see [`OidcProviders::routes`].
+    pub fn for_providers(providers: OidcProviders) -> Self {
+        let paths = Paths::new(&providers);
+        Self { providers, paths }
     }
 }
 
@@ -46,6 +51,6 @@ impl<S> Layer<S> for OidcRoutesLayer {
     type Service = OidcRoutes<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        OidcRoutes::new(inner, self.client.clone(), self.paths.clone())
+        OidcRoutes::new(inner, self.providers.clone(), self.paths.clone())
     }
 }

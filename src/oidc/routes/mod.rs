@@ -10,10 +10,15 @@
 //! | `POST {logout}` | [`OidcClient::logout`] (same origin only) |
 //! | `POST {backchannel}` | [`OidcClient::backchannel_logout`] |
 //!
-//! The paths are [`OidcConfig`]'s (`auth/login`,
+//! The paths are [`OidcConfig`](super::OidcConfig)'s (`auth/login`,
 //! `auth/callback`, `auth/logout`, `auth/backchannel-logout` under the
 //! application's URL by default). Another method on one of them answers
 //! 405. The session layer must run outside these routes.
+//!
+//! With several providers ([`OidcProviders`]), the login takes
+//! `?provider=NAME` (the default provider without it), each provider has
+//! its own callback and back-channel path, and the logout ends the login at
+//! the provider it came from.
 
 mod future;
 mod layer;
@@ -23,7 +28,7 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 
 pub use self::{future::OidcRoutesFuture, layer::OidcRoutesLayer, service::OidcRoutes};
-use super::{AuthError, LoginOptions, OidcClient, OidcConfig};
+use super::{AuthError, LoginOptions, OidcClient, OidcProviders};
 use crate::session::Session;
 
 /// A back-channel logout body larger than this is refused (a logout token
@@ -48,40 +53,46 @@ impl Route {
     }
 }
 
-/// The request paths of the routes, as they arrive.
+/// The request paths of the routes, as they arrive, each with the index of
+/// the provider it belongs to. A login or logout path that several
+/// providers share is the first's (the login takes `?provider=NAME`, the
+/// logout follows the session's login).
 #[derive(Debug, Clone)]
-pub(crate) struct Paths([(String, Route); 4]);
+pub(crate) struct Paths(Vec<(String, Route, usize)>);
 
 impl Paths {
-    pub(crate) fn new(config: &OidcConfig) -> Self {
-        Self([
-            (config.path_abs(&config.login_path), Route::Login),
-            (config.path_abs(&config.callback_path), Route::Callback),
-            (config.path_abs(&config.logout_path), Route::Logout),
-            (
-                config.path_abs(&config.backchannel_logout_path),
-                Route::BackchannelLogout,
-            ),
-        ])
+    pub(crate) fn new(providers: &OidcProviders) -> Self {
+        let mut out: Vec<(String, Route, usize)> = Vec::new();
+        for (index, (_, client)) in providers.iter().enumerate() {
+            let c = client.config();
+            for (path, route) in [
+                (&c.login_path, Route::Login),
+                (&c.callback_path, Route::Callback),
+                (&c.logout_path, Route::Logout),
+                (&c.backchannel_logout_path, Route::BackchannelLogout),
+            ] {
+                let path = c.path_abs(path);
+                if !out.iter().any(|(p, _, _)| *p == path) {
+                    out.push((path, route, index));
+                }
+            }
+        }
+        Self(out)
     }
 
-    fn route(&self, path: &str) -> Option<Route> {
-        self.0.iter().find(|(p, _)| p == path).map(|(_, r)| *r)
-    }
-
-    #[cfg(feature = "axum")]
-    fn path(&self, route: Route) -> &str {
+    fn route(&self, path: &str) -> Option<(Route, usize)> {
         self.0
             .iter()
-            .find(|(_, r)| *r == route)
-            .map_or("/", |(p, _)| p)
+            .find(|(p, _, _)| p == path)
+            .map(|(_, r, i)| (*r, *i))
     }
 }
 
-/// Answers `request`, which is for `route`.
+/// Answers `request`, which is for `route` of the provider at `index`.
 async fn respond<ReqBody, ResBody>(
-    client: OidcClient,
+    providers: OidcProviders,
     route: Route,
+    index: usize,
     request: Request<ReqBody>,
 ) -> Response<ResBody>
 where
@@ -102,7 +113,7 @@ where
             Ok(body) => body,
             Err(status) => return plain(status, "POST", "unreadable or too large body"),
         };
-        let answer = client.backchannel_logout(&body).await;
+        let answer = providers.at(index).backchannel_logout(&body).await;
         return answer.map(ResBody::from);
     }
     let Some(session) = parts.extensions.get::<Session>() else {
@@ -116,17 +127,46 @@ where
     let query = parts.uri.query();
     let answer = match route {
         Route::Login => {
+            let Some(client) = login_provider(&providers, index, query) else {
+                return plain(StatusCode::BAD_REQUEST, "GET", "unknown provider");
+            };
             let options = LoginOptions::from_query(query);
             client.login_with(session, &options).await
         }
-        Route::Callback => client.callback(session, query).await.map(|(r, _)| r),
-        Route::Logout => client.logout(session, &parts.headers).await,
+        Route::Callback => {
+            let client = providers.at(index);
+            client.callback(session, query).await.map(|(r, _)| r)
+        }
+        Route::Logout => {
+            // At the provider the login came from.
+            let client = match providers.of_session(session).await {
+                Some(client) => client,
+                None => providers.at(index),
+            };
+            client.logout(session, &parts.headers).await
+        }
         Route::BackchannelLogout => unreachable!("answered above"),
     };
     answer.map_or_else(
         |e: AuthError| e.response_for(&parts.headers),
         |redirect| redirect.to_response(),
     )
+}
+
+/// The provider a login request names (`?provider=NAME`), else the one
+/// whose login path it came to; `None` for a name no provider has.
+fn login_provider<'a>(
+    providers: &'a OidcProviders,
+    index: usize,
+    query: Option<&str>,
+) -> Option<&'a OidcClient> {
+    let named = url::form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+        .find(|(k, _)| k == "provider")
+        .map(|(_, v)| v.into_owned());
+    match named {
+        Some(name) => providers.index_of(&name).map(|i| providers.at(i)),
+        None => Some(providers.at(index)),
+    }
 }
 
 async fn read_body<B>(body: B) -> Result<Vec<u8>, StatusCode>
@@ -176,28 +216,34 @@ impl OidcClient {
     /// # }
     /// ```
     pub fn routes<S: Clone + Send + Sync + 'static>(&self) -> axum::Router<S> {
+        OidcProviders::from(self.clone()).routes()
+    }
+}
+
+#[cfg(feature = "axum")]
+#[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
+impl OidcProviders {
+    /// The routes of every provider for an axum router: one login route
+    /// (`?provider=NAME`, the default provider without it), each
+    /// provider's callback and back-channel logout, one logout route that
+    /// ends the login at the provider it came from. Merge it under the
+    /// session layer.
+    pub fn routes<S: Clone + Send + Sync + 'static>(&self) -> axum::Router<S> {
         use axum::{body::Body, extract::Request, routing};
-        let paths = Paths::new(self.config());
-        let handler = |route: Route| {
-            let client = self.clone();
-            move |request: Request| respond::<Body, Body>(client, route, request)
-        };
-        axum::Router::new()
-            .route(
-                paths.path(Route::Login),
-                routing::get(handler(Route::Login)),
-            )
-            .route(
-                paths.path(Route::Callback),
-                routing::get(handler(Route::Callback)),
-            )
-            .route(
-                paths.path(Route::Logout),
-                routing::post(handler(Route::Logout)),
-            )
-            .route(
-                paths.path(Route::BackchannelLogout),
-                routing::post(handler(Route::BackchannelLogout)),
-            )
+        let mut router = axum::Router::new();
+        for (path, route, index) in Paths::new(self).0 {
+            let providers = self.clone();
+            let handler = move |request: Request| {
+                respond::<Body, Body>(providers.clone(), route, index, request)
+            };
+            router = router.route(
+                &path,
+                match route {
+                    Route::Login | Route::Callback => routing::get(handler),
+                    Route::Logout | Route::BackchannelLogout => routing::post(handler),
+                },
+            );
+        }
+        router
     }
 }

@@ -7,13 +7,13 @@ use http::{Request, Response};
 use tower_service::Service;
 
 use super::{future::OidcRoutesFuture, respond, Paths};
-use crate::oidc::OidcClient;
+use crate::oidc::OidcProviders;
 
 /// The service of [`OidcRoutesLayer`](super::OidcRoutesLayer).
 #[derive(Clone)]
 pub struct OidcRoutes<S> {
     inner: S,
-    client: OidcClient,
+    providers: OidcProviders,
     paths: Paths,
 }
 
@@ -21,17 +21,17 @@ impl<S: fmt::Debug> fmt::Debug for OidcRoutes<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("OidcRoutes")
             .field("inner", &self.inner)
-            .field("issuer", &self.client.issuer())
+            .field("providers", &self.providers)
             .field("paths", &self.paths)
             .finish()
     }
 }
 
 impl<S> OidcRoutes<S> {
-    pub(crate) fn new(inner: S, client: OidcClient, paths: Paths) -> Self {
+    pub(crate) fn new(inner: S, providers: OidcProviders, paths: Paths) -> Self {
         Self {
             inner,
-            client,
+            providers,
             paths,
         }
     }
@@ -57,9 +57,12 @@ where
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         match self.paths.route(request.uri().path()) {
-            Some(route) => {
-                OidcRoutesFuture::own(Box::pin(respond(self.client.clone(), route, request)))
-            }
+            Some((route, index)) => OidcRoutesFuture::own(Box::pin(respond(
+                self.providers.clone(),
+                route,
+                index,
+                request,
+            ))),
             None => OidcRoutesFuture::inner(self.inner.call(request)),
         }
     }
