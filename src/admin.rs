@@ -67,6 +67,7 @@ pub struct Stats {
 
 impl PgStore {
     /// Session administration on this store.
+    #[must_use]
     pub fn admin(&self) -> Admin {
         Admin {
             store: self.clone(),

@@ -150,6 +150,7 @@ impl EncryptionKey {
     ///
     /// The key zeroizes its own copy on drop; zeroizing `bytes` wherever they
     /// came from is up to the caller.
+    #[must_use]
     pub fn from_bytes(bytes: [u8; KEY_LEN]) -> Self {
         Self(bytes)
     }
@@ -159,6 +160,7 @@ impl EncryptionKey {
     /// # Panics
     ///
     /// If the operating system's random number generator fails.
+    #[must_use]
     pub fn generate() -> Self {
         let mut key = Self([0; KEY_LEN]);
         OsRng.fill_bytes(&mut key.0);
@@ -173,12 +175,14 @@ impl EncryptionKey {
     /// every token sealed under it and forge sealed values that open. Do not
     /// log, print, serialize or store the bytes, and do not copy them out of
     /// the returned reference: copies are not zeroized.
+    #[must_use]
     pub fn secret(&self) -> &[u8; KEY_LEN] {
         &self.0
     }
 
     /// The key's id: the first 4 bytes of SHA-256 over
     /// `b"tower-pg-session key id\0"` followed by the key bytes.
+    #[must_use]
     pub fn id(&self) -> KeyId {
         let digest = Sha256::new()
             .chain_update(KEY_ID_PREFIX)
@@ -246,6 +250,7 @@ pub struct KeyId([u8; KEY_ID_LEN]);
 
 impl KeyId {
     /// The id's bytes, as stored in the envelope.
+    #[must_use]
     pub fn as_bytes(&self) -> &[u8; KEY_ID_LEN] {
         &self.0
     }
@@ -357,16 +362,19 @@ impl Keyring {
 
     /// A keyring of one fresh random key, for tests and throwaway demos:
     /// what it seals does not survive a restart.
+    #[must_use]
     pub fn generate() -> Self {
         Self::from(EncryptionKey::generate())
     }
 
     /// The id of the key that seals: the first one.
+    #[must_use]
     pub fn current_key_id(&self) -> KeyId {
         self.keys[0].0
     }
 
     /// The ids of all keys, in order; the first one seals.
+    #[must_use]
     pub fn key_ids(&self) -> impl ExactSizeIterator<Item = KeyId> + '_ {
         self.keys.iter().map(|(id, _)| *id)
     }
@@ -385,6 +393,7 @@ impl Keyring {
     ///
     /// If the operating system's random number generator fails, or if
     /// `plaintext` or the encoded `aad` is longer than AES-GCM allows (64 GiB).
+    #[must_use]
     pub fn seal(&self, plaintext: &[u8], aad: &Aad<'_>) -> String {
         let mut nonce = [0u8; NONCE_LEN];
         OsRng.fill_bytes(&mut nonce);
@@ -528,11 +537,13 @@ pub struct Opened {
 
 impl Opened {
     /// The decrypted bytes.
+    #[must_use]
     pub fn plaintext(&self) -> &[u8] {
         &self.plaintext
     }
 
     /// The decrypted bytes, still zeroized on drop.
+    #[must_use]
     pub fn into_plaintext(self) -> Zeroizing<Vec<u8>> {
         self.plaintext
     }
@@ -540,6 +551,7 @@ impl Opened {
     /// Whether the value was sealed under a key other than the keyring's
     /// current (first) key. If so, seal the plaintext again on the next write,
     /// so that the old key can eventually be retired.
+    #[must_use]
     pub fn needs_reseal(&self) -> bool {
         self.needs_reseal
     }

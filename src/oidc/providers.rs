@@ -80,9 +80,10 @@ impl OidcProviders {
         };
         let unique = |what: &dyn Fn(&OidcClient, &str) -> String, error: &'static str| {
             let mut seen = HashSet::new();
-            match clients.iter().all(|(n, c)| seen.insert(what(c, n))) {
-                true => Ok(()),
-                false => Err(ConfigError::Conflict(error)),
+            if clients.iter().all(|(n, c)| seen.insert(what(c, n))) {
+                Ok(())
+            } else {
+                Err(ConfigError::Conflict(error))
             }
         };
         unique(&|_, n| n.to_owned(), "two providers share a name")?;
@@ -113,11 +114,13 @@ impl OidcProviders {
     }
 
     /// The provider named `name`.
+    #[must_use]
     pub fn get(&self, name: &str) -> Option<&OidcClient> {
         self.clients.iter().find(|(n, _)| n == name).map(|(_, c)| c)
     }
 
     /// The default provider (the first).
+    #[must_use]
     pub fn default_provider(&self) -> &OidcClient {
         &self.clients[0].1
     }

@@ -82,6 +82,7 @@ impl SigningKeys {
 
     /// A fresh random key list, for tests and throwaway demos: cookies do not
     /// survive a restart with it.
+    #[must_use]
     pub fn generate() -> Self {
         let mut key = [0u8; 32];
         OsRng.fill_bytes(&mut key);
@@ -91,6 +92,7 @@ impl SigningKeys {
     }
 
     /// A random 256-bit secret as text (base64url), for throwaway demos.
+    #[must_use]
     pub fn generate_secret() -> String {
         let mut key = [0u8; 32];
         OsRng.fill_bytes(&mut key);

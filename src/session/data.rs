@@ -84,7 +84,7 @@ impl Data {
     }
 }
 
-/// The length of `s` as serde_json writes it as a string, quotes included:
+/// The length of `s` as `serde_json` writes it as a string, quotes included:
 /// `"` and `\` take two bytes, `\b \f \n \r \t` two, other control
 /// characters six (`\u00XX`), everything else its UTF-8 bytes.
 fn escaped_len(s: &str) -> usize {

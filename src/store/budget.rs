@@ -28,11 +28,17 @@ impl WaitBudget {
     }
 
     fn left(&self) -> Duration {
-        *self.left.lock().unwrap_or_else(|e| e.into_inner())
+        *self
+            .left
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn spend(&self, spent: Duration) {
-        let mut left = self.left.lock().unwrap_or_else(|e| e.into_inner());
+        let mut left = self
+            .left
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         *left = left.saturating_sub(spent);
     }
 

@@ -127,6 +127,7 @@ impl PgConnect {
     }
 
     /// One host, from options built in code.
+    #[must_use]
     pub fn from_options(options: PgConnectOptions) -> Self {
         Self::from_targets(vec![options])
     }
@@ -153,18 +154,21 @@ impl PgConnect {
     /// Which servers are used (default [`TargetSessionAttrs::ReadWrite`]:
     /// each new connection checks `transaction_read_only`, one round trip
     /// per connection, none per request).
+    #[must_use]
     pub fn with_target_session_attrs(mut self, attrs: TargetSessionAttrs) -> Self {
         self.attrs = attrs;
         self
     }
 
     /// Connections the pool opens at most (default 10, at least 1).
+    #[must_use]
     pub fn with_max_connections(mut self, max: u32) -> Self {
         self.max_connections = max.max(1);
         self
     }
 
     /// Connections the pool keeps open even when idle (default 0).
+    #[must_use]
     pub fn with_min_connections(mut self, min: u32) -> Self {
         self.min_connections = min;
         self
@@ -172,6 +176,7 @@ impl PgConnect {
 
     /// How long a statement waits for a connection before failing as
     /// unavailable (default 5 s).
+    #[must_use]
     pub fn with_acquire_timeout(mut self, timeout: Duration) -> Self {
         self.acquire_timeout = timeout.max(Duration::from_millis(10));
         self
@@ -179,12 +184,14 @@ impl PgConnect {
 
     /// Connections older than this are closed when next released (default
     /// 30 min; `None`: never). Keep it below a pooler's or proxy's own limit.
+    #[must_use]
     pub fn with_max_lifetime(mut self, lifetime: Option<Duration>) -> Self {
         self.max_lifetime = lifetime;
         self
     }
 
     /// Connections idle this long are closed (default 10 min; `None`: never).
+    #[must_use]
     pub fn with_idle_timeout(mut self, timeout: Option<Duration>) -> Self {
         self.idle_timeout = timeout;
         self
@@ -224,6 +231,7 @@ impl PgConnect {
     /// opens (default 5 min, at least 1 s), so that credentials held for the
     /// next connection never grow older than this: keep it well below their
     /// validity (an RDS IAM token is valid 15 minutes).
+    #[must_use]
     pub fn with_credentials_refresh(mut self, every: Duration) -> Self {
         self.refresh_every = every.max(Duration::from_secs(1));
         self

@@ -45,6 +45,7 @@ impl fmt::Debug for Tokens {
 impl Tokens {
     /// An access token of type `Bearer` that never expires, without a
     /// refresh token or scopes.
+    #[must_use]
     pub fn new(access_token: String) -> Self {
         Self {
             access_token: Zeroizing::new(access_token),
@@ -96,6 +97,7 @@ impl Tokens {
     }
 
     /// When the access token expires, if known.
+    #[must_use]
     pub fn expires_at(&self) -> Option<OffsetDateTime> {
         self.expires_at
     }
@@ -128,21 +130,25 @@ impl fmt::Debug for AccessToken {
 
 impl AccessToken {
     /// The token itself, for an `Authorization` header.
+    #[must_use]
     pub fn secret(&self) -> &str {
         &self.secret
     }
 
     /// When it expires, if known.
+    #[must_use]
     pub fn expires_at(&self) -> Option<OffsetDateTime> {
         self.expires_at
     }
 
     /// Its type, usually `Bearer`.
+    #[must_use]
     pub fn token_type(&self) -> &str {
         &self.token_type
     }
 
     /// The scopes granted with it.
+    #[must_use]
     pub fn scopes(&self) -> &[String] {
         &self.scopes
     }

@@ -60,6 +60,7 @@ impl RequireLoginLayer {
     /// `providers` (routes for customers only, say); a browser without such
     /// a login goes to the login with `?provider=NAME`. `None` when no
     /// provider has that name.
+    #[must_use]
     pub fn for_provider(providers: &OidcProviders, name: &str) -> Option<Self> {
         let client = providers.get(name)?.clone();
         let encoded: String = url::form_urlencoded::byte_serialize(name.as_bytes()).collect();

@@ -88,6 +88,7 @@ impl Rejection {
     }
 
     /// What happened.
+    #[must_use]
     pub fn kind(&self) -> RejectionKind {
         self.kind
     }

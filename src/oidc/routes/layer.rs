@@ -36,11 +36,13 @@ impl fmt::Debug for OidcRoutesLayer {
 
 impl OidcRoutesLayer {
     /// The routes of `client`'s configuration.
+    #[must_use]
     pub fn new(client: OidcClient) -> Self {
         Self::for_providers(OidcProviders::from(client))
     }
 
     /// The routes of several providers; see [`OidcProviders::routes`].
+    #[must_use]
     pub fn for_providers(providers: OidcProviders) -> Self {
         let paths = Paths::new(&providers);
         Self { providers, paths }
