@@ -18,6 +18,7 @@ use std::{process::ExitCode, time::Duration};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use tower_pg_session::{
+    admin::Admin,
     store::{PgConnect, PruneOutcome},
     PgStore, PgStoreConfig, Pooler, PruneConfig,
 };
@@ -188,23 +189,7 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
-    let pooler = match cli.pooler {
-        PoolerArg::Direct => Pooler::Direct,
-        PoolerArg::Transaction => Pooler::Transaction,
-    };
-    let mut config = PgStoreConfig::new()
-        .with_table_name(&cli.table)?
-        .with_pooler(pooler);
-    if let Some(schema) = &cli.schema {
-        config = config.with_schema_name(schema)?;
-    }
-    // Only `init` may change the schema; every other command needs the table.
-    let init = matches!(cli.command, Command::Init);
-    // Hosts, TLS (`sslmode`, `sslrootcert`) and `target_session_attrs` as in libpq.
-    let connect = PgConnect::from_url(&cli.database_url)?
-        .with_max_connections(2)
-        .with_acquire_timeout(Duration::from_secs(5));
-    let store = PgStore::connect_to(connect, config.with_create_table(init)).await?;
+    let store = open_store(&cli).await?;
     let admin = store.admin();
     #[cfg(feature = "oidc")]
     let admin = match &cli.command {
@@ -222,55 +207,8 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             println!("expired, not pruned    {}", s.expired_awaiting_prune);
             println!("table size             {} bytes", s.table_bytes);
         }
-        Command::Prune { batch, busy } => {
-            let config = PruneConfig::new()
-                .with_batch_size(batch)
-                .with_busy_fraction(busy);
-            let expired = admin.stats().await?.expired_awaiting_prune;
-            let bar = ProgressBar::new(expired.max(0) as u64);
-            bar.set_style(
-                ProgressStyle::with_template(
-                    "{bar:40} {pos}/{len} expired sessions deleted ({elapsed})",
-                )
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
-            );
-            match store.prune_expired_with(&config, |n| bar.inc(n)).await? {
-                PruneOutcome::Skipped => {
-                    bar.abandon();
-                    println!("another instance is pruning right now; nothing done");
-                }
-                outcome => {
-                    bar.finish_and_clear();
-                    let total = match outcome {
-                        PruneOutcome::Pruned(n) => n,
-                        _ => bar.position(),
-                    };
-                    println!("deleted {total} expired sessions");
-                }
-            }
-        }
-        Command::Sessions(u) => {
-            let list = admin.user_sessions(&u.user).await?;
-            println!(
-                "{:<17} {:<26} {:<26} {:<26} {:<16} user agent",
-                "handle", "created", "last seen", "expires", "ip"
-            );
-            let fmt = rfc3339;
-            for s in &list {
-                println!(
-                    "{:<17} {:<26} {:<26} {:<26} {:<16} {}",
-                    s.handle,
-                    fmt(s.created_at),
-                    fmt(s.last_seen),
-                    fmt(Some(s.expires_at)),
-                    s.ip.as_deref().unwrap_or("-"),
-                    s.user_agent.as_deref().unwrap_or("-")
-                );
-            }
-            println!("{} live sessions of {}", list.len(), u.user);
-            #[cfg(feature = "oidc")]
-            vault::print_connections(&admin.user_connections(&u.user).await?);
-        }
+        Command::Prune { batch, busy } => prune(&store, &admin, batch, busy).await?,
+        Command::Sessions(u) => print_sessions(&admin, &u.user).await?,
         Command::Revoke(r) => {
             let n = match (r.user, r.all) {
                 (Some(user), _) => admin.revoke_user(&user).await?,
@@ -294,6 +232,84 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         #[cfg(feature = "oidc")]
         Command::Import(args) => vault::import(&store, cli.schema.as_deref(), &args).await?,
     }
+    Ok(())
+}
+
+/// The store the command line names. Only `init` may change the schema;
+/// every other command needs the table to exist.
+async fn open_store(cli: &Cli) -> Result<PgStore, Box<dyn std::error::Error>> {
+    let pooler = match cli.pooler {
+        PoolerArg::Direct => Pooler::Direct,
+        PoolerArg::Transaction => Pooler::Transaction,
+    };
+    let mut config = PgStoreConfig::new()
+        .with_table_name(&cli.table)?
+        .with_pooler(pooler);
+    if let Some(schema) = &cli.schema {
+        config = config.with_schema_name(schema)?;
+    }
+    let init = matches!(cli.command, Command::Init);
+    // Hosts, TLS (`sslmode`, `sslrootcert`) and `target_session_attrs` as in libpq.
+    let connect = PgConnect::from_url(&cli.database_url)?
+        .with_max_connections(2)
+        .with_acquire_timeout(Duration::from_secs(5));
+    Ok(PgStore::connect_to(connect, config.with_create_table(init)).await?)
+}
+
+/// Deletes the expired sessions in batches, with a progress bar.
+async fn prune(
+    store: &PgStore,
+    admin: &Admin,
+    batch: u32,
+    busy: f64,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let config = PruneConfig::new()
+        .with_batch_size(batch)
+        .with_busy_fraction(busy);
+    let expired = admin.stats().await?.expired_awaiting_prune;
+    let bar = ProgressBar::new(expired.max(0) as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} expired sessions deleted ({elapsed})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    match store.prune_expired_with(&config, |n| bar.inc(n)).await? {
+        PruneOutcome::Skipped => {
+            bar.abandon();
+            println!("another instance is pruning right now; nothing done");
+        }
+        outcome => {
+            bar.finish_and_clear();
+            let total = match outcome {
+                PruneOutcome::Pruned(n) => n,
+                _ => bar.position(),
+            };
+            println!("deleted {total} expired sessions");
+        }
+    }
+    Ok(())
+}
+
+/// A user's live sessions (and with the vault, connected accounts).
+async fn print_sessions(admin: &Admin, user: &str) -> Result<(), Box<dyn std::error::Error>> {
+    let list = admin.user_sessions(user).await?;
+    println!(
+        "{:<17} {:<26} {:<26} {:<26} {:<16} user agent",
+        "handle", "created", "last seen", "expires", "ip"
+    );
+    for s in &list {
+        println!(
+            "{:<17} {:<26} {:<26} {:<26} {:<16} {}",
+            s.handle,
+            rfc3339(s.created_at),
+            rfc3339(s.last_seen),
+            rfc3339(Some(s.expires_at)),
+            s.ip.as_deref().unwrap_or("-"),
+            s.user_agent.as_deref().unwrap_or("-")
+        );
+    }
+    println!("{} live sessions of {user}", list.len());
+    #[cfg(feature = "oidc")]
+    vault::print_connections(&admin.user_connections(user).await?);
     Ok(())
 }
 
