@@ -8,9 +8,9 @@ use serde_json::Value;
 use tracing::Instrument;
 
 use super::{
-    client::{Discovered, LogoutStyle, OidcClient},
+    client::{Discovered, LogoutStyle, OidcClient, Tokens},
     pending::{self, Bound, Limits, PendingError, Started},
-    record::{self, groups_of, safe_return_to, LoginRecord, StoreLoginError, Stored},
+    record::{self, groups_of, safe_return_to, LoginRecord, PendingLogin, StoreLoginError, Stored},
     step_up::LoginOptions,
     AuthError, AuthErrorKind, Redirect, User,
 };
@@ -316,7 +316,6 @@ impl Discovered {
         session: &Session,
         query: Option<&str>,
     ) -> Result<(Redirect, User), AuthError> {
-        let config = &self.inner.config;
         let params = params(query)?;
         let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
         if let Some(error) = get("error") {
@@ -331,59 +330,64 @@ impl Discovered {
         }
         let state =
             get("state").ok_or_else(|| AuthError::new(AuthErrorKind::MissingState, "no state"))?;
-        let pending = pending::LOGIN
-            .take(session, &config.keys, state)
+        let mut pending = pending::LOGIN
+            .take(session, &self.inner.config.keys, state)
             .await
             .map_err(pending_error)?;
-        let requested = pending.step_up();
-        // Started with another of the application's providers: its code is
-        // not for this one (mix-up).
-        if !pending.iss.is_empty() && pending.iss != self.inner.issuer {
-            return Err(AuthError::new(
-                AuthErrorKind::IssuerMismatch,
-                "the login was started with another provider",
-            ));
-        }
-        // RFC 9207: the authorization response names its issuer.
-        match get("iss") {
-            Some(iss) if iss != self.inner.issuer => {
-                return Err(AuthError::new(
-                    AuthErrorKind::IssuerMismatch,
-                    format!("iss {iss:?} is not the configured issuer"),
-                ))
-            }
-            None if self.inner.iss_param_required => {
-                return Err(AuthError::new(
-                    AuthErrorKind::IssuerMismatch,
-                    "the provider sends iss but the callback has none",
-                ))
-            }
-            _ => {}
-        }
+        self.check_issuer(&pending, get("iss"))?;
         let code = get("code")
             .ok_or_else(|| AuthError::new(AuthErrorKind::MalformedCallback, "no code"))?;
-        let tokens = self
-            .exchange(code.to_owned(), pending.pkce, &pending.nonce)
-            .await?;
+        let pkce = std::mem::take(&mut pending.pkce);
+        let tokens = self.exchange(code.to_owned(), pkce, &pending.nonce).await?;
+        self.log_in(session, pending, tokens).await
+    }
+
+    /// The callback's issuer: the one the login was started with (several
+    /// providers: its code is not for another, the mix-up defence), and
+    /// RFC 9207's `iss` when the provider sends it.
+    fn check_issuer(&self, pending: &PendingLogin, iss: Option<&str>) -> Result<(), AuthError> {
+        let mismatch = |why: String| Err(AuthError::new(AuthErrorKind::IssuerMismatch, why));
+        if !pending.iss.is_empty() && pending.iss != self.inner.issuer {
+            return mismatch("the login was started with another provider".to_owned());
+        }
+        match iss {
+            Some(iss) if iss != self.inner.issuer => {
+                mismatch(format!("iss {iss:?} is not the configured issuer"))
+            }
+            None if self.inner.iss_param_required => {
+                mismatch("the provider sends iss but the callback has none".to_owned())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Checks what the login asked for, then stores the user under a new
+    /// session id (an id known before login is worthless after it: session
+    /// fixation) and sends the browser where the login started.
+    async fn log_in(
+        &self,
+        session: &Session,
+        pending: PendingLogin,
+        tokens: Tokens,
+    ) -> Result<(Redirect, User), AuthError> {
+        let config = &self.inner.config;
         let claims = tokens.claims.unwrap_or_default();
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
-        requested.check_id_token(&claims, now, config.clock_skew)?;
+        pending
+            .step_up()
+            .check_id_token(&claims, now, config.clock_skew)?;
         let sub = claims
             .get("sub")
             .and_then(Value::as_str)
             .ok_or_else(|| AuthError::new(AuthErrorKind::InvalidIdToken, "no sub"))?
             .to_owned();
-        let sid = claims.get("sid").and_then(Value::as_str).map(str::to_owned);
-
-        // A new id for the logged-in session: an id known before login is
-        // worthless after it (session fixation).
         session.cycle_id().await.map_err(session_error)?;
         let record = LoginRecord {
             sub: sub.clone(),
             iss: self.inner.issuer.clone(),
             groups: groups_of(&claims),
+            sid: claims.get("sid").and_then(Value::as_str).map(str::to_owned),
             claims,
-            sid: sid.clone(),
             nonce: pending.nonce,
             at: tokens.access_token,
             rt: tokens.refresh_token,
