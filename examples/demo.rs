@@ -75,6 +75,7 @@
 //! | `OIDC_CLIENT_SECRET` | none (a public client); `demo-secret` with the local provider |
 //! | `TOKEN_KEYS` | comma-separated base64 32-byte keys sealing the tokens (`openssl rand -base64 32`), the first seals; a random one, with a warning, when unset |
 //! | `OIDC_REFRESH_BEFORE` | `300`: seconds before expiry at which the access token is refreshed |
+//! | `OIDC_DPOP` | `0`; `1`: tokens bound to a key pair of each login (DPoP, RFC 9449), the key sealed in the session; the provider must support DPoP |
 //! | `OIDC_ACR_VALUES` | none; space-separated authentication context classes every login asks for (e.g. Keycloak's `2`: a second factor); the ID token's `acr` must be one of them |
 //! | `OIDC_MAX_AGE` | none; seconds: every login must be at most this old at the provider (`max_age`, checked against `auth_time`) |
 //! | `OIDC_PROVIDER` | `keycloak`, `cognito` or `generic`; detected from the issuer when unset. With the local provider, `cognito` starts its Cognito flavor |
@@ -809,6 +810,11 @@ fn login_client(
     }
     if let Some(secs) = env_opt::<u64>("OIDC_MAX_AGE")? {
         config = config.with_max_age(Duration::from_secs(secs));
+    }
+    match env_str("OIDC_DPOP").as_deref() {
+        None | Some("0") => {}
+        Some("1") => config = config.with_dpop(true),
+        Some(other) => return Err(format!("OIDC_DPOP={other:?}: use 0 or 1").into()),
     }
     let provider = match settings.provider_name.as_deref() {
         Some("keycloak") => Provider::Keycloak,

@@ -28,6 +28,7 @@ use tokio::sync::RwLock;
 
 use super::{
     config::{OidcConfig, Provider},
+    dpop::{self, DpopKey},
     logout_token, AuthError, AuthErrorKind,
 };
 use crate::{log_safe::untrusted, store::PgStore};
@@ -118,6 +119,8 @@ pub(crate) struct Inner {
     pub(crate) iss_param_required: bool,
     /// The provider takes the `claims` request parameter.
     pub(crate) claims_parameter: bool,
+    /// The token endpoint's latest DPoP nonce.
+    pub(crate) dpop_nonce: dpop::Nonce,
     pub(crate) store: PgStore,
     jwks_uri: openidconnect::JsonWebKeySetUrl,
     jwks: RwLock<(Arc<CoreJsonWebKeySet>, Option<Instant>)>,
@@ -297,6 +300,36 @@ impl OidcClient {
     }
 }
 
+/// Sends a token request, with a DPoP proof (and the nonce retry) when
+/// the login has a key. A macro: the code and refresh requests are types of
+/// their own with the same `request_async`.
+macro_rules! send_token_request {
+    ($discovered:expr, $request:expr, $dpop:expr) => {
+        match $dpop {
+            Some(key) => {
+                let client = dpop::DpopClient {
+                    http: &$discovered.inner.http,
+                    key,
+                    nonce: &$discovered.inner.dpop_nonce,
+                };
+                $request.request_async(&client).await
+            }
+            None => $request.request_async(&$discovered.inner.http).await,
+        }
+    };
+}
+
+/// An access token that names its DPoP key must name the login's.
+fn check_binding(response: &CoreTokenResponse, dpop: Option<&DpopKey>) -> Result<(), AuthError> {
+    match dpop {
+        Some(key) if !key.binds(response.access_token().secret()) => Err(AuthError::new(
+            AuthErrorKind::TokenRequestRejected,
+            "the access token is bound to another DPoP key",
+        )),
+        _ => Ok(()),
+    }
+}
+
 impl Discovered {
     pub(crate) fn store(&self) -> &PgStore {
         &self.inner.store
@@ -449,13 +482,15 @@ impl Discovered {
         }
     }
 
-    /// Exchanges an authorization code (with its PKCE verifier) and verifies
-    /// the ID token against `nonce`.
+    /// Exchanges an authorization code (with its PKCE verifier, and a DPoP
+    /// proof when the login has a key) and verifies the ID token against
+    /// `nonce`.
     pub(crate) async fn exchange(
         &self,
         code: String,
         pkce_verifier: String,
         nonce: &str,
+        dpop: Option<&DpopKey>,
     ) -> Result<Tokens, AuthError> {
         let request = self
             .inner
@@ -463,10 +498,9 @@ impl Discovered {
             .exchange_code(openidconnect::AuthorizationCode::new(code))
             .map_err(|e| AuthError::new(AuthErrorKind::ProviderUnavailable, e.to_string()))?
             .set_pkce_verifier(openidconnect::PkceCodeVerifier::new(pkce_verifier));
-        let response: CoreTokenResponse = request
-            .request_async(&self.inner.http)
-            .await
+        let response: CoreTokenResponse = send_token_request!(self, request, dpop)
             .map_err(|e| Self::token_error(e, "code exchange"))?;
+        check_binding(&response, dpop)?;
         let id_token = response.id_token().ok_or_else(|| {
             AuthError::new(
                 AuthErrorKind::InvalidIdToken,
@@ -486,16 +520,17 @@ impl Discovered {
         refresh_token: &str,
         nonce: &str,
         sub: &str,
+        dpop: Option<&DpopKey>,
     ) -> Result<Tokens, AuthError> {
         let rt = RefreshToken::new(refresh_token.to_owned());
-        let response: CoreTokenResponse = self
+        let request = self
             .inner
             .client
             .exchange_refresh_token(&rt)
-            .map_err(|e| AuthError::new(AuthErrorKind::ProviderUnavailable, e.to_string()))?
-            .request_async(&self.inner.http)
-            .await
+            .map_err(|e| AuthError::new(AuthErrorKind::ProviderUnavailable, e.to_string()))?;
+        let response: CoreTokenResponse = send_token_request!(self, request, dpop)
             .map_err(|e| Self::token_error(e, "token refresh"))?;
+        check_binding(&response, dpop)?;
         let claims = match response.id_token() {
             Some(t) => {
                 let claims = self
@@ -654,6 +689,7 @@ async fn discover(shared: &Shared) -> Result<Discovered, AuthError> {
                 .authorization_response_iss_parameter_supported
                 .unwrap_or(false),
             claims_parameter,
+            dpop_nonce: dpop::Nonce::default(),
             config,
             client,
             http,

@@ -97,6 +97,8 @@ pub struct OidcConfig {
     pub(crate) clock_skew: Duration,
     /// What every login asks for unless it asks for more.
     pub(crate) step_up: StepUp,
+    /// Tokens bound to a key pair per login (DPoP).
+    pub(crate) dpop: bool,
     pub(crate) login_ttl: Duration,
     pub(crate) max_pending_logins: usize,
     pub(crate) algorithms: Vec<CoreJwsSigningAlgorithm>,
@@ -175,6 +177,7 @@ impl OidcConfig {
             refresh_before: Duration::from_secs(300),
             clock_skew: Duration::from_secs(60),
             step_up: StepUp::default(),
+            dpop: false,
             login_ttl: Duration::from_secs(600),
             max_pending_logins: 5,
             algorithms: DEFAULT_ALGS.to_vec(),
@@ -254,6 +257,16 @@ impl OidcConfig {
     /// `auth_time` must show it.
     pub fn with_max_age(mut self, age: Duration) -> Self {
         self.step_up.max_age = Some(age);
+        self
+    }
+
+    /// Binds the tokens to a key pair of each login (DPoP, RFC 9449; default
+    /// off): the key is kept sealed with the login, token requests carry
+    /// proofs signed with it, and [`AccessToken::dpop_proof`](super::AccessToken::dpop_proof)
+    /// signs the application's calls to resource servers. A stolen token is
+    /// then useless without the key. The provider must support DPoP.
+    pub fn with_dpop(mut self, on: bool) -> Self {
+        self.dpop = on;
         self
     }
 

@@ -9,6 +9,7 @@ use tracing::Instrument;
 
 use super::{
     client::{Discovered, LogoutStyle, OidcClient, Tokens},
+    dpop::DpopKey,
     pending::{self, Bound, Limits, PendingError, Started},
     record::{self, groups_of, safe_return_to, LoginRecord, PendingLogin, StoreLoginError, Stored},
     step_up::LoginOptions,
@@ -270,7 +271,12 @@ impl Discovered {
     ) -> Result<Redirect, AuthError> {
         let config = &self.inner.config;
         let step_up = options.step_up.clone().or(&config.step_up);
-        let params = step_up.authorization_params(self.inner.claims_parameter);
+        let mut params = step_up.authorization_params(self.inner.claims_parameter);
+        let dpop = config.dpop.then(DpopKey::generate);
+        if let Some(key) = &dpop {
+            // The code is bound to the key too (RFC 9449 §10).
+            params.push(("dpop_jkt", key.thumbprint()));
+        }
         let nonce = Nonce::new_random();
         let limits = Limits {
             ttl: config.login_ttl,
@@ -284,6 +290,7 @@ impl Discovered {
                 Bound {
                     nonce: nonce.secret().clone(),
                     iss: self.inner.issuer.clone(),
+                    dpop: dpop.map(|k| k.to_secret().to_string()),
                     step_up,
                     ..Bound::default()
                 },
@@ -338,7 +345,16 @@ impl Discovered {
         let code = get("code")
             .ok_or_else(|| AuthError::new(AuthErrorKind::MalformedCallback, "no code"))?;
         let pkce = std::mem::take(&mut pending.pkce);
-        let tokens = self.exchange(code.to_owned(), pkce, &pending.nonce).await?;
+        let dpop = pending.dpop.as_deref().and_then(DpopKey::from_secret);
+        if pending.dpop.is_some() && dpop.is_none() {
+            return Err(AuthError::new(
+                AuthErrorKind::TamperedData,
+                "the login's DPoP key does not parse",
+            ));
+        }
+        let tokens = self
+            .exchange(code.to_owned(), pkce, &pending.nonce, dpop.as_ref())
+            .await?;
         self.log_in(session, pending, tokens).await
     }
 
@@ -393,6 +409,7 @@ impl Discovered {
             rt: tokens.refresh_token,
             idt: tokens.id_token,
             exp: tokens.expires_at,
+            dpop: pending.dpop,
         };
         record::store_login(&config.keys, session, &record)
             .await

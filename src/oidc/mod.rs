@@ -38,6 +38,7 @@
 
 mod client;
 mod config;
+mod dpop;
 mod flow;
 mod guard;
 pub(crate) mod logout_token;
@@ -356,7 +357,11 @@ impl User {
 /// The user's current access token, for calling APIs on their behalf; put in
 /// the request extensions by [`RequireLogin`].
 #[derive(Clone)]
-pub struct AccessToken(String);
+pub struct AccessToken {
+    token: String,
+    /// The key the token is bound to (DPoP), if any.
+    dpop: Option<dpop::DpopKey>,
+}
 
 impl fmt::Debug for AccessToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -370,7 +375,47 @@ impl AccessToken {
     /// # Security Warning
     /// Do not log it or send it anywhere but to the APIs it is meant for.
     pub fn secret(&self) -> &str {
-        &self.0
+        &self.token
+    }
+
+    pub(crate) fn new(token: String, dpop: Option<dpop::DpopKey>) -> Self {
+        Self { token, dpop }
+    }
+
+    /// Whether the token is bound to the login's key
+    /// ([DPoP](OidcConfig::with_dpop)): a resource server then wants a
+    /// [`dpop_proof`](Self::dpop_proof) with it.
+    pub fn is_dpop(&self) -> bool {
+        self.dpop.is_some()
+    }
+
+    /// The `Authorization` header value for a call with this token:
+    /// `DPoP <token>` for a DPoP-bound token, else `Bearer <token>`.
+    pub fn authorization(&self) -> String {
+        let scheme = if self.is_dpop() { "DPoP" } else { "Bearer" };
+        format!("{scheme} {}", self.token)
+    }
+
+    /// The `DPoP` header value for a call with this token to `url` by
+    /// `method` (RFC 9449: signed with the login's key, bound to this token
+    /// by its hash, a fresh `jti`), with the resource server's `nonce` when
+    /// it asked for one; `None` for a token that is not DPoP-bound.
+    ///
+    /// ```no_run
+    /// # async fn call(token: tower_pg_session::oidc::AccessToken) -> Result<(), reqwest::Error> {
+    /// let url = "https://api.example.com/mail";
+    /// let mut request = reqwest::Client::new()
+    ///     .get(url)
+    ///     .header("authorization", token.authorization());
+    /// if let Some(proof) = token.dpop_proof("GET", url, None) {
+    ///     request = request.header("dpop", proof);
+    /// }
+    /// request.send().await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn dpop_proof(&self, method: &str, url: &str, nonce: Option<&str>) -> Option<String> {
+        let key = self.dpop.as_ref()?;
+        Some(key.proof(method, url, nonce, Some(&self.token)))
     }
 }
 

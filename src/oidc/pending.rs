@@ -84,6 +84,8 @@ pub(crate) struct Bound {
     pub(crate) integration: String,
     /// A login's issuer.
     pub(crate) iss: String,
+    /// A login's DPoP private key.
+    pub(crate) dpop: Option<String>,
     /// What a login asks of the provider beyond a plain login.
     pub(crate) step_up: StepUp,
 }
@@ -142,6 +144,7 @@ impl Flow {
             user: bound.user,
             integration: bound.integration,
             iss: bound.iss,
+            dpop: bound.dpop,
             acr_values: bound.step_up.acr_values,
             max_age: bound.step_up.max_age.map(|d| d.as_secs()),
             pkce: verifier.secret().clone(),

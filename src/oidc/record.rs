@@ -46,6 +46,9 @@ pub(crate) struct PendingLogin {
     /// A login's `max_age`, seconds: the ID token's `auth_time` must show it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) max_age: Option<u64>,
+    /// A login's DPoP private key (see [`super::dpop`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) dpop: Option<String>,
     /// The PKCE verifier.
     pub(crate) pkce: String,
     pub(crate) return_to: String,
@@ -77,6 +80,9 @@ pub(crate) struct LoginRecord {
     /// Access token expiry, unix seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) exp: Option<i64>,
+    /// The DPoP private key the tokens are bound to (see [`super::dpop`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) dpop: Option<String>,
 }
 
 impl PendingLogin {
@@ -368,6 +374,7 @@ mod tests {
             rt: Some("refresh".to_owned()),
             idt: None,
             exp: Some(1),
+            dpop: None,
         }
     }
 
@@ -479,6 +486,7 @@ mod tests {
             iss: String::new(),
             acr_values: Vec::new(),
             max_age: None,
+            dpop: None,
         };
         let key = super::super::pending::LOGIN.key("st");
         let stored = raw(&seal_pending(&before, &key, "oidc.login", &pending).expect("seals"));

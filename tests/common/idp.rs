@@ -21,7 +21,7 @@ use tokio::{
 };
 use tower_pg_session::{
     crypto::{EncryptionKey, Keyring},
-    oidc::{OidcClient, OidcConfig, RequireLoginLayer, User},
+    oidc::{AccessToken, OidcClient, OidcConfig, RequireLoginLayer, User},
     PgStore, Session, SessionLayer, SigningKeys,
 };
 
@@ -242,6 +242,55 @@ async fn record_backchannel(
         .await
 }
 
+/// Calls the provider's userinfo endpoint with the user's access token, as
+/// an application calls a resource server: with a DPoP proof when the token
+/// is bound, once more with the server's nonce when it asks for one.
+async fn call_userinfo(
+    State(issuer): State<String>,
+    token: AccessToken,
+) -> Result<Json<Value>, (StatusCode, String)> {
+    let failed = |e: reqwest::Error| (StatusCode::BAD_GATEWAY, e.to_string());
+    let discovery: Value = reqwest::get(format!("{issuer}/.well-known/openid-configuration"))
+        .await
+        .map_err(failed)?
+        .json()
+        .await
+        .map_err(failed)?;
+    let url = discovery["userinfo_endpoint"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let http = reqwest::Client::new();
+    let mut nonce: Option<String> = None;
+    for _ in 0..2 {
+        let mut request = http
+            .get(&url)
+            .header("authorization", token.authorization());
+        if let Some(proof) = token.dpop_proof("GET", &url, nonce.as_deref()) {
+            request = request.header("dpop", proof);
+        }
+        let response = request.send().await.map_err(failed)?;
+        let asked = response
+            .headers()
+            .get("dpop-nonce")
+            .and_then(|v| v.to_str().ok());
+        if response.status() == StatusCode::UNAUTHORIZED && asked.is_some() && nonce.is_none() {
+            nonce = asked.map(str::to_owned);
+            continue;
+        }
+        let status = response.status();
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        if !status.is_success() {
+            return Err((status, body.to_string()));
+        }
+        return Ok(Json(json!({"dpop": token.is_dpop(), "userinfo": body})));
+    }
+    Err((
+        StatusCode::BAD_GATEWAY,
+        "the nonce was not accepted".to_owned(),
+    ))
+}
+
 pub fn router(
     client: OidcClient,
     layer: SessionLayer,
@@ -258,6 +307,10 @@ pub fn router(
                     "access_token_expires_at": user.access_token_expires_at(),
                 }))
             }),
+        )
+        .route(
+            "/api/userinfo",
+            get(call_userinfo).with_state(client.issuer().to_owned()),
         )
         .route_layer(RequireLoginLayer::new(client.clone()));
     // Step-up: a second factor ("2"), or a login at most 2 s old.

@@ -26,6 +26,9 @@ const PREFIX = KEYCLOAK ? '/realms/test' : '/us-east-1_TestPool';
 const ACCESS_TOKEN_TTL = Number(process.env.ACCESS_TOKEN_TTL || 3600);
 // IDP_CLAIMS_PARAMETER=0: no `claims` request parameter, as many providers.
 const CLAIMS_PARAMETER = process.env.IDP_CLAIMS_PARAMETER !== '0';
+// IDP_DPOP=required: every client's tokens must be DPoP-bound, and every
+// token request must carry the provider's nonce (use_dpop_nonce first).
+const DPOP_REQUIRED = process.env.IDP_DPOP === 'required';
 const COGNITO_GROUPS = JSON.parse(process.env.IDP_COGNITO_GROUPS || '["admins","users"]');
 if (!(Number.isInteger(ACCESS_TOKEN_TTL) && ACCESS_TOKEN_TTL > 0)) {
   log('ACCESS_TOKEN_TTL must be a positive integer (seconds)');
@@ -66,6 +69,7 @@ const clients = (process.env.IDP_CLIENTS ? JSON.parse(process.env.IDP_CLIENTS) :
       grant_types: ['authorization_code', 'refresh_token'],
       response_types: ['code'],
       token_endpoint_auth_method: 'client_secret_basic',
+      ...(DPOP_REQUIRED ? { dpop_bound_access_tokens: true } : {}),
       ...c,
     };
     if (COGNITO) { // Cognito has no back-channel logout; the metadata would be rejected
@@ -244,6 +248,11 @@ function makeProvider(issuer) {
       // The `claims` request parameter: an essential `acr` that the session
       // lacks makes the provider ask for a new login (step-up).
       claimsParameter: { enabled: CLAIMS_PARAMETER },
+      // DPoP is accepted always; IDP_DPOP=required demands it with nonces.
+      dPoP: {
+        enabled: true,
+        ...(DPOP_REQUIRED ? { nonceSecret: crypto.randomBytes(32), requireNonce: () => true } : {}),
+      },
       // Our own login page (see `interaction` below) instead of devInteractions,
       // whose pages pull a web font from the internet.
       devInteractions: { enabled: false },

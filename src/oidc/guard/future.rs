@@ -21,6 +21,7 @@ use crate::{
     crypto::Keyring,
     log_safe::untrusted,
     oidc::{
+        dpop::DpopKey,
         record::{self, LoginRecord, Stored, USER_KEY},
         step_up::StepUp,
         AccessToken, AuthError, AuthErrorKind, OidcClient, OidcProviders, User,
@@ -169,7 +170,7 @@ pub(crate) async fn authorize(
         tracing::info!(reason = %untrusted(&why), "stronger or more recent authentication needed");
         return Err(Rejection::insufficient((*step_up).clone(), why));
     }
-    let token = AccessToken(record.at.clone());
+    let token = AccessToken::new(record.at.clone(), dpop_key(&record).ok().flatten());
     Ok((User::from_record(&record), token))
 }
 
@@ -319,6 +320,20 @@ fn open_stored(
     record::open_login(keys, context, raw.as_deref())
 }
 
+/// The login's DPoP key, if it has one; a key that does not parse is
+/// tampered data.
+fn dpop_key(record: &LoginRecord) -> Result<Option<DpopKey>, AuthError> {
+    match record.dpop.as_deref() {
+        None => Ok(None),
+        Some(secret) => DpopKey::from_secret(secret).map(Some).ok_or_else(|| {
+            AuthError::new(
+                AuthErrorKind::TamperedData,
+                "the login's DPoP key does not parse",
+            )
+        }),
+    }
+}
+
 /// Under the row lock: refreshes the tokens of the freshest record, unless
 /// another request (or instance) did so while this one waited. Yields the
 /// record and whether it still needs re-sealing.
@@ -350,7 +365,7 @@ async fn refresh(
     let tokens = client
         .discovered()
         .await?
-        .refresh(&rt, &fresh.nonce, &fresh.sub)
+        .refresh(&rt, &fresh.nonce, &fresh.sub, dpop_key(&fresh)?.as_ref())
         .await?;
     let next = fresh.refreshed(tokens);
     let sealed = record::seal_login(keys, &context, &next)
