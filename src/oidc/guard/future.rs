@@ -27,7 +27,6 @@ use crate::{
         AccessToken, AuthError, AuthErrorKind, OidcClient, OidcProviders, User,
     },
     session::{LockedError, SealContext, Session, SessionError, Write},
-    store::StoreError,
 };
 
 type Authorized = Result<(User, AccessToken), Rejection>;
@@ -229,12 +228,11 @@ async fn refresh_due(
         }
         .instrument(tracing::info_span!("oidc.refresh")),
     )
-    .await
-    .unwrap_or_else(|| {
-        Err(LockedError::Session(SessionError::Store(
-            StoreError::task_failed(),
-        )))
-    });
+    .await;
+    // The refresh task panicked: nothing was written.
+    let Some(result) = result else {
+        return Err(Rejection::new(RejectionKind::SessionUnavailable));
+    };
     match result {
         Ok(next) => Ok(next),
         Err(LockedError::Gone) => Err(Rejection::new(RejectionKind::NotLoggedIn)),
