@@ -239,26 +239,8 @@ impl OidcConfig {
         self
     }
 
-    /// Authentication context classes every login asks for, any one of them
-    /// (`acr_values`; default none). The ID token's `acr` must be one of
-    /// them. A login started with [`LoginOptions`](super::LoginOptions)
-    /// that names its own replaces them.
-    pub fn with_acr_values<I, S>(mut self, values: I) -> Self
-    where
-        I: IntoIterator<Item = S>,
-        S: Into<String>,
-    {
-        self.step_up.acr_values = values.into_iter().map(Into::into).collect();
-        self
-    }
-
-    /// The most time since the user last authenticated at the provider that
-    /// a login accepts (`max_age`; default none); the ID token's
-    /// `auth_time` must show it.
-    pub fn with_max_age(mut self, age: Duration) -> Self {
-        self.step_up.max_age = Some(age);
-        self
-    }
+    // A login started with `LoginOptions` that names its own replaces these.
+    step_up_setters!("every login");
 
     /// Binds the tokens to a key pair of each login (DPoP, RFC 9449; default
     /// off): the key is kept sealed with the login, token requests carry

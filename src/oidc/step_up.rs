@@ -48,23 +48,7 @@ impl LoginOptions {
         self
     }
 
-    /// Authentication context classes the login must be made at, any one of
-    /// them (`acr_values`); the ID token's `acr` must be one of them.
-    pub fn with_acr_values<I, S>(mut self, values: I) -> Self
-    where
-        I: IntoIterator<Item = S>,
-        S: Into<String>,
-    {
-        self.step_up.acr_values = values.into_iter().map(Into::into).collect();
-        self
-    }
-
-    /// The most time that may have passed since the user last authenticated
-    /// at the provider (`max_age`); the ID token's `auth_time` must show it.
-    pub fn with_max_age(mut self, age: Duration) -> Self {
-        self.step_up.max_age = Some(age);
-        self
-    }
+    step_up_setters!("this login");
 
     /// Parsed from a login request's query: `return_to`, `acr_values`
     /// (space-separated) and `max_age` (seconds; a bad number is ignored).
@@ -93,6 +77,14 @@ pub(crate) struct StepUp {
 }
 
 impl StepUp {
+    pub(crate) fn set_acr_values<I, S>(&mut self, values: I)
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.acr_values = values.into_iter().map(Into::into).collect();
+    }
+
     /// This requirement, with `defaults` where it sets nothing.
     pub(crate) fn or(mut self, defaults: &Self) -> Self {
         if self.acr_values.is_empty() {

@@ -94,7 +94,7 @@ impl RequireLoginLayer {
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
-        Arc::make_mut(&mut self.step_up).acr_values = values.into_iter().map(Into::into).collect();
+        Arc::make_mut(&mut self.step_up).set_acr_values(values);
         self
     }
 
