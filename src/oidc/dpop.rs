@@ -67,8 +67,8 @@ impl DpopKey {
         json!({
             "crv": "P-256",
             "kty": "EC",
-            "x": B64.encode(point.x().map(|x| x.as_slice()).unwrap_or_default()),
-            "y": B64.encode(point.y().map(|y| y.as_slice()).unwrap_or_default()),
+            "x": B64.encode(point.x().map(AsRef::<[u8]>::as_ref).unwrap_or_default()),
+            "y": B64.encode(point.y().map(AsRef::<[u8]>::as_ref).unwrap_or_default()),
         })
     }
 

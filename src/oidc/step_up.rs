@@ -10,7 +10,7 @@
 //! `WWW-Authenticate: … error="insufficient_user_authentication"` and what
 //! it needs.
 
-use std::time::Duration;
+use std::{fmt::Write as _, time::Duration};
 
 use serde_json::{Map, Value};
 
@@ -195,10 +195,10 @@ impl StepUp {
                 .chars()
                 .filter(|c| !matches!(c, '"' | '\\') && !c.is_control())
                 .collect();
-            out.push_str(&format!(", acr_values=\"{values}\""));
+            let _ = write!(out, ", acr_values=\"{values}\"");
         }
         if let Some(age) = self.max_age {
-            out.push_str(&format!(", max_age={}", age.as_secs()));
+            let _ = write!(out, ", max_age={}", age.as_secs());
         }
         out
     }
