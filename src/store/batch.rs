@@ -1,10 +1,12 @@
 //! Loads and saves from concurrent requests, folded into shared statements.
 //!
-//! A load that arrives while no load statement runs is sent at once, alone:
-//! under light load nothing waits. While one runs, loads queue, and the next
-//! statement to start carries every queued key (`sid IN (…)`). Under heavy
-//! load one round trip then serves many requests, which is what makes a read
-//! cheaper than one statement per request.
+//! A load that arrives while no load statement runs is sent at once, alone,
+//! from the request's own future (no task hop) and as the plain
+//! primary-key statement: under light load nothing waits and nothing is
+//! spent on a shape made for many keys. While one runs, loads queue, and the
+//! next statement to start carries every queued key. Under heavy load one
+//! round trip then serves many requests, which is what makes a read cheaper
+//! than one statement per request.
 //!
 //! One statement at a time batches best, but a statement that stalls (a
 //! slow disk read, a descheduled backend) would hold up every load behind
@@ -138,25 +140,42 @@ impl PgStore {
     /// running at the same time.
     async fn submit<J: Job>(&self, job: J) -> Result<J::Output, StoreError> {
         let (reply, answer) = oneshot::channel();
+        let pending = Pending { job, reply };
         let start = {
             let batcher = J::batcher(self);
             let mut queue = batcher.lock();
-            queue.waiting.push(Pending { job, reply });
             let now = Instant::now();
-            let free = queue.running == 0
-                || (queue.running < batcher.slots && now - queue.progress >= STALL);
-            if free {
+            if queue.running == 0 && queue.waiting.is_empty() {
+                // Alone: run in this request's own future, no task hop. The
+                // slot is taken all the same, so that jobs arriving meanwhile
+                // queue to share the next statement.
                 queue.running += 1;
                 queue.progress = now;
-                Some(take_batch(&mut queue.waiting))
+                Start::Here(pending)
             } else {
-                None
+                queue.waiting.push(pending);
+                let free = queue.running == 0
+                    || (queue.running < batcher.slots && now - queue.progress >= STALL);
+                if free {
+                    queue.running += 1;
+                    queue.progress = now;
+                    Start::Task(take_batch(&mut queue.waiting))
+                } else {
+                    Start::Queued
+                }
             }
         };
-        if let Some(batch) = start {
+        match start {
+            Start::Here(pending) => {
+                // Released when done, or when this request is dropped
+                // mid-statement: either way what queued meanwhile gets a task.
+                let _slot = Slot::<J>::new(self.clone());
+                J::execute(self, vec![pending]).await;
+            }
             // Its own task: the statement completes for every request in it
             // even when the request that started it is dropped.
-            tokio::spawn(run(self.clone(), batch));
+            Start::Task(batch) => drop(tokio::spawn(run(self.clone(), batch))),
+            Start::Queued => {}
         }
         match answer.await {
             Ok(Ok(out)) => Ok(out),
@@ -199,6 +218,16 @@ impl PgStore {
     }
 }
 
+/// Where a submitted job runs.
+enum Start<J: Job> {
+    /// In the submitting request's future: nothing else queued or running.
+    Here(Pending<J>),
+    /// In a new task, with what else was queued.
+    Task(Vec<Pending<J>>),
+    /// In a slot already running, which takes it next.
+    Queued,
+}
+
 /// The first job's group decides; other groups stay queued. Jobs whose
 /// request stopped waiting (its time for database waits ran out, or it was
 /// dropped) are left out: no statement writes for a request that has
@@ -226,11 +255,7 @@ fn take_batch<J: Job>(waiting: &mut Vec<Pending<J>>) -> Vec<Pending<J>> {
 
 /// Runs batches in one slot until the queue is empty.
 async fn run<J: Job>(store: PgStore, mut batch: Vec<Pending<J>>) {
-    let mut slot = Slot::<J> {
-        store: store.clone(),
-        armed: true,
-        job: std::marker::PhantomData,
-    };
+    let mut slot = Slot::<J>::new(store.clone());
     loop {
         J::execute(&store, batch).await;
         let mut queue = J::batcher(&store).lock();
@@ -253,12 +278,23 @@ struct Slot<J: Job> {
     job: std::marker::PhantomData<fn() -> J>,
 }
 
+impl<J: Job> Slot<J> {
+    fn new(store: PgStore) -> Self {
+        Self {
+            store,
+            armed: true,
+            job: std::marker::PhantomData,
+        }
+    }
+}
+
 impl<J: Job> Drop for Slot<J> {
     fn drop(&mut self) {
         if !self.armed {
             return;
         }
         let mut queue = J::batcher(&self.store).lock();
+        queue.progress = Instant::now();
         if queue.waiting.is_empty() {
             queue.running -= 1;
         } else {
@@ -312,13 +348,25 @@ impl Job for LoadJob {
         keys.sort_unstable();
         keys.dedup();
         let distinct = keys.len() == batch.len();
-        let result = match store.load_many(&keys, &params).await {
+        // One key: the plain statement; the shared shape only when there is
+        // something to share.
+        let load = || async {
+            match keys.as_slice() {
+                [key] => Ok(store
+                    .load_one(key, &params)
+                    .await?
+                    .map(|row| vec![((*key).to_owned(), row)])
+                    .unwrap_or_default()),
+                _ => store.load_many(&keys, &params).await,
+            }
+        };
+        let result = match load().await {
             // A pooled connection that died while idle fails its next
             // statement; that must not fail every request sharing it. Loads
             // are safe to repeat (a touch already written is not due again).
             Err(e) if e.is_broken_connection() => {
                 tracing::debug!(error = %crate::log_safe::untrusted(&e), "retrying a load on another connection");
-                store.load_many(&keys, &params).await
+                load().await
             }
             result => result,
         };

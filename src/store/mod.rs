@@ -577,6 +577,28 @@ impl PgStore {
         self.ready().await.map(|_| ())
     }
 
+    /// Loads the live row under `key` with the plain primary-key statement;
+    /// when its extension is due (once per share of the idle timeout), the
+    /// shared statement then loads it again and extends it.
+    async fn load_one(&self, key: &str, at: &LoadParams) -> Result<Option<Loaded>, StoreError> {
+        let ready = self.ready().await?;
+        let query = ready
+            .sql
+            .load_one_query(key, at.now)
+            .persistent(self.persistent());
+        let mut conn = self.conn().await?;
+        let row = query.fetch_optional(conn.get()).await?;
+        conn.done().await?;
+        let Some(loaded) = row.as_ref().map(Loaded::from_row).transpose()? else {
+            return Ok(None);
+        };
+        if !at.touch_due(&loaded) {
+            return Ok(Some(loaded));
+        }
+        let mut rows = self.load_many(&[key], at).await?;
+        Ok(rows.pop().map(|(_, row)| row))
+    }
+
     /// Loads the live rows under `keys`, extending the expiry of each in the
     /// same statement when its extension is due.
     async fn load_many(
@@ -819,6 +841,23 @@ pub(crate) struct LoadParams {
     pub(crate) extend_to: OffsetDateTime,
     pub(crate) touch_before: OffsetDateTime,
     pub(crate) absolute_secs: Option<f64>,
+}
+
+impl LoadParams {
+    /// Whether a load at these times extends `row`'s expiry: the shared load
+    /// statement's test, made on a row read without it.
+    fn touch_due(&self, row: &Loaded) -> bool {
+        // A stored creation time so far out that the absolute end is past
+        // the last instant representable ends nothing.
+        let end = self
+            .absolute_secs
+            .zip(row.created_at)
+            .and_then(|(secs, created)| {
+                time::Duration::checked_seconds_f64(secs).and_then(|d| created.checked_add(d))
+            });
+        let cap = end.map_or(self.extend_to, |end| end.min(self.extend_to));
+        row.expire < self.touch_before && row.expire < cap
+    }
 }
 
 /// A live row as loaded.

@@ -18,6 +18,8 @@ pub(super) struct Sql {
     pub(super) load: Vec<String>,
     /// The same without one.
     pub(super) load_idle: Vec<String>,
+    /// A lone load: one key, by primary key, read only.
+    pub(super) load_one: String,
     pub(super) insert: String,
     pub(super) update: String,
     /// Updates of 1, 2, 4, … [`batch::MAX_KEYS`] rows (index 0 unused).
@@ -55,6 +57,7 @@ impl Sql {
             // Without an absolute timeout the cap (and its parameter) goes: the
             // statement that runs on every request stays as small as it can be.
             load_idle: arities().map(|k| table.load(k, false)).collect(),
+            load_one: table.load_one(),
             insert: table.insert(),
             update: table.update(),
             update_many: arities().map(|rows| table.update_many(rows)).collect(),
@@ -96,6 +99,11 @@ impl Sql {
             q = q.bind(*key);
         }
         Some(q)
+    }
+
+    /// [`Table::load_one`].
+    pub(super) fn load_one_query<'q>(&'q self, key: &'q str, now: OffsetDateTime) -> Query<'q> {
+        sqlx::query(&self.load_one).bind(key).bind(now)
     }
 
     /// [`Table::insert`].
@@ -312,6 +320,23 @@ impl<'a> Table<'a> {
              AND NOT EXISTS (SELECT 1 FROM touched WHERE touched.sid = cur.sid)",
             extend_cur = extend(""),
             extend_t = extend("t."),
+        )
+    }
+
+    /// Loads one live row by primary key, without touching it: the
+    /// statement of a load that has nobody to share with. Parameters: $1
+    /// key, $2 now. Answers the columns of [`Table::load`] (`touched`
+    /// false), so the caller can tell whether the touch is due and leave it
+    /// to that statement: due once per share of the idle timeout, not on
+    /// every read.
+    fn load_one(&self) -> String {
+        format!(
+            "SELECT sess::text, {}, xmin::text, {}, false, sid::text FROM {} \
+             WHERE sid = $1 AND expire > {}",
+            to_instant(&self.layout.expire, "expire"),
+            self.ext_cols(),
+            self.t,
+            self.to_col("$2")
         )
     }
 
@@ -567,6 +592,10 @@ mod tests {
         assert_eq!(
             sql.load[0],
             "WITH cur AS MATERIALIZED (SELECT r.* FROM (SELECT DISTINCT k FROM unnest(ARRAY[$5]::text[]) AS k) AS keys CROSS JOIN LATERAL (SELECT ctid AS row_id, sid, sess, expire, xmin, NULL::timestamptz AS created_at, NULL::text AS user_id, NULL::text AS provider_sid FROM \"session\" WHERE sid = keys.k LIMIT 1) AS r), due AS (SELECT ctid AS row_id FROM \"session\" WHERE ctid = ANY(ARRAY(SELECT row_id FROM cur WHERE expire > ($2 AT TIME ZONE 'UTC') AND expire < ($3 AT TIME ZONE 'UTC') AND expire < (LEAST($1, created_at + $4 * interval '1 second') AT TIME ZONE 'UTC'))) FOR UPDATE SKIP LOCKED), touched AS (UPDATE \"session\" AS t SET expire = (LEAST($1, t.created_at + $4 * interval '1 second') AT TIME ZONE 'UTC') WHERE ctid = ANY(ARRAY(SELECT row_id FROM due)) RETURNING t.sess::text AS sess, (t.expire AT TIME ZONE 'UTC') AS expire, t.xmin::text AS version, NULL::timestamptz AS created_at, NULL::text AS user_id, NULL::text AS provider_sid, t.sid) SELECT sess, expire, version, created_at, user_id, provider_sid, true, sid::text FROM touched UNION ALL SELECT sess::text, (expire AT TIME ZONE 'UTC'), xmin::text, created_at, user_id, provider_sid, false, sid::text FROM cur WHERE expire > ($2 AT TIME ZONE 'UTC') AND NOT EXISTS (SELECT 1 FROM touched WHERE touched.sid = cur.sid)"
+        );
+        assert_eq!(
+            sql.load_one,
+            "SELECT sess::text, (expire AT TIME ZONE 'UTC'), xmin::text, NULL::timestamptz AS created_at, NULL::text AS user_id, NULL::text AS provider_sid, false, sid::text FROM \"session\" WHERE sid = $1 AND expire > ($2 AT TIME ZONE 'UTC')"
         );
         assert_eq!(
             sql.load_idle[1],
