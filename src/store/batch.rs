@@ -31,7 +31,7 @@ use std::{
 use time::OffsetDateTime;
 use tokio::sync::oneshot;
 
-use super::{retry_once, LoadParams, Loaded, NewRow, PgStore, StoreError};
+use super::{retry_once, LoadParams, Loaded, NewRow, OwnedRow, PgStore, StoreError};
 
 /// Keys in one statement at most (a power of two).
 pub(super) const MAX_KEYS: usize = 128;
@@ -208,10 +208,7 @@ impl PgStore {
         self.submit(UpdateJob {
             key: key.to_owned(),
             version: version.to_owned(),
-            sess: row.sess.to_owned(),
-            expire: row.expire,
-            user_id: row.user_id.map(str::to_owned),
-            provider_sid: row.provider_sid.map(str::to_owned),
+            row: OwnedRow::from_new(row),
             now,
         })
         .await
@@ -392,24 +389,8 @@ impl Job for LoadJob {
 pub(crate) struct UpdateJob {
     pub(crate) key: String,
     pub(crate) version: String,
-    pub(crate) sess: String,
-    pub(crate) expire: OffsetDateTime,
-    pub(crate) user_id: Option<String>,
-    pub(crate) provider_sid: Option<String>,
+    pub(crate) row: OwnedRow,
     pub(crate) now: OffsetDateTime,
-}
-
-impl UpdateJob {
-    fn row(&self) -> NewRow<'_> {
-        NewRow {
-            sess: &self.sess,
-            expire: self.expire,
-            user_id: self.user_id.as_deref(),
-            provider_sid: self.provider_sid.as_deref(),
-            user_agent: None,
-            ip: None,
-        }
-    }
 }
 
 impl Job for UpdateJob {
@@ -447,7 +428,7 @@ impl Job for UpdateJob {
                 [one] => {
                     let j = &one.job;
                     store
-                        .update(&j.key, &j.key, &j.version, &j.row(), j.now)
+                        .update(&j.key, &j.key, &j.version, &j.row.borrowed(), j.now)
                         .await
                         .map(|v| v.map(|v| vec![(j.key.clone(), v)]).unwrap_or_default())
                 }

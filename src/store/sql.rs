@@ -159,9 +159,14 @@ impl Sql {
         let (index, padded) = padded(jobs)?;
         let mut q = sqlx::query_as(self.update_many.get(index)?).bind(first.now);
         for j in padded {
-            q = q.bind(&j.key).bind(&j.sess).bind(j.expire).bind(&j.version);
+            let row = &j.row;
+            q = q
+                .bind(&j.key)
+                .bind(&row.sess)
+                .bind(row.expire)
+                .bind(&j.version);
             if self.extended {
-                q = q.bind(&j.user_id).bind(&j.provider_sid);
+                q = q.bind(&row.user_id).bind(&row.provider_sid);
             }
         }
         Some(q)
