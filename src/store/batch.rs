@@ -195,6 +195,25 @@ impl PgStore {
         self.submit(LoadJob { key, policy }).await
     }
 
+    /// Creates a row under `key` unless the id is taken, in a statement
+    /// shared with the inserts of other requests. `None` when taken: the
+    /// caller picks another id.
+    pub(crate) async fn insert_shared(
+        &self,
+        key: &str,
+        row: &NewRow<'_>,
+        now: OffsetDateTime,
+    ) -> Result<Option<String>, StoreError> {
+        self.submit(InsertJob {
+            key: key.to_owned(),
+            row: OwnedRow::from_new(row),
+            user_agent: row.user_agent.map(str::to_owned),
+            ip: row.ip.map(str::to_owned),
+            now,
+        })
+        .await
+    }
+
     /// Writes a row loaded as `version` (same key), in a statement shared
     /// with the saves of other requests. `None` when the row changed, went
     /// away or is locked elsewhere: the caller takes the conflict path.
@@ -439,6 +458,69 @@ impl Job for UpdateJob {
             }
         })
         .await;
+        let versions: HashMap<String, String> = match result {
+            Ok(rows) => rows.into_iter().collect(),
+            Err(e) => return fail_all(batch, e),
+        };
+        for w in batch {
+            let _ = w.reply.send(Ok(versions.get(&w.job.key).cloned()));
+        }
+    }
+}
+
+/// An insert of a new session's row.
+pub(crate) struct InsertJob {
+    pub(crate) key: String,
+    pub(crate) row: OwnedRow,
+    /// Recorded at creation only.
+    pub(crate) user_agent: Option<String>,
+    pub(crate) ip: Option<String>,
+    pub(crate) now: OffsetDateTime,
+}
+
+impl Job for InsertJob {
+    type Output = Option<String>;
+    type Group = ();
+
+    fn group(&self) {}
+
+    fn batcher(store: &PgStore) -> &Batcher<Self> {
+        &store.inner.inserts
+    }
+
+    async fn execute(store: &PgStore, batch: Vec<Pending<Self>>) {
+        // Two requests drawing one id: the first keeps it, the second finds
+        // it taken and draws another, as against a row already stored.
+        let mut seen = HashSet::new();
+        let (batch, repeats): (Vec<_>, Vec<_>) = batch
+            .into_iter()
+            .partition(|w| seen.insert(w.job.key.clone()));
+        for w in repeats {
+            let _ = w.reply.send(Ok(None));
+        }
+        let result = match batch.as_slice() {
+            [] => return,
+            // Alone: the plain statement (which retries a broken connection).
+            [one] => {
+                let j = &one.job;
+                let row = NewRow {
+                    user_agent: j.user_agent.as_deref(),
+                    ip: j.ip.as_deref(),
+                    ..j.row.borrowed()
+                };
+                store
+                    .insert(&j.key, &row, j.now)
+                    .await
+                    .map(|v| v.map(|v| vec![(j.key.clone(), v)]).unwrap_or_default())
+            }
+            // Safe to repeat: rows the first attempt wrote after all are
+            // taken for the second, and their requests draw other ids (the
+            // first rows, which no cookie names, expire unused).
+            many => {
+                let jobs: Vec<&InsertJob> = many.iter().map(|w| &w.job).collect();
+                retry_once(|| store.insert_many(&jobs)).await
+            }
+        };
         let versions: HashMap<String, String> = match result {
             Ok(rows) => rows.into_iter().collect(),
             Err(e) => return fail_all(batch, e),

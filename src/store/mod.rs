@@ -331,6 +331,7 @@ struct Inner {
     pooler: Pooler,
     loads: batch::Batcher<batch::LoadJob>,
     updates: batch::Batcher<batch::UpdateJob>,
+    inserts: batch::Batcher<batch::InsertJob>,
 }
 
 /// What preparing the table found, and the statements built from it.
@@ -453,6 +454,7 @@ impl PgStore {
                 pooler: config.pooler,
                 loads: batch::Batcher::new(slots),
                 updates: batch::Batcher::new(slots),
+                inserts: batch::Batcher::new(slots),
             }),
         }
     }
@@ -617,6 +619,23 @@ impl PgStore {
         rows.iter()
             .map(|r| Ok((r.try_get(7)?, Loaded::from_row(r)?)))
             .collect()
+    }
+
+    /// Inserts new rows in one statement; answers the key and version of
+    /// each inserted (a key taken is left out).
+    pub(crate) async fn insert_many(
+        &self,
+        jobs: &[&batch::InsertJob],
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        let ready = self.ready().await?;
+        let Some(q) = ready.sql.insert_many_query(jobs) else {
+            return Ok(Vec::new());
+        };
+        let q = q.persistent(self.persistent());
+        let mut conn = self.conn().await?;
+        let rows = q.fetch_all(conn.get()).await?;
+        conn.done().await?;
+        Ok(rows)
     }
 
     /// Inserts a new row; `None` when the id is taken.

@@ -109,7 +109,7 @@ impl PgStore {
                 return Ok(Written::Deleted);
             }
             Write::Insert { key, row, now } => {
-                return Ok(match waits.run(self.insert(key, &row, now)).await? {
+                return Ok(match waits.run(self.insert_shared(key, &row, now)).await? {
                     Some(version) => Written::Inserted(version),
                     None => Written::Taken,
                 });

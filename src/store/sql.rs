@@ -5,7 +5,7 @@
 use time::OffsetDateTime;
 
 use super::{
-    batch::{self, UpdateJob},
+    batch::{self, InsertJob, UpdateJob},
     padded, prune,
     schema::{ExpireType, Layout, SessType, TableName},
     LoadParams, NewRow,
@@ -21,6 +21,8 @@ pub(super) struct Sql {
     /// A lone load: one key, by primary key, read only.
     pub(super) load_one: String,
     pub(super) insert: String,
+    /// Inserts of 1, 2, 4, … [`batch::MAX_KEYS`] rows (index 0 unused).
+    pub(super) insert_many: Vec<String>,
     pub(super) update: String,
     /// Updates of 1, 2, 4, … [`batch::MAX_KEYS`] rows (index 0 unused).
     pub(super) update_many: Vec<String>,
@@ -59,6 +61,7 @@ impl Sql {
             load_idle: arities().map(|k| table.load(k, false)).collect(),
             load_one: table.load_one(),
             insert: table.insert(),
+            insert_many: arities().map(|rows| table.insert_many(rows)).collect(),
             update: table.update(),
             update_many: arities().map(|rows| table.update_many(rows)).collect(),
             select_for_update: table.select_for_update(),
@@ -125,6 +128,30 @@ impl Sql {
             .bind(row.provider_sid)
             .bind(row.user_agent)
             .bind(row.ip)
+    }
+
+    /// [`Table::insert_many`] of `jobs`, padded to the next arity (the
+    /// padding repeats the last row, which then finds its id taken by
+    /// itself); `None` for none.
+    pub(super) fn insert_many_query<'q>(
+        &'q self,
+        jobs: &[&'q InsertJob],
+    ) -> Option<Rows<'q, (String, String)>> {
+        let (index, padded) = padded(jobs)?;
+        let mut q = sqlx::query_as(self.insert_many.get(index)?);
+        for j in padded {
+            let row = &j.row;
+            q = q.bind(&j.key).bind(&row.sess).bind(row.expire);
+            if self.extended {
+                q = q
+                    .bind(j.now)
+                    .bind(&row.user_id)
+                    .bind(&row.provider_sid)
+                    .bind(&j.user_agent)
+                    .bind(&j.ip);
+            }
+        }
+        Some(q)
     }
 
     /// [`Table::update`].
@@ -342,6 +369,42 @@ impl<'a> Table<'a> {
             self.ext_cols(),
             self.t,
             self.to_col("$2")
+        )
+    }
+
+    /// Creates `rows` rows, each unless its id is taken; answers the id and
+    /// version of each created. Parameters per row, as for
+    /// [`Table::insert`] ($1 … $3 or $1 … $8 for the first row, then on).
+    fn insert_many(&self, rows: usize) -> String {
+        let per = if self.layout.extended { 8 } else { 3 };
+        let values = (0..rows)
+            .map(|r| {
+                let p = |i: usize| format!("${}", 1 + r * per + i);
+                let ext = if self.layout.extended {
+                    let now = p(3);
+                    format!(", {now}, {now}, {}, {}, {}, {}", p(4), p(5), p(6), p(7))
+                } else {
+                    String::new()
+                };
+                format!(
+                    "({}, {}::{}, {}{ext})",
+                    p(0),
+                    p(1),
+                    self.json(),
+                    self.to_col(&p(2))
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let cols = if self.layout.extended {
+            ", created_at, last_seen, user_id, provider_sid, user_agent, ip"
+        } else {
+            ""
+        };
+        format!(
+            "INSERT INTO {} (sid, sess, expire{cols}) VALUES {values} \
+             ON CONFLICT (sid) DO NOTHING RETURNING sid::text, xmin::text",
+            self.t
         )
     }
 
@@ -597,6 +660,10 @@ mod tests {
         assert_eq!(
             sql.load[0],
             "WITH cur AS MATERIALIZED (SELECT r.* FROM (SELECT DISTINCT k FROM unnest(ARRAY[$5]::text[]) AS k) AS keys CROSS JOIN LATERAL (SELECT ctid AS row_id, sid, sess, expire, xmin, NULL::timestamptz AS created_at, NULL::text AS user_id, NULL::text AS provider_sid FROM \"session\" WHERE sid = keys.k LIMIT 1) AS r), due AS (SELECT ctid AS row_id FROM \"session\" WHERE ctid = ANY(ARRAY(SELECT row_id FROM cur WHERE expire > ($2 AT TIME ZONE 'UTC') AND expire < ($3 AT TIME ZONE 'UTC') AND expire < (LEAST($1, created_at + $4 * interval '1 second') AT TIME ZONE 'UTC'))) FOR UPDATE SKIP LOCKED), touched AS (UPDATE \"session\" AS t SET expire = (LEAST($1, t.created_at + $4 * interval '1 second') AT TIME ZONE 'UTC') WHERE ctid = ANY(ARRAY(SELECT row_id FROM due)) RETURNING t.sess::text AS sess, (t.expire AT TIME ZONE 'UTC') AS expire, t.xmin::text AS version, NULL::timestamptz AS created_at, NULL::text AS user_id, NULL::text AS provider_sid, t.sid) SELECT sess, expire, version, created_at, user_id, provider_sid, true, sid::text FROM touched UNION ALL SELECT sess::text, (expire AT TIME ZONE 'UTC'), xmin::text, created_at, user_id, provider_sid, false, sid::text FROM cur WHERE expire > ($2 AT TIME ZONE 'UTC') AND NOT EXISTS (SELECT 1 FROM touched WHERE touched.sid = cur.sid)"
+        );
+        assert_eq!(
+            sql.insert_many[1],
+            "INSERT INTO \"session\" (sid, sess, expire) VALUES ($1, $2::json, ($3 AT TIME ZONE 'UTC')), ($4, $5::json, ($6 AT TIME ZONE 'UTC')) ON CONFLICT (sid) DO NOTHING RETURNING sid::text, xmin::text"
         );
         assert_eq!(
             sql.load_one,
