@@ -3,15 +3,22 @@
 //! A load that arrives while no load statement runs is sent at once, alone,
 //! from the request's own future (no task hop) and as the plain
 //! primary-key statement: under light load nothing waits and nothing is
-//! spent on a shape made for many keys. While one runs, loads queue, and the
-//! next statement to start carries every queued key. Under heavy load one
-//! round trip then serves many requests, which is what makes a read cheaper
-//! than one statement per request.
+//! spent on a shape made for many keys. While one runs, a second starts at
+//! once beside it ([`EAGER`]); beyond that loads queue, and the next
+//! statement to start reads every queued key. Under heavy load one round
+//! trip then serves many requests, which is what makes a read cheaper than
+//! one statement per request. Reads are read only; the rows due for their
+//! idle extension (once per share of the idle timeout) are then extended
+//! and read again by one statement for all of them.
 //!
-//! One statement at a time batches best, but a statement that stalls (a
+//! Few statements at a time batch best, but a statement that stalls (a
 //! slow disk read, a descheduled backend) would hold up every load behind
 //! it: when none has finished for [`STALL`], the next load opens another
 //! slot, up to the configured number.
+//!
+//! New sessions' inserts are shared the same way: one multi-row insert for
+//! the inserts queued at that moment, each id taken left out for its request
+//! to draw another.
 //!
 //! A queued load only joins a statement that starts after it was queued, so
 //! it always sees every write committed before its request arrived.
@@ -39,6 +46,11 @@ pub(super) const MAX_KEYS: usize = 128;
 /// How long the running statements may go without one finishing before a
 /// queued load opens another slot.
 const STALL: Duration = Duration::from_millis(5);
+
+/// Statements that start at once, without waiting for [`STALL`]: at low
+/// concurrency a second request should not wait a whole statement for the
+/// first; beyond this, requests are many and sharing pays.
+const EAGER: usize = 2;
 
 /// How a load extends the idle expiry; fixed per session layer. Loads are
 /// folded together only when their policies are equal.
@@ -154,7 +166,7 @@ impl PgStore {
                 Start::Here(pending)
             } else {
                 queue.waiting.push(pending);
-                let free = queue.running == 0
+                let free = queue.running < EAGER.min(batcher.slots)
                     || (queue.running < batcher.slots && now - queue.progress >= STALL);
                 if free {
                     queue.running += 1;
@@ -373,7 +385,7 @@ impl Job for LoadJob {
                     .await?
                     .map(|row| vec![((*key).to_owned(), row)])
                     .unwrap_or_default()),
-                _ => store.load_many(&keys, &params).await,
+                _ => store.load_shared_rows(&keys, &params).await,
             }
         };
         let result = match load().await {

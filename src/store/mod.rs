@@ -6,12 +6,14 @@
 //! missing and adds three nullable columns that Node ignores (`created_at`,
 //! `user_id`, `provider_sid`, each indexed where not null).
 //!
-//! Each operation the session layer needs is one statement:
+//! Each operation the session layer needs is one statement; loads, creates
+//! and saves are shared by the requests that need them at the same moment:
 //!
 //! | operation | statement |
 //! |---|---|
-//! | load (and extend the idle expiry when it is due) | one `WITH … SELECT … UPDATE … RETURNING` for all the loads waiting at that moment |
-//! | create | `INSERT … ON CONFLICT DO NOTHING` |
+//! | load | alone, a `SELECT` by primary key; shared, one `SELECT` for all the loads waiting at that moment |
+//! | extend the idle expiry when it is due | one `WITH … SELECT … UPDATE … RETURNING` for the rows due, after their load |
+//! | create | `INSERT … ON CONFLICT DO NOTHING`, one for all the inserts waiting at that moment |
 //! | save | `UPDATE … WHERE sid = $1 AND xmin = $2` (never re-creates a deleted row), for all the saves waiting at that moment |
 //! | cycle the id | the same `UPDATE`, setting a new `sid` |
 //! | destroy | `DELETE` |
@@ -599,6 +601,52 @@ impl PgStore {
         }
         let mut rows = self.load_many(&[key], at).await?;
         Ok(rows.pop().map(|(_, row)| row))
+    }
+
+    /// Loads the live rows under `keys` read only; those due for their
+    /// idle extension are then loaded again by the statement that extends
+    /// them (a row is due once per share of the idle timeout).
+    async fn load_shared_rows(
+        &self,
+        keys: &[&str],
+        at: &LoadParams,
+    ) -> Result<Vec<(String, Loaded)>, StoreError> {
+        let ready = self.ready().await?;
+        let Some(query) = ready.sql.load_read_query(keys, at.now) else {
+            return Ok(Vec::new());
+        };
+        let query = query.persistent(self.persistent());
+        let mut conn = self.conn().await?;
+        let rows = query.fetch_all(conn.get()).await?;
+        conn.done().await?;
+        let mut rows: Vec<(String, Loaded)> = rows
+            .iter()
+            .map(|r| Ok((r.try_get(7)?, Loaded::from_row(r)?)))
+            .collect::<Result<_, StoreError>>()?;
+        let due: Vec<&str> = rows
+            .iter()
+            .filter(|(_, row)| at.touch_due(row))
+            .map(|(key, _)| key.as_str())
+            .collect();
+        if due.is_empty() {
+            return Ok(rows);
+        }
+        let mut touched: std::collections::HashMap<String, Loaded> =
+            self.load_many(&due, at).await?.into_iter().collect();
+        // A due row gone meanwhile (deleted, expired) is gone for its request too.
+        rows.retain_mut(|(key, row)| {
+            if !at.touch_due(row) {
+                return true;
+            }
+            match touched.remove(key) {
+                Some(fresh) => {
+                    *row = fresh;
+                    true
+                }
+                None => false,
+            }
+        });
+        Ok(rows)
     }
 
     /// Loads the live rows under `keys`, extending the expiry of each in the

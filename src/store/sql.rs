@@ -20,6 +20,8 @@ pub(super) struct Sql {
     pub(super) load_idle: Vec<String>,
     /// A lone load: one key, by primary key, read only.
     pub(super) load_one: String,
+    /// Shared loads, read only: 1, 2, 4, … [`batch::MAX_KEYS`] keys.
+    pub(super) load_read: Vec<String>,
     pub(super) insert: String,
     /// Inserts of 1, 2, 4, … [`batch::MAX_KEYS`] rows (index 0 unused).
     pub(super) insert_many: Vec<String>,
@@ -60,6 +62,7 @@ impl Sql {
             // statement that runs on every request stays as small as it can be.
             load_idle: arities().map(|k| table.load(k, false)).collect(),
             load_one: table.load_one(),
+            load_read: arities().map(|k| table.load_read(k)).collect(),
             insert: table.insert(),
             insert_many: arities().map(|rows| table.insert_many(rows)).collect(),
             update: table.update(),
@@ -128,6 +131,20 @@ impl Sql {
             .bind(row.provider_sid)
             .bind(row.user_agent)
             .bind(row.ip)
+    }
+
+    /// [`Table::load_read`] of `keys`, padded to the next arity; `None` for none.
+    pub(super) fn load_read_query<'q>(
+        &'q self,
+        keys: &[&'q str],
+        now: OffsetDateTime,
+    ) -> Option<Query<'q>> {
+        let (index, keys) = padded(keys)?;
+        let mut q = sqlx::query(self.load_read.get(index)?).bind(now);
+        for key in keys {
+            q = q.bind(*key);
+        }
+        Some(q)
     }
 
     /// [`Table::insert_many`] of `jobs`, padded to the next arity (the
@@ -369,6 +386,28 @@ impl<'a> Table<'a> {
             self.ext_cols(),
             self.t,
             self.to_col("$2")
+        )
+    }
+
+    /// Loads `keys` live rows, read only: the shared statement while no row
+    /// is due for its idle extension. Parameters: $1 now, then the keys.
+    /// Answers the columns of [`Table::load`] (`touched` false); the caller
+    /// hands the rows due to that statement.
+    fn load_read(&self, keys: usize) -> String {
+        let list = (2..2 + keys)
+            .map(|n| format!("${n}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let rows = by_key(
+            &self.t,
+            &format!("sid, sess, expire, xmin, {}", self.ext_cols()),
+            &list,
+        );
+        format!(
+            "SELECT sess::text, {}, xmin::text, created_at, user_id, provider_sid, false, \
+             sid::text FROM ({rows}) AS cur WHERE expire > {}",
+            to_instant(&self.layout.expire, "expire"),
+            self.to_col("$1")
         )
     }
 
@@ -664,6 +703,10 @@ mod tests {
         assert_eq!(
             sql.insert_many[1],
             "INSERT INTO \"session\" (sid, sess, expire) VALUES ($1, $2::json, ($3 AT TIME ZONE 'UTC')), ($4, $5::json, ($6 AT TIME ZONE 'UTC')) ON CONFLICT (sid) DO NOTHING RETURNING sid::text, xmin::text"
+        );
+        assert_eq!(
+            sql.load_read[1],
+            "SELECT sess::text, (expire AT TIME ZONE 'UTC'), xmin::text, created_at, user_id, provider_sid, false, sid::text FROM (SELECT r.* FROM (SELECT DISTINCT k FROM unnest(ARRAY[$2, $3]::text[]) AS k) AS keys CROSS JOIN LATERAL (SELECT sid, sess, expire, xmin, NULL::timestamptz AS created_at, NULL::text AS user_id, NULL::text AS provider_sid FROM \"session\" WHERE sid = keys.k LIMIT 1) AS r) AS cur WHERE expire > ($1 AT TIME ZONE 'UTC')"
         );
         assert_eq!(
             sql.load_one,
