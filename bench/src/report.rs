@@ -171,21 +171,22 @@ impl Run {
     }
 }
 
-fn parse(
-    raw: &str,
-) -> (
-    Vec<(String, String)>,
-    Run,
-    Vec<Vec<String>>,
-    Vec<(String, f64, f64, f64)>,
-) {
+/// `memory` lines: contender, sessions, RSS KiB, requests.
+type Memory = Vec<(String, f64, f64, f64)>;
+/// `meta` lines: key, value.
+type Meta = Vec<(String, String)>;
+/// `prune` lines, their fields after the first.
+type Prunes = Vec<Vec<String>>;
+
+/// The raw lines: meta, the cells, prune lines, memory lines.
+fn parse(raw: &str) -> (Meta, Run, Prunes, Memory) {
     let mut meta = Vec::new();
     let mut run = Run {
         cells: BTreeMap::new(),
         pgbench: BTreeMap::new(),
     };
     let mut prunes: Vec<Vec<String>> = Vec::new();
-    let mut memory: Vec<(String, f64, f64, f64)> = Vec::new();
+    let mut memory: Memory = Vec::new();
     for line in raw.lines() {
         let f: Vec<&str> = line.split('\t').collect();
         let x = |i: usize| {
