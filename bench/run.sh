@@ -2,15 +2,21 @@
 # The benchmark: tower-pg-session against tower-sessions + tower-sessions-sqlx-store
 # (default and always-save), express-session + connect-pg-simple, an axum app
 # without sessions (the HTTP ceiling), and pgbench (the database's limit); and
-# tower-pg-session through PgBouncer in transaction mode (pg-session-pgbouncer).
+# tower-pg-session through PgBouncer in transaction mode (pg-session-pgbouncer);
+# tower-sessions also with its pool's connection ping off (tower-sessions-noping);
+# and the demo (examples/demo.rs, built in release) beside the minimal server.
+# Each HTTP cell runs at every concurrency of CONCURRENCY (wrk connections);
+# pgbench runs at the same client counts, at most POOL (the servers' pools).
 #
 #   bash bench/run.sh              # 10 s x 3 per cell, median (about 15 minutes)
-#   QUICK=1 bash bench/run.sh      # 3 s x 1: a smoke test
+#   QUICK=1 bash bench/run.sh      # 3 s x 1 at concurrency 1 and 32: a smoke test
 #   SCALE=1 bash bench/run.sh      # adds the table-size and prune-under-load runs
 #   MEMORY=1 bash bench/run.sh     # adds the server's memory over 10k then 1M sessions
 #
-# Writes bench/results/$REPORT.md (printed too) and $REPORT.tsv (raw), REPORT=latest.
-# Settings (env): DURATION, REPS, CONNECTIONS (32), THREADS (2), POOL (10),
+# Writes bench/results/$REPORT.md (printed too), $REPORT.tsv (raw) and $REPORT.svg
+# (req/s and p99 against concurrency), REPORT=latest.
+# Settings (env): DURATION, REPS, CONCURRENCY ("1 4 32 128"), CONNECTIONS (32: warm-up,
+# scale and memory runs), THREADS (2, at most the connections), POOL (10),
 # SESSIONS (pre-created cookies, 10000), CONTENDERS, WORKLOADS (empty: none), PGBENCH (1),
 # SCALE (0), SCALE_ROWS (1000000, 90 % expired; several: one scale run each), SCALE_CONTENDERS,
 # MEMORY (0), MEMORY_SESSIONS ("10000 1000000"),
@@ -21,11 +27,12 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 BENCH=$PWD
 if [[ ${QUICK:-0} == 1 ]]; then
-  : "${DURATION:=3}" "${REPS:=1}" "${SESSIONS:=1000}" "${WARMUP:=1}" "${SCALE_ROWS:=100000}"
+  : "${DURATION:=3}" "${REPS:=1}" "${SESSIONS:=1000}" "${WARMUP:=1}" "${SCALE_ROWS:=100000}" "${CONCURRENCY:=1 32}"
 fi
 DURATION=${DURATION:-10} REPS=${REPS:-3} WARMUP=${WARMUP:-2}
 CONNECTIONS=${CONNECTIONS:-32} THREADS=${THREADS:-2} POOL=${POOL:-10} SESSIONS=${SESSIONS:-10000}
-CONTENDERS=${CONTENDERS-ceiling pg-session pg-session-pgbouncer tower-sessions tower-sessions-always-save express}
+CONCURRENCY=${CONCURRENCY:-1 4 32 128}
+CONTENDERS=${CONTENDERS-ceiling pg-session demo pg-session-pgbouncer tower-sessions tower-sessions-noping tower-sessions-always-save express}
 WORKLOADS=${WORKLOADS-read write new mixed}
 PGBENCH=${PGBENCH:-1} SCALE=${SCALE:-0} SCALE_ROWS=${SCALE_ROWS:-1000000}
 SCALE_CONTENDERS=${SCALE_CONTENDERS:-pg-session tower-sessions express}
@@ -74,13 +81,22 @@ if ! command -v wrk >/dev/null; then
 fi
 log "building bench-server (release)"
 cargo build --release --quiet --manifest-path "$BENCH/Cargo.toml"
-log "npm ci (bench/express)"
-(cd "$BENCH/express" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+if [[ " $CONTENDERS " == *" demo "* ]]; then
+  log "building the demo (release)"
+  cargo build --release --quiet --manifest-path "$BENCH/../Cargo.toml" --example demo --features axum,oidc
+fi
+DEMO_BIN=$(cargo metadata --format-version 1 --no-deps --manifest-path "$BENCH/../Cargo.toml" |
+  sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')/release/examples/demo
+if [[ " $CONTENDERS " == *" express "* ]]; then
+  log "npm ci (bench/express)"
+  (cd "$BENCH/express" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+fi
 
 psql -X -q -d postgres -At -c "SELECT 1 FROM pg_database WHERE datname = '$BENCH_DB'" | grep -q 1 ||
   psql -X -q -d postgres -c "CREATE DATABASE $BENCH_DB"
 sql -c "CREATE EXTENSION IF NOT EXISTS pg_stat_statements" \
-  -c "DROP SCHEMA IF EXISTS bench_pg, bench_pgb, bench_ts, bench_ts_always, bench_express, bench_pgbench CASCADE" \
+  -c "DROP SCHEMA IF EXISTS bench_pg, bench_pgb, bench_ts, bench_ts_noping, bench_ts_always, bench_express, bench_pgbench CASCADE" \
+  -c "DROP SCHEMA IF EXISTS bench_demo CASCADE" -c "CREATE SCHEMA bench_demo" \
   -c "DROP SCHEMA IF EXISTS bench_pg_live, bench_ts_live, bench_ts_always_live, bench_express_live CASCADE"
 
 # PgBouncer in transaction mode in front of the benchmark database, for
@@ -110,8 +126,8 @@ fi
 
 {
   printf 'meta\tdate\t%s\n' "$(date -u '+%F %T UTC')"
-  printf 'meta\tsettings\twrk %s s x %s (median), %s connections, %s threads; pool %s; %s sessions\n' \
-    "$DURATION" "$REPS" "$CONNECTIONS" "$THREADS" "$POOL" "$SESSIONS"
+  printf 'meta\tsettings\twrk %s s x %s (median) at %s connections, %s threads; pool %s; %s sessions\n' \
+    "$DURATION" "$REPS" "${CONCURRENCY// /, }" "$THREADS" "$POOL" "$SESSIONS"
   printf 'meta\tmachine\t%s cores, %s; %s; node %s\n' "$(nproc)" "$(uname -sr)" \
     "$(psql -X -At -d "$BENCH_DB" -c 'SHOW server_version' | cut -d' ' -f1 | sed 's/^/PostgreSQL /')" "$(node --version)"
   printf 'meta\tload average at start\t%s\n' "$(cut -d' ' -f1-3 /proc/loadavg)"
@@ -129,13 +145,17 @@ start_server() { # contender port [schema suffix]
   export BENCH_SCHEMA_SUFFIX=${3:-}
   if [[ $c == express ]]; then
     timeout 3600 node "$BENCH/express/server.js" serve "$port" >"$WORK/$c${3:-}.log" 2>&1 &
+  elif [[ $c == demo ]]; then
+    # Not through a function: $! must be timeout's own process, whose
+    # child is the server (CPU from /proc, TERM passed on).
+    env "${DEMO_ENV[@]}" BIND_ADDR="127.0.0.1:$port" timeout 3600 "$DEMO_BIN" >"$WORK/$c.log" 2>&1 &
   else
     timeout 3600 "$BIN" serve --contender "$c" --port "$port" --pool "$POOL" >"$WORK/$c${3:-}.log" 2>&1 &
   fi
   unset BENCH_SCHEMA_SUFFIX
   SERVER_PID=$!
   for _ in $(seq 100); do
-    curl -fs -o /dev/null "http://127.0.0.1:$port/read" && return 0
+    curl -fs -o /dev/null "http://127.0.0.1:$port$(route read)" && return 0
     kill -0 "$SERVER_PID" 2>/dev/null || break
     sleep 0.1
   done
@@ -143,6 +163,18 @@ start_server() { # contender port [schema suffix]
   log "$c did not start"
   exit 1
 }
+
+# The demo as deployed, without a provider (login is not measured): its table
+# in a schema of its own, its signing key fixed, no background prune.
+DEMO_ENV=(DB_POOL_SIZE="$POOL" RUST_LOG=off COOKIE_SECURE=0 PRUNE_INTERVAL_SECS=0
+  DATABASE_URL="$BENCH_DATABASE_URL&options=-c%20search_path%3Dbench_demo" OIDC_ISSUER=http://127.0.0.1:9
+  SESSION_SECRET=tower-pg-session-bench-signing-key-0123456789)
+# A workload's path: the demo's READ is /peek, its WRITE and NEW are /counter.
+route() { # workload
+  [[ ${CUR:-} == demo ]] || { echo "/$1"; return; }
+  case $1 in read) echo /peek ;; *) echo /counter ;; esac
+}
+export_routes() { export ROUTE_READ=$(route read) ROUTE_WRITE=$(route write) ROUTE_NEW=$(route new); }
 
 # READ for WARMUP seconds, unmeasured: pools filled, statements prepared.
 warm() { # port cookie file
@@ -153,6 +185,11 @@ warm() { # port cookie file
 seed() { # contender count [schema suffix] > cookie file
   if [[ $1 == express ]]; then
     BENCH_SCHEMA_SUFFIX=${3:-} timeout 600 node "$BENCH/express/server.js" seed "$2"
+  elif [[ $1 == demo ]]; then
+    # Over HTTP, from the running demo: one new session per request.
+    seq "$2" | xargs -P "$POOL" -n 1 sh -c \
+      'curl -fs -o /dev/null -D - "$0" | sed -n "s/^[Ss]et-[Cc]ookie: \([^;]*\);.*/\1/p"' \
+      "http://127.0.0.1:$port/counter"
   else
     BENCH_SCHEMA_SUFFIX=${3:-} timeout 600 "$BIN" seed "$2" --contender "$1" --pool "$POOL"
   fi
@@ -171,31 +208,32 @@ ticks_spent() {
 server_ticks() { ticks "$(pgrep -P "$SERVER_PID" | head -n1)" | awk '{ print $2 }'; }
 
 # One wrk run; appends `wrk contender label rep rps p50 p99 max requests errors
-# stmts/req pg_exec_us/req server_cpu_us/req pg_cpu_us/req`.
-run_wrk() { # contender workload label rep port duration [cookie file]
-  local c=$1 w=$2 label=$3 rep=$4 port=$5 d=$6 cookies=${7:-$WORK/$1.cookies} out stats srv0 srv1 pg0 pg1 pg
+# stmts/req pg_exec_us/req server_cpu_us/req pg_cpu_us/req connections`.
+run_wrk() { # contender workload label rep port duration [cookie file [connections]]
+  local c=$1 w=$2 label=$3 rep=$4 port=$5 d=$6 cookies=${7:-$WORK/$1.cookies} conns=${8:-$CONNECTIONS}
+  local out stats srv0 srv1 pg0 pg1 pg
   stats_reset
   srv0=$(server_ticks) pg0=$(ticks $(backends))
-  out=$(COOKIES="$cookies" timeout $((d + 30)) wrk -t"$THREADS" -c"$CONNECTIONS" -d"${d}s" \
+  out=$(COOKIES="$cookies" timeout $((d + 30)) wrk -t"$((conns < THREADS ? conns : THREADS))" -c"$conns" -d"${d}s" \
     --timeout 5s -s "$BENCH/wrk/$w.lua" "http://127.0.0.1:$port" | grep '^RESULT') ||
     { log "wrk failed: $c $w"; return 1; }
   srv1=$(server_ticks) pg1=$(ticks $(backends))
   pg=$(ticks_spent "$pg0" "$pg1")
   stats=$(sql -F ' ' -c "SELECT coalesce(sum(calls), 0), coalesce(sum(total_exec_time), 0) FROM pg_stat_statements WHERE $OURS")
-  echo "$out $stats $((srv1 - srv0)) $pg" | awk -v c="$c" -v l="$label" -v r="$rep" -v tick="$TICK_US" '{
+  echo "$out $stats $((srv1 - srv0)) $pg" | awk -v c="$c" -v l="$label" -v r="$rep" -v tick="$TICK_US" -v n_conns="$conns" '{
     for (i = 2; i <= 9; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
     n = v["requests"]; if (n == 0) n = 1
-    printf "wrk\t%s\t%s\t%s\t%s\t%d\t%d\t%d\t%d\t%d\t%.3f\t%.1f\t%.1f\t%.1f\n", c, l, r, v["rps"], v["p50_us"],
+    printf "wrk\t%s\t%s\t%s\t%s\t%d\t%d\t%d\t%d\t%d\t%.3f\t%.1f\t%.1f\t%.1f\t%d\n", c, l, r, v["rps"], v["p50_us"],
       v["p99_us"], v["max_us"], v["requests"], v["socket_errors"] + v["non2xx"], $10 / n, $11 * 1000 / n,
-      $12 * tick / n, $13 * tick / n
+      $12 * tick / n, $13 * tick / n, n_conns
   }' | tee -a "$RAW" | cut -f2- | tr '\t' ' ' >&2
 }
 
 # The statements behind a cell (from its last repetition), for the details section.
-statement_details() { # contender workload
+statement_details() { # contender workload connections
   local requests
   requests=$(tail -n1 "$RAW" | cut -f9)
-  sql -c "SELECT format('| %s | %s | %s | %s | \`%s\` |', '$1', '$2', round(calls::numeric / greatest($requests, 1), 3),
+  sql -c "SELECT format('| %s | %s | %s | %s | %s | \`%s\` |', '$1', '$2', '$3', round(calls::numeric / greatest($requests, 1), 3),
             round((mean_exec_time * 1000)::numeric), replace(left(regexp_replace(query, '\s+', ' ', 'g'), 160), '|', '\|'))
           FROM pg_stat_statements WHERE $OURS ORDER BY calls DESC LIMIT 6" >>"$WORK/details.md"
 }
@@ -203,30 +241,49 @@ statement_details() { # contender workload
 # --------------------------------------------------------------- HTTP contenders
 port=18080
 for c in $CONTENDERS; do
-  port=$((port + 1))
-  log "$c: seeding $SESSIONS sessions"
-  seed "$c" "$SESSIONS" >"$WORK/$c.cookies"
+  port=$((port + 1)) CUR=$c
+  export_routes
+  if [[ $c == demo ]]; then
+    start_server "$c" "$port"
+    log "$c: seeding $SESSIONS sessions"
+    # Over HTTP a request may fail on a busy machine: those missing are asked again.
+    : >"$WORK/$c.cookies"
+    for _ in 1 2 3 4 5; do
+      have=$(wc -l <"$WORK/$c.cookies")
+      ((have < SESSIONS)) || break
+      seed "$c" $((SESSIONS - have)) >>"$WORK/$c.cookies" || true
+    done
+  else
+    log "$c: seeding $SESSIONS sessions"
+    seed "$c" "$SESSIONS" >"$WORK/$c.cookies"
+    start_server "$c" "$port"
+  fi
   [[ $(wc -l <"$WORK/$c.cookies") -eq $SESSIONS ]] || { log "$c: seeding failed"; exit 1; }
-  start_server "$c" "$port"
   log "$c: warm-up"
   warm "$port" "$WORK/$c.cookies"
-  for w in $WORKLOADS; do
-    for rep in $(seq "$REPS"); do
-      run_wrk "$c" "$w" "$w" "$rep" "$port" "$DURATION"
+  for n in $CONCURRENCY; do
+    for w in $WORKLOADS; do
+      for rep in $(seq "$REPS"); do
+        run_wrk "$c" "$w" "$w" "$rep" "$port" "$DURATION" "$WORK/$c.cookies" "$n"
+      done
+      [[ $c == ceiling ]] || statement_details "$c" "$w" "$n"
     done
-    [[ $c == ceiling ]] || statement_details "$c" "$w"
   done
   stop_server
 done
+CUR= && export_routes
 
 # --------------------------------------------------------------- pgbench
 if [[ $PGBENCH == 1 ]]; then
   log "pgbench: $SESSIONS rows"
   sql -v rows="$SESSIONS" -f "$BENCH/pgbench/setup.sql" >/dev/null
+  for n in $CONCURRENCY; do
+  # As many clients as HTTP connections, at most as many as the servers' pools hold.
+  clients=$((n < POOL ? n : POOL))
   for s in select select_upsert upsert; do
     for rep in $(seq "$REPS"); do
       # Postgres CPU: the backends' ticks between 1 s after the start and 1 s before the end.
-      timeout $((DURATION + 60)) pgbench -n -M prepared -c "$POOL" -j "$THREADS" -T "$DURATION" \
+      timeout $((DURATION + 60)) pgbench -n -M prepared -c "$clients" -j "$((clients < THREADS ? clients : THREADS))" -T "$DURATION" \
         -D rows="$SESSIONS" -f "$BENCH/pgbench/$s.sql" "$BENCH_DB" >"$WORK/pgbench.out" 2>&1 &
       sleep 1
       t0=$(date +%s%N) pg0=$(ticks $(backends))
@@ -238,8 +295,9 @@ if [[ $PGBENCH == 1 ]]; then
       lat=$(sed -n 's/^latency average = \([0-9.]*\) ms/\1/p' <<<"$out")
       cpu=$(awk -v t="$(ticks_spent "$pg0" "$pg1")" -v us="$TICK_US" -v tps="$tps" -v s="$(((t1 - t0) / 1000000))" \
         'BEGIN { if (s > 0 && tps > 0) printf "%.1f", t * us / (tps * s / 1000) }')
-      printf 'pgbench\t%s\t%s\t%s\t%s\t%s\n' "$s" "$rep" "$tps" "$lat" "$cpu" | tee -a "$RAW" | cut -f2- | tr '\t' ' ' >&2
+      printf 'pgbench\t%s\t%s\t%s\t%s\t%s\t%s\n' "$s" "$rep" "$tps" "$lat" "$cpu" "$n" | tee -a "$RAW" | cut -f2- | tr '\t' ' ' >&2
     done
+  done
   done
 fi
 
@@ -271,6 +329,7 @@ table_of() { # contender [schema suffix]
     express) echo "bench_express${2:-}.session" ;;
     tower-sessions) echo "bench_ts${2:-}.session" ;;
     tower-sessions-always-save) echo "bench_ts_always${2:-}.session" ;;
+    tower-sessions-noping) echo "bench_ts_noping${2:-}.session" ;;
   esac
 }
 
@@ -376,11 +435,11 @@ fi
 
 # --------------------------------------------------------------- report
 printf 'meta\tload average at end\t%s\n' "$(cut -d' ' -f1-3 /proc/loadavg)" >>"$RAW"
-"$BIN" report "$RAW" >"$RESULTS/$REPORT.md"
+"$BIN" report "$RAW" "$RESULTS/$REPORT.svg" >"$RESULTS/$REPORT.md"
 if [[ -s $WORK/details.md ]]; then
   {
     printf '\n## Statements behind each cell (last repetition)\n\n'
-    printf '| contender | workload | calls/request | mean µs | statement |\n|---|---|---:|---:|---|\n'
+    printf '| contender | workload | connections | calls/request | mean µs | statement |\n|---|---|---:|---:|---:|---|\n'
     cat "$WORK/details.md"
   } >>"$RESULTS/$REPORT.md"
 fi

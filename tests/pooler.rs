@@ -404,3 +404,31 @@ async fn administration() {
     assert_eq!(db.rows().await, 0);
     db.drop_schema().await;
 }
+
+#[tokio::test]
+async fn concurrent_new_sessions_share_inserts_and_each_gets_its_own_row() {
+    let bouncer = PgBouncer::start().await;
+    let db = Db::new().await;
+    let app = app(layer(store(&bouncer, &db, 16).await), Gate::default());
+    let before = db.statements().await;
+    let tasks: Vec<_> = (0..64)
+        .map(|_| {
+            let mut c = Client::new(app.clone());
+            tokio::spawn(async move { (c.get("/counter").await, c) })
+        })
+        .collect();
+    let mut cookies = std::collections::HashSet::new();
+    for t in tasks {
+        let (r, c) = t.await.unwrap();
+        assert_eq!(r.status, StatusCode::OK, "{}\n{}", r.body, bouncer.log());
+        assert_eq!(r.body, json!({"count": 1}));
+        assert!(cookies.insert(c.cookie.unwrap()), "a session of its own");
+    }
+    let statements = db.statements().await - before;
+    assert_eq!(db.rows().await, 64, "one row per new session");
+    assert!(
+        statements < 64,
+        "{statements} statements for 64 inserts: shared"
+    );
+    db.drop_schema().await;
+}

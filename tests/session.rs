@@ -84,6 +84,17 @@ async fn statements_per_request() {
         ..c.clone()
     };
     assert_eq!(stale.get("/peek").await.body, json!({"count": 0}));
+    // Requests one at a time have nothing to share: each load was the plain
+    // primary-key statement, none the shape made for many keys.
+    let shared: i64 = sqlx::query_scalar(
+        "SELECT COALESCE(sum(calls), 0)::int8 FROM pg_stat_statements \
+         WHERE query LIKE $1 AND query LIKE '%unnest%'",
+    )
+    .bind(format!("%\"{}\"%", db.schema))
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(shared, 0, "a lone load uses the plain statement");
     db.drop_schema().await;
 }
 
@@ -111,8 +122,15 @@ async fn touch_extends_idle_expiry_only_when_due() {
     assert_eq!(r.body, json!({"count": 1}));
     assert_eq!(
         db.statements().await - before,
+        2,
+        "a lone read, then the touch once it is due"
+    );
+    let before = db.statements().await;
+    assert_eq!(c.get("/peek").await.body, json!({"count": 1}));
+    assert_eq!(
+        db.statements().await - before,
         1,
-        "touch is folded into the read"
+        "the touch is not due again"
     );
     let sc = r.set_cookie().expect("extended expiry re-sends the cookie");
     assert!(sc.contains("Max-Age=8640"), "{sc}");

@@ -290,3 +290,83 @@ async fn a_failed_shared_save_fails_every_request_in_it_and_loses_nothing() {
     assert_intact(&mut clients, |i| json!({"who": format!("s{i}")})).await;
     db.drop_schema().await;
 }
+
+/// Statements on this test's table that inserted several rows at once.
+async fn shared_inserts(db: &Db) -> i64 {
+    sqlx::query_scalar(
+        "SELECT COALESCE(sum(calls), 0)::int8 FROM pg_stat_statements \
+         WHERE query LIKE $1 AND query LIKE 'INSERT INTO%), (%'",
+    )
+    .bind(format!("%\"{}\"%", db.schema))
+    .fetch_one(&db.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn queued_new_sessions_share_one_insert_and_each_gets_its_own_row() {
+    let db = Db::new().await;
+    let app = common::app(layer(db.one_slot_store().await), Gate::default());
+    // A lone new session: the plain insert.
+    let mut alone = Client::new(app.clone());
+    assert_eq!(alone.get("/counter").await.body, json!({"count": 1}));
+    assert_eq!(shared_inserts(&db).await, 0, "a lone insert is not shared");
+
+    // Hold the table so the first insert blocks; 20 more queue behind it.
+    let lock = db.lock_table().await;
+    let before = db.statements().await;
+    let first = tokio::spawn({
+        let mut c = Client::new(app.clone());
+        async move { (c.get("/counter").await, c) }
+    });
+    let pattern = format!("%\"{}\"%", db.schema);
+    eventually("the first insert blocked on the table lock", || {
+        let (pool, pattern) = (db.pool.clone(), pattern.clone());
+        async move {
+            let n: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE wait_event_type = 'Lock' AND query LIKE $1",
+            )
+            .bind(pattern)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            n == 1
+        }
+    })
+    .await;
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let mut c = Client::new(app.clone());
+            tokio::spawn(async move { (c.get("/counter").await, c) })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    lock.commit().await.unwrap();
+
+    let mut clients = vec![first.await.unwrap()];
+    for t in tasks {
+        clients.push(t.await.unwrap());
+    }
+    let mut cookies = std::collections::HashSet::new();
+    for (r, c) in &clients {
+        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(r.body, json!({"count": 1}));
+        assert!(
+            cookies.insert(c.cookie.clone().unwrap()),
+            "a session of its own"
+        );
+    }
+    assert_eq!(
+        db.statements().await - before,
+        2,
+        "the blocked insert, then one carrying all 20 queued"
+    );
+    assert_eq!(shared_inserts(&db).await, 1, "the 20 shared one statement");
+    assert_eq!(db.rows().await, 22, "one row per new session");
+    // Each session is its own row: the next request counts on from it.
+    for (_, mut c) in clients {
+        assert_eq!(c.get("/counter").await.body, json!({"count": 2}));
+    }
+    db.drop_schema().await;
+}

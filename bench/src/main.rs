@@ -5,13 +5,14 @@
 //! bench-server serve --contender NAME [--port 8080] [--pool 10]
 //! bench-server seed N --contender NAME [--pool 10]   # prints N cookies, one a line
 //! bench-server prune --contender NAME [--delay-ms 0]  # deletes expired rows, prints the times
-//! bench-server report results/raw.tsv                # the markdown report of bench/run.sh
+//! bench-server report results/raw.tsv [chart.svg]    # the markdown report of bench/run.sh (and its chart)
 //! ```
 //!
 //! Contenders: `ceiling` (no session layer), `pg-session` (this crate),
 //! `pg-session-pgbouncer` (this crate with `Pooler::Transaction`, through the
-//! PgBouncer in transaction mode at `BENCH_PGBOUNCER_URL`), `tower-sessions`
-//! and `tower-sessions-always-save` (tower-sessions +
+//! PgBouncer in transaction mode at `BENCH_PGBOUNCER_URL`), `tower-sessions`,
+//! `tower-sessions-noping` (its pool's connection ping on acquire off, as its
+//! users can set it) and `tower-sessions-always-save` (tower-sessions +
 //! tower-sessions-sqlx-store `PostgresStore`). The database is
 //! `BENCH_DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/tower_pg_session_bench`).
 //! Routes, identical for all: `GET /read` (returns `{"count":N}`), `GET /write`
@@ -48,7 +49,7 @@ const IDLE_HOURS: i64 = 24;
 enum Contender {
     Ceiling,
     PgSession { pooler: bool },
-    TowerSessions { always_save: bool },
+    TowerSessions { always_save: bool, ping: bool },
 }
 
 impl Contender {
@@ -57,8 +58,18 @@ impl Contender {
             "ceiling" => Self::Ceiling,
             "pg-session" => Self::PgSession { pooler: false },
             "pg-session-pgbouncer" => Self::PgSession { pooler: true },
-            "tower-sessions" => Self::TowerSessions { always_save: false },
-            "tower-sessions-always-save" => Self::TowerSessions { always_save: true },
+            "tower-sessions" => Self::TowerSessions {
+                always_save: false,
+                ping: true,
+            },
+            "tower-sessions-noping" => Self::TowerSessions {
+                always_save: false,
+                ping: false,
+            },
+            "tower-sessions-always-save" => Self::TowerSessions {
+                always_save: true,
+                ping: true,
+            },
             _ => return Err(format!("unknown contender {name:?}").into()),
         })
     }
@@ -177,16 +188,18 @@ async fn app(args: &Args) -> Result<(Router, Store), Error> {
                 .layer(layer);
             Ok((router, Store::Pg(store)))
         }
-        Contender::TowerSessions { always_save } => {
+        Contender::TowerSessions { always_save, ping } => {
             use tower_sessions::Session;
+            // sqlx pings each connection as it leaves the pool unless told not to.
             let pool = sqlx::postgres::PgPoolOptions::new()
                 .max_connections(args.pool)
+                .test_before_acquire(ping)
                 .connect(&args.url)
                 .await?;
-            let schema = schema(if always_save {
-                "bench_ts_always"
-            } else {
-                "bench_ts"
+            let schema = schema(match (always_save, ping) {
+                (true, _) => "bench_ts_always",
+                (false, true) => "bench_ts",
+                (false, false) => "bench_ts_noping",
             });
             let store = PostgresStore::new(pool).with_schema_name(&schema)?;
             store.migrate().await?;
@@ -315,9 +328,18 @@ async fn main() -> ExitCode {
     let mut argv = std::env::args().skip(1);
     if argv.next().as_deref() == Some("report") {
         let path = argv.next().unwrap_or_else(|| "results/raw.tsv".into());
+        let svg = argv.next();
         return match std::fs::read_to_string(&path) {
             Ok(raw) => {
-                print!("{}", report::report(&raw));
+                // The chart beside the report, named relative to it.
+                let name = svg.as_deref().and_then(|p| p.rsplit('/').next());
+                if let Some(svg) = &svg {
+                    if let Err(e) = std::fs::write(svg, report::chart(&raw)) {
+                        eprintln!("bench-server: {svg}: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+                print!("{}", report::report(&raw, name));
                 ExitCode::SUCCESS
             }
             Err(e) => {

@@ -5,6 +5,8 @@
 -- request, so concurrent requests carry different sessions. Requests are
 -- formatted once in init(), not per request, to keep wrk's own CPU low.
 -- done() prints one `RESULT key=value ...` line for bench/run.sh.
+-- ROUTE_READ, ROUTE_WRITE and ROUTE_NEW, when set, replace the paths /read,
+-- /write and /new (an app whose routes are named otherwise).
 
 local threads = {}
 
@@ -28,6 +30,8 @@ function use_slots(slots)
     n = #cookies
     reqs = {}
     for s, slot in ipairs(slots) do
+      local path = os.getenv("ROUTE_" .. slot[1]:sub(2):upper())
+      if path and path ~= "" then slot[1] = path end
       reqs[s] = {}
       for c = 1, (slot[2] and n or 1) do
         local headers = slot[2] and { Cookie = cookies[c] } or {}

@@ -7,7 +7,7 @@
 //! | the request… | statements |
 //! |---|---|
 //! | never looks at its session, or has no cookie and only reads | 0 |
-//! | reads a valid session | 1 (the idle extension is folded in, and written only when due) |
+//! | reads a valid session | 1 (plus 1 when its idle extension is due: written only after a tenth of the timeout) |
 //! | changes a valid session | 2: load, then one `UPDATE` checked against the row version |
 //! | creates a session | 1 `INSERT … ON CONFLICT DO NOTHING` |
 //!

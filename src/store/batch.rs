@@ -1,15 +1,24 @@
 //! Loads and saves from concurrent requests, folded into shared statements.
 //!
-//! A load that arrives while no load statement runs is sent at once, alone:
-//! under light load nothing waits. While one runs, loads queue, and the next
-//! statement to start carries every queued key (`sid IN (…)`). Under heavy
-//! load one round trip then serves many requests, which is what makes a read
-//! cheaper than one statement per request.
+//! A load that arrives while no load statement runs is sent at once, alone,
+//! from the request's own future (no task hop) and as the plain
+//! primary-key statement: under light load nothing waits and nothing is
+//! spent on a shape made for many keys. While one runs, a second starts at
+//! once beside it ([`EAGER`]); beyond that loads queue, and the next
+//! statement to start reads every queued key. Under heavy load one round
+//! trip then serves many requests, which is what makes a read cheaper than
+//! one statement per request. Reads are read only; the rows due for their
+//! idle extension (once per share of the idle timeout) are then extended
+//! and read again by one statement for all of them.
 //!
-//! One statement at a time batches best, but a statement that stalls (a
+//! Few statements at a time batch best, but a statement that stalls (a
 //! slow disk read, a descheduled backend) would hold up every load behind
 //! it: when none has finished for [`STALL`], the next load opens another
 //! slot, up to the configured number.
+//!
+//! New sessions' inserts are shared the same way: one multi-row insert for
+//! the inserts queued at that moment, each id taken left out for its request
+//! to draw another.
 //!
 //! A queued load only joins a statement that starts after it was queued, so
 //! it always sees every write committed before its request arrived.
@@ -29,7 +38,7 @@ use std::{
 use time::OffsetDateTime;
 use tokio::sync::oneshot;
 
-use super::{retry_once, LoadParams, Loaded, NewRow, PgStore, StoreError};
+use super::{retry_once, LoadParams, Loaded, NewRow, OwnedRow, PgStore, StoreError};
 
 /// Keys in one statement at most (a power of two).
 pub(super) const MAX_KEYS: usize = 128;
@@ -37,6 +46,11 @@ pub(super) const MAX_KEYS: usize = 128;
 /// How long the running statements may go without one finishing before a
 /// queued load opens another slot.
 const STALL: Duration = Duration::from_millis(5);
+
+/// Statements that start at once, without waiting for [`STALL`]: at low
+/// concurrency a second request should not wait a whole statement for the
+/// first; beyond this, requests are many and sharing pays.
+const EAGER: usize = 2;
 
 /// How a load extends the idle expiry; fixed per session layer. Loads are
 /// folded together only when their policies are equal.
@@ -138,25 +152,42 @@ impl PgStore {
     /// running at the same time.
     async fn submit<J: Job>(&self, job: J) -> Result<J::Output, StoreError> {
         let (reply, answer) = oneshot::channel();
+        let pending = Pending { job, reply };
         let start = {
             let batcher = J::batcher(self);
             let mut queue = batcher.lock();
-            queue.waiting.push(Pending { job, reply });
             let now = Instant::now();
-            let free = queue.running == 0
-                || (queue.running < batcher.slots && now - queue.progress >= STALL);
-            if free {
+            if queue.running == 0 && queue.waiting.is_empty() {
+                // Alone: run in this request's own future, no task hop. The
+                // slot is taken all the same, so that jobs arriving meanwhile
+                // queue to share the next statement.
                 queue.running += 1;
                 queue.progress = now;
-                Some(take_batch(&mut queue.waiting))
+                Start::Here(pending)
             } else {
-                None
+                queue.waiting.push(pending);
+                let free = queue.running < EAGER.min(batcher.slots)
+                    || (queue.running < batcher.slots && now - queue.progress >= STALL);
+                if free {
+                    queue.running += 1;
+                    queue.progress = now;
+                    Start::Task(take_batch(&mut queue.waiting))
+                } else {
+                    Start::Queued
+                }
             }
         };
-        if let Some(batch) = start {
+        match start {
+            Start::Here(pending) => {
+                // Released when done, or when this request is dropped
+                // mid-statement: either way what queued meanwhile gets a task.
+                let _slot = Slot::<J>::new(self.clone());
+                J::execute(self, vec![pending]).await;
+            }
             // Its own task: the statement completes for every request in it
             // even when the request that started it is dropped.
-            tokio::spawn(run(self.clone(), batch));
+            Start::Task(batch) => drop(tokio::spawn(run(self.clone(), batch))),
+            Start::Queued => {}
         }
         match answer.await {
             Ok(Ok(out)) => Ok(out),
@@ -176,6 +207,25 @@ impl PgStore {
         self.submit(LoadJob { key, policy }).await
     }
 
+    /// Creates a row under `key` unless the id is taken, in a statement
+    /// shared with the inserts of other requests. `None` when taken: the
+    /// caller picks another id.
+    pub(crate) async fn insert_shared(
+        &self,
+        key: &str,
+        row: &NewRow<'_>,
+        now: OffsetDateTime,
+    ) -> Result<Option<String>, StoreError> {
+        self.submit(InsertJob {
+            key: key.to_owned(),
+            row: OwnedRow::from_new(row),
+            user_agent: row.user_agent.map(str::to_owned),
+            ip: row.ip.map(str::to_owned),
+            now,
+        })
+        .await
+    }
+
     /// Writes a row loaded as `version` (same key), in a statement shared
     /// with the saves of other requests. `None` when the row changed, went
     /// away or is locked elsewhere: the caller takes the conflict path.
@@ -189,14 +239,21 @@ impl PgStore {
         self.submit(UpdateJob {
             key: key.to_owned(),
             version: version.to_owned(),
-            sess: row.sess.to_owned(),
-            expire: row.expire,
-            user_id: row.user_id.map(str::to_owned),
-            provider_sid: row.provider_sid.map(str::to_owned),
+            row: OwnedRow::from_new(row),
             now,
         })
         .await
     }
+}
+
+/// Where a submitted job runs.
+enum Start<J: Job> {
+    /// In the submitting request's future: nothing else queued or running.
+    Here(Pending<J>),
+    /// In a new task, with what else was queued.
+    Task(Vec<Pending<J>>),
+    /// In a slot already running, which takes it next.
+    Queued,
 }
 
 /// The first job's group decides; other groups stay queued. Jobs whose
@@ -226,11 +283,7 @@ fn take_batch<J: Job>(waiting: &mut Vec<Pending<J>>) -> Vec<Pending<J>> {
 
 /// Runs batches in one slot until the queue is empty.
 async fn run<J: Job>(store: PgStore, mut batch: Vec<Pending<J>>) {
-    let mut slot = Slot::<J> {
-        store: store.clone(),
-        armed: true,
-        job: std::marker::PhantomData,
-    };
+    let mut slot = Slot::<J>::new(store.clone());
     loop {
         J::execute(&store, batch).await;
         let mut queue = J::batcher(&store).lock();
@@ -253,12 +306,23 @@ struct Slot<J: Job> {
     job: std::marker::PhantomData<fn() -> J>,
 }
 
+impl<J: Job> Slot<J> {
+    fn new(store: PgStore) -> Self {
+        Self {
+            store,
+            armed: true,
+            job: std::marker::PhantomData,
+        }
+    }
+}
+
 impl<J: Job> Drop for Slot<J> {
     fn drop(&mut self) {
         if !self.armed {
             return;
         }
         let mut queue = J::batcher(&self.store).lock();
+        queue.progress = Instant::now();
         if queue.waiting.is_empty() {
             queue.running -= 1;
         } else {
@@ -312,13 +376,25 @@ impl Job for LoadJob {
         keys.sort_unstable();
         keys.dedup();
         let distinct = keys.len() == batch.len();
-        let result = match store.load_many(&keys, &params).await {
+        // One key: the plain statement; the shared shape only when there is
+        // something to share.
+        let load = || async {
+            match keys.as_slice() {
+                [key] => Ok(store
+                    .load_one(key, &params)
+                    .await?
+                    .map(|row| vec![((*key).to_owned(), row)])
+                    .unwrap_or_default()),
+                _ => store.load_shared_rows(&keys, &params).await,
+            }
+        };
+        let result = match load().await {
             // A pooled connection that died while idle fails its next
             // statement; that must not fail every request sharing it. Loads
             // are safe to repeat (a touch already written is not due again).
             Err(e) if e.is_broken_connection() => {
                 tracing::debug!(error = %crate::log_safe::untrusted(&e), "retrying a load on another connection");
-                store.load_many(&keys, &params).await
+                load().await
             }
             result => result,
         };
@@ -344,24 +420,8 @@ impl Job for LoadJob {
 pub(crate) struct UpdateJob {
     pub(crate) key: String,
     pub(crate) version: String,
-    pub(crate) sess: String,
-    pub(crate) expire: OffsetDateTime,
-    pub(crate) user_id: Option<String>,
-    pub(crate) provider_sid: Option<String>,
+    pub(crate) row: OwnedRow,
     pub(crate) now: OffsetDateTime,
-}
-
-impl UpdateJob {
-    fn row(&self) -> NewRow<'_> {
-        NewRow {
-            sess: &self.sess,
-            expire: self.expire,
-            user_id: self.user_id.as_deref(),
-            provider_sid: self.provider_sid.as_deref(),
-            user_agent: None,
-            ip: None,
-        }
-    }
 }
 
 impl Job for UpdateJob {
@@ -399,7 +459,7 @@ impl Job for UpdateJob {
                 [one] => {
                     let j = &one.job;
                     store
-                        .update(&j.key, &j.key, &j.version, &j.row(), j.now)
+                        .update(&j.key, &j.key, &j.version, &j.row.borrowed(), j.now)
                         .await
                         .map(|v| v.map(|v| vec![(j.key.clone(), v)]).unwrap_or_default())
                 }
@@ -410,6 +470,69 @@ impl Job for UpdateJob {
             }
         })
         .await;
+        let versions: HashMap<String, String> = match result {
+            Ok(rows) => rows.into_iter().collect(),
+            Err(e) => return fail_all(batch, e),
+        };
+        for w in batch {
+            let _ = w.reply.send(Ok(versions.get(&w.job.key).cloned()));
+        }
+    }
+}
+
+/// An insert of a new session's row.
+pub(crate) struct InsertJob {
+    pub(crate) key: String,
+    pub(crate) row: OwnedRow,
+    /// Recorded at creation only.
+    pub(crate) user_agent: Option<String>,
+    pub(crate) ip: Option<String>,
+    pub(crate) now: OffsetDateTime,
+}
+
+impl Job for InsertJob {
+    type Output = Option<String>;
+    type Group = ();
+
+    fn group(&self) {}
+
+    fn batcher(store: &PgStore) -> &Batcher<Self> {
+        &store.inner.inserts
+    }
+
+    async fn execute(store: &PgStore, batch: Vec<Pending<Self>>) {
+        // Two requests drawing one id: the first keeps it, the second finds
+        // it taken and draws another, as against a row already stored.
+        let mut seen = HashSet::new();
+        let (batch, repeats): (Vec<_>, Vec<_>) = batch
+            .into_iter()
+            .partition(|w| seen.insert(w.job.key.clone()));
+        for w in repeats {
+            let _ = w.reply.send(Ok(None));
+        }
+        let result = match batch.as_slice() {
+            [] => return,
+            // Alone: the plain statement (which retries a broken connection).
+            [one] => {
+                let j = &one.job;
+                let row = NewRow {
+                    user_agent: j.user_agent.as_deref(),
+                    ip: j.ip.as_deref(),
+                    ..j.row.borrowed()
+                };
+                store
+                    .insert(&j.key, &row, j.now)
+                    .await
+                    .map(|v| v.map(|v| vec![(j.key.clone(), v)]).unwrap_or_default())
+            }
+            // Safe to repeat: rows the first attempt wrote after all are
+            // taken for the second, and their requests draw other ids (the
+            // first rows, which no cookie names, expire unused).
+            many => {
+                let jobs: Vec<&InsertJob> = many.iter().map(|w| &w.job).collect();
+                retry_once(|| store.insert_many(&jobs)).await
+            }
+        };
         let versions: HashMap<String, String> = match result {
             Ok(rows) => rows.into_iter().collect(),
             Err(e) => return fail_all(batch, e),

@@ -6,12 +6,14 @@
 //! missing and adds three nullable columns that Node ignores (`created_at`,
 //! `user_id`, `provider_sid`, each indexed where not null).
 //!
-//! Each operation the session layer needs is one statement:
+//! Each operation the session layer needs is one statement; loads, creates
+//! and saves are shared by the requests that need them at the same moment:
 //!
 //! | operation | statement |
 //! |---|---|
-//! | load (and extend the idle expiry when it is due) | one `WITH … SELECT … UPDATE … RETURNING` for all the loads waiting at that moment |
-//! | create | `INSERT … ON CONFLICT DO NOTHING` |
+//! | load | alone, a `SELECT` by primary key; shared, one `SELECT` for all the loads waiting at that moment |
+//! | extend the idle expiry when it is due | one `WITH … SELECT … UPDATE … RETURNING` for the rows due, after their load |
+//! | create | `INSERT … ON CONFLICT DO NOTHING`, one for all the inserts waiting at that moment |
 //! | save | `UPDATE … WHERE sid = $1 AND xmin = $2` (never re-creates a deleted row), for all the saves waiting at that moment |
 //! | cycle the id | the same `UPDATE`, setting a new `sid` |
 //! | destroy | `DELETE` |
@@ -336,6 +338,7 @@ struct Inner {
     pooler: Pooler,
     loads: batch::Batcher<batch::LoadJob>,
     updates: batch::Batcher<batch::UpdateJob>,
+    inserts: batch::Batcher<batch::InsertJob>,
 }
 
 /// What preparing the table found, and the statements built from it.
@@ -458,6 +461,7 @@ impl PgStore {
                 pooler: config.pooler,
                 loads: batch::Batcher::new(slots),
                 updates: batch::Batcher::new(slots),
+                inserts: batch::Batcher::new(slots),
             }),
         }
     }
@@ -582,6 +586,74 @@ impl PgStore {
         self.ready().await.map(|_| ())
     }
 
+    /// Loads the live row under `key` with the plain primary-key statement;
+    /// when its extension is due (once per share of the idle timeout), the
+    /// shared statement then loads it again and extends it.
+    async fn load_one(&self, key: &str, at: &LoadParams) -> Result<Option<Loaded>, StoreError> {
+        let ready = self.ready().await?;
+        let query = ready
+            .sql
+            .load_one_query(key, at.now)
+            .persistent(self.persistent());
+        let mut conn = self.conn().await?;
+        let row = query.fetch_optional(conn.get()).await?;
+        conn.done().await?;
+        let Some(loaded) = row.as_ref().map(Loaded::from_row).transpose()? else {
+            return Ok(None);
+        };
+        if !at.touch_due(&loaded) {
+            return Ok(Some(loaded));
+        }
+        let mut rows = self.load_many(&[key], at).await?;
+        Ok(rows.pop().map(|(_, row)| row))
+    }
+
+    /// Loads the live rows under `keys` read only; those due for their
+    /// idle extension are then loaded again by the statement that extends
+    /// them (a row is due once per share of the idle timeout).
+    async fn load_shared_rows(
+        &self,
+        keys: &[&str],
+        at: &LoadParams,
+    ) -> Result<Vec<(String, Loaded)>, StoreError> {
+        let ready = self.ready().await?;
+        let Some(query) = ready.sql.load_read_query(keys, at.now) else {
+            return Ok(Vec::new());
+        };
+        let query = query.persistent(self.persistent());
+        let mut conn = self.conn().await?;
+        let rows = query.fetch_all(conn.get()).await?;
+        conn.done().await?;
+        let mut rows: Vec<(String, Loaded)> = rows
+            .iter()
+            .map(|r| Ok((r.try_get(7)?, Loaded::from_row(r)?)))
+            .collect::<Result<_, StoreError>>()?;
+        let due: Vec<&str> = rows
+            .iter()
+            .filter(|(_, row)| at.touch_due(row))
+            .map(|(key, _)| key.as_str())
+            .collect();
+        if due.is_empty() {
+            return Ok(rows);
+        }
+        let mut touched: std::collections::HashMap<String, Loaded> =
+            self.load_many(&due, at).await?.into_iter().collect();
+        // A due row gone meanwhile (deleted, expired) is gone for its request too.
+        rows.retain_mut(|(key, row)| {
+            if !at.touch_due(row) {
+                return true;
+            }
+            match touched.remove(key) {
+                Some(fresh) => {
+                    *row = fresh;
+                    true
+                }
+                None => false,
+            }
+        });
+        Ok(rows)
+    }
+
     /// Loads the live rows under `keys`, extending the expiry of each in the
     /// same statement when its extension is due.
     async fn load_many(
@@ -600,6 +672,23 @@ impl PgStore {
         rows.iter()
             .map(|r| Ok((r.try_get(7)?, Loaded::from_row(r)?)))
             .collect()
+    }
+
+    /// Inserts new rows in one statement; answers the key and version of
+    /// each inserted (a key taken is left out).
+    pub(crate) async fn insert_many(
+        &self,
+        jobs: &[&batch::InsertJob],
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        let ready = self.ready().await?;
+        let Some(q) = ready.sql.insert_many_query(jobs) else {
+            return Ok(Vec::new());
+        };
+        let q = q.persistent(self.persistent());
+        let mut conn = self.conn().await?;
+        let rows = q.fetch_all(conn.get()).await?;
+        conn.done().await?;
+        Ok(rows)
     }
 
     /// Inserts a new row; `None` when the id is taken.
@@ -830,6 +919,23 @@ pub(crate) struct LoadParams {
     pub(crate) extend_to: OffsetDateTime,
     pub(crate) touch_before: OffsetDateTime,
     pub(crate) absolute_secs: Option<f64>,
+}
+
+impl LoadParams {
+    /// Whether a load at these times extends `row`'s expiry: the shared load
+    /// statement's test, made on a row read without it.
+    fn touch_due(&self, row: &Loaded) -> bool {
+        // A stored creation time so far out that the absolute end is past
+        // the last instant representable ends nothing.
+        let end = self
+            .absolute_secs
+            .zip(row.created_at)
+            .and_then(|(secs, created)| {
+                time::Duration::checked_seconds_f64(secs).and_then(|d| created.checked_add(d))
+            });
+        let cap = end.map_or(self.extend_to, |end| end.min(self.extend_to));
+        row.expire < self.touch_before && row.expire < cap
+    }
 }
 
 /// A live row as loaded.

@@ -60,7 +60,17 @@ pub(crate) struct OwnedRow {
 }
 
 impl OwnedRow {
-    fn borrowed(&self) -> NewRow<'_> {
+    /// A copy of `row`'s values; what a row records only at creation stays out.
+    pub(crate) fn from_new(row: &NewRow<'_>) -> Self {
+        Self {
+            sess: row.sess.to_owned(),
+            expire: row.expire,
+            user_id: row.user_id.map(str::to_owned),
+            provider_sid: row.provider_sid.map(str::to_owned),
+        }
+    }
+
+    pub(crate) fn borrowed(&self) -> NewRow<'_> {
         NewRow {
             sess: &self.sess,
             expire: self.expire,
@@ -99,7 +109,7 @@ impl PgStore {
                 return Ok(Written::Deleted);
             }
             Write::Insert { key, row, now } => {
-                return Ok(match waits.run(self.insert(key, &row, now)).await? {
+                return Ok(match waits.run(self.insert_shared(key, &row, now)).await? {
                     Some(version) => Written::Inserted(version),
                     None => Written::Taken,
                 });
@@ -211,12 +221,7 @@ impl PgStore {
     ) -> Result<String, StoreError> {
         let store = self.clone();
         let (key, new_key) = (key.to_owned(), new_key.to_owned());
-        let row = OwnedRow {
-            sess: row.sess.to_owned(),
-            expire: row.expire,
-            user_id: row.user_id.map(str::to_owned),
-            provider_sid: row.provider_sid.map(str::to_owned),
-        };
+        let row = OwnedRow::from_new(row);
         detached(async move {
             store
                 .write_and_commit(tx, &key, &new_key, &row.borrowed())

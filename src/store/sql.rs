@@ -5,7 +5,7 @@
 use time::OffsetDateTime;
 
 use super::{
-    batch::{self, UpdateJob},
+    batch::{self, InsertJob, UpdateJob},
     padded, prune,
     schema::{ExpireType, Layout, SessType, TableName},
     LoadParams, NewRow,
@@ -18,7 +18,13 @@ pub(super) struct Sql {
     pub(super) load: Vec<String>,
     /// The same without one.
     pub(super) load_idle: Vec<String>,
+    /// A lone load: one key, by primary key, read only.
+    pub(super) load_one: String,
+    /// Shared loads, read only: 1, 2, 4, … [`batch::MAX_KEYS`] keys.
+    pub(super) load_read: Vec<String>,
     pub(super) insert: String,
+    /// Inserts of 1, 2, 4, … [`batch::MAX_KEYS`] rows (index 0 unused).
+    pub(super) insert_many: Vec<String>,
     pub(super) update: String,
     /// Updates of 1, 2, 4, … [`batch::MAX_KEYS`] rows (index 0 unused).
     pub(super) update_many: Vec<String>,
@@ -55,7 +61,10 @@ impl Sql {
             // Without an absolute timeout the cap (and its parameter) goes: the
             // statement that runs on every request stays as small as it can be.
             load_idle: arities().map(|k| table.load(k, false)).collect(),
+            load_one: table.load_one(),
+            load_read: arities().map(|k| table.load_read(k)).collect(),
             insert: table.insert(),
+            insert_many: arities().map(|rows| table.insert_many(rows)).collect(),
             update: table.update(),
             update_many: arities().map(|rows| table.update_many(rows)).collect(),
             select_for_update: table.select_for_update(),
@@ -98,6 +107,11 @@ impl Sql {
         Some(q)
     }
 
+    /// [`Table::load_one`].
+    pub(super) fn load_one_query<'q>(&'q self, key: &'q str, now: OffsetDateTime) -> Query<'q> {
+        sqlx::query(&self.load_one).bind(key).bind(now)
+    }
+
     /// [`Table::insert`].
     pub(super) fn insert_query<'q>(
         &'q self,
@@ -117,6 +131,44 @@ impl Sql {
             .bind(row.provider_sid)
             .bind(row.user_agent)
             .bind(row.ip)
+    }
+
+    /// [`Table::load_read`] of `keys`, padded to the next arity; `None` for none.
+    pub(super) fn load_read_query<'q>(
+        &'q self,
+        keys: &[&'q str],
+        now: OffsetDateTime,
+    ) -> Option<Query<'q>> {
+        let (index, keys) = padded(keys)?;
+        let mut q = sqlx::query(self.load_read.get(index)?).bind(now);
+        for key in keys {
+            q = q.bind(*key);
+        }
+        Some(q)
+    }
+
+    /// [`Table::insert_many`] of `jobs`, padded to the next arity (the
+    /// padding repeats the last row, which then finds its id taken by
+    /// itself); `None` for none.
+    pub(super) fn insert_many_query<'q>(
+        &'q self,
+        jobs: &[&'q InsertJob],
+    ) -> Option<Rows<'q, (String, String)>> {
+        let (index, padded) = padded(jobs)?;
+        let mut q = sqlx::query_as(self.insert_many.get(index)?);
+        for j in padded {
+            let row = &j.row;
+            q = q.bind(&j.key).bind(&row.sess).bind(row.expire);
+            if self.extended {
+                q = q
+                    .bind(j.now)
+                    .bind(&row.user_id)
+                    .bind(&row.provider_sid)
+                    .bind(&j.user_agent)
+                    .bind(&j.ip);
+            }
+        }
+        Some(q)
     }
 
     /// [`Table::update`].
@@ -151,9 +203,14 @@ impl Sql {
         let (index, padded) = padded(jobs)?;
         let mut q = sqlx::query_as(self.update_many.get(index)?).bind(first.now);
         for j in padded {
-            q = q.bind(&j.key).bind(&j.sess).bind(j.expire).bind(&j.version);
+            let row = &j.row;
+            q = q
+                .bind(&j.key)
+                .bind(&row.sess)
+                .bind(row.expire)
+                .bind(&j.version);
             if self.extended {
-                q = q.bind(&j.user_id).bind(&j.provider_sid);
+                q = q.bind(&row.user_id).bind(&row.provider_sid);
             }
         }
         Some(q)
@@ -312,6 +369,81 @@ impl<'a> Table<'a> {
              AND NOT EXISTS (SELECT 1 FROM touched WHERE touched.sid = cur.sid)",
             extend_cur = extend(""),
             extend_t = extend("t."),
+        )
+    }
+
+    /// Loads one live row by primary key, without touching it: the
+    /// statement of a load that has nobody to share with. Parameters: $1
+    /// key, $2 now. Answers the columns of [`Table::load`] (`touched`
+    /// false), so the caller can tell whether the touch is due and leave it
+    /// to that statement: due once per share of the idle timeout, not on
+    /// every read.
+    fn load_one(&self) -> String {
+        format!(
+            "SELECT sess::text, {}, xmin::text, {}, false, sid::text FROM {} \
+             WHERE sid = $1 AND expire > {}",
+            to_instant(&self.layout.expire, "expire"),
+            self.ext_cols(),
+            self.t,
+            self.to_col("$2")
+        )
+    }
+
+    /// Loads `keys` live rows, read only: the shared statement while no row
+    /// is due for its idle extension. Parameters: $1 now, then the keys.
+    /// Answers the columns of [`Table::load`] (`touched` false); the caller
+    /// hands the rows due to that statement.
+    fn load_read(&self, keys: usize) -> String {
+        let list = (2..2 + keys)
+            .map(|n| format!("${n}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let rows = by_key(
+            &self.t,
+            &format!("sid, sess, expire, xmin, {}", self.ext_cols()),
+            &list,
+        );
+        format!(
+            "SELECT sess::text, {}, xmin::text, created_at, user_id, provider_sid, false, \
+             sid::text FROM ({rows}) AS cur WHERE expire > {}",
+            to_instant(&self.layout.expire, "expire"),
+            self.to_col("$1")
+        )
+    }
+
+    /// Creates `rows` rows, each unless its id is taken; answers the id and
+    /// version of each created. Parameters per row, as for
+    /// [`Table::insert`] ($1 … $3 or $1 … $8 for the first row, then on).
+    fn insert_many(&self, rows: usize) -> String {
+        let per = if self.layout.extended { 8 } else { 3 };
+        let values = (0..rows)
+            .map(|r| {
+                let p = |i: usize| format!("${}", 1 + r * per + i);
+                let ext = if self.layout.extended {
+                    let now = p(3);
+                    format!(", {now}, {now}, {}, {}, {}, {}", p(4), p(5), p(6), p(7))
+                } else {
+                    String::new()
+                };
+                format!(
+                    "({}, {}::{}, {}{ext})",
+                    p(0),
+                    p(1),
+                    self.json(),
+                    self.to_col(&p(2))
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let cols = if self.layout.extended {
+            ", created_at, last_seen, user_id, provider_sid, user_agent, ip"
+        } else {
+            ""
+        };
+        format!(
+            "INSERT INTO {} (sid, sess, expire{cols}) VALUES {values} \
+             ON CONFLICT (sid) DO NOTHING RETURNING sid::text, xmin::text",
+            self.t
         )
     }
 
@@ -567,6 +699,18 @@ mod tests {
         assert_eq!(
             sql.load[0],
             "WITH cur AS MATERIALIZED (SELECT r.* FROM (SELECT DISTINCT k FROM unnest(ARRAY[$5]::text[]) AS k) AS keys CROSS JOIN LATERAL (SELECT ctid AS row_id, sid, sess, expire, xmin, NULL::timestamptz AS created_at, NULL::text AS user_id, NULL::text AS provider_sid FROM \"session\" WHERE sid = keys.k LIMIT 1) AS r), due AS (SELECT ctid AS row_id FROM \"session\" WHERE ctid = ANY(ARRAY(SELECT row_id FROM cur WHERE expire > ($2 AT TIME ZONE 'UTC') AND expire < ($3 AT TIME ZONE 'UTC') AND expire < (LEAST($1, created_at + $4 * interval '1 second') AT TIME ZONE 'UTC'))) FOR UPDATE SKIP LOCKED), touched AS (UPDATE \"session\" AS t SET expire = (LEAST($1, t.created_at + $4 * interval '1 second') AT TIME ZONE 'UTC') WHERE ctid = ANY(ARRAY(SELECT row_id FROM due)) RETURNING t.sess::text AS sess, (t.expire AT TIME ZONE 'UTC') AS expire, t.xmin::text AS version, NULL::timestamptz AS created_at, NULL::text AS user_id, NULL::text AS provider_sid, t.sid) SELECT sess, expire, version, created_at, user_id, provider_sid, true, sid::text FROM touched UNION ALL SELECT sess::text, (expire AT TIME ZONE 'UTC'), xmin::text, created_at, user_id, provider_sid, false, sid::text FROM cur WHERE expire > ($2 AT TIME ZONE 'UTC') AND NOT EXISTS (SELECT 1 FROM touched WHERE touched.sid = cur.sid)"
+        );
+        assert_eq!(
+            sql.insert_many[1],
+            "INSERT INTO \"session\" (sid, sess, expire) VALUES ($1, $2::json, ($3 AT TIME ZONE 'UTC')), ($4, $5::json, ($6 AT TIME ZONE 'UTC')) ON CONFLICT (sid) DO NOTHING RETURNING sid::text, xmin::text"
+        );
+        assert_eq!(
+            sql.load_read[1],
+            "SELECT sess::text, (expire AT TIME ZONE 'UTC'), xmin::text, created_at, user_id, provider_sid, false, sid::text FROM (SELECT r.* FROM (SELECT DISTINCT k FROM unnest(ARRAY[$2, $3]::text[]) AS k) AS keys CROSS JOIN LATERAL (SELECT sid, sess, expire, xmin, NULL::timestamptz AS created_at, NULL::text AS user_id, NULL::text AS provider_sid FROM \"session\" WHERE sid = keys.k LIMIT 1) AS r) AS cur WHERE expire > ($1 AT TIME ZONE 'UTC')"
+        );
+        assert_eq!(
+            sql.load_one,
+            "SELECT sess::text, (expire AT TIME ZONE 'UTC'), xmin::text, NULL::timestamptz AS created_at, NULL::text AS user_id, NULL::text AS provider_sid, false, sid::text FROM \"session\" WHERE sid = $1 AND expire > ($2 AT TIME ZONE 'UTC')"
         );
         assert_eq!(
             sql.load_idle[1],
