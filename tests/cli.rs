@@ -328,6 +328,31 @@ async fn keys_and_reseal(pooler: Option<&str>) {
         .await
         .unwrap();
     }
+    // A pending login and a pending account connection, each sealed for
+    // its own session key, in the first row.
+    let pending = |key: &str, field: &str, ring: &Keyring| {
+        ring.seal(
+            b"{\"state\":\"s\"}",
+            &Aad {
+                session: key,
+                field,
+            },
+        )
+    };
+    sqlx::query(&format!(
+        "UPDATE {} SET sess = (sess::jsonb || $1::jsonb)::json WHERE sid = 'sid-0'",
+        db.table()
+    ))
+    .bind(
+        serde_json::json!({
+            "oidc.login.0a0b": pending("oidc.login.0a0b", "oidc.login", &old_ring),
+            "vault.connect.0c0d": pending("vault.connect.0c0d", "vault.connect", &old_ring),
+        })
+        .to_string(),
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
     let rotated = format!("{new},{old}");
     let line = |out: &str, k: &str| {
         out.lines()
@@ -340,19 +365,49 @@ async fn keys_and_reseal(pooler: Option<&str>) {
     };
     let (code, out, err) = with_keys(&db, &rotated, &["keys"]);
     assert_eq!(code, 0, "{err}");
-    assert_eq!(line(&out, &old), format!("{} 0 4", id(&old)), "{out}");
+    assert_eq!(line(&out, &old), format!("{} 0 6", id(&old)), "{out}");
     assert!(out.contains("run `pg-session reseal`"), "{out}");
 
     let (code, out, err) = with_keys(&db, &rotated, &["reseal", "--batch", "3"]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("sessions: sealed 4 rows"), "{out}");
-    // Not a terminal: plain progress lines instead of a bar.
-    assert!(err.lines().any(|l| l == "4 session rows handled"), "{err}");
-    assert!(err.lines().any(|l| l == "0 vault rows handled"), "{err}");
+    // Not a terminal: the count first, then a plain line per batch.
+    let lines: Vec<&str> = out.lines().collect();
+    let from = lines
+        .iter()
+        .position(|l| *l == "session rows: 4 to seal again")
+        .unwrap_or_else(|| panic!("{out}"));
+    assert_eq!(
+        lines[from + 1..from + 3],
+        ["session rows: 3/4", "session rows: 4/4"],
+        "{out}"
+    );
+    assert!(lines.contains(&"vault rows: 0 to seal again"), "{out}");
     let (_, out, _) = with_keys(&db, &rotated, &["keys"]);
-    assert_eq!(line(&out, &new), format!("{} 0 4", id(&new)), "{out}");
+    assert_eq!(line(&out, &new), format!("{} 0 6", id(&new)), "{out}");
     assert_eq!(line(&out, &old), format!("{} 0 0", id(&old)), "{out}");
     assert!(out.contains("unused: can be removed"), "{out}");
+    // The pending requests open under the new key alone.
+    let first: serde_json::Value = sqlx::query_scalar(&format!(
+        "SELECT sess::jsonb FROM {} WHERE sid = 'sid-0'",
+        db.table()
+    ))
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    let new_ring = Keyring::from_base64_list(&new).unwrap();
+    for (key, field) in [
+        ("oidc.login.0a0b", "oidc.login"),
+        ("vault.connect.0c0d", "vault.connect"),
+    ] {
+        let aad = Aad {
+            session: key,
+            field,
+        };
+        new_ring
+            .open(first[key].as_str().unwrap(), &aad)
+            .unwrap_or_else(|e| panic!("{key}: {e}"));
+    }
     let carts: Vec<String> = sqlx::query_scalar(&format!(
         "SELECT sess::json->>'cart' FROM {} ORDER BY sid",
         db.table()
