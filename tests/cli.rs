@@ -522,15 +522,7 @@ async fn an_operator_retires_a_token_key_under_the_demo_and_its_users_notice_not
     use base64::{engine::general_purpose::STANDARD, Engine};
     use tower_pg_session::crypto::Keyring;
     let db = Db::new().await;
-    sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {}", db.schema))
-        .execute(&db.pool)
-        .await
-        .unwrap();
-    let url = format!(
-        "{}?options=-c%20search_path%3D{}",
-        database_url(),
-        db.schema
-    );
+    let url = db.schema_url().await;
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
