@@ -328,6 +328,31 @@ async fn keys_and_reseal(pooler: Option<&str>) {
         .await
         .unwrap();
     }
+    // A pending login and a pending account connection, each sealed for
+    // its own session key, in the first row.
+    let pending = |key: &str, field: &str, ring: &Keyring| {
+        ring.seal(
+            b"{\"state\":\"s\"}",
+            &Aad {
+                session: key,
+                field,
+            },
+        )
+    };
+    sqlx::query(&format!(
+        "UPDATE {} SET sess = (sess::jsonb || $1::jsonb)::json WHERE sid = 'sid-0'",
+        db.table()
+    ))
+    .bind(
+        serde_json::json!({
+            "oidc.login.0a0b": pending("oidc.login.0a0b", "oidc.login", &old_ring),
+            "vault.connect.0c0d": pending("vault.connect.0c0d", "vault.connect", &old_ring),
+        })
+        .to_string(),
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
     let rotated = format!("{new},{old}");
     let line = |out: &str, k: &str| {
         out.lines()
@@ -340,19 +365,49 @@ async fn keys_and_reseal(pooler: Option<&str>) {
     };
     let (code, out, err) = with_keys(&db, &rotated, &["keys"]);
     assert_eq!(code, 0, "{err}");
-    assert_eq!(line(&out, &old), format!("{} 0 4", id(&old)), "{out}");
+    assert_eq!(line(&out, &old), format!("{} 0 6", id(&old)), "{out}");
     assert!(out.contains("run `pg-session reseal`"), "{out}");
 
     let (code, out, err) = with_keys(&db, &rotated, &["reseal", "--batch", "3"]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("sessions: sealed 4 rows"), "{out}");
-    // Not a terminal: plain progress lines instead of a bar.
-    assert!(err.lines().any(|l| l == "4 session rows handled"), "{err}");
-    assert!(err.lines().any(|l| l == "0 vault rows handled"), "{err}");
+    // Not a terminal: the count first, then a plain line per batch.
+    let lines: Vec<&str> = out.lines().collect();
+    let from = lines
+        .iter()
+        .position(|l| *l == "session rows: 4 to seal again")
+        .unwrap_or_else(|| panic!("{out}"));
+    assert_eq!(
+        lines[from + 1..from + 3],
+        ["session rows: 3/4", "session rows: 4/4"],
+        "{out}"
+    );
+    assert!(lines.contains(&"vault rows: 0 to seal again"), "{out}");
     let (_, out, _) = with_keys(&db, &rotated, &["keys"]);
-    assert_eq!(line(&out, &new), format!("{} 0 4", id(&new)), "{out}");
+    assert_eq!(line(&out, &new), format!("{} 0 6", id(&new)), "{out}");
     assert_eq!(line(&out, &old), format!("{} 0 0", id(&old)), "{out}");
     assert!(out.contains("unused: can be removed"), "{out}");
+    // The pending requests open under the new key alone.
+    let first: serde_json::Value = sqlx::query_scalar(&format!(
+        "SELECT sess::jsonb FROM {} WHERE sid = 'sid-0'",
+        db.table()
+    ))
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    let new_ring = Keyring::from_base64_list(&new).unwrap();
+    for (key, field) in [
+        ("oidc.login.0a0b", "oidc.login"),
+        ("vault.connect.0c0d", "vault.connect"),
+    ] {
+        let aad = Aad {
+            session: key,
+            field,
+        };
+        new_ring
+            .open(first[key].as_str().unwrap(), &aad)
+            .unwrap_or_else(|e| panic!("{key}: {e}"));
+    }
     let carts: Vec<String> = sqlx::query_scalar(&format!(
         "SELECT sess::json->>'cart' FROM {} ORDER BY sid",
         db.table()
@@ -419,5 +474,135 @@ async fn sessions_and_export_show_connected_accounts() {
     let json: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(json["connections"][0]["integration"], "mail");
     assert!(!out.contains("at-gus") && !out.contains("rt-gus"), "{out}");
+    db.drop_schema().await;
+}
+
+/// The demo on `port` against the database URL `db`, logging in and
+/// connecting `mail` at `idp`, sealing with `token_keys`.
+#[cfg(feature = "oidc")]
+async fn demo_at(port: u16, db: &str, idp: &idp::Idp, token_keys: &str) -> tokio::process::Child {
+    let child = tokio::process::Command::new(demo_bin::binary())
+        .env("BIND_ADDR", format!("127.0.0.1:{port}"))
+        .env("APP_URL", format!("http://127.0.0.1:{port}"))
+        .env("DATABASE_URL", db)
+        .env("SESSION_SECRET", KEY_A)
+        .env("COOKIE_SECURE", "0")
+        .env("PRUNE_INTERVAL_SECS", "0")
+        .env("INTEGRATION_POLL_SECS", "0")
+        .env("TOKEN_KEYS", token_keys)
+        .env("OIDC_ISSUER", &idp.issuer)
+        .env("OIDC_CLIENT_SECRET", idp::CLIENT_SECRET)
+        .env("INTEGRATION_ISSUER", &idp.issuer)
+        .env("INTEGRATION_CLIENT_ID", idp::CLIENT_ID)
+        .env("INTEGRATION_CLIENT_SECRET", idp::CLIENT_SECRET)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let http = reqwest::Client::new();
+    for _ in 0..600 {
+        if let Ok(r) = http
+            .get(format!("http://127.0.0.1:{port}/healthz"))
+            .send()
+            .await
+        {
+            if r.status().is_success() {
+                return child;
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("the demo did not start");
+}
+
+#[cfg(feature = "oidc")]
+#[tokio::test]
+async fn an_operator_retires_a_token_key_under_the_demo_and_its_users_notice_nothing() {
+    use base64::{engine::general_purpose::STANDARD, Engine};
+    use tower_pg_session::crypto::Keyring;
+    let db = Db::new().await;
+    let url = db.schema_url().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let app = format!("http://127.0.0.1:{port}");
+    let idp = idp::Idp::start("keycloak", std::slice::from_ref(&app), 3600).await;
+    let (old, new) = (STANDARD.encode([21u8; 32]), STANDARD.encode([22u8; 32]));
+    let id = |k: &str| {
+        Keyring::from_base64_list(k)
+            .unwrap()
+            .current_key_id()
+            .to_string()
+    };
+    // `keys`: (vault, sessions) values under `k`.
+    let counts = |out: &str, k: &str| -> (u64, u64) {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(&id(k)))
+            .unwrap_or_else(|| panic!("no line for {}: {out}", id(k)));
+        let f: Vec<&str> = line.split_whitespace().collect();
+        (f[1].parse().unwrap(), f[2].parse().unwrap())
+    };
+
+    // The user logs in and connects mail while the demo seals with the old key.
+    let mut demo = demo_at(port, &url, &idp, &old).await;
+    let b = idp::Browser::new();
+    let r = b.login(&app, "zoe", "/").await;
+    assert_eq!(r.status().as_u16(), 302);
+    let r = b
+        .get(&format!(
+            "{app}/integrations/mail/connect?return_to=/settings"
+        ))
+        .await;
+    let callback = b.authorize(&idp::location(&r), "zoe").await;
+    assert_eq!(b.get(&callback).await.status().as_u16(), 302);
+    let check = |b: &idp::Browser| {
+        let app = app.clone();
+        let b = b.http.clone();
+        async move {
+            let r = b
+                .get(format!("{app}/integrations/mail/check"))
+                .header("accept", "application/json")
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    assert_eq!(check(&b).await.0, 200);
+    demo.kill().await.unwrap();
+
+    let (code, out, err) = with_keys_at(&url, &db, &old, &["keys"]);
+    assert_eq!(code, 0, "{err}");
+    let (vault, sessions) = counts(&out, &old);
+    assert!(vault > 0 && sessions > 0, "{out}");
+
+    // The new key first, the old one still opening; reseal while it runs.
+    let rotated = format!("{new},{old}");
+    let mut demo = demo_at(port, &url, &idp, &rotated).await;
+    let (code, out, err) = with_keys_at(&url, &db, &rotated, &["reseal"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("vault: sealed 1 rows"), "{out}");
+    assert!(out.contains("sessions: sealed 1 rows"), "{out}");
+    let (code, out, err) = with_keys_at(&url, &db, &rotated, &["keys"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(counts(&out, &old), (0, 0), "{out}");
+    assert_eq!(counts(&out, &new), (vault, sessions), "{out}");
+    assert!(out.contains("unused: can be removed"), "{out}");
+    demo.kill().await.unwrap();
+
+    // The old key is gone: the user is still logged in, mail still works.
+    let mut demo = demo_at(port, &url, &idp, &new).await;
+    let me = b.me(&app).await;
+    assert_eq!(me.status().as_u16(), 200);
+    let me: serde_json::Value = me.json().await.unwrap();
+    assert_eq!(me["sub"], "zoe");
+    let (status, body) = check(&b).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"valid\":true"), "{body}");
+    demo.kill().await.unwrap();
     db.drop_schema().await;
 }

@@ -98,15 +98,7 @@ async fn start_with(env: &[(&str, String)], stdout: Stdio) -> Demo {
 async fn routes_sessions_and_login_as_documented() {
     let db = common::Db::new().await;
     // The demo's table lives in this test's schema, through the search path.
-    sqlx::query(&format!("CREATE SCHEMA {}", db.schema))
-        .execute(&db.pool)
-        .await
-        .unwrap();
-    let url = format!(
-        "{}?options=-c%20search_path%3D{}",
-        common::database_url(),
-        db.schema
-    );
+    let url = db.schema_url().await;
     let demo = start(&[
         ("DATABASE_URL", url),
         ("SESSION_SECRET", common::KEY_A.to_owned()),
@@ -285,22 +277,9 @@ async fn express_compat_shares_count_with_a_node_app() {
     db.drop().await;
 }
 
-/// Creates `db`'s schema; the database URL whose search path is that schema.
-async fn schema_url(db: &common::Db) -> String {
-    sqlx::query(&format!("CREATE SCHEMA {}", db.schema))
-        .execute(&db.pool)
-        .await
-        .unwrap();
-    format!(
-        "{}?options=-c%20search_path%3D{}",
-        common::database_url(),
-        db.schema
-    )
-}
-
 /// The demo with its own schema on the test database.
 async fn start_in(db: &common::Db) -> Demo {
-    let url = schema_url(db).await;
+    let url = db.schema_url().await;
     start(&[
         ("DATABASE_URL", url),
         ("SESSION_SECRET", common::KEY_A.to_owned()),
@@ -623,7 +602,7 @@ async fn integrations_connect_check_refresh_and_disconnect_as_documented() {
     use base64::{engine::general_purpose::STANDARD, Engine};
 
     let db = common::Db::new().await;
-    let url = schema_url(&db).await;
+    let url = db.schema_url().await;
     let (demo, log) = start_logged(&[
         ("DATABASE_URL", url),
         ("SESSION_SECRET", common::KEY_A.to_owned()),

@@ -456,15 +456,7 @@ async fn a_refresh_whose_request_is_dropped_still_lands() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_instance_leaves_nothing_half_written() {
     let db = Db::new().await;
-    sqlx::query(&format!("CREATE SCHEMA {}", db.schema))
-        .execute(&db.pool)
-        .await
-        .unwrap();
-    let url = format!(
-        "{}?options=-c%20search_path%3D{}",
-        database_url(),
-        db.schema
-    );
+    let url = db.schema_url().await;
     let (mut victim, survivor) = (demo_bin::demo(&url, 4).await, demo_bin::demo(&url, 4).await);
     let pad = "x".repeat(30_000);
     let (stop, stopped) = tokio::sync::watch::channel(false);

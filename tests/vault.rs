@@ -915,6 +915,20 @@ async fn the_cli_reports_key_usage_and_reseals() {
     let (code, out) = cli(&rotated, &["reseal", "--batch", "2"]);
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("sealed 3 rows"), "{out}");
+    // Counted first, then a line per batch (stdout is no terminal here).
+    let progress: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("vault rows"))
+        .collect();
+    assert_eq!(
+        progress,
+        [
+            "vault rows: 3 to seal again",
+            "vault rows: 2/3",
+            "vault rows: 3/3"
+        ],
+        "{out}"
+    );
     let (_, out) = cli(&rotated, &["keys"]);
     let line = out.lines().find(|l| l.starts_with(&id(&new))).unwrap();
     assert!(line.contains(" 6 ") && line.contains("first key"), "{out}");
@@ -1745,6 +1759,86 @@ async fn a_session_row_held_elsewhere_is_resealed_once_released_and_its_write_ke
         .open(data["oidc"].as_str().unwrap(), &vault_aad("sid-3", "oidc"))
         .expect("resealed after the holder's write");
     db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn a_vault_row_held_by_a_refresh_is_resealed_once_released_and_the_refresh_kept() {
+    use tower_pg_session::crypto::EncryptionKey;
+    let s = setup("keycloak").await;
+    let (old, new) = (
+        EncryptionKey::from_bytes([3; 32]),
+        EncryptionKey::from_bytes([4; 32]),
+    );
+    let old_ring = Keyring::new(vec![old.clone()]).unwrap();
+    let before = TokenVault::new(&s.store, old_ring.clone(), s.config())
+        .await
+        .unwrap();
+    for n in 0..10 {
+        let tokens = Tokens::new(format!("access-{n}")).with_refresh_token(format!("refresh-{n}"));
+        before
+            .store(&format!("user-{n}"), "mail", tokens)
+            .await
+            .unwrap();
+    }
+    let rotated = TokenVault::new(
+        &s.store,
+        Keyring::new(vec![new.clone(), old]).unwrap(),
+        s.config(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(rotated.rows_to_reseal().await.unwrap(), 10);
+    // A refresh holds one row, waiting on its provider.
+    let t = s.table();
+    let mut holder = s.db.pool.begin().await.unwrap();
+    sqlx::query(&format!(
+        "SELECT 1 FROM {t} WHERE user_id = 'user-3' AND integration = 'mail' FOR UPDATE"
+    ))
+    .execute(&mut *holder)
+    .await
+    .unwrap();
+    let vault = rotated.clone();
+    let reseal = tokio::spawn(async move { vault.reseal(4).await });
+    common::eventually("every free row resealed", || async {
+        rotated.rows_to_reseal().await.unwrap() == 1
+    })
+    .await;
+    assert!(!reseal.is_finished(), "it comes back for the held row");
+    // The refresh ends: an instance still sealing with the old key writes
+    // the new tokens, and commits.
+    let binding = "vault:6:user-3:mail";
+    let seal =
+        |token: &str, field: &str| old_ring.seal(token.as_bytes(), &vault_aad(binding, field));
+    sqlx::query(&format!(
+        "UPDATE {t} SET access_token = $1, refresh_token = $2, last_refreshed_at = now() \
+         WHERE user_id = 'user-3' AND integration = 'mail'"
+    ))
+    .bind(seal("access-3-refreshed", "vault.access_token"))
+    .bind(seal("refresh-3-refreshed", "vault.refresh_token"))
+    .execute(&mut *holder)
+    .await
+    .unwrap();
+    holder.commit().await.unwrap();
+    let outcome = tokio::time::timeout(Duration::from_secs(30), reseal)
+        .await
+        .expect("the reseal finishes once the row is released")
+        .unwrap()
+        .unwrap();
+    assert_eq!((outcome.resealed, outcome.unreadable), (10, 0));
+    assert_eq!(rotated.rows_to_reseal().await.unwrap(), 0);
+    // The refresh is kept, and it opens under the new key alone.
+    let after = TokenVault::new(&s.store, Keyring::new(vec![new]).unwrap(), s.config())
+        .await
+        .unwrap();
+    assert_eq!(
+        after.get("user-3", "mail").await.unwrap().secret(),
+        "access-3-refreshed"
+    );
+    assert_eq!(
+        after.get("user-4", "mail").await.unwrap().secret(),
+        "access-4"
+    );
+    s.db.drop_schema().await;
 }
 
 #[tokio::test]

@@ -76,12 +76,15 @@ enum Command {
     /// A user's session metadata as JSON (no ids, data or tokens).
     Export(UserArg),
     /// How many sealed values each key id seals, in the token vault and in
-    /// the login records of live sessions.
+    /// live sessions (login records, pending logins and pending account
+    /// connections).
     #[cfg(feature = "oidc")]
     Keys(VaultArgs),
-    /// Seal every token in the token vault and every login record in the
-    /// sessions again under the first key of TOKEN_KEYS, in batches, while
-    /// the app runs; resumable (run it again after an interruption).
+    /// Seal every token in the token vault, and every login record and
+    /// pending login or account connection in the sessions, again under the
+    /// first key of TOKEN_KEYS, in batches, while the app runs; resumable
+    /// (run it again after an interruption). Counts the rows first, then
+    /// shows a progress bar (a line per batch when stdout is no terminal).
     #[cfg(feature = "oidc")]
     Reseal {
         #[command(flatten)]
@@ -324,10 +327,7 @@ fn rfc3339(t: Option<time::OffsetDateTime>) -> String {
 
 #[cfg(feature = "oidc")]
 mod vault {
-    use std::{
-        io::IsTerminal,
-        time::{Duration, Instant},
-    };
+    use std::io::IsTerminal;
 
     use indicatif::{ProgressBar, ProgressStyle};
     use tower_pg_session::{
@@ -406,14 +406,15 @@ mod vault {
         batch: usize,
     ) -> Result<(), Box<dyn std::error::Error>> {
         let (vault, keys) = open(store, schema, args).await?;
-        let mut progress = Progress::new("vault rows");
+        let mut progress = Progress::new("vault rows", vault.rows_to_reseal().await?);
         let outcome = vault.reseal_with(batch, |n| progress.add(n)).await?;
         progress.finish();
         println!(
             "vault: sealed {} rows under the first key; {} rows did not open and were left as they were",
             outcome.resealed, outcome.unreadable
         );
-        let mut progress = Progress::new("session rows");
+        let total = store.session_rows_to_reseal(&keys).await?;
+        let mut progress = Progress::new("session rows", total);
         let outcome = store
             .reseal_sessions_with(&keys, batch, |n| progress.add(n))
             .await?;
@@ -517,32 +518,37 @@ mod vault {
         Ok(())
     }
 
-    /// A progress bar on a terminal; otherwise a plain line at most once a
-    /// second (logs and CI keep a readable trace).
+    /// A progress bar (on stderr) when stdout is a terminal; otherwise a
+    /// plain line on stdout per batch, so logs and CI keep a readable trace.
+    /// The total is counted first: rows written meanwhile by the
+    /// application may make the count end a little off it.
     struct Progress {
         bar: Option<ProgressBar>,
         what: &'static str,
         done: u64,
-        last_line: Instant,
+        total: u64,
     }
 
     impl Progress {
-        fn new(what: &'static str) -> Self {
-            let bar = std::io::stderr().is_terminal().then(|| {
-                let bar = ProgressBar::new_spinner();
+        fn new(what: &'static str, total: u64) -> Self {
+            let bar = std::io::stdout().is_terminal().then(|| {
+                let bar = ProgressBar::new(total);
                 bar.set_style(
                     ProgressStyle::with_template(&format!(
-                        "{{spinner}} {{pos}} {what} sealed again ({{elapsed}}, {{per_sec}})"
+                        "{{bar:40}} {{pos}}/{{len}} {what} sealed again ({{elapsed}}, eta {{eta}})"
                     ))
-                    .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
                 );
                 bar
             });
+            if bar.is_none() {
+                println!("{what}: {total} to seal again");
+            }
             Self {
                 bar,
                 what,
                 done: 0,
-                last_line: Instant::now(),
+                total,
             }
         }
 
@@ -550,18 +556,14 @@ mod vault {
             self.done += n;
             match &self.bar {
                 Some(bar) => bar.inc(n),
-                None if self.last_line.elapsed() >= Duration::from_secs(1) => {
-                    self.last_line = Instant::now();
-                    eprintln!("{} {} handled", self.done, self.what);
-                }
+                None if n > 0 => println!("{}: {}/{}", self.what, self.done, self.total),
                 None => {}
             }
         }
 
         fn finish(self) {
-            match self.bar {
-                Some(bar) => bar.finish_and_clear(),
-                None => eprintln!("{} {} handled", self.done, self.what),
+            if let Some(bar) = self.bar {
+                bar.finish_and_clear();
             }
         }
     }

@@ -40,6 +40,8 @@ mod batch;
 mod budget;
 mod connect;
 mod handle;
+#[cfg(feature = "oidc")]
+pub(crate) mod paged;
 mod pooler;
 mod prune;
 #[cfg(feature = "oidc")]

@@ -1,6 +1,8 @@
 //! Key retirement in session rows: which keys still seal the login guard's
 //! values (the login record under `oidc`, pending logins under
-//! `oidc.login.*`), and sealing them all again under the keyring's first key.
+//! `oidc.login.*` and the token vault's pending account connections under
+//! `vault.connect.*`), and sealing them all again under the keyring's first
+//! key.
 //!
 //! Safe while the application runs. A batch locks only rows no one else
 //! holds (`FOR UPDATE SKIP LOCKED`), so a request never queues behind a
@@ -16,13 +18,18 @@ use sqlx::Row;
 use time::OffsetDateTime;
 use tracing::Instrument;
 
-use super::{detached, schema::SessType, to_col, PgStore, StoreError, Tx};
+use super::{
+    detached,
+    paged::{in_batches, Step},
+    schema::SessType,
+    to_col, PgStore, StoreError, Tx,
+};
 use crate::{
     crypto::{key_id_sql, Keyring},
     oidc::record::{reseal_entry, Resealed},
     session::{
         data::Data,
-        reserved::{PENDING_PREFIX, USER_KEY},
+        reserved::{CONNECT_PREFIX, PENDING_PREFIX, USER_KEY},
     },
     vault::{KeyUsage, ResealOutcome},
 };
@@ -34,18 +41,20 @@ const BUSY_WAIT: Duration = Duration::from_secs(30);
 /// The statements, for this table's layout.
 struct ResealSql {
     usage: String,
+    count: String,
     lock_batch: String,
     skipped: String,
     lock_one: String,
     write: String,
 }
 
-/// `$1` now, `$2` the login record's key, `$3` the pending logins' prefix.
+/// `$1` now, `$2` the login record's key, `$3` the pending requests'
+/// prefixes (logins and account connections).
 fn sealed_entries(t: &str, now: &str) -> String {
     format!(
         "{t} AS t CROSS JOIN LATERAL jsonb_each(CASE WHEN jsonb_typeof(t.sess::jsonb) = 'object' \
            THEN t.sess::jsonb ELSE '{{}}'::jsonb END) AS e \
-         WHERE t.expire > {now} AND (e.key = $2 OR starts_with(e.key, $3)) \
+         WHERE t.expire > {now} AND (e.key = $2 OR e.key ^@ ANY($3::text[])) \
            AND jsonb_typeof(e.value) = 'string'"
     )
 }
@@ -59,7 +68,7 @@ impl ResealSql {
         let stale = format!(
             "EXISTS (SELECT FROM jsonb_each(CASE WHEN jsonb_typeof(t.sess::jsonb) = 'object' \
                THEN t.sess::jsonb ELSE '{{}}'::jsonb END) AS e \
-             WHERE (e.key = $2 OR starts_with(e.key, $3)) AND jsonb_typeof(e.value) = 'string' \
+             WHERE (e.key = $2 OR e.key ^@ ANY($3::text[])) AND jsonb_typeof(e.value) = 'string' \
                AND {kid} <> $4)"
         );
         let json = match sess {
@@ -71,6 +80,7 @@ impl ResealSql {
                 "SELECT k, count(*) FROM (SELECT {kid} AS k FROM {entries}) s GROUP BY k ORDER BY k",
                 entries = sealed_entries(&t, &now)
             ),
+            count: format!("SELECT count(*) FROM {t} AS t WHERE t.expire > {now} AND {stale}"),
             // $5 after this sid, $6 at most this many rows.
             lock_batch: format!(
                 "SELECT t.sid::text, t.sess::text FROM {t} AS t \
@@ -98,6 +108,9 @@ impl ResealSql {
     }
 }
 
+/// The session keys of pending requests, whose values are sealed too.
+const PENDING: [&str; 2] = [PENDING_PREFIX, CONNECT_PREFIX];
+
 /// A locked row and what resealing it gave.
 struct Done {
     sid: String,
@@ -122,7 +135,7 @@ impl PgStore {
             .persistent(self.persistent())
             .bind(OffsetDateTime::now_utc())
             .bind(USER_KEY)
-            .bind(PENDING_PREFIX)
+            .bind(&PENDING[..])
             .fetch_all(conn.get())
             .await?;
         conn.done().await?;
@@ -130,6 +143,28 @@ impl PgStore {
             .into_iter()
             .map(|(key_id, n)| KeyUsage::new(key_id, u64::try_from(n).unwrap_or(0)))
             .collect())
+    }
+
+    /// How many live sessions hold a login value sealed under another key
+    /// than the first of `keys`: what
+    /// [`reseal_sessions`](Self::reseal_sessions) goes through (rows whose
+    /// value opens under no key included), e.g. a progress bar's total.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    pub async fn session_rows_to_reseal(&self, keys: &Keyring) -> Result<u64, StoreError> {
+        let sql = self.reseal_sql().await?;
+        let mut conn = self.conn().await?;
+        let n: i64 = sqlx::query_scalar(&sql.count)
+            .persistent(self.persistent())
+            .bind(OffsetDateTime::now_utc())
+            .bind(USER_KEY)
+            .bind(&PENDING[..])
+            .bind(keys.current_key_id().to_string())
+            .fetch_one(conn.get())
+            .await?;
+        conn.done().await?;
+        Ok(u64::try_from(n).unwrap_or(0))
     }
 
     /// Seals the login guard's values in every live session again under the
@@ -193,24 +228,22 @@ impl PgStore {
         progress: &mut impl FnMut(u64),
     ) -> Result<ResealOutcome, StoreError> {
         let mut outcome = ResealOutcome::default();
-        let mut after = String::new();
         // Rows others held are taken once the free ones are done, so one
         // busy row does not hold up the rest.
         let mut busy = Vec::new();
-        loop {
-            let (this, keys_, from) = (self.clone(), keys.clone(), after.clone());
-            let (rows, skipped, next) =
-                detached(async move { this.reseal_batch(&keys_, &from, limit).await })
+        let step = |after: String| {
+            let (this, keys) = (self.clone(), keys.clone());
+            async move {
+                detached(async move { this.reseal_batch(&keys, &after, limit).await })
                     .await
-                    .ok_or(StoreError::Database(sqlx::Error::WorkerCrashed))??;
-            outcome.add(&rows);
-            progress(rows.len() as u64);
-            busy.extend(skipped);
-            match next {
-                Some(last) => after = last,
-                None => break,
+                    .ok_or(StoreError::Database(sqlx::Error::WorkerCrashed))?
             }
-        }
+        };
+        let fold = |(rows, skipped): (Vec<Done>, Vec<String>)| {
+            outcome.add(&rows);
+            busy.extend(skipped);
+        };
+        in_batches(String::new(), step, fold, progress).await?;
         for sid in busy {
             let (this, keys_) = (self.clone(), keys.clone());
             let row = detached(async move { this.reseal_busy(&keys_, &sid).await })
@@ -230,7 +263,7 @@ impl PgStore {
         keys: &Keyring,
         after: &str,
         limit: i64,
-    ) -> Result<(Vec<Done>, Vec<String>, Option<String>), StoreError> {
+    ) -> Result<Step<(Vec<Done>, Vec<String>), String>, StoreError> {
         let sql = self.reseal_sql().await?;
         let current = keys.current_key_id().to_string();
         let now = OffsetDateTime::now_utc();
@@ -239,7 +272,7 @@ impl PgStore {
             .persistent(self.persistent())
             .bind(now)
             .bind(USER_KEY)
-            .bind(PENDING_PREFIX)
+            .bind(&PENDING[..])
             .bind(&current)
             .bind(after)
             .bind(limit)
@@ -256,7 +289,7 @@ impl PgStore {
             .persistent(self.persistent())
             .bind(now)
             .bind(USER_KEY)
-            .bind(PENDING_PREFIX)
+            .bind(&PENDING[..])
             .bind(&current)
             .bind(after)
             .bind(last.as_deref())
@@ -264,7 +297,11 @@ impl PgStore {
             .fetch_all(&mut *tx)
             .await?;
         self.write_resealed(tx, &sql.write, &rows).await?;
-        Ok((rows, skipped, last))
+        Ok(Step {
+            rows: rows.len() as u64,
+            done: (rows, skipped),
+            next: last,
+        })
     }
 
     /// A row a batch skipped, alone: waits for whoever holds it.
@@ -280,7 +317,7 @@ impl PgStore {
             .persistent(self.persistent())
             .bind(OffsetDateTime::now_utc())
             .bind(USER_KEY)
-            .bind(PENDING_PREFIX)
+            .bind(&PENDING[..])
             .bind(keys.current_key_id().to_string())
             .bind(sid)
             .fetch_optional(&mut *tx)

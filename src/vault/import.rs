@@ -6,7 +6,11 @@ use time::OffsetDateTime;
 use tracing::Instrument;
 
 use super::{TokenVault, Tokens, VaultError};
-use crate::store::{schema::Ident, StoreError};
+use crate::store::{
+    paged::{in_batches, Step},
+    schema::Ident,
+    StoreError,
+};
 
 /// Where plaintext tokens are read from: a table and its column names.
 /// Every name is validated as an SQL identifier.
@@ -140,53 +144,73 @@ impl TokenVault {
         source: &ImportSource,
         dry_run: bool,
     ) -> Result<ImportOutcome, VaultError> {
-        let sql = source.select();
+        let sql = &source.select();
         let mut outcome = ImportOutcome::default();
-        let mut after = (String::new(), String::new());
-        loop {
-            let mut conn = self.inner.sql.pooler().conn(&self.inner.pool).await?;
-            let rows = sqlx::query(&sql)
-                .persistent(self.inner.sql.persistent())
-                .bind(&after.0)
-                .bind(&after.1)
-                .bind(IMPORT_BATCH)
-                .fetch_all(conn.get())
-                .await
-                .map_err(StoreError::from)?;
-            conn.done().await.map_err(StoreError::from)?;
-            let Some(last) = rows.last() else {
-                return Ok(outcome);
-            };
-            after = (last.try_get(0)?, last.try_get(1)?);
-            for row in &rows {
-                outcome.read += 1;
-                let user: String = row.try_get(0)?;
-                let name: String = row.try_get(1)?;
-                let access: Option<String> = row.try_get(2)?;
-                let refresh: Option<String> = row.try_get(3)?;
-                let expires: Option<OffsetDateTime> = row.try_get(4)?;
-                let mut tokens = Tokens::new(access.unwrap_or_default());
-                if let Some(rt) = refresh.filter(|r| !r.is_empty()) {
-                    tokens = tokens.with_refresh_token(rt);
-                }
-                if let Some(at) = expires {
-                    tokens = tokens.with_expires_at(at);
-                }
-                match self.import_one(&user, &name, tokens, dry_run).await {
-                    Ok(()) => outcome.imported += 1,
-                    Err(VaultError::Store(e)) => return Err(VaultError::Store(e)),
-                    Err(e) => {
-                        outcome.skipped += 1;
-                        tracing::warn!(
-                            user = %crate::log_safe::untrusted(&user),
-                            integration = %crate::log_safe::untrusted(&name),
-                            error = %e,
-                            "row not imported"
-                        );
-                    }
+        let step = move |after| self.import_batch(sql, after, dry_run);
+        let fold = |done: ImportOutcome| {
+            outcome.read += done.read;
+            outcome.imported += done.imported;
+            outcome.skipped += done.skipped;
+        };
+        in_batches((String::new(), String::new()), step, fold, &mut |_| {}).await?;
+        Ok(outcome)
+    }
+
+    /// The source's rows after the (user, integration) `after`, imported.
+    async fn import_batch(
+        &self,
+        sql: &str,
+        after: (String, String),
+        dry_run: bool,
+    ) -> Result<Step<ImportOutcome, (String, String)>, VaultError> {
+        let mut conn = self.inner.sql.pooler().conn(&self.inner.pool).await?;
+        let rows = sqlx::query(sql)
+            .persistent(self.inner.sql.persistent())
+            .bind(&after.0)
+            .bind(&after.1)
+            .bind(IMPORT_BATCH)
+            .fetch_all(conn.get())
+            .await
+            .map_err(StoreError::from)?;
+        conn.done().await.map_err(StoreError::from)?;
+        let mut outcome = ImportOutcome::default();
+        let next = match rows.last() {
+            Some(last) => Some((last.try_get(0)?, last.try_get(1)?)),
+            None => None,
+        };
+        for row in &rows {
+            outcome.read += 1;
+            let user: String = row.try_get(0)?;
+            let name: String = row.try_get(1)?;
+            let access: Option<String> = row.try_get(2)?;
+            let refresh: Option<String> = row.try_get(3)?;
+            let expires: Option<OffsetDateTime> = row.try_get(4)?;
+            let mut tokens = Tokens::new(access.unwrap_or_default());
+            if let Some(rt) = refresh.filter(|r| !r.is_empty()) {
+                tokens = tokens.with_refresh_token(rt);
+            }
+            if let Some(at) = expires {
+                tokens = tokens.with_expires_at(at);
+            }
+            match self.import_one(&user, &name, tokens, dry_run).await {
+                Ok(()) => outcome.imported += 1,
+                Err(VaultError::Store(e)) => return Err(VaultError::Store(e)),
+                Err(e) => {
+                    outcome.skipped += 1;
+                    tracing::warn!(
+                        user = %crate::log_safe::untrusted(&user),
+                        integration = %crate::log_safe::untrusted(&name),
+                        error = %e,
+                        "row not imported"
+                    );
                 }
             }
         }
+        Ok(Step {
+            rows: outcome.read,
+            done: outcome,
+            next,
+        })
     }
 
     async fn import_one(

@@ -4,7 +4,10 @@
 use super::{sql::ToReseal, TokenVault, VaultError, ACCESS, REFRESH};
 use tracing::Instrument;
 
-use crate::store::detached;
+use crate::store::{
+    detached,
+    paged::{in_batches, Step},
+};
 
 /// How many stored values one key id seals.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -52,11 +55,31 @@ impl TokenVault {
             .collect())
     }
 
+    /// How many rows hold a token sealed under another key than the
+    /// keyring's first: what [`reseal`](Self::reseal) goes through (rows
+    /// that do not open included), e.g. a progress bar's total.
+    ///
+    /// # Errors
+    /// [`VaultError::Store`].
+    pub async fn rows_to_reseal(&self) -> Result<u64, VaultError> {
+        let current = self.inner.keyring.current_key_id().to_string();
+        let n = self
+            .inner
+            .sql
+            .count_stale(&self.inner.pool, &current)
+            .await?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
     /// Seals every stored token again under the keyring's first key, `batch`
-    /// rows per transaction. Safe while the application runs: each batch
-    /// locks its rows (waiting for a refresh that holds one, then reading
-    /// what it wrote), so no concurrent refresh is lost. Resumable: run it
-    /// again after an error; [`key_usage`](Self::key_usage) shows what is left.
+    /// rows per transaction. Safe while the application runs: a batch locks
+    /// only rows no refresh holds (`FOR UPDATE SKIP LOCKED`), so it never
+    /// waits on a provider; once the free rows are done, the rows skipped
+    /// are taken one at a time, each waiting (at most the
+    /// [lock timeout](super::VaultConfig::with_lock_timeout)) for its
+    /// refresh and then resealing what that refresh wrote, so no refresh
+    /// is lost and no row is left behind. Resumable: run it again after an
+    /// error; [`key_usage`](Self::key_usage) shows what is left.
     ///
     /// # Errors
     /// [`VaultError::Store`]; what earlier batches resealed stays resealed.
@@ -88,62 +111,110 @@ impl TokenVault {
         progress: &mut impl FnMut(u64),
     ) -> Result<ResealOutcome, VaultError> {
         let mut outcome = ResealOutcome::default();
-        let mut cursor: Cursor = None;
-        loop {
+        // Rows a refresh held are taken once the free ones are done, so one
+        // slow provider does not hold up the rest.
+        let mut busy = Vec::new();
+        let step = |after: Cursor| {
             let this = self.clone();
-            let after = cursor.clone();
-            let (resealed, unreadable, next) =
+            async move {
                 detached(async move { this.reseal_batch(after, batch).await })
                     .await
-                    .unwrap_or(Err(VaultError::Interrupted))?;
-            outcome.resealed += resealed;
-            outcome.unreadable += unreadable;
-            progress(resealed + unreadable);
-            match next {
-                Some(_) => cursor = next,
-                None => {
-                    tracing::info!(
-                        resealed = outcome.resealed,
-                        unreadable = outcome.unreadable,
-                        "vault tokens sealed under the first key"
-                    );
-                    return Ok(outcome);
-                }
+                    .unwrap_or(Err(VaultError::Interrupted))
             }
+        };
+        let fold = |(done, skipped): (ResealOutcome, Vec<(String, String)>)| {
+            outcome.resealed += done.resealed;
+            outcome.unreadable += done.unreadable;
+            busy.extend(skipped);
+        };
+        in_batches(None, step, fold, progress).await?;
+        for (user, integration) in busy {
+            let this = self.clone();
+            let done = detached(async move { this.reseal_busy(&user, &integration).await })
+                .await
+                .unwrap_or(Err(VaultError::Interrupted))?;
+            outcome.resealed += done.resealed;
+            outcome.unreadable += done.unreadable;
+            progress(done.resealed + done.unreadable);
         }
+        tracing::info!(
+            resealed = outcome.resealed,
+            unreadable = outcome.unreadable,
+            "vault tokens sealed under the first key"
+        );
+        Ok(outcome)
     }
 
+    /// One batch of the free rows after `after`: what it resealed, the rows
+    /// it skipped because a refresh held them, and where the next starts.
     async fn reseal_batch(
         &self,
         after: Cursor,
         batch: i64,
-    ) -> Result<(u64, u64, Cursor), VaultError> {
+    ) -> Result<Step<(ResealOutcome, Vec<(String, String)>), Cursor>, VaultError> {
+        let sql = &self.inner.sql;
         let current = self.inner.keyring.current_key_id().to_string();
         let mut tx = self.inner.pool.begin().await?;
-        self.inner
-            .sql
-            .lock_timeout(&mut tx, self.lock_wait())
-            .await?;
-        let rows = self
-            .inner
-            .sql
+        let rows = sql
             .lock_stale(&mut tx, &current, after.as_ref(), batch)
             .await?;
-        let Some(last) = rows.last().map(|r| (r.user.clone(), r.integration.clone())) else {
-            tx.rollback().await?;
-            return Ok((0, 0, None));
-        };
-        let total = rows.len();
+        let full = i64::try_from(rows.len()).unwrap_or(i64::MAX) >= batch;
+        let upto = rows
+            .last()
+            .filter(|_| full)
+            .map(|r| (r.user.clone(), r.integration.clone()));
+        let skipped = sql
+            .skipped(&mut tx, &current, after.as_ref(), upto.as_ref(), &rows)
+            .await?;
+        let done = self.write_resealed(&mut tx, &rows).await?;
+        tx.commit().await?;
+        Ok(Step {
+            done: (done, skipped),
+            rows: rows.len() as u64,
+            next: upto.map(Some),
+        })
+    }
+
+    /// A row a batch skipped, alone: waits (at most the lock timeout) for
+    /// the refresh that holds it, then reseals what it wrote.
+    async fn reseal_busy(
+        &self,
+        user: &str,
+        integration: &str,
+    ) -> Result<ResealOutcome, VaultError> {
+        let sql = &self.inner.sql;
+        let current = self.inner.keyring.current_key_id().to_string();
+        let mut tx = self.inner.pool.begin().await?;
+        sql.lock_timeout(&mut tx, self.lock_wait()).await?;
+        // Gone, or sealed under the first key by its holder: nothing to do.
+        let rows: Vec<ToReseal> = sql
+            .lock_one_stale(&mut tx, &current, user, integration)
+            .await?
+            .into_iter()
+            .collect();
+        let done = self.write_resealed(&mut tx, &rows).await?;
+        tx.commit().await?;
+        Ok(done)
+    }
+
+    /// Writes the locked `rows` sealed under the first key; those that do
+    /// not open are left as they are, and counted.
+    async fn write_resealed(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        rows: &[ToReseal],
+    ) -> Result<ResealOutcome, VaultError> {
         let sealed: Vec<ToReseal> = rows
             .iter()
             .filter_map(|r| self.reseal_row(r).ok())
             .collect();
         if !sealed.is_empty() {
-            self.inner.sql.resealed(&mut tx, &sealed).await?;
+            self.inner.sql.resealed(conn, &sealed).await?;
         }
-        tx.commit().await?;
-        let done = sealed.len() as u64;
-        Ok((done, (total - sealed.len()) as u64, Some(last)))
+        Ok(ResealOutcome {
+            resealed: sealed.len() as u64,
+            unreadable: (rows.len() - sealed.len()) as u64,
+        })
     }
 
     /// The row's tokens sealed under the first key, or why not.

@@ -1,6 +1,10 @@
 //! Every statement the vault runs, next to the values it binds.
 
-use sqlx::{postgres::PgRow, PgConnection, PgPool, Row};
+use sqlx::{
+    postgres::{PgArguments, PgRow},
+    query::Query,
+    PgConnection, PgPool, Postgres, Row,
+};
 use time::OffsetDateTime;
 
 use super::tokens::Connection;
@@ -95,6 +99,24 @@ impl Sql {
         self.persistent
     }
 
+    /// `sql`, prepared as this pooler allows.
+    fn query<'q>(&self, sql: &'q str) -> Query<'q, Postgres, PgArguments> {
+        sqlx::query(sql).persistent(self.persistent)
+    }
+
+    /// Runs `query` alone on a connection of `pool` (in a transaction of its
+    /// own behind a transaction pooler) and returns its rows.
+    async fn rows(
+        &self,
+        pool: &PgPool,
+        query: Query<'_, Postgres, PgArguments>,
+    ) -> Result<Vec<PgRow>, sqlx::Error> {
+        let mut conn = self.pooler.conn(pool).await?;
+        let rows = query.fetch_all(conn.get()).await?;
+        conn.done().await?;
+        Ok(rows)
+    }
+
     /// Reads the row, and notes the use when the last note is over a minute
     /// old, skipping a row that a refresh holds locked so that reads never
     /// queue behind a provider's answer.
@@ -105,21 +127,17 @@ impl Sql {
         integration: &str,
     ) -> Result<Option<Sealed>, sqlx::Error> {
         let t = &self.table;
-        let mut conn = self.pooler.conn(pool).await?;
-        let row = sqlx::query(&format!(
+        let sql = format!(
             "WITH used AS (UPDATE {t} SET last_used_at = now() \
                WHERE ctid = (SELECT ctid FROM {t} WHERE user_id = $1 AND integration = $2 \
                  AND (last_used_at IS NULL OR last_used_at < now() - interval '60 seconds') \
                  FOR UPDATE SKIP LOCKED)) \
              SELECT {SEALED_COLUMNS} FROM {t} WHERE user_id = $1 AND integration = $2"
-        ))
-        .persistent(self.persistent)
-        .bind(user)
-        .bind(integration)
-        .fetch_optional(conn.get())
-        .await?;
-        conn.done().await?;
-        row.as_ref().map(sealed).transpose()
+        );
+        let rows = self
+            .rows(pool, self.query(&sql).bind(user).bind(integration))
+            .await?;
+        rows.first().map(sealed).transpose()
     }
 
     /// Reads the row under a lock held until the transaction ends.
@@ -152,7 +170,6 @@ impl Sql {
         audit: Option<&Audit>,
     ) -> Result<(), sqlx::Error> {
         let t = &self.table;
-        let mut conn = self.pooler.conn(pool).await?;
         // A connection with the audit on records its client; any other
         // write leaves what a connection recorded.
         let (columns, values, set) = match audit {
@@ -173,8 +190,8 @@ impl Sql {
                token_type = EXCLUDED.token_type, needs_reconsent_at = NULL, updated_at = now()\
                {set}"
         );
-        let mut query = sqlx::query(&sql)
-            .persistent(self.persistent)
+        let mut query = self
+            .query(&sql)
             .bind(user)
             .bind(integration)
             .bind(w.access_token)
@@ -185,8 +202,7 @@ impl Sql {
         if let Some(a) = audit {
             query = query.bind(a.ip.as_deref()).bind(a.user_agent.as_deref());
         }
-        query.execute(conn.get()).await?;
-        conn.done().await?;
+        self.rows(pool, query).await?;
         Ok(())
     }
 
@@ -247,18 +263,14 @@ impl Sql {
         user: &str,
         integration: &str,
     ) -> Result<Option<Option<String>>, sqlx::Error> {
-        let t = &self.table;
-        let mut conn = self.pooler.conn(pool).await?;
-        let out = sqlx::query_scalar(&format!(
-            "DELETE FROM {t} WHERE user_id = $1 AND integration = $2 RETURNING refresh_token"
-        ))
-        .persistent(self.persistent)
-        .bind(user)
-        .bind(integration)
-        .fetch_optional(conn.get())
-        .await?;
-        conn.done().await?;
-        Ok(out)
+        let sql = format!(
+            "DELETE FROM {t} WHERE user_id = $1 AND integration = $2 RETURNING refresh_token",
+            t = self.table
+        );
+        let rows = self
+            .rows(pool, self.query(&sql).bind(user).bind(integration))
+            .await?;
+        rows.first().map(|r| r.try_get(0)).transpose()
     }
 
     /// Deletes every row of `user`; returns each integration and its sealed
@@ -268,17 +280,14 @@ impl Sql {
         pool: &PgPool,
         user: &str,
     ) -> Result<Vec<(String, Option<String>)>, sqlx::Error> {
-        let t = &self.table;
-        let mut conn = self.pooler.conn(pool).await?;
-        let out = sqlx::query_as(&format!(
-            "DELETE FROM {t} WHERE user_id = $1 RETURNING integration, refresh_token"
-        ))
-        .persistent(self.persistent)
-        .bind(user)
-        .fetch_all(conn.get())
-        .await?;
-        conn.done().await?;
-        Ok(out)
+        let sql = format!(
+            "DELETE FROM {t} WHERE user_id = $1 RETURNING integration, refresh_token",
+            t = self.table
+        );
+        let rows = self.rows(pool, self.query(&sql).bind(user)).await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .collect()
     }
 
     /// Metadata of every connection of `user`; the token columns are not read.
@@ -287,16 +296,11 @@ impl Sql {
         pool: &PgPool,
         user: &str,
     ) -> Result<Vec<Connection>, sqlx::Error> {
-        let t = &self.table;
-        let mut conn = self.pooler.conn(pool).await?;
-        let rows = sqlx::query(&format!(
-            "SELECT {CONNECTION_COLUMNS} FROM {t} WHERE user_id = $1 ORDER BY integration"
-        ))
-        .persistent(self.persistent)
-        .bind(user)
-        .fetch_all(conn.get())
-        .await?;
-        conn.done().await?;
+        let sql = format!(
+            "SELECT {CONNECTION_COLUMNS} FROM {t} WHERE user_id = $1 ORDER BY integration",
+            t = self.table
+        );
+        let rows = self.rows(pool, self.query(&sql).bind(user)).await?;
         rows.iter().map(connection).collect()
     }
 
@@ -310,19 +314,13 @@ impl Sql {
     ) -> Result<Vec<(String, Connection)>, sqlx::Error> {
         let t = &self.table;
         let (user, integration) = after.unwrap_or(("", ""));
-        let mut conn = self.pooler.conn(pool).await?;
-        let rows = sqlx::query(&format!(
+        let sql = format!(
             "SELECT {CONNECTION_COLUMNS}, user_id FROM {t} \
              WHERE (user_id, integration) > ($1, $2) \
              ORDER BY user_id, integration LIMIT $3"
-        ))
-        .persistent(self.persistent)
-        .bind(user)
-        .bind(integration)
-        .bind(limit)
-        .fetch_all(conn.get())
-        .await?;
-        conn.done().await?;
+        );
+        let query = self.query(&sql).bind(user).bind(integration).bind(limit);
+        let rows = self.rows(pool, query).await?;
         rows.iter()
             .map(|r| Ok((r.try_get(10)?, connection(r)?)))
             .collect()
@@ -334,17 +332,15 @@ impl Sql {
         &self,
         pool: &PgPool,
     ) -> Result<Vec<(String, i64, i64)>, sqlx::Error> {
-        let t = &self.table;
-        let mut conn = self.pooler.conn(pool).await?;
-        let out = sqlx::query_as(&format!(
+        let sql = format!(
             "SELECT integration, count(*), count(*) FILTER (WHERE needs_reconsent_at IS NOT NULL) \
-             FROM {t} GROUP BY integration"
-        ))
-        .persistent(self.persistent)
-        .fetch_all(conn.get())
-        .await?;
-        conn.done().await?;
-        Ok(out)
+             FROM {t} GROUP BY integration",
+            t = self.table
+        );
+        let rows = self.rows(pool, self.query(&sql)).await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
+            .collect()
     }
 
     /// Bounds how long a refresh waits for another one's row lock.
@@ -370,31 +366,65 @@ pub(crate) struct ToReseal {
     pub(crate) refresh_token: Option<String>,
 }
 
+fn to_reseal(row: &PgRow) -> Result<ToReseal, sqlx::Error> {
+    Ok(ToReseal {
+        user: row.try_get(0)?,
+        integration: row.try_get(1)?,
+        access_token: row.try_get(2)?,
+        refresh_token: row.try_get(3)?,
+    })
+}
+
 impl Sql {
     /// How many sealed values each key id seals.
     pub(crate) async fn key_usage(&self, pool: &PgPool) -> Result<Vec<(String, i64)>, sqlx::Error> {
         let t = &self.table;
-        let mut conn = self.pooler.conn(pool).await?;
         let (a, r) = (
             crate::crypto::key_id_sql("access_token"),
             crate::crypto::key_id_sql("refresh_token"),
         );
-        let out = sqlx::query_as(&format!(
+        let sql = format!(
             "SELECT k, count(*) FROM (\
                SELECT {a} AS k FROM {t} \
                UNION ALL SELECT {r} FROM {t} WHERE refresh_token IS NOT NULL) s \
              GROUP BY k ORDER BY k"
-        ))
-        .persistent(self.persistent)
-        .fetch_all(conn.get())
-        .await?;
-        conn.done().await?;
-        Ok(out)
+        );
+        let rows = self.rows(pool, self.query(&sql)).await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .collect()
+    }
+
+    /// Rows holding a value sealed under another key than `$1`, after the
+    /// (user, integration) `($2, $3)` (both empty: from the start).
+    fn stale(&self) -> String {
+        let (a, r) = (
+            crate::crypto::key_id_sql("access_token"),
+            crate::crypto::key_id_sql("refresh_token"),
+        );
+        format!(
+            "{t} WHERE ($2 = '' AND $3 = '' OR (user_id, integration) > ($2, $3)) \
+               AND ({a} <> $1 OR (refresh_token IS NOT NULL AND {r} <> $1))",
+            t = self.table
+        )
+    }
+
+    /// How many rows hold a value sealed under another key than `current`.
+    pub(crate) async fn count_stale(
+        &self,
+        pool: &PgPool,
+        current: &str,
+    ) -> Result<i64, sqlx::Error> {
+        let sql = format!("SELECT count(*) FROM {}", self.stale());
+        let rows = self
+            .rows(pool, self.query(&sql).bind(current).bind("").bind(""))
+            .await?;
+        rows.first().map_or(Ok(0), |r| r.try_get(0))
     }
 
     /// Locks the next `limit` rows after `after` that hold a value sealed
-    /// under another key than `current`, in key order (a refresh locks one
-    /// row, so the two never deadlock), waiting for a refresh that holds one.
+    /// under another key than `current`, in key order, skipping the rows
+    /// others hold (a refresh waiting on its provider): a batch never waits.
     pub(crate) async fn lock_stale(
         &self,
         conn: &mut PgConnection,
@@ -402,35 +432,89 @@ impl Sql {
         after: Option<&(String, String)>,
         limit: i64,
     ) -> Result<Vec<ToReseal>, sqlx::Error> {
-        let t = &self.table;
+        let (u, i) = after.cloned().unwrap_or_default();
+        let sql = format!(
+            "SELECT user_id, integration, access_token, refresh_token FROM {} \
+             ORDER BY user_id, integration LIMIT $4 FOR UPDATE SKIP LOCKED",
+            self.stale()
+        );
+        let rows = self
+            .query(&sql)
+            .bind(current)
+            .bind(u)
+            .bind(i)
+            .bind(limit)
+            .fetch_all(conn)
+            .await?;
+        rows.iter().map(to_reseal).collect()
+    }
+
+    /// The rows a batch from `after` up to `upto` (`None`: to the end)
+    /// skipped: stale ones not among those it `held`. A plain read.
+    pub(crate) async fn skipped(
+        &self,
+        conn: &mut PgConnection,
+        current: &str,
+        after: Option<&(String, String)>,
+        upto: Option<&(String, String)>,
+        held: &[ToReseal],
+    ) -> Result<Vec<(String, String)>, sqlx::Error> {
+        let (u, i) = after.cloned().unwrap_or_default();
+        let (to_u, to_i) = upto.cloned().unzip();
+        let users: Vec<&str> = held.iter().map(|r| r.user.as_str()).collect();
+        let names: Vec<&str> = held.iter().map(|r| r.integration.as_str()).collect();
+        let sql = format!(
+            "SELECT user_id, integration FROM {} \
+               AND ($4::text IS NULL OR (user_id, integration) <= ($4, $5::text)) \
+               AND (user_id, integration) NOT IN \
+                 (SELECT * FROM unnest($6::text[], $7::text[])) \
+             ORDER BY user_id, integration",
+            self.stale()
+        );
+        let rows = self
+            .query(&sql)
+            .bind(current)
+            .bind(u)
+            .bind(i)
+            .bind(to_u)
+            .bind(to_i)
+            .bind(users)
+            .bind(names)
+            .fetch_all(conn)
+            .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .collect()
+    }
+
+    /// Locks one row if it still holds a value sealed under another key
+    /// than `current`, waiting for whoever holds it; then reads it as they
+    /// left it.
+    pub(crate) async fn lock_one_stale(
+        &self,
+        conn: &mut PgConnection,
+        current: &str,
+        user: &str,
+        integration: &str,
+    ) -> Result<Option<ToReseal>, sqlx::Error> {
         let (a, r) = (
             crate::crypto::key_id_sql("access_token"),
             crate::crypto::key_id_sql("refresh_token"),
         );
-        let (u, i) = after.cloned().unwrap_or_default();
-        let rows = sqlx::query(&format!(
+        let sql = format!(
             "SELECT user_id, integration, access_token, refresh_token FROM {t} \
-             WHERE ($1 = '' AND $2 = '' OR (user_id, integration) > ($1, $2)) \
-               AND ({a} <> $3 OR (refresh_token IS NOT NULL AND {r} <> $3)) \
-             ORDER BY user_id, integration LIMIT $4 FOR UPDATE"
-        ))
-        .persistent(self.persistent)
-        .bind(u)
-        .bind(i)
-        .bind(current)
-        .bind(limit)
-        .fetch_all(conn)
-        .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(ToReseal {
-                    user: row.try_get(0)?,
-                    integration: row.try_get(1)?,
-                    access_token: row.try_get(2)?,
-                    refresh_token: row.try_get(3)?,
-                })
-            })
-            .collect()
+             WHERE user_id = $2 AND integration = $3 \
+               AND ({a} <> $1 OR (refresh_token IS NOT NULL AND {r} <> $1)) FOR UPDATE",
+            t = self.table
+        );
+        let row = self
+            .query(&sql)
+            .bind(current)
+            .bind(user)
+            .bind(integration)
+            .fetch_optional(conn)
+            .await?;
+        row.as_ref().map(to_reseal).transpose()
     }
 
     /// Writes the values sealed again, one statement for the batch.

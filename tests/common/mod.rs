@@ -59,6 +59,20 @@ impl Db {
         PgStoreConfig::new().with_schema_name(&self.schema).unwrap()
     }
 
+    /// Creates the schema; the database URL whose search path is that
+    /// schema (for a binary that takes only a URL, as the demo does).
+    pub async fn schema_url(&self) -> String {
+        sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {}", self.schema))
+            .execute(&self.pool)
+            .await
+            .unwrap();
+        format!(
+            "{}?options=-c%20search_path%3D{}",
+            database_url(),
+            self.schema
+        )
+    }
+
     pub async fn store(&self) -> PgStore {
         PgStore::new(self.pool.clone(), self.config())
             .await
