@@ -294,7 +294,7 @@ async fn a_provider_down_at_start_gets_503_with_the_reason_until_it_answers() {
     let (port, idp_port) = (common::cluster::free_port(), common::cluster::free_port());
     let app = format!("http://127.0.0.1:{port}");
     let demo = start(&[
-        ("DATABASE_URL", schema_url(&db).await),
+        ("DATABASE_URL", db.schema_url().await),
         ("BIND_ADDR", format!("127.0.0.1:{port}")),
         ("APP_URL", app.clone()),
         (
@@ -363,7 +363,7 @@ async fn a_second_provider_logs_in_at_login_provider_2() {
     }]);
     let idp2 = common::idp::Idp::start_with("keycloak", &clients, 3600, 0).await;
     let demo = start(&[
-        ("DATABASE_URL", schema_url(&db).await),
+        ("DATABASE_URL", db.schema_url().await),
         ("BIND_ADDR", format!("127.0.0.1:{port}")),
         ("APP_URL", app.clone()),
         ("OIDC2_ISSUER", idp2.issuer.clone()),
