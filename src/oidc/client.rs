@@ -440,6 +440,15 @@ impl Discovered {
                     format!("{what} rejected by the provider: {}", resp.error()),
                 )
             }
+            // The ID token is decoded with the response, so a token missing
+            // a required claim (`sub`, `iat`, ...) fails here: it is the
+            // token that is bad, not the provider that is down.
+            RequestTokenError::Parse(parse, body) if id_token_is_the_fault(&body) => {
+                AuthError::new(
+                    AuthErrorKind::InvalidIdToken,
+                    format!("{what}: ID token rejected: {}", parse.inner()),
+                )
+            }
             other => AuthError::new(
                 AuthErrorKind::ProviderUnavailable,
                 format!("{what} failed: {}", error_chain(&other)),
@@ -666,6 +675,16 @@ async fn discover(shared: &Shared) -> Result<Discovered, AuthError> {
 
 /// When a token that lives `expires_in` from `now` (unix seconds) expires;
 /// a provider's absurd lifetime saturates rather than wrapping.
+/// Whether a token response that failed to parse parses without its ID
+/// token: then the ID token is what is malformed.
+fn id_token_is_the_fault(body: &[u8]) -> bool {
+    let Ok(Value::Object(mut response)) = serde_json::from_slice::<Value>(body) else {
+        return false;
+    };
+    response.remove("id_token").is_some()
+        && serde_json::from_value::<CoreTokenResponse>(Value::Object(response)).is_ok()
+}
+
 fn expires_at(now: i64, expires_in: Duration) -> i64 {
     now.saturating_add(i64::try_from(expires_in.as_secs()).unwrap_or(i64::MAX))
 }
