@@ -252,3 +252,314 @@ async fn fapi2_client_test_invalid_iss_in_authorization_response() {
     assert!(logged_in_users(&s).await.is_empty());
     s.db.drop_schema().await;
 }
+
+// ------------------------------------------------------ back-channel logout
+
+fn now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+const LOGOUT_EVENT: &str = "http://schemas.openid.net/event/backchannel-logout";
+
+/// A logged-in user, the provider's session id for them, and a valid
+/// logout token's claims for that session.
+async fn logged_in_for_logout(s: &Setup) -> (Browser, Value) {
+    let b = Browser::new();
+    assert!(b
+        .login(&s.apps[0].url, "alice", "/")
+        .await
+        .status()
+        .is_redirection());
+    let sid: String = sqlx::query_scalar(&format!("SELECT provider_sid FROM {}", s.db.table()))
+        .fetch_one(&s.db.pool)
+        .await
+        .unwrap();
+    let claims = serde_json::json!({
+        "iss": s.idp.issuer, "aud": CLIENT_ID, "iat": now(), "exp": now() + 120,
+        "jti": format!("jti-{}", now()), "sid": sid, "sub": "alice",
+        "events": {LOGOUT_EVENT: {}},
+    });
+    (b, claims)
+}
+
+async fn post_logout_token(s: &Setup, token: &str) -> StatusCode {
+    reqwest::Client::new()
+        .post(format!("{}/auth/backchannel-logout", s.apps[0].url))
+        .form(&[("logout_token", token)])
+        .send()
+        .await
+        .unwrap()
+        .status()
+}
+
+/// A logout token altered by `alter` is refused with 400 and ends nothing.
+async fn assert_logout_refused(alter: impl FnOnce(&mut Value), sign: Sign) {
+    let s = provider().await;
+    let (b, mut claims) = logged_in_for_logout(&s).await;
+    alter(&mut claims);
+    let token = match sign {
+        Sign::Provider => {
+            let header = serde_json::json!({"typ": "logout+jwt"});
+            s.idp.sign(claims, header).await
+        }
+        Sign::None => unsigned(&claims),
+        Sign::Hs256 => hs256(&claims, CLIENT_SECRET),
+    };
+    assert_eq!(post_logout_token(&s, &token).await, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        b.me(&s.apps[0].url).await.status(),
+        StatusCode::OK,
+        "still logged in"
+    );
+    s.db.drop_schema().await;
+}
+
+enum Sign {
+    Provider,
+    None,
+    Hs256,
+}
+
+fn b64(v: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v)
+}
+
+fn unsigned(claims: &Value) -> String {
+    let header = serde_json::json!({"alg": "none", "typ": "logout+jwt"});
+    format!(
+        "{}.{}.",
+        b64(header.to_string().as_bytes()),
+        b64(claims.to_string().as_bytes())
+    )
+}
+
+fn hs256(claims: &Value, secret: &str) -> String {
+    use hmac::Mac;
+    let header = serde_json::json!({"alg": "HS256", "typ": "logout+jwt"});
+    let input = format!(
+        "{}.{}",
+        b64(header.to_string().as_bytes()),
+        b64(claims.to_string().as_bytes())
+    );
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(input.as_bytes());
+    format!("{input}.{}", b64(&mac.finalize().into_bytes()))
+}
+
+#[tokio::test]
+async fn oidcc_client_test_rp_backchannel_rpinitlogout() {
+    let s = provider().await;
+    let (b, claims) = logged_in_for_logout(&s).await;
+    let token = s
+        .idp
+        .sign(claims, serde_json::json!({"typ": "logout+jwt"}))
+        .await;
+    assert_eq!(post_logout_token(&s, &token).await, StatusCode::OK);
+    assert_eq!(
+        b.me(&s.apps[0].url).await.status(),
+        StatusCode::UNAUTHORIZED
+    );
+    assert!(logged_in_users(&s).await.is_empty());
+    s.db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn oidcc_client_test_rp_backchannel_rpinitlogout_alg_none() {
+    assert_logout_refused(|_| {}, Sign::None).await;
+}
+
+#[tokio::test]
+async fn oidcc_client_test_rp_backchannel_rpinitlogout_no_event() {
+    assert_logout_refused(
+        |c| drop(c.as_object_mut().unwrap().remove("events")),
+        Sign::Provider,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn oidcc_client_test_rp_backchannel_rpinitlogout_with_nonce() {
+    assert_logout_refused(|c| c["nonce"] = "n".into(), Sign::Provider).await;
+}
+
+/// HMAC with the client secret: a key the provider never signs with.
+#[tokio::test]
+async fn oidcc_client_test_rp_backchannel_rpinitlogout_wrong_alg() {
+    assert_logout_refused(|_| {}, Sign::Hs256).await;
+}
+
+#[tokio::test]
+async fn oidcc_client_test_rp_backchannel_rpinitlogout_wrong_aud() {
+    assert_logout_refused(|c| c["aud"] = "some-other-client".into(), Sign::Provider).await;
+}
+
+#[tokio::test]
+async fn oidcc_client_test_rp_backchannel_rpinitlogout_wrong_event() {
+    assert_logout_refused(
+        |c| c["events"] = serde_json::json!({"http://schemas.openid.net/event/other": {}}),
+        Sign::Provider,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn oidcc_client_test_rp_backchannel_rpinitlogout_wrong_iss() {
+    assert_logout_refused(
+        |c| c["iss"] = "https://attacker.invalid/".into(),
+        Sign::Provider,
+    )
+    .await;
+}
+
+// ------------------------------------------------------------ refresh token
+
+/// Makes every stored login's access token due for refresh, as the clock
+/// would: the record is opened with the app's keys, edited and re-sealed.
+async fn refresh_due(s: &Setup) {
+    let rows: Vec<(String, Value)> = sqlx::query_as(&format!(
+        "SELECT sid, sess::jsonb FROM {} WHERE user_id IS NOT NULL",
+        s.db.table()
+    ))
+    .fetch_all(&s.db.pool)
+    .await
+    .unwrap();
+    for (sid, sess) in rows {
+        let aad = tower_pg_session::crypto::Aad {
+            session: &sid,
+            field: "oidc",
+        };
+        let sealed = sess["oidc"].as_str().expect("a sealed login record");
+        let opened = s.token_keys.open(sealed, &aad).unwrap();
+        let mut record: Value = serde_json::from_slice(opened.plaintext()).unwrap();
+        record["exp"] = (now() + 30).into();
+        let resealed = s.token_keys.seal(record.to_string().as_bytes(), &aad);
+        sqlx::query(&format!(
+            "UPDATE {} SET sess = jsonb_set(sess::jsonb, '{{oidc}}', to_jsonb($2::text))::json WHERE sid = $1",
+            s.db.table()
+        ))
+        .bind(&sid)
+        .bind(resealed)
+        .execute(&s.db.pool)
+        .await
+        .unwrap();
+    }
+}
+
+/// Logs in, makes the provider's refresh answer misbehave as `mode` (if
+/// any), and asks the app for the user: its answer after the refresh.
+async fn refreshed(s: &Setup, mode: Option<&str>) -> (Browser, StatusCode) {
+    let b = Browser::new();
+    assert!(b
+        .login(&s.apps[0].url, "alice", "/")
+        .await
+        .status()
+        .is_redirection());
+    if let Some(mode) = mode {
+        s.idp.misbehave(mode).await;
+    }
+    refresh_due(s).await;
+    let status = b.me(&s.apps[0].url).await.status();
+    assert_eq!(s.idp.stats().await["refresh_token"], 1, "it did refresh");
+    (b, status)
+}
+
+#[tokio::test]
+async fn oidcc_client_test_refresh_token() {
+    let s = provider().await;
+    let (b, status) = refreshed(&s, None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(b.me(&s.apps[0].url).await.status(), StatusCode::OK);
+    s.db.drop_schema().await;
+}
+
+/// A refreshed ID token from another issuer ends the session.
+#[tokio::test]
+async fn oidcc_client_test_refresh_token_invalid_issuer() {
+    let s = provider().await;
+    let (_, status) = refreshed(&s, Some("invalid-iss")).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(logged_in_users(&s).await.is_empty());
+    s.db.drop_schema().await;
+}
+
+/// A refreshed ID token naming someone else ends the session.
+#[tokio::test]
+async fn oidcc_client_test_refresh_token_invalid_sub() {
+    let s = provider().await;
+    let b = Browser::new();
+    assert!(b
+        .login(&s.apps[0].url, "alice", "/")
+        .await
+        .status()
+        .is_redirection());
+    s.idp.rename_account("alice", "alice-renamed").await;
+    refresh_due(&s).await;
+    assert_eq!(
+        b.me(&s.apps[0].url).await.status(),
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(s.idp.stats().await["refresh_token"], 1, "it did refresh");
+    assert!(logged_in_users(&s).await.is_empty());
+    s.db.drop_schema().await;
+}
+
+// ------------------------------------------------------ RP-initiated logout
+
+/// The app ends its session, then sends the browser to the provider's end
+/// session endpoint with the ID token as hint; the provider ends its own
+/// and sends the browser back to the registered post-logout URI with the
+/// state the app sent.
+#[tokio::test]
+async fn oidcc_client_test_rp_init_logout() {
+    let s = provider().await;
+    let app = &s.apps[0].url;
+    let b = Browser::new();
+    assert!(b.login(app, "alice", "/").await.status().is_redirection());
+    let end = b.logout(app).await;
+    assert!(
+        logged_in_users(&s).await.is_empty(),
+        "the app's session ended first"
+    );
+    let end = url::Url::parse(&end).unwrap();
+    let param = |name: &str| {
+        end.query_pairs()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.into_owned())
+            .unwrap_or_else(|| panic!("{name} in {end}"))
+    };
+    let (state, after) = (param("state"), param("post_logout_redirect_uri"));
+    assert_eq!(param("id_token_hint").split('.').count(), 3);
+
+    let page = b.get(end.as_str()).await.text().await.unwrap();
+    let xsrf = page
+        .split("name=\"xsrf\" value=\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap();
+    let r = b
+        .http
+        .post(format!(
+            "{}/protocol/openid-connect/logout/confirm",
+            s.idp.issuer
+        ))
+        .form(&[("xsrf", xsrf), ("logout", "yes")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 303);
+    let back = url::Url::parse(&location(&r)).unwrap();
+    assert!(back.as_str().starts_with(&after), "{back}");
+    assert!(back.query_pairs().any(|(k, v)| k == "state" && v == state));
+    // The provider's session is gone too: a new login asks for the password.
+    let auth = b.start_login(app, "/").await;
+    let r = b.get(&auth).await;
+    assert!(
+        location(&r).contains("/interaction/"),
+        "asked to log in again"
+    );
+    assert_eq!(b.me(app).await.status(), StatusCode::UNAUTHORIZED);
+    s.db.drop_schema().await;
+}
