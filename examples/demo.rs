@@ -74,6 +74,7 @@
 //! | `OIDC_CLIENT_SECRET` | none (a public client); `demo-secret` with the local provider |
 //! | `TOKEN_KEYS` | comma-separated base64 32-byte keys sealing the tokens (`openssl rand -base64 32`), the first seals; a random one, with a warning, when unset |
 //! | `OIDC_REFRESH_BEFORE` | `300`: seconds before expiry at which the access token is refreshed |
+//! | `OIDC_USERINFO` | `auto`: the login (and each refresh) also asks the userinfo endpoint when the ID token lacks a requested profile claim; `on`: always; `off`: never |
 //! | `OIDC_PROVIDER` | `keycloak`, `cognito` or `generic`; detected from the issuer when unset. With the local provider, `cognito` starts its Cognito flavor |
 //! | `INTEGRATION_ISSUER` | the issuer of the `mail` integration's provider (OpenID discovery); unset: the local provider with its client `demo-mail` (secret `demo-mail-secret`), or with `OIDC_ISSUER` the login's provider and client. The client must allow the redirect URI `{APP_URL}/integrations/mail/callback` |
 //! | `INTEGRATION_CLIENT_ID` / `INTEGRATION_CLIENT_SECRET` | the client at `INTEGRATION_ISSUER` (the id is required with it) |
@@ -103,7 +104,7 @@ use tokio::sync::{oneshot, RwLock};
 use tower::{Layer, ServiceExt};
 use tower_pg_session::{
     crypto::{EncryptionKey, Keyring},
-    oidc::{AuthError, OidcClient, OidcConfig, Provider, RequireLoginLayer, User},
+    oidc::{AuthError, OidcClient, OidcConfig, Provider, RequireLoginLayer, User, UserinfoMode},
     store::PgConnect,
     vault::{Integration, TokenVault, VaultConfig, VaultError},
     ExpressSecrets, PgStore, PgStoreConfig, Pooler, PruneConfig, Session, SessionError,
@@ -613,6 +614,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .map(|d| Url::parse(&d).map_err(|e| format!("COGNITO_DOMAIN={d:?}: {e}")))
         .transpose()?;
     let refresh_before: Option<u64> = env_opt("OIDC_REFRESH_BEFORE")?;
+    let userinfo: UserinfoMode = env_or("OIDC_USERINFO", UserinfoMode::Auto)?;
     let client_id = env_str("OIDC_CLIENT_ID").unwrap_or_else(|| "demo".to_owned());
     let mut client_secret = env_str("OIDC_CLIENT_SECRET");
 
@@ -798,6 +800,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             if let Some(secs) = refresh_before {
                 config = config.with_refresh_before(Duration::from_secs(secs));
             }
+            config = config.with_userinfo(userinfo);
             let provider = match provider_name.as_deref() {
                 Some("keycloak") => Provider::Keycloak,
                 Some("cognito") => Provider::Cognito { domain: None },

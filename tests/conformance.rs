@@ -9,6 +9,7 @@ mod common;
 use axum::http::StatusCode;
 use common::idp::*;
 use serde_json::Value;
+use tower_pg_session::oidc::UserinfoMode;
 
 /// One app instance on a Keycloak-like provider, with the default config.
 async fn provider() -> Setup {
@@ -561,5 +562,80 @@ async fn oidcc_client_test_rp_init_logout() {
         "asked to log in again"
     );
     assert_eq!(b.me(app).await.status(), StatusCode::UNAUTHORIZED);
+    s.db.drop_schema().await;
+}
+
+// ----------------------------------------------------------------- userinfo
+
+async fn with_userinfo(mode: UserinfoMode) -> Setup {
+    setup("keycloak", 1, 3600, move |c| c.with_userinfo(mode)).await
+}
+
+async fn claims_of(s: &Setup, b: &Browser) -> Value {
+    let me: Value = b.me(&s.apps[0].url).await.json().await.unwrap();
+    me["claims"].clone()
+}
+
+#[tokio::test]
+async fn oidcc_client_test_userinfo_invalid_sub() {
+    let s = with_userinfo(UserinfoMode::On).await;
+    let (b, callback) = authorized(&s, "alice").await;
+    s.idp.misbehave("userinfo-invalid-sub").await;
+    let (status, error) = visit(&b, &callback).await;
+    assert_eq!(
+        (status, error.as_str()),
+        (StatusCode::BAD_REQUEST, "invalid_userinfo")
+    );
+    assert_eq!(s.idp.stats().await["misbehaved"], 1);
+    assert_eq!(
+        b.me(&s.apps[0].url).await.status(),
+        StatusCode::UNAUTHORIZED
+    );
+    assert!(logged_in_users(&s).await.is_empty());
+    s.db.drop_schema().await;
+}
+
+/// The ID token lacks the profile and email claims; by default the login
+/// then takes them from userinfo.
+#[tokio::test]
+async fn oidcc_client_test_scope_userinfo_claims() {
+    let s = provider().await;
+    let (b, status, error) = login_misbehaving(&s, "no-profile-claims").await;
+    assert_accepted(&s, &b, status, &error).await;
+    let claims = claims_of(&s, &b).await;
+    assert_eq!(claims["name"], "Alice", "{claims}");
+    assert_eq!(claims["email"], "alice@example.test", "{claims}");
+    s.db.drop_schema().await;
+}
+
+/// With userinfo off, the app gets only what the ID token says.
+#[tokio::test]
+async fn userinfo_off_keeps_to_the_id_token() {
+    let s = with_userinfo(UserinfoMode::Off).await;
+    let (b, status, error) = login_misbehaving(&s, "no-profile-claims").await;
+    assert_accepted(&s, &b, status, &error).await;
+    let claims = claims_of(&s, &b).await;
+    assert!(claims.get("email").is_none(), "{claims}");
+    s.db.drop_schema().await;
+}
+
+/// A refresh asks userinfo again; another subject there ends the session.
+#[tokio::test]
+async fn userinfo_naming_another_subject_at_refresh_logs_out() {
+    let s = with_userinfo(UserinfoMode::On).await;
+    let b = Browser::new();
+    assert!(b
+        .login(&s.apps[0].url, "alice", "/")
+        .await
+        .status()
+        .is_redirection());
+    s.idp.misbehave("userinfo-invalid-sub").await;
+    refresh_due(&s).await;
+    assert_eq!(
+        b.me(&s.apps[0].url).await.status(),
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(s.idp.stats().await["misbehaved"], 1);
+    assert!(logged_in_users(&s).await.is_empty());
     s.db.drop_schema().await;
 }

@@ -117,6 +117,7 @@ pub(crate) struct Inner {
     pub(crate) revocation: Option<Url>,
     pub(crate) iss_param_required: bool,
     pub(crate) store: PgStore,
+    userinfo: Option<String>,
     jwks_uri: openidconnect::JsonWebKeySetUrl,
     jwks: RwLock<(Arc<CoreJsonWebKeySet>, Option<Instant>)>,
 }
@@ -480,9 +481,10 @@ impl Discovered {
                 "the token response has no ID token",
             )
         })?;
-        let claims = self
+        let mut claims = self
             .verify_id_token(id_token, NonceCheck::Required(nonce))
             .await?;
+        self.add_userinfo(&response, &mut claims).await?;
         Ok(Self::tokens(&response, Some(claims)))
     }
 
@@ -514,11 +516,31 @@ impl Discovered {
                         "refreshed ID token names another subject",
                     ));
                 }
+                let mut claims = claims;
+                self.add_userinfo(&response, &mut claims).await?;
                 Some(claims)
             }
             None => None,
         };
         Ok(Self::tokens(&response, claims))
+    }
+
+    /// Merges the userinfo endpoint's claims under `claims` when the
+    /// configured [`UserinfoMode`](super::UserinfoMode) asks for them.
+    async fn add_userinfo(
+        &self,
+        response: &CoreTokenResponse,
+        claims: &mut Map<String, Value>,
+    ) -> Result<(), AuthError> {
+        let config = &self.inner.config;
+        let Some(url) = &self.inner.userinfo else {
+            return Ok(());
+        };
+        if !config.userinfo.wants(&config.scopes, claims) {
+            return Ok(());
+        }
+        let token = response.access_token().secret();
+        super::userinfo::fetch_and_merge(&self.inner.http, url, token, claims).await
     }
 
     fn tokens(response: &CoreTokenResponse, claims: Option<Map<String, Value>>) -> Tokens {
@@ -642,6 +664,7 @@ async fn discover(shared: &Shared) -> Result<Discovered, AuthError> {
         .and_then(|u| Url::parse(u).ok());
     let jwks = metadata.jwks().clone();
     let jwks_uri = metadata.jwks_uri().clone();
+    let userinfo = metadata.userinfo_endpoint().map(|u| u.url().to_string());
     let redirect = RedirectUrl::from_url(config.redirect_uri());
     let client = CoreClient::from_provider_metadata(
         metadata,
@@ -667,6 +690,7 @@ async fn discover(shared: &Shared) -> Result<Discovered, AuthError> {
             logout,
             revocation,
             store,
+            userinfo,
             jwks_uri,
             jwks: RwLock::new((Arc::new(jwks), None)),
         }),

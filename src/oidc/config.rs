@@ -101,6 +101,7 @@ pub struct OidcConfig {
     pub(crate) discovery_retry: Duration,
     pub(crate) keys: Keyring,
     pub(crate) bridge_key: Option<String>,
+    pub(crate) userinfo: super::UserinfoMode,
 }
 
 impl fmt::Debug for OidcConfig {
@@ -178,6 +179,7 @@ impl OidcConfig {
             discovery_retry: Duration::from_secs(5),
             keys,
             bridge_key: None,
+            userinfo: super::UserinfoMode::Auto,
         })
     }
 
@@ -198,6 +200,16 @@ impl OidcConfig {
             list.insert(0, "openid".into());
         }
         self.scopes = list;
+        self
+    }
+
+    /// When the login and each refresh fetch the userinfo endpoint, whose
+    /// claims are merged under the ID token's (default
+    /// [`UserinfoMode::Auto`](super::UserinfoMode::Auto): when the ID token
+    /// lacks a requested profile claim).
+    #[must_use]
+    pub fn with_userinfo(mut self, mode: super::UserinfoMode) -> Self {
+        self.userinfo = mode;
         self
     }
 

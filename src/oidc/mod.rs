@@ -44,6 +44,7 @@ pub(crate) mod logout_token;
 pub(crate) mod pending;
 pub(crate) mod record;
 pub mod routes;
+mod userinfo;
 
 pub(crate) use self::client::{constant_eq, error_chain, urlencode};
 
@@ -62,6 +63,7 @@ pub use self::{
     config::{OidcConfig, Provider},
     guard::{Rejection, RejectionKind, RequireLogin, RequireLoginFuture, RequireLoginLayer},
     routes::{OidcRoutes, OidcRoutesFuture, OidcRoutesLayer},
+    userinfo::{UnknownUserinfoMode, UserinfoMode},
 };
 /// The URL type of the configuration ([`Provider::Cognito`]'s domain).
 pub use openidconnect::url::Url;
@@ -98,6 +100,8 @@ pub enum AuthErrorKind {
     InvalidIdToken,
     /// A back-channel logout token failed verification.
     InvalidLogoutToken,
+    /// The userinfo answer names another subject or is malformed.
+    InvalidUserinfo,
     /// Stored login data does not decrypt.
     TamperedData,
     /// The provider could not be reached or answered nonsense.
@@ -124,6 +128,7 @@ impl AuthErrorKind {
             Self::InvalidGrant => "invalid_grant",
             Self::InvalidIdToken => "invalid_id_token",
             Self::InvalidLogoutToken => "invalid_logout_token",
+            Self::InvalidUserinfo => "invalid_userinfo",
             Self::TamperedData => "tampered_data",
             Self::ProviderUnavailable => "provider_unavailable",
             Self::SessionUnavailable => "session_unavailable",

@@ -477,9 +477,14 @@ async function injectTokenFault(req, res) {
 //     provider's own key, so only the named claim is wrong);
 //   ID token signature: "kid-absent" (re-signed without kid), "invalid-sig"
 //     (one signature byte changed), "sig-none" (alg "none", no signature);
-//   token response: "no-expires-in", "token-type-case" ("bEaReR").
+//   ID token without the profile and email claims: "no-profile-claims";
+//   token response: "no-expires-in", "token-type-case" ("bEaReR");
+//   userinfo (the next `count` userinfo answers, not token responses):
+//     "userinfo-invalid-sub" (another `sub`).
 const MISBEHAVIOURS = ['invalid-iss', 'missing-sub', 'invalid-aud', 'missing-aud', 'missing-iat',
-  'nonce-invalid', 'kid-absent', 'invalid-sig', 'sig-none', 'no-expires-in', 'token-type-case'];
+  'nonce-invalid', 'kid-absent', 'invalid-sig', 'sig-none', 'no-profile-claims', 'no-expires-in',
+  'token-type-case', 'userinfo-invalid-sub'];
+const USERINFO_MISBEHAVIOURS = ['userinfo-invalid-sub'];
 let misbehave = null;
 const b64json = (o) => Buffer.from(JSON.stringify(o)).toString('base64url');
 const unb64json = (s) => JSON.parse(Buffer.from(s, 'base64url').toString());
@@ -499,24 +504,26 @@ async function alterIdToken(jwt, mode) {
   if (mode === 'missing-aud') delete claims.aud;
   if (mode === 'missing-iat') delete claims.iat;
   if (mode === 'nonce-invalid') claims.nonce = 'not-the-nonce-sent';
+  if (mode === 'no-profile-claims') for (const c of ['name', 'preferred_username', 'email', 'email_verified']) delete claims[c];
   const jwk = signingKeys.find((k) => k.kid === header.kid);
   if (mode === 'kid-absent') delete header.kid;
   return new CompactSign(new TextEncoder().encode(JSON.stringify(claims)))
     .setProtectedHeader(header)
     .sign(await importJWK(jwk, header.alg));
 }
-async function misbehaveToken(req, res) {
+async function misbehaveResponse(req, res) {
   // Let the provider answer the request itself, then alter its answer.
   const body = await readBody(req);
   const headers = { 'x-test-passthrough': '1' };
   for (const h of ['content-type', 'authorization']) if (req.headers[h]) headers[h] = req.headers[h];
-  const r = await fetch(`http://127.0.0.1:${server.address().port}${req.url}`, { method: 'POST', headers, body });
+  const r = await fetch(`http://127.0.0.1:${server.address().port}${req.url}`, { method: req.method, headers, body: req.method === 'GET' ? undefined : body });
   const out = await r.json();
   if (r.status !== 200) return json(res, r.status, out);
   const { mode } = misbehave;
   misbehave.count -= 1;
   stats.misbehaved = (stats.misbehaved || 0) + 1;
-  if (mode === 'no-expires-in') delete out.expires_in;
+  if (mode === 'userinfo-invalid-sub') out.sub = `${out.sub}-someone-else`;
+  else if (mode === 'no-expires-in') delete out.expires_in;
   else if (mode === 'token-type-case') out.token_type = 'bEaReR';
   else if (out.id_token) out.id_token = await alterIdToken(out.id_token, mode);
   log(`token response altered: ${mode}`);
@@ -539,8 +546,11 @@ async function handle(req, res) {
     if (form) req.body = Object.fromEntries(new URLSearchParams(await readBody(req)));
     await new Promise((r) => setTimeout(r, delayMs));
   }
-  if (p === `${PREFIX}${ROUTES.token}` && req.method === 'POST' && misbehave?.count > 0
-    && !req.headers['x-test-passthrough']) return misbehaveToken(req, res);
+  if (misbehave?.count > 0 && !req.headers['x-test-passthrough']) {
+    const userinfo = USERINFO_MISBEHAVIOURS.includes(misbehave.mode);
+    if (userinfo && p === `${PREFIX}${ROUTES.userinfo}`) return misbehaveResponse(req, res);
+    if (!userinfo && p === `${PREFIX}${ROUTES.token}` && req.method === 'POST') return misbehaveResponse(req, res);
+  }
   if (p === `${PREFIX}${ROUTES.token}` && req.method === 'POST' && tokenFault?.count > 0) {
     if (tokenFault.mode !== 'slow') return injectTokenFault(req, res);
     tokenFault.count -= 1;
