@@ -140,6 +140,23 @@ async fn oidcc_client_test_idtoken_sig_none() {
     assert_rejected("sig-none", "invalid_id_token").await;
 }
 
+/// A client registered for unsigned ID tokens, and opted in, accepts one;
+/// a token with a bad signature is still refused.
+#[tokio::test]
+async fn oidcc_client_test_idtoken_sig_none_opted_in() {
+    let s = setup("keycloak", 1, 3600, |c| c.with_unsigned_id_tokens()).await;
+    let (b, status, error) = login_misbehaving(&s, "sig-none").await;
+    assert_accepted(&s, &b, status, &error).await;
+    let (b, callback) = authorized(&s, "bob").await;
+    s.idp.misbehave("invalid-sig").await;
+    let (status, error) = visit(&b, &callback).await;
+    assert_eq!(
+        (status, error.as_str()),
+        (StatusCode::BAD_REQUEST, "invalid_id_token")
+    );
+    s.db.drop_schema().await;
+}
+
 /// The provider's JWKS holds one RS256 key: a token without `kid` is
 /// verified with it.
 #[tokio::test]

@@ -102,6 +102,7 @@ pub struct OidcConfig {
     pub(crate) keys: Keyring,
     pub(crate) bridge_key: Option<String>,
     pub(crate) userinfo: super::UserinfoMode,
+    pub(crate) unsigned_id_tokens: bool,
 }
 
 impl fmt::Debug for OidcConfig {
@@ -180,6 +181,7 @@ impl OidcConfig {
             keys,
             bridge_key: None,
             userinfo: super::UserinfoMode::Auto,
+            unsigned_id_tokens: false,
         })
     }
 
@@ -210,6 +212,17 @@ impl OidcConfig {
     #[must_use]
     pub fn with_userinfo(mut self, mode: super::UserinfoMode) -> Self {
         self.userinfo = mode;
+        self
+    }
+
+    /// Accepts ID tokens with `alg: none` from the token endpoint, for a
+    /// client registered with `id_token_signed_response_alg=none`: they are
+    /// trusted only because they come over TLS from the provider. Every
+    /// other check still applies, and a token that names a real algorithm
+    /// must still carry a valid signature. Off by default.
+    #[must_use]
+    pub fn with_unsigned_id_tokens(mut self) -> Self {
+        self.unsigned_id_tokens = true;
         self
     }
 
