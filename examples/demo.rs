@@ -75,6 +75,7 @@
 //! | `OIDC_CLIENT_SECRET` | none (a public client); `demo-secret` with the local provider |
 //! | `TOKEN_KEYS` | comma-separated base64 32-byte keys sealing the tokens (`openssl rand -base64 32`), the first seals; a random one, with a warning, when unset |
 //! | `OIDC_REFRESH_BEFORE` | `300`: seconds before expiry at which the access token is refreshed |
+//! | `OIDC_USERINFO` | `auto`: the login (and each refresh) also asks the userinfo endpoint when the ID token lacks a requested profile claim; `on`: always; `off`: never |
 //! | `OIDC_DPOP` | `0`; `1`: tokens bound to a key pair of each login (DPoP, RFC 9449), the key sealed in the session; the provider must support DPoP |
 //! | `OIDC_ACR_VALUES` | none; space-separated authentication context classes every login asks for (e.g. Keycloak's `2`: a second factor); the ID token's `acr` must be one of them |
 //! | `OIDC_MAX_AGE` | none; seconds: every login must be at most this old at the provider (`max_age`, checked against `auth_time`) |
@@ -110,7 +111,7 @@ use tower_pg_session::{
     crypto::{EncryptionKey, Keyring},
     oidc::{
         AuthError, OidcClient, OidcConfig, OidcProviders, Provider, Rejection, RejectionKind,
-        RequireLoginLayer, User,
+        RequireLoginLayer, User, UserinfoMode,
     },
     store::PgConnect,
     vault::{ClientIp, Integration, TokenVault, VaultConfig, VaultError},
@@ -805,6 +806,7 @@ fn login_client(
     if let Some(secs) = settings.refresh_before {
         config = config.with_refresh_before(Duration::from_secs(secs));
     }
+    config = config.with_userinfo(env_or("OIDC_USERINFO", UserinfoMode::Auto)?);
     if let Some(values) = env_str("OIDC_ACR_VALUES") {
         config = config.with_acr_values(values.split_whitespace());
     }

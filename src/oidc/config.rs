@@ -106,6 +106,8 @@ pub struct OidcConfig {
     pub(crate) discovery_retry: Duration,
     pub(crate) keys: Keyring,
     pub(crate) bridge_key: Option<String>,
+    pub(crate) userinfo: super::UserinfoMode,
+    pub(crate) unsigned_id_tokens: bool,
 }
 
 impl fmt::Debug for OidcConfig {
@@ -185,6 +187,8 @@ impl OidcConfig {
             discovery_retry: Duration::from_secs(5),
             keys,
             bridge_key: None,
+            userinfo: super::UserinfoMode::Auto,
+            unsigned_id_tokens: false,
         })
     }
 
@@ -205,6 +209,27 @@ impl OidcConfig {
             list.insert(0, "openid".into());
         }
         self.scopes = list;
+        self
+    }
+
+    /// When the login and each refresh fetch the userinfo endpoint, whose
+    /// claims are merged under the ID token's (default
+    /// [`UserinfoMode::Auto`](super::UserinfoMode::Auto): when the ID token
+    /// lacks a requested profile claim).
+    #[must_use]
+    pub fn with_userinfo(mut self, mode: super::UserinfoMode) -> Self {
+        self.userinfo = mode;
+        self
+    }
+
+    /// Accepts ID tokens with `alg: none` from the token endpoint, for a
+    /// client registered with `id_token_signed_response_alg=none`: they are
+    /// trusted only because they come over TLS from the provider. Every
+    /// other check still applies, and a token that names a real algorithm
+    /// must still carry a valid signature. Off by default.
+    #[must_use]
+    pub fn with_unsigned_id_tokens(mut self) -> Self {
+        self.unsigned_id_tokens = true;
         self
     }
 

@@ -47,6 +47,7 @@ mod providers;
 pub(crate) mod record;
 pub mod routes;
 mod step_up;
+mod userinfo;
 
 pub(crate) use self::client::{constant_eq, error_chain, urlencode};
 
@@ -67,6 +68,7 @@ pub use self::{
     providers::OidcProviders,
     routes::{OidcRoutes, OidcRoutesFuture, OidcRoutesLayer},
     step_up::LoginOptions,
+    userinfo::{UnknownUserinfoMode, UserinfoMode},
 };
 /// The URL type of the configuration ([`Provider::Cognito`]'s domain).
 pub use openidconnect::url::Url;
@@ -103,6 +105,8 @@ pub enum AuthErrorKind {
     InvalidIdToken,
     /// A back-channel logout token failed verification.
     InvalidLogoutToken,
+    /// The userinfo answer names another subject or is malformed.
+    InvalidUserinfo,
     /// Stored login data does not decrypt.
     TamperedData,
     /// The provider could not be reached or answered nonsense.
@@ -132,6 +136,7 @@ impl AuthErrorKind {
             Self::InvalidGrant => "invalid_grant",
             Self::InvalidIdToken => "invalid_id_token",
             Self::InvalidLogoutToken => "invalid_logout_token",
+            Self::InvalidUserinfo => "invalid_userinfo",
             Self::TamperedData => "tampered_data",
             Self::ProviderUnavailable => "provider_unavailable",
             Self::SessionUnavailable => "session_unavailable",

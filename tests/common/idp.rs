@@ -159,6 +159,19 @@ impl Idp {
         assert!(r.status().is_success());
     }
 
+    /// The provider's next token response is altered as `mode` names (see
+    /// tests/idp/README.md: invalid-iss, missing-sub, kid-absent, ...).
+    pub async fn misbehave(&self, mode: &str) {
+        let r = self
+            .http
+            .post(format!("{}/__test/misbehave", self.base))
+            .json(&json!({ "mode": mode }))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "mode {mode}");
+    }
+
     /// A JWT with `claims`, signed by the provider's current key.
     pub async fn sign(&self, claims: Value, header: Value) -> String {
         let r: Value = self

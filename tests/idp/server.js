@@ -151,7 +151,7 @@ const failed = { authorization_code: 0, refresh_token: 0 };
 // Accounts the provider names differently from now on: tokens issued for
 // their existing grants (refreshes) carry the new subject.
 const renamed = new Map();
-const resetStats = () => { for (const o of [stats, failed]) for (const k of Object.keys(o)) o[k] = 0; tokenFault = null; };
+const resetStats = () => { for (const o of [stats, failed]) for (const k of Object.keys(o)) o[k] = 0; tokenFault = null; misbehave = null; };
 
 // ---------------------------------------------------------------- provider
 const cookieKeys = [crypto.randomBytes(32).toString('base64url')];
@@ -487,6 +487,68 @@ async function injectTokenFault(req, res) {
   return json(res, 200, { access_token: 'a'.repeat(size), token_type: 'Bearer', expires_in: 3600 });
 }
 
+// POST /__test/misbehave {"mode", "count"?}: the next `count` (default 1)
+// successful token responses are altered the way a faulty or hostile
+// provider would alter them; the rest of the provider is unchanged. The
+// request itself is carried out by the provider as usual. Modes:
+//   ID token claims: "invalid-iss", "missing-sub", "invalid-aud",
+//     "missing-aud", "missing-iat", "nonce-invalid" (re-signed with the
+//     provider's own key, so only the named claim is wrong);
+//   ID token signature: "kid-absent" (re-signed without kid), "invalid-sig"
+//     (one signature byte changed), "sig-none" (alg "none", no signature);
+//   ID token without the profile and email claims: "no-profile-claims";
+//   token response: "no-expires-in", "token-type-case" ("bEaReR");
+//   userinfo (the next `count` userinfo answers, not token responses):
+//     "userinfo-invalid-sub" (another `sub`).
+const MISBEHAVIOURS = ['invalid-iss', 'missing-sub', 'invalid-aud', 'missing-aud', 'missing-iat',
+  'nonce-invalid', 'kid-absent', 'invalid-sig', 'sig-none', 'no-profile-claims', 'no-expires-in',
+  'token-type-case', 'userinfo-invalid-sub'];
+const USERINFO_MISBEHAVIOURS = ['userinfo-invalid-sub'];
+let misbehave = null;
+const b64json = (o) => Buffer.from(JSON.stringify(o)).toString('base64url');
+const unb64json = (s) => JSON.parse(Buffer.from(s, 'base64url').toString());
+async function alterIdToken(jwt, mode) {
+  const [h, p, sig] = jwt.split('.');
+  const header = unb64json(h);
+  const claims = unb64json(p);
+  if (mode === 'invalid-sig') {
+    const bytes = Buffer.from(sig, 'base64url');
+    bytes[10] ^= 0x01;
+    return `${h}.${p}.${bytes.toString('base64url')}`;
+  }
+  if (mode === 'sig-none') return `${b64json({ alg: 'none', typ: 'JWT' })}.${p}.`;
+  if (mode === 'invalid-iss') claims.iss = 'https://attacker.invalid/';
+  if (mode === 'missing-sub') delete claims.sub;
+  if (mode === 'invalid-aud') claims.aud = 'some-other-client';
+  if (mode === 'missing-aud') delete claims.aud;
+  if (mode === 'missing-iat') delete claims.iat;
+  if (mode === 'nonce-invalid') claims.nonce = 'not-the-nonce-sent';
+  if (mode === 'no-profile-claims') for (const c of ['name', 'preferred_username', 'email', 'email_verified']) delete claims[c];
+  const jwk = signingKeys.find((k) => k.kid === header.kid);
+  if (mode === 'kid-absent') delete header.kid;
+  return new CompactSign(new TextEncoder().encode(JSON.stringify(claims)))
+    .setProtectedHeader(header)
+    .sign(await importJWK(jwk, header.alg));
+}
+async function misbehaveResponse(req, res) {
+  // Let the provider answer the request itself, then alter its answer.
+  const body = await readBody(req);
+  const headers = { 'x-test-passthrough': '1' };
+  for (const h of ['content-type', 'authorization']) if (req.headers[h]) headers[h] = req.headers[h];
+  const r = await fetch(`http://127.0.0.1:${server.address().port}${req.url}`, { method: req.method, headers, body: req.method === 'GET' ? undefined : body });
+  const out = await r.json();
+  if (r.status !== 200) return json(res, r.status, out);
+  const { mode } = misbehave;
+  misbehave.count -= 1;
+  stats.misbehaved = (stats.misbehaved || 0) + 1;
+  if (mode === 'userinfo-invalid-sub') out.sub = `${out.sub}-someone-else`;
+  else if (mode === 'no-expires-in') delete out.expires_in;
+  else if (mode === 'token-type-case') out.token_type = 'bEaReR';
+  else if (out.id_token) out.id_token = await alterIdToken(out.id_token, mode);
+  log(`token response altered: ${mode}`);
+  return json(res, 200, out);
+}
+
 async function handle(req, res) {
   const url = new URL(req.url, 'http://127.0.0.1');
   const p = url.pathname;
@@ -502,6 +564,11 @@ async function handle(req, res) {
     const form = readFirst && req.method === 'POST' && /urlencoded/.test(req.headers['content-type'] || '');
     if (form) req.body = Object.fromEntries(new URLSearchParams(await readBody(req)));
     await new Promise((r) => setTimeout(r, delayMs));
+  }
+  if (misbehave?.count > 0 && !req.headers['x-test-passthrough']) {
+    const userinfo = USERINFO_MISBEHAVIOURS.includes(misbehave.mode);
+    if (userinfo && p === `${PREFIX}${ROUTES.userinfo}`) return misbehaveResponse(req, res);
+    if (!userinfo && p === `${PREFIX}${ROUTES.token}` && req.method === 'POST') return misbehaveResponse(req, res);
   }
   if (p === `${PREFIX}${ROUTES.token}` && req.method === 'POST' && tokenFault?.count > 0) {
     if (tokenFault.mode !== 'slow') return injectTokenFault(req, res);
@@ -524,6 +591,12 @@ async function handle(req, res) {
     if (!TOKEN_FAULTS.includes(mode)) return json(res, 400, { error: 'invalid_request', error_description: `mode must be one of ${TOKEN_FAULTS.join(', ')}` });
     tokenFault = { mode, count, size };
     return json(res, 200, tokenFault);
+  }
+  if (p === '/__test/misbehave' && req.method === 'POST') {
+    const { mode, count = 1 } = JSON.parse(await readBody(req));
+    if (!MISBEHAVIOURS.includes(mode)) return json(res, 400, { error: 'invalid_request', error_description: `mode must be one of ${MISBEHAVIOURS.join(', ')}` });
+    misbehave = { mode, count };
+    return json(res, 200, misbehave);
   }
   if (p === '/__test/stats' && req.method === 'GET') return json(res, 200, { ...stats, failed });
   if (p === '/__test/stats/reset' && req.method === 'POST') { resetStats(); return json(res, 200, stats); }
