@@ -78,9 +78,11 @@
 //! | `INTEGRATION_ISSUER` | the issuer of the `mail` integration's provider (OpenID discovery); unset: the local provider with its client `demo-mail` (secret `demo-mail-secret`), or with `OIDC_ISSUER` the login's provider and client. The client must allow the redirect URI `{APP_URL}/integrations/mail/callback` |
 //! | `INTEGRATION_CLIENT_ID` / `INTEGRATION_CLIENT_SECRET` | the client at `INTEGRATION_ISSUER` (the id is required with it) |
 //! | `INTEGRATION_POLL_SECS` | `5`: how often the background task gets every connected account's token (`0`: off) |
+//! | `OIDC_PAR` | `auto`: push the authorization request (RFC 9126) when the provider advertises a PAR endpoint; `on`: always (login fails without one); `off`: never |
 //! | `COGNITO_DOMAIN` | Cognito's hosted-UI origin for logout (`https://x.auth.eu-west-1.amazoncognito.com`); default: the origin of the authorization endpoint |
 //!
-//! The local provider also reads `ACCESS_TOKEN_TTL` (seconds, default 3600):
+//! The local provider also reads `IDP_PAR` (`off`, `on`, `required`: see
+//! tests/idp/README.md), and `ACCESS_TOKEN_TTL` (seconds, default 3600):
 //! `ACCESS_TOKEN_TTL=60 OIDC_REFRESH_BEFORE=30` shows refreshes (the
 //! vault refreshes a connected account 5 minutes before expiry, so with
 //! `ACCESS_TOKEN_TTL` under 300 every check refreshes).
@@ -103,8 +105,8 @@ use tokio::sync::RwLock;
 use tower_pg_session::{
     crypto::{EncryptionKey, Keyring},
     oidc::{
-        AuthError, OidcClient, OidcConfig, Provider, Rejection, RejectionKind, RequireLoginLayer,
-        User,
+        AuthError, OidcClient, OidcConfig, Par, Provider, Rejection, RejectionKind,
+        RequireLoginLayer, User,
     },
     store::PgConnect,
     vault::{Integration, TokenVault, VaultConfig, VaultError},
@@ -805,7 +807,19 @@ fn login_client(
             other
         }
     };
-    let config = config.with_provider(provider).with_discovery_retry(RETRY);
+    let par = match env_str("OIDC_PAR")
+        .map(|p| p.to_ascii_lowercase())
+        .as_deref()
+    {
+        None | Some("auto") => Par::Auto,
+        Some("on") => Par::Required,
+        Some("off") => Par::Off,
+        Some(p) => return Err(format!("OIDC_PAR={p:?}: use auto, on or off").into()),
+    };
+    let config = config
+        .with_provider(provider)
+        .with_par(par)
+        .with_discovery_retry(RETRY);
     Ok(OidcClient::lazy(config, store.clone()))
 }
 

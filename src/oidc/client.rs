@@ -41,6 +41,10 @@ pub(crate) struct ExtraMetadata {
     revocation_endpoint: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     authorization_response_iss_parameter_supported: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pushed_authorization_request_endpoint: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    require_pushed_authorization_requests: Option<bool>,
 }
 impl AdditionalProviderMetadata for ExtraMetadata {}
 
@@ -116,6 +120,7 @@ pub(crate) struct Inner {
     pub(crate) logout: LogoutStyle,
     pub(crate) revocation: Option<Url>,
     pub(crate) iss_param_required: bool,
+    pub(crate) par: super::par::ParEndpoint,
     pub(crate) store: PgStore,
     jwks_uri: openidconnect::JsonWebKeySetUrl,
     jwks: RwLock<(Arc<CoreJsonWebKeySet>, Option<Instant>)>,
@@ -650,6 +655,10 @@ async fn discover(shared: &Shared) -> Result<Discovered, AuthError> {
             iss_param_required: extra
                 .authorization_response_iss_parameter_supported
                 .unwrap_or(false),
+            par: super::par::ParEndpoint::new(
+                extra.pushed_authorization_request_endpoint.as_deref(),
+                extra.require_pushed_authorization_requests,
+            ),
             config,
             client,
             http,

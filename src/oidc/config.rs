@@ -101,6 +101,7 @@ pub struct OidcConfig {
     pub(crate) discovery_retry: Duration,
     pub(crate) keys: Keyring,
     pub(crate) bridge_key: Option<String>,
+    pub(crate) par: super::Par,
 }
 
 impl fmt::Debug for OidcConfig {
@@ -178,6 +179,7 @@ impl OidcConfig {
             discovery_retry: Duration::from_secs(5),
             keys,
             bridge_key: None,
+            par: super::Par::Auto,
         })
     }
 
@@ -299,6 +301,15 @@ impl OidcConfig {
     /// so that handlers cannot write it; the guard still does.
     pub fn with_express_user_key(mut self, key: &str) -> Self {
         self.bridge_key = Some(key.to_owned());
+        self
+    }
+
+    /// When logins push their authorization request to the provider (RFC
+    /// 9126) so that the browser carries only `client_id` and a
+    /// `request_uri`: by default ([`Par::Auto`](super::Par::Auto)) whenever
+    /// the provider advertises a PAR endpoint.
+    pub fn with_par(mut self, par: super::Par) -> Self {
+        self.par = par;
         self
     }
 

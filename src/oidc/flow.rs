@@ -283,6 +283,7 @@ impl Discovered {
             request = request.add_scope(Scope::new(scope.clone()));
         }
         let (url, _, _) = request.url();
+        let url = self.pushed(url).await?;
         Ok(Redirect::found(url.as_str()))
     }
 

@@ -41,6 +41,7 @@ mod config;
 mod flow;
 mod guard;
 pub(crate) mod logout_token;
+mod par;
 pub(crate) mod pending;
 pub(crate) mod record;
 pub mod routes;
@@ -61,6 +62,7 @@ pub use self::{
     client::OidcClient,
     config::{OidcConfig, Provider},
     guard::{Rejection, RejectionKind, RequireLogin, RequireLoginFuture, RequireLoginLayer},
+    par::Par,
     routes::{OidcRoutes, OidcRoutesFuture, OidcRoutesLayer},
 };
 /// The URL type of the configuration ([`Provider::Cognito`]'s domain).

@@ -24,6 +24,13 @@ const KEYCLOAK = FLAVOR === 'keycloak';
 const COGNITO = !KEYCLOAK;
 const PREFIX = KEYCLOAK ? '/realms/test' : '/us-east-1_TestPool';
 const ACCESS_TOKEN_TTL = Number(process.env.ACCESS_TOKEN_TTL || 3600);
+// Pushed authorization requests (RFC 9126): off (not advertised), on
+// (advertised, optional) or required (require_pushed_authorization_requests).
+const PAR = process.env.IDP_PAR || 'off';
+if (!['off', 'on', 'required'].includes(PAR)) {
+  log(`unknown IDP_PAR=${PAR} (use off, on or required)`);
+  process.exit(2);
+}
 const COGNITO_GROUPS = JSON.parse(process.env.IDP_COGNITO_GROUPS || '["admins","users"]');
 if (!(Number.isInteger(ACCESS_TOKEN_TTL) && ACCESS_TOKEN_TTL > 0)) {
   log('ACCESS_TOKEN_TTL must be a positive integer (seconds)');
@@ -255,6 +262,10 @@ function makeProvider(issuer) {
         async postLogoutSuccessSource(ctx) {
           ctx.body = page('Signed out', '<p>You are signed out of the test IdP.</p>');
         },
+      },
+      pushedAuthorizationRequests: {
+        enabled: PAR !== 'off',
+        requirePushedAuthorizationRequests: PAR === 'required',
       },
       revocation: { enabled: true },
       introspection: { enabled: true },
