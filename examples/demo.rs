@@ -78,10 +78,12 @@
 //! | `INTEGRATION_ISSUER` | the issuer of the `mail` integration's provider (OpenID discovery); unset: the local provider with its client `demo-mail` (secret `demo-mail-secret`), or with `OIDC_ISSUER` the login's provider and client. The client must allow the redirect URI `{APP_URL}/integrations/mail/callback` |
 //! | `INTEGRATION_CLIENT_ID` / `INTEGRATION_CLIENT_SECRET` | the client at `INTEGRATION_ISSUER` (the id is required with it) |
 //! | `INTEGRATION_POLL_SECS` | `5`: how often the background task gets every connected account's token (`0`: off) |
+//! | `OIDC_CLIENT_AUTH` | how the client authenticates at the provider: `client_secret_basic`, `client_secret_post` or `client_secret_jwt` (each needs `OIDC_CLIENT_SECRET`); unset: the first of them the provider advertises |
 //! | `OIDC_PAR` | `auto`: push the authorization request (RFC 9126) when the provider advertises a PAR endpoint; `on`: always (login fails without one); `off`: never |
 //! | `COGNITO_DOMAIN` | Cognito's hosted-UI origin for logout (`https://x.auth.eu-west-1.amazoncognito.com`); default: the origin of the authorization endpoint |
 //!
-//! The local provider also reads `IDP_PAR` (`off`, `on`, `required`: see
+//! The local provider also reads `IDP_PAR` (`off`, `on`, `required`) and
+//! `IDP_CLIENT_AUTH` (the clients' registered method; see
 //! tests/idp/README.md), and `ACCESS_TOKEN_TTL` (seconds, default 3600):
 //! `ACCESS_TOKEN_TTL=60 OIDC_REFRESH_BEFORE=30` shows refreshes (the
 //! vault refreshes a connected account 5 minutes before expiry, so with
@@ -105,7 +107,7 @@ use tokio::sync::RwLock;
 use tower_pg_session::{
     crypto::{EncryptionKey, Keyring},
     oidc::{
-        AuthError, OidcClient, OidcConfig, Par, Provider, Rejection, RejectionKind,
+        AuthError, ClientAuth, OidcClient, OidcConfig, Par, Provider, Rejection, RejectionKind,
         RequireLoginLayer, User,
     },
     store::PgConnect,
@@ -815,6 +817,18 @@ fn login_client(
         Some("on") => Par::Required,
         Some("off") => Par::Off,
         Some(p) => return Err(format!("OIDC_PAR={p:?}: use auto, on or off").into()),
+    };
+    let config = match env_str("OIDC_CLIENT_AUTH").as_deref() {
+        None => config,
+        Some("client_secret_basic") => config.with_client_auth(ClientAuth::SecretBasic),
+        Some("client_secret_post") => config.with_client_auth(ClientAuth::SecretPost),
+        Some("client_secret_jwt") => config.with_client_auth(ClientAuth::SecretJwt),
+        Some(m) => {
+            return Err(format!(
+                "OIDC_CLIENT_AUTH={m:?}: use client_secret_basic, client_secret_post or client_secret_jwt"
+            )
+            .into())
+        }
     };
     let config = config
         .with_provider(provider)

@@ -121,6 +121,7 @@ pub(crate) struct Inner {
     pub(crate) revocation: Option<Url>,
     pub(crate) iss_param_required: bool,
     pub(crate) par: super::par::ParEndpoint,
+    pub(crate) auth: super::client_auth::Authenticator,
     pub(crate) store: PgStore,
     jwks_uri: openidconnect::JsonWebKeySetUrl,
     jwks: RwLock<(Arc<CoreJsonWebKeySet>, Option<Instant>)>,
@@ -466,6 +467,12 @@ impl Discovered {
             .exchange_code(openidconnect::AuthorizationCode::new(code))
             .map_err(|e| AuthError::new(AuthErrorKind::ProviderUnavailable, e.to_string()))?
             .set_pkce_verifier(openidconnect::PkceCodeVerifier::new(pkce_verifier));
+        let request = self
+            .inner
+            .auth
+            .extra_params()
+            .into_iter()
+            .fold(request, |r, (k, v)| r.add_extra_param(k, v));
         let response: CoreTokenResponse = request
             .request_async(&self.inner.http)
             .await
@@ -491,11 +498,17 @@ impl Discovered {
         sub: &str,
     ) -> Result<Tokens, AuthError> {
         let rt = RefreshToken::new(refresh_token.to_owned());
-        let response: CoreTokenResponse = self
+        let request = self
             .inner
             .client
             .exchange_refresh_token(&rt)
-            .map_err(|e| AuthError::new(AuthErrorKind::ProviderUnavailable, e.to_string()))?
+            .map_err(|e| AuthError::new(AuthErrorKind::ProviderUnavailable, e.to_string()))?;
+        let response: CoreTokenResponse = self
+            .inner
+            .auth
+            .extra_params()
+            .into_iter()
+            .fold(request, |r, (k, v)| r.add_extra_param(k, v))
             .request_async(&self.inner.http)
             .await
             .map_err(|e| Self::token_error(e, "token refresh"))?;
@@ -534,16 +547,15 @@ impl Discovered {
         let Some(url) = &self.inner.revocation else {
             return;
         };
-        let c = &self.inner.config;
         let mut form = vec![
-            ("token", refresh_token),
-            ("token_type_hint", "refresh_token"),
+            ("token".to_owned(), refresh_token.to_owned()),
+            ("token_type_hint".to_owned(), "refresh_token".to_owned()),
         ];
-        let mut req = self.inner.http.post(url.clone());
-        match &c.client_secret {
-            Some(secret) => req = req.basic_auth(urlencode(&c.client_id), Some(urlencode(secret))),
-            None => form.push(("client_id", &c.client_id)),
-        }
+        let req = self
+            .inner
+            .auth
+            .apply(self.inner.http.post(url.clone()), &mut form);
+        let form: Vec<(&str, &str)> = form.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         let sent = super::with_form(req, &form).send().await;
         match sent {
             Ok(r) if r.status().is_success() => tracing::debug!("refresh token revoked"),
@@ -639,11 +651,23 @@ async fn discover(shared: &Shared) -> Result<Discovered, AuthError> {
     let jwks = metadata.jwks().clone();
     let jwks_uri = metadata.jwks_uri().clone();
     let redirect = RedirectUrl::from_url(config.redirect_uri());
+    let auth = super::client_auth::Authenticator::new(
+        &config.client_id,
+        config.client_secret.as_deref(),
+        config.client_auth,
+        metadata
+            .token_endpoint_auth_methods_supported()
+            .map(Vec::as_slice),
+        &issuer,
+    )
+    .map_err(|e| AuthError::new(AuthErrorKind::ProviderUnavailable, e))?;
+    let (secret, auth_type) = auth.for_token_client();
     let client = CoreClient::from_provider_metadata(
         metadata,
         ClientId::new(config.client_id.clone()),
-        config.client_secret.clone().map(ClientSecret::new),
+        secret.map(ClientSecret::new),
     )
+    .set_auth_type(auth_type)
     .set_redirect_uri(redirect);
     store
         .prepare_single_use()
@@ -659,6 +683,7 @@ async fn discover(shared: &Shared) -> Result<Discovered, AuthError> {
                 extra.pushed_authorization_request_endpoint.as_deref(),
                 extra.require_pushed_authorization_requests,
             ),
+            auth,
             config,
             client,
             http,

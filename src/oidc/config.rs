@@ -102,6 +102,7 @@ pub struct OidcConfig {
     pub(crate) keys: Keyring,
     pub(crate) bridge_key: Option<String>,
     pub(crate) par: super::Par,
+    pub(crate) client_auth: Option<super::ClientAuth>,
 }
 
 impl fmt::Debug for OidcConfig {
@@ -180,10 +181,12 @@ impl OidcConfig {
             keys,
             bridge_key: None,
             par: super::Par::Auto,
+            client_auth: None,
         })
     }
 
-    /// The client secret (confidential clients; sent with HTTP Basic auth).
+    /// The client secret (confidential clients; see
+    /// [`with_client_auth`](Self::with_client_auth) for how it is used).
     pub fn with_client_secret(mut self, secret: &str) -> Self {
         self.client_secret = Some(secret.to_owned());
         self
@@ -310,6 +313,15 @@ impl OidcConfig {
     /// the provider advertises a PAR endpoint.
     pub fn with_par(mut self, par: super::Par) -> Self {
         self.par = par;
+        self
+    }
+
+    /// How the client authenticates at the token, revocation and PAR
+    /// endpoints; by default the first of `client_secret_basic`,
+    /// `client_secret_post`, `client_secret_jwt` the provider advertises.
+    /// Every method needs [`with_client_secret`](Self::with_client_secret).
+    pub fn with_client_auth(mut self, auth: super::ClientAuth) -> Self {
+        self.client_auth = Some(auth);
         self
     }
 

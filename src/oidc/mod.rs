@@ -37,6 +37,7 @@
 //! stack (hyper, tonic).
 
 mod client;
+mod client_auth;
 mod config;
 mod flow;
 mod guard;
@@ -60,6 +61,7 @@ use serde_json::{Map, Value};
 use self::record::LoginRecord;
 pub use self::{
     client::OidcClient,
+    client_auth::ClientAuth,
     config::{OidcConfig, Provider},
     guard::{Rejection, RejectionKind, RequireLogin, RequireLoginFuture, RequireLoginLayer},
     par::Par,

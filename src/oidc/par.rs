@@ -7,8 +7,8 @@ use openidconnect::url::Url;
 use serde::Deserialize;
 
 use super::{
-    client::{error_chain, urlencode, Discovered},
-    AuthError, AuthErrorKind, OidcConfig,
+    client::{error_chain, Discovered},
+    AuthError, AuthErrorKind,
 };
 use crate::log_safe::untrusted;
 
@@ -87,7 +87,7 @@ impl Discovered {
             (_, Some(endpoint)) => endpoint,
         };
         let form: Vec<(String, String)> = url.query_pairs().into_owned().collect();
-        let request_uri = self.push(endpoint, config, &form).await?;
+        let request_uri = self.push(endpoint, &form).await?;
         let mut short = url;
         short
             .query_pairs_mut()
@@ -98,22 +98,13 @@ impl Discovered {
     }
 
     /// Posts the authorization request's parameters; returns the `request_uri`.
-    async fn push(
-        &self,
-        endpoint: &Url,
-        config: &OidcConfig,
-        form: &[(String, String)],
-    ) -> Result<String, AuthError> {
-        let mut pairs: Vec<(&str, &str)> =
-            form.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        let mut request = self.inner.http.post(endpoint.clone());
-        if let Some(secret) = &config.client_secret {
-            // client_secret_basic: the body's client_id stays (the provider
-            // checks that both agree).
-            request = request.basic_auth(urlencode(&config.client_id), Some(urlencode(secret)));
-        } else if !pairs.iter().any(|(k, _)| *k == "client_id") {
-            pairs.push(("client_id", &config.client_id));
-        }
+    async fn push(&self, endpoint: &Url, form: &[(String, String)]) -> Result<String, AuthError> {
+        let mut form = form.to_vec();
+        let request = self
+            .inner
+            .auth
+            .apply(self.inner.http.post(endpoint.clone()), &mut form);
+        let pairs: Vec<(&str, &str)> = form.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         let response = super::with_form(request, &pairs)
             .send()
             .await

@@ -80,7 +80,6 @@ impl Idp {
             "post_logout_redirect_uris": app_urls.iter().map(|u| format!("{u}/")).collect::<Vec<_>>(),
             "backchannel_logout_uri": format!("{}/auth/backchannel-logout", app_urls[0]),
             "backchannel_logout_session_required": true,
-            "token_endpoint_auth_method": "client_secret_basic",
             "grant_types": ["authorization_code", "refresh_token"],
             "response_types": ["code"],
         }]);

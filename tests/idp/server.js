@@ -70,7 +70,7 @@ const clients = (process.env.IDP_CLIENTS ? JSON.parse(process.env.IDP_CLIENTS) :
     const client = {
       grant_types: ['authorization_code', 'refresh_token'],
       response_types: ['code'],
-      token_endpoint_auth_method: 'client_secret_basic',
+      token_endpoint_auth_method: process.env.IDP_CLIENT_AUTH || 'client_secret_basic',
       ...c,
     };
     if (COGNITO) { // Cognito has no back-channel logout; the metadata would be rejected
