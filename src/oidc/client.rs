@@ -281,6 +281,14 @@ impl OidcClient {
         &self.shared.config
     }
 
+    /// The public JWKS of the keys of
+    /// [`with_client_keys`](super::OidcConfig::with_client_keys), the one
+    /// to register at the provider (`jwks` or `jwks_uri`); `None` without keys.
+    pub fn client_jwks(&self) -> Option<Value> {
+        let keys = &self.shared.config.client_keys;
+        (!keys.is_empty()).then(|| super::client_auth::jwks(keys))
+    }
+
     /// Verifies an ID token given as a compact JWT, as the callback does:
     /// signature with a pinned algorithm list (refetching the provider's keys
     /// once for an unknown key id), `iss`, `aud`/`azp`, `exp`/`iat` within the
@@ -654,6 +662,7 @@ async fn discover(shared: &Shared) -> Result<Discovered, AuthError> {
     let auth = super::client_auth::Authenticator::new(
         &config.client_id,
         config.client_secret.as_deref(),
+        &config.client_keys,
         config.client_auth,
         metadata
             .token_endpoint_auth_methods_supported()

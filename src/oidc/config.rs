@@ -103,6 +103,7 @@ pub struct OidcConfig {
     pub(crate) bridge_key: Option<String>,
     pub(crate) par: super::Par,
     pub(crate) client_auth: Option<super::ClientAuth>,
+    pub(crate) client_keys: Vec<super::ClientKey>,
 }
 
 impl fmt::Debug for OidcConfig {
@@ -182,6 +183,7 @@ impl OidcConfig {
             bridge_key: None,
             par: super::Par::Auto,
             client_auth: None,
+            client_keys: Vec::new(),
         })
     }
 
@@ -322,6 +324,19 @@ impl OidcConfig {
     /// Every method needs [`with_client_secret`](Self::with_client_secret).
     pub fn with_client_auth(mut self, auth: super::ClientAuth) -> Self {
         self.client_auth = Some(auth);
+        self
+    }
+
+    /// Private keys for `private_key_jwt` (which they make the default
+    /// method): the first signs; all are published by
+    /// [`OidcClient::client_jwks`](super::OidcClient::client_jwks), so a
+    /// new key can be registered before it signs and an old one kept while
+    /// it retires.
+    pub fn with_client_keys<I>(mut self, keys: I) -> Self
+    where
+        I: IntoIterator<Item = super::ClientKey>,
+    {
+        self.client_keys = keys.into_iter().collect();
         self
     }
 

@@ -61,7 +61,7 @@ use serde_json::{Map, Value};
 use self::record::LoginRecord;
 pub use self::{
     client::OidcClient,
-    client_auth::ClientAuth,
+    client_auth::{ClientAuth, ClientKey, ClientKeyError, KeyAlg},
     config::{OidcConfig, Provider},
     guard::{Rejection, RejectionKind, RequireLogin, RequireLoginFuture, RequireLoginLayer},
     par::Par,

@@ -71,6 +71,8 @@ const clients = (process.env.IDP_CLIENTS ? JSON.parse(process.env.IDP_CLIENTS) :
       grant_types: ['authorization_code', 'refresh_token'],
       response_types: ['code'],
       token_endpoint_auth_method: process.env.IDP_CLIENT_AUTH || 'client_secret_basic',
+      // The public keys of private_key_jwt clients, inline.
+      ...(process.env.IDP_CLIENT_JWKS ? { jwks: JSON.parse(process.env.IDP_CLIENT_JWKS) } : {}),
       ...c,
     };
     if (COGNITO) { // Cognito has no back-channel logout; the metadata would be rejected
