@@ -78,7 +78,8 @@
 //! | `INTEGRATION_ISSUER` | the issuer of the `mail` integration's provider (OpenID discovery); unset: the local provider with its client `demo-mail` (secret `demo-mail-secret`), or with `OIDC_ISSUER` the login's provider and client. The client must allow the redirect URI `{APP_URL}/integrations/mail/callback` |
 //! | `INTEGRATION_CLIENT_ID` / `INTEGRATION_CLIENT_SECRET` | the client at `INTEGRATION_ISSUER` (the id is required with it) |
 //! | `INTEGRATION_POLL_SECS` | `5`: how often the background task gets every connected account's token (`0`: off) |
-//! | `OIDC_CLIENT_AUTH` | how the client authenticates at the provider: `client_secret_basic`, `client_secret_post` or `client_secret_jwt` (each needs `OIDC_CLIENT_SECRET`); unset: the first of them the provider advertises |
+//! | `OIDC_CLIENT_AUTH` | how the client authenticates at the provider: `client_secret_basic`, `client_secret_post`, `client_secret_jwt` (each needs `OIDC_CLIENT_SECRET`) or `private_key_jwt` (needs `OIDC_CLIENT_KEY`); unset: `private_key_jwt` with a key, else the first secret method the provider advertises |
+//! | `OIDC_CLIENT_KEY` | none; a PKCS#8 PEM file of an RSA private key (2048+ bits, RS256) for `private_key_jwt`; its public JWKS is served at `/auth/jwks.json` |
 //! | `OIDC_PAR` | `auto`: push the authorization request (RFC 9126) when the provider advertises a PAR endpoint; `on`: always (login fails without one); `off`: never |
 //! | `COGNITO_DOMAIN` | Cognito's hosted-UI origin for logout (`https://x.auth.eu-west-1.amazoncognito.com`); default: the origin of the authorization endpoint |
 //!
@@ -107,8 +108,8 @@ use tokio::sync::RwLock;
 use tower_pg_session::{
     crypto::{EncryptionKey, Keyring},
     oidc::{
-        AuthError, ClientAuth, OidcClient, OidcConfig, Par, Provider, Rejection, RejectionKind,
-        RequireLoginLayer, User,
+        AuthError, ClientAuth, ClientKey, KeyAlg, OidcClient, OidcConfig, Par, Provider, Rejection,
+        RejectionKind, RequireLoginLayer, User,
     },
     store::PgConnect,
     vault::{Integration, TokenVault, VaultConfig, VaultError},
@@ -823,11 +824,22 @@ fn login_client(
         Some("client_secret_basic") => config.with_client_auth(ClientAuth::SecretBasic),
         Some("client_secret_post") => config.with_client_auth(ClientAuth::SecretPost),
         Some("client_secret_jwt") => config.with_client_auth(ClientAuth::SecretJwt),
+        Some("private_key_jwt") => config.with_client_auth(ClientAuth::PrivateKeyJwt),
         Some(m) => {
             return Err(format!(
-                "OIDC_CLIENT_AUTH={m:?}: use client_secret_basic, client_secret_post or client_secret_jwt"
+                "OIDC_CLIENT_AUTH={m:?}: use client_secret_basic, client_secret_post, client_secret_jwt or private_key_jwt"
             )
             .into())
+        }
+    };
+    let config = match env_str("OIDC_CLIENT_KEY") {
+        None => config,
+        Some(file) => {
+            let pem = std::fs::read_to_string(&file)
+                .map_err(|e| format!("OIDC_CLIENT_KEY={file:?}: {e}"))?;
+            let key = ClientKey::from_pem(&pem, KeyAlg::Rs256)
+                .map_err(|e| format!("OIDC_CLIENT_KEY={file:?}: {e}"))?;
+            config.with_client_keys([key])
         }
     };
     let config = config

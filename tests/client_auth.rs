@@ -51,6 +51,10 @@ async fn client_secret_basic_logs_in_and_refreshes() {
     })
     .await;
     logs_in_refreshes_and_logs_out(&s).await;
+    let r = Browser::new()
+        .api(&format!("{}/auth/jwks.json", s.apps[0].url))
+        .await;
+    assert_eq!(r.status(), StatusCode::NOT_FOUND, "no keys, no JWKS route");
 }
 
 #[tokio::test]
@@ -207,6 +211,13 @@ async fn private_key_jwt_rotation_signs_with_the_first_key_and_publishes_both() 
         ]
     );
     assert!(published["keys"][0].get("d").is_none(), "no private part");
+    let served: Value = Browser::new()
+        .api(&format!("{}/auth/jwks.json", s.apps[0].url))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(served, published, "the routes serve the same set");
 }
 
 #[tokio::test]

@@ -104,6 +104,7 @@ pub struct OidcConfig {
     pub(crate) par: super::Par,
     pub(crate) client_auth: Option<super::ClientAuth>,
     pub(crate) client_keys: Vec<super::ClientKey>,
+    pub(crate) jwks_path: String,
 }
 
 impl fmt::Debug for OidcConfig {
@@ -184,6 +185,7 @@ impl OidcConfig {
             par: super::Par::Auto,
             client_auth: None,
             client_keys: Vec::new(),
+            jwks_path: "auth/jwks.json".to_owned(),
         })
     }
 
@@ -337,6 +339,14 @@ impl OidcConfig {
         I: IntoIterator<Item = super::ClientKey>,
     {
         self.client_keys = keys.into_iter().collect();
+        self
+    }
+
+    /// The path (under `app_url`) where the routes serve the public keys of
+    /// [`with_client_keys`](Self::with_client_keys) (default
+    /// `auth/jwks.json`; not served without keys).
+    pub fn with_jwks_path(mut self, path: &str) -> Self {
+        self.jwks_path = path.trim_start_matches('/').to_owned();
         self
     }
 

@@ -9,9 +9,10 @@
 //! | `GET {callback}` | [`OidcClient::callback`] |
 //! | `POST {logout}` | [`OidcClient::logout`] (same origin only) |
 //! | `POST {backchannel}` | [`OidcClient::backchannel_logout`] |
+//! | `GET {jwks}` | [`OidcClient::client_jwks`], only with client keys |
 //!
 //! The paths are [`OidcConfig`]'s (`auth/login`,
-//! `auth/callback`, `auth/logout`, `auth/backchannel-logout` under the
+//! `auth/callback`, `auth/logout`, `auth/backchannel-logout`, `auth/jwks.json` under the
 //! application's URL by default). Another method on one of them answers
 //! 405. The session layer must run outside these routes.
 
@@ -37,12 +38,13 @@ enum Route {
     Callback,
     Logout,
     BackchannelLogout,
+    Jwks,
 }
 
 impl Route {
     fn method(self) -> Method {
         match self {
-            Self::Login | Self::Callback => Method::GET,
+            Self::Login | Self::Callback | Self::Jwks => Method::GET,
             Self::Logout | Self::BackchannelLogout => Method::POST,
         }
     }
@@ -50,23 +52,35 @@ impl Route {
 
 /// The request paths of the routes, as they arrive.
 #[derive(Debug, Clone)]
-pub(crate) struct Paths([(String, Route); 4]);
+pub(crate) struct Paths(Vec<(String, Route)>);
 
 impl Paths {
     pub(crate) fn new(config: &OidcConfig) -> Self {
-        Self([
-            (config.path_abs(&config.login_path), Route::Login),
-            (config.path_abs(&config.callback_path), Route::Callback),
-            (config.path_abs(&config.logout_path), Route::Logout),
-            (
-                config.path_abs(&config.backchannel_logout_path),
-                Route::BackchannelLogout,
-            ),
-        ])
+        let jwks = (!config.client_keys.is_empty())
+            .then(|| (config.path_abs(&config.jwks_path), Route::Jwks));
+        Self(
+            [
+                (config.path_abs(&config.login_path), Route::Login),
+                (config.path_abs(&config.callback_path), Route::Callback),
+                (config.path_abs(&config.logout_path), Route::Logout),
+                (
+                    config.path_abs(&config.backchannel_logout_path),
+                    Route::BackchannelLogout,
+                ),
+            ]
+            .into_iter()
+            .chain(jwks)
+            .collect(),
+        )
     }
 
     fn route(&self, path: &str) -> Option<Route> {
         self.0.iter().find(|(p, _)| p == path).map(|(_, r)| *r)
+    }
+
+    #[cfg(feature = "axum")]
+    fn route_of(&self, route: Route) -> bool {
+        self.0.iter().any(|(_, r)| *r == route)
     }
 
     #[cfg(feature = "axum")]
@@ -97,6 +111,9 @@ where
             "method not allowed",
         );
     }
+    if route == Route::Jwks {
+        return jwks_response(&client);
+    }
     if route == Route::BackchannelLogout {
         let body = match read_body(body).await {
             Ok(body) => body,
@@ -118,7 +135,7 @@ where
         Route::Login => client.login(session, return_to(query).as_deref()).await,
         Route::Callback => client.callback(session, query).await.map(|(r, _)| r),
         Route::Logout => client.logout(session, &parts.headers).await,
-        Route::BackchannelLogout => unreachable!("answered above"),
+        Route::BackchannelLogout | Route::Jwks => unreachable!("answered above"),
     };
     answer.map_or_else(
         |e: AuthError| e.response_for(&parts.headers),
@@ -143,6 +160,22 @@ where
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(StatusCode::PAYLOAD_TOO_LARGE),
         Err(_) => Err(StatusCode::BAD_REQUEST),
     }
+}
+
+/// The client's public keys, cacheable for a few minutes.
+fn jwks_response<B: From<String>>(client: &OidcClient) -> Response<B> {
+    let body = client.client_jwks().unwrap_or_default().to_string();
+    let mut r = Response::new(B::from(body));
+    let h = r.headers_mut();
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("max-age=300"),
+    );
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
 }
 
 fn plain<B: From<String>>(status: StatusCode, allow: &str, text: &str) -> Response<B> {
@@ -186,7 +219,7 @@ impl OidcClient {
             let client = self.clone();
             move |request: Request| respond::<Body, Body>(client, route, request)
         };
-        axum::Router::new()
+        let router = axum::Router::new()
             .route(
                 paths.path(Route::Login),
                 routing::get(handler(Route::Login)),
@@ -202,6 +235,11 @@ impl OidcClient {
             .route(
                 paths.path(Route::BackchannelLogout),
                 routing::post(handler(Route::BackchannelLogout)),
-            )
+            );
+        if paths.route_of(Route::Jwks) {
+            router.route(paths.path(Route::Jwks), routing::get(handler(Route::Jwks)))
+        } else {
+            router
+        }
     }
 }
