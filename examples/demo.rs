@@ -85,9 +85,14 @@
 //! | `INTEGRATION_AUDIT` | `peer`: each connection records the client's address (the socket's peer) and `User-Agent` at connect; `forwarded`: the last `X-Forwarded-For` address (behind one trusted proxy); `off` |
 //! | `INTEGRATION_POLL_SECS` | `5`: how often the background task gets every connected account's token (`0`: off) |
 //! | `OIDC2_ISSUER` / `OIDC2_CLIENT_ID` / `OIDC2_CLIENT_SECRET` | none; a second provider (Keycloak for staff, Cognito for customers, say): login at `/auth/login?provider=2`; its client must allow the redirect URI `{APP_URL}/auth/callback/2` (back-channel logout: `{APP_URL}/auth/backchannel-logout/2`). `/me` takes a login from either; logout ends it at its own provider |
+//! | `OIDC_CLIENT_AUTH` | how the client authenticates at the provider: `client_secret_basic`, `client_secret_post`, `client_secret_jwt` (each needs `OIDC_CLIENT_SECRET`) or `private_key_jwt` (needs `OIDC_CLIENT_KEY`); unset: `private_key_jwt` with a key, else the first secret method the provider advertises |
+//! | `OIDC_CLIENT_KEY` | none; a PKCS#8 PEM file of an RSA private key (2048+ bits, RS256) for `private_key_jwt`; its public JWKS is served at `/auth/jwks.json` |
+//! | `OIDC_PAR` | `auto`: push the authorization request (RFC 9126) when the provider advertises a PAR endpoint; `on`: always (login fails without one); `off`: never |
 //! | `COGNITO_DOMAIN` | Cognito's hosted-UI origin for logout (`https://x.auth.eu-west-1.amazoncognito.com`); default: the origin of the authorization endpoint |
 //!
-//! The local provider also reads `ACCESS_TOKEN_TTL` (seconds, default 3600):
+//! The local provider also reads `IDP_PAR` (`off`, `on`, `required`) and
+//! `IDP_CLIENT_AUTH` (the clients' registered method; see
+//! tests/idp/README.md), and `ACCESS_TOKEN_TTL` (seconds, default 3600):
 //! `ACCESS_TOKEN_TTL=60 OIDC_REFRESH_BEFORE=30` shows refreshes (the
 //! vault refreshes a connected account 5 minutes before expiry, so with
 //! `ACCESS_TOKEN_TTL` under 300 every check refreshes).
@@ -110,8 +115,8 @@ use tokio::sync::RwLock;
 use tower_pg_session::{
     crypto::{EncryptionKey, Keyring},
     oidc::{
-        AuthError, OidcClient, OidcConfig, OidcProviders, Provider, Rejection, RejectionKind,
-        RequireLoginLayer, User, UserinfoMode,
+        AuthError, ClientAuth, ClientKey, KeyAlg, OidcClient, OidcConfig, OidcProviders, Par,
+        Provider, Rejection, RejectionKind, RequireLoginLayer, User, UserinfoMode,
     },
     store::PgConnect,
     vault::{ClientIp, Integration, TokenVault, VaultConfig, VaultError},
@@ -835,7 +840,42 @@ fn login_client(
             other
         }
     };
-    let config = config.with_provider(provider).with_discovery_retry(RETRY);
+    let par = match env_str("OIDC_PAR")
+        .map(|p| p.to_ascii_lowercase())
+        .as_deref()
+    {
+        None | Some("auto") => Par::Auto,
+        Some("on") => Par::Required,
+        Some("off") => Par::Off,
+        Some(p) => return Err(format!("OIDC_PAR={p:?}: use auto, on or off").into()),
+    };
+    let config = match env_str("OIDC_CLIENT_AUTH").as_deref() {
+        None => config,
+        Some("client_secret_basic") => config.with_client_auth(ClientAuth::SecretBasic),
+        Some("client_secret_post") => config.with_client_auth(ClientAuth::SecretPost),
+        Some("client_secret_jwt") => config.with_client_auth(ClientAuth::SecretJwt),
+        Some("private_key_jwt") => config.with_client_auth(ClientAuth::PrivateKeyJwt),
+        Some(m) => {
+            return Err(format!(
+                "OIDC_CLIENT_AUTH={m:?}: use client_secret_basic, client_secret_post, client_secret_jwt or private_key_jwt"
+            )
+            .into())
+        }
+    };
+    let config = match env_str("OIDC_CLIENT_KEY") {
+        None => config,
+        Some(file) => {
+            let pem = std::fs::read_to_string(&file)
+                .map_err(|e| format!("OIDC_CLIENT_KEY={file:?}: {e}"))?;
+            let key = ClientKey::from_pem(&pem, KeyAlg::Rs256)
+                .map_err(|e| format!("OIDC_CLIENT_KEY={file:?}: {e}"))?;
+            config.with_client_keys([key])
+        }
+    };
+    let config = config
+        .with_provider(provider)
+        .with_par(par)
+        .with_discovery_retry(RETRY);
     Ok(OidcClient::lazy(config, store.clone()))
 }
 

@@ -361,7 +361,7 @@ async fn a_second_provider_logs_in_at_login_provider_2() {
         "redirect_uris": [format!("{app}/auth/callback/2")],
         "post_logout_redirect_uris": [format!("{app}/")],
     }]);
-    let idp2 = common::idp::Idp::start_with("keycloak", &clients, 3600, 0).await;
+    let idp2 = common::idp::Idp::start_with("keycloak", &clients, 3600, 0, &[]).await;
     let demo = start(&[
         ("DATABASE_URL", db.schema_url().await),
         ("BIND_ADDR", format!("127.0.0.1:{port}")),

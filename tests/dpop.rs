@@ -7,16 +7,21 @@
 mod common;
 
 use axum::http::StatusCode;
-use common::idp::{location, setup, Browser, Setup};
+use common::idp::{location, setup_env, Browser, Setup};
 use serde_json::Value;
 use tower_pg_session::oidc::OidcConfig;
 
 /// The provider requires DPoP-bound tokens and a DPoP nonce on every token
-/// request (each test runs in a process of its own: the provider started
-/// next inherits this).
+/// request.
 async fn setup_dpop_required(access_ttl: u64, tweak: impl Fn(OidcConfig) -> OidcConfig) -> Setup {
-    std::env::set_var("IDP_DPOP", "required");
-    setup("keycloak", 1, access_ttl, tweak).await
+    setup_env(
+        "keycloak",
+        1,
+        access_ttl,
+        &[("IDP_DPOP", "required")],
+        tweak,
+    )
+    .await
 }
 
 #[tokio::test]

@@ -10,7 +10,7 @@ mod common;
 use std::time::Duration;
 
 use axum::http::{header, StatusCode};
-use common::idp::{absolute, location, setup, Browser, Setup};
+use common::idp::{absolute, location, setup, setup_env, Browser, Setup};
 use serde_json::Value;
 use tower_pg_session::oidc::OidcConfig;
 
@@ -82,10 +82,7 @@ async fn a_route_needing_a_second_factor_sends_the_browser_through_a_stronger_lo
 /// A provider without the `claims` parameter: `acr_values` is a voluntary
 /// request, and a login at another level comes back as it is.
 async fn setup_without_claims_parameter(tweak: impl Fn(OidcConfig) -> OidcConfig) -> Setup {
-    // Each test runs in a process of its own: the provider started next
-    // inherits this.
-    std::env::set_var("IDP_CLAIMS_PARAMETER", "0");
-    setup("keycloak", 1, 3600, tweak).await
+    setup_env("keycloak", 1, 3600, &[("IDP_CLAIMS_PARAMETER", "0")], tweak).await
 }
 
 #[tokio::test]

@@ -42,6 +42,10 @@ pub(crate) struct ExtraMetadata {
     revocation_endpoint: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     authorization_response_iss_parameter_supported: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pushed_authorization_request_endpoint: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    require_pushed_authorization_requests: Option<bool>,
 }
 impl AdditionalProviderMetadata for ExtraMetadata {}
 
@@ -121,6 +125,8 @@ pub(crate) struct Inner {
     pub(crate) claims_parameter: bool,
     /// The token endpoint's latest DPoP nonce.
     pub(crate) dpop_nonce: dpop::Nonce,
+    pub(crate) par: super::par::ParEndpoint,
+    pub(crate) auth: super::client_auth::Authenticator,
     pub(crate) store: PgStore,
     userinfo: Option<String>,
     jwks_uri: openidconnect::JsonWebKeySetUrl,
@@ -281,6 +287,14 @@ impl OidcClient {
         &self.shared.config
     }
 
+    /// The public JWKS of the keys of
+    /// [`with_client_keys`](super::OidcConfig::with_client_keys), the one
+    /// to register at the provider (`jwks` or `jwks_uri`); `None` without keys.
+    pub fn client_jwks(&self) -> Option<Value> {
+        let keys = &self.shared.config.client_keys;
+        (!keys.is_empty()).then(|| super::client_auth::jwks(keys))
+    }
+
     /// Verifies an ID token given as a compact JWT, as the callback does:
     /// signature with a pinned algorithm list (refetching the provider's keys
     /// once for an unknown key id), `iss`, `aud`/`azp`, `exp`/`iat` within the
@@ -301,11 +315,18 @@ impl OidcClient {
     }
 }
 
-/// Sends a token request, with a DPoP proof (and the nonce retry) when
-/// the login has a key. A macro: the code and refresh requests are types of
+/// Sends a token request with the client's authentication, and a DPoP
+/// proof (and the nonce retry) when the login has a key. A macro: the code and refresh requests are types of
 /// their own with the same `request_async`.
 macro_rules! send_token_request {
-    ($discovered:expr, $request:expr, $dpop:expr) => {
+    ($discovered:expr, $request:expr, $dpop:expr) => {{
+        // The client's authentication, when it goes in the form.
+        let request = $discovered
+            .inner
+            .auth
+            .extra_params()
+            .into_iter()
+            .fold($request, |r, (k, v)| r.add_extra_param(k, v));
         match $dpop {
             Some(key) => {
                 let client = dpop::DpopClient {
@@ -313,11 +334,11 @@ macro_rules! send_token_request {
                     key,
                     nonce: &$discovered.inner.dpop_nonce,
                 };
-                $request.request_async(&client).await
+                request.request_async(&client).await
             }
-            None => $request.request_async(&$discovered.inner.http).await,
+            None => request.request_async(&$discovered.inner.http).await,
         }
-    };
+    }};
 }
 
 /// An access token that names its DPoP key must name the login's.
@@ -603,16 +624,15 @@ impl Discovered {
         let Some(url) = &self.inner.revocation else {
             return;
         };
-        let c = &self.inner.config;
         let mut form = vec![
-            ("token", refresh_token),
-            ("token_type_hint", "refresh_token"),
+            ("token".to_owned(), refresh_token.to_owned()),
+            ("token_type_hint".to_owned(), "refresh_token".to_owned()),
         ];
-        let mut req = self.inner.http.post(url.clone());
-        match &c.client_secret {
-            Some(secret) => req = req.basic_auth(urlencode(&c.client_id), Some(urlencode(secret))),
-            None => form.push(("client_id", &c.client_id)),
-        }
+        let req = self
+            .inner
+            .auth
+            .apply(self.inner.http.post(url.clone()), &mut form);
+        let form: Vec<(&str, &str)> = form.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         let sent = super::with_form(req, &form).send().await;
         match sent {
             Ok(r) if r.status().is_success() => tracing::debug!("refresh token revoked"),
@@ -710,11 +730,24 @@ async fn discover(shared: &Shared) -> Result<Discovered, AuthError> {
     let jwks_uri = metadata.jwks_uri().clone();
     let userinfo = metadata.userinfo_endpoint().map(|u| u.url().to_string());
     let redirect = RedirectUrl::from_url(config.redirect_uri());
+    let auth = super::client_auth::Authenticator::new(
+        &config.client_id,
+        config.client_secret.as_deref(),
+        &config.client_keys,
+        config.client_auth,
+        metadata
+            .token_endpoint_auth_methods_supported()
+            .map(Vec::as_slice),
+        &issuer,
+    )
+    .map_err(|e| AuthError::new(AuthErrorKind::ProviderUnavailable, e))?;
+    let (secret, auth_type) = auth.for_token_client();
     let client = CoreClient::from_provider_metadata(
         metadata,
         ClientId::new(config.client_id.clone()),
-        config.client_secret.clone().map(ClientSecret::new),
+        secret.map(ClientSecret::new),
     )
+    .set_auth_type(auth_type)
     .set_redirect_uri(redirect);
     store
         .prepare_single_use()
@@ -728,6 +761,11 @@ async fn discover(shared: &Shared) -> Result<Discovered, AuthError> {
                 .unwrap_or(false),
             claims_parameter,
             dpop_nonce: dpop::Nonce::default(),
+            par: super::par::ParEndpoint::new(
+                extra.pushed_authorization_request_endpoint.as_deref(),
+                extra.require_pushed_authorization_requests,
+            ),
+            auth,
             config,
             client,
             http,

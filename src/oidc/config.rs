@@ -108,6 +108,10 @@ pub struct OidcConfig {
     pub(crate) bridge_key: Option<String>,
     pub(crate) userinfo: super::UserinfoMode,
     pub(crate) unsigned_id_tokens: bool,
+    pub(crate) par: super::Par,
+    pub(crate) client_auth: Option<super::ClientAuth>,
+    pub(crate) client_keys: Vec<super::ClientKey>,
+    pub(crate) jwks_path: String,
 }
 
 impl fmt::Debug for OidcConfig {
@@ -189,10 +193,15 @@ impl OidcConfig {
             bridge_key: None,
             userinfo: super::UserinfoMode::Auto,
             unsigned_id_tokens: false,
+            par: super::Par::Auto,
+            client_auth: None,
+            client_keys: Vec::new(),
+            jwks_path: "auth/jwks.json".to_owned(),
         })
     }
 
-    /// The client secret (confidential clients; sent with HTTP Basic auth).
+    /// The client secret (confidential clients; see
+    /// [`with_client_auth`](Self::with_client_auth) for how it is used).
     pub fn with_client_secret(mut self, secret: &str) -> Self {
         self.client_secret = Some(secret.to_owned());
         self
@@ -344,6 +353,45 @@ impl OidcConfig {
     /// so that handlers cannot write it; the guard still does.
     pub fn with_express_user_key(mut self, key: &str) -> Self {
         self.bridge_key = Some(key.to_owned());
+        self
+    }
+
+    /// When logins push their authorization request to the provider (RFC
+    /// 9126) so that the browser carries only `client_id` and a
+    /// `request_uri`: by default ([`Par::Auto`](super::Par::Auto)) whenever
+    /// the provider advertises a PAR endpoint.
+    pub fn with_par(mut self, par: super::Par) -> Self {
+        self.par = par;
+        self
+    }
+
+    /// How the client authenticates at the token, revocation and PAR
+    /// endpoints; by default the first of `client_secret_basic`,
+    /// `client_secret_post`, `client_secret_jwt` the provider advertises.
+    /// Every method needs [`with_client_secret`](Self::with_client_secret).
+    pub fn with_client_auth(mut self, auth: super::ClientAuth) -> Self {
+        self.client_auth = Some(auth);
+        self
+    }
+
+    /// Private keys for `private_key_jwt` (which they make the default
+    /// method): the first signs; all are published by
+    /// [`OidcClient::client_jwks`](super::OidcClient::client_jwks), so a
+    /// new key can be registered before it signs and an old one kept while
+    /// it retires.
+    pub fn with_client_keys<I>(mut self, keys: I) -> Self
+    where
+        I: IntoIterator<Item = super::ClientKey>,
+    {
+        self.client_keys = keys.into_iter().collect();
+        self
+    }
+
+    /// The path (under `app_url`) where the routes serve the public keys of
+    /// [`with_client_keys`](Self::with_client_keys) (default
+    /// `auth/jwks.json`; not served without keys).
+    pub fn with_jwks_path(mut self, path: &str) -> Self {
+        self.jwks_path = path.trim_start_matches('/').to_owned();
         self
     }
 

@@ -315,6 +315,7 @@ impl Discovered {
             request = request.add_extra_param(name, value);
         }
         let (url, _, _) = request.url();
+        let url = self.pushed(url).await?;
         Ok(Redirect::found(url.as_str()))
     }
 

@@ -37,11 +37,13 @@
 //! stack (hyper, tonic).
 
 mod client;
+mod client_auth;
 mod config;
 mod dpop;
 mod flow;
 mod guard;
 pub(crate) mod logout_token;
+mod par;
 pub(crate) mod pending;
 mod providers;
 pub(crate) mod record;
@@ -63,8 +65,10 @@ use serde_json::{Map, Value};
 use self::record::LoginRecord;
 pub use self::{
     client::OidcClient,
+    client_auth::{ClientAuth, ClientKey, ClientKeyError, KeyAlg},
     config::{OidcConfig, Provider},
     guard::{Rejection, RejectionKind, RequireLogin, RequireLoginFuture, RequireLoginLayer},
+    par::Par,
     providers::OidcProviders,
     routes::{OidcRoutes, OidcRoutesFuture, OidcRoutesLayer},
     step_up::LoginOptions,

@@ -53,6 +53,18 @@ impl Idp {
 
     /// As [`Self::start`], listening on `port` (0: any free one).
     pub async fn start_on(flavor: &str, app_urls: &[String], access_ttl: u64, port: u16) -> Self {
+        Self::start_env(flavor, app_urls, access_ttl, port, &[]).await
+    }
+
+    /// As [`Self::start_on`], with extra environment for the provider
+    /// (`IDP_PAR`, …).
+    pub async fn start_env(
+        flavor: &str,
+        app_urls: &[String],
+        access_ttl: u64,
+        port: u16,
+        env: &[(&str, &str)],
+    ) -> Self {
         assert!(
             idp_dir().join("node_modules").exists(),
             "tests/idp/node_modules is missing: run the tests through scripts/test.sh (it runs npm ci)"
@@ -68,15 +80,21 @@ impl Idp {
             "post_logout_redirect_uris": app_urls.iter().map(|u| format!("{u}/")).collect::<Vec<_>>(),
             "backchannel_logout_uri": format!("{}/auth/backchannel-logout", app_urls[0]),
             "backchannel_logout_session_required": true,
-            "token_endpoint_auth_method": "client_secret_basic",
             "grant_types": ["authorization_code", "refresh_token"],
             "response_types": ["code"],
         }]);
-        Self::start_with(flavor, &clients, access_ttl, port).await
+        Self::start_with(flavor, &clients, access_ttl, port, env).await
     }
 
-    /// A provider with these clients (oidc-provider client metadata).
-    pub async fn start_with(flavor: &str, clients: &Value, access_ttl: u64, port: u16) -> Self {
+    /// A provider with these clients (oidc-provider client metadata) and
+    /// extra environment.
+    pub async fn start_with(
+        flavor: &str,
+        clients: &Value,
+        access_ttl: u64,
+        port: u16,
+        env: &[(&str, &str)],
+    ) -> Self {
         let mut child = Command::new("node")
             .arg(idp_dir().join("server.js"))
             .env("IDP_FLAVOR", flavor)
@@ -84,6 +102,7 @@ impl Idp {
             .env("ACCESS_TOKEN_TTL", access_ttl.to_string())
             .env("PORT", port.to_string())
             .env("IDP_MAX_SECONDS", "600")
+            .envs(env.iter().copied())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -397,6 +416,17 @@ pub async fn setup(
     access_ttl: u64,
     tweak: impl Fn(OidcConfig) -> OidcConfig,
 ) -> Setup {
+    setup_env(flavor, instances, access_ttl, &[], tweak).await
+}
+
+/// As [`setup`], with extra environment for the provider.
+pub async fn setup_env(
+    flavor: &str,
+    instances: usize,
+    access_ttl: u64,
+    env: &[(&str, &str)],
+    tweak: impl Fn(OidcConfig) -> OidcConfig,
+) -> Setup {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
@@ -414,7 +444,7 @@ pub async fn setup(
         ));
         listeners.push(l);
     }
-    let idp = Idp::start(flavor, &urls, access_ttl).await;
+    let idp = Idp::start_env(flavor, &urls, access_ttl, 0, env).await;
     let token_key = EncryptionKey::generate();
     let token_keys = Keyring::from(token_key.clone());
     let mut apps = Vec::new();

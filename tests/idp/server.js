@@ -29,6 +29,13 @@ const CLAIMS_PARAMETER = process.env.IDP_CLAIMS_PARAMETER !== '0';
 // IDP_DPOP=required: every client's tokens must be DPoP-bound, and every
 // token request must carry the provider's nonce (use_dpop_nonce first).
 const DPOP_REQUIRED = process.env.IDP_DPOP === 'required';
+// Pushed authorization requests (RFC 9126): off (not advertised), on
+// (advertised, optional) or required (require_pushed_authorization_requests).
+const PAR = process.env.IDP_PAR || 'off';
+if (!['off', 'on', 'required'].includes(PAR)) {
+  log(`unknown IDP_PAR=${PAR} (use off, on or required)`);
+  process.exit(2);
+}
 const COGNITO_GROUPS = JSON.parse(process.env.IDP_COGNITO_GROUPS || '["admins","users"]');
 if (!(Number.isInteger(ACCESS_TOKEN_TTL) && ACCESS_TOKEN_TTL > 0)) {
   log('ACCESS_TOKEN_TTL must be a positive integer (seconds)');
@@ -68,8 +75,10 @@ const clients = (process.env.IDP_CLIENTS ? JSON.parse(process.env.IDP_CLIENTS) :
     const client = {
       grant_types: ['authorization_code', 'refresh_token'],
       response_types: ['code'],
-      token_endpoint_auth_method: 'client_secret_basic',
       ...(DPOP_REQUIRED ? { dpop_bound_access_tokens: true } : {}),
+      token_endpoint_auth_method: process.env.IDP_CLIENT_AUTH || 'client_secret_basic',
+      // The public keys of private_key_jwt clients, inline.
+      ...(process.env.IDP_CLIENT_JWKS ? { jwks: JSON.parse(process.env.IDP_CLIENT_JWKS) } : {}),
       ...c,
     };
     if (COGNITO) { // Cognito has no back-channel logout; the metadata would be rejected
@@ -272,6 +281,10 @@ function makeProvider(issuer) {
         async postLogoutSuccessSource(ctx) {
           ctx.body = page('Signed out', '<p>You are signed out of the test IdP.</p>');
         },
+      },
+      pushedAuthorizationRequests: {
+        enabled: PAR !== 'off',
+        requirePushedAuthorizationRequests: PAR === 'required',
       },
       revocation: { enabled: true },
       introspection: { enabled: true },

@@ -9,9 +9,10 @@
 //! | `GET {callback}` | [`OidcClient::callback`] |
 //! | `POST {logout}` | [`OidcClient::logout`] (same origin only) |
 //! | `POST {backchannel}` | [`OidcClient::backchannel_logout`] |
+//! | `GET {jwks}` | [`OidcClient::client_jwks`], only with client keys |
 //!
 //! The paths are [`OidcConfig`](super::OidcConfig)'s (`auth/login`,
-//! `auth/callback`, `auth/logout`, `auth/backchannel-logout` under the
+//! `auth/callback`, `auth/logout`, `auth/backchannel-logout`, `auth/jwks.json` under the
 //! application's URL by default). Another method on one of them answers
 //! 405. The session layer must run outside these routes.
 //!
@@ -42,12 +43,13 @@ enum Route {
     Callback,
     Logout,
     BackchannelLogout,
+    Jwks,
 }
 
 impl Route {
     fn method(self) -> Method {
         match self {
-            Self::Login | Self::Callback => Method::GET,
+            Self::Login | Self::Callback | Self::Jwks => Method::GET,
             Self::Logout | Self::BackchannelLogout => Method::POST,
         }
     }
@@ -70,7 +72,12 @@ impl Paths {
                 (&c.callback_path, Route::Callback),
                 (&c.logout_path, Route::Logout),
                 (&c.backchannel_logout_path, Route::BackchannelLogout),
+                // Only with client keys: the public half of what signs.
+                (&c.jwks_path, Route::Jwks),
             ] {
+                if route == Route::Jwks && c.client_keys.is_empty() {
+                    continue;
+                }
                 let path = c.path_abs(path);
                 if !out.iter().any(|(p, _, _)| *p == path) {
                     out.push((path, route, index));
@@ -107,6 +114,9 @@ where
             route.method().as_str(),
             "method not allowed",
         );
+    }
+    if route == Route::Jwks {
+        return jwks_response(providers.at(index));
     }
     if route == Route::BackchannelLogout {
         let body = match read_body(body).await {
@@ -145,7 +155,7 @@ where
             };
             client.logout(session, &parts.headers).await
         }
-        Route::BackchannelLogout => unreachable!("answered above"),
+        Route::BackchannelLogout | Route::Jwks => unreachable!("answered above"),
     };
     answer.map_or_else(
         |e: AuthError| e.response_for(&parts.headers),
@@ -179,6 +189,22 @@ where
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(StatusCode::PAYLOAD_TOO_LARGE),
         Err(_) => Err(StatusCode::BAD_REQUEST),
     }
+}
+
+/// The client's public keys, cacheable for a few minutes.
+fn jwks_response<B: From<String>>(client: &OidcClient) -> Response<B> {
+    let body = client.client_jwks().unwrap_or_default().to_string();
+    let mut r = Response::new(B::from(body));
+    let h = r.headers_mut();
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("max-age=300"),
+    );
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
 }
 
 fn plain<B: From<String>>(status: StatusCode, allow: &str, text: &str) -> Response<B> {
@@ -239,7 +265,7 @@ impl OidcProviders {
             router = router.route(
                 &path,
                 match route {
-                    Route::Login | Route::Callback => routing::get(handler),
+                    Route::Login | Route::Callback | Route::Jwks => routing::get(handler),
                     Route::Logout | Route::BackchannelLogout => routing::post(handler),
                 },
             );
