@@ -680,20 +680,50 @@ impl Discovered {
     }
 }
 
+/// The HTTP client for the provider. Following redirects would let a
+/// hostile metadata document point requests anywhere (SSRF); timeouts keep
+/// a stalled provider from stalling every login.
+fn http_client(config: &OidcConfig) -> Result<reqwest::Client, AuthError> {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(config.http_timeout.min(Duration::from_secs(5)))
+        .timeout(config.http_timeout)
+        .build()
+        .map_err(|e| AuthError::new(AuthErrorKind::ProviderUnavailable, e.to_string()))
+}
+
+/// How the provider ends its own session: Cognito's hosted UI `/logout`,
+/// else the `end_session_endpoint` when there is one.
+fn logout_style(provider: &Provider, metadata: &Metadata) -> Result<LogoutStyle, AuthError> {
+    Ok(match provider {
+        Provider::Cognito { domain } => {
+            let origin = metadata.authorization_endpoint().url().origin();
+            let base = match domain {
+                Some(d) => d.clone(),
+                None => Url::parse(&origin.ascii_serialization()).map_err(|e| {
+                    AuthError::new(AuthErrorKind::ProviderUnavailable, e.to_string())
+                })?,
+            };
+            LogoutStyle::Cognito(base.join("logout").unwrap_or(base))
+        }
+        _ => match metadata
+            .additional_metadata()
+            .end_session_endpoint
+            .as_deref()
+            .map(Url::parse)
+        {
+            Some(Ok(url)) => LogoutStyle::EndSession(url),
+            _ => LogoutStyle::None,
+        },
+    })
+}
+
 /// Discovery: the provider's metadata, the client built from it, and the
 /// store's companion table.
 async fn discover(shared: &Shared) -> Result<Discovered, AuthError> {
     let (config, store) = (shared.config.clone(), shared.store.clone());
     let (issuer, provider) = (shared.issuer.clone(), shared.provider.clone());
-    // Following redirects would let a hostile metadata document point
-    // requests anywhere (SSRF); timeouts keep a stalled provider from
-    // stalling every login.
-    let http = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .connect_timeout(config.http_timeout.min(Duration::from_secs(5)))
-        .timeout(config.http_timeout)
-        .build()
-        .map_err(|e| AuthError::new(AuthErrorKind::ProviderUnavailable, e.to_string()))?;
+    let http = http_client(&config)?;
     let issuer_url = IssuerUrl::new(issuer.clone())
         .map_err(|e| AuthError::new(AuthErrorKind::ProviderUnavailable, e.to_string()))?;
     let metadata = Metadata::discover_async(issuer_url, &http)
@@ -705,22 +735,7 @@ async fn discover(shared: &Shared) -> Result<Discovered, AuthError> {
             )
         })?;
     let extra = metadata.additional_metadata().clone();
-    let auth_origin = metadata.authorization_endpoint().url().origin();
-    let logout = match &provider {
-        Provider::Cognito { domain } => {
-            let base = match domain {
-                Some(d) => d.clone(),
-                None => Url::parse(&auth_origin.ascii_serialization()).map_err(|e| {
-                    AuthError::new(AuthErrorKind::ProviderUnavailable, e.to_string())
-                })?,
-            };
-            LogoutStyle::Cognito(base.join("logout").unwrap_or(base))
-        }
-        _ => match extra.end_session_endpoint.as_deref().map(Url::parse) {
-            Some(Ok(url)) => LogoutStyle::EndSession(url),
-            _ => LogoutStyle::None,
-        },
-    };
+    let logout = logout_style(&provider, &metadata)?;
     let revocation = extra
         .revocation_endpoint
         .as_deref()
@@ -781,10 +796,7 @@ async fn discover(shared: &Shared) -> Result<Discovered, AuthError> {
     })
 }
 
-/// When a token that lives `expires_in` from `now` (unix seconds) expires;
-/// a provider's absurd lifetime saturates rather than wrapping.
-/// Whether a token response that failed to parse parses without its ID
-/// token: then the ID token is what is malformed.
+/// Whether a JWT is unsigned: `alg` `none` and an empty signature.
 fn is_unsigned(jwt: &str) -> bool {
     let mut parts = jwt.split('.');
     let header = parts.next().and_then(decode_json::<Value>);
@@ -795,6 +807,8 @@ fn is_unsigned(jwt: &str) -> bool {
     alg == Some("none") && parts.nth(1) == Some("")
 }
 
+/// Whether a token response that failed to parse parses without its ID
+/// token: then the ID token is what is malformed.
 fn id_token_is_the_fault(body: &[u8]) -> bool {
     let Ok(Value::Object(mut response)) = serde_json::from_slice::<Value>(body) else {
         return false;
@@ -803,6 +817,8 @@ fn id_token_is_the_fault(body: &[u8]) -> bool {
         && serde_json::from_value::<CoreTokenResponse>(Value::Object(response)).is_ok()
 }
 
+/// When a token that lives `expires_in` from `now` (unix seconds) expires;
+/// a provider's absurd lifetime saturates rather than wrapping.
 fn expires_at(now: i64, expires_in: Duration) -> i64 {
     now.saturating_add(i64::try_from(expires_in.as_secs()).unwrap_or(i64::MAX))
 }

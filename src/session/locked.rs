@@ -4,6 +4,7 @@
 
 use std::fmt;
 
+#[cfg(feature = "oidc")]
 use crate::crypto::Aad;
 
 use super::SessionError;
@@ -12,6 +13,7 @@ use super::SessionError;
 /// sealed value copied into another session does not open there. Opaque: the
 /// row's storage key it holds never leaves the session module.
 #[derive(Clone)]
+#[cfg_attr(not(feature = "oidc"), allow(dead_code))]
 pub(crate) struct SealContext(String);
 
 impl SealContext {
@@ -20,6 +22,7 @@ impl SealContext {
     }
 
     /// The associated data for the session's `field`.
+    #[cfg(feature = "oidc")]
     pub(crate) fn aad<'a>(&'a self, field: &'a str) -> Aad<'a> {
         Aad {
             session: &self.0,
@@ -36,6 +39,7 @@ impl fmt::Debug for SealContext {
 
 /// What an update under the row lock writes under its key.
 #[derive(Debug)]
+#[cfg_attr(not(feature = "oidc"), allow(dead_code))]
 pub(crate) enum Write<T> {
     /// Nothing: the row is left as it is.
     Keep,
