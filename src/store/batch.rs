@@ -438,13 +438,7 @@ impl Job for UpdateJob {
         // One write per row in a statement; a second save of the same row
         // (two requests of one session) conflicts, and takes the locked
         // path after this statement has written the first.
-        let mut seen = HashSet::new();
-        let (batch, repeats): (Vec<_>, Vec<_>) = batch
-            .into_iter()
-            .partition(|w| seen.insert(w.job.key.clone()));
-        for w in repeats {
-            let _ = w.reply.send(Ok(None));
-        }
+        let batch = first_of_each_key(batch);
         if batch.is_empty() {
             return;
         }
@@ -470,13 +464,53 @@ impl Job for UpdateJob {
             }
         })
         .await;
-        let versions: HashMap<String, String> = match result {
-            Ok(rows) => rows.into_iter().collect(),
-            Err(e) => return fail_all(batch, e),
-        };
-        for w in batch {
-            let _ = w.reply.send(Ok(versions.get(&w.job.key).cloned()));
-        }
+        reply_versions(batch, result);
+    }
+}
+
+/// A write of one row, named by its key, that answers with the row's new
+/// version (`None`: not written).
+trait RowWrite: Job<Output = Option<String>> {
+    fn key(&self) -> &str;
+}
+
+impl RowWrite for UpdateJob {
+    fn key(&self) -> &str {
+        &self.key
+    }
+}
+
+impl RowWrite for InsertJob {
+    fn key(&self) -> &str {
+        &self.key
+    }
+}
+
+/// The batch with one write per key: a repeat is answered `None` at once
+/// and takes its own path (the conflict path, or another id).
+fn first_of_each_key<J: RowWrite>(batch: Vec<Pending<J>>) -> Vec<Pending<J>> {
+    let mut seen = HashSet::new();
+    let (batch, repeats): (Vec<_>, Vec<_>) = batch
+        .into_iter()
+        .partition(|w| seen.insert(w.job.key().to_owned()));
+    for w in repeats {
+        let _ = w.reply.send(Ok(None));
+    }
+    batch
+}
+
+/// Answers each write with its row's new version (`None` when the
+/// statement did not write it), or every write with the error.
+fn reply_versions<J: RowWrite>(
+    batch: Vec<Pending<J>>,
+    result: Result<Vec<(String, String)>, StoreError>,
+) {
+    let versions: HashMap<String, String> = match result {
+        Ok(rows) => rows.into_iter().collect(),
+        Err(e) => return fail_all(batch, e),
+    };
+    for w in batch {
+        let _ = w.reply.send(Ok(versions.get(w.job.key()).cloned()));
     }
 }
 
@@ -503,13 +537,7 @@ impl Job for InsertJob {
     async fn execute(store: &PgStore, batch: Vec<Pending<Self>>) {
         // Two requests drawing one id: the first keeps it, the second finds
         // it taken and draws another, as against a row already stored.
-        let mut seen = HashSet::new();
-        let (batch, repeats): (Vec<_>, Vec<_>) = batch
-            .into_iter()
-            .partition(|w| seen.insert(w.job.key.clone()));
-        for w in repeats {
-            let _ = w.reply.send(Ok(None));
-        }
+        let batch = first_of_each_key(batch);
         let result = match batch.as_slice() {
             [] => return,
             // Alone: the plain statement (which retries a broken connection).
@@ -533,12 +561,6 @@ impl Job for InsertJob {
                 retry_once(|| store.insert_many(&jobs)).await
             }
         };
-        let versions: HashMap<String, String> = match result {
-            Ok(rows) => rows.into_iter().collect(),
-            Err(e) => return fail_all(batch, e),
-        };
-        for w in batch {
-            let _ = w.reply.send(Ok(versions.get(&w.job.key).cloned()));
-        }
+        reply_versions(batch, result);
     }
 }
