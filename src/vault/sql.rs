@@ -398,14 +398,10 @@ impl Sql {
     /// Rows holding a value sealed under another key than `$1`, after the
     /// (user, integration) `($2, $3)` (both empty: from the start).
     fn stale(&self) -> String {
-        let (a, r) = (
-            crate::crypto::key_id_sql("access_token"),
-            crate::crypto::key_id_sql("refresh_token"),
-        );
         format!(
-            "{t} WHERE ($2 = '' AND $3 = '' OR (user_id, integration) > ($2, $3)) \
-               AND ({a} <> $1 OR (refresh_token IS NOT NULL AND {r} <> $1))",
-            t = self.table
+            "{t} WHERE ($2 = '' AND $3 = '' OR (user_id, integration) > ($2, $3)) AND {s}",
+            t = self.table,
+            s = sealed_elsewhere(),
         )
     }
 
@@ -497,15 +493,11 @@ impl Sql {
         user: &str,
         integration: &str,
     ) -> Result<Option<ToReseal>, sqlx::Error> {
-        let (a, r) = (
-            crate::crypto::key_id_sql("access_token"),
-            crate::crypto::key_id_sql("refresh_token"),
-        );
         let sql = format!(
             "SELECT user_id, integration, access_token, refresh_token FROM {t} \
-             WHERE user_id = $2 AND integration = $3 \
-               AND ({a} <> $1 OR (refresh_token IS NOT NULL AND {r} <> $1)) FOR UPDATE",
-            t = self.table
+             WHERE user_id = $2 AND integration = $3 AND {s} FOR UPDATE",
+            t = self.table,
+            s = sealed_elsewhere(),
         );
         let row = self
             .query(&sql)
@@ -542,4 +534,13 @@ impl Sql {
         .await?;
         Ok(())
     }
+}
+
+/// A row holding a value sealed under another key than `$1`.
+fn sealed_elsewhere() -> String {
+    format!(
+        "({a} <> $1 OR (refresh_token IS NOT NULL AND {r} <> $1))",
+        a = crate::crypto::key_id_sql("access_token"),
+        r = crate::crypto::key_id_sql("refresh_token"),
+    )
 }
