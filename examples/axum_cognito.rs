@@ -102,7 +102,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
     };
 
     let store = PgStore::connect(&required("DATABASE_URL")?).await?;
-    let _pruner = store.spawn_pruner(PruneConfig::new());
+    let _pruner = store.spawn_pruner(PruneConfig::new())?;
     let config = oidc_config(
         &issuer,
         &required("COGNITO_DOMAIN")?,

@@ -622,10 +622,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let (store, _cluster) = start_database(settings.store_config.clone()).await?;
     let layer = session_layer(&store, &settings, &app, &app_url)?;
-    let pruner = (settings.prune_secs > 0).then(|| {
-        let every = Duration::from_secs(settings.prune_secs);
-        store.spawn_pruner(PruneConfig::new().with_interval(every))
-    });
+    let pruner = (settings.prune_secs > 0)
+        .then(|| {
+            let every = Duration::from_secs(settings.prune_secs);
+            store.spawn_pruner(PruneConfig::new().with_interval(every))
+        })
+        .transpose()?;
     let (issuer, idp) = start_provider(&mut settings, &app_url).await;
     let (vault, vault_tasks) = start_vault(&settings, &issuer, idp.is_some(), &app_url, &store)?;
     let login = match issuer {
@@ -671,7 +673,7 @@ async fn start_database(
     if let Ok(url) = env::var("DATABASE_URL") {
         // The given database may not answer yet: start anyway (`/healthz`
         // answers 503 until it does) and prepare the table on first contact.
-        return Ok((PgStore::connect_lazy(connect_options(&url)?, config), None));
+        return Ok((PgStore::connect_lazy(connect_options(&url)?, config)?, None));
     }
     let url = "postgres://postgres@127.0.0.1:5432/postgres";
     match PgStore::connect_to(connect_options(url)?, config.clone()).await {
@@ -717,24 +719,24 @@ fn session_layer(
             "EXPRESS_COMPAT=1: sharing sessions with express-session + connect-pg-simple"
         );
         // Passport's login is what the Node side trusts: not writable here.
-        SessionLayer::express(store.clone(), secrets).with_reserved_key("passport")?
+        SessionLayer::express_builder(store.clone(), secrets).with_reserved_key("passport")
     } else {
         let keys = match secrets {
             Some(s) => SigningKeys::new(s)?,
             None => SigningKeys::generate(),
         };
-        SessionLayer::new(store.clone(), keys)
+        SessionLayer::builder(store.clone(), keys)
     };
     if let Some(name) = env_str("SESSION_COOKIE_NAME") {
         layer = layer.with_cookie_name(&name)?;
     }
-    layer = layer.with_idle_timeout(Some(Duration::from_secs(settings.ttl_secs)))?;
+    layer = layer.with_idle_timeout(Some(Duration::from_secs(settings.ttl_secs)));
     if !settings.secure {
-        layer = layer.with_insecure_http_cookie()?;
+        layer = layer.with_insecure_http_cookie();
     } else if app.scheme() == "http" && !is_loopback(app) {
         tracing::warn!(%app_url, "browsers send Secure cookies over plain http only to localhost: set COOKIE_SECURE=0 (or serve over https) or logins will not stick");
     }
-    Ok(layer)
+    Ok(layer.build()?)
 }
 
 /// The provider's issuer: `OIDC_ISSUER`, or the local provider of
@@ -876,7 +878,7 @@ fn login_client(
         .with_provider(provider)
         .with_par(par)
         .with_discovery_retry(RETRY);
-    Ok(OidcClient::lazy(config, store.clone()))
+    Ok(OidcClient::lazy(config, store.clone())?)
 }
 
 /// The login's provider, named `1`, and with `OIDC2_ISSUER` a second one,
@@ -901,7 +903,7 @@ fn login_providers(
     if let Some(secret) = env_str("OIDC2_CLIENT_SECRET") {
         config = config.with_client_secret(&secret);
     }
-    let second = OidcClient::lazy(config, store.clone());
+    let second = OidcClient::lazy(config, store.clone())?;
     tracing::info!(issuer = %issuer2, "a second provider: /auth/login?provider=2");
     Ok(OidcProviders::new([("1", first), ("2", second)])?)
 }

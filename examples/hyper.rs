@@ -79,7 +79,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
     let app_url = env::var("APP_URL").unwrap_or_else(|_| format!("http://{bind}"));
 
     let store = PgStore::connect(&required("DATABASE_URL")?).await?;
-    let _pruner = store.spawn_pruner(PruneConfig::new());
+    let _pruner = store.spawn_pruner(PruneConfig::new())?;
     let token_keys = Keyring::from_base64_list(&required("TOKEN_KEYS")?)?;
     let config = OidcConfig::new(
         &required("OIDC_ISSUER")?,

@@ -45,7 +45,7 @@ pub struct SessionInfo {
     /// When it expires unless used again.
     #[serde(with = "time::serde::rfc3339")]
     pub expires_at: OffsetDateTime,
-    /// The `User-Agent` at creation, when recorded (`SessionLayer::with_client_info`).
+    /// The `User-Agent` at creation, when recorded (`SessionLayerBuilder::with_client_info`).
     pub user_agent: Option<String>,
     /// The client address at creation, when recorded.
     pub ip: Option<String>,

@@ -38,9 +38,22 @@ pub enum ConfigError {
     /// A cookie domain has characters a domain may not have.
     #[error("invalid cookie domain {0:?}")]
     InvalidCookieDomain(String),
-    /// Two settings contradict each other.
-    #[error("conflicting settings: {0}")]
-    Conflict(&'static str),
+    /// Settings contradict each other (or the table the store found).
+    #[error("conflicting settings {}: {reason}", .settings.join(" and "))]
+    Conflict {
+        /// The settings involved, by the name of their setter.
+        settings: Vec<&'static str>,
+        /// Why they cannot go together.
+        reason: &'static str,
+    },
+    /// A setting's value is out of its range.
+    #[error("invalid value for {setting}: {reason}")]
+    InvalidValue {
+        /// Which setting, by the name of its setter.
+        setting: &'static str,
+        /// The range it must be in.
+        reason: &'static str,
+    },
     /// A URL setting does not parse or has the wrong form.
     #[error("invalid URL for {setting}: {value:?}")]
     InvalidUrl {
@@ -62,4 +75,14 @@ pub enum ConfigError {
         /// Why it was rejected.
         reason: &'static str,
     },
+}
+
+impl ConfigError {
+    /// `settings` contradict each other, because of `reason`.
+    pub(crate) fn conflict(settings: &[&'static str], reason: &'static str) -> Self {
+        Self::Conflict {
+            settings: settings.to_vec(),
+            reason,
+        }
+    }
 }

@@ -28,7 +28,8 @@ pub mod vault;
 pub use crate::{
     error::ConfigError,
     session::{
-        ExpressSecrets, SameSite, Session, SessionError, SessionLayer, SessionService, SigningKeys,
+        ExpressSecrets, SameSite, Session, SessionError, SessionLayer, SessionLayerBuilder,
+        SessionService, SigningKeys,
     },
     store::{PgStore, PgStoreConfig, Pooler, PruneConfig, PruneOutcome, Pruner, StoreError},
 };

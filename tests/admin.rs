@@ -36,10 +36,10 @@ async fn login(app: &axum::Router, user: &str, agent: &str, ip: &str) -> Client 
 async fn list_revoke_export_erase() {
     let db = Db::new().await;
     let store = db.store().await;
-    let layer = SessionLayer::new(store.clone(), SigningKeys::new([KEY_A]).unwrap())
+    let layer = SessionLayer::builder(store.clone(), SigningKeys::new([KEY_A]).unwrap())
         .with_insecure_http_cookie()
-        .unwrap()
         .with_client_info(Some(HeaderName::from_static("x-forwarded-for")))
+        .build()
         .unwrap();
     let app = app(layer, Gate::default());
     let mut laptop = login(&app, "alice", "Firefox", "192.0.2.1").await;
@@ -213,8 +213,9 @@ async fn export_and_erasure_cover_the_token_vault() {
     };
     let db = Db::new().await;
     let store = db.store().await;
-    let layer = SessionLayer::new(store.clone(), SigningKeys::new([KEY_A]).unwrap())
+    let layer = SessionLayer::builder(store.clone(), SigningKeys::new([KEY_A]).unwrap())
         .with_insecure_http_cookie()
+        .build()
         .unwrap();
     let app = app(layer, Gate::default());
     let mut erin = login(&app, "erin", "Firefox", "192.0.2.7").await;

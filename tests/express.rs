@@ -40,10 +40,11 @@ async fn rust(
         .unwrap();
     let config = PgStoreConfig::new().with_schema_name(&db.schema).unwrap();
     let store = PgStore::new(pool, config).await.unwrap();
-    let layer = SessionLayer::express(store, ExpressSecrets::new(secrets).unwrap())
+    let layer = SessionLayer::express_builder(store, ExpressSecrets::new(secrets).unwrap())
         .with_cookie_name(cookie_name)
         .unwrap()
         .with_insecure_http_cookie()
+        .build()
         .unwrap();
     let app = Router::new()
         .route("/counter", get(common::counter))
@@ -373,8 +374,9 @@ fn hashed_ids_are_refused_in_express_mode() {
         )
         .await
         .unwrap();
-        let err = SessionLayer::express(store, ExpressSecrets::new([SECRET]).unwrap())
+        let err = SessionLayer::express_builder(store, ExpressSecrets::new([SECRET]).unwrap())
             .with_hashed_ids(true)
+            .build()
             .unwrap_err();
         assert!(err.to_string().contains("hashed ids"), "{err}");
         db.drop().await;

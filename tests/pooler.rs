@@ -370,10 +370,10 @@ async fn administration() {
     let bouncer = PgBouncer::start().await;
     let db = Db::new().await;
     let store = store(&bouncer, &db, 4).await;
-    let layer = SessionLayer::new(store.clone(), SigningKeys::new([KEY_A]).unwrap())
+    let layer = SessionLayer::builder(store.clone(), SigningKeys::new([KEY_A]).unwrap())
         .with_insecure_http_cookie()
-        .unwrap()
         .with_client_info(Some(HeaderName::from_static("x-forwarded-for")))
+        .build()
         .unwrap();
     let app = app(layer, Gate::default());
     let mut laptop = login(&app, "alice", "Firefox", "192.0.2.1").await;

@@ -56,8 +56,9 @@ async fn start() -> App {
     let only_two = Router::new()
         .route("/only2", get(whoami))
         .route_layer(RequireLoginLayer::for_provider(&providers, "2").unwrap());
-    let sessions = SessionLayer::new(store, SigningKeys::new([KEY_A]).unwrap())
+    let sessions = SessionLayer::builder(store, SigningKeys::new([KEY_A]).unwrap())
         .with_insecure_http_cookie()
+        .build()
         .unwrap();
     let app = Router::new()
         .merge(any)
@@ -209,6 +210,7 @@ async fn conflicting_providers_are_refused_at_construction() {
             OidcConfig::new(issuer, CLIENT_ID, "http://127.0.0.1:1", keys).unwrap(),
             store.clone(),
         )
+        .unwrap()
     };
     let a = client("http://127.0.0.1:2/realms/a", keys.clone());
     let b = client("http://127.0.0.1:3/realms/b", keys.clone());

@@ -22,8 +22,9 @@ use tower_pg_session::{
 };
 
 fn sessions(store: tower_pg_session::PgStore) -> SessionLayer {
-    SessionLayer::new(store, SigningKeys::new([KEY_A]).unwrap())
+    SessionLayer::builder(store, SigningKeys::new([KEY_A]).unwrap())
         .with_insecure_http_cookie()
+        .build()
         .unwrap()
 }
 
@@ -78,7 +79,8 @@ async fn a_lazy_client_starts_before_its_provider_and_logs_in_once_it_answers() 
     let client = OidcClient::lazy(
         config(&issuer, &app).with_discovery_retry(Duration::from_millis(200)),
         db.store().await,
-    );
+    )
+    .unwrap();
     assert!(!client.is_discovered());
     let server = spawn_axum(listener, axum_app(&client, sessions(db.store().await)));
 
@@ -143,7 +145,8 @@ async fn a_lazy_client_asks_a_down_provider_once_per_pause() {
         config(&format!("{provider_url}/realms/down"), &app)
             .with_discovery_retry(Duration::from_secs(60)),
         db.store().await,
-    );
+    )
+    .unwrap();
     let server = spawn_axum(listener, axum_app(&client, sessions(db.store().await)));
     let b = Browser::new();
     for _ in 0..20 {

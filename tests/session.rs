@@ -268,16 +268,18 @@ async fn bad_cookies_get_a_fresh_session_and_leave_the_row_alone() {
 async fn signing_keys_rotate_without_logging_anyone_out() {
     let db = Db::new().await;
     let store = db.store().await;
-    let old = SessionLayer::new(store.clone(), SigningKeys::new([KEY_A]).unwrap())
+    let old = SessionLayer::builder(store.clone(), SigningKeys::new([KEY_A]).unwrap())
         .with_insecure_http_cookie()
+        .build()
         .unwrap();
     let mut c = Client::new(app(old, Gate::default()));
     c.get("/counter").await;
     let signed_with_a = c.cookie.clone().unwrap();
 
     // Deploy with B first, A still accepted.
-    let rotated = SessionLayer::new(store.clone(), SigningKeys::new([KEY_B, KEY_A]).unwrap())
+    let rotated = SessionLayer::builder(store.clone(), SigningKeys::new([KEY_B, KEY_A]).unwrap())
         .with_insecure_http_cookie()
+        .build()
         .unwrap();
     c.app = app(rotated, Gate::default());
     assert_eq!(c.get("/counter").await.body, json!({"count": 2}));
@@ -288,8 +290,9 @@ async fn signing_keys_rotate_without_logging_anyone_out() {
     );
 
     // Later, A retired: B's cookie still works, A's no longer does.
-    let only_b = SessionLayer::new(store, SigningKeys::new([KEY_B]).unwrap())
+    let only_b = SessionLayer::builder(store, SigningKeys::new([KEY_B]).unwrap())
         .with_insecure_http_cookie()
+        .build()
         .unwrap();
     c.app = app(only_b, Gate::default());
     assert_eq!(c.get("/peek").await.body, json!({"count": 2}));
@@ -324,7 +327,10 @@ async fn stored_data_that_is_not_an_object_is_ignored_not_overwritten() {
 #[tokio::test]
 async fn oversized_data_is_refused_and_the_stored_state_kept() {
     let db = Db::new().await;
-    let layer = layer(db.store().await).with_max_data_size(1024).unwrap();
+    let layer = builder(db.store().await)
+        .with_max_data_size(1024)
+        .build()
+        .unwrap();
     let mut c = Client::new(app(layer, Gate::default()));
     c.put("/kv/small", json!("x")).await;
     let r = c.put("/kv/big", json!("y".repeat(2000))).await;
@@ -342,7 +348,10 @@ async fn oversized_data_is_refused_and_the_stored_state_kept() {
 #[tokio::test]
 async fn hashed_ids_keep_no_usable_id_at_rest() {
     let db = Db::new().await;
-    let layer = layer(db.store().await).with_hashed_ids(true).unwrap();
+    let layer = builder(db.store().await)
+        .with_hashed_ids(true)
+        .build()
+        .unwrap();
     let mut c = Client::new(app(layer, Gate::default()));
     c.get("/counter").await;
     assert_eq!(c.get("/counter").await.body, json!({"count": 2}));
@@ -371,10 +380,10 @@ async fn hashed_ids_keep_no_usable_id_at_rest() {
 #[tokio::test]
 async fn idle_and_absolute_timeouts_end_sessions() {
     let db = Db::new().await;
-    let layer = layer(db.store().await)
+    let layer = builder(db.store().await)
         .with_idle_timeout(Some(Duration::from_secs(3600)))
-        .unwrap()
         .with_absolute_timeout(Some(Duration::from_secs(4 * 3600)))
+        .build()
         .unwrap();
     let mut c = Client::new(app(layer, Gate::default()));
     c.get("/counter").await;
@@ -422,8 +431,9 @@ async fn idle_and_absolute_timeouts_end_sessions() {
 #[tokio::test]
 async fn cookie_attributes_are_secure_by_default() {
     let db = Db::new().await;
-    let layer = SessionLayer::new(db.store().await, SigningKeys::new([KEY_A]).unwrap())
+    let layer = SessionLayer::builder(db.store().await, SigningKeys::new([KEY_A]).unwrap())
         .with_host_prefix()
+        .build()
         .unwrap();
     let mut c = Client::new(app(layer, Gate::default()));
     c.cookie_name = "__Host-session".into();
@@ -473,8 +483,9 @@ async fn take_once_hands_a_value_to_exactly_one_of_twenty_concurrent_requests() 
 #[tokio::test]
 async fn reserved_keys_are_refused_before_any_statement_and_nothing_is_stored() {
     let db = Db::new().await;
-    let reserving = layer(db.store().await)
+    let reserving = builder(db.store().await)
         .with_reserved_key("passport")
+        .build()
         .unwrap();
     let mut c = Client::new(app(reserving, Gate::default()));
     assert_eq!(c.get("/counter").await.body, json!({"count": 1}));
@@ -606,8 +617,9 @@ async fn a_non_utf8_cookie_beside_the_session_cookie_does_not_hide_it() {
 #[tokio::test]
 async fn extreme_stored_creation_times_end_or_keep_the_session_without_panic() {
     let db = Db::new().await;
-    let layer = layer(db.store().await)
+    let layer = builder(db.store().await)
         .with_absolute_timeout(Some(Duration::from_secs(3600)))
+        .build()
         .unwrap();
     let mut c = Client::new(app(layer, Gate::default()));
     c.get("/counter").await;
@@ -648,7 +660,12 @@ async fn a_sessions_own_handle_is_the_one_administrators_see() {
                     Ok::<_, tower_pg_session::SessionError>(Json(json!(s.handle().await?)))
                 }),
             )
-            .layer(layer(store.clone()).with_hashed_ids(hashed).unwrap());
+            .layer(
+                builder(store.clone())
+                    .with_hashed_ids(hashed)
+                    .build()
+                    .unwrap(),
+            );
         let mut c = Client::new(app);
         let own = c.post("/handle/ann").await.body;
         let own = own.as_str().expect("a row, so a handle").to_owned();
@@ -659,4 +676,64 @@ async fn a_sessions_own_handle_is_the_one_administrators_see() {
         assert_eq!(db.rows().await, 0);
         db.drop_schema().await;
     }
+}
+
+/// Every setting is checked once, at `build`: the same settings fail the same
+/// way in any order, the error names the setters, and nothing is clamped.
+#[tokio::test]
+async fn layer_settings_are_checked_at_build_in_any_order_and_named() {
+    let db = Db::new().await;
+    let store = db.store().await;
+    let keys = || SigningKeys::new([KEY_A]).unwrap();
+    let err = |b: tower_pg_session::SessionLayerBuilder| b.build().unwrap_err().to_string();
+
+    let prefix_then_domain = SessionLayer::builder(store.clone(), keys())
+        .with_host_prefix()
+        .with_domain("example.com")
+        .unwrap();
+    let domain_then_prefix = SessionLayer::builder(store.clone(), keys())
+        .with_domain("example.com")
+        .unwrap()
+        .with_host_prefix();
+    let first = err(prefix_then_domain);
+    assert_eq!(first, err(domain_then_prefix));
+    assert!(
+        first.contains("with_host_prefix and with_domain"),
+        "{first}"
+    );
+
+    let insecure_then_none = SessionLayer::builder(store.clone(), keys())
+        .with_insecure_http_cookie()
+        .with_same_site(tower_pg_session::SameSite::None);
+    let e = err(insecure_then_none);
+    assert!(
+        e.contains("with_same_site and with_insecure_http_cookie"),
+        "{e}"
+    );
+
+    // Both timeouts off, whichever is cleared first.
+    let e = err(builder(store.clone())
+        .with_absolute_timeout(None)
+        .with_idle_timeout(None));
+    assert!(
+        e.contains("with_idle_timeout and with_absolute_timeout"),
+        "{e}"
+    );
+    // A second timeout given after the first was cleared makes it valid again.
+    let absolute_only = builder(store.clone())
+        .with_idle_timeout(None)
+        .with_absolute_timeout(Some(Duration::from_secs(3600)))
+        .build();
+    assert!(absolute_only.is_ok());
+
+    // Out-of-range values are refused, not clamped.
+    let e = err(builder(store.clone()).with_max_data_size(1));
+    assert!(e.contains("with_max_data_size"), "{e}");
+    let e = err(builder(store.clone()).with_touch_after(0.7));
+    assert!(e.contains("with_touch_after"), "{e}");
+    let e = err(builder(store.clone()).with_idle_timeout(Some(Duration::from_millis(10))));
+    assert!(e.contains("with_idle_timeout"), "{e}");
+    // Text that cannot be a cookie name fails at once.
+    assert!(builder(store.clone()).with_cookie_name("bad name").is_err());
+    db.drop_schema().await;
 }

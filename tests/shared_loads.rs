@@ -164,7 +164,9 @@ async fn queued_loads_share_one_statement_and_each_gets_its_own_session() {
 async fn a_failed_shared_load_fails_every_request_in_it_and_loses_nothing() {
     let db = Db::new().await;
     let relay = Relay::start().await;
-    let store = relay.store(&db, db.config().with_load_concurrency(1)).await;
+    let store = relay
+        .store(&db, db.config().with_load_concurrency(1).unwrap())
+        .await;
     let app = app(layer(store), Gate::default());
     let mut clients = clients(&app, 20).await;
 

@@ -264,7 +264,9 @@ async fn a_shared_save_of_a_row_changed_since_its_load_is_merged() {
 async fn a_failed_shared_save_fails_every_request_in_it_and_loses_nothing() {
     let db = Db::new().await;
     let relay = Relay::start().await;
-    let store = relay.store(&db, db.config().with_load_concurrency(1)).await;
+    let store = relay
+        .store(&db, db.config().with_load_concurrency(1).unwrap())
+        .await;
     let (app, hold, mut entered) = held_app(store);
     let mut clients = Vec::new();
     for i in 0..10 {

@@ -226,8 +226,9 @@ async fn existing_tables_of_every_column_type_share_instants_with_node() {
         node_table(&db, sess, expire).await;
         let config = db.config().with_timestamp_zone(ZONE).unwrap();
         let store = PgStore::new(db.pool.clone(), config).await.unwrap();
-        let layer = SessionLayer::new(store, SigningKeys::new([KEY_A]).unwrap())
+        let layer = SessionLayer::builder(store, SigningKeys::new([KEY_A]).unwrap())
             .with_insecure_http_cookie()
+            .build()
             .unwrap();
         let app = app(layer, Gate::default());
 
@@ -575,11 +576,13 @@ async fn the_pruner_survives_database_errors_and_stops_on_shutdown() {
         .execute(&*format!("ALTER TABLE {} RENAME TO away", db.table()))
         .await
         .unwrap();
-    let pruner = store.spawn_pruner(
-        PruneConfig::new()
-            .with_interval(Duration::from_millis(50))
-            .with_jitter(0.0),
-    );
+    let pruner = store
+        .spawn_pruner(
+            PruneConfig::new()
+                .with_interval(Duration::from_millis(50))
+                .with_jitter(0.0),
+        )
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     db.pool
         .execute(&*format!(

@@ -2168,9 +2168,11 @@ mod connecting {
         let vault = TokenVault::new(&s.store, s.keys.clone(), config)
             .await
             .unwrap();
-        let layer = SessionLayer::new(s.store.clone(), SigningKeys::new([common::KEY_A]).unwrap())
-            .with_insecure_http_cookie()
-            .unwrap();
+        let layer =
+            SessionLayer::builder(s.store.clone(), SigningKeys::new([common::KEY_A]).unwrap())
+                .with_insecure_http_cookie()
+                .build()
+                .unwrap();
         let router = Router::new()
             .route(
                 "/auth/login",

@@ -162,12 +162,13 @@ async fn app(args: &Args) -> Result<(Router, Store), Error> {
                 .ok()
                 .and_then(|n| n.parse().ok())
             {
-                config = config.with_load_concurrency(n);
+                config = config.with_load_concurrency(n)?;
             }
             let store = PgStore::connect_with(&url, args.pool, config).await?;
-            let layer = SessionLayer::new(store.clone(), SigningKeys::new([SIGNING_KEY])?)
-                .with_insecure_http_cookie()?
-                .with_idle_timeout(Some(Duration::from_secs(IDLE_HOURS as u64 * 3600)))?;
+            let layer = SessionLayer::builder(store.clone(), SigningKeys::new([SIGNING_KEY])?)
+                .with_insecure_http_cookie()
+                .with_idle_timeout(Some(Duration::from_secs(IDLE_HOURS as u64 * 3600)))
+                .build()?;
             async fn read(s: Session) -> Result<Json<Value>, SessionError> {
                 let n: u64 = s.get("count").await?.unwrap_or(0);
                 Ok(Json(json!({ "count": n })))

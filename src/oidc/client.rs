@@ -177,9 +177,11 @@ impl OidcClient {
     /// [`AuthError`] of kind [`AuthErrorKind::ProviderUnavailable`] when
     /// discovery fails or the provider's metadata is unusable (its message
     /// says why), [`AuthErrorKind::SessionUnavailable`] when the store cannot
-    /// create its companion table.
+    /// create its companion table, [`AuthErrorKind::Misconfigured`] for the
+    /// errors of [`OidcClient::lazy`].
     pub async fn discover(config: OidcConfig, store: PgStore) -> Result<Self, AuthError> {
-        let client = Self::lazy(config, store);
+        let client = Self::lazy(config, store)
+            .map_err(|e| AuthError::new(AuthErrorKind::Misconfigured, e.to_string()))?;
         client
             .shared
             .discovered
@@ -193,7 +195,12 @@ impl OidcClient {
     /// has passed: the application starts while the provider is down, and
     /// its logins and guarded routes answer 503
     /// ([`AuthErrorKind::LoginUnavailable`]) until discovery works.
-    pub fn lazy(config: OidcConfig, store: PgStore) -> Self {
+    ///
+    /// # Errors
+    /// [`ConfigError`](crate::ConfigError) when a setting of `config` is out
+    /// of range or contradicts another (the error names the setters).
+    pub fn lazy(config: OidcConfig, store: PgStore) -> Result<Self, crate::ConfigError> {
+        config.check()?;
         let provider = config
             .provider
             .clone()
@@ -203,7 +210,7 @@ impl OidcClient {
             Provider::Keycloak => config.issuer.trim_end_matches('/').to_owned(),
             _ => config.issuer.clone(),
         };
-        Self {
+        Ok(Self {
             shared: Arc::new(Shared {
                 config,
                 store,
@@ -212,7 +219,7 @@ impl OidcClient {
                 discovered: tokio::sync::OnceCell::new(),
                 failed: std::sync::Mutex::new(None),
             }),
-        }
+        })
     }
 
     /// Whether discovery has succeeded.

@@ -130,6 +130,9 @@ impl fmt::Debug for OidcConfig {
     }
 }
 
+/// The most clock difference with the provider a configuration may allow.
+const MAX_CLOCK_SKEW: Duration = Duration::from_secs(300);
+
 fn parse_url(setting: &'static str, value: &str) -> Result<Url, ConfigError> {
     let url = Url::parse(value).map_err(|_| ConfigError::InvalidUrl {
         setting,
@@ -267,9 +270,10 @@ impl OidcConfig {
         self
     }
 
-    /// Tolerated clock difference with the provider for `exp`/`iat` (default 60 s, at most 5 min).
+    /// Tolerated clock difference with the provider for `exp`/`iat` (default
+    /// 60 s, at most 5 min).
     pub fn with_clock_skew(mut self, skew: Duration) -> Self {
-        self.clock_skew = skew.min(Duration::from_secs(300));
+        self.clock_skew = skew;
         self
     }
 
@@ -295,7 +299,7 @@ impl OidcConfig {
     /// Pending logins kept per browser (default 5, at least 1); the oldest
     /// is dropped beyond that.
     pub fn with_max_pending_logins(mut self, n: usize) -> Self {
-        self.max_pending_logins = n.max(1);
+        self.max_pending_logins = n;
         self
     }
 
@@ -349,7 +353,7 @@ impl OidcConfig {
     /// session key at login, so an Express app sharing the sessions sees the
     /// login the way Passport stores one (`"passport"` → `req.user` after
     /// `deserializeUser`). The guard never reads it back. Reserve it on the
-    /// session layer ([`SessionLayer::with_reserved_key`](crate::SessionLayer::with_reserved_key))
+    /// session layer ([`SessionLayerBuilder::with_reserved_key`](crate::SessionLayerBuilder::with_reserved_key))
     /// so that handlers cannot write it; the guard still does.
     pub fn with_express_user_key(mut self, key: &str) -> Self {
         self.bridge_key = Some(key.to_owned());
@@ -404,7 +408,8 @@ impl OidcConfig {
     /// Accepts ID tokens signed with these algorithms instead of the default
     /// asymmetric list. Including `HS*` lets the client secret verify tokens,
     /// which only makes sense with providers that sign that way; `none` is
-    /// never accepted.
+    /// never accepted (see [`with_unsigned_id_tokens`](Self::with_unsigned_id_tokens)),
+    /// so a list of `none` alone is refused.
     pub fn with_insecure_algorithms<I>(mut self, algorithms: I) -> Self
     where
         I: IntoIterator<Item = CoreJwsSigningAlgorithm>,
@@ -414,6 +419,73 @@ impl OidcConfig {
             .filter(|a| *a != CoreJwsSigningAlgorithm::None)
             .collect();
         self
+    }
+
+    /// Every value in range and no two settings at odds, whatever the order
+    /// they were set in; run when a client is made from the configuration.
+    pub(crate) fn check(&self) -> Result<(), ConfigError> {
+        self.check_values()?;
+        self.check_client_auth()?;
+        self.check_paths()
+    }
+
+    fn check_values(&self) -> Result<(), ConfigError> {
+        let duration = |setting, reason| Err(ConfigError::InvalidDuration { setting, reason });
+        let value = |setting, reason| Err(ConfigError::InvalidValue { setting, reason });
+        if self.clock_skew > MAX_CLOCK_SKEW {
+            return duration("with_clock_skew", "must be at most 5 minutes");
+        }
+        if self.login_ttl < Duration::from_secs(1) {
+            return duration("with_login_ttl", "must be at least one second");
+        }
+        if self.http_timeout.is_zero() {
+            return duration("with_http_timeout", "must be more than zero");
+        }
+        if self.max_pending_logins == 0 {
+            return value("with_max_pending_logins", "must be at least 1");
+        }
+        if self.algorithms.is_empty() {
+            return value(
+                "with_insecure_algorithms",
+                "needs an algorithm other than none",
+            );
+        }
+        Ok(())
+    }
+
+    fn check_client_auth(&self) -> Result<(), ConfigError> {
+        use super::ClientAuth;
+        let needs = match self.client_auth {
+            Some(ClientAuth::PrivateKeyJwt) if self.client_keys.is_empty() => "with_client_keys",
+            Some(ClientAuth::PrivateKeyJwt) | None => return Ok(()),
+            Some(_) if self.client_secret.is_none() => "with_client_secret",
+            Some(_) => return Ok(()),
+        };
+        let reason = "the client authentication method needs its credential";
+        Err(ConfigError::conflict(&["with_client_auth", needs], reason))
+    }
+
+    /// The routes the client serves must not shadow one another.
+    fn check_paths(&self) -> Result<(), ConfigError> {
+        let mut paths = vec![
+            ("with_login_path", &self.login_path),
+            ("with_callback_path", &self.callback_path),
+            ("with_logout_path", &self.logout_path),
+            (
+                "with_backchannel_logout_path",
+                &self.backchannel_logout_path,
+            ),
+        ];
+        if !self.client_keys.is_empty() {
+            paths.push(("with_jwks_path", &self.jwks_path));
+        }
+        for (i, (first, a)) in paths.iter().enumerate() {
+            if let Some((second, _)) = paths[i + 1..].iter().find(|(_, b)| b == a) {
+                let reason = "two of the client's routes share a path";
+                return Err(ConfigError::conflict(&[first, second], reason));
+            }
+        }
+        Ok(())
     }
 
     pub(crate) fn redirect_uri(&self) -> Url {
@@ -463,5 +535,75 @@ mod tests {
             Provider::detect("https://accounts.google.com"),
             Provider::Generic
         );
+    }
+
+    fn config() -> OidcConfig {
+        let keys = Keyring::from(crate::crypto::EncryptionKey::generate());
+        OidcConfig::new(
+            "https://sso.example.com/realms/a",
+            "web",
+            "https://app.example.com",
+            keys,
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn refused(config: &OidcConfig) -> String {
+        config
+            .check()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn out_of_range_values_are_refused_not_clamped() {
+        assert_eq!(config().check().ok(), Some(()));
+        let e = refused(&config().with_clock_skew(Duration::from_secs(301)));
+        assert!(e.contains("with_clock_skew"), "{e}");
+        let e = refused(&config().with_max_pending_logins(0));
+        assert!(e.contains("with_max_pending_logins"), "{e}");
+        let e = refused(&config().with_insecure_algorithms([CoreJwsSigningAlgorithm::None]));
+        assert!(e.contains("with_insecure_algorithms"), "{e}");
+        let e = refused(&config().with_login_ttl(Duration::ZERO));
+        assert!(e.contains("with_login_ttl"), "{e}");
+    }
+
+    #[test]
+    fn conflicts_name_both_settings_in_either_order() {
+        let basic = super::super::ClientAuth::SecretBasic;
+        let e = refused(&config().with_client_auth(basic));
+        assert!(e.contains("with_client_auth and with_client_secret"), "{e}");
+        assert_eq!(
+            config()
+                .with_client_auth(basic)
+                .with_client_secret("s")
+                .check()
+                .ok(),
+            Some(())
+        );
+        assert_eq!(
+            config()
+                .with_client_secret("s")
+                .with_client_auth(basic)
+                .check()
+                .ok(),
+            Some(())
+        );
+        let e = refused(&config().with_client_auth(super::super::ClientAuth::PrivateKeyJwt));
+        assert!(e.contains("with_client_auth and with_client_keys"), "{e}");
+
+        let a = refused(
+            &config()
+                .with_logout_path("auth/out")
+                .with_callback_path("auth/out"),
+        );
+        let b = refused(
+            &config()
+                .with_callback_path("auth/out")
+                .with_logout_path("/auth/out"),
+        );
+        assert_eq!(a, b);
+        assert!(a.contains("with_callback_path and with_logout_path"), "{a}");
     }
 }

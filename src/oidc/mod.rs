@@ -125,6 +125,9 @@ pub enum AuthErrorKind {
     /// The provider did not authenticate the user as the login asked
     /// (`acr_values`, `max_age`): 403.
     InsufficientAuthentication,
+    /// The client's settings are out of range or contradict each other
+    /// (reported by [`OidcClient::discover`]): 500.
+    Misconfigured,
 }
 
 impl AuthErrorKind {
@@ -147,6 +150,7 @@ impl AuthErrorKind {
             Self::CrossSiteRequest => "cross_site_request",
             Self::LoginUnavailable => "login_unavailable",
             Self::InsufficientAuthentication => "insufficient_user_authentication",
+            Self::Misconfigured => "misconfigured",
         }
     }
 }
@@ -179,13 +183,15 @@ impl AuthError {
 
     /// The status the response carries: 400 for a bad or replayed callback,
     /// 403 for a cross-site logout, 502 when the provider is unreachable, 503
-    /// when the session store is or the provider is not discovered yet.
+    /// when the session store is or the provider is not discovered yet, 500
+    /// for a misconfigured client.
     pub fn status(&self) -> StatusCode {
         match self.kind {
             AuthErrorKind::CrossSiteRequest | AuthErrorKind::InsufficientAuthentication => {
                 StatusCode::FORBIDDEN
             }
             AuthErrorKind::ProviderUnavailable => StatusCode::BAD_GATEWAY,
+            AuthErrorKind::Misconfigured => StatusCode::INTERNAL_SERVER_ERROR,
             AuthErrorKind::SessionUnavailable | AuthErrorKind::LoginUnavailable => {
                 StatusCode::SERVICE_UNAVAILABLE
             }

@@ -74,38 +74,47 @@ impl OidcProviders {
         let clients: Vec<(String, OidcClient)> =
             providers.into_iter().map(|(n, c)| (n.into(), c)).collect();
         let Some((_, first)) = clients.first() else {
-            return Err(ConfigError::Conflict(
-                "OidcProviders needs at least one provider",
-            ));
+            let reason = "OidcProviders needs at least one provider";
+            return Err(ConfigError::conflict(&["OidcProviders::new"], reason));
         };
-        let unique = |what: &dyn Fn(&OidcClient, &str) -> String, error: &'static str| {
+        let unique = |what: &dyn Fn(&OidcClient, &str) -> String,
+                      setting: &'static str,
+                      reason: &'static str| {
             let mut seen = HashSet::new();
             if clients.iter().all(|(n, c)| seen.insert(what(c, n))) {
                 Ok(())
             } else {
-                Err(ConfigError::Conflict(error))
+                Err(ConfigError::conflict(
+                    &["OidcProviders::new", setting],
+                    reason,
+                ))
             }
         };
-        unique(&|_, n| n.to_owned(), "two providers share a name")?;
+        unique(&|_, n| n.to_owned(), "name", "two providers share a name")?;
         unique(
             &|c, _| c.issuer().to_owned(),
+            "OidcConfig::new",
             "two providers share an issuer",
         )?;
         unique(
             &|c, _| c.config().path_abs(&c.config().callback_path),
-            "two providers share a callback path: set OidcConfig::with_callback_path",
+            "OidcConfig::with_callback_path",
+            "two providers share a callback path",
         )?;
         unique(
             &|c, _| c.config().path_abs(&c.config().backchannel_logout_path),
-            "two providers share a back-channel logout path: set OidcConfig::with_backchannel_logout_path",
+            "OidcConfig::with_backchannel_logout_path",
+            "two providers share a back-channel logout path",
         )?;
         let keys: Vec<_> = first.config().keys.key_ids().collect();
         if clients
             .iter()
             .any(|(_, c)| !c.config().keys.key_ids().eq(keys.iter().copied()))
         {
-            return Err(ConfigError::Conflict(
-                "providers must share one token keyring (OidcConfig's keys)",
+            let reason = "providers must share one token keyring (OidcConfig's keys)";
+            return Err(ConfigError::conflict(
+                &["OidcProviders::new", "OidcConfig::new"],
+                reason,
             ));
         }
         Ok(Self {

@@ -279,20 +279,21 @@ impl CookieConfig {
         }
     }
 
+    /// The attribute combinations browsers refuse, named by their setters.
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
-        if self.host_prefix {
-            if self.domain.is_some() {
-                return Err(ConfigError::Conflict("the __Host- prefix forbids a Domain"));
-            }
-            if !self.secure {
-                return Err(ConfigError::Conflict("the __Host- prefix requires Secure"));
-            }
-            if self.path != "/" {
-                return Err(ConfigError::Conflict("the __Host- prefix requires Path=/"));
-            }
+        const PREFIX: &str = "with_host_prefix";
+        const INSECURE: &str = "with_insecure_http_cookie";
+        if self.host_prefix && self.domain.is_some() {
+            let reason = "the __Host- prefix forbids a Domain";
+            return Err(ConfigError::conflict(&[PREFIX, "with_domain"], reason));
+        }
+        if self.host_prefix && !self.secure {
+            let reason = "the __Host- prefix requires Secure";
+            return Err(ConfigError::conflict(&[PREFIX, INSECURE], reason));
         }
         if self.same_site == SameSite::None && !self.secure {
-            return Err(ConfigError::Conflict("SameSite=None requires Secure"));
+            let reason = "SameSite=None requires Secure";
+            return Err(ConfigError::conflict(&["with_same_site", INSECURE], reason));
         }
         Ok(())
     }

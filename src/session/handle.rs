@@ -173,7 +173,7 @@ impl Session {
     ///
     /// # Errors
     /// [`SessionError::ReservedKey`] for a key reserved for the login guard
-    /// or by [`SessionLayer::with_reserved_key`](super::SessionLayer::with_reserved_key),
+    /// or by [`SessionLayerBuilder::with_reserved_key`](super::SessionLayerBuilder::with_reserved_key),
     /// [`SessionError::TooLarge`] when the data would exceed the size limit
     /// (the session is left as it was either way), [`SessionError::Serde`]
     /// when `value` does not serialize, [`SessionError::Store`] when loading

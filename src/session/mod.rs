@@ -32,6 +32,7 @@
 //! absent: the request gets a fresh, empty session and the row the cookie named
 //! is not touched.
 
+mod builder;
 mod cookie;
 pub(crate) mod data;
 mod expiry;
@@ -49,6 +50,7 @@ mod service;
 #[cfg(feature = "__fuzz")]
 pub(crate) use self::cookie::{Codec, CookieConfig};
 pub use self::{
+    builder::SessionLayerBuilder,
     cookie::{ExpressSecrets, SameSite, SigningKeys},
     future::ResponseFuture,
     handle::Session,
@@ -93,7 +95,7 @@ pub enum SessionError {
     /// Application code tried to write or remove a reserved key: the login
     /// guard's own (`oidc`, `oidc.login.*`) or the vault's (`vault.connect.*`),
     /// always reserved, or one reserved
-    /// with [`SessionLayer::with_reserved_key`]. Nothing was changed.
+    /// with [`SessionLayerBuilder::with_reserved_key`](super::SessionLayerBuilder::with_reserved_key). Nothing was changed.
     #[error("session key {key:?} is reserved; nothing was changed")]
     ReservedKey {
         /// The key.

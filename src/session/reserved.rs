@@ -5,7 +5,7 @@
 //! Always reserved, with or without the `oidc` feature (one table may be
 //! shared by builds with and without it): [`USER_KEY`] and every key
 //! starting with [`PENDING_PREFIX`] or [`CONNECT_PREFIX`]. An application adds its own with
-//! [`SessionLayer::with_reserved_key`](super::SessionLayer::with_reserved_key),
+//! [`SessionLayerBuilder::with_reserved_key`](super::SessionLayerBuilder::with_reserved_key),
 //! e.g. Passport's `passport` next to an Express app.
 
 /// Session key of the logged-in user (the sealed login record).

@@ -27,6 +27,7 @@ use sqlx::{
 };
 
 use super::StoreError;
+use crate::error::ConfigError;
 
 /// An error from a credentials provider.
 pub type ProviderError = Box<dyn std::error::Error + Send + Sync>;
@@ -160,10 +161,11 @@ impl PgConnect {
         self
     }
 
-    /// Connections the pool opens at most (default 10, at least 1).
+    /// Connections the pool opens at most (default 10, at least 1, and no
+    /// fewer than [`Self::with_min_connections`]).
     #[must_use]
     pub fn with_max_connections(mut self, max: u32) -> Self {
-        self.max_connections = max.max(1);
+        self.max_connections = max;
         self
     }
 
@@ -175,10 +177,10 @@ impl PgConnect {
     }
 
     /// How long a statement waits for a connection before failing as
-    /// unavailable (default 5 s).
+    /// unavailable (default 5 s, at least 10 ms).
     #[must_use]
     pub fn with_acquire_timeout(mut self, timeout: Duration) -> Self {
-        self.acquire_timeout = timeout.max(Duration::from_millis(10));
+        self.acquire_timeout = timeout;
         self
     }
 
@@ -233,7 +235,7 @@ impl PgConnect {
     /// validity (an RDS IAM token is valid 15 minutes).
     #[must_use]
     pub fn with_credentials_refresh(mut self, every: Duration) -> Self {
-        self.refresh_every = every.max(Duration::from_secs(1));
+        self.refresh_every = every;
         self
     }
 
@@ -251,6 +253,33 @@ impl PgConnect {
             Box::pin(async move { fut.await.map_err(Into::into) })
         }));
         self
+    }
+
+    /// Every value in its range and the pool's bounds in order, whatever
+    /// the order they were set in.
+    pub(crate) fn check(&self) -> Result<(), ConfigError> {
+        let duration = |setting, reason| Err(ConfigError::InvalidDuration { setting, reason });
+        if self.max_connections == 0 {
+            let reason = "must be at least 1";
+            return Err(ConfigError::InvalidValue {
+                setting: "with_max_connections",
+                reason,
+            });
+        }
+        if self.min_connections > self.max_connections {
+            let settings = ["with_min_connections", "with_max_connections"];
+            return Err(ConfigError::conflict(
+                &settings,
+                "the minimum exceeds the maximum",
+            ));
+        }
+        if self.acquire_timeout < Duration::from_millis(10) {
+            return duration("with_acquire_timeout", "must be at least 10 ms");
+        }
+        if self.refresh_every < Duration::from_secs(1) {
+            return duration("with_credentials_refresh", "must be at least one second");
+        }
+        Ok(())
     }
 
     /// A pool that connects on first use, and the router that keeps it on
@@ -741,6 +770,26 @@ mod tests {
 
     fn hosts(url: &str) -> Vec<String> {
         PgConnect::from_url(url).expect(url).hosts()
+    }
+
+    #[test]
+    fn pool_bounds_are_checked_in_any_order() {
+        let url = "postgres://u@a/db";
+        let refused = |c: PgConnect| c.check().err().map(|e| e.to_string()).unwrap_or_default();
+        let base = || PgConnect::from_url(url).expect(url);
+        let a = refused(base().with_min_connections(5).with_max_connections(2));
+        let b = refused(base().with_max_connections(2).with_min_connections(5));
+        assert_eq!(a, b);
+        assert!(
+            a.contains("with_min_connections and with_max_connections"),
+            "{a}"
+        );
+        assert!(refused(base().with_max_connections(0)).contains("with_max_connections"));
+        let short = base().with_acquire_timeout(Duration::from_millis(1));
+        assert!(refused(short).contains("with_acquire_timeout"));
+        let often = base().with_credentials_refresh(Duration::from_millis(1));
+        assert!(refused(often).contains("with_credentials_refresh"));
+        assert!(base().check().is_ok());
     }
 
     #[test]

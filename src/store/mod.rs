@@ -291,11 +291,22 @@ impl PgStoreConfig {
     ///
     /// ```
     /// # use tower_pg_session::PgStoreConfig;
-    /// let config = PgStoreConfig::new().with_load_concurrency(2);
+    /// let config = PgStoreConfig::new().with_load_concurrency(2)?;
+    /// # Ok::<(), tower_pg_session::ConfigError>(())
     /// ```
-    pub fn with_load_concurrency(mut self, loads: usize) -> Self {
-        self.load_slots = Some(loads.max(1));
-        self
+    ///
+    /// # Errors
+    /// [`ConfigError::InvalidValue`] for 0.
+    pub fn with_load_concurrency(mut self, loads: usize) -> Result<Self, ConfigError> {
+        if loads == 0 {
+            let reason = "must be at least 1";
+            return Err(ConfigError::InvalidValue {
+                setting: "with_load_concurrency",
+                reason,
+            });
+        }
+        self.load_slots = Some(loads);
+        Ok(self)
     }
 
     /// How the pool reaches Postgres (default [`Pooler::Direct`]). Set
@@ -399,6 +410,7 @@ impl PgStore {
     /// [`StoreError::Connect`] naming each host tried and why it was not used
     /// (refused, read-only, TLS or credentials), or any error of [`Self::new`].
     pub async fn connect_to(connect: PgConnect, config: PgStoreConfig) -> Result<Self, StoreError> {
+        connect.check()?;
         let (pool, router) = connect.lazy_pool();
         let found = router.find().await;
         let store = Self::build(pool, config, Some(Arc::clone(&router)));
@@ -419,12 +431,16 @@ impl PgStore {
     /// let store = PgStore::connect_lazy(
     ///     PgConnect::from_url("postgres://app@db-a,db-b/app?sslmode=verify-full")?,
     ///     PgStoreConfig::new(),
-    /// );
+    /// )?;
     /// # Ok(()) }
     /// ```
-    pub fn connect_lazy(connect: PgConnect, config: PgStoreConfig) -> Self {
+    ///
+    /// # Errors
+    /// [`ConfigError`] for a setting of `connect` out of its range, naming it.
+    pub fn connect_lazy(connect: PgConnect, config: PgStoreConfig) -> Result<Self, ConfigError> {
+        connect.check()?;
         let (pool, router) = connect.lazy_pool();
-        Self::build(pool, config, Some(router))
+        Ok(Self::build(pool, config, Some(router)))
     }
 
     /// Prepares the table described by `config` on `pool`: creates it when

@@ -8,6 +8,7 @@ use tokio::{sync::watch, task::JoinHandle};
 use tracing::Instrument;
 
 use super::{sql::Table, PgStore, Pooler, StoreError};
+use crate::error::ConfigError;
 
 /// How the background pruner runs.
 #[derive(Debug, Clone)]
@@ -38,7 +39,7 @@ impl PruneConfig {
         }
     }
 
-    /// Time between runs (default 15 min). Each wait is spread by the jitter so
+    /// Time between runs (default 15 min, at least 10 ms). Each wait is spread by the jitter so
     /// that instances started together do not all wake at once.
     ///
     /// ```
@@ -47,18 +48,18 @@ impl PruneConfig {
     /// let config = PruneConfig::new().with_interval(Duration::from_secs(60));
     /// ```
     pub fn with_interval(mut self, interval: Duration) -> Self {
-        self.interval = interval.max(Duration::from_millis(10));
+        self.interval = interval;
         self
     }
 
-    /// Fraction of the interval by which each wait varies (default 0.1, clamped to 0–0.5).
+    /// Fraction of the interval by which each wait varies (default 0.1, from 0 to 0.5).
     ///
     /// ```
     /// # use tower_pg_session::PruneConfig;
     /// let config = PruneConfig::new().with_jitter(0.0);
     /// ```
     pub fn with_jitter(mut self, jitter: f64) -> Self {
-        self.jitter = jitter.clamp(0.0, 0.5);
+        self.jitter = jitter;
         self
     }
 
@@ -71,12 +72,12 @@ impl PruneConfig {
     /// let config = PruneConfig::new().with_batch_size(5_000);
     /// ```
     pub fn with_batch_size(mut self, rows: u32) -> Self {
-        self.batch_size = rows.max(1);
+        self.batch_size = rows;
         self
     }
 
-    /// Share of a run's time spent in statements (default 0.25, clamped to
-    /// 0.01–1): after each batch the run pauses so that it keeps at most this
+    /// Share of a run's time spent in statements (default 0.25, from 0.01 to
+    /// 1): after each batch the run pauses so that it keeps at most this
     /// share of one database backend busy. On a busy machine a quarter keeps
     /// requests' latency close to its usual level; 1 prunes at full speed.
     ///
@@ -85,12 +86,30 @@ impl PruneConfig {
     /// let config = PruneConfig::new().with_busy_fraction(0.5);
     /// ```
     pub fn with_busy_fraction(mut self, fraction: f64) -> Self {
-        self.busy = if fraction.is_nan() {
-            0.25
-        } else {
-            fraction.clamp(0.01, 1.0)
-        };
+        self.busy = fraction;
         self
+    }
+
+    /// Every value in its range (a NaN is in none), checked before a run.
+    fn check(&self) -> Result<(), ConfigError> {
+        let value = |setting, reason| Err(ConfigError::InvalidValue { setting, reason });
+        if self.interval < Duration::from_millis(10) {
+            let reason = "must be at least 10 ms";
+            return Err(ConfigError::InvalidDuration {
+                setting: "with_interval",
+                reason,
+            });
+        }
+        if !(0.0..=0.5).contains(&self.jitter) {
+            return value("with_jitter", "must be between 0 and 0.5");
+        }
+        if self.batch_size == 0 {
+            return value("with_batch_size", "must be at least 1");
+        }
+        if !(0.01..=1.0).contains(&self.busy) {
+            return value("with_busy_fraction", "must be between 0.01 and 1");
+        }
+        Ok(())
     }
 
     /// The pause after a batch that took `took`.
@@ -128,7 +147,7 @@ impl PgStore {
     ///
     /// # Errors
     /// [`StoreError::Database`] when a statement fails; batches already
-    /// committed stay deleted.
+    /// committed stay deleted. [`StoreError::Config`] for a batch size of 0.
     pub async fn prune_expired(&self, batch_size: u32) -> Result<PruneOutcome, StoreError> {
         let config = PruneConfig::new().with_batch_size(batch_size);
         self.prune_expired_with(&config, |_| ()).await
@@ -139,12 +158,14 @@ impl PgStore {
     /// progress display).
     ///
     /// # Errors
-    /// As [`Self::prune_expired`].
+    /// As [`Self::prune_expired`]; [`StoreError::Config`] for a setting of
+    /// `config` out of its range.
     pub async fn prune_expired_with(
         &self,
         config: &PruneConfig,
         mut on_batch: impl FnMut(u64) + Send,
     ) -> Result<PruneOutcome, StoreError> {
+        config.check()?;
         let inner = &self.inner;
         // The table must be ready (a lazily started store prepares it here).
         self.ready().await?;
@@ -293,7 +314,11 @@ impl PgStore {
     /// Starts pruning in the background on the current tokio runtime. The task
     /// keeps going after database errors, backing off up to 5 minutes, and ends
     /// when [`Pruner::shutdown`] is called or the [`Pruner`] is dropped.
-    pub fn spawn_pruner(&self, config: PruneConfig) -> Pruner {
+    ///
+    /// # Errors
+    /// [`ConfigError`] for a setting of `config` out of its range, naming it.
+    pub fn spawn_pruner(&self, config: PruneConfig) -> Result<Pruner, ConfigError> {
+        config.check()?;
         let (stop, mut stopped) = watch::channel(false);
         let store = self.clone();
         let task = tokio::spawn(async move {
@@ -326,10 +351,10 @@ impl PgStore {
                 };
             }
         });
-        Pruner {
+        Ok(Pruner {
             stop,
             task: Some(task),
-        }
+        })
     }
 }
 
@@ -412,4 +437,30 @@ pub(super) fn tied_sql(table: &Table<'_>) -> String {
         column_type = table.column_type(),
         now = table.to_col("$1"),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(config: &PruneConfig) -> String {
+        config
+            .check()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn out_of_range_values_are_refused_not_clamped() {
+        assert!(PruneConfig::new().check().is_ok());
+        let interval = PruneConfig::new().with_interval(Duration::from_millis(1));
+        assert!(refused(&interval).contains("with_interval"));
+        assert!(refused(&PruneConfig::new().with_jitter(0.6)).contains("with_jitter"));
+        assert!(refused(&PruneConfig::new().with_batch_size(0)).contains("with_batch_size"));
+        for busy in [0.0, 1.5, f64::NAN] {
+            let config = PruneConfig::new().with_busy_fraction(busy);
+            assert!(refused(&config).contains("with_busy_fraction"), "{busy}");
+        }
+    }
 }

@@ -227,10 +227,10 @@ impl App {
         let store = db.store().await;
         let client = OidcClient::discover(config, store.clone()).await.unwrap();
         // Passport's key reserved, as next to Express: the guard still writes it.
-        let layer = SessionLayer::new(store.clone(), SigningKeys::new([KEY_A]).unwrap())
+        let layer = SessionLayer::builder(store.clone(), SigningKeys::new([KEY_A]).unwrap())
             .with_insecure_http_cookie()
-            .unwrap()
             .with_reserved_key("passport")
+            .build()
             .unwrap();
         let backchannel = Arc::new(Mutex::new(Vec::new()));
         let app = router(client.clone(), layer, backchannel.clone());

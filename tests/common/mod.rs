@@ -24,7 +24,9 @@ use serde_json::{json, Value};
 use sqlx::{postgres::PgPoolOptions, PgPool};
 use tokio::sync::Notify;
 use tower::ServiceExt;
-use tower_pg_session::{PgStore, PgStoreConfig, Session, SessionError, SessionLayer, SigningKeys};
+use tower_pg_session::{
+    PgStore, PgStoreConfig, Session, SessionError, SessionLayer, SessionLayerBuilder, SigningKeys,
+};
 
 pub const KEY_A: &str = "test-key-A-0123456789abcdef0123456789";
 pub const KEY_B: &str = "test-key-B-0123456789abcdef0123456789";
@@ -82,9 +84,12 @@ impl Db {
     /// A store that runs one load or save statement at a time, so that
     /// those arriving while it runs queue and share the next one.
     pub async fn one_slot_store(&self) -> PgStore {
-        PgStore::new(self.pool.clone(), self.config().with_load_concurrency(1))
-            .await
-            .unwrap()
+        PgStore::new(
+            self.pool.clone(),
+            self.config().with_load_concurrency(1).unwrap(),
+        )
+        .await
+        .unwrap()
     }
 
     /// Holds this test's table in a transaction, so statements on it block
@@ -206,10 +211,13 @@ pub fn random_suffix() -> String {
         .collect()
 }
 
+/// The tests' layer settings (an http cookie), to change further.
+pub fn builder(store: PgStore) -> SessionLayerBuilder {
+    SessionLayer::builder(store, SigningKeys::new([KEY_A]).unwrap()).with_insecure_http_cookie()
+}
+
 pub fn layer(store: PgStore) -> SessionLayer {
-    SessionLayer::new(store, SigningKeys::new([KEY_A]).unwrap())
-        .with_insecure_http_cookie()
-        .unwrap()
+    builder(store).build().unwrap()
 }
 
 /// Lets a test hold a request inside its handler.
