@@ -119,6 +119,21 @@ struct Done {
 }
 
 impl PgStore {
+    /// `sql` with the parameters every statement over the guard's sealed
+    /// values starts with: $1 now, $2 the login record's key, $3 the
+    /// pending values' prefixes.
+    fn sealed_values<'q>(
+        &self,
+        sql: &'q str,
+        now: OffsetDateTime,
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        sqlx::query(sql)
+            .persistent(self.persistent())
+            .bind(now)
+            .bind(USER_KEY)
+            .bind(PENDING.to_vec())
+    }
+
     /// How many of the login guard's sealed values in live sessions each key
     /// id seals (`"malformed"` for values that are no sealed envelope), so
     /// an operator knows when an old key can leave the keyring: when it
@@ -131,18 +146,19 @@ impl PgStore {
     pub async fn session_key_usage(&self) -> Result<Vec<KeyUsage>, StoreError> {
         let sql = self.reseal_sql().await?;
         let mut conn = self.conn().await?;
-        let rows: Vec<(String, i64)> = sqlx::query_as(&sql.usage)
-            .persistent(self.persistent())
-            .bind(OffsetDateTime::now_utc())
-            .bind(USER_KEY)
-            .bind(&PENDING[..])
+        let rows = self
+            .sealed_values(&sql.usage, OffsetDateTime::now_utc())
             .fetch_all(conn.get())
             .await?;
         conn.done().await?;
-        Ok(rows
-            .into_iter()
-            .map(|(key_id, n)| KeyUsage::new(key_id, u64::try_from(n).unwrap_or(0)))
-            .collect())
+        rows.iter()
+            .map(|r| {
+                Ok(KeyUsage::new(
+                    r.try_get(0)?,
+                    u64::try_from(r.try_get::<i64, _>(1)?).unwrap_or(0),
+                ))
+            })
+            .collect()
     }
 
     /// How many live sessions hold a login value sealed under another key
@@ -155,16 +171,13 @@ impl PgStore {
     pub async fn session_rows_to_reseal(&self, keys: &Keyring) -> Result<u64, StoreError> {
         let sql = self.reseal_sql().await?;
         let mut conn = self.conn().await?;
-        let n: i64 = sqlx::query_scalar(&sql.count)
-            .persistent(self.persistent())
-            .bind(OffsetDateTime::now_utc())
-            .bind(USER_KEY)
-            .bind(&PENDING[..])
+        let row = self
+            .sealed_values(&sql.count, OffsetDateTime::now_utc())
             .bind(keys.current_key_id().to_string())
             .fetch_one(conn.get())
             .await?;
         conn.done().await?;
-        Ok(u64::try_from(n).unwrap_or(0))
+        Ok(u64::try_from(row.try_get::<i64, _>(0)?).unwrap_or(0))
     }
 
     /// Seals the login guard's values in every live session again under the
@@ -268,11 +281,8 @@ impl PgStore {
         let current = keys.current_key_id().to_string();
         let now = OffsetDateTime::now_utc();
         let mut tx = self.begin().await?;
-        let locked = sqlx::query(&sql.lock_batch)
-            .persistent(self.persistent())
-            .bind(now)
-            .bind(USER_KEY)
-            .bind(&PENDING[..])
+        let locked = self
+            .sealed_values(&sql.lock_batch, now)
             .bind(&current)
             .bind(after)
             .bind(limit)
@@ -285,17 +295,17 @@ impl PgStore {
             .collect::<Result<Vec<_>, StoreError>>()?;
         let held: Vec<&str> = rows.iter().map(|r| r.sid.as_str()).collect();
         let last = full.then(|| held.last().map(|s| (*s).to_owned())).flatten();
-        let skipped: Vec<String> = sqlx::query_scalar(&sql.skipped)
-            .persistent(self.persistent())
-            .bind(now)
-            .bind(USER_KEY)
-            .bind(&PENDING[..])
+        let skipped = self
+            .sealed_values(&sql.skipped, now)
             .bind(&current)
             .bind(after)
             .bind(last.as_deref())
             .bind(&held)
             .fetch_all(&mut *tx)
-            .await?;
+            .await?
+            .iter()
+            .map(|r| r.try_get(0))
+            .collect::<Result<Vec<String>, _>>()?;
         self.write_resealed(tx, &sql.write, &rows).await?;
         Ok(Step {
             rows: rows.len() as u64,
@@ -313,11 +323,8 @@ impl PgStore {
             .bind(format!("{}ms", BUSY_WAIT.as_millis()))
             .execute(&mut *tx)
             .await?;
-        let row = sqlx::query(&sql.lock_one)
-            .persistent(self.persistent())
-            .bind(OffsetDateTime::now_utc())
-            .bind(USER_KEY)
-            .bind(&PENDING[..])
+        let row = self
+            .sealed_values(&sql.lock_one, OffsetDateTime::now_utc())
             .bind(keys.current_key_id().to_string())
             .bind(sid)
             .fetch_optional(&mut *tx)

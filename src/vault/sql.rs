@@ -405,6 +405,17 @@ impl Sql {
         )
     }
 
+    /// `sql` over [`Self::stale`] rows with its parameters bound.
+    fn stale_query<'q>(
+        &self,
+        sql: &'q str,
+        current: &str,
+        after: Option<&(String, String)>,
+    ) -> Query<'q, Postgres, PgArguments> {
+        let (u, i) = after.cloned().unwrap_or_default();
+        self.query(sql).bind(current.to_owned()).bind(u).bind(i)
+    }
+
     /// How many rows hold a value sealed under another key than `current`.
     pub(crate) async fn count_stale(
         &self,
@@ -413,7 +424,7 @@ impl Sql {
     ) -> Result<i64, sqlx::Error> {
         let sql = format!("SELECT count(*) FROM {}", self.stale());
         let rows = self
-            .rows(pool, self.query(&sql).bind(current).bind("").bind(""))
+            .rows(pool, self.stale_query(&sql, current, None))
             .await?;
         rows.first().map_or(Ok(0), |r| r.try_get(0))
     }
@@ -428,17 +439,13 @@ impl Sql {
         after: Option<&(String, String)>,
         limit: i64,
     ) -> Result<Vec<ToReseal>, sqlx::Error> {
-        let (u, i) = after.cloned().unwrap_or_default();
         let sql = format!(
             "SELECT user_id, integration, access_token, refresh_token FROM {} \
              ORDER BY user_id, integration LIMIT $4 FOR UPDATE SKIP LOCKED",
             self.stale()
         );
         let rows = self
-            .query(&sql)
-            .bind(current)
-            .bind(u)
-            .bind(i)
+            .stale_query(&sql, current, after)
             .bind(limit)
             .fetch_all(conn)
             .await?;
@@ -455,7 +462,6 @@ impl Sql {
         upto: Option<&(String, String)>,
         held: &[ToReseal],
     ) -> Result<Vec<(String, String)>, sqlx::Error> {
-        let (u, i) = after.cloned().unwrap_or_default();
         let (to_u, to_i) = upto.cloned().unzip();
         let users: Vec<&str> = held.iter().map(|r| r.user.as_str()).collect();
         let names: Vec<&str> = held.iter().map(|r| r.integration.as_str()).collect();
@@ -468,10 +474,7 @@ impl Sql {
             self.stale()
         );
         let rows = self
-            .query(&sql)
-            .bind(current)
-            .bind(u)
-            .bind(i)
+            .stale_query(&sql, current, after)
             .bind(to_u)
             .bind(to_i)
             .bind(users)
