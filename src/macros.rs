@@ -8,6 +8,7 @@ macro_rules! step_up_setters {
         #[doc = concat!("Authentication context classes ", $scope, " asks for, any one of them")]
         /// (`acr_values`; default none): the ID token's `acr` must be one of
         /// them.
+        #[must_use]
         pub fn with_acr_values<I, S>(mut self, values: I) -> Self
         where
             I: IntoIterator<Item = S>,
@@ -19,6 +20,7 @@ macro_rules! step_up_setters {
 
         #[doc = concat!("The most time since the user last authenticated at the provider that ", $scope, " accepts")]
         /// (`max_age`; default none): the ID token's `auth_time` must show it.
+        #[must_use]
         pub fn with_max_age(mut self, age: std::time::Duration) -> Self {
             self.step_up.max_age = Some(age);
             self

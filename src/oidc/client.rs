@@ -223,6 +223,7 @@ impl OidcClient {
     }
 
     /// Whether discovery has succeeded.
+    #[must_use]
     pub fn is_discovered(&self) -> bool {
         self.shared.discovered.initialized()
     }
@@ -280,16 +281,19 @@ impl OidcClient {
     }
 
     /// The issuer, as the provider names itself.
+    #[must_use]
     pub fn issuer(&self) -> &str {
         &self.shared.issuer
     }
 
     /// The provider preset in use.
+    #[must_use]
     pub fn provider(&self) -> &Provider {
         &self.shared.provider
     }
 
     /// The configuration.
+    #[must_use]
     pub fn config(&self) -> &OidcConfig {
         &self.shared.config
     }
@@ -297,6 +301,7 @@ impl OidcClient {
     /// The public JWKS of the keys of
     /// [`with_client_keys`](super::OidcConfig::with_client_keys), the one
     /// to register at the provider (`jwks` or `jwks_uri`); `None` without keys.
+    #[must_use]
     pub fn client_jwks(&self) -> Option<Value> {
         let keys = &self.shared.config.client_keys;
         (!keys.is_empty()).then(|| super::client_auth::jwks(keys))
@@ -410,7 +415,7 @@ impl Discovered {
                         guard.0 = Arc::new(set);
                     }
                     Err(e) => {
-                        tracing::warn!(error = %untrusted(error_chain(&e)), "refreshing the provider's signing keys failed")
+                        tracing::warn!(error = %untrusted(error_chain(&e)), "refreshing the provider's signing keys failed");
                     }
                 }
             }

@@ -105,6 +105,7 @@ impl ClientKey {
     }
 
     /// The public half as a JWK.
+    #[must_use]
     pub fn public_jwk(&self) -> serde_json::Value {
         let (n, e) = public_parts(&self.key);
         serde_json::json!({
@@ -141,6 +142,7 @@ pub(crate) fn jwks(keys: &[ClientKey]) -> serde_json::Value {
 
 impl ClientAuth {
     /// Its registered name.
+    #[must_use]
     pub fn name(self) -> &'static str {
         match self {
             Self::SecretBasic => "client_secret_basic",

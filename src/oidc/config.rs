@@ -29,6 +29,7 @@ pub enum Provider {
 
 impl Provider {
     /// The preset an issuer URL suggests.
+    #[must_use]
     pub fn detect(issuer: &str) -> Self {
         let Ok(url) = Url::parse(issuer) else {
             return Self::Generic;
@@ -205,12 +206,14 @@ impl OidcConfig {
 
     /// The client secret (confidential clients; see
     /// [`with_client_auth`](Self::with_client_auth) for how it is used).
+    #[must_use]
     pub fn with_client_secret(mut self, secret: &str) -> Self {
         self.client_secret = Some(secret.to_owned());
         self
     }
 
     /// The scopes to request; `openid` is always added.
+    #[must_use]
     pub fn with_scopes<I, S>(mut self, scopes: I) -> Self
     where
         I: IntoIterator<Item = S>,
@@ -246,6 +249,7 @@ impl OidcConfig {
     }
 
     /// Forces a provider preset instead of detecting it from the issuer.
+    #[must_use]
     pub fn with_provider(mut self, provider: Provider) -> Self {
         self.provider = Some(provider);
         self
@@ -265,6 +269,7 @@ impl OidcConfig {
     }
 
     /// Refreshes the access token when it expires within this (default 5 min).
+    #[must_use]
     pub fn with_refresh_before(mut self, before: Duration) -> Self {
         self.refresh_before = before;
         self
@@ -272,6 +277,7 @@ impl OidcConfig {
 
     /// Tolerated clock difference with the provider for `exp`/`iat` (default
     /// 60 s, at most 5 min).
+    #[must_use]
     pub fn with_clock_skew(mut self, skew: Duration) -> Self {
         self.clock_skew = skew;
         self
@@ -285,12 +291,14 @@ impl OidcConfig {
     /// proofs signed with it, and [`AccessToken::dpop_proof`](super::AccessToken::dpop_proof)
     /// signs the application's calls to resource servers. A stolen token is
     /// then useless without the key. The provider must support DPoP.
+    #[must_use]
     pub fn with_dpop(mut self, on: bool) -> Self {
         self.dpop = on;
         self
     }
 
     /// How long a started login may take (default 10 min).
+    #[must_use]
     pub fn with_login_ttl(mut self, ttl: Duration) -> Self {
         self.login_ttl = ttl;
         self
@@ -298,12 +306,14 @@ impl OidcConfig {
 
     /// Pending logins kept per browser (default 5, at least 1); the oldest
     /// is dropped beyond that.
+    #[must_use]
     pub fn with_max_pending_logins(mut self, n: usize) -> Self {
         self.max_pending_logins = n;
         self
     }
 
     /// The path (under `app_url`) of the callback handler (default `auth/callback`).
+    #[must_use]
     pub fn with_callback_path(mut self, path: &str) -> Self {
         self.callback_path = path.trim_start_matches('/').to_owned();
         self
@@ -311,6 +321,7 @@ impl OidcConfig {
 
     /// The path (under `app_url`) of the login handler, where the guard sends
     /// browsers (default `auth/login`).
+    #[must_use]
     pub fn with_login_path(mut self, path: &str) -> Self {
         self.login_path = path.trim_start_matches('/').to_owned();
         self
@@ -319,6 +330,7 @@ impl OidcConfig {
     /// The path (under `app_url`) of the logout handler (default
     /// `auth/logout`), served by [`OidcClient::routes`](super::OidcClient::routes)
     /// and [`OidcRoutesLayer`](super::OidcRoutesLayer).
+    #[must_use]
     pub fn with_logout_path(mut self, path: &str) -> Self {
         self.logout_path = path.trim_start_matches('/').to_owned();
         self
@@ -327,6 +339,7 @@ impl OidcConfig {
     /// The path (under `app_url`) of the back-channel logout handler
     /// (default `auth/backchannel-logout`), the URL to register at the
     /// provider.
+    #[must_use]
     pub fn with_backchannel_logout_path(mut self, path: &str) -> Self {
         self.backchannel_logout_path = path.trim_start_matches('/').to_owned();
         self
@@ -335,6 +348,7 @@ impl OidcConfig {
     /// How long a client built with [`OidcClient::lazy`](super::OidcClient::lazy)
     /// waits after a failed discovery before trying again (default 5 s);
     /// meanwhile logins answer 503 at once.
+    #[must_use]
     pub fn with_discovery_retry(mut self, pause: Duration) -> Self {
         self.discovery_retry = pause;
         self
@@ -355,6 +369,7 @@ impl OidcConfig {
     /// `deserializeUser`). The guard never reads it back. Reserve it on the
     /// session layer ([`SessionLayerBuilder::with_reserved_key`](crate::SessionLayerBuilder::with_reserved_key))
     /// so that handlers cannot write it; the guard still does.
+    #[must_use]
     pub fn with_express_user_key(mut self, key: &str) -> Self {
         self.bridge_key = Some(key.to_owned());
         self
@@ -364,6 +379,7 @@ impl OidcConfig {
     /// 9126) so that the browser carries only `client_id` and a
     /// `request_uri`: by default ([`Par::Auto`](super::Par::Auto)) whenever
     /// the provider advertises a PAR endpoint.
+    #[must_use]
     pub fn with_par(mut self, par: super::Par) -> Self {
         self.par = par;
         self
@@ -373,6 +389,7 @@ impl OidcConfig {
     /// endpoints; by default the first of `client_secret_basic`,
     /// `client_secret_post`, `client_secret_jwt` the provider advertises.
     /// Every method needs [`with_client_secret`](Self::with_client_secret).
+    #[must_use]
     pub fn with_client_auth(mut self, auth: super::ClientAuth) -> Self {
         self.client_auth = Some(auth);
         self
@@ -383,6 +400,7 @@ impl OidcConfig {
     /// [`OidcClient::client_jwks`](super::OidcClient::client_jwks), so a
     /// new key can be registered before it signs and an old one kept while
     /// it retires.
+    #[must_use]
     pub fn with_client_keys<I>(mut self, keys: I) -> Self
     where
         I: IntoIterator<Item = super::ClientKey>,
@@ -394,12 +412,14 @@ impl OidcConfig {
     /// The path (under `app_url`) where the routes serve the public keys of
     /// [`with_client_keys`](Self::with_client_keys) (default
     /// `auth/jwks.json`; not served without keys).
+    #[must_use]
     pub fn with_jwks_path(mut self, path: &str) -> Self {
         self.jwks_path = path.trim_start_matches('/').to_owned();
         self
     }
 
     /// Timeout of each request to the provider (default 10 s).
+    #[must_use]
     pub fn with_http_timeout(mut self, timeout: Duration) -> Self {
         self.http_timeout = timeout;
         self
@@ -410,6 +430,7 @@ impl OidcConfig {
     /// which only makes sense with providers that sign that way; `none` is
     /// never accepted (see [`with_unsigned_id_tokens`](Self::with_unsigned_id_tokens)),
     /// so a list of `none` alone is refused.
+    #[must_use]
     pub fn with_insecure_algorithms<I>(mut self, algorithms: I) -> Self
     where
         I: IntoIterator<Item = CoreJwsSigningAlgorithm>,

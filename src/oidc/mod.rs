@@ -172,11 +172,13 @@ impl AuthError {
     }
 
     /// What went wrong.
+    #[must_use]
     pub fn kind(&self) -> AuthErrorKind {
         self.kind
     }
 
     /// A human-readable explanation (never a secret).
+    #[must_use]
     pub fn detail(&self) -> &str {
         &self.detail
     }
@@ -185,6 +187,7 @@ impl AuthError {
     /// 403 for a cross-site logout, 502 when the provider is unreachable, 503
     /// when the session store is or the provider is not discovered yet, 500
     /// for a misconfigured client.
+    #[must_use]
     pub fn status(&self) -> StatusCode {
         match self.kind {
             AuthErrorKind::CrossSiteRequest | AuthErrorKind::InsufficientAuthentication => {
@@ -289,6 +292,7 @@ impl Redirect {
     }
 
     /// Where it points.
+    #[must_use]
     pub fn location(&self) -> &str {
         &self.location
     }
@@ -344,26 +348,31 @@ impl User {
     }
 
     /// The subject: the provider's id of the user.
+    #[must_use]
     pub fn sub(&self) -> &str {
         &self.sub
     }
 
     /// The issuer that vouched for the user.
+    #[must_use]
     pub fn issuer(&self) -> &str {
         &self.issuer
     }
 
     /// All claims of the (latest) ID token.
+    #[must_use]
     pub fn claims(&self) -> &Map<String, Value> {
         &self.claims
     }
 
     /// Groups (`cognito:groups`, or `groups`).
+    #[must_use]
     pub fn groups(&self) -> &[String] {
         &self.groups
     }
 
     /// When the access token expires, in unix seconds.
+    #[must_use]
     pub fn access_token_expires_at(&self) -> Option<i64> {
         self.access_token_expires_at
     }
@@ -389,6 +398,7 @@ impl AccessToken {
     ///
     /// # Security Warning
     /// Do not log it or send it anywhere but to the APIs it is meant for.
+    #[must_use]
     pub fn secret(&self) -> &str {
         &self.token
     }
@@ -400,12 +410,14 @@ impl AccessToken {
     /// Whether the token is bound to the login's key
     /// ([DPoP](OidcConfig::with_dpop)): a resource server then wants a
     /// [`dpop_proof`](Self::dpop_proof) with it.
+    #[must_use]
     pub fn is_dpop(&self) -> bool {
         self.dpop.is_some()
     }
 
     /// The `Authorization` header value for a call with this token:
     /// `DPoP <token>` for a DPoP-bound token, else `Bearer <token>`.
+    #[must_use]
     pub fn authorization(&self) -> String {
         let scheme = if self.is_dpop() { "DPoP" } else { "Bearer" };
         format!("{scheme} {}", self.token)
@@ -428,6 +440,7 @@ impl AccessToken {
     /// request.send().await?;
     /// # Ok(()) }
     /// ```
+    #[must_use]
     pub fn dpop_proof(&self, method: &str, url: &str, nonce: Option<&str>) -> Option<String> {
         let key = self.dpop.as_ref()?;
         Some(key.proof(method, url, nonce, Some(&self.token)))

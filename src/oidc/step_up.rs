@@ -30,7 +30,6 @@ use super::{AuthError, AuthErrorKind};
 /// # let _ = options;
 /// ```
 #[derive(Debug, Clone, Default)]
-#[must_use]
 pub struct LoginOptions {
     pub(crate) return_to: Option<String>,
     pub(crate) step_up: StepUp,
@@ -38,11 +37,13 @@ pub struct LoginOptions {
 
 impl LoginOptions {
     /// A login with the configured defaults that returns to `/`.
+    #[must_use]
     pub fn new() -> Self {
         Self::default()
     }
 
     /// Where the browser goes after the login; kept only if it is a local path.
+    #[must_use]
     pub fn with_return_to(mut self, path: &str) -> Self {
         self.return_to = Some(path.to_owned());
         self

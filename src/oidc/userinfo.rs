@@ -1,5 +1,5 @@
 //! The userinfo endpoint (OpenID Connect Core 1.0, section 5.3): some
-//! providers (LemonLDAP::NG, for one) put the profile claims only there.
+//! providers (`LemonLDAP::NG`, for one) put the profile claims only there.
 //! Its `sub` must be the ID token's; its claims are merged under the ID
 //! token's, which win.
 

@@ -189,6 +189,7 @@ impl SessionLayer {
     }
 
     /// The store sessions are kept in.
+    #[must_use]
     pub fn store(&self) -> &PgStore {
         &self.store
     }

@@ -143,7 +143,9 @@ impl<J: Job> Batcher<J> {
     fn lock(&self) -> MutexGuard<'_, Queue<J>> {
         // The queue is consistent between statements: a panic elsewhere
         // while it was held leaves nothing half-done.
-        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+        self.queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 

@@ -214,6 +214,7 @@ impl PgConnect {
     ///     });
     /// # Ok::<(), tower_pg_session::StoreError>(())
     /// ```
+    #[must_use]
     pub fn with_password_provider<F, Fut, E>(self, provider: F) -> Self
     where
         F: Fn() -> Fut + Send + Sync + 'static,
@@ -242,6 +243,7 @@ impl PgConnect {
     /// Like [`Self::with_password_provider`], with the whole options: the
     /// provider gets those parsed from the URL for the host about to be used
     /// (host, port, user, TLS) and returns them as they should be used.
+    #[must_use]
     pub fn with_connect_options_provider<F, Fut, E>(mut self, provider: F) -> Self
     where
         F: Fn(PgConnectOptions) -> Fut + Send + Sync + 'static,

@@ -207,6 +207,7 @@ impl Default for PgStoreConfig {
 
 impl PgStoreConfig {
     /// Table `session` in the connection's search path, created when missing.
+    #[must_use]
     pub fn new() -> Self {
         Self {
             schema: None,
@@ -256,6 +257,7 @@ impl PgStoreConfig {
     /// # use tower_pg_session::PgStoreConfig;
     /// let config = PgStoreConfig::new().with_create_table(false);
     /// ```
+    #[must_use]
     pub fn with_create_table(mut self, create: bool) -> Self {
         self.create_table = create;
         self
@@ -321,6 +323,7 @@ impl PgStoreConfig {
     /// # use tower_pg_session::{PgStoreConfig, Pooler};
     /// let config = PgStoreConfig::new().with_pooler(Pooler::Transaction);
     /// ```
+    #[must_use]
     pub fn with_pooler(mut self, pooler: Pooler) -> Self {
         self.pooler = pooler;
         self
@@ -526,11 +529,13 @@ impl PgStore {
     }
 
     /// The pool the store runs on.
+    #[must_use]
     pub fn pool(&self) -> &PgPool {
         &self.inner.pool
     }
 
     /// How the pool reaches Postgres.
+    #[must_use]
     pub fn pooler(&self) -> Pooler {
         self.inner.pooler
     }
@@ -547,6 +552,7 @@ impl PgStore {
     }
 
     /// The quoted, qualified table name, as it appears in the store's SQL.
+    #[must_use]
     pub fn table_name(&self) -> String {
         self.inner.name.qualified()
     }

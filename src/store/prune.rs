@@ -29,6 +29,7 @@ impl Default for PruneConfig {
 impl PruneConfig {
     /// Every 15 minutes ± 10 %, batches of 250 rows, busy a quarter of the
     /// time.
+    #[must_use]
     pub fn new() -> Self {
         Self {
             interval: Duration::from_secs(15 * 60),
@@ -47,6 +48,7 @@ impl PruneConfig {
     /// # use tower_pg_session::PruneConfig;
     /// let config = PruneConfig::new().with_interval(Duration::from_secs(60));
     /// ```
+    #[must_use]
     pub fn with_interval(mut self, interval: Duration) -> Self {
         self.interval = interval;
         self
@@ -58,6 +60,7 @@ impl PruneConfig {
     /// # use tower_pg_session::PruneConfig;
     /// let config = PruneConfig::new().with_jitter(0.0);
     /// ```
+    #[must_use]
     pub fn with_jitter(mut self, jitter: f64) -> Self {
         self.jitter = jitter;
         self
@@ -71,6 +74,7 @@ impl PruneConfig {
     /// # use tower_pg_session::PruneConfig;
     /// let config = PruneConfig::new().with_batch_size(5_000);
     /// ```
+    #[must_use]
     pub fn with_batch_size(mut self, rows: u32) -> Self {
         self.batch_size = rows;
         self
@@ -85,6 +89,7 @@ impl PruneConfig {
     /// # use tower_pg_session::PruneConfig;
     /// let config = PruneConfig::new().with_busy_fraction(0.5);
     /// ```
+    #[must_use]
     pub fn with_busy_fraction(mut self, fraction: f64) -> Self {
         self.busy = fraction;
         self
@@ -137,6 +142,7 @@ pub enum PruneOutcome {
 impl PgStore {
     /// The key of the advisory lock a prune run holds; `pg_locks` shows which
     /// backend prunes this table (`classid`/`objid` are its two halves).
+    #[must_use]
     pub fn prune_lock_id(&self) -> i64 {
         self.inner.name.lock_key("prune")
     }

@@ -448,8 +448,8 @@ impl<'a> Table<'a> {
     }
 
     /// Creates a row unless the id is taken. Parameters: $1 key, $2 sess,
-    /// $3 expire[, $4 now (created_at, last_seen), $5 user_id,
-    /// $6 provider_sid, $7 user_agent, $8 ip].
+    /// $3 expire[, $4 now (`created_at`, `last_seen`), $5 `user_id`,
+    /// $6 `provider_sid`, $7 `user_agent`, $8 ip].
     fn insert(&self) -> String {
         let (cols, vals) = if self.layout.extended {
             (
@@ -471,7 +471,7 @@ impl<'a> Table<'a> {
 
     /// Writes a live row still at the version loaded, possibly under a new
     /// key. Parameters: $1 key, $2 new key, $3 sess, $4 expire, $5 version,
-    /// $6 now[, $7 user_id, $8 provider_sid].
+    /// $6 now[, $7 `user_id`, $8 `provider_sid`].
     fn update(&self) -> String {
         let set_ext = if self.layout.extended {
             ", user_id = $7, provider_sid = $8, last_seen = $6"
@@ -492,7 +492,7 @@ impl<'a> Table<'a> {
 
     /// Writes `rows` rows, each only if it is still at the version its
     /// request loaded and no one else holds it. Parameters: $1 now, then per
-    /// row: key, sess, expire, version[, user_id, provider_sid].
+    /// row: key, sess, expire, version[, `user_id`, `provider_sid`].
     fn update_many(&self, rows: usize) -> String {
         let (t, layout) = (&self.t, self.layout);
         let per = if layout.extended { 6 } else { 4 };
@@ -560,7 +560,7 @@ impl<'a> Table<'a> {
     }
 
     /// Writes a row this transaction has locked. Parameters: $1 key, $2 new
-    /// key, $3 sess, $4 expire[, $5 user_id, $6 provider_sid].
+    /// key, $3 sess, $4 expire[, $5 `user_id`, $6 `provider_sid`].
     fn update_locked(&self) -> String {
         let set_ext = if self.layout.extended {
             ", user_id = $5, provider_sid = $6"

@@ -162,6 +162,7 @@ impl VaultError {
     /// 409 when the user must connect again, 413 for a token over the
     /// limit, 502 for a provider that failed, 500 for configuration and
     /// unreadable data, 503 when the database or the session store failed.
+    #[must_use]
     pub fn status(&self) -> StatusCode {
         match self {
             Self::InvalidInput { .. } | Self::InvalidCallback { .. } => StatusCode::BAD_REQUEST,
@@ -183,6 +184,7 @@ impl VaultError {
     }
 
     /// A short, stable code for a JSON answer (`{"error": …}`).
+    #[must_use]
     pub fn code(&self) -> &'static str {
         self.reason()
     }

@@ -355,6 +355,7 @@ impl Integration {
     }
 
     /// The scopes asked for when connecting.
+    #[must_use]
     pub fn scopes(&self) -> &[String] {
         &self.scopes
     }
@@ -448,11 +449,13 @@ impl Integration {
     }
 
     /// The integration's name in the vault.
+    #[must_use]
     pub fn name(&self) -> &str {
         &self.name
     }
 
     /// The token endpoint.
+    #[must_use]
     pub fn token_endpoint(&self) -> &str {
         self.token_endpoint.as_str()
     }

@@ -127,6 +127,7 @@ impl Default for VaultConfig {
 impl VaultConfig {
     /// Table `oauth_tokens` in the search path, no integrations, refresh 5
     /// minutes before expiry, 10 s per token request, tokens up to 16 KiB.
+    #[must_use]
     pub fn new() -> Self {
         Self {
             schema: None,
