@@ -373,7 +373,7 @@ impl Discovered {
         };
         let skew = chrono::Duration::from_std(c.clock_skew).unwrap_or_default();
         verifier
-            .set_allowed_algs(c.algorithms.clone())
+            .set_allowed_algs(c.id_token_algorithms())
             // `exp` is compared with this clock: running it `skew` behind
             // accepts tokens up to `skew` past their expiry.
             .set_time_fn(move || chrono::Utc::now() - skew)
@@ -756,6 +756,7 @@ async fn discover(shared: &Shared) -> Result<Discovered, AuthError> {
         &issuer,
     )
     .map_err(|e| AuthError::new(AuthErrorKind::ProviderUnavailable, e))?;
+    check_id_token_key(&config)?;
     let (secret, auth_type) = auth.for_token_client();
     let client = CoreClient::from_provider_metadata(
         metadata,
@@ -794,6 +795,22 @@ async fn discover(shared: &Shared) -> Result<Discovered, AuthError> {
             jwks: RwLock::new((Arc::new(jwks), None)),
         }),
     })
+}
+
+/// An ID token algorithm keyed with the client secret needs one.
+fn check_id_token_key(config: &OidcConfig) -> Result<(), AuthError> {
+    use openidconnect::core::CoreJwsSigningAlgorithm as Alg;
+    let hmac = matches!(
+        config.id_token_alg,
+        Some(Alg::HmacSha256 | Alg::HmacSha384 | Alg::HmacSha512)
+    );
+    if hmac && config.client_secret.is_none() {
+        return Err(AuthError::new(
+            AuthErrorKind::ProviderUnavailable,
+            "HMAC-signed ID tokens need a client secret",
+        ));
+    }
+    Ok(())
 }
 
 /// Whether a JWT is unsigned: `alg` `none` and an empty signature.

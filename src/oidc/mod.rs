@@ -74,6 +74,9 @@ pub use self::{
     step_up::LoginOptions,
     userinfo::{UnknownUserinfoMode, UserinfoMode},
 };
+/// A JWS algorithm ([`OidcConfig::with_id_token_signed_response_alg`],
+/// [`OidcConfig::with_insecure_algorithms`]).
+pub use openidconnect::core::CoreJwsSigningAlgorithm;
 /// The URL type of the configuration ([`Provider::Cognito`]'s domain).
 pub use openidconnect::url::Url;
 
