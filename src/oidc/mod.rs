@@ -51,7 +51,8 @@ pub mod routes;
 mod step_up;
 mod userinfo;
 
-pub(crate) use self::client::{constant_eq, error_chain, urlencode};
+pub(crate) use self::client::{constant_eq, error_chain};
+pub(crate) use self::client_auth::Authenticator;
 
 #[cfg(feature = "__fuzz")]
 pub(crate) use self::record::safe_return_to;
