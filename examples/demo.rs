@@ -849,6 +849,15 @@ fn login_client(
         Some("off") => Par::Off,
         Some(p) => return Err(format!("OIDC_PAR={p:?}: use auto, on or off").into()),
     };
+    let config = client_auth(config)?
+        .with_provider(provider)
+        .with_par(par)
+        .with_discovery_retry(RETRY);
+    Ok(OidcClient::lazy(config, store.clone()))
+}
+
+/// `OIDC_CLIENT_AUTH` and `OIDC_CLIENT_KEY`: how the client authenticates.
+fn client_auth(config: OidcConfig) -> Result<OidcConfig, Box<dyn std::error::Error>> {
     let config = match env_str("OIDC_CLIENT_AUTH").as_deref() {
         None => config,
         Some("client_secret_basic") => config.with_client_auth(ClientAuth::SecretBasic),
@@ -872,11 +881,7 @@ fn login_client(
             config.with_client_keys([key])
         }
     };
-    let config = config
-        .with_provider(provider)
-        .with_par(par)
-        .with_discovery_retry(RETRY);
-    Ok(OidcClient::lazy(config, store.clone()))
+    Ok(config)
 }
 
 /// The login's provider, named `1`, and with `OIDC2_ISSUER` a second one,

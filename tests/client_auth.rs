@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use common::idp::*;
+use common::{idp::*, keys::*};
 use serde_json::Value;
 use tower_pg_session::oidc::{ClientAuth, ClientKey, KeyAlg, OidcConfig, Par};
 
@@ -159,43 +159,8 @@ async fn a_method_the_client_is_not_registered_for_is_refused() {
     assert_eq!(body["error"], "token_request_rejected", "{body}");
 }
 
-/// A fresh private key, PKCS#8 PEM, from `openssl genpkey` with `args`.
-fn genpkey(args: &[&str]) -> String {
-    let out = std::process::Command::new("openssl")
-        .arg("genpkey")
-        .args(args)
-        .output()
-        .expect("openssl runs");
-    assert!(out.status.success());
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// A fresh 2048-bit RSA key.
-fn rsa_pem() -> String {
-    genpkey(&["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"])
-}
-
-/// A fresh P-256 key.
-fn ec_pem() -> String {
-    genpkey(&["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"])
-}
-
-/// A fresh key for `alg`.
-fn key(alg: KeyAlg) -> ClientKey {
-    let pem = if alg == KeyAlg::Es256 {
-        ec_pem()
-    } else {
-        rsa_pem()
-    };
-    ClientKey::from_pem(&pem, alg).unwrap()
-}
-
 fn kid(key: &ClientKey) -> Value {
     key.public_jwk()["kid"].clone()
-}
-
-fn jwks(keys: &[&ClientKey]) -> String {
-    serde_json::json!({"keys": keys.iter().map(|k| k.public_jwk()).collect::<Vec<_>>()}).to_string()
 }
 
 /// Each algorithm: every token request and the revocation carry an

@@ -786,21 +786,11 @@ async fn a_p256_client_key_logs_in_with_private_key_jwt() {
     let port = common::cluster::free_port();
     let app = format!("http://127.0.0.1:{port}");
     let dir = tempfile_dir();
-    let out = std::process::Command::new("openssl")
-        .args([
-            "genpkey",
-            "-algorithm",
-            "EC",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-        ])
-        .output()
-        .unwrap();
-    let pem = String::from_utf8(out.stdout).unwrap();
+    let pem = common::keys::ec_pem();
     let file = dir.join("client-key.pem");
     std::fs::write(&file, &pem).unwrap();
     let key = tower_pg_session::oidc::ClientKey::from_pem_auto(&pem).unwrap();
-    let registered = json!({"keys": [key.public_jwk()]}).to_string();
+    let registered = common::keys::jwks(&[&key]);
     let env = [
         ("IDP_CLIENT_AUTH", "private_key_jwt"),
         ("IDP_CLIENT_JWKS", registered.as_str()),

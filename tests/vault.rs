@@ -2669,21 +2669,10 @@ async fn an_expired_connection_is_refused_and_stores_nothing() {
 /// exchange, a refresh and the revocation at removal only so.
 #[tokio::test]
 async fn the_vault_authenticates_with_client_secret_jwt_and_private_key_jwt() {
-    use tower_pg_session::oidc::{ClientAuth as LoginAuth, ClientKey, KeyAlg, OidcConfig};
+    use tower_pg_session::oidc::{ClientAuth as LoginAuth, KeyAlg, OidcConfig};
     use tower_pg_session::vault::ClientAuth;
-    let pem = std::process::Command::new("openssl")
-        .args([
-            "genpkey",
-            "-algorithm",
-            "EC",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-        ])
-        .output()
-        .unwrap()
-        .stdout;
-    let key = ClientKey::from_pem(&String::from_utf8(pem).unwrap(), KeyAlg::Es256).unwrap();
-    let jwks = json!({"keys": [key.public_jwk()]}).to_string();
+    let key = common::keys::key(KeyAlg::Es256);
+    let jwks = common::keys::jwks(&[&key]);
     let cases = [
         (
             "client_secret_jwt",
