@@ -200,6 +200,15 @@ async fn oidcc_client_test_invalid_sig_hs256() {
     })
     .await;
     assert_good_signature_only(&s).await;
+    // HMAC needs the secret: a client without one refuses to start.
+    let url = &s.apps[0].url;
+    let public = OidcConfig::new(&s.idp.issuer, CLIENT_ID, url, s.token_keys.clone())
+        .unwrap()
+        .with_id_token_signed_response_alg(CoreJwsSigningAlgorithm::HmacSha256);
+    let e = OidcClient::discover(public, s.apps[0].store.clone())
+        .await
+        .unwrap_err();
+    assert!(e.detail().contains("need a client secret"), "{e}");
     s.db.drop_schema().await;
 }
 
