@@ -86,7 +86,7 @@
 //! | `INTEGRATION_POLL_SECS` | `5`: how often the background task gets every connected account's token (`0`: off) |
 //! | `OIDC2_ISSUER` / `OIDC2_CLIENT_ID` / `OIDC2_CLIENT_SECRET` | none; a second provider (Keycloak for staff, Cognito for customers, say): login at `/auth/login?provider=2`; its client must allow the redirect URI `{APP_URL}/auth/callback/2` (back-channel logout: `{APP_URL}/auth/backchannel-logout/2`). `/me` takes a login from either; logout ends it at its own provider |
 //! | `OIDC_CLIENT_AUTH` | how the client authenticates at the provider: `client_secret_basic`, `client_secret_post`, `client_secret_jwt` (each needs `OIDC_CLIENT_SECRET`) or `private_key_jwt` (needs `OIDC_CLIENT_KEY`); unset: `private_key_jwt` with a key, else the first secret method the provider advertises |
-//! | `OIDC_CLIENT_KEY` | none; a PKCS#8 PEM file of an RSA private key (2048+ bits, RS256) for `private_key_jwt`; its public JWKS is served at `/auth/jwks.json` |
+//! | `OIDC_CLIENT_KEY` | none; a PKCS#8 PEM file of an RSA private key (2048+ bits, RS256) or a P-256 one (ES256) for `private_key_jwt`; its public JWKS is served at `/auth/jwks.json` |
 //! | `OIDC_PAR` | `auto`: push the authorization request (RFC 9126) when the provider advertises a PAR endpoint; `on`: always (login fails without one); `off`: never |
 //! | `COGNITO_DOMAIN` | Cognito's hosted-UI origin for logout (`https://x.auth.eu-west-1.amazoncognito.com`); default: the origin of the authorization endpoint |
 //!
@@ -115,8 +115,8 @@ use tokio::sync::RwLock;
 use tower_pg_session::{
     crypto::{EncryptionKey, Keyring},
     oidc::{
-        AuthError, ClientAuth, ClientKey, KeyAlg, OidcClient, OidcConfig, OidcProviders, Par,
-        Provider, Rejection, RejectionKind, RequireLoginLayer, User, UserinfoMode,
+        AuthError, ClientAuth, ClientKey, OidcClient, OidcConfig, OidcProviders, Par, Provider,
+        Rejection, RejectionKind, RequireLoginLayer, User, UserinfoMode,
     },
     store::PgConnect,
     vault::{ClientIp, Integration, TokenVault, VaultConfig, VaultError},
@@ -851,6 +851,15 @@ fn login_client(
         Some("off") => Par::Off,
         Some(p) => return Err(format!("OIDC_PAR={p:?}: use auto, on or off").into()),
     };
+    let config = client_auth(config)?
+        .with_provider(provider)
+        .with_par(par)
+        .with_discovery_retry(RETRY);
+    Ok(OidcClient::lazy(config, store.clone())?)
+}
+
+/// `OIDC_CLIENT_AUTH` and `OIDC_CLIENT_KEY`: how the client authenticates.
+fn client_auth(config: OidcConfig) -> Result<OidcConfig, Box<dyn std::error::Error>> {
     let config = match env_str("OIDC_CLIENT_AUTH").as_deref() {
         None => config,
         Some("client_secret_basic") => config.with_client_auth(ClientAuth::SecretBasic),
@@ -869,16 +878,12 @@ fn login_client(
         Some(file) => {
             let pem = std::fs::read_to_string(&file)
                 .map_err(|e| format!("OIDC_CLIENT_KEY={file:?}: {e}"))?;
-            let key = ClientKey::from_pem(&pem, KeyAlg::Rs256)
+            let key = ClientKey::from_pem_auto(&pem)
                 .map_err(|e| format!("OIDC_CLIENT_KEY={file:?}: {e}"))?;
             config.with_client_keys([key])
         }
     };
-    let config = config
-        .with_provider(provider)
-        .with_par(par)
-        .with_discovery_retry(RETRY);
-    Ok(OidcClient::lazy(config, store.clone())?)
+    Ok(config)
 }
 
 /// The login's provider, named `1`, and with `OIDC2_ISSUER` a second one,

@@ -9,7 +9,9 @@ mod common;
 use axum::http::StatusCode;
 use common::idp::*;
 use serde_json::Value;
-use tower_pg_session::oidc::UserinfoMode;
+use tower_pg_session::oidc::{
+    AuthErrorKind, CoreJwsSigningAlgorithm, OidcClient, OidcConfig, UserinfoMode,
+};
 
 /// One app instance on a Keycloak-like provider, with the default config.
 async fn provider() -> Setup {
@@ -140,6 +142,29 @@ async fn oidcc_client_test_idtoken_sig_none() {
     assert_rejected("sig-none", "invalid_id_token").await;
 }
 
+/// Bob's login, its ID token's signature spoilt by the provider, fails.
+async fn assert_bad_signature_refused(s: &Setup) {
+    assert_id_token_refused(s, "bob", Some("invalid-sig")).await;
+}
+
+/// `user`'s login, its token response altered as `mode` names (if any),
+/// fails with `invalid_id_token` and leaves them logged out.
+async fn assert_id_token_refused(s: &Setup, user: &str, mode: Option<&str>) {
+    let (b, callback) = authorized(s, user).await;
+    if let Some(mode) = mode {
+        s.idp.misbehave(mode).await;
+    }
+    let (status, error) = visit(&b, &callback).await;
+    assert_eq!(
+        (status, error.as_str()),
+        (StatusCode::BAD_REQUEST, "invalid_id_token")
+    );
+    assert_eq!(
+        b.me(&s.apps[0].url).await.status(),
+        StatusCode::UNAUTHORIZED
+    );
+}
+
 /// A client registered for unsigned ID tokens, and opted in, accepts one;
 /// a token with a bad signature is still refused.
 #[tokio::test]
@@ -147,13 +172,77 @@ async fn oidcc_client_test_idtoken_sig_none_opted_in() {
     let s = setup("keycloak", 1, 3600, |c| c.with_unsigned_id_tokens()).await;
     let (b, status, error) = login_misbehaving(&s, "sig-none").await;
     assert_accepted(&s, &b, status, &error).await;
-    let (b, callback) = authorized(&s, "bob").await;
-    s.idp.misbehave("invalid-sig").await;
+    assert_bad_signature_refused(&s).await;
+    s.db.drop_schema().await;
+}
+
+/// An app whose client the provider signs ID tokens for with `alg`
+/// (`id_token_signed_response_alg`), configured by `tweak`.
+async fn signing_with(alg: &str, tweak: impl Fn(OidcConfig) -> OidcConfig) -> Setup {
+    setup_env("keycloak", 1, 3600, &[("IDP_ID_TOKEN_ALG", alg)], tweak).await
+}
+
+/// A login whose ID token is well signed succeeds, one whose signature is
+/// spoilt fails.
+async fn assert_good_signature_only(s: &Setup) {
+    let (b, callback) = authorized(s, "alice").await;
     let (status, error) = visit(&b, &callback).await;
-    assert_eq!(
-        (status, error.as_str()),
-        (StatusCode::BAD_REQUEST, "invalid_id_token")
-    );
+    assert_accepted(s, &b, status, &error).await;
+    assert_bad_signature_refused(s).await;
+}
+
+/// The client is registered for HS256 ID tokens (keyed with its secret) and
+/// configured to expect exactly that.
+#[tokio::test]
+async fn oidcc_client_test_invalid_sig_hs256() {
+    let s = signing_with("HS256", |c| {
+        c.with_id_token_signed_response_alg(CoreJwsSigningAlgorithm::HmacSha256)
+    })
+    .await;
+    assert_good_signature_only(&s).await;
+    // HMAC needs the secret: a client without one refuses to start.
+    let url = &s.apps[0].url;
+    let public = OidcConfig::new(&s.idp.issuer, CLIENT_ID, url, s.token_keys.clone())
+        .unwrap()
+        .with_id_token_signed_response_alg(CoreJwsSigningAlgorithm::HmacSha256);
+    let e = OidcClient::discover(public, s.apps[0].store.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), AuthErrorKind::Misconfigured, "{e}");
+    assert!(e.detail().contains("need a client secret"), "{e}");
+    s.db.drop_schema().await;
+}
+
+/// Without that setting, even a well-signed HS256 ID token is refused: the
+/// client secret is no signing key by default.
+#[tokio::test]
+async fn hs256_id_tokens_are_refused_unless_expected() {
+    let s = signing_with("HS256", |c| c).await;
+    assert_id_token_refused(&s, "alice", None).await;
+    assert!(logged_in_users(&s).await.is_empty());
+    s.db.drop_schema().await;
+}
+
+/// ES256 ID tokens, verified with the provider's published EC key; pinned
+/// to ES256, so an RS256 token would fail this test.
+#[tokio::test]
+async fn oidcc_client_test_invalid_sig_es256() {
+    let s = signing_with("ES256", |c| {
+        c.with_id_token_signed_response_alg(CoreJwsSigningAlgorithm::EcdsaP256Sha256)
+    })
+    .await;
+    assert_good_signature_only(&s).await;
+    s.db.drop_schema().await;
+}
+
+/// The same provider signing RS256 while the client expects ES256: refused.
+#[tokio::test]
+async fn an_id_token_in_another_alg_than_registered_is_refused() {
+    let s = setup("keycloak", 1, 3600, |c| {
+        c.with_id_token_signed_response_alg(CoreJwsSigningAlgorithm::EcdsaP256Sha256)
+    })
+    .await;
+    assert_id_token_refused(&s, "alice", None).await;
     s.db.drop_schema().await;
 }
 
@@ -202,6 +291,51 @@ async fn oidcc_client_test_signing_key_rotation() {
     assert!(status.is_redirection(), "{status} {error}");
     assert_eq!(b.me(&s.apps[0].url).await.status(), StatusCode::OK);
     assert_eq!(first.me(&s.apps[0].url).await.status(), StatusCode::OK);
+    s.db.drop_schema().await;
+}
+
+/// The provider rotates its keys as the token request arrives: the ID token
+/// is signed with a key the client has never seen, and the login succeeds
+/// after exactly one more fetch of the provider's JWKS.
+#[tokio::test]
+async fn oidcc_client_test_signing_key_rotated_just_before_signing() {
+    let s = provider().await;
+    let (b, callback) = authorized(&s, "alice").await;
+    let fetched = s.idp.stats().await["jwks"].as_u64().unwrap();
+    s.idp.misbehave("rotate-before-signing").await;
+    let (status, error) = visit(&b, &callback).await;
+    let stats = s.idp.stats().await;
+    assert_eq!(stats["misbehaved"], 1, "rotated");
+    assert_accepted(&s, &b, status, &error).await;
+    assert_eq!(stats["jwks"].as_u64().unwrap(), fetched + 1, "one re-fetch");
+    s.db.drop_schema().await;
+}
+
+/// The discovery document names another issuer than the configured one:
+/// the client refuses to start, saying which issuer it got, and one that
+/// discovers lazily refuses logins the same way.
+#[tokio::test]
+async fn oidcc_client_test_discovery_issuer_mismatch() {
+    let s = provider().await;
+    s.idp.misbehave_times("discovery-issuer-mismatch", 2).await;
+    let config = || base_config(&s.idp, &s.apps[0].url, &s.token_keys);
+    let store = s.apps[0].store.clone();
+    let e = OidcClient::discover(config(), store.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), AuthErrorKind::ProviderUnavailable, "{e}");
+    let other = format!("{}-other", s.idp.issuer);
+    assert!(
+        e.detail()
+            .contains(&format!("unexpected issuer URI `{other}`")),
+        "{e}"
+    );
+    let lazy = OidcClient::lazy(config(), store).unwrap();
+    let e = lazy.verify_id_token_jwt("a.b.c", None).await.unwrap_err();
+    assert_eq!(e.kind(), AuthErrorKind::LoginUnavailable, "{e}");
+    assert!(e.detail().contains(&other), "{e}");
+    assert!(!lazy.is_discovered());
+    assert_eq!(s.idp.stats().await["misbehaved"], 2);
     s.db.drop_schema().await;
 }
 

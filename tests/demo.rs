@@ -776,3 +776,57 @@ async fn integrations_connect_check_refresh_and_disconnect_as_documented() {
     drop(demo);
     db.drop_schema().await;
 }
+
+/// `OIDC_CLIENT_KEY` with a P-256 key: the demo signs its client assertions
+/// ES256, serves the key's public half at `/auth/jwks.json`, and its logout
+/// revokes the refresh token with such an assertion too.
+#[tokio::test]
+async fn a_p256_client_key_logs_in_with_private_key_jwt() {
+    let db = common::Db::new().await;
+    let port = common::cluster::free_port();
+    let app = format!("http://127.0.0.1:{port}");
+    let dir = tempfile_dir();
+    let pem = common::keys::ec_pem();
+    let file = dir.join("client-key.pem");
+    std::fs::write(&file, &pem).unwrap();
+    let key = tower_pg_session::oidc::ClientKey::from_pem_auto(&pem).unwrap();
+    let registered = common::keys::jwks(&[&key]);
+    let env = [
+        ("IDP_CLIENT_AUTH", "private_key_jwt"),
+        ("IDP_CLIENT_JWKS", registered.as_str()),
+    ];
+    let idp =
+        common::idp::Idp::start_env("keycloak", std::slice::from_ref(&app), 3600, 0, &env).await;
+    let demo = start(&[
+        ("DATABASE_URL", db.schema_url().await),
+        ("BIND_ADDR", format!("127.0.0.1:{port}")),
+        ("APP_URL", app.clone()),
+        ("OIDC_ISSUER", idp.issuer.clone()),
+        ("OIDC_CLIENT_KEY", file.display().to_string()),
+        ("SESSION_SECRET", common::KEY_A.to_owned()),
+        ("COOKIE_SECURE", "0".to_owned()),
+        ("INTEGRATION_POLL_SECS", "0".to_owned()),
+    ])
+    .await;
+    let b = Browser::new();
+    assert_eq!(location(&b.login(&app, "zoe", "/me").await), "/me");
+    let me: Value = b.api(&format!("{app}/me")).await.json().await.unwrap();
+    assert_eq!(me["sub"], "zoe");
+    let served: Value = b
+        .api(&format!("{app}/auth/jwks.json"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(served.to_string(), registered);
+    b.logout(&app).await;
+    let revoked = idp.revocations().await;
+    assert_eq!(revoked.len(), 1, "{revoked:?}");
+    assert_eq!(
+        (&revoked[0]["alg"], &revoked[0]["status"]),
+        (&json!("ES256"), &json!(200))
+    );
+    drop(demo);
+    let _ = std::fs::remove_dir_all(&dir);
+    db.drop_schema().await;
+}

@@ -2135,10 +2135,21 @@ mod connecting {
         tweak: impl FnOnce(Integration) -> Integration,
         configure: impl FnOnce(VaultConfig) -> VaultConfig,
     ) -> App {
+        app_env(&[], |c| c, tweak, configure).await
+    }
+
+    /// As [`app_with`], with `env` for the provider and `login` changing the
+    /// login's configuration (the same client: its authentication too).
+    pub(super) async fn app_env(
+        env: &[(&str, &str)],
+        login: impl FnOnce(OidcConfig) -> OidcConfig,
+        tweak: impl FnOnce(Integration) -> Integration,
+        configure: impl FnOnce(VaultConfig) -> VaultConfig,
+    ) -> App {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://127.0.0.1:{}", listener.local_addr().unwrap().port());
         let db = Db::new().await;
-        let idp = Idp::start("keycloak", std::slice::from_ref(&url), 3600).await;
+        let idp = Idp::start_env("keycloak", std::slice::from_ref(&url), 3600, 0, env).await;
         let store = db.store().await;
         let keys = Keyring::generate();
         let s = Setup {
@@ -2151,7 +2162,7 @@ mod connecting {
         let login_config = OidcConfig::new(&s.idp.issuer, CLIENT_ID, &url, s.keys.clone())
             .unwrap()
             .with_client_secret(CLIENT_SECRET);
-        let login = OidcClient::discover(login_config, s.store.clone())
+        let login = OidcClient::discover(login(login_config), s.store.clone())
             .await
             .unwrap();
         let mail = Integration::discover("mail", &s.idp.issuer, CLIENT_ID)
@@ -2168,12 +2179,30 @@ mod connecting {
         let vault = TokenVault::new(&s.store, s.keys.clone(), config)
             .await
             .unwrap();
+        let state = AppState {
+            login,
+            vault: vault.clone(),
+        };
+        let router = router(state, &s.store);
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, router).await;
+        });
+        App {
+            s,
+            url,
+            vault,
+            _server: Server(server),
+        }
+    }
+
+    /// The login's and the vault's connect routes.
+    fn router(state: AppState, store: &PgStore) -> Router {
         let layer =
-            SessionLayer::builder(s.store.clone(), SigningKeys::new([common::KEY_A]).unwrap())
+            SessionLayer::builder(store.clone(), SigningKeys::new([common::KEY_A]).unwrap())
                 .with_insecure_http_cookie()
                 .build()
                 .unwrap();
-        let router = Router::new()
+        Router::new()
             .route(
                 "/auth/login",
                 get(|State(a): State<AppState>, session: Session, Query(q): Query<ReturnTo>| async move {
@@ -2208,20 +2237,8 @@ mod connecting {
                     axum::Json(session.keys().await.unwrap())
                 }),
             )
-            .with_state(AppState {
-                login,
-                vault: vault.clone(),
-            })
-            .layer(layer);
-        let server = tokio::spawn(async move {
-            let _ = axum::serve(listener, router).await;
-        });
-        App {
-            s,
-            url,
-            vault,
-            _server: Server(server),
-        }
+            .with_state(state)
+            .layer(layer)
     }
 
     impl App {
@@ -2647,4 +2664,60 @@ async fn an_expired_connection_is_refused_and_stores_nothing() {
     );
     assert_eq!(app.rows().await, 0);
     app.s.db.drop_schema().await;
+}
+
+/// The vault authenticates its token and revocation requests with the JWT
+/// methods too: the provider, registered for each method, takes the code
+/// exchange, a refresh and the revocation at removal only so.
+#[tokio::test]
+async fn the_vault_authenticates_with_client_secret_jwt_and_private_key_jwt() {
+    use tower_pg_session::oidc::{ClientAuth as LoginAuth, KeyAlg, OidcConfig};
+    use tower_pg_session::vault::ClientAuth;
+    let key = common::keys::key(KeyAlg::Es256);
+    let jwks = common::keys::jwks(&[&key]);
+    let cases = [
+        (
+            "client_secret_jwt",
+            LoginAuth::SecretJwt,
+            ClientAuth::SecretJwt,
+            "HS256",
+        ),
+        (
+            "private_key_jwt",
+            LoginAuth::PrivateKeyJwt,
+            ClientAuth::PrivateKeyJwt,
+            "ES256",
+        ),
+    ];
+    for (method, login_auth, vault_auth, alg) in cases {
+        let env = [
+            ("IDP_CLIENT_AUTH", method),
+            ("IDP_CLIENT_JWKS", jwks.as_str()),
+        ];
+        let k = key.clone();
+        let login = |c: OidcConfig| c.with_client_auth(login_auth).with_client_keys([k]);
+        let k = key.clone();
+        let tweak = |i: Integration| i.with_client_auth(vault_auth).with_client_keys([k]);
+        let app = connecting::app_env(&env, login, tweak, |c| c).await;
+        let browser = app.logged_in("alice").await;
+        let callback = app.consent(&browser, "alice").await;
+        assert_eq!(
+            browser.get(&callback).await.status(),
+            reqwest::StatusCode::FOUND
+        );
+        let first = app.vault.get("alice", "mail").await.unwrap();
+        app.s.expire_in("alice", 30).await;
+        let refreshed = app.vault.get("alice", "mail").await.unwrap();
+        assert_ne!(refreshed.secret(), first.secret(), "{method}");
+        assert_eq!(app.s.refreshes().await, 1, "{method}");
+        assert!(app.vault.remove("alice", "mail").await.unwrap());
+        let revoked = app.s.idp.revocations().await;
+        assert_eq!(revoked.len(), 1, "{method}: {revoked:?}");
+        let r = &revoked[0];
+        assert_eq!(
+            (&r["method"], &r["alg"], &r["status"]),
+            (&json!(method), &json!(alg), &json!(200))
+        );
+        app.s.db.drop_schema().await;
+    }
 }

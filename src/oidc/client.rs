@@ -385,7 +385,7 @@ impl Discovered {
         };
         let skew = chrono::Duration::from_std(c.clock_skew).unwrap_or_default();
         verifier
-            .set_allowed_algs(c.algorithms.clone())
+            .set_allowed_algs(c.id_token_algorithms())
             // `exp` is compared with this clock: running it `skew` behind
             // accepts tokens up to `skew` past their expiry.
             .set_time_fn(move || chrono::Utc::now() - skew)

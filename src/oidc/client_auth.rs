@@ -1,6 +1,6 @@
 //! How the client authenticates to the provider's token, revocation and PAR
 //! endpoints (OpenID Connect Core §9): HTTP Basic, the form body, or a JWT
-//! signed with the client secret (RFC 7523).
+//! signed with the client secret or the client's private key (RFC 7523).
 
 use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
 use hmac::{Hmac, Mac};
@@ -45,6 +45,8 @@ pub enum KeyAlg {
     Rs256,
     /// RSASSA-PSS with SHA-256.
     Ps256,
+    /// ECDSA with P-256 and SHA-256.
+    Es256,
 }
 
 impl KeyAlg {
@@ -52,6 +54,7 @@ impl KeyAlg {
         match self {
             Self::Rs256 => "RS256",
             Self::Ps256 => "PS256",
+            Self::Es256 => "ES256",
         }
     }
 }
@@ -59,9 +62,16 @@ impl KeyAlg {
 /// A private key for `private_key_jwt`, read from configuration.
 #[derive(Clone)]
 pub struct ClientKey {
-    key: RsaPrivateKey,
+    key: Material,
     alg: KeyAlg,
     kid: String,
+}
+
+/// The private key itself; both kinds zeroize on drop.
+#[derive(Clone)]
+enum Material {
+    Rsa(Box<RsaPrivateKey>),
+    P256(p256::ecdsa::SigningKey),
 }
 
 impl std::fmt::Debug for ClientKey {
@@ -80,49 +90,102 @@ pub enum ClientKeyError {
     /// Not a PKCS#8 PEM RSA private key.
     #[error("not a PKCS#8 PEM RSA private key: {0}")]
     Pem(String),
+    /// Not a PKCS#8 PEM P-256 private key (for [`KeyAlg::Es256`]).
+    #[error("not a PKCS#8 PEM P-256 private key: {0}")]
+    EcPem(String),
     /// An RSA key shorter than 2048 bits.
     #[error("RSA keys need at least 2048 bits, this one has {0}")]
     TooShort(usize),
 }
 
 impl ClientKey {
-    /// A PKCS#8 PEM RSA private key (`-----BEGIN PRIVATE KEY-----`) that
-    /// signs with `alg`. Its key id is its RFC 7638 thumbprint.
+    /// A PKCS#8 PEM private key (`-----BEGIN PRIVATE KEY-----`) that signs
+    /// with `alg`: RSA for [`KeyAlg::Rs256`] and [`KeyAlg::Ps256`], P-256
+    /// for [`KeyAlg::Es256`]. Its key id is its RFC 7638 thumbprint.
     ///
     /// # Errors
-    /// [`ClientKeyError`] for anything else, or a key under 2048 bits.
+    /// [`ClientKeyError`] for anything else, or an RSA key under 2048 bits.
     pub fn from_pem(pem: &str, alg: KeyAlg) -> Result<Self, ClientKeyError> {
-        let key =
-            RsaPrivateKey::from_pkcs8_pem(pem).map_err(|e| ClientKeyError::Pem(e.to_string()))?;
-        let bits = key.size() * 8;
-        if bits < 2048 {
-            return Err(ClientKeyError::TooShort(bits));
-        }
-        let (n, e) = public_parts(&key);
-        let thumb = serde_json::json!({"e": e, "kty": "RSA", "n": n}).to_string();
+        let key = match alg {
+            KeyAlg::Rs256 | KeyAlg::Ps256 => Material::Rsa(Box::new(rsa_from_pem(pem)?)),
+            KeyAlg::Es256 => {
+                use p256::pkcs8::DecodePrivateKey as _;
+                Material::P256(
+                    p256::ecdsa::SigningKey::from_pkcs8_pem(pem)
+                        .map_err(|e| ClientKeyError::EcPem(e.to_string()))?,
+                )
+            }
+        };
+        let thumb = key.public_members().to_string();
         let kid = URL_SAFE_NO_PAD.encode(<Sha256 as sha2::Digest>::digest(thumb.as_bytes()));
         Ok(Self { key, alg, kid })
+    }
+
+    /// As [`Self::from_pem`], the algorithm from the key: RS256 for an RSA
+    /// key, ES256 for a P-256 one.
+    ///
+    /// # Errors
+    /// [`ClientKeyError`] when it is neither (the RSA parser's message), or
+    /// an RSA key under 2048 bits.
+    pub fn from_pem_auto(pem: &str) -> Result<Self, ClientKeyError> {
+        match Self::from_pem(pem, KeyAlg::Es256) {
+            Ok(key) => Ok(key),
+            Err(_) => Self::from_pem(pem, KeyAlg::Rs256),
+        }
     }
 
     /// The public half as a JWK.
     #[must_use]
     pub fn public_jwk(&self) -> serde_json::Value {
-        let (n, e) = public_parts(&self.key);
-        serde_json::json!({
-            "kty": "RSA", "use": "sig", "alg": self.alg.name(),
-            "kid": self.kid, "n": n, "e": e,
-        })
+        let mut jwk = self.key.public_members();
+        jwk["use"] = "sig".into();
+        jwk["alg"] = self.alg.name().into();
+        jwk["kid"] = self.kid.clone().into();
+        jwk
     }
 
     fn sign(&self, input: &[u8]) -> Vec<u8> {
         let mut rng = rand::thread_rng();
-        match self.alg {
-            KeyAlg::Rs256 => rsa::pkcs1v15::SigningKey::<Sha256>::new(self.key.clone())
-                .sign_with_rng(&mut rng, input)
-                .to_vec(),
-            KeyAlg::Ps256 => rsa::pss::BlindedSigningKey::<Sha256>::new(self.key.clone())
-                .sign_with_rng(&mut rng, input)
-                .to_vec(),
+        match (&self.key, self.alg) {
+            (Material::Rsa(key), KeyAlg::Ps256) => {
+                rsa::pss::BlindedSigningKey::<Sha256>::new(RsaPrivateKey::clone(key))
+                    .sign_with_rng(&mut rng, input)
+                    .to_vec()
+            }
+            (Material::Rsa(key), _) => {
+                rsa::pkcs1v15::SigningKey::<Sha256>::new(RsaPrivateKey::clone(key))
+                    .sign_with_rng(&mut rng, input)
+                    .to_vec()
+            }
+            // JWS wants the fixed-size r || s form (RFC 7518 §3.4), not DER.
+            (Material::P256(key), _) => {
+                use p256::ecdsa::signature::Signer as _;
+                let signature: p256::ecdsa::Signature = key.sign(input);
+                signature.to_bytes().to_vec()
+            }
+        }
+    }
+}
+
+fn rsa_from_pem(pem: &str) -> Result<RsaPrivateKey, ClientKeyError> {
+    let key = RsaPrivateKey::from_pkcs8_pem(pem).map_err(|e| ClientKeyError::Pem(e.to_string()))?;
+    let bits = key.size() * 8;
+    if bits < 2048 {
+        return Err(ClientKeyError::TooShort(bits));
+    }
+    Ok(key)
+}
+
+impl Material {
+    /// The public key's required members, in RFC 7638's order (the
+    /// thumbprint's input).
+    fn public_members(&self) -> serde_json::Value {
+        match self {
+            Self::Rsa(key) => {
+                let (n, e) = public_parts(key);
+                serde_json::json!({"e": e, "kty": "RSA", "n": n})
+            }
+            Self::P256(key) => super::dpop::ec_public_jwk(key),
         }
     }
 }

@@ -109,6 +109,9 @@ pub struct OidcConfig {
     pub(crate) bridge_key: Option<String>,
     pub(crate) userinfo: super::UserinfoMode,
     pub(crate) unsigned_id_tokens: bool,
+    /// The one algorithm ID tokens must be signed with, when the client is
+    /// registered for one (`id_token_signed_response_alg`).
+    pub(crate) id_token_alg: Option<CoreJwsSigningAlgorithm>,
     pub(crate) par: super::Par,
     pub(crate) client_auth: Option<super::ClientAuth>,
     pub(crate) client_keys: Vec<super::ClientKey>,
@@ -197,6 +200,7 @@ impl OidcConfig {
             bridge_key: None,
             userinfo: super::UserinfoMode::Auto,
             unsigned_id_tokens: false,
+            id_token_alg: None,
             par: super::Par::Auto,
             client_auth: None,
             client_keys: Vec::new(),
@@ -246,6 +250,32 @@ impl OidcConfig {
     pub fn with_unsigned_id_tokens(mut self) -> Self {
         self.unsigned_id_tokens = true;
         self
+    }
+
+    /// The algorithm the client is registered for at the provider
+    /// (`id_token_signed_response_alg`): ID tokens must be signed with it
+    /// and no other. The only way to accept `HS256`/`HS384`/`HS512` ID
+    /// tokens, verified with the client secret (a symmetric key the client
+    /// shares, so meant for providers that sign that way for this client
+    /// only); asymmetric ones are verified with the provider's JWKS as
+    /// always. `none` is [`with_unsigned_id_tokens`](Self::with_unsigned_id_tokens).
+    /// Logout tokens keep the default list. Unset: any of the default
+    /// asymmetric algorithms.
+    #[must_use]
+    pub fn with_id_token_signed_response_alg(mut self, alg: CoreJwsSigningAlgorithm) -> Self {
+        if alg == CoreJwsSigningAlgorithm::None {
+            self.unsigned_id_tokens = true;
+        } else {
+            self.id_token_alg = Some(alg);
+        }
+        self
+    }
+
+    /// The algorithms an ID token may be signed with.
+    pub(crate) fn id_token_algorithms(&self) -> Vec<CoreJwsSigningAlgorithm> {
+        self.id_token_alg
+            .clone()
+            .map_or_else(|| self.algorithms.clone(), |a| vec![a])
     }
 
     /// Forces a provider preset instead of detecting it from the issuer.
@@ -476,6 +506,16 @@ impl OidcConfig {
 
     fn check_client_auth(&self) -> Result<(), ConfigError> {
         use super::ClientAuth;
+        use CoreJwsSigningAlgorithm as Alg;
+        let hmac = matches!(
+            self.id_token_alg,
+            Some(Alg::HmacSha256 | Alg::HmacSha384 | Alg::HmacSha512)
+        );
+        if hmac && self.client_secret.is_none() {
+            let settings = ["with_id_token_signed_response_alg", "with_client_secret"];
+            let reason = "HMAC-signed ID tokens need a client secret";
+            return Err(ConfigError::conflict(&settings, reason));
+        }
         let needs = match self.client_auth {
             Some(ClientAuth::PrivateKeyJwt) if self.client_keys.is_empty() => "with_client_keys",
             Some(ClientAuth::PrivateKeyJwt) | None => return Ok(()),

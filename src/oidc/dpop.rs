@@ -63,13 +63,7 @@ impl DpopKey {
 
     /// The public key as a JWK (members in RFC 7638's order).
     fn jwk(&self) -> Value {
-        let point = self.key.verifying_key().to_sec1_point(false);
-        json!({
-            "crv": "P-256",
-            "kty": "EC",
-            "x": B64.encode(point.x().map(AsRef::<[u8]>::as_ref).unwrap_or_default()),
-            "y": B64.encode(point.y().map(AsRef::<[u8]>::as_ref).unwrap_or_default()),
-        })
+        ec_public_jwk(&self.key)
     }
 
     /// The JWK thumbprint (RFC 7638): the `dpop_jkt` and `cnf.jkt` of tokens
@@ -154,6 +148,18 @@ impl Nonce {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(nonce);
     }
+}
+
+/// The public half of a P-256 key as a JWK, only the members RFC 7638's
+/// thumbprint takes.
+pub(crate) fn ec_public_jwk(key: &SigningKey) -> Value {
+    let point = key.verifying_key().to_sec1_point(false);
+    json!({
+        "crv": "P-256",
+        "kty": "EC",
+        "x": B64.encode(point.x().map(AsRef::<[u8]>::as_ref).unwrap_or_default()),
+        "y": B64.encode(point.y().map(AsRef::<[u8]>::as_ref).unwrap_or_default()),
+    })
 }
 
 /// An HTTP client for token requests that signs each with the login's key.

@@ -51,7 +51,8 @@ pub mod routes;
 mod step_up;
 mod userinfo;
 
-pub(crate) use self::client::{constant_eq, error_chain, urlencode};
+pub(crate) use self::client::{constant_eq, error_chain};
+pub(crate) use self::client_auth::Authenticator;
 
 #[cfg(feature = "__fuzz")]
 pub(crate) use self::record::safe_return_to;
@@ -74,6 +75,9 @@ pub use self::{
     step_up::LoginOptions,
     userinfo::{UnknownUserinfoMode, UserinfoMode},
 };
+/// A JWS algorithm ([`OidcConfig::with_id_token_signed_response_alg`],
+/// [`OidcConfig::with_insecure_algorithms`]).
+pub use openidconnect::core::CoreJwsSigningAlgorithm;
 /// The URL type of the configuration ([`Provider::Cognito`]'s domain).
 pub use openidconnect::url::Url;
 

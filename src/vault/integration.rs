@@ -17,7 +17,7 @@ use time::OffsetDateTime;
 use super::{check_token, error::VaultError, Tokens};
 use crate::{
     log_safe::untrusted,
-    oidc::{error_chain, urlencode},
+    oidc::{error_chain, Authenticator, ClientKey},
 };
 
 /// A token response larger than this is refused unread.
@@ -32,6 +32,12 @@ pub enum ClientAuth {
     Basic,
     /// `client_id` and `client_secret` in the form body (`client_secret_post`).
     Post,
+    /// `client_secret_jwt`: a short-lived HS256 assertion keyed with the
+    /// secret (RFC 7523), so the secret itself never travels.
+    SecretJwt,
+    /// `private_key_jwt`: an assertion signed with the first key of
+    /// [`Integration::with_client_keys`].
+    PrivateKeyJwt,
 }
 
 /// One provider tokens are kept for: its name in the vault, its token
@@ -55,6 +61,7 @@ pub struct Integration {
     token_endpoint: Url,
     client_id: String,
     client_secret: Option<String>,
+    client_keys: Vec<ClientKey>,
     auth: ClientAuth,
     revocation_endpoint: Option<Url>,
     /// What connecting an account needs (see [`Integration::connect_url`]).
@@ -75,6 +82,7 @@ impl fmt::Debug for Integration {
                 "client_secret",
                 &self.client_secret.as_ref().map(|_| "[redacted]"),
             )
+            .field("client_keys", &self.client_keys)
             .field("auth", &self.auth)
             .field(
                 "revocation_endpoint",
@@ -113,6 +121,7 @@ impl Integration {
             token_endpoint,
             client_id: client_id.to_owned(),
             client_secret: None,
+            client_keys: Vec::new(),
             auth: ClientAuth::default(),
             revocation_endpoint: None,
             authorization_endpoint: None,
@@ -235,10 +244,26 @@ impl Integration {
         self
     }
 
-    /// How the secret is sent (default [`ClientAuth::Basic`]).
+    /// How the client authenticates (default [`ClientAuth::Basic`]; a
+    /// client with neither secret nor key is public and sends only its id).
+    /// The JWT methods' assertions name the issuer as audience when the
+    /// integration has one ([`discover`](Self::discover),
+    /// [`with_issuer`](Self::with_issuer)), else the token endpoint.
     #[must_use]
     pub fn with_client_auth(mut self, auth: ClientAuth) -> Self {
         self.auth = auth;
+        self
+    }
+
+    /// The private keys for [`ClientAuth::PrivateKeyJwt`]: the first signs;
+    /// the others are the ones being retired (the application publishes
+    /// all of them where the provider reads the client's JWKS).
+    #[must_use]
+    pub fn with_client_keys<I>(mut self, keys: I) -> Self
+    where
+        I: IntoIterator<Item = ClientKey>,
+    {
+        self.client_keys = keys.into_iter().collect();
         self
     }
 
@@ -480,12 +505,12 @@ impl Integration {
     async fn token_request<'a>(
         &'a self,
         http: &reqwest::Client,
-        mut form: Vec<(&'static str, &'a str)>,
+        form: Vec<(&'static str, &'a str)>,
         old_refresh: Option<&str>,
         max_token: usize,
     ) -> Result<Tokens, VaultError> {
-        let request = self.authenticated(http.post(self.token_endpoint.clone()), &mut form);
-        let response = crate::oidc::with_form(request, &form)
+        let response = self
+            .authenticated(http.post(self.token_endpoint.clone()), &form)?
             .header("accept", "application/json")
             .send()
             .await
@@ -507,12 +532,17 @@ impl Integration {
         let Some(url) = &self.revocation_endpoint else {
             return;
         };
-        let mut form = vec![
+        let form = [
             ("token", refresh_token),
             ("token_type_hint", "refresh_token"),
         ];
-        let request = self.authenticated(http.post(url.clone()), &mut form);
-        let sent = crate::oidc::with_form(request, &form).send().await;
+        let sent = match self.authenticated(http.post(url.clone()), &form) {
+            Ok(request) => request.send().await,
+            Err(e) => {
+                tracing::warn!(integration = %self.name, error = %e, "refresh token not revoked");
+                return;
+            }
+        };
         match sent {
             Ok(r) if r.status().is_success() => {
                 tracing::debug!(integration = %self.name, "refresh token revoked");
@@ -530,26 +560,45 @@ impl Integration {
         }
     }
 
-    /// Adds the client's credentials as configured.
-    fn authenticated<'a>(
-        &'a self,
+    /// `request` with `form` as its body and the client's credentials as
+    /// configured, by the login's own client authentication.
+    fn authenticated(
+        &self,
         request: reqwest::RequestBuilder,
-        form: &mut Vec<(&'static str, &'a str)>,
-    ) -> reqwest::RequestBuilder {
-        match (&self.client_secret, self.auth) {
-            (Some(secret), ClientAuth::Basic) => {
-                request.basic_auth(urlencode(&self.client_id), Some(urlencode(secret)))
-            }
-            (Some(secret), ClientAuth::Post) => {
-                form.push(("client_id", &self.client_id));
-                form.push(("client_secret", secret));
-                request
-            }
-            (None, _) => {
-                form.push(("client_id", &self.client_id));
-                request
-            }
-        }
+        form: &[(&str, &str)],
+    ) -> Result<reqwest::RequestBuilder, VaultError> {
+        use crate::oidc::ClientAuth as Method;
+        let secret = self.client_secret.as_deref();
+        let method = match self.auth {
+            ClientAuth::Basic if secret.is_some() => Some(Method::SecretBasic),
+            ClientAuth::Post if secret.is_some() => Some(Method::SecretPost),
+            ClientAuth::Basic | ClientAuth::Post => None,
+            ClientAuth::SecretJwt => Some(Method::SecretJwt),
+            ClientAuth::PrivateKeyJwt => Some(Method::PrivateKeyJwt),
+        };
+        let audience = self
+            .issuer
+            .as_deref()
+            .unwrap_or(self.token_endpoint.as_str());
+        let auth = Authenticator::new(
+            &self.client_id,
+            secret,
+            &self.client_keys,
+            method,
+            None,
+            audience,
+        )
+        .map_err(|_| VaultError::InvalidInput {
+            what: "client authentication",
+            reason: "the method needs a client secret or key the integration lacks",
+        })?;
+        let mut form: Vec<(String, String)> = form
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let request = auth.apply(request, &mut form);
+        let pairs: Vec<(&str, &str)> = form.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        Ok(crate::oidc::with_form(request, &pairs))
     }
 
     fn classify_read_error(&self, status: reqwest::StatusCode, detail: String) -> VaultError {

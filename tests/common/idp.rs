@@ -181,14 +181,27 @@ impl Idp {
     /// The provider's next token response is altered as `mode` names (see
     /// tests/idp/README.md: invalid-iss, missing-sub, kid-absent, ...).
     pub async fn misbehave(&self, mode: &str) {
+        self.misbehave_times(mode, 1).await;
+    }
+
+    /// As [`Self::misbehave`], for the next `count` answers.
+    pub async fn misbehave_times(&self, mode: &str, count: u32) {
         let r = self
             .http
             .post(format!("{}/__test/misbehave", self.base))
-            .json(&json!({ "mode": mode }))
+            .json(&json!({ "mode": mode, "count": count }))
             .send()
             .await
             .unwrap();
         assert!(r.status().is_success(), "mode {mode}");
+    }
+
+    /// The revocation requests so far: the client authentication each
+    /// carried (`method`, an assertion's `alg` and `kid`), the method the
+    /// client is registered for, the provider's `status`.
+    pub async fn revocations(&self) -> Vec<Value> {
+        let list = get_json(&format!("{}/__test/revocations", self.base)).await;
+        list.as_array().expect("a list").clone()
     }
 
     /// A JWT with `claims`, signed by the provider's current key.
@@ -449,9 +462,7 @@ pub async fn setup_env(
     let token_keys = Keyring::from(token_key.clone());
     let mut apps = Vec::new();
     for (listener, url) in listeners.into_iter().zip(urls) {
-        let config = OidcConfig::new(&idp.issuer, CLIENT_ID, &url, token_keys.clone())
-            .unwrap()
-            .with_client_secret(CLIENT_SECRET);
+        let config = base_config(&idp, &url, &token_keys);
         apps.push(App::serve(&db, listener, url, tweak(config)).await);
     }
     Setup {
@@ -461,6 +472,14 @@ pub async fn setup_env(
         token_keys,
         apps,
     }
+}
+
+/// The configuration of an app at `url` logging in through `idp`, before
+/// a test's changes.
+pub fn base_config(idp: &Idp, url: &str, token_keys: &Keyring) -> OidcConfig {
+    OidcConfig::new(&idp.issuer, CLIENT_ID, url, token_keys.clone())
+        .unwrap()
+        .with_client_secret(CLIENT_SECRET)
 }
 
 /// A browser: one cookie jar for the app and the provider, redirects by hand.

@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod demo_bin;
 pub mod express;
 pub mod idp;
+pub mod keys;
 pub mod latency;
 pub mod pgbouncer;
 

@@ -79,6 +79,9 @@ const clients = (process.env.IDP_CLIENTS ? JSON.parse(process.env.IDP_CLIENTS) :
       token_endpoint_auth_method: process.env.IDP_CLIENT_AUTH || 'client_secret_basic',
       // The public keys of private_key_jwt clients, inline.
       ...(process.env.IDP_CLIENT_JWKS ? { jwks: JSON.parse(process.env.IDP_CLIENT_JWKS) } : {}),
+      // How ID tokens are signed for the clients: RS256 (default), ES256,
+      // or HS256 with the client secret.
+      ...(process.env.IDP_ID_TOKEN_ALG ? { id_token_signed_response_alg: process.env.IDP_ID_TOKEN_ALG } : {}),
       ...c,
     };
     if (COGNITO) { // Cognito has no back-channel logout; the metadata would be rejected
@@ -160,7 +163,29 @@ const failed = { authorization_code: 0, refresh_token: 0 };
 // Accounts the provider names differently from now on: tokens issued for
 // their existing grants (refreshes) carry the new subject.
 const renamed = new Map();
-const resetStats = () => { for (const o of [stats, failed]) for (const k of Object.keys(o)) o[k] = 0; tokenFault = null; misbehave = null; };
+// Revocation requests, oldest first: how the client authenticated, and
+// whether the provider accepted it (GET /__test/revocations).
+const revocations = [];
+const resetStats = () => {
+  for (const o of [stats, failed]) for (const k of Object.keys(o)) o[k] = 0;
+  tokenFault = null; misbehave = null; revocations.length = 0;
+};
+
+// How a request to the token or revocation endpoint authenticated the
+// client, as sent: the method its credentials match, and an assertion's
+// alg and kid.
+function clientAuthOf(ctx) {
+  const params = ctx.oidc.params || {};
+  const assertion = params.client_assertion;
+  let header = {};
+  if (assertion) try { header = unb64json(assertion.split('.')[0]); } catch { /* malformed */ }
+  const basic = /^basic /i.test(ctx.get('authorization') || '');
+  let method = 'none';
+  if (basic) method = 'client_secret_basic';
+  else if (params.client_secret) method = 'client_secret_post';
+  else if (assertion) method = /^HS/.test(header.alg || '') ? 'client_secret_jwt' : 'private_key_jwt';
+  return { method, alg: header.alg, kid: header.kid };
+}
 
 // ---------------------------------------------------------------- provider
 const cookieKeys = [crypto.randomBytes(32).toString('base64url')];
@@ -200,6 +225,8 @@ function makeProvider(issuer) {
     // Put profile/email claims into the ID token too (like Keycloak and
     // Cognito), not only into userinfo.
     conformIdTokenClaims: false,
+    // HS256 (keyed with the client secret) only for clients registered so.
+    enabledJWA: { idTokenSigningAlgValues: ['HS256', 'RS256', 'PS256', 'ES256'] },
     async findAccount(ctx, id) {
       const sub = renamed.get(id) || id;
       return {
@@ -313,6 +340,14 @@ function makeProvider(issuer) {
   provider.use(async (ctx, next) => {
     await next();
     if (ctx.oidc?.route === 'jwks') stats.jwks += 1;
+    if (ctx.oidc?.route === 'revocation') {
+      revocations.push({
+        ...clientAuthOf(ctx),
+        registered: ctx.oidc.client?.clientAuthMethod,
+        status: ctx.status,
+        token_type_hint: ctx.oidc.params?.token_type_hint,
+      });
+    }
     if (ctx.oidc?.route !== 'token') return;
     const gt = ctx.oidc.params?.grant_type || 'unknown';
     stats[gt] = (stats[gt] || 0) + 1;
@@ -512,11 +547,17 @@ async function injectTokenFault(req, res) {
 //   ID token without the profile and email claims: "no-profile-claims";
 //   token response: "no-expires-in", "token-type-case" ("bEaReR");
 //   userinfo (the next `count` userinfo answers, not token responses):
-//     "userinfo-invalid-sub" (another `sub`).
+//     "userinfo-invalid-sub" (another `sub`);
+//   discovery (the next `count` discovery documents): "discovery-issuer-mismatch"
+//     (an `issuer` other than the one it is served under);
+//   keys: "rotate-before-signing" (the keys rotate as the token request
+//     arrives, so its ID token is signed with a key not yet published when
+//     the request was sent).
 const MISBEHAVIOURS = ['invalid-iss', 'missing-sub', 'invalid-aud', 'missing-aud', 'missing-iat',
   'nonce-invalid', 'kid-absent', 'invalid-sig', 'sig-none', 'no-profile-claims', 'no-expires-in',
-  'token-type-case', 'userinfo-invalid-sub'];
+  'token-type-case', 'userinfo-invalid-sub', 'discovery-issuer-mismatch', 'rotate-before-signing'];
 const USERINFO_MISBEHAVIOURS = ['userinfo-invalid-sub'];
+const DISCOVERY_MISBEHAVIOURS = ['discovery-issuer-mismatch'];
 let misbehave = null;
 const b64json = (o) => Buffer.from(JSON.stringify(o)).toString('base64url');
 const unb64json = (s) => JSON.parse(Buffer.from(s, 'base64url').toString());
@@ -546,6 +587,7 @@ async function alterIdToken(jwt, mode) {
 async function misbehaveResponse(req, res) {
   // Let the provider answer the request itself, then alter its answer.
   const body = await readBody(req);
+  if (misbehave.mode === 'rotate-before-signing') rotateKeys();
   const headers = { 'x-test-passthrough': '1' };
   for (const h of ['content-type', 'authorization']) if (req.headers[h]) headers[h] = req.headers[h];
   const r = await fetch(`http://127.0.0.1:${server.address().port}${req.url}`, { method: req.method, headers, body: req.method === 'GET' ? undefined : body });
@@ -555,11 +597,25 @@ async function misbehaveResponse(req, res) {
   misbehave.count -= 1;
   stats.misbehaved = (stats.misbehaved || 0) + 1;
   if (mode === 'userinfo-invalid-sub') out.sub = `${out.sub}-someone-else`;
+  else if (mode === 'discovery-issuer-mismatch') out.issuer = `${out.issuer}-other`;
+  else if (mode === 'rotate-before-signing') { /* the keys changed before the request ran */ }
   else if (mode === 'no-expires-in') delete out.expires_in;
   else if (mode === 'token-type-case') out.token_type = 'bEaReR';
   else if (out.id_token) out.id_token = await alterIdToken(out.id_token, mode);
   log(`token response altered: ${mode}`);
   return json(res, 200, out);
+}
+
+// Re-creates the Provider with [new keys, ...old keys]; state lives in the
+// module-level store and the cookie keys are reused, so sessions, codes and
+// tokens survive. Returns the new keys.
+function rotateKeys() {
+  const fresh = newKeys();
+  signingKeys = [...fresh, ...signingKeys];
+  provider = makeProvider(provider.issuer);
+  callback = provider.callback();
+  log(`rotated keys, now signing with ${fresh.map((k) => k.kid).join(', ')}`);
+  return fresh;
 }
 
 async function handle(req, res) {
@@ -580,8 +636,11 @@ async function handle(req, res) {
   }
   if (misbehave?.count > 0 && !req.headers['x-test-passthrough']) {
     const userinfo = USERINFO_MISBEHAVIOURS.includes(misbehave.mode);
+    const discovery = DISCOVERY_MISBEHAVIOURS.includes(misbehave.mode);
     if (userinfo && p === `${PREFIX}${ROUTES.userinfo}`) return misbehaveResponse(req, res);
-    if (!userinfo && p === `${PREFIX}${ROUTES.token}` && req.method === 'POST') return misbehaveResponse(req, res);
+    if (discovery && p === `${PREFIX}/.well-known/openid-configuration`) return misbehaveResponse(req, res);
+    const token = !userinfo && !discovery && p === `${PREFIX}${ROUTES.token}`;
+    if (token && req.method === 'POST') return misbehaveResponse(req, res);
   }
   if (p === `${PREFIX}${ROUTES.token}` && req.method === 'POST' && tokenFault?.count > 0) {
     if (tokenFault.mode !== 'slow') return injectTokenFault(req, res);
@@ -613,15 +672,9 @@ async function handle(req, res) {
   }
   if (p === '/__test/stats' && req.method === 'GET') return json(res, 200, { ...stats, failed });
   if (p === '/__test/stats/reset' && req.method === 'POST') { resetStats(); return json(res, 200, stats); }
+  if (p === '/__test/revocations' && req.method === 'GET') return json(res, 200, revocations);
   if (p === '/__test/rotate-keys' && req.method === 'POST') {
-    // Re-create the Provider with [new keys, ...old keys]; state lives in
-    // the module-level store and the cookie keys are reused, so sessions,
-    // codes and tokens survive.
-    const fresh = newKeys();
-    signingKeys = [...fresh, ...signingKeys];
-    provider = makeProvider(provider.issuer);
-    callback = provider.callback();
-    log(`rotated keys, now signing with ${fresh.map((k) => k.kid).join(', ')}`);
+    const fresh = rotateKeys();
     return json(res, 200, {
       kid: fresh[0].kid,
       kids: Object.fromEntries(fresh.map((k) => [k.alg, k.kid])),
