@@ -107,6 +107,8 @@ pub struct OidcConfig {
     pub(crate) keys: Keyring,
     pub(crate) bridge_key: Option<String>,
     pub(crate) userinfo: super::UserinfoMode,
+    /// The client's registered `userinfo_signed_response_alg`.
+    pub(crate) userinfo_signed_response_alg: Option<CoreJwsSigningAlgorithm>,
     pub(crate) unsigned_id_tokens: bool,
     pub(crate) par: super::Par,
     pub(crate) client_auth: Option<super::ClientAuth>,
@@ -192,6 +194,7 @@ impl OidcConfig {
             keys,
             bridge_key: None,
             userinfo: super::UserinfoMode::Auto,
+            userinfo_signed_response_alg: None,
             unsigned_id_tokens: false,
             par: super::Par::Auto,
             client_auth: None,
@@ -228,6 +231,18 @@ impl OidcConfig {
     #[must_use]
     pub fn with_userinfo(mut self, mode: super::UserinfoMode) -> Self {
         self.userinfo = mode;
+        self
+    }
+
+    /// The algorithm of signed userinfo answers: the client's registered
+    /// `userinfo_signed_response_alg`. A signed answer with another one is
+    /// refused. Unset, the algorithms the provider advertises in
+    /// `userinfo_signing_alg_values_supported` (RS, PS, ES only; the ID
+    /// token's when it advertises none) are accepted. `none` never is.
+    #[must_use]
+    pub fn with_userinfo_signed_response_alg(mut self, alg: CoreJwsSigningAlgorithm) -> Self {
+        self.userinfo_signed_response_alg =
+            Some(alg).filter(|a| *a != CoreJwsSigningAlgorithm::None);
         self
     }
 

@@ -74,6 +74,10 @@ pub use self::{
     step_up::LoginOptions,
     userinfo::{UnknownUserinfoMode, UserinfoMode},
 };
+/// The signature algorithms of the configuration
+/// ([`OidcConfig::with_userinfo_signed_response_alg`],
+/// [`OidcConfig::with_insecure_algorithms`]).
+pub use openidconnect::core::CoreJwsSigningAlgorithm;
 /// The URL type of the configuration ([`Provider::Cognito`]'s domain).
 pub use openidconnect::url::Url;
 
