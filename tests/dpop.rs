@@ -129,3 +129,23 @@ async fn dpop_logins_fetch_userinfo_with_a_proof_at_login_and_refresh() {
     assert_eq!(stats["failed"]["userinfo"], 1, "{stats}");
     s.db.drop_schema().await;
 }
+
+/// Without a proof the provider refuses a DPoP-bound token at userinfo,
+/// which is why the login must send one.
+#[tokio::test]
+async fn the_provider_refuses_a_dpop_bound_token_used_as_bearer_at_userinfo() {
+    let s = setup_dpop_required(3600, |c| c.with_dpop(true)).await;
+    let app = &s.apps[0].url;
+    let b = Browser::new();
+    assert_eq!(location(&b.login(app, "zoe", "/").await), "/");
+    let r = b.api(&format!("{app}/api/userinfo-as-bearer")).await;
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let stats = s.idp.stats().await;
+    assert_eq!(stats["failed"]["userinfo"], 1, "{stats}");
+    // With its proof, the same token is accepted.
+    assert_eq!(
+        b.api(&format!("{app}/api/userinfo")).await.status(),
+        StatusCode::OK
+    );
+    s.db.drop_schema().await;
+}

@@ -267,6 +267,71 @@ mod tests {
         assert!(!c.contains_key("email"), "nothing merged");
     }
 
+    const EXPECT: Expect<'static> = Expect {
+        issuer: "https://op.example",
+        client_id: "demo",
+        algorithms: &[CoreJwsSigningAlgorithm::RsaSsaPkcs1V15Sha256],
+    };
+
+    /// An unsigned JWT with `header` and `claims` and a fake signature.
+    fn jwt(header: &Value, claims: &Value) -> String {
+        use base64::{engine::general_purpose::URL_SAFE_NO_PAD as B64, Engine};
+        let part = |v: &Value| B64.encode(v.to_string());
+        format!("{}.{}.c2ln", part(header), part(claims))
+    }
+
+    #[test]
+    fn signed_answers_need_the_issuer_the_client_and_an_expected_alg() {
+        let rs = json!({"alg": "RS256", "kid": "k"});
+        let check = |claims: Value| {
+            let token = jwt(&rs, &claims);
+            let parsed = parse_signed(&token, &EXPECT).expect("header accepted");
+            check_signed(&parsed, &EXPECT).map_err(|e| e.to_string())
+        };
+        let ok = check(json!({"iss": "https://op.example", "aud": ["x", "demo"], "sub": "a"}))
+            .expect("issuer and audience match");
+        assert_eq!(ok, map(json!({"sub": "a"})), "the JWT's claims left out");
+        assert!(check(json!({"iss": "https://op.example", "sub": "a"})).is_ok());
+        let wrong_iss = check(json!({"iss": "https://evil.example", "sub": "a"}));
+        assert!(wrong_iss.expect_err("refused").contains("wrong issuer"));
+        assert!(check(json!({"sub": "a"}))
+            .expect_err("refused")
+            .contains("wrong issuer"));
+        let wrong_aud = check(json!({"iss": "https://op.example", "aud": "other"}));
+        assert!(wrong_aud.expect_err("refused").contains("wrong audience"));
+        for header in [json!({"alg": "none"}), json!({"alg": "ES256"})] {
+            let token = jwt(&header, &json!({}));
+            let refused = parse_signed(&token, &EXPECT).expect_err("alg not expected");
+            assert!(refused.to_string().contains("not allowed"), "{header}");
+        }
+        let jwe = parse_signed("h.k.iv.c.t", &EXPECT).expect_err("encrypted");
+        assert!(jwe.to_string().contains("not supported"));
+    }
+
+    #[test]
+    fn a_resource_servers_nonce_request_is_recognised() {
+        let answer = |status: u16, challenge: &str, nonce: Option<&str>| {
+            let mut r = http::Response::builder()
+                .status(status)
+                .header(http::header::WWW_AUTHENTICATE, challenge);
+            if let Some(n) = nonce {
+                r = r.header("dpop-nonce", n);
+            }
+            reqwest::Response::from(r.body("").expect("a response"))
+        };
+        let asks = r#"DPoP error="use_dpop_nonce", error_description="nonce""#;
+        assert_eq!(
+            asks_for_nonce(&answer(401, asks, Some("n1"))).as_deref(),
+            Some("n1")
+        );
+        assert_eq!(asks_for_nonce(&answer(401, asks, None)), None);
+        assert_eq!(
+            asks_for_nonce(&answer(401, r#"DPoP error="invalid_token""#, Some("n1"))),
+            None
+        );
+        assert_eq!(asks_for_nonce(&answer(400, asks, Some("n1"))), None);
+    }
+
     #[test]
     fn auto_fetches_only_for_missing_requested_claims() {
         let scopes = ["openid".to_owned(), "profile".into(), "email".into()];
