@@ -64,7 +64,11 @@ async fn login_misbehaving(s: &Setup, mode: &str) -> (Browser, StatusCode, Strin
 
 /// The login must fail with `error`, and leave no one logged in.
 async fn assert_rejected(mode: &str, error: &str) {
-    let s = provider().await;
+    assert_rejected_by(provider().await, mode, error).await;
+}
+
+/// As [`assert_rejected`], with the provider and app of `s`.
+async fn assert_rejected_by(s: Setup, mode: &str, error: &str) {
     let (b, status, got) = login_misbehaving(&s, mode).await;
     assert_eq!(
         (status, got.as_str()),
@@ -691,19 +695,7 @@ async fn oidcc_client_test_userinfo_signed() {
 /// A signed userinfo answer the client must not trust, altered as `mode`
 /// names, fails the login.
 async fn assert_signed_userinfo_rejected(mode: &str, tweak: impl Fn(OidcConfig) -> OidcConfig) {
-    let s = with_signed_userinfo(tweak).await;
-    let (b, status, error) = login_misbehaving(&s, mode).await;
-    assert_eq!(
-        (status, error.as_str()),
-        (StatusCode::BAD_REQUEST, "invalid_userinfo"),
-        "{mode}"
-    );
-    assert_eq!(
-        b.me(&s.apps[0].url).await.status(),
-        StatusCode::UNAUTHORIZED
-    );
-    assert!(logged_in_users(&s).await.is_empty(), "{mode}");
-    s.db.drop_schema().await;
+    assert_rejected_by(with_signed_userinfo(tweak).await, mode, "invalid_userinfo").await;
 }
 
 #[tokio::test]
@@ -739,4 +731,15 @@ async fn signed_userinfo_with_another_algorithm_than_registered_is_refused() {
         c.with_userinfo_signed_response_alg(CoreJwsSigningAlgorithm::EcdsaP256Sha256)
     })
     .await;
+}
+
+/// A client registered for signed userinfo refuses a plain JSON answer.
+#[tokio::test]
+async fn plain_userinfo_for_a_client_registered_for_signed_is_refused() {
+    let s = setup("keycloak", 1, 3600, |c| {
+        c.with_userinfo(UserinfoMode::On)
+            .with_userinfo_signed_response_alg(CoreJwsSigningAlgorithm::RsaSsaPkcs1V15Sha256)
+    })
+    .await;
+    assert_rejected_by(s, "no-profile-claims", "invalid_userinfo").await;
 }

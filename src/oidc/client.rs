@@ -621,6 +621,13 @@ impl Discovered {
                 .map(|key| (key, &self.inner.userinfo_dpop_nonce)),
         };
         let info = match userinfo::fetch(&request).await? {
+            // Registered for signed answers: a plain one is not what the
+            // provider was told to send.
+            userinfo::Answer::Claims(_) if config.userinfo_signed_response_alg.is_some() => {
+                return Err(userinfo::invalid(
+                    "userinfo answer is not signed as registered",
+                ))
+            }
             userinfo::Answer::Claims(info) => info,
             userinfo::Answer::Signed(jwt) => self.verify_signed_userinfo(&jwt).await?,
         };

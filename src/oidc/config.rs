@@ -235,8 +235,8 @@ impl OidcConfig {
     }
 
     /// The algorithm of signed userinfo answers: the client's registered
-    /// `userinfo_signed_response_alg`. A signed answer with another one is
-    /// refused. Unset, the algorithms the provider advertises in
+    /// `userinfo_signed_response_alg`. A signed answer with another one, or
+    /// a plain JSON answer, is refused. Unset, the algorithms the provider advertises in
     /// `userinfo_signing_alg_values_supported` (RS, PS, ES only; the ID
     /// token's when it advertises none) are accepted. `none` never is.
     #[must_use]
