@@ -76,6 +76,7 @@
 //! | `TOKEN_KEYS` | comma-separated base64 32-byte keys sealing the tokens (`openssl rand -base64 32`), the first seals; a random one, with a warning, when unset |
 //! | `OIDC_REFRESH_BEFORE` | `300`: seconds before expiry at which the access token is refreshed |
 //! | `OIDC_USERINFO` | `auto`: the login (and each refresh) also asks the userinfo endpoint when the ID token lacks a requested profile claim; `on`: always; `off`: never |
+//! | `OIDC_USERINFO_SIGNED_ALG` | none: a signed userinfo answer may use any algorithm the provider advertises (never `none`); `RS256`, `ES256`, …: the client's registered `userinfo_signed_response_alg`, the only one accepted |
 //! | `OIDC_DPOP` | `0`; `1`: tokens bound to a key pair of each login (DPoP, RFC 9449), the key sealed in the session; the provider must support DPoP |
 //! | `OIDC_ACR_VALUES` | none; space-separated authentication context classes every login asks for (e.g. Keycloak's `2`: a second factor); the ID token's `acr` must be one of them |
 //! | `OIDC_MAX_AGE` | none; seconds: every login must be at most this old at the provider (`max_age`, checked against `auth_time`) |
@@ -115,8 +116,9 @@ use tokio::sync::RwLock;
 use tower_pg_session::{
     crypto::{EncryptionKey, Keyring},
     oidc::{
-        AuthError, ClientAuth, ClientKey, OidcClient, OidcConfig, OidcProviders, Par, Provider,
-        Rejection, RejectionKind, RequireLoginLayer, User, UserinfoMode,
+        AuthError, ClientAuth, ClientKey, CoreJwsSigningAlgorithm, OidcClient, OidcConfig,
+        OidcProviders, Par, Provider, Rejection, RejectionKind, RequireLoginLayer, User,
+        UserinfoMode,
     },
     store::PgConnect,
     vault::{ClientIp, Integration, TokenVault, VaultConfig, VaultError},
@@ -792,6 +794,34 @@ async fn start_provider(
     }
 }
 
+/// What the login asks of the provider and of its tokens: userinfo,
+/// authentication level and age, DPoP.
+fn login_options(mut config: OidcConfig) -> Result<OidcConfig, Box<dyn std::error::Error>> {
+    config = config.with_userinfo(env_or("OIDC_USERINFO", UserinfoMode::Auto)?);
+    if let Some(alg) = env_str("OIDC_USERINFO_SIGNED_ALG") {
+        let parsed = serde_json::from_value::<CoreJwsSigningAlgorithm>(json!(alg))
+            .ok()
+            .filter(|a| *a != CoreJwsSigningAlgorithm::None)
+            .ok_or_else(|| {
+                format!(
+                    "OIDC_USERINFO_SIGNED_ALG={alg:?}: use a JWS algorithm such as RS256 or ES256"
+                )
+            })?;
+        config = config.with_userinfo_signed_response_alg(parsed);
+    }
+    if let Some(values) = env_str("OIDC_ACR_VALUES") {
+        config = config.with_acr_values(values.split_whitespace());
+    }
+    if let Some(secs) = env_opt::<u64>("OIDC_MAX_AGE")? {
+        config = config.with_max_age(Duration::from_secs(secs));
+    }
+    match env_str("OIDC_DPOP").as_deref() {
+        None | Some("0") => Ok(config),
+        Some("1") => Ok(config.with_dpop(true)),
+        Some(other) => Err(format!("OIDC_DPOP={other:?}: use 0 or 1").into()),
+    }
+}
+
 /// The login's client, discovering its provider on first use: while the
 /// provider is down, `/auth/*` and `/me` answer 503 with the reason and
 /// discovery is tried again every 5 s.
@@ -813,18 +843,7 @@ fn login_client(
     if let Some(secs) = settings.refresh_before {
         config = config.with_refresh_before(Duration::from_secs(secs));
     }
-    config = config.with_userinfo(env_or("OIDC_USERINFO", UserinfoMode::Auto)?);
-    if let Some(values) = env_str("OIDC_ACR_VALUES") {
-        config = config.with_acr_values(values.split_whitespace());
-    }
-    if let Some(secs) = env_opt::<u64>("OIDC_MAX_AGE")? {
-        config = config.with_max_age(Duration::from_secs(secs));
-    }
-    match env_str("OIDC_DPOP").as_deref() {
-        None | Some("0") => {}
-        Some("1") => config = config.with_dpop(true),
-        Some(other) => return Err(format!("OIDC_DPOP={other:?}: use 0 or 1").into()),
-    }
+    let config = login_options(config)?;
     let provider = match settings.provider_name.as_deref() {
         Some("keycloak") => Provider::Keycloak,
         Some("cognito") => Provider::Cognito { domain: None },

@@ -66,7 +66,11 @@ async fn login_misbehaving(s: &Setup, mode: &str) -> (Browser, StatusCode, Strin
 
 /// The login must fail with `error`, and leave no one logged in.
 async fn assert_rejected(mode: &str, error: &str) {
-    let s = provider().await;
+    assert_rejected_by(provider().await, mode, error).await;
+}
+
+/// As [`assert_rejected`], with the provider and app of `s`.
+async fn assert_rejected_by(s: Setup, mode: &str, error: &str) {
     let (b, status, got) = login_misbehaving(&s, mode).await;
     assert_eq!(
         (status, got.as_str()),
@@ -789,4 +793,87 @@ async fn userinfo_naming_another_subject_at_refresh_logs_out() {
     assert_eq!(s.idp.stats().await["misbehaved"], 1);
     assert!(logged_in_users(&s).await.is_empty());
     s.db.drop_schema().await;
+}
+
+// ---------------------------------------------------------- signed userinfo
+
+/// A provider that signs userinfo answers (`userinfo_signed_response_alg`
+/// RS256 registered for the client), userinfo fetched at every login.
+async fn with_signed_userinfo(tweak: impl Fn(OidcConfig) -> OidcConfig) -> Setup {
+    setup_env(
+        "keycloak",
+        1,
+        3600,
+        &[("IDP_USERINFO_SIGNED_ALG", "RS256")],
+        move |c| tweak(c.with_userinfo(UserinfoMode::On)),
+    )
+    .await
+}
+
+/// The claims of a signed userinfo answer reach the app.
+#[tokio::test]
+async fn oidcc_client_test_userinfo_signed() {
+    let s = with_signed_userinfo(|c| c).await;
+    // The ID token lacks the profile claims: they can only come from
+    // userinfo.
+    let (b, status, error) = login_misbehaving(&s, "no-profile-claims").await;
+    assert_accepted(&s, &b, status, &error).await;
+    let claims = claims_of(&s, &b).await;
+    assert_eq!(claims["name"], "Alice", "{claims}");
+    assert_eq!(claims["email"], "alice@example.test", "{claims}");
+    // The JWT's own claims stay the ID token's.
+    assert_eq!(claims["aud"], CLIENT_ID, "{claims}");
+    s.db.drop_schema().await;
+}
+
+/// A signed userinfo answer the client must not trust, altered as `mode`
+/// names, fails the login.
+async fn assert_signed_userinfo_rejected(mode: &str, tweak: impl Fn(OidcConfig) -> OidcConfig) {
+    assert_rejected_by(with_signed_userinfo(tweak).await, mode, "invalid_userinfo").await;
+}
+
+#[tokio::test]
+async fn signed_userinfo_with_a_bad_signature_is_refused() {
+    assert_signed_userinfo_rejected("userinfo-invalid-sig", |c| c).await;
+}
+
+#[tokio::test]
+async fn signed_userinfo_from_another_issuer_is_refused() {
+    assert_signed_userinfo_rejected("userinfo-invalid-iss", |c| c).await;
+}
+
+#[tokio::test]
+async fn signed_userinfo_for_another_client_is_refused() {
+    assert_signed_userinfo_rejected("userinfo-invalid-aud", |c| c).await;
+}
+
+#[tokio::test]
+async fn unsigned_userinfo_jwt_is_refused() {
+    assert_signed_userinfo_rejected("userinfo-sig-none", |c| c).await;
+}
+
+#[tokio::test]
+async fn encrypted_userinfo_is_refused_as_not_supported() {
+    assert_signed_userinfo_rejected("userinfo-jwe", |c| c).await;
+}
+
+/// The client registered ES256; an RS256 answer, though validly signed, is
+/// not what it expects.
+#[tokio::test]
+async fn signed_userinfo_with_another_algorithm_than_registered_is_refused() {
+    assert_signed_userinfo_rejected("no-profile-claims", |c| {
+        c.with_userinfo_signed_response_alg(CoreJwsSigningAlgorithm::EcdsaP256Sha256)
+    })
+    .await;
+}
+
+/// A client registered for signed userinfo refuses a plain JSON answer.
+#[tokio::test]
+async fn plain_userinfo_for_a_client_registered_for_signed_is_refused() {
+    let s = setup("keycloak", 1, 3600, |c| {
+        c.with_userinfo(UserinfoMode::On)
+            .with_userinfo_signed_response_alg(CoreJwsSigningAlgorithm::RsaSsaPkcs1V15Sha256)
+    })
+    .await;
+    assert_rejected_by(s, "no-profile-claims", "invalid_userinfo").await;
 }

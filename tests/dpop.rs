@@ -9,7 +9,7 @@ mod common;
 use axum::http::StatusCode;
 use common::idp::{location, setup_env, Browser, Setup};
 use serde_json::Value;
-use tower_pg_session::oidc::OidcConfig;
+use tower_pg_session::oidc::{OidcConfig, UserinfoMode};
 
 /// The provider requires DPoP-bound tokens and a DPoP nonce on every token
 /// request.
@@ -97,4 +97,55 @@ async fn the_authorization_request_binds_the_code_to_the_key() {
         auth.split("dpop_jkt=").nth(1),
         again.split("dpop_jkt=").nth(1)
     );
+}
+
+/// Userinfo with DPoP-bound tokens: the provider takes them only with a
+/// proof of the login's key (and its nonce), at the login and at refresh.
+#[tokio::test]
+async fn dpop_logins_fetch_userinfo_with_a_proof_at_login_and_refresh() {
+    let s = setup_dpop_required(60, |c| c.with_dpop(true).with_userinfo(UserinfoMode::On)).await;
+    let app = &s.apps[0].url;
+    let b = Browser::new();
+    let auth = b.start_login(app, "/").await;
+    let callback = b.authorize(&auth, "zoe").await;
+    // The ID token lacks name and email: the app can know them only from
+    // userinfo.
+    s.idp.misbehave("no-profile-claims").await;
+    let r = b.api(&callback).await;
+    let status = r.status();
+    assert!(
+        status.is_redirection(),
+        "{status} {}",
+        r.text().await.unwrap()
+    );
+    let me: Value = b.me(app).await.json().await.unwrap();
+    assert_eq!(me["claims"]["email"], "zoe@example.test", "{me}");
+    assert_eq!(me["claims"]["name"], "Zoe", "{me}");
+    let stats = s.idp.stats().await;
+    // The login's and the refresh's (the first request after the login
+    // refreshes): two answered, one more refused for its missing nonce.
+    assert_eq!(stats["refresh_token"], 1, "{stats}");
+    assert_eq!(stats["userinfo"], 3, "{stats}");
+    assert_eq!(stats["failed"]["userinfo"], 1, "{stats}");
+    s.db.drop_schema().await;
+}
+
+/// Without a proof the provider refuses a DPoP-bound token at userinfo,
+/// which is why the login must send one.
+#[tokio::test]
+async fn the_provider_refuses_a_dpop_bound_token_used_as_bearer_at_userinfo() {
+    let s = setup_dpop_required(3600, |c| c.with_dpop(true)).await;
+    let app = &s.apps[0].url;
+    let b = Browser::new();
+    assert_eq!(location(&b.login(app, "zoe", "/").await), "/");
+    let r = b.api(&format!("{app}/api/userinfo-as-bearer")).await;
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let stats = s.idp.stats().await;
+    assert_eq!(stats["failed"]["userinfo"], 1, "{stats}");
+    // With its proof, the same token is accepted.
+    assert_eq!(
+        b.api(&format!("{app}/api/userinfo")).await.status(),
+        StatusCode::OK
+    );
+    s.db.drop_schema().await;
 }

@@ -13,7 +13,8 @@ use openidconnect::{
         CoreAuthDisplay, CoreClaimName, CoreClaimType, CoreClient, CoreClientAuthMethod,
         CoreErrorResponseType, CoreGrantType, CoreIdToken, CoreIdTokenVerifier, CoreJsonWebKey,
         CoreJsonWebKeySet, CoreJweContentEncryptionAlgorithm, CoreJweKeyManagementAlgorithm,
-        CoreResponseMode, CoreResponseType, CoreSubjectIdentifierType, CoreTokenResponse,
+        CoreJwsSigningAlgorithm, CoreResponseMode, CoreResponseType, CoreSubjectIdentifierType,
+        CoreTokenResponse,
     },
     reqwest,
     url::Url,
@@ -29,7 +30,7 @@ use tokio::sync::RwLock;
 use super::{
     config::{OidcConfig, Provider},
     dpop::{self, DpopKey},
-    logout_token, AuthError, AuthErrorKind,
+    logout_token, userinfo, AuthError, AuthErrorKind,
 };
 use crate::{log_safe::untrusted, store::PgStore};
 
@@ -129,6 +130,10 @@ pub(crate) struct Inner {
     pub(crate) auth: super::client_auth::Authenticator,
     pub(crate) store: PgStore,
     userinfo: Option<String>,
+    /// The userinfo endpoint's latest DPoP nonce.
+    userinfo_dpop_nonce: dpop::Nonce,
+    /// The algorithms a signed userinfo answer may use.
+    userinfo_algs: Vec<CoreJwsSigningAlgorithm>,
     jwks_uri: openidconnect::JsonWebKeySetUrl,
     jwks: RwLock<(Arc<CoreJsonWebKeySet>, Option<Instant>)>,
 }
@@ -559,7 +564,7 @@ impl Discovered {
         let mut claims = self
             .verify_id_token(id_token, NonceCheck::Required(nonce))
             .await?;
-        self.add_userinfo(&response, &mut claims).await?;
+        self.add_userinfo(&response, &mut claims, dpop).await?;
         Ok(Self::tokens(&response, Some(claims)))
     }
 
@@ -593,7 +598,7 @@ impl Discovered {
                     ));
                 }
                 let mut claims = claims;
-                self.add_userinfo(&response, &mut claims).await?;
+                self.add_userinfo(&response, &mut claims, dpop).await?;
                 Some(claims)
             }
             None => None,
@@ -603,10 +608,13 @@ impl Discovered {
 
     /// Merges the userinfo endpoint's claims under `claims` when the
     /// configured [`UserinfoMode`](super::UserinfoMode) asks for them.
+    /// A DPoP-bound access token (`token_type` `DPoP`) goes with a proof
+    /// of `dpop`.
     async fn add_userinfo(
         &self,
         response: &CoreTokenResponse,
         claims: &mut Map<String, Value>,
+        dpop: Option<&DpopKey>,
     ) -> Result<(), AuthError> {
         let config = &self.inner.config;
         let Some(url) = &self.inner.userinfo else {
@@ -615,8 +623,55 @@ impl Discovered {
         if !config.userinfo.wants(&config.scopes, claims) {
             return Ok(());
         }
-        let token = response.access_token().secret();
-        super::userinfo::fetch_and_merge(&self.inner.http, url, token, claims).await
+        let bound = response.token_type().as_ref().eq_ignore_ascii_case("dpop");
+        let request = userinfo::Request {
+            http: &self.inner.http,
+            url,
+            access_token: response.access_token().secret(),
+            dpop: dpop
+                .filter(|_| bound)
+                .map(|key| (key, &self.inner.userinfo_dpop_nonce)),
+        };
+        let info = match userinfo::fetch(&request).await? {
+            // Registered for signed answers: a plain one is not what the
+            // provider was told to send.
+            userinfo::Answer::Claims(_) if config.userinfo_signed_response_alg.is_some() => {
+                return Err(userinfo::invalid(
+                    "userinfo answer is not signed as registered",
+                ))
+            }
+            userinfo::Answer::Claims(info) => info,
+            userinfo::Answer::Signed(jwt) => self.verify_signed_userinfo(&jwt).await?,
+        };
+        userinfo::merge(claims, info)
+    }
+
+    /// A signed userinfo answer's claims, once its header, signature
+    /// (refetching keys once for an unknown key id) and claims pass.
+    async fn verify_signed_userinfo(&self, jwt: &str) -> Result<Map<String, Value>, AuthError> {
+        let expect = userinfo::Expect {
+            issuer: &self.inner.issuer,
+            client_id: &self.inner.config.client_id,
+            algorithms: &self.inner.userinfo_algs,
+        };
+        let parsed = userinfo::parse_signed(jwt, &expect)?;
+        if !self.signature_valid(&parsed).await {
+            return Err(userinfo::invalid("signed userinfo: bad signature"));
+        }
+        userinfo::check_signed(&parsed, &expect)
+    }
+
+    /// Whether a JWS verifies under the provider's keys; an unknown key id
+    /// fetches the key set again, once.
+    async fn signature_valid(&self, parsed: &logout_token::Parsed<'_>) -> bool {
+        let mut refetch = false;
+        loop {
+            match parsed.verify(&*self.jwks(refetch).await) {
+                logout_token::Signature::Valid => return true,
+                logout_token::Signature::NoKey if !refetch => refetch = true,
+                _ => return false,
+            }
+        }
     }
 
     fn tokens(response: &CoreTokenResponse, claims: Option<Map<String, Value>>) -> Tokens {
@@ -661,13 +716,8 @@ impl Discovered {
     ) -> Result<Map<String, Value>, AuthError> {
         let bad = |why: &str| AuthError::new(AuthErrorKind::InvalidLogoutToken, why.to_owned());
         let parsed = logout_token::parse(token, &self.inner.config.algorithms).map_err(bad)?;
-        let mut refetch = false;
-        loop {
-            match parsed.verify(&*self.jwks(refetch).await) {
-                logout_token::Signature::Valid => break,
-                logout_token::Signature::NoKey if !refetch => refetch = true,
-                _ => return Err(bad("bad signature")),
-            }
+        if !self.signature_valid(&parsed).await {
+            return Err(bad("bad signature"));
         }
         let expect = logout_token::Expect {
             issuer: &self.inner.issuer,
@@ -756,6 +806,7 @@ async fn discover(shared: &Shared) -> Result<Discovered, AuthError> {
     let jwks = metadata.jwks().clone();
     let jwks_uri = metadata.jwks_uri().clone();
     let userinfo = metadata.userinfo_endpoint().map(|u| u.url().to_string());
+    let userinfo_algs = userinfo_algs(&config, &metadata);
     let redirect = RedirectUrl::from_url(config.redirect_uri());
     let auth = super::client_auth::Authenticator::new(
         &config.client_id,
@@ -802,10 +853,29 @@ async fn discover(shared: &Shared) -> Result<Discovered, AuthError> {
             revocation,
             store,
             userinfo,
+            userinfo_dpop_nonce: dpop::Nonce::default(),
+            userinfo_algs,
             jwks_uri,
             jwks: RwLock::new((Arc::new(jwks), None)),
         }),
     })
+}
+
+/// The algorithms a signed userinfo answer may use: the one the client
+/// registered, else those the provider advertises, else the ID token's;
+/// never `none`, and never HMAC unless the client asked for it.
+fn userinfo_algs(config: &OidcConfig, metadata: &Metadata) -> Vec<CoreJwsSigningAlgorithm> {
+    if let Some(alg) = &config.userinfo_signed_response_alg {
+        return vec![alg.clone()];
+    }
+    match metadata.userinfo_signing_alg_values_supported() {
+        Some(advertised) => advertised
+            .iter()
+            .filter(|a| super::config::DEFAULT_ALGS.contains(a))
+            .cloned()
+            .collect(),
+        None => config.algorithms.clone(),
+    }
 }
 
 /// Whether a JWT is unsigned: `alg` `none` and an empty signature.

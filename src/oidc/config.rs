@@ -108,6 +108,8 @@ pub struct OidcConfig {
     pub(crate) keys: Keyring,
     pub(crate) bridge_key: Option<String>,
     pub(crate) userinfo: super::UserinfoMode,
+    /// The client's registered `userinfo_signed_response_alg`.
+    pub(crate) userinfo_signed_response_alg: Option<CoreJwsSigningAlgorithm>,
     pub(crate) unsigned_id_tokens: bool,
     /// The one algorithm ID tokens must be signed with, when the client is
     /// registered for one (`id_token_signed_response_alg`).
@@ -199,6 +201,7 @@ impl OidcConfig {
             keys,
             bridge_key: None,
             userinfo: super::UserinfoMode::Auto,
+            userinfo_signed_response_alg: None,
             unsigned_id_tokens: false,
             id_token_alg: None,
             par: super::Par::Auto,
@@ -238,6 +241,18 @@ impl OidcConfig {
     #[must_use]
     pub fn with_userinfo(mut self, mode: super::UserinfoMode) -> Self {
         self.userinfo = mode;
+        self
+    }
+
+    /// The algorithm of signed userinfo answers: the client's registered
+    /// `userinfo_signed_response_alg`. A signed answer with another one, or
+    /// a plain JSON answer, is refused. Unset, the algorithms the provider advertises in
+    /// `userinfo_signing_alg_values_supported` (RS, PS, ES only; the ID
+    /// token's when it advertises none) are accepted. `none` never is.
+    #[must_use]
+    pub fn with_userinfo_signed_response_alg(mut self, alg: CoreJwsSigningAlgorithm) -> Self {
+        self.userinfo_signed_response_alg =
+            Some(alg).filter(|a| *a != CoreJwsSigningAlgorithm::None);
         self
     }
 

@@ -65,6 +65,20 @@ pub(crate) fn parse<'a>(
     token: &'a str,
     algorithms: &[CoreJwsSigningAlgorithm],
 ) -> Result<Parsed<'a>, &'static str> {
+    // Explicit typing (section 2.4): a token typed as anything else (an
+    // access token, a security event) is not a logout token. The generic
+    // `JWT` of providers that predate the recommendation is accepted.
+    parse_jws(token, algorithms, Some(&["logout+jwt", "jwt"]))
+}
+
+/// Splits a compact JWS and checks its header: three parts, a `typ` (when
+/// present and `typs` given) among `typs`, an allowed algorithm, a decodable
+/// signature. Signed userinfo answers are checked with it too.
+pub(crate) fn parse_jws<'a>(
+    token: &'a str,
+    algorithms: &[CoreJwsSigningAlgorithm],
+    typs: Option<&[&str]>,
+) -> Result<Parsed<'a>, &'static str> {
     if token.len() > MAX_TOKEN_LEN {
         return Err("too long");
     }
@@ -75,13 +89,10 @@ pub(crate) fn parse<'a>(
         return Err("not a signed JWT");
     };
     let header: Map<String, Value> = decode_json(h).ok_or("malformed header")?;
-    // Explicit typing (section 2.4): a token typed as anything else (an
-    // access token, a security event) is not a logout token. The generic
-    // `JWT` of providers that predate the recommendation is accepted.
-    if let Some(typ) = header.get("typ") {
+    if let (Some(typ), Some(typs)) = (header.get("typ"), typs) {
         let typ = typ.as_str().unwrap_or_default().to_ascii_lowercase();
         let typ = typ.strip_prefix("application/").unwrap_or(&typ);
-        if typ != "logout+jwt" && typ != "jwt" {
+        if !typs.contains(&typ) {
             return Err("typ is not logout+jwt");
         }
     }
@@ -128,8 +139,12 @@ impl Parsed<'_> {
 
     /// The payload's claims, checked (call only once the signature is valid).
     pub(crate) fn check(&self, expect: &Expect<'_>) -> Result<Checked, &'static str> {
-        let claims: Map<String, Value> = decode_json(self.payload).ok_or("malformed claims")?;
-        check_claims(claims, expect)
+        check_claims(self.claims().ok_or("malformed claims")?, expect)
+    }
+
+    /// The payload's claims, unchecked; `None` when not a JSON object.
+    pub(crate) fn claims(&self) -> Option<Map<String, Value>> {
+        decode_json(self.payload)
     }
 }
 
@@ -141,12 +156,7 @@ pub(crate) fn check_claims(
     if claims.get("iss").and_then(Value::as_str) != Some(expect.issuer) {
         return Err("wrong issuer");
     }
-    let aud_ok = match claims.get("aud") {
-        Some(Value::String(a)) => a == expect.client_id,
-        Some(Value::Array(list)) => list.iter().any(|a| a.as_str() == Some(expect.client_id)),
-        _ => false,
-    };
-    if !aud_ok {
+    if !names_audience(claims.get("aud"), expect.client_id) {
         return Err("wrong audience");
     }
     let (now, skew) = (expect.now, expect.skew);
@@ -194,6 +204,15 @@ pub(crate) fn check_claims(
         jti,
         keep_until,
     })
+}
+
+/// Whether an `aud` claim (a string or a list) names `client_id`.
+pub(crate) fn names_audience(aud: Option<&Value>, client_id: &str) -> bool {
+    match aud {
+        Some(Value::String(a)) => a == client_id,
+        Some(Value::Array(list)) => list.iter().any(|a| a.as_str() == Some(client_id)),
+        _ => false,
+    }
 }
 
 fn decode_json<T: serde::de::DeserializeOwned>(part: &str) -> Option<T> {

@@ -75,7 +75,9 @@ pub use self::{
     step_up::LoginOptions,
     userinfo::{UnknownUserinfoMode, UserinfoMode},
 };
-/// A JWS algorithm ([`OidcConfig::with_id_token_signed_response_alg`],
+/// The signature algorithms of the configuration
+/// ([`OidcConfig::with_id_token_signed_response_alg`],
+/// [`OidcConfig::with_userinfo_signed_response_alg`],
 /// [`OidcConfig::with_insecure_algorithms`]).
 pub use openidconnect::core::CoreJwsSigningAlgorithm;
 /// The URL type of the configuration ([`Provider::Cognito`]'s domain).

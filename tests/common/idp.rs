@@ -295,16 +295,7 @@ async fn call_userinfo(
     token: AccessToken,
 ) -> Result<Json<Value>, (StatusCode, String)> {
     let failed = |e: reqwest::Error| (StatusCode::BAD_GATEWAY, e.to_string());
-    let discovery: Value = reqwest::get(format!("{issuer}/.well-known/openid-configuration"))
-        .await
-        .map_err(failed)?
-        .json()
-        .await
-        .map_err(failed)?;
-    let url = discovery["userinfo_endpoint"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
+    let url = userinfo_url(&issuer).await.map_err(failed)?;
     let http = reqwest::Client::new();
     let mut nonce: Option<String> = None;
     for _ in 0..2 {
@@ -336,6 +327,34 @@ async fn call_userinfo(
     ))
 }
 
+/// The provider's userinfo endpoint, from its discovery document.
+async fn userinfo_url(issuer: &str) -> Result<String, reqwest::Error> {
+    let discovery: Value = reqwest::get(format!("{issuer}/.well-known/openid-configuration"))
+        .await?
+        .json()
+        .await?;
+    Ok(discovery["userinfo_endpoint"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned())
+}
+
+/// Presents the user's access token to userinfo as a plain Bearer token,
+/// without a proof: what a thief of a DPoP-bound token would try. Answers
+/// the provider's status.
+async fn call_userinfo_as_bearer(State(issuer): State<String>, token: AccessToken) -> StatusCode {
+    let Ok(url) = userinfo_url(&issuer).await else {
+        return StatusCode::BAD_GATEWAY;
+    };
+    let bearer = token.authorization().replacen("DPoP ", "Bearer ", 1);
+    let sent = reqwest::Client::new()
+        .get(url)
+        .header("authorization", bearer)
+        .send()
+        .await;
+    sent.map_or(StatusCode::BAD_GATEWAY, |r| r.status())
+}
+
 pub fn router(
     client: OidcClient,
     layer: SessionLayer,
@@ -356,6 +375,10 @@ pub fn router(
         .route(
             "/api/userinfo",
             get(call_userinfo).with_state(client.issuer().to_owned()),
+        )
+        .route(
+            "/api/userinfo-as-bearer",
+            get(call_userinfo_as_bearer).with_state(client.issuer().to_owned()),
         )
         .route_layer(RequireLoginLayer::new(client.clone()));
     // Step-up: a second factor ("2"), or a login at most 2 s old.

@@ -32,6 +32,9 @@ const DPOP_REQUIRED = process.env.IDP_DPOP === 'required';
 // Pushed authorization requests (RFC 9126): off (not advertised), on
 // (advertised, optional) or required (require_pushed_authorization_requests).
 const PAR = process.env.IDP_PAR || 'off';
+// IDP_USERINFO_SIGNED_ALG=RS256|ES256: clients whose metadata names none get
+// signed (application/jwt) userinfo answers.
+const USERINFO_SIGNED_ALG = process.env.IDP_USERINFO_SIGNED_ALG;
 if (!['off', 'on', 'required'].includes(PAR)) {
   log(`unknown IDP_PAR=${PAR} (use off, on or required)`);
   process.exit(2);
@@ -82,6 +85,7 @@ const clients = (process.env.IDP_CLIENTS ? JSON.parse(process.env.IDP_CLIENTS) :
       // How ID tokens are signed for the clients: RS256 (default), ES256,
       // or HS256 with the client secret.
       ...(process.env.IDP_ID_TOKEN_ALG ? { id_token_signed_response_alg: process.env.IDP_ID_TOKEN_ALG } : {}),
+      ...(USERINFO_SIGNED_ALG ? { userinfo_signed_response_alg: USERINFO_SIGNED_ALG } : {}),
       ...c,
     };
     if (COGNITO) { // Cognito has no back-channel logout; the metadata would be rejected
@@ -158,8 +162,8 @@ class MapAdapter {
 }
 
 // ---------------------------------------------------------------- stats
-const stats = { authorization_code: 0, refresh_token: 0, jwks: 0 };
-const failed = { authorization_code: 0, refresh_token: 0 };
+const stats = { authorization_code: 0, refresh_token: 0, jwks: 0, userinfo: 0 };
+const failed = { authorization_code: 0, refresh_token: 0, userinfo: 0 };
 // Accounts the provider names differently from now on: tokens issued for
 // their existing grants (refreshes) carry the new subject.
 const renamed = new Map();
@@ -316,6 +320,8 @@ function makeProvider(issuer) {
       revocation: { enabled: true },
       introspection: { enabled: true },
       userinfo: { enabled: true },
+      // Signed userinfo for clients registered with userinfo_signed_response_alg.
+      jwtUserinfo: { enabled: true },
     },
     // oidc-provider passes an undici dispatcher that kills connections to
     // special-use addresses (loopback included) as SSRF protection; drop it
@@ -347,6 +353,13 @@ function makeProvider(issuer) {
         status: ctx.status,
         token_type_hint: ctx.oidc.params?.token_type_hint,
       });
+    }
+    if (ctx.oidc?.route === 'userinfo') {
+      // With IDP_DPOP=required, a DPoP-bound token is refused here unless
+      // a proof of its key (with the nonce) comes along.
+      stats.userinfo += 1;
+      if (ctx.status !== 200) failed.userinfo += 1;
+      return;
     }
     if (ctx.oidc?.route !== 'token') return;
     const gt = ctx.oidc.params?.grant_type || 'unknown';
@@ -547,16 +560,20 @@ async function injectTokenFault(req, res) {
 //   ID token without the profile and email claims: "no-profile-claims";
 //   token response: "no-expires-in", "token-type-case" ("bEaReR");
 //   userinfo (the next `count` userinfo answers, not token responses):
-//     "userinfo-invalid-sub" (another `sub`);
+//     "userinfo-invalid-sub" (another `sub`); of a signed answer,
+//     "userinfo-invalid-sig", "userinfo-invalid-iss", "userinfo-invalid-aud",
+//     "userinfo-sig-none" (as the ID token modes of the same name), and
+//     "userinfo-jwe" (an encrypted-looking five-part answer instead);
 //   discovery (the next `count` discovery documents): "discovery-issuer-mismatch"
 //     (an `issuer` other than the one it is served under);
 //   keys: "rotate-before-signing" (the keys rotate as the token request
 //     arrives, so its ID token is signed with a key not yet published when
 //     the request was sent).
+const USERINFO_MISBEHAVIOURS = ['userinfo-invalid-sub', 'userinfo-invalid-sig', 'userinfo-invalid-iss',
+  'userinfo-invalid-aud', 'userinfo-sig-none', 'userinfo-jwe'];
 const MISBEHAVIOURS = ['invalid-iss', 'missing-sub', 'invalid-aud', 'missing-aud', 'missing-iat',
   'nonce-invalid', 'kid-absent', 'invalid-sig', 'sig-none', 'no-profile-claims', 'no-expires-in',
-  'token-type-case', 'userinfo-invalid-sub', 'discovery-issuer-mismatch', 'rotate-before-signing'];
-const USERINFO_MISBEHAVIOURS = ['userinfo-invalid-sub'];
+  'token-type-case', 'discovery-issuer-mismatch', 'rotate-before-signing', ...USERINFO_MISBEHAVIOURS];
 const DISCOVERY_MISBEHAVIOURS = ['discovery-issuer-mismatch'];
 let misbehave = null;
 const b64json = (o) => Buffer.from(JSON.stringify(o)).toString('base64url');
@@ -584,18 +601,35 @@ async function alterIdToken(jwt, mode) {
     .setProtectedHeader(header)
     .sign(await importJWK(jwk, header.alg));
 }
+function spendMisbehaviour() {
+  misbehave.count -= 1;
+  stats.misbehaved = (stats.misbehaved || 0) + 1;
+  return misbehave.mode;
+}
+// A signed userinfo answer, altered as the ID token modes alter ID tokens.
+async function misbehaveJwt(res, jwt) {
+  const mode = spendMisbehaviour();
+  const altered = mode === 'userinfo-jwe'
+    ? `${b64json({ alg: 'RSA-OAEP', enc: 'A128GCM' })}.${'a'.repeat(43)}.${'b'.repeat(16)}.${'c'.repeat(22)}.${'d'.repeat(22)}`
+    : await alterIdToken(jwt, mode.replace(/^userinfo-/, ''));
+  log(`userinfo answer altered: ${mode}`);
+  res.writeHead(200, { 'content-type': 'application/jwt; charset=utf-8', 'cache-control': 'no-store' });
+  return res.end(altered);
+}
 async function misbehaveResponse(req, res) {
   // Let the provider answer the request itself, then alter its answer.
   const body = await readBody(req);
   if (misbehave.mode === 'rotate-before-signing') rotateKeys();
   const headers = { 'x-test-passthrough': '1' };
-  for (const h of ['content-type', 'authorization']) if (req.headers[h]) headers[h] = req.headers[h];
+  for (const h of ['content-type', 'authorization', 'dpop']) if (req.headers[h]) headers[h] = req.headers[h];
   const r = await fetch(`http://127.0.0.1:${server.address().port}${req.url}`, { method: req.method, headers, body: req.method === 'GET' ? undefined : body });
+  if (/application\/jwt/.test(r.headers.get('content-type') || '')) return misbehaveJwt(res, await r.text());
   const out = await r.json();
-  if (r.status !== 200) return json(res, r.status, out);
-  const { mode } = misbehave;
-  misbehave.count -= 1;
-  stats.misbehaved = (stats.misbehaved || 0) + 1;
+  if (r.status !== 200) {
+    const kept = ['dpop-nonce', 'www-authenticate'].filter((h) => r.headers.has(h));
+    return json(res, r.status, out, Object.fromEntries(kept.map((h) => [h, r.headers.get(h)])));
+  }
+  const mode = spendMisbehaviour();
   if (mode === 'userinfo-invalid-sub') out.sub = `${out.sub}-someone-else`;
   else if (mode === 'discovery-issuer-mismatch') out.issuer = `${out.issuer}-other`;
   else if (mode === 'rotate-before-signing') { /* the keys changed before the request ran */ }
