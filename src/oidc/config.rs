@@ -251,8 +251,7 @@ impl OidcConfig {
     /// token's when it advertises none) are accepted. `none` never is.
     #[must_use]
     pub fn with_userinfo_signed_response_alg(mut self, alg: CoreJwsSigningAlgorithm) -> Self {
-        self.userinfo_signed_response_alg =
-            Some(alg).filter(|a| *a != CoreJwsSigningAlgorithm::None);
+        self.userinfo_signed_response_alg = Some(alg);
         self
     }
 
@@ -510,6 +509,10 @@ impl OidcConfig {
         if self.max_pending_logins == 0 {
             return value("with_max_pending_logins", "must be at least 1");
         }
+        if self.userinfo_signed_response_alg == Some(CoreJwsSigningAlgorithm::None) {
+            let reason = "none is never accepted; leave it unset for plain JSON answers";
+            return value("with_userinfo_signed_response_alg", reason);
+        }
         if self.algorithms.is_empty() {
             return value(
                 "with_insecure_algorithms",
@@ -641,6 +644,9 @@ mod tests {
         assert!(e.contains("with_max_pending_logins"), "{e}");
         let e = refused(&config().with_insecure_algorithms([CoreJwsSigningAlgorithm::None]));
         assert!(e.contains("with_insecure_algorithms"), "{e}");
+        let none = CoreJwsSigningAlgorithm::None;
+        let e = refused(&config().with_userinfo_signed_response_alg(none));
+        assert!(e.contains("with_userinfo_signed_response_alg"), "{e}");
         let e = refused(&config().with_login_ttl(Duration::ZERO));
         assert!(e.contains("with_login_ttl"), "{e}");
     }
