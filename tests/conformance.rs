@@ -217,6 +217,36 @@ async fn oidcc_client_test_invalid_sig_hs256() {
     s.db.drop_schema().await;
 }
 
+/// A client registered for HS256 ID tokens gets its back-channel logout
+/// tokens signed the same way, keyed with its secret: the provider's logout
+/// ends the session.
+#[tokio::test]
+async fn an_hs256_client_accepts_the_providers_hs256_logout_tokens() {
+    let s = signing_with("HS256", |c| {
+        c.with_id_token_signed_response_alg(CoreJwsSigningAlgorithm::HmacSha256)
+    })
+    .await;
+    let (b, callback) = authorized(&s, "alice").await;
+    let (status, error) = visit(&b, &callback).await;
+    assert_accepted(&s, &b, status, &error).await;
+    b.logout_at_provider(&s.idp.issuer).await;
+    let delivered = s.apps[0].backchannel.lock().unwrap().clone();
+    assert_eq!(delivered.len(), 1, "the provider sent one logout token");
+    let token = delivered[0].strip_prefix("logout_token=").unwrap();
+    let header = token.split('.').next().unwrap();
+    let header: Value = serde_json::from_slice(
+        &base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, header).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(header["alg"], "HS256", "{header}");
+    assert_eq!(
+        b.me(&s.apps[0].url).await.status(),
+        StatusCode::UNAUTHORIZED
+    );
+    assert!(logged_in_users(&s).await.is_empty());
+    s.db.drop_schema().await;
+}
+
 /// Without that setting, even a well-signed HS256 ID token is refused: the
 /// client secret is no signing key by default.
 #[tokio::test]

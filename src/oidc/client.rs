@@ -708,6 +708,20 @@ impl Discovered {
         }
     }
 
+    /// The algorithms logout tokens may come signed with: those of
+    /// ID tokens by default, and the algorithm the client is registered for
+    /// (the provider signs its logout tokens that way too), HMAC included.
+    fn logout_algorithms(&self) -> Vec<CoreJwsSigningAlgorithm> {
+        let config = &self.inner.config;
+        let mut algorithms = config.algorithms.clone();
+        if let Some(alg) = &config.id_token_alg {
+            if !algorithms.contains(alg) {
+                algorithms.push(alg.clone());
+            }
+        }
+        algorithms
+    }
+
     /// Verifies a back-channel logout token (OpenID Back-Channel Logout 1.0,
     /// section 2.6) and returns its claims.
     pub(crate) async fn verify_logout_token(
@@ -715,8 +729,13 @@ impl Discovered {
         token: &str,
     ) -> Result<Map<String, Value>, AuthError> {
         let bad = |why: &str| AuthError::new(AuthErrorKind::InvalidLogoutToken, why.to_owned());
-        let parsed = logout_token::parse(token, &self.inner.config.algorithms).map_err(bad)?;
-        if !self.signature_valid(&parsed).await {
+        let parsed = logout_token::parse(token, &self.logout_algorithms()).map_err(bad)?;
+        let valid = match (&self.inner.config.client_secret, parsed.is_hmac()) {
+            (Some(secret), true) => parsed.verify_hmac(secret),
+            (None, true) => false,
+            (_, false) => self.signature_valid(&parsed).await,
+        };
+        if !valid {
             return Err(bad("bad signature"));
         }
         let expect = logout_token::Expect {

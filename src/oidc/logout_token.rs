@@ -115,6 +115,23 @@ pub(crate) fn parse_jws<'a>(
 }
 
 impl Parsed<'_> {
+    /// Whether it is keyed with a shared secret (HMAC) rather than signed
+    /// with one of the provider's keys.
+    pub(crate) fn is_hmac(&self) -> bool {
+        use CoreJwsSigningAlgorithm as Alg;
+        matches!(
+            self.alg,
+            Alg::HmacSha256 | Alg::HmacSha384 | Alg::HmacSha512
+        )
+    }
+
+    /// Verifies an HMAC keyed with `secret` (the client secret).
+    pub(crate) fn verify_hmac(&self, secret: &str) -> bool {
+        CoreJsonWebKey::new_symmetric(secret.as_bytes().to_vec())
+            .verify_signature(&self.alg, self.message, &self.signature)
+            .is_ok()
+    }
+
     /// Verifies the signature with the keys of `jwks` that match its key id.
     pub(crate) fn verify(&self, jwks: &CoreJsonWebKeySet) -> Signature {
         let kid = self.kid.as_deref();
