@@ -106,6 +106,35 @@ async fn fifty_concurrent_writers_of_one_session_keep_every_key() {
     db.drop_schema().await;
 }
 
+/// A lone read is one statement behind the pooler as well: one
+/// simple-protocol query, with no BEGIN and COMMIT around it, which reads
+/// the row as the prepared statement does (login columns included).
+#[tokio::test]
+async fn a_lone_read_through_the_pooler_is_one_statement() {
+    let bouncer = PgBouncer::start().await;
+    let db = Db::new().await;
+    let mut c = Client::new(app(layer(store(&bouncer, &db, 4).await), Gate::default()));
+    // What PgBouncer counts for the plainest statement of all, as a unit.
+    let pool = bouncer.pool(1).await;
+    let trips = bouncer.round_trips().await;
+    for _ in 0..10 {
+        sqlx::Executor::execute(&pool, "SELECT 1").await.unwrap();
+    }
+    let select_1 = bouncer.round_trips().await - trips;
+    assert_eq!(c.get("/counter").await.body, json!({"count": 1}));
+    assert_eq!(c.get("/counter").await.body, json!({"count": 2}));
+    let (before, trips) = (db.statements().await, bouncer.round_trips().await);
+    for _ in 0..10 {
+        let r = c.get("/peek").await;
+        assert_eq!(r.body, json!({"count": 2}), "{}", bouncer.log());
+        assert!(r.set_cookie().is_none(), "a read writes nothing");
+    }
+    assert_eq!(db.statements().await - before, 10, "one statement per read");
+    let reads = bouncer.round_trips().await - trips;
+    assert_eq!(reads, select_1, "a read costs what SELECT 1 costs");
+    db.drop_schema().await;
+}
+
 #[tokio::test]
 async fn concurrent_requests_share_statements_and_each_gets_its_own_session() {
     let bouncer = PgBouncer::start().await;

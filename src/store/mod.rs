@@ -614,15 +614,11 @@ impl PgStore {
     /// when its extension is due (once per share of the idle timeout), the
     /// shared statement then loads it again and extends it.
     async fn load_one(&self, key: &str, at: &LoadParams) -> Result<Option<Loaded>, StoreError> {
-        let ready = self.ready().await?;
-        let query = ready
-            .sql
-            .load_one_query(key, at.now)
-            .persistent(self.persistent());
-        let mut conn = self.conn().await?;
-        let row = query.fetch_optional(conn.get()).await?;
-        conn.done().await?;
-        let Some(loaded) = row.as_ref().map(Loaded::from_row).transpose()? else {
+        let loaded = match self.inner.pooler {
+            Pooler::Direct => self.load_one_prepared(key, at.now).await?,
+            Pooler::Transaction => self.load_one_text(key, at.now).await?,
+        };
+        let Some(loaded) = loaded else {
             return Ok(None);
         };
         if !at.touch_due(&loaded) {
@@ -630,6 +626,39 @@ impl PgStore {
         }
         let mut rows = self.load_many(&[key], at).await?;
         Ok(rows.pop().map(|(_, row)| row))
+    }
+
+    /// The lone load as a prepared statement, cached per connection.
+    async fn load_one_prepared(
+        &self,
+        key: &str,
+        now: OffsetDateTime,
+    ) -> Result<Option<Loaded>, StoreError> {
+        let ready = self.ready().await?;
+        let query = ready.sql.load_one_query(key, now).persistent(true);
+        let mut conn = self.conn().await?;
+        let row = query.fetch_optional(conn.get()).await?;
+        conn.done().await?;
+        row.as_ref().map(Loaded::from_row).transpose()
+    }
+
+    /// The lone load behind a transaction pooler: one simple-protocol
+    /// query, which the pooler keeps on one server connection without a
+    /// transaction around it (a prepared one takes two round trips, and
+    /// BEGIN and COMMIT two more). The values go in as escaped literals.
+    async fn load_one_text(
+        &self,
+        key: &str,
+        now: OffsetDateTime,
+    ) -> Result<Option<Loaded>, StoreError> {
+        let ready = self.ready().await?;
+        let Some(sql) = ready.sql.load_one_text(key, now) else {
+            return Ok(None);
+        };
+        let mut conn = self.inner.pool.acquire().await?;
+        // Text without arguments goes as a simple Query message.
+        let row = sqlx::Executor::fetch_optional(&mut *conn, sql.as_str()).await?;
+        row.as_ref().map(Loaded::from_text_row).transpose()
     }
 
     /// Loads the live rows under `keys` read only; those due for their
@@ -975,6 +1004,23 @@ pub(crate) struct Loaded {
 }
 
 impl Loaded {
+    /// The columns of [`sql::Sql::load_one_text`]: instants as microseconds.
+    fn from_text_row(r: &sqlx::postgres::PgRow) -> Result<Self, StoreError> {
+        let instant = |micros: i64| {
+            OffsetDateTime::from_unix_timestamp_nanos(i128::from(micros) * 1000)
+                .map_err(|e| StoreError::Database(sqlx::Error::Decode(Box::new(e))))
+        };
+        Ok(Self {
+            sess: r.try_get(0)?,
+            expire: instant(r.try_get(1)?)?,
+            version: r.try_get(2)?,
+            created_at: r.try_get::<Option<i64>, _>(3)?.map(instant).transpose()?,
+            user_id: r.try_get(4)?,
+            provider_sid: r.try_get(5)?,
+            touched: r.try_get(6)?,
+        })
+    }
+
     fn from_row(r: &sqlx::postgres::PgRow) -> Result<Self, StoreError> {
         Ok(Self {
             sess: r.try_get(0)?,

@@ -20,6 +20,9 @@ pub(super) struct Sql {
     pub(super) load_idle: Vec<String>,
     /// A lone load: one key, by primary key, read only.
     pub(super) load_one: String,
+    /// The same as one simple-protocol query: the text around the key's
+    /// literal and the time's.
+    load_one_text: [String; 3],
     /// Shared loads, read only: 1, 2, 4, … [`batch::MAX_KEYS`] keys.
     pub(super) load_read: Vec<String>,
     pub(super) insert: String,
@@ -62,6 +65,7 @@ impl Sql {
             // statement that runs on every request stays as small as it can be.
             load_idle: arities().map(|k| table.load(k, false)).collect(),
             load_one: table.load_one(),
+            load_one_text: table.load_one_text(),
             load_read: arities().map(|k| table.load_read(k)).collect(),
             insert: table.insert(),
             insert_many: arities().map(|rows| table.insert_many(rows)).collect(),
@@ -105,6 +109,16 @@ impl Sql {
             q = q.bind(*key);
         }
         Some(q)
+    }
+
+    /// [`Table::load_one_text`] with its values: one round trip that needs
+    /// no transaction to stay on one server connection behind a transaction
+    /// pooler. `None` for a key no literal can carry (a NUL byte).
+    pub(super) fn load_one_text(&self, key: &str, now: OffsetDateTime) -> Option<String> {
+        let [before, between, after] = &self.load_one_text;
+        let key = literal(key)?;
+        let now = instant_literal(now);
+        Some(format!("{before}{key}{between}{now}{after}"))
     }
 
     /// [`Table::load_one`].
@@ -389,6 +403,29 @@ impl<'a> Table<'a> {
         )
     }
 
+    /// [`Self::load_one`] for the simple query protocol, split where its two
+    /// values go as literals (the key, then now). Results come as text, so
+    /// instants are microseconds since the epoch: no time zone setting of
+    /// the server connection can change how they read.
+    fn load_one_text(&self) -> [String; 3] {
+        let micros = |column: &str| format!("(extract(epoch FROM {column}) * 1000000)::int8");
+        let ext = if self.layout.extended {
+            format!("{}, user_id, provider_sid", micros("created_at"))
+        } else {
+            "NULL::int8, NULL::text, NULL::text".to_owned()
+        };
+        let sql = format!(
+            "SELECT sess::text, {}, xmin::text, {ext}, false FROM {} \
+             WHERE sid = \u{1} AND expire > {}",
+            micros(&to_instant(&self.layout.expire, "expire")),
+            self.t,
+            self.to_col("\u{2}")
+        );
+        let (before, rest) = sql.split_once('\u{1}').unwrap_or_else(|| unreachable!());
+        let (between, after) = rest.split_once('\u{2}').unwrap_or_else(|| unreachable!());
+        [before.to_owned(), between.to_owned(), after.to_owned()]
+    }
+
     /// Loads `keys` live rows, read only: the shared statement while no row
     /// is due for its idle extension. Parameters: $1 now, then the keys.
     /// Answers the columns of [`Table::load`] (`touched` false); the caller
@@ -619,6 +656,35 @@ pub(super) fn arities() -> impl Iterator<Item = usize> {
 
 /// Instants travel as timestamptz; a `timestamp` column holds wall-clock time
 /// in the zone Node writes it in, so values are converted on the way in…
+/// `value` as an escape string literal: read the same whatever
+/// `standard_conforming_strings` says. `None` for a NUL byte, which no
+/// Postgres text holds.
+pub(super) fn literal(value: &str) -> Option<String> {
+    if value.contains('\0') {
+        return None;
+    }
+    Some(format!(
+        "E'{}'",
+        value.replace('\\', "\\\\").replace('\'', "\\'")
+    ))
+}
+
+/// An instant as a `timestamptz` literal (RFC 3339 in UTC: digits,
+/// dashes, colons, a dot, `T` and `Z` only).
+fn instant_literal(at: OffsetDateTime) -> String {
+    let at = at.to_offset(time::UtcOffset::UTC);
+    format!(
+        "'{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z'::timestamptz",
+        at.year(),
+        u8::from(at.month()),
+        at.day(),
+        at.hour(),
+        at.minute(),
+        at.second(),
+        at.microsecond()
+    )
+}
+
 pub(super) fn to_col(expire: &ExpireType, param: &str) -> String {
     match expire {
         ExpireType::WithTimeZone => param.to_owned(),
@@ -847,6 +913,29 @@ mod tests {
         assert_eq!(
             sql.update_many[1],
             "WITH v (sid, sess, expire, version, user_id, provider_sid) AS (VALUES ($2::text, $3::text, $4::timestamptz, $5::xid, $6::text, $7::text), ($8::text, $9::text, $10::timestamptz, $11::xid, $12::text, $13::text)), cur AS MATERIALIZED (SELECT r.* FROM (SELECT DISTINCT k FROM unnest(ARRAY[$2, $8]::text[]) AS k) AS keys CROSS JOIN LATERAL (SELECT ctid AS row_id, expire FROM \"auth\".\"web_sessions\" WHERE sid = keys.k LIMIT 1) AS r), free AS (SELECT ctid AS row_id, sid, xmin FROM \"auth\".\"web_sessions\" WHERE ctid = ANY(ARRAY(SELECT row_id FROM cur WHERE expire > ($1 AT TIME ZONE 'Europe/Berlin'))) FOR UPDATE SKIP LOCKED) UPDATE \"auth\".\"web_sessions\" AS t SET sess = v.sess::jsonb, expire = (v.expire AT TIME ZONE 'Europe/Berlin'), user_id = v.user_id, provider_sid = v.provider_sid, last_seen = $1 FROM v JOIN free ON free.sid = v.sid AND free.xmin = v.version WHERE t.ctid = ANY(ARRAY(SELECT row_id FROM free)) AND t.ctid = free.row_id RETURNING v.sid::text, t.xmin::text"
+        );
+    }
+
+    #[test]
+    fn literals_escape_every_quote_and_backslash() {
+        assert_eq!(literal("abc").as_deref(), Some("E'abc'"));
+        assert_eq!(literal("a'b\\c").as_deref(), Some("E'a\\'b\\\\c'"));
+        assert_eq!(literal("nul\0"), None);
+        for hostile in ["'; DROP TABLE x; --", "\\'", "$$", "\\", "'", "é'\\n"] {
+            let lit = literal(hostile).unwrap_or_default();
+            let inner = &lit[2..lit.len() - 1];
+            // Take the escapes out: no quote or backslash may remain.
+            let bare = inner.replace("\\\\", "").replace("\\'", "");
+            assert!(
+                !bare.contains('\'') && !bare.contains('\\'),
+                "{hostile:?} -> {lit}"
+            );
+        }
+        let at =
+            OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap_or_else(|_| unreachable!());
+        assert_eq!(
+            instant_literal(at),
+            "'2023-11-14T22:13:20.000000Z'::timestamptz"
         );
     }
 }

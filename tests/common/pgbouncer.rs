@@ -73,6 +73,7 @@ impl PgBouncer {
                  max_client_conn = 500\n\
                  ignore_startup_parameters = extra_float_digits\n\
                  server_reset_query =\n\
+                 stats_users = {user}\n\
                  query_wait_timeout = 20\n",
                 host = options.get_host(),
                 pg_port = options.get_port(),
@@ -138,6 +139,27 @@ impl PgBouncer {
             .connect_with(options.application_name(&self.application_name()))
             .await
             .unwrap()
+    }
+
+    /// The round trips PgBouncer relayed to Postgres so far: each answer
+    /// that ends with `ReadyForQuery` (`total_query_count` of `SHOW STATS`).
+    pub async fn round_trips(&self) -> i64 {
+        use sqlx::{Connection, Executor, Row};
+        let admin = format!("postgres://postgres@127.0.0.1:{}/pgbouncer", self.port);
+        let mut conn = sqlx::PgConnection::connect(&admin).await.unwrap();
+        let rows = conn.fetch_all("SHOW STATS").await.unwrap();
+        let row = rows
+            .iter()
+            .find(|r| r.try_get::<String, _>("database").ok().as_deref() == Some(&self.database))
+            .expect("PgBouncer has stats for the database");
+        // A numeric column, in text (the console speaks the simple protocol).
+        let count = row
+            .try_get_unchecked::<String, _>("total_query_count")
+            .unwrap()
+            .parse()
+            .unwrap();
+        let _ = conn.close().await;
+        count
     }
 
     pub fn application_name(&self) -> String {
