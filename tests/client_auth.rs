@@ -108,16 +108,11 @@ async fn the_default_method_is_one_the_provider_advertises() {
     logs_in_refreshes_and_logs_out(&s, "client_secret_basic").await;
 }
 
-#[tokio::test]
-async fn a_wrong_secret_in_the_assertion_is_refused_clearly() {
-    let s = app("client_secret_jwt", &[], |c| {
-        c.with_client_secret("not-the-secret")
-            .with_client_auth(ClientAuth::SecretJwt)
-    })
-    .await;
-    let app = &s.apps[0].url;
+/// A login whose token request the provider refuses as `invalid_client`:
+/// the callback answers 400 `token_request_rejected`, naming it.
+async fn refused_as_invalid_client(s: &Setup) -> Browser {
     let b = Browser::new();
-    let auth = b.start_login(app, "/me").await;
+    let auth = b.start_login(&s.apps[0].url, "/me").await;
     let callback = b.authorize(&auth, "alice").await;
     let r = b
         .http
@@ -136,7 +131,21 @@ async fn a_wrong_secret_in_the_assertion_is_refused_clearly() {
             .contains("invalid_client"),
         "{body}"
     );
-    assert_eq!(b.me(app).await.status(), StatusCode::UNAUTHORIZED);
+    b
+}
+
+#[tokio::test]
+async fn a_wrong_secret_in_the_assertion_is_refused_clearly() {
+    let s = app("client_secret_jwt", &[], |c| {
+        c.with_client_secret("not-the-secret")
+            .with_client_auth(ClientAuth::SecretJwt)
+    })
+    .await;
+    let b = refused_as_invalid_client(&s).await;
+    assert_eq!(
+        b.me(&s.apps[0].url).await.status(),
+        StatusCode::UNAUTHORIZED
+    );
 }
 
 #[tokio::test]
@@ -249,26 +258,7 @@ async fn private_key_jwt_with_a_key_the_provider_does_not_know_is_refused() {
         |c| c.with_client_keys([wrong.clone()]),
     )
     .await;
-    let b = Browser::new();
-    let auth = b.start_login(&s.apps[0].url, "/me").await;
-    let callback = b.authorize(&auth, "alice").await;
-    let r = b
-        .http
-        .get(&callback)
-        .header("accept", "application/json")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
-    let body: Value = r.json().await.unwrap();
-    assert_eq!(body["error"], "token_request_rejected", "{body}");
-    assert!(
-        body["error_description"]
-            .as_str()
-            .unwrap()
-            .contains("invalid_client"),
-        "{body}"
-    );
+    refused_as_invalid_client(&s).await;
 }
 
 #[test]

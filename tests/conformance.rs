@@ -717,25 +717,7 @@ async fn oidcc_client_test_rp_init_logout() {
     let (state, after) = (param("state"), param("post_logout_redirect_uri"));
     assert_eq!(param("id_token_hint").split('.').count(), 3);
 
-    let page = b.get(end.as_str()).await.text().await.unwrap();
-    let xsrf = page
-        .split("name=\"xsrf\" value=\"")
-        .nth(1)
-        .unwrap()
-        .split('"')
-        .next()
-        .unwrap();
-    let r = b
-        .http
-        .post(format!(
-            "{}/protocol/openid-connect/logout/confirm",
-            s.idp.issuer
-        ))
-        .form(&[("xsrf", xsrf), ("logout", "yes")])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 303);
+    let r = b.confirm_logout(&s.idp.issuer, end.as_str()).await;
     let back = url::Url::parse(&location(&r)).unwrap();
     assert!(back.as_str().starts_with(&after), "{back}");
     assert!(back.query_pairs().any(|(k, v)| k == "state" && v == state));

@@ -86,14 +86,7 @@ async fn statements_per_request() {
     assert_eq!(stale.get("/peek").await.body, json!({"count": 0}));
     // Requests one at a time have nothing to share: each load was the plain
     // primary-key statement, none the shape made for many keys.
-    let shared: i64 = sqlx::query_scalar(
-        "SELECT COALESCE(sum(calls), 0)::int8 FROM pg_stat_statements \
-         WHERE query LIKE $1 AND query LIKE '%unnest%'",
-    )
-    .bind(format!("%\"{}\"%", db.schema))
-    .fetch_one(&db.pool)
-    .await
-    .unwrap();
+    let shared = db.statements_like("%unnest%").await;
     assert_eq!(shared, 0, "a lone load uses the plain statement");
     db.drop_schema().await;
 }

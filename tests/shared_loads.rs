@@ -8,32 +8,6 @@ use axum::{http::StatusCode, Router};
 use common::*;
 use serde_json::json;
 
-/// Waits until a statement on this test's table is blocked on a lock.
-async fn until_blocked(db: &Db) {
-    until_blocked_n(db, 1).await;
-}
-
-/// Waits until `count` statements on this test's table are blocked on a lock.
-async fn until_blocked_n(db: &Db, count: i64) {
-    let pattern = format!("%\"{}\"%", db.schema);
-    eventually("loads blocked on the table lock", || {
-        let pool = db.pool.clone();
-        let pattern = pattern.clone();
-        async move {
-            let n: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_stat_activity \
-                 WHERE wait_event_type = 'Lock' AND query LIKE $1",
-            )
-            .bind(pattern)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-            n == count
-        }
-    })
-    .await;
-}
-
 /// Brings the expiry of the rows `filter` selects (a WHERE clause; empty for
 /// all) 20 hours closer, so they are due for the idle extension.
 async fn make_due(db: &Db, filter: &str) {
@@ -92,7 +66,7 @@ async fn queued_loads_share_one_statement_and_each_gets_its_own_session() {
     let before = db.statements().await;
     let mut first = clients[0].clone();
     let first = tokio::spawn(async move { first.get("/kv").await });
-    until_blocked(&db).await;
+    db.until_blocked(1).await;
     let tasks: Vec<_> = clients[1..]
         .iter()
         .cloned()
@@ -130,14 +104,7 @@ async fn queued_loads_share_one_statement_and_each_gets_its_own_session() {
         "the dropped lone load (if it completed), one statement reading all 41 queued loads, \
          one extending the rows due: {statements}"
     );
-    let shared: i64 = sqlx::query_scalar(
-        "SELECT COALESCE(sum(calls), 0)::int8 FROM pg_stat_statements \
-         WHERE query LIKE $1 AND query LIKE '%unnest%'",
-    )
-    .bind(format!("%\"{}\"%", db.schema))
-    .fetch_one(&db.pool)
-    .await
-    .unwrap();
+    let shared = db.statements_like("%unnest%").await;
     assert_eq!(
         shared, 2,
         "the 41 queued loads shared one read, and the 19 due one extension"
@@ -249,12 +216,12 @@ async fn a_stalled_load_statement_lets_the_next_load_open_another() {
 
     let lock = db.lock_table().await;
     let first = tokio::spawn(async move { a.get("/kv").await });
-    until_blocked(&db).await;
+    db.until_blocked(1).await;
     // The running statement has made no progress for longer than the stall
     // limit: this load does not queue behind it but runs beside it.
     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     let second = tokio::spawn(async move { b.get("/kv").await });
-    until_blocked_n(&db, 2).await;
+    db.until_blocked(2).await;
     lock.commit().await.unwrap();
     assert_eq!(first.await.unwrap().body, json!({"me": "a"}));
     assert_eq!(second.await.unwrap().body, json!({"me": "b"}));
@@ -313,7 +280,7 @@ async fn a_long_shared_load_on_a_small_table_looks_up_keys_never_scans() {
     let lock = db.lock_table().await;
     let mut first = client(1);
     let first = tokio::spawn(async move { first.get("/kv").await });
-    until_blocked(&db).await;
+    db.until_blocked(1).await;
     let tasks: Vec<_> = (2..=64)
         .map(|i| {
             let mut c = client(i * 31);

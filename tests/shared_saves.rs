@@ -295,14 +295,7 @@ async fn a_failed_shared_save_fails_every_request_in_it_and_loses_nothing() {
 
 /// Statements on this test's table that inserted several rows at once.
 async fn shared_inserts(db: &Db) -> i64 {
-    sqlx::query_scalar(
-        "SELECT COALESCE(sum(calls), 0)::int8 FROM pg_stat_statements \
-         WHERE query LIKE $1 AND query LIKE 'INSERT INTO%), (%'",
-    )
-    .bind(format!("%\"{}\"%", db.schema))
-    .fetch_one(&db.pool)
-    .await
-    .unwrap()
+    db.statements_like("INSERT INTO%), (%").await
 }
 
 #[tokio::test]
@@ -321,22 +314,7 @@ async fn queued_new_sessions_share_one_insert_and_each_gets_its_own_row() {
         let mut c = Client::new(app.clone());
         async move { (c.get("/counter").await, c) }
     });
-    let pattern = format!("%\"{}\"%", db.schema);
-    eventually("the first insert blocked on the table lock", || {
-        let (pool, pattern) = (db.pool.clone(), pattern.clone());
-        async move {
-            let n: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_stat_activity \
-                 WHERE wait_event_type = 'Lock' AND query LIKE $1",
-            )
-            .bind(pattern)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-            n == 1
-        }
-    })
-    .await;
+    db.until_blocked(1).await;
     let tasks: Vec<_> = (0..20)
         .map(|_| {
             let mut c = Client::new(app.clone());

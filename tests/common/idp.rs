@@ -621,14 +621,14 @@ impl Browser {
     /// Signs out on the Keycloak-like provider's own page, which then posts
     /// a logout token to the app's back channel.
     pub async fn logout_at_provider(&self, issuer: &str) {
-        let page = self
-            .get(&format!(
-                "{issuer}/protocol/openid-connect/logout?client_id={CLIENT_ID}"
-            ))
-            .await
-            .text()
-            .await
-            .unwrap();
+        let page = format!("{issuer}/protocol/openid-connect/logout?client_id={CLIENT_ID}");
+        self.confirm_logout(issuer, &page).await;
+    }
+
+    /// Opens the provider's logout page at `page` and confirms it, as its
+    /// form does; returns the provider's 303.
+    pub async fn confirm_logout(&self, issuer: &str, page: &str) -> reqwest::Response {
+        let page = self.get(page).await.text().await.unwrap();
         let xsrf = page
             .split("name=\"xsrf\" value=\"")
             .nth(1)
@@ -644,6 +644,7 @@ impl Browser {
             .await
             .unwrap();
         assert_eq!(r.status().as_u16(), 303);
+        r
     }
 
     /// The whole login; returns the app's answer to the callback.

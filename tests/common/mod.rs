@@ -113,13 +113,40 @@ impl Db {
 
     /// Statements run so far on this test's schema, by any connection.
     pub async fn statements(&self) -> i64 {
+        self.statements_like("%").await
+    }
+
+    /// As [`Self::statements`], those whose text is `LIKE` `pattern`.
+    pub async fn statements_like(&self, pattern: &str) -> i64 {
         sqlx::query_scalar(
-            "SELECT COALESCE(sum(calls), 0)::int8 FROM pg_stat_statements WHERE query LIKE $1",
+            "SELECT COALESCE(sum(calls), 0)::int8 FROM pg_stat_statements \
+             WHERE query LIKE $1 AND query LIKE $2",
         )
         .bind(format!("%\"{}\"%", self.schema))
+        .bind(pattern)
         .fetch_one(&self.pool)
         .await
         .expect("pg_stat_statements is loaded (scripts/test.sh enables it)")
+    }
+
+    /// Waits until `count` statements on this test's schema wait for a lock.
+    pub async fn until_blocked(&self, count: i64) {
+        let pattern = format!("%\"{}\"%", self.schema);
+        eventually("statements blocked on a lock", || {
+            let (pool, pattern) = (self.pool.clone(), pattern.clone());
+            async move {
+                let n: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE wait_event_type = 'Lock' AND query LIKE $1",
+                )
+                .bind(pattern)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+                n == count
+            }
+        })
+        .await;
     }
 
     pub async fn rows(&self) -> i64 {
