@@ -222,6 +222,33 @@ async fn requests_cancelled_at_any_point_leave_no_transaction_open() {
     db.drop_schema().await;
 }
 
+/// Lone reads (one simple-protocol query, no transaction) dropped at any
+/// point leave their connection fit for the next request: on a pool of one
+/// connection, every later answer is the row's own, and writes still land
+/// once each.
+#[tokio::test]
+async fn lone_reads_cancelled_at_any_point_leave_the_connection_in_step() {
+    use rand::Rng;
+    let bouncer = PgBouncer::start().await;
+    let db = Db::new().await;
+    let app = app(layer(store(&bouncer, &db, 1).await), Gate::default());
+    let mut c = Client::new(app.clone());
+    c.put("/kv/name", json!("ada")).await;
+    for _ in 0..200 {
+        let mut dropped = c.clone();
+        let after = Duration::from_micros(rand::thread_rng().gen_range(0..2_000));
+        let _ = tokio::time::timeout(after, dropped.get("/peek")).await;
+        // The next read on the one connection gets its own answer.
+        let r = c.get("/kv").await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(r.body, json!({"name": "ada"}), "{}", bouncer.log());
+    }
+    assert_eq!(c.get("/counter").await.body, json!({"count": 1}));
+    assert_eq!(c.get("/counter").await.body, json!({"count": 2}));
+    assert_eq!(db.only_sess().await["name"], json!("ada"));
+    db.drop_schema().await;
+}
+
 async fn fill_expired(db: &Db, n: i64) {
     sqlx::query(&format!(
         "INSERT INTO {} (sid, sess, expire) SELECT 'expired' || g, '{{}}', \
