@@ -54,6 +54,7 @@ for c in $CONTENDERS; do
     case $c in
       pg-session) table=bench_pg.session ;;
       tower-sessions) table=bench_ts.session ;;
+      tower-sessions-noping) table=bench_ts_noping.session ;;
       tower-sessions-always-save) table=bench_ts_always.session ;;
       *) echo "unknown contender $c" >&2; exit 2 ;;
     esac

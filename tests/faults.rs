@@ -182,6 +182,12 @@ async fn an_exhausted_pool_answers_503_after_the_bound_and_recovers() {
     let mut c = Client::new(app(layer(store), Gate::default()));
     c.put("/kv/me", json!(1)).await;
 
+    // The connection the store kept goes back to the pool after a quiet
+    // second; then the pool is all held elsewhere.
+    eventually("the kept connection back in the pool", || async {
+        pool.num_idle() == pool.size() as usize
+    })
+    .await;
     let held = (pool.acquire().await.unwrap(), pool.acquire().await.unwrap());
     let tasks: Vec<_> = (0..8)
         .map(|i| {

@@ -12,8 +12,11 @@ use std::time::Duration;
 use axum::http::{header, HeaderName, Request, StatusCode};
 use common::{pgbouncer::PgBouncer, *};
 use serde_json::json;
+use sqlx::postgres::PgPoolOptions;
 use tower::ServiceExt;
-use tower_pg_session::{PgStore, Pooler, PruneConfig, PruneOutcome, SessionLayer, SigningKeys};
+use tower_pg_session::{
+    PgStore, PgStoreConfig, Pooler, PruneConfig, PruneOutcome, SessionLayer, SigningKeys,
+};
 
 /// A store on `db`'s schema (created through PgBouncer) on a pool of `size`.
 async fn store(bouncer: &PgBouncer, db: &Db, size: u32) -> PgStore {
@@ -131,7 +134,157 @@ async fn a_lone_read_through_the_pooler_is_one_statement() {
     }
     assert_eq!(db.statements().await - before, 10, "one statement per read");
     let reads = bouncer.round_trips().await - trips;
-    assert_eq!(reads, select_1, "a read costs what SELECT 1 costs");
+    // A plain pool's SELECT 1 costs two: the query, and the ping sqlx sends
+    // as the connection goes back. The store keeps its connection instead.
+    assert_eq!(
+        reads, 10,
+        "one round trip per read ({select_1} for ten SELECT 1 on a plain pool)"
+    );
+    db.drop_schema().await;
+}
+
+/// A store straight on Postgres (no transaction pooler), counted by
+/// PgBouncer in session mode, which relays each client's round trips as
+/// they are.
+async fn counted_store(bouncer: &PgBouncer, db: &Db, size: u32, config: PgStoreConfig) -> PgStore {
+    db.store().await;
+    let pool = PgPoolOptions::new()
+        .max_connections(size)
+        .acquire_timeout(Duration::from_secs(5))
+        .test_before_acquire(false)
+        .connect(&bouncer.url())
+        .await
+        .unwrap();
+    PgStore::new(pool, config).await.unwrap()
+}
+
+#[tokio::test]
+async fn a_read_is_one_round_trip_and_a_write_two() {
+    let bouncer = PgBouncer::start_in_session_mode().await;
+    let db = Db::new().await;
+    let store = counted_store(&bouncer, &db, 4, db.config()).await;
+    let mut c = Client::new(app(layer(store), Gate::default()));
+    // The statements are prepared on the connection by the first of each.
+    for _ in 0..3 {
+        c.get("/counter").await;
+        c.get("/peek").await;
+    }
+    let trips = bouncer.round_trips().await;
+    for _ in 0..10 {
+        assert_eq!(c.get("/peek").await.body, json!({"count": 3}));
+    }
+    let reads = bouncer.round_trips().await - trips;
+    assert_eq!(reads, 10, "one round trip per read");
+    let trips = bouncer.round_trips().await;
+    for n in 4..14 {
+        assert_eq!(c.get("/counter").await.body, json!({"count": n}));
+    }
+    let writes = bouncer.round_trips().await - trips;
+    assert_eq!(writes, 20, "a write is its load and its update");
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn kept_connections_leave_the_rest_of_a_shared_pool_to_the_app() {
+    let bouncer = PgBouncer::start_in_session_mode().await;
+    let db = Db::new().await;
+    let store = counted_store(&bouncer, &db, 4, db.config()).await;
+    let pool = store.pool().clone();
+    let app = app(layer(store), Gate::default());
+    let busy = |n: usize| {
+        let app = app.clone();
+        async move {
+            let tasks: Vec<_> = (0..n)
+                .map(|_| {
+                    let mut c = Client::new(app.clone());
+                    tokio::spawn(async move { c.get("/counter").await.status })
+                })
+                .collect();
+            for t in tasks {
+                assert_eq!(t.await.unwrap(), StatusCode::OK);
+            }
+        }
+    };
+    busy(32).await;
+    // The store keeps at most half the pool: the app's own queries get the
+    // other half at once.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let conn = tokio::time::timeout(Duration::from_secs(1), pool.acquire()).await;
+        held.push(conn.expect("a connection for the app within 1 s").unwrap());
+    }
+    // Meanwhile the store serves from what it keeps, or what is left.
+    busy(8).await;
+    drop(held);
+    // After a quiet second, the next statement sends what was kept back to
+    // the pool (which checks each) and keeps only its own.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    busy(1).await;
+    eventually("all but one connection idle in the pool", || async {
+        pool.size() as usize - pool.num_idle() == 1
+    })
+    .await;
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn with_none_kept_each_connection_goes_back_with_its_ping() {
+    let bouncer = PgBouncer::start_in_session_mode().await;
+    let db = Db::new().await;
+    let config = db.config().with_kept_connections(0);
+    // One connection, so that the warm-up prepares every statement on it.
+    let store = counted_store(&bouncer, &db, 1, config).await;
+    let pool = store.pool().clone();
+    let mut c = Client::new(app(layer(store), Gate::default()));
+    for _ in 0..3 {
+        c.get("/counter").await;
+        c.get("/peek").await;
+    }
+    let trips = bouncer.round_trips().await;
+    for _ in 0..10 {
+        assert_eq!(c.get("/peek").await.body, json!({"count": 3}));
+    }
+    eventually("every connection back in the pool", || async {
+        pool.size() as usize == pool.num_idle()
+    })
+    .await;
+    let reads = bouncer.round_trips().await - trips;
+    assert_eq!(reads, 20, "the read, then sqlx's ping as it goes back");
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn kept_connections_killed_while_idle_cost_no_request() {
+    let db = Db::new().await;
+    let (name, store) = db.named_store(4).await;
+    let app = app(layer(store), Gate::default());
+    let mut c = Client::new(app.clone());
+    c.put("/kv/me", json!(1)).await;
+    // Two requests at once: two connections, both kept afterwards.
+    let mut d = Client::new(app.clone());
+    let (a, b) = tokio::join!(c.get("/kv"), d.get("/kv"));
+    assert_eq!((a.status, b.status), (StatusCode::OK, StatusCode::OK));
+    let killed: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+    )
+    .bind(&name)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert!(
+        !killed.is_empty() && killed.iter().all(|k| *k),
+        "{killed:?}"
+    );
+    for _ in 0..3 {
+        let r = c.get("/kv").await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(r.body, json!({"me": 1}));
+    }
+    assert_eq!(
+        c.put("/kv/me", json!(2)).await.status,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(c.get("/kv").await.body, json!({"me": 2}));
     db.drop_schema().await;
 }
 

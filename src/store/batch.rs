@@ -38,7 +38,7 @@ use std::{
 use time::OffsetDateTime;
 use tokio::sync::oneshot;
 
-use super::{retry_once, LoadParams, Loaded, NewRow, OwnedRow, PgStore, StoreError};
+use super::{LoadParams, Loaded, NewRow, OwnedRow, PgStore, StoreError};
 
 /// Keys in one statement at most (a power of two).
 pub(super) const MAX_KEYS: usize = 128;
@@ -390,16 +390,10 @@ impl Job for LoadJob {
                 _ => store.load_shared_rows(&keys, &params).await,
             }
         };
-        let result = match load().await {
-            // A pooled connection that died while idle fails its next
-            // statement; that must not fail every request sharing it. Loads
-            // are safe to repeat (a touch already written is not due again).
-            Err(e) if e.is_broken_connection() => {
-                tracing::debug!(error = %crate::log_safe::untrusted(&e), "retrying a load on another connection");
-                load().await
-            }
-            result => result,
-        };
+        // A pooled connection that died while idle fails its next statement;
+        // that must not fail every request sharing it. Loads are safe to
+        // repeat (a touch already written is not due again).
+        let result = store.retry_once(load).await;
         let rows = match result {
             Ok(rows) => rows,
             Err(e) => return fail_all(batch, e),
@@ -448,24 +442,25 @@ impl Job for UpdateJob {
         // wrote after all is at a new version, so the second skips it and
         // its request takes the conflict path, which re-applies the same
         // changes.
-        let result = retry_once(|| async {
-            match batch.as_slice() {
-                // Alone: the plain statement, which waits for a row lock
-                // (within the bound) rather than skipping the row.
-                [one] => {
-                    let j = &one.job;
-                    store
-                        .update(&j.key, &j.key, &j.version, &j.row.borrowed(), j.now)
-                        .await
-                        .map(|v| v.map(|v| vec![(j.key.clone(), v)]).unwrap_or_default())
+        let result = store
+            .retry_once(|| async {
+                match batch.as_slice() {
+                    // Alone: the plain statement, which waits for a row lock
+                    // (within the bound) rather than skipping the row.
+                    [one] => {
+                        let j = &one.job;
+                        store
+                            .update(&j.key, &j.key, &j.version, &j.row.borrowed(), j.now)
+                            .await
+                            .map(|v| v.map(|v| vec![(j.key.clone(), v)]).unwrap_or_default())
+                    }
+                    many => {
+                        let jobs: Vec<&UpdateJob> = many.iter().map(|w| &w.job).collect();
+                        store.update_many(&jobs).await
+                    }
                 }
-                many => {
-                    let jobs: Vec<&UpdateJob> = many.iter().map(|w| &w.job).collect();
-                    store.update_many(&jobs).await
-                }
-            }
-        })
-        .await;
+            })
+            .await;
         reply_versions(batch, result);
     }
 }
@@ -560,7 +555,7 @@ impl Job for InsertJob {
             // first rows, which no cookie names, expire unused).
             many => {
                 let jobs: Vec<&InsertJob> = many.iter().map(|w| &w.job).collect();
-                retry_once(|| store.insert_many(&jobs)).await
+                store.retry_once(|| store.insert_many(&jobs)).await
             }
         };
         reply_versions(batch, result);

@@ -380,6 +380,12 @@ impl Router {
             .unwrap_or_default()
     }
 
+    /// When the pool last moved to another server (or found its server
+    /// demoted).
+    pub(crate) fn switched_at(&self) -> Instant {
+        *lock(&self.switched)
+    }
+
     fn opened_after_switch(&self, age: Duration) -> bool {
         age <= lock(&self.switched).elapsed()
     }

@@ -51,6 +51,7 @@ pub(crate) mod schema;
 mod sql;
 #[cfg(feature = "tower-sessions")]
 mod tower_sessions;
+mod warm;
 
 use std::fmt;
 use std::sync::{Arc, OnceLock};
@@ -196,6 +197,7 @@ pub struct PgStoreConfig {
     create_table: bool,
     timestamp_zone: Option<String>,
     load_slots: Option<usize>,
+    kept: Option<usize>,
     pooler: Pooler,
 }
 
@@ -215,6 +217,7 @@ impl PgStoreConfig {
             create_table: true,
             timestamp_zone: None,
             load_slots: None,
+            kept: None,
             pooler: Pooler::Direct,
         }
     }
@@ -311,6 +314,26 @@ impl PgStoreConfig {
         Ok(self)
     }
 
+    /// How many connections the store may keep between its statements
+    /// (default: half the pool's size, rounded down; 0 keeps none).
+    ///
+    /// sqlx gives each connection back to its pool with a round trip (a
+    /// ping, in a task of its own). A connection whose statement completed
+    /// is instead kept for the store's next statement, and skips that round
+    /// trip. A connection kept idle for a second, or out of the pool for
+    /// ten, goes back to the pool; the rest of the application always has
+    /// the other connections of a shared pool.
+    ///
+    /// ```
+    /// # use tower_pg_session::PgStoreConfig;
+    /// let config = PgStoreConfig::new().with_kept_connections(2);
+    /// ```
+    #[must_use]
+    pub fn with_kept_connections(mut self, kept: usize) -> Self {
+        self.kept = Some(kept);
+        self
+    }
+
     /// How the pool reaches Postgres (default [`Pooler::Direct`]). Set
     /// [`Pooler::Transaction`] behind a pooler in transaction mode
     /// (PgBouncer `pool_mode = transaction`, RDS Proxy, Supavisor): the store
@@ -355,6 +378,8 @@ struct Inner {
     loads: batch::Batcher<batch::LoadJob>,
     updates: batch::Batcher<batch::UpdateJob>,
     inserts: batch::Batcher<batch::InsertJob>,
+    /// Connections kept between statements.
+    warm: Arc<warm::Warm>,
 }
 
 /// What preparing the table found, and the statements built from it.
@@ -467,9 +492,11 @@ impl PgStore {
             schema: config.schema,
             table: config.table,
         };
-        let slots = config.load_slots.unwrap_or_else(|| {
-            DEFAULT_LOAD_SLOTS.min(pool.options().get_max_connections() as usize)
-        });
+        let max = pool.options().get_max_connections() as usize;
+        let slots = config
+            .load_slots
+            .unwrap_or_else(|| DEFAULT_LOAD_SLOTS.min(max));
+        let kept = config.kept.unwrap_or(max / 2);
         Self {
             inner: Arc::new(Inner {
                 pool,
@@ -483,6 +510,7 @@ impl PgStore {
                 loads: batch::Batcher::new(slots),
                 updates: batch::Batcher::new(slots),
                 inserts: batch::Batcher::new(slots),
+                warm: warm::Warm::new(kept),
             }),
         }
     }
@@ -547,8 +575,38 @@ impl PgStore {
 
     /// A connection for one statement, in a transaction of its own behind a
     /// transaction pooler.
-    pub(crate) async fn conn(&self) -> Result<pooler::Conn, StoreError> {
-        Ok(self.inner.pooler.conn(&self.inner.pool).await?)
+    pub(crate) async fn conn(&self) -> Result<pooler::Conn<'_>, StoreError> {
+        let inner = &self.inner;
+        Ok(inner
+            .pooler
+            .conn_from(&inner.pool, Some(&inner.warm), self.switched())
+            .await?)
+    }
+
+    /// When the pool last moved to another server: connections taken
+    /// before are not reused.
+    fn switched(&self) -> Option<std::time::Instant> {
+        self.inner.router.as_ref().map(|r| r.switched_at())
+    }
+
+    /// After a connection broke: the others idle since (kept, or in the
+    /// pool) probably broke with it, as in a server restart. Each is pinged;
+    /// the sound ones are kept for the next statements, the broken ones
+    /// closed, so that a retry does not meet another broken one.
+    async fn check_idle(&self) {
+        let inner = &self.inner;
+        inner.warm.clear();
+        for _ in 0..inner.pool.num_idle() {
+            let Some(mut conn) = inner.pool.try_acquire() else {
+                return;
+            };
+            if sqlx::Connection::ping(&mut *conn).await.is_ok() {
+                let taken = std::time::Instant::now();
+                inner.warm.keep(warm::Leased { conn, taken });
+            } else {
+                drop(conn.detach());
+            }
+        }
     }
 
     /// The quoted, qualified table name, as it appears in the store's SQL.
@@ -655,9 +713,11 @@ impl PgStore {
         let Some(sql) = ready.sql.load_one_text(key, now) else {
             return Ok(None);
         };
-        let mut conn = self.inner.pool.acquire().await?;
+        let inner = &self.inner;
+        let mut conn = pooler::Conn::plain(&inner.pool, Some(&inner.warm), self.switched()).await?;
         // Text without arguments goes as a simple Query message.
-        let row = sqlx::Executor::fetch_optional(&mut *conn, sql.as_str()).await?;
+        let row = sqlx::Executor::fetch_optional(conn.get(), sql.as_str()).await?;
+        conn.done().await?;
         row.as_ref().map(Loaded::from_text_row).transpose()
     }
 
@@ -755,7 +815,7 @@ impl PgStore {
         // Safe to repeat: if the first attempt was written after all, the
         // second finds the id taken and the caller picks another (the first
         // row, which no cookie names, expires unused).
-        retry_once(|| async {
+        self.retry_once(|| async {
             let q = ready
                 .sql
                 .insert_query(key, row, now)
@@ -816,13 +876,32 @@ impl PgStore {
     /// A transaction whose caller is gone is dropped in that task, which
     /// rolls it back.
     pub(crate) async fn begin(&self) -> Result<Tx, StoreError> {
-        let pool = self.inner.pool.clone();
-        detached(retry_once(move || {
-            let pool = pool.clone();
-            async move { Ok(pool.begin().await?) }
-        }))
+        let store = self.clone();
+        detached(async move {
+            let pool = &store.inner.pool;
+            store.retry_once(|| async { Ok(pool.begin().await?) }).await
+        })
         .await
         .ok_or(StoreError::Database(sqlx::Error::WorkerCrashed))?
+    }
+
+    /// Runs `op` once more when it failed on a connection that broke under
+    /// it (one that died while idle, a server restart), on a sound one:
+    /// the other idle connections are checked first. Only for statements
+    /// that are safe to repeat.
+    pub(crate) async fn retry_once<T, F, Fut>(&self, mut op: F) -> Result<T, StoreError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, StoreError>>,
+    {
+        match op().await {
+            Err(e) if e.is_broken_connection() => {
+                tracing::debug!(error = %crate::log_safe::untrusted(&e), "retrying on another connection");
+                self.check_idle().await;
+                op().await
+            }
+            done => done,
+        }
     }
 
     /// Deletes every session of `user` (the `user_id` column); returns how many.
@@ -925,42 +1004,25 @@ impl PgStore {
     /// Deletes a row; true when one was there.
     pub(crate) async fn delete(&self, key: &str) -> Result<bool, StoreError> {
         let ready = self.ready().await?;
-        let done = retry_once(|| async {
-            let mut conn = self.conn().await?;
-            let done = ready
-                .sql
-                .delete_query(key)
-                .persistent(self.persistent())
-                .execute(conn.get())
-                .await?;
-            conn.done().await?;
-            Ok(done)
-        })
-        .await?;
+        let done = self
+            .retry_once(|| async {
+                let mut conn = self.conn().await?;
+                let done = ready
+                    .sql
+                    .delete_query(key)
+                    .persistent(self.persistent())
+                    .execute(conn.get())
+                    .await?;
+                conn.done().await?;
+                Ok(done)
+            })
+            .await?;
         Ok(done.rows_affected() > 0)
     }
 }
 
 /// A transaction on the store's pool (the admin statistics use one too).
 pub(crate) type Tx = sqlx::Transaction<'static, sqlx::Postgres>;
-
-/// Runs `op` once more when it failed on a connection that broke under it
-/// (one that died while idle in the pool, a server restart): the pool
-/// replaces a broken connection, so the second attempt usually succeeds.
-/// Only for statements that are safe to repeat.
-pub(crate) async fn retry_once<T, F, Fut>(mut op: F) -> Result<T, StoreError>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, StoreError>>,
-{
-    match op().await {
-        Err(e) if e.is_broken_connection() => {
-            tracing::debug!(error = %e, "retrying on another connection");
-            op().await
-        }
-        done => done,
-    }
-}
 
 pub(crate) use crate::task::detached;
 

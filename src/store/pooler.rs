@@ -21,7 +21,13 @@
 //! per statement; shared loads and saves spread it over every request in
 //! the statement.
 
-use sqlx::{pool::PoolConnection, Executor, PgConnection, PgPool, Postgres};
+use std::time::Instant;
+
+use sqlx::{Executor, PgConnection, PgPool};
+
+use std::sync::Arc;
+
+use super::warm::{Leased, Warm};
 
 /// How the store's connections reach Postgres; see
 /// [`PgStoreConfig::with_pooler`](super::PgStoreConfig::with_pooler).
@@ -44,53 +50,95 @@ impl Pooler {
         self == Self::Direct
     }
 
-    /// A connection for one statement (or a few that belong together).
-    pub(crate) async fn conn(self, pool: &PgPool) -> Result<Conn, sqlx::Error> {
-        let mut conn = Conn {
-            conn: pool.acquire().await?,
-            open: false,
-        };
+    /// A connection from the pool for one statement (or a few that belong
+    /// together), inside a transaction under [`Pooler::Transaction`].
+    pub(crate) async fn conn(self, pool: &PgPool) -> Result<Conn<'static>, sqlx::Error> {
+        self.conn_from(pool, None, None).await
+    }
+
+    /// [`Self::conn`], a kept connection if one of `warm` is fit, and
+    /// kept there when done.
+    pub(crate) async fn conn_from<'a>(
+        self,
+        pool: &PgPool,
+        warm: Option<&'a Arc<Warm>>,
+        switched: Option<Instant>,
+    ) -> Result<Conn<'a>, sqlx::Error> {
+        let mut conn = Conn::plain(pool, warm, switched).await?;
         if self == Self::Transaction {
             // From here until the commit completes, dropping `conn` closes
             // the connection (see `Drop`).
             conn.open = true;
-            conn.conn.execute("BEGIN").await?;
+            conn.get().execute("BEGIN").await?;
         }
         Ok(conn)
     }
 }
 
-/// A pooled connection, inside a transaction under [`Pooler::Transaction`].
-pub(crate) struct Conn {
-    conn: PoolConnection<Postgres>,
+/// A connection out of the pool, inside a transaction under
+/// [`Pooler::Transaction`]. [`Conn::done`] keeps it for the store's next
+/// statement; dropped, it goes back to the pool (or is closed, inside its
+/// transaction).
+pub(crate) struct Conn<'a> {
+    /// Taken only by [`Conn::done`], which consumes the `Conn`.
+    leased: Option<Leased>,
+    warm: Option<&'a Arc<Warm>>,
     /// A transaction may be open: BEGIN was sent and no COMMIT completed.
     open: bool,
 }
 
-impl Conn {
-    pub(crate) fn get(&mut self) -> &mut PgConnection {
-        &mut self.conn
+impl<'a> Conn<'a> {
+    /// A connection outside any transaction, whatever the pooler: for one
+    /// simple-protocol query.
+    pub(crate) async fn plain(
+        pool: &PgPool,
+        warm: Option<&'a Arc<Warm>>,
+        switched: Option<Instant>,
+    ) -> Result<Self, sqlx::Error> {
+        let leased = match warm.and_then(|w| w.take(switched)) {
+            Some(leased) => leased,
+            None => Leased {
+                conn: pool.acquire().await?,
+                taken: Instant::now(),
+            },
+        };
+        Ok(Self {
+            leased: Some(leased),
+            warm,
+            open: false,
+        })
     }
 
-    /// Commits the transaction, if any.
+    pub(crate) fn get(&mut self) -> &mut PgConnection {
+        match &mut self.leased {
+            Some(leased) => &mut leased.conn,
+            None => unreachable!("a done connection is not used again"),
+        }
+    }
+
+    /// Commits the transaction, if any, and keeps the connection for the
+    /// next statement: whatever ran on it completed.
     pub(crate) async fn done(mut self) -> Result<(), sqlx::Error> {
         if self.open {
-            self.conn.execute("COMMIT").await?;
+            self.get().execute("COMMIT").await?;
             self.open = false;
+        }
+        if let (Some(leased), Some(warm)) = (self.leased.take(), self.warm) {
+            warm.keep(leased);
         }
         Ok(())
     }
 }
 
-impl Drop for Conn {
+impl Drop for Conn<'_> {
     /// Dropped inside its transaction (an error, or a request cancelled at
     /// any await point, BEGIN included), the connection is closed rather
     /// than returned to the pool: no later statement runs in that
     /// transaction, and the pooler gets its server connection back at once
     /// (a transaction left open would hold it).
     fn drop(&mut self) {
-        if self.open {
-            self.conn.close_on_drop();
+        if let (true, Some(leased)) = (self.open, &mut self.leased) {
+            leased.conn.close_on_drop();
         }
     }
 }

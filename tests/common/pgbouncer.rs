@@ -49,6 +49,18 @@ impl PgBouncer {
     /// As [`Self::start`], with the server connections' `search_path` set to
     /// `schema` (PgBouncer does not pass a client's `options` on).
     pub async fn start_with(schema: Option<&str>) -> Self {
+        Self::start_in(schema, "transaction", SERVER_CONNECTIONS).await
+    }
+
+    /// PgBouncer in session mode: each client keeps its server connection,
+    /// as if connected straight to Postgres, and [`Self::round_trips`]
+    /// counts every round trip of a client that speaks to Postgres directly.
+    pub async fn start_in_session_mode() -> Self {
+        Self::start_in(None, "session", 20).await
+    }
+
+    /// `servers`: the server connections PgBouncer opens at most.
+    async fn start_in(schema: Option<&str>, mode: &str, servers: u32) -> Self {
         let options: sqlx::postgres::PgConnectOptions = database_url().parse().unwrap();
         let database = options.get_database().unwrap_or("test").to_owned();
         let port = free_port();
@@ -66,8 +78,8 @@ impl PgBouncer {
                  listen_port = {port}\n\
                  unix_socket_dir =\n\
                  auth_type = any\n\
-                 pool_mode = transaction\n\
-                 default_pool_size = {SERVER_CONNECTIONS}\n\
+                 pool_mode = {mode}\n\
+                 default_pool_size = {servers}\n\
                  min_pool_size = 0\n\
                  reserve_pool_size = 0\n\
                  max_client_conn = 500\n\
