@@ -143,6 +143,68 @@ async fn a_lone_read_through_the_pooler_is_one_statement() {
     db.drop_schema().await;
 }
 
+#[tokio::test]
+async fn writes_through_the_pooler_are_one_round_trip_each() {
+    let bouncer = PgBouncer::start().await;
+    let db = Db::new().await;
+    let app = app(layer(store(&bouncer, &db, 4).await), Gate::default());
+    // Warm-up: the table is prepared and the connections made.
+    Client::new(app.clone()).get("/counter").await;
+    let trips = bouncer.round_trips().await;
+    let mut c = Client::new(app.clone());
+    assert_eq!(c.get("/counter").await.body, json!({"count": 1}));
+    assert_eq!(
+        bouncer.round_trips().await - trips,
+        1,
+        "a new session is its insert"
+    );
+    let trips = bouncer.round_trips().await;
+    for n in 2..12 {
+        assert_eq!(c.get("/counter").await.body, json!({"count": n}));
+    }
+    let writes = bouncer.round_trips().await - trips;
+    assert_eq!(writes, 20, "a write is its load and its update");
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn hostile_values_written_through_the_pooler_come_back_as_written() {
+    let bouncer = PgBouncer::start().await;
+    let db = Db::new().await;
+    let app = app(layer(store(&bouncer, &db, 4).await), Gate::default());
+    let mut c = Client::new(app);
+    let hostile = [
+        json!("'; DROP TABLE session; --"),
+        json!("\\' $1 $$ E'\\x00' \u{0} ünïcødé 🦀"),
+        json!({"nested": ["'", "\\", "$2::xid", "NULL"]}),
+    ];
+    for (i, value) in hostile.iter().enumerate() {
+        let r = c.put(&format!("/kv/k{i}"), value.clone()).await;
+        assert_eq!(r.status, StatusCode::NO_CONTENT);
+    }
+    // Logged in under a hostile user id: the id column is written too.
+    assert_eq!(
+        c.post("/login/o'brien%5C$1").await.status,
+        StatusCode::NO_CONTENT
+    );
+    let body = c.get("/kv").await.body;
+    for (i, value) in hostile.iter().enumerate() {
+        assert_eq!(body[format!("k{i}")], *value, "{}", bouncer.log());
+    }
+    assert_eq!(body["user"], json!("o'brien\\$1"));
+    let users: Vec<Option<String>> =
+        sqlx::query_scalar(&format!("SELECT user_id FROM {}", db.table()))
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        users,
+        [Some("o'brien\\$1".to_owned())],
+        "one row, the table intact"
+    );
+    db.drop_schema().await;
+}
+
 /// A store straight on Postgres (no transaction pooler), counted by
 /// PgBouncer in session mode, which relays each client's round trips as
 /// they are.

@@ -710,15 +710,65 @@ impl PgStore {
         now: OffsetDateTime,
     ) -> Result<Option<Loaded>, StoreError> {
         let ready = self.ready().await?;
-        let Some(sql) = ready.sql.load_one_text(key, now) else {
-            return Ok(None);
+        let rows = self.rows(ready.sql.load_one_text(key, now)).await?;
+        rows.first().map(Loaded::from_text_row).transpose()
+    }
+
+    /// The live rows under `keys`, read only, each with its key.
+    async fn load_read(
+        &self,
+        keys: &[&str],
+        now: OffsetDateTime,
+    ) -> Result<Vec<(String, Loaded)>, StoreError> {
+        let ready = self.ready().await?;
+        let (rows, decode): (_, fn(&_) -> _) = match self.inner.pooler {
+            Pooler::Direct => {
+                let Some(query) = ready.sql.load_read_query(keys, now) else {
+                    return Ok(Vec::new());
+                };
+                let mut conn = self.conn().await?;
+                let rows = query.persistent(true).fetch_all(conn.get()).await?;
+                conn.done().await?;
+                (rows, Loaded::from_row)
+            }
+            Pooler::Transaction => {
+                let Some(stmt) = ready.sql.load_read_text(keys, now) else {
+                    return Ok(Vec::new());
+                };
+                (self.rows(stmt).await?, Loaded::from_text_row)
+            }
         };
+        rows.iter()
+            .map(|r| Ok((r.try_get(7)?, decode(r)?)))
+            .collect()
+    }
+
+    /// Runs a statement of the hot path; its rows. Straight on Postgres it is
+    /// prepared once per connection. Behind a transaction pooler it is one
+    /// simple-protocol query with its values as literals, which the pooler
+    /// keeps on one server connection without a transaction around it: one
+    /// round trip where BEGIN, prepare, execute and COMMIT take four.
+    async fn rows(&self, stmt: sql::Stmt<'_>) -> Result<Vec<sqlx::postgres::PgRow>, StoreError> {
         let inner = &self.inner;
-        let mut conn = pooler::Conn::plain(&inner.pool, Some(&inner.warm), self.switched()).await?;
-        // Text without arguments goes as a simple Query message.
-        let row = sqlx::Executor::fetch_optional(conn.get(), sql.as_str()).await?;
+        let (rows, conn) = match inner.pooler {
+            Pooler::Direct => {
+                let mut conn = self.conn().await?;
+                let q = stmt.prepared().persistent(true);
+                (q.fetch_all(conn.get()).await?, conn)
+            }
+            Pooler::Transaction => {
+                let sql = stmt.inlined().ok_or_else(|| {
+                    sqlx::Error::Encode("a NUL byte, which Postgres text cannot hold".into())
+                })?;
+                let mut conn =
+                    pooler::Conn::plain(&inner.pool, Some(&inner.warm), self.switched()).await?;
+                // Text without arguments goes as a simple Query message.
+                let rows = sqlx::Executor::fetch_all(conn.get(), sql.as_str()).await?;
+                (rows, conn)
+            }
+        };
         conn.done().await?;
-        row.as_ref().map(Loaded::from_text_row).transpose()
+        Ok(rows)
     }
 
     /// Loads the live rows under `keys` read only; those due for their
@@ -729,18 +779,7 @@ impl PgStore {
         keys: &[&str],
         at: &LoadParams,
     ) -> Result<Vec<(String, Loaded)>, StoreError> {
-        let ready = self.ready().await?;
-        let Some(query) = ready.sql.load_read_query(keys, at.now) else {
-            return Ok(Vec::new());
-        };
-        let query = query.persistent(self.persistent());
-        let mut conn = self.conn().await?;
-        let rows = query.fetch_all(conn.get()).await?;
-        conn.done().await?;
-        let mut rows: Vec<(String, Loaded)> = rows
-            .iter()
-            .map(|r| Ok((r.try_get(7)?, Loaded::from_row(r)?)))
-            .collect::<Result<_, StoreError>>()?;
+        let mut rows = self.load_read(keys, at.now).await?;
         let due: Vec<&str> = rows
             .iter()
             .filter(|(_, row)| at.touch_due(row))
@@ -794,14 +833,10 @@ impl PgStore {
         jobs: &[&batch::InsertJob],
     ) -> Result<Vec<(String, String)>, StoreError> {
         let ready = self.ready().await?;
-        let Some(q) = ready.sql.insert_many_query(jobs) else {
+        let Some(stmt) = ready.sql.insert_many_stmt(jobs) else {
             return Ok(Vec::new());
         };
-        let q = q.persistent(self.persistent());
-        let mut conn = self.conn().await?;
-        let rows = q.fetch_all(conn.get()).await?;
-        conn.done().await?;
-        Ok(rows)
+        key_versions(&self.rows(stmt).await?)
     }
 
     /// Inserts a new row; `None` when the id is taken.
@@ -816,14 +851,8 @@ impl PgStore {
         // second finds the id taken and the caller picks another (the first
         // row, which no cookie names, expires unused).
         self.retry_once(|| async {
-            let q = ready
-                .sql
-                .insert_query(key, row, now)
-                .persistent(self.persistent());
-            let mut conn = self.conn().await?;
-            let inserted = q.fetch_optional(conn.get()).await?;
-            conn.done().await?;
-            Ok(inserted)
+            let rows = self.rows(ready.sql.insert_stmt(key, row, now)).await?;
+            first_text(&rows)
         })
         .await
     }
@@ -839,14 +868,8 @@ impl PgStore {
         now: OffsetDateTime,
     ) -> Result<Option<String>, StoreError> {
         let ready = self.ready().await?;
-        let q = ready
-            .sql
-            .update_query(key, new_key, version, row, now)
-            .persistent(self.persistent());
-        let mut conn = self.conn().await?;
-        let written = q.fetch_optional(conn.get()).await?;
-        conn.done().await?;
-        Ok(written)
+        let stmt = ready.sql.update_stmt(key, new_key, version, row, now);
+        first_text(&self.rows(stmt).await?)
     }
 
     /// Writes rows loaded at the given versions under their own keys, in one
@@ -857,14 +880,10 @@ impl PgStore {
         jobs: &[&batch::UpdateJob],
     ) -> Result<Vec<(String, String)>, StoreError> {
         let ready = self.ready().await?;
-        let Some(q) = ready.sql.update_many_query(jobs) else {
+        let Some(stmt) = ready.sql.update_many_stmt(jobs) else {
             return Ok(Vec::new());
         };
-        let q = q.persistent(self.persistent());
-        let mut conn = self.conn().await?;
-        let written = q.fetch_all(conn.get()).await?;
-        conn.done().await?;
-        Ok(written)
+        key_versions(&self.rows(stmt).await?)
     }
 
     /// Starts a transaction on a pooled connection.
@@ -1026,6 +1045,18 @@ pub(crate) type Tx = sqlx::Transaction<'static, sqlx::Postgres>;
 
 pub(crate) use crate::task::detached;
 
+/// The first column of the first row, as text (a version); `None` for no row.
+fn first_text(rows: &[sqlx::postgres::PgRow]) -> Result<Option<String>, StoreError> {
+    Ok(rows.first().map(|r| r.try_get(0)).transpose()?)
+}
+
+/// Each row's key and version, in text.
+fn key_versions(rows: &[sqlx::postgres::PgRow]) -> Result<Vec<(String, String)>, StoreError> {
+    rows.iter()
+        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+        .collect()
+}
+
 /// Times for one load: the idle extension is written only when the row
 /// expires before `touch_before`.
 #[derive(Debug, Clone, Copy)]
@@ -1066,7 +1097,8 @@ pub(crate) struct Loaded {
 }
 
 impl Loaded {
-    /// The columns of [`sql::Sql::load_one_text`]: instants as microseconds.
+    /// The columns of the loads for the simple query protocol: instants as
+    /// microseconds.
     fn from_text_row(r: &sqlx::postgres::PgRow) -> Result<Self, StoreError> {
         let instant = |micros: i64| {
             OffsetDateTime::from_unix_timestamp_nanos(i128::from(micros) * 1000)

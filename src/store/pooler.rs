@@ -12,14 +12,17 @@
 //!   `Describe`, `Sync`) and executed in the next (`Bind`, `Execute`,
 //!   `Sync`): the pooler may hand the server connection around in between.
 //!
-//! Under [`Pooler::Transaction`] every statement is unnamed and runs inside
-//! an explicit transaction of its own (or the store's own transactions), so
-//! its preparation and execution stay on one server connection, and nothing
-//! outlives the transaction: advisory locks are transaction-scoped and
-//! settings are `SET LOCAL`. sqlx's binds keep every value out of the SQL
-//! text. The price is two more round trips (`BEGIN`, `COMMIT`) and a parse
-//! per statement; shared loads and saves spread it over every request in
-//! the statement.
+//! Under [`Pooler::Transaction`] the lone load, and inserts and saves
+//! (alone or shared), go as simple-protocol queries: one `Query`
+//! message, one statement, its values written in as escaped literals. Such
+//! a query runs in a transaction of its own and the pooler keeps it on one
+//! server connection: one round trip, as straight on Postgres. Every other
+//! statement is unnamed and runs inside an explicit transaction of its own
+//! (or the store's own transactions), so its preparation and execution stay
+//! on one server connection, and nothing outlives the transaction:
+//! advisory locks are transaction-scoped and settings are `SET LOCAL`. The
+//! price there is two more round trips (`BEGIN`, `COMMIT`) and a parse per
+//! statement.
 
 use std::time::Instant;
 

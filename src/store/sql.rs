@@ -20,11 +20,12 @@ pub(super) struct Sql {
     pub(super) load_idle: Vec<String>,
     /// A lone load: one key, by primary key, read only.
     pub(super) load_one: String,
-    /// The same as one simple-protocol query: the text around the key's
-    /// literal and the time's.
-    load_one_text: [String; 3],
+    /// The same for the simple query protocol (results in text).
+    load_one_text: String,
     /// Shared loads, read only: 1, 2, 4, … [`batch::MAX_KEYS`] keys.
     pub(super) load_read: Vec<String>,
+    /// The same for the simple query protocol.
+    load_read_text: Vec<String>,
     pub(super) insert: String,
     /// Inserts of 1, 2, 4, … [`batch::MAX_KEYS`] rows (index 0 unused).
     pub(super) insert_many: Vec<String>,
@@ -67,6 +68,7 @@ impl Sql {
             load_one: table.load_one(),
             load_one_text: table.load_one_text(),
             load_read: arities().map(|k| table.load_read(k)).collect(),
+            load_read_text: arities().map(|k| table.load_read_text(k)).collect(),
             insert: table.insert(),
             insert_many: arities().map(|rows| table.insert_many(rows)).collect(),
             update: table.update(),
@@ -86,8 +88,6 @@ type Args = sqlx::postgres::PgArguments;
 pub(super) type Query<'q> = sqlx::query::Query<'q, sqlx::Postgres, Args>;
 /// A statement answering one column, with its parameters bound.
 pub(super) type Scalar<'q, O> = sqlx::query::QueryScalar<'q, sqlx::Postgres, O, Args>;
-/// A statement answering rows of `O`, with its parameters bound.
-pub(super) type Rows<'q, O> = sqlx::query::QueryAs<'q, sqlx::Postgres, O, Args>;
 
 /// Each statement bound to its values, in the order its builder documents.
 impl Sql {
@@ -111,14 +111,21 @@ impl Sql {
         Some(q)
     }
 
-    /// [`Table::load_one_text`] with its values: one round trip that needs
-    /// no transaction to stay on one server connection behind a transaction
-    /// pooler. `None` for a key no literal can carry (a NUL byte).
-    pub(super) fn load_one_text(&self, key: &str, now: OffsetDateTime) -> Option<String> {
-        let [before, between, after] = &self.load_one_text;
-        let key = literal(key)?;
-        let now = instant_literal(now);
-        Some(format!("{before}{key}{between}{now}{after}"))
+    /// [`Table::load_one_text`] with its values.
+    pub(super) fn load_one_text<'q>(&'q self, key: &'q str, now: OffsetDateTime) -> Stmt<'q> {
+        Stmt::new(&self.load_one_text).text(key).at(now)
+    }
+
+    /// [`Table::load_read_text`] of `keys`, padded to the next arity; `None`
+    /// for none.
+    pub(super) fn load_read_text<'q>(
+        &'q self,
+        keys: &[&'q str],
+        now: OffsetDateTime,
+    ) -> Option<Stmt<'q>> {
+        let (index, keys) = padded(keys)?;
+        let stmt = Stmt::new(self.load_read_text.get(index)?).at(now);
+        Some(keys.fold(stmt, |stmt, key| stmt.text(key)))
     }
 
     /// [`Table::load_one`].
@@ -127,24 +134,24 @@ impl Sql {
     }
 
     /// [`Table::insert`].
-    pub(super) fn insert_query<'q>(
+    pub(super) fn insert_stmt<'q>(
         &'q self,
         key: &'q str,
         row: &NewRow<'q>,
         now: OffsetDateTime,
-    ) -> Scalar<'q, String> {
-        let q = sqlx::query_scalar(&self.insert)
-            .bind(key)
-            .bind(row.sess)
-            .bind(row.expire);
+    ) -> Stmt<'q> {
+        let stmt = Stmt::new(&self.insert)
+            .text(key)
+            .text(row.sess)
+            .at(row.expire);
         if !self.extended {
-            return q;
+            return stmt;
         }
-        q.bind(now)
-            .bind(row.user_id)
-            .bind(row.provider_sid)
-            .bind(row.user_agent)
-            .bind(row.ip)
+        stmt.at(now)
+            .opt(row.user_id)
+            .opt(row.provider_sid)
+            .opt(row.user_agent)
+            .opt(row.ip)
     }
 
     /// [`Table::load_read`] of `keys`, padded to the next arity; `None` for none.
@@ -164,70 +171,66 @@ impl Sql {
     /// [`Table::insert_many`] of `jobs`, padded to the next arity (the
     /// padding repeats the last row, which then finds its id taken by
     /// itself); `None` for none.
-    pub(super) fn insert_many_query<'q>(
-        &'q self,
-        jobs: &[&'q InsertJob],
-    ) -> Option<Rows<'q, (String, String)>> {
+    pub(super) fn insert_many_stmt<'q>(&'q self, jobs: &[&'q InsertJob]) -> Option<Stmt<'q>> {
         let (index, padded) = padded(jobs)?;
-        let mut q = sqlx::query_as(self.insert_many.get(index)?);
+        let mut stmt = Stmt::new(self.insert_many.get(index)?);
         for j in padded {
             let row = &j.row;
-            q = q.bind(&j.key).bind(&row.sess).bind(row.expire);
+            stmt = stmt.text(&j.key).text(&row.sess).at(row.expire);
             if self.extended {
-                q = q
-                    .bind(j.now)
-                    .bind(&row.user_id)
-                    .bind(&row.provider_sid)
-                    .bind(&j.user_agent)
-                    .bind(&j.ip);
+                stmt = stmt
+                    .at(j.now)
+                    .opt(row.user_id.as_deref())
+                    .opt(row.provider_sid.as_deref())
+                    .opt(j.user_agent.as_deref())
+                    .opt(j.ip.as_deref());
             }
         }
-        Some(q)
+        Some(stmt)
     }
 
     /// [`Table::update`].
-    pub(super) fn update_query<'q>(
+    pub(super) fn update_stmt<'q>(
         &'q self,
         key: &'q str,
         new_key: &'q str,
         version: &'q str,
         row: &NewRow<'q>,
         now: OffsetDateTime,
-    ) -> Scalar<'q, String> {
-        let q = sqlx::query_scalar(&self.update)
-            .bind(key)
-            .bind(new_key)
-            .bind(row.sess)
-            .bind(row.expire)
-            .bind(version)
-            .bind(now);
+    ) -> Stmt<'q> {
+        let stmt = Stmt::new(&self.update)
+            .text(key)
+            .text(new_key)
+            .text(row.sess)
+            .at(row.expire)
+            .text(version)
+            .at(now);
         if !self.extended {
-            return q;
+            return stmt;
         }
-        q.bind(row.user_id).bind(row.provider_sid)
+        stmt.opt(row.user_id).opt(row.provider_sid)
     }
 
     /// [`Table::update_many`] of `jobs`, padded to the next arity (the same
     /// row twice is written once); `None` for none.
-    pub(super) fn update_many_query<'q>(
-        &'q self,
-        jobs: &[&'q UpdateJob],
-    ) -> Option<Rows<'q, (String, String)>> {
+    pub(super) fn update_many_stmt<'q>(&'q self, jobs: &[&'q UpdateJob]) -> Option<Stmt<'q>> {
         let first = jobs.first()?;
         let (index, padded) = padded(jobs)?;
-        let mut q = sqlx::query_as(self.update_many.get(index)?).bind(first.now);
+        let mut stmt = Stmt::new(self.update_many.get(index)?).at(first.now);
         for j in padded {
             let row = &j.row;
-            q = q
-                .bind(&j.key)
-                .bind(&row.sess)
-                .bind(row.expire)
-                .bind(&j.version);
+            stmt = stmt
+                .text(&j.key)
+                .text(&row.sess)
+                .at(row.expire)
+                .text(&j.version);
             if self.extended {
-                q = q.bind(&row.user_id).bind(&row.provider_sid);
+                stmt = stmt
+                    .opt(row.user_id.as_deref())
+                    .opt(row.provider_sid.as_deref());
             }
         }
-        Some(q)
+        Some(stmt)
     }
 
     /// [`Table::select_for_update`].
@@ -403,27 +406,51 @@ impl<'a> Table<'a> {
         )
     }
 
-    /// [`Self::load_one`] for the simple query protocol, split where its two
-    /// values go as literals (the key, then now). Results come as text, so
-    /// instants are microseconds since the epoch: no time zone setting of
-    /// the server connection can change how they read.
-    fn load_one_text(&self) -> [String; 3] {
+    /// The columns of [`Table::load`] but the key, for the simple query
+    /// protocol, from rows with the table's columns. Results come as text,
+    /// so instants are microseconds since the epoch: no time zone setting
+    /// of the server connection can change how they read.
+    fn text_cols(&self) -> String {
         let micros = |column: &str| format!("(extract(epoch FROM {column}) * 1000000)::int8");
         let ext = if self.layout.extended {
             format!("{}, user_id, provider_sid", micros("created_at"))
         } else {
             "NULL::int8, NULL::text, NULL::text".to_owned()
         };
-        let sql = format!(
-            "SELECT sess::text, {}, xmin::text, {ext}, false FROM {} \
-             WHERE sid = \u{1} AND expire > {}",
-            micros(&to_instant(&self.layout.expire, "expire")),
+        format!(
+            "sess::text, {}, xmin::text, {ext}, false",
+            micros(&to_instant(&self.layout.expire, "expire"))
+        )
+    }
+
+    /// [`Self::load_one`] for the simple query protocol. Parameters: $1
+    /// key, $2 now.
+    fn load_one_text(&self) -> String {
+        format!(
+            "SELECT {} FROM {} WHERE sid = $1 AND expire > {}",
+            self.text_cols(),
             self.t,
-            self.to_col("\u{2}")
-        );
-        let (before, rest) = sql.split_once('\u{1}').unwrap_or_else(|| unreachable!());
-        let (between, after) = rest.split_once('\u{2}').unwrap_or_else(|| unreachable!());
-        [before.to_owned(), between.to_owned(), after.to_owned()]
+            self.to_col("$2")
+        )
+    }
+
+    /// [`Self::load_read`] for the simple query protocol; the key last.
+    fn load_read_text(&self, keys: usize) -> String {
+        let list = (2..2 + keys)
+            .map(|n| format!("${n}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let cols = if self.layout.extended {
+            "sid, sess, expire, xmin, created_at, user_id, provider_sid"
+        } else {
+            "sid, sess, expire, xmin"
+        };
+        format!(
+            "SELECT {}, sid::text FROM ({}) AS cur WHERE expire > {}",
+            self.text_cols(),
+            by_key(&self.t, cols, &list),
+            self.to_col("$1")
+        )
     }
 
     /// Loads `keys` live rows, read only: the shared statement while no row
@@ -656,6 +683,99 @@ pub(super) fn arities() -> impl Iterator<Item = usize> {
 
 /// Instants travel as timestamptz; a `timestamp` column holds wall-clock time
 /// in the zone Node writes it in, so values are converted on the way in…
+/// One value of a statement.
+#[derive(Debug, Clone, Copy)]
+enum Arg<'q> {
+    Text(Option<&'q str>),
+    At(OffsetDateTime),
+}
+
+impl Arg<'_> {
+    /// The value as SQL text; `None` for a NUL byte.
+    fn literal(self) -> Option<String> {
+        match self {
+            Self::Text(None) => Some("NULL".to_owned()),
+            Self::Text(Some(text)) => literal(text),
+            Self::At(at) => Some(instant_literal(at)),
+        }
+    }
+}
+
+/// A statement with its values, for either protocol: prepared with the
+/// values bound, or as one simple-protocol query with the values written
+/// in as literals (behind a transaction pooler: one round trip, which
+/// needs no transaction to stay on one server connection).
+#[derive(Debug)]
+pub(super) struct Stmt<'q> {
+    sql: &'q str,
+    args: Vec<Arg<'q>>,
+}
+
+impl<'q> Stmt<'q> {
+    fn new(sql: &'q str) -> Self {
+        Self {
+            sql,
+            args: Vec::new(),
+        }
+    }
+
+    fn text(mut self, value: &'q str) -> Self {
+        self.args.push(Arg::Text(Some(value)));
+        self
+    }
+
+    fn opt(mut self, value: Option<&'q str>) -> Self {
+        self.args.push(Arg::Text(value));
+        self
+    }
+
+    fn at(mut self, at: OffsetDateTime) -> Self {
+        self.args.push(Arg::At(at));
+        self
+    }
+
+    /// The prepared statement with its values bound ($1 the first).
+    pub(super) fn prepared(self) -> Query<'q> {
+        self.args
+            .into_iter()
+            .fold(sqlx::query(self.sql), |q, arg| match arg {
+                Arg::Text(text) => q.bind(text),
+                Arg::At(at) => q.bind(at),
+            })
+    }
+
+    /// The query text with each `$n` replaced by the literal of the n-th
+    /// value; `None` when a value holds a NUL byte. Only the statements of
+    /// this module go through here: no `$` is ever inside their quotes, and
+    /// none is skipped in the text around them.
+    pub(super) fn inlined(&self) -> Option<String> {
+        let mut out = String::with_capacity(self.sql.len() + 32 * self.args.len());
+        let mut rest = self.sql;
+        let mut quoted = false;
+        while let Some(at) = rest.find(['$', '\'']) {
+            let (before, from) = rest.split_at(at);
+            out.push_str(before);
+            if from.starts_with('\'') {
+                quoted = !quoted;
+                out.push('\'');
+                rest = &from[1..];
+                continue;
+            }
+            let digits = from[1..].bytes().take_while(u8::is_ascii_digit).count();
+            if quoted || digits == 0 {
+                out.push('$');
+                rest = &from[1..];
+                continue;
+            }
+            let n: usize = from[1..=digits].parse().ok()?;
+            out.push_str(&self.args.get(n.checked_sub(1)?)?.literal()?);
+            rest = &from[1 + digits..];
+        }
+        out.push_str(rest);
+        Some(out)
+    }
+}
+
 /// `value` as an escape string literal: read the same whatever
 /// `standard_conforming_strings` says. `None` for a NUL byte, which no
 /// Postgres text holds.
@@ -937,5 +1057,27 @@ mod tests {
             instant_literal(at),
             "'2023-11-14T22:13:20.000000Z'::timestamptz"
         );
+    }
+
+    #[test]
+    fn inlined_values_replace_each_placeholder_once_and_only_there() {
+        let at =
+            OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap_or_else(|_| unreachable!());
+        let sql = "SELECT $1, $10, '$2', $2::xid, $3 AT TIME ZONE 'UTC', $";
+        let mut stmt = Stmt::new(sql).text("a'$1").opt(None).at(at);
+        for n in 4..=10 {
+            stmt = stmt.text(if n == 10 { "ten" } else { "x" });
+        }
+        assert_eq!(
+            stmt.inlined().as_deref(),
+            Some(
+                "SELECT E'a\\'$1', E'ten', '$2', NULL::xid, \
+                 '2023-11-14T22:13:20.000000Z'::timestamptz AT TIME ZONE 'UTC', $"
+            )
+        );
+        // A value no literal can carry; a placeholder with no value.
+        assert_eq!(Stmt::new("SELECT $1").text("a\0b").inlined(), None);
+        assert_eq!(Stmt::new("SELECT $2").text("a").inlined(), None);
+        assert_eq!(Stmt::new("SELECT $0").inlined(), None);
     }
 }
