@@ -755,21 +755,23 @@ impl<'q> Stmt<'q> {
         while let Some(at) = rest.find(['$', '\'']) {
             let (before, from) = rest.split_at(at);
             out.push_str(before);
-            if from.starts_with('\'') {
+            if let Some(after) = from.strip_prefix('\'') {
                 quoted = !quoted;
                 out.push('\'');
-                rest = &from[1..];
+                rest = after;
                 continue;
             }
-            let digits = from[1..].bytes().take_while(u8::is_ascii_digit).count();
+            let after = &from[1..];
+            let digits = after.bytes().take_while(u8::is_ascii_digit).count();
             if quoted || digits == 0 {
                 out.push('$');
-                rest = &from[1..];
+                rest = after;
                 continue;
             }
-            let n: usize = from[1..=digits].parse().ok()?;
+            let (n, tail) = after.split_at(digits);
+            let n: usize = n.parse().ok()?;
             out.push_str(&self.args.get(n.checked_sub(1)?)?.literal()?);
-            rest = &from[1 + digits..];
+            rest = tail;
         }
         out.push_str(rest);
         Some(out)
