@@ -42,17 +42,6 @@ async fn busy(db: &Db, name: &str) -> i64 {
     .unwrap()
 }
 
-async fn kill_backends(db: &Db, name: &str) -> usize {
-    sqlx::query_scalar::<_, bool>(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
-    )
-    .bind(name)
-    .fetch_all(&db.pool)
-    .await
-    .unwrap()
-    .len()
-}
-
 #[tokio::test]
 async fn a_save_on_a_connection_that_died_while_idle_is_retried() {
     let db = Db::new().await;
@@ -65,7 +54,7 @@ async fn a_save_on_a_connection_that_died_while_idle_is_retried() {
     let mut slow = c.clone();
     let request = tokio::spawn(async move { slow.put("/slow/later", json!(null)).await });
     gate.entered.notified().await;
-    assert_eq!(kill_backends(&db, &name).await, 1);
+    assert_eq!(db.kill_backends(&name).await.len(), 1);
     gate.release.notify_one();
     let r = request.await.unwrap();
     assert_eq!(r.status, StatusCode::NO_CONTENT);

@@ -143,6 +143,16 @@ async fn a_lone_read_through_the_pooler_is_one_statement() {
     db.drop_schema().await;
 }
 
+/// Increments the counter through `counts` (each checked); the round trips
+/// PgBouncer relayed meanwhile.
+async fn count_to(bouncer: &PgBouncer, c: &mut Client, counts: std::ops::Range<u64>) -> i64 {
+    let trips = bouncer.round_trips().await;
+    for n in counts {
+        assert_eq!(c.get("/counter").await.body, json!({"count": n}));
+    }
+    bouncer.round_trips().await - trips
+}
+
 #[tokio::test]
 async fn writes_through_the_pooler_are_one_round_trip_each() {
     let bouncer = PgBouncer::start().await;
@@ -158,11 +168,7 @@ async fn writes_through_the_pooler_are_one_round_trip_each() {
         1,
         "a new session is its insert"
     );
-    let trips = bouncer.round_trips().await;
-    for n in 2..12 {
-        assert_eq!(c.get("/counter").await.body, json!({"count": n}));
-    }
-    let writes = bouncer.round_trips().await - trips;
+    let writes = count_to(&bouncer, &mut c, 2..12).await;
     assert_eq!(writes, 20, "a write is its load and its update");
     db.drop_schema().await;
 }
@@ -237,11 +243,7 @@ async fn a_read_is_one_round_trip_and_a_write_two() {
     }
     let reads = bouncer.round_trips().await - trips;
     assert_eq!(reads, 10, "one round trip per read");
-    let trips = bouncer.round_trips().await;
-    for n in 4..14 {
-        assert_eq!(c.get("/counter").await.body, json!({"count": n}));
-    }
-    let writes = bouncer.round_trips().await - trips;
+    let writes = count_to(&bouncer, &mut c, 4..14).await;
     assert_eq!(writes, 20, "a write is its load and its update");
     db.drop_schema().await;
 }
@@ -326,13 +328,7 @@ async fn kept_connections_killed_while_idle_cost_no_request() {
     let mut d = Client::new(app.clone());
     let (a, b) = tokio::join!(c.get("/kv"), d.get("/kv"));
     assert_eq!((a.status, b.status), (StatusCode::OK, StatusCode::OK));
-    let killed: Vec<bool> = sqlx::query_scalar(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
-    )
-    .bind(&name)
-    .fetch_all(&db.pool)
-    .await
-    .unwrap();
+    let killed = db.kill_backends(&name).await;
     assert!(
         !killed.is_empty() && killed.iter().all(|k| *k),
         "{killed:?}"

@@ -193,13 +193,7 @@ async fn a_load_on_a_connection_that_died_while_idle_is_retried() {
     let mut c = Client::new(app(layer(store), Gate::default()));
     c.put("/kv/me", json!(1)).await;
 
-    let killed: Vec<bool> = sqlx::query_scalar(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
-    )
-    .bind(&name)
-    .fetch_all(&db.pool)
-    .await
-    .unwrap();
+    let killed = db.kill_backends(&name).await;
     assert_eq!(killed, [true], "the pool's one connection is gone");
 
     let r = c.get("/kv").await;

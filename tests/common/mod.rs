@@ -166,6 +166,18 @@ impl Db {
         serde_json::from_str(&all[0]).unwrap()
     }
 
+    /// Terminates every backend of the pool named `name` (its
+    /// `application_name`); whether each went.
+    pub async fn kill_backends(&self, name: &str) -> Vec<bool> {
+        sqlx::query_scalar(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+        )
+        .bind(name)
+        .fetch_all(&self.pool)
+        .await
+        .unwrap()
+    }
+
     /// A store on its own pool of at most `size` connections, which carry the
     /// returned name as their application name, so a test can find (and kill)
     /// their backends.
