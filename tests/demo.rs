@@ -625,6 +625,13 @@ async fn integrations_connect_check_refresh_and_disconnect_as_documented() {
             .unwrap_or_else(|e| panic!("{url}: {status} {text:?}: {e}"))
     };
 
+    // The vault gets ready after the demo answers /healthz (discovery,
+    // then its table); until then its routes answer 503 vault_unavailable.
+    common::eventually("the token vault to be ready", || async {
+        log.lock().unwrap().contains("token vault ready")
+    })
+    .await;
+
     // Not logged in: refused, nothing started.
     let r = b
         .api(&format!(
