@@ -672,11 +672,10 @@ impl PgStore {
     /// when its extension is due (once per share of the idle timeout), the
     /// shared statement then loads it again and extends it.
     async fn load_one(&self, key: &str, at: &LoadParams) -> Result<Option<Loaded>, StoreError> {
-        let loaded = match self.inner.pooler {
-            Pooler::Direct => self.load_one_prepared(key, at.now).await?,
-            Pooler::Transaction => self.load_one_text(key, at.now).await?,
-        };
-        let Some(loaded) = loaded else {
+        let ready = self.ready().await?;
+        let stmt = ready.sql.load_one_stmt(key, at.now, self.text());
+        let rows = self.rows(stmt).await?;
+        let Some(loaded) = rows.first().map(self.decoder()).transpose()? else {
             return Ok(None);
         };
         if !at.touch_due(&loaded) {
@@ -686,34 +685,6 @@ impl PgStore {
         Ok(rows.pop().map(|(_, row)| row))
     }
 
-    /// The lone load as a prepared statement, cached per connection.
-    async fn load_one_prepared(
-        &self,
-        key: &str,
-        now: OffsetDateTime,
-    ) -> Result<Option<Loaded>, StoreError> {
-        let ready = self.ready().await?;
-        let query = ready.sql.load_one_query(key, now).persistent(true);
-        let mut conn = self.conn().await?;
-        let row = query.fetch_optional(conn.get()).await?;
-        conn.done().await?;
-        row.as_ref().map(Loaded::from_row).transpose()
-    }
-
-    /// The lone load behind a transaction pooler: one simple-protocol
-    /// query, which the pooler keeps on one server connection without a
-    /// transaction around it (a prepared one takes two round trips, and
-    /// BEGIN and COMMIT two more). The values go in as escaped literals.
-    async fn load_one_text(
-        &self,
-        key: &str,
-        now: OffsetDateTime,
-    ) -> Result<Option<Loaded>, StoreError> {
-        let ready = self.ready().await?;
-        let rows = self.rows(ready.sql.load_one_text(key, now)).await?;
-        rows.first().map(Loaded::from_text_row).transpose()
-    }
-
     /// The live rows under `keys`, read only, each with its key.
     async fn load_read(
         &self,
@@ -721,26 +692,31 @@ impl PgStore {
         now: OffsetDateTime,
     ) -> Result<Vec<(String, Loaded)>, StoreError> {
         let ready = self.ready().await?;
-        let (rows, decode): (_, fn(&_) -> _) = match self.inner.pooler {
-            Pooler::Direct => {
-                let Some(query) = ready.sql.load_read_query(keys, now) else {
-                    return Ok(Vec::new());
-                };
-                let mut conn = self.conn().await?;
-                let rows = query.persistent(true).fetch_all(conn.get()).await?;
-                conn.done().await?;
-                (rows, Loaded::from_row)
-            }
-            Pooler::Transaction => {
-                let Some(stmt) = ready.sql.load_read_text(keys, now) else {
-                    return Ok(Vec::new());
-                };
-                (self.rows(stmt).await?, Loaded::from_text_row)
-            }
+        let Some(stmt) = ready.sql.load_read_stmt(keys, now, self.text()) else {
+            return Ok(Vec::new());
         };
-        rows.iter()
+        let decode = self.decoder();
+        self.rows(stmt)
+            .await?
+            .iter()
             .map(|r| Ok((r.try_get(7)?, decode(r)?)))
             .collect()
+    }
+
+    /// Whether the hot path's statements go as simple-protocol text (see
+    /// [`Self::rows`]).
+    fn text(&self) -> bool {
+        self.inner.pooler == Pooler::Transaction
+    }
+
+    /// How a load's rows read: binary columns from a prepared statement,
+    /// instants as microseconds from a simple-protocol one.
+    fn decoder(&self) -> fn(&sqlx::postgres::PgRow) -> Result<Loaded, StoreError> {
+        if self.text() {
+            Loaded::from_text_row
+        } else {
+            Loaded::from_row
+        }
     }
 
     /// Runs a statement of the hot path; its rows. Straight on Postgres it is
@@ -750,22 +726,19 @@ impl PgStore {
     /// round trip where BEGIN, prepare, execute and COMMIT take four.
     async fn rows(&self, stmt: sql::Stmt<'_>) -> Result<Vec<sqlx::postgres::PgRow>, StoreError> {
         let inner = &self.inner;
-        let (rows, conn) = match inner.pooler {
-            Pooler::Direct => {
-                let mut conn = self.conn().await?;
-                let q = stmt.prepared().persistent(true);
-                (q.fetch_all(conn.get()).await?, conn)
-            }
-            Pooler::Transaction => {
-                let sql = stmt.inlined().ok_or_else(|| {
-                    sqlx::Error::Encode("a NUL byte, which Postgres text cannot hold".into())
-                })?;
-                let mut conn =
-                    pooler::Conn::plain(&inner.pool, Some(&inner.warm), self.switched()).await?;
-                // Text without arguments goes as a simple Query message.
-                let rows = sqlx::Executor::fetch_all(conn.get(), sql.as_str()).await?;
-                (rows, conn)
-            }
+        let (rows, conn) = if self.text() {
+            let sql = stmt.inlined().ok_or_else(|| {
+                sqlx::Error::Encode("a NUL byte, which Postgres text cannot hold".into())
+            })?;
+            let mut conn =
+                pooler::Conn::plain(&inner.pool, Some(&inner.warm), self.switched()).await?;
+            // Text without arguments goes as a simple Query message.
+            let rows = sqlx::Executor::fetch_all(conn.get(), sql.as_str()).await?;
+            (rows, conn)
+        } else {
+            let mut conn = self.conn().await?;
+            let q = stmt.prepared().persistent(true);
+            (q.fetch_all(conn.get()).await?, conn)
         };
         conn.done().await?;
         Ok(rows)

@@ -24,11 +24,9 @@
 //! price there is two more round trips (`BEGIN`, `COMMIT`) and a parse per
 //! statement.
 
-use std::time::Instant;
+use std::{sync::Arc, time::Instant};
 
 use sqlx::{Executor, PgConnection, PgPool};
-
-use std::sync::Arc;
 
 use super::warm::{Leased, Warm};
 

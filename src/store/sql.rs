@@ -111,26 +111,37 @@ impl Sql {
         Some(q)
     }
 
-    /// [`Table::load_one_text`] with its values.
-    pub(super) fn load_one_text<'q>(&'q self, key: &'q str, now: OffsetDateTime) -> Stmt<'q> {
-        Stmt::new(&self.load_one_text).text(key).at(now)
+    /// [`Table::load_one`] with its values; in `text`, [`Table::load_one_text`].
+    pub(super) fn load_one_stmt<'q>(
+        &'q self,
+        key: &'q str,
+        now: OffsetDateTime,
+        text: bool,
+    ) -> Stmt<'q> {
+        let sql = if text {
+            &self.load_one_text
+        } else {
+            &self.load_one
+        };
+        Stmt::new(sql).text(key).at(now)
     }
 
-    /// [`Table::load_read_text`] of `keys`, padded to the next arity; `None`
-    /// for none.
-    pub(super) fn load_read_text<'q>(
+    /// [`Table::load_read`] of `keys`, padded to the next arity; in `text`,
+    /// [`Table::load_read_text`]. `None` for none.
+    pub(super) fn load_read_stmt<'q>(
         &'q self,
         keys: &[&'q str],
         now: OffsetDateTime,
+        text: bool,
     ) -> Option<Stmt<'q>> {
         let (index, keys) = padded(keys)?;
-        let stmt = Stmt::new(self.load_read_text.get(index)?).at(now);
+        let statements = if text {
+            &self.load_read_text
+        } else {
+            &self.load_read
+        };
+        let stmt = Stmt::new(statements.get(index)?).at(now);
         Some(keys.fold(stmt, |stmt, key| stmt.text(key)))
-    }
-
-    /// [`Table::load_one`].
-    pub(super) fn load_one_query<'q>(&'q self, key: &'q str, now: OffsetDateTime) -> Query<'q> {
-        sqlx::query(&self.load_one).bind(key).bind(now)
     }
 
     /// [`Table::insert`].
@@ -152,20 +163,6 @@ impl Sql {
             .opt(row.provider_sid)
             .opt(row.user_agent)
             .opt(row.ip)
-    }
-
-    /// [`Table::load_read`] of `keys`, padded to the next arity; `None` for none.
-    pub(super) fn load_read_query<'q>(
-        &'q self,
-        keys: &[&'q str],
-        now: OffsetDateTime,
-    ) -> Option<Query<'q>> {
-        let (index, keys) = padded(keys)?;
-        let mut q = sqlx::query(self.load_read.get(index)?).bind(now);
-        for key in keys {
-            q = q.bind(*key);
-        }
-        Some(q)
     }
 
     /// [`Table::insert_many`] of `jobs`, padded to the next arity (the
@@ -330,10 +327,7 @@ impl<'a> Table<'a> {
             ""
         };
         let first = if absolute { 5 } else { 4 };
-        let list = (first..first + keys)
-            .map(|n| format!("${n}"))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let list = placeholders(first, keys);
         let extend = |of: &str| {
             if absolute {
                 self.to_col(&format!(
@@ -439,10 +433,7 @@ impl<'a> Table<'a> {
     /// gets the primary-key index scan, and plans faster than the shape a
     /// generic plan needs ([`by_key`]).
     fn load_read_text(&self, keys: usize) -> String {
-        let list = (2..2 + keys)
-            .map(|n| format!("${n}"))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let list = placeholders(2, keys);
         format!(
             "SELECT {}, sid::text FROM {} WHERE sid = ANY(ARRAY[{list}]::text[]) AND expire > {}",
             self.text_cols(),
@@ -456,10 +447,7 @@ impl<'a> Table<'a> {
     /// Answers the columns of [`Table::load`] (`touched` false); the caller
     /// hands the rows due to that statement.
     fn load_read(&self, keys: usize) -> String {
-        let list = (2..2 + keys)
-            .map(|n| format!("${n}"))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let list = placeholders(2, keys);
         let rows = by_key(
             &self.t,
             &format!("sid, sess, expire, xmin, {}", self.ext_cols()),
@@ -657,6 +645,14 @@ impl<'a> Table<'a> {
             expire = self.to_col("$3"),
         )
     }
+}
+
+/// `$first, …` for `count` parameters.
+fn placeholders(first: usize, count: usize) -> String {
+    (first..first + count)
+        .map(|n| format!("${n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The rows of `t` whose `sid` is one of `keys` (a list of parameters,
