@@ -669,6 +669,26 @@ async fn oidcc_client_test_refresh_token_invalid_issuer() {
     s.db.drop_schema().await;
 }
 
+/// A subject the session table cannot hold (a NUL character) is refused
+/// as an invalid ID token before anything is stored.
+#[tokio::test]
+async fn a_sub_with_a_nul_character_is_an_invalid_id_token() {
+    let s = provider().await;
+    let (b, callback) = authorized(&s, "alice").await;
+    s.idp.rename_account("alice", "alice\u{0}admin").await;
+    let (status, error) = visit(&b, &callback).await;
+    assert_eq!(
+        (status, error.as_str()),
+        (StatusCode::BAD_REQUEST, "invalid_id_token")
+    );
+    assert_eq!(
+        b.me(&s.apps[0].url).await.status(),
+        StatusCode::UNAUTHORIZED
+    );
+    assert!(logged_in_users(&s).await.is_empty());
+    s.db.drop_schema().await;
+}
+
 /// A refreshed ID token naming someone else ends the session.
 #[tokio::test]
 async fn oidcc_client_test_refresh_token_invalid_sub() {

@@ -717,3 +717,54 @@ mod tower_sessions_adapter {
         db.drop_schema().await;
     }
 }
+
+/// Who owns the session, as the `user_id` column holds it.
+async fn user_ids(db: &Db) -> Vec<Option<String>> {
+    sqlx::query_scalar(&format!("SELECT user_id FROM {}", db.table()))
+        .fetch_all(&db.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_user_id_the_table_cannot_hold_is_refused_and_the_session_is_intact() {
+    let db = Db::new().await;
+    let mut c = Client::new(app(layer(db.store().await), Gate::default()));
+    assert_eq!(c.post("/login/alice").await.status, StatusCode::NO_CONTENT);
+    // Postgres text cannot hold a NUL character.
+    let r = c.post("/login/a%00b").await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{:?}", r.body);
+    assert_eq!(c.get("/kv").await.body["user"], json!("alice"));
+    assert_eq!(user_ids(&db).await, [Some("alice".to_owned())]);
+    db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn data_a_jsonb_column_cannot_hold_is_refused_and_the_session_is_intact() {
+    let db = Db::new().await;
+    node_table(&db, "jsonb", "timestamptz").await;
+    let mut c = Client::new(app(layer(db.store().await), Gate::default()));
+    assert_eq!(
+        c.put("/kv/a", json!("kept")).await.status,
+        StatusCode::NO_CONTENT
+    );
+    // jsonb has no NUL character (`\u0000`); a backslash before `u0000` is
+    // only text.
+    let r = c.put("/kv/b", json!({"deep": ["x\u{0}y"]})).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{:?}", r.body);
+    let r = c.put("/kv/c", json!("\\u0000 \\\\u0000")).await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{:?}", r.body);
+    let r = c.put("/kv/x%00", json!(1)).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{:?}", r.body);
+    let kv = c.get("/kv").await.body;
+    assert_eq!(kv["a"], json!("kept"));
+    assert_eq!(kv["c"], json!("\\u0000 \\\\u0000"));
+    assert_eq!(kv.get("b"), None);
+    let stored: serde_json::Value =
+        sqlx::query_scalar(&format!("SELECT sess::json FROM {}", db.table()))
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(stored["a"], json!("kept"));
+    db.drop_schema().await;
+}

@@ -398,12 +398,20 @@ impl Discovered {
             .and_then(Value::as_str)
             .ok_or_else(|| AuthError::new(AuthErrorKind::InvalidIdToken, "no sub"))?
             .to_owned();
+        // Stored in text columns, which cannot hold a NUL character.
+        let sid = claims.get("sid").and_then(Value::as_str).map(str::to_owned);
+        if sub.contains('\0') || sid.as_deref().is_some_and(|s| s.contains('\0')) {
+            return Err(AuthError::new(
+                AuthErrorKind::InvalidIdToken,
+                "sub or sid holds a NUL character",
+            ));
+        }
         session.cycle_id().await.map_err(session_error)?;
         let record = LoginRecord {
             sub: sub.clone(),
             iss: self.inner.issuer.clone(),
             groups: groups_of(&claims),
-            sid: claims.get("sid").and_then(Value::as_str).map(str::to_owned),
+            sid,
             claims,
             nonce: pending.nonce,
             at: tokens.access_token,

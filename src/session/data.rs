@@ -87,6 +87,23 @@ impl Data {
 /// The length of `s` as `serde_json` writes it as a string, quotes included:
 /// `"` and `\` take two bytes, `\b \f \n \r \t` two, other control
 /// characters six (`\u00XX`), everything else its UTF-8 bytes.
+/// Whether serialized JSON holds a NUL character (`\u0000` in a string or
+/// key), which a `jsonb` column refuses. `raw` is valid JSON, so every
+/// backslash starts an escape; an escaped backslash followed by `u0000` is
+/// text, not a NUL.
+pub(crate) fn holds_nul(raw: &str) -> bool {
+    let mut rest = raw.as_bytes();
+    while let Some(at) = rest.iter().position(|&b| b == b'\\') {
+        let escape = &rest[at + 1..];
+        if escape.starts_with(b"u0000") {
+            return true;
+        }
+        // Past the escaped character: `\\` must not start another escape.
+        rest = escape.get(1..).unwrap_or_default();
+    }
+    false
+}
+
 fn escaped_len(s: &str) -> usize {
     2 + s
         .bytes()
@@ -121,6 +138,20 @@ impl<'de> Deserialize<'de> for Data {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_nul_is_found_in_strings_and_keys_and_not_in_escaped_backslashes() {
+        let json = |v: serde_json::Value| serde_json::to_string(&v).expect("serializes");
+        assert!(holds_nul(&json(serde_json::json!({"k": ["a\u{0}b"]}))));
+        assert!(holds_nul(&json(serde_json::json!({"k\u{0}": 1}))));
+        // A backslash, then `u0000`; two backslashes, then `u0000`.
+        assert!(!holds_nul(&json(serde_json::json!("\\u0000 \\\\u0000"))));
+        assert!(holds_nul(&json(serde_json::json!("\\\u{0}"))));
+        assert!(!holds_nul(&json(
+            serde_json::json!({"a": "\u{1}", "b": "\\"})
+        )));
+        assert!(!holds_nul(r#""ends with \\""#));
+    }
 
     #[test]
     fn unknown_values_survive_byte_for_byte() {

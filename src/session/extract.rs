@@ -27,6 +27,7 @@ impl IntoResponse for SessionError {
             SessionError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
             SessionError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             SessionError::ReservedKey { .. } => StatusCode::FORBIDDEN,
+            SessionError::Unstorable { .. } => StatusCode::BAD_REQUEST,
             SessionError::Serde { .. } | SessionError::Unsupported(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }

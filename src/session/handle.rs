@@ -15,7 +15,7 @@ use tokio::sync::Mutex;
 
 use super::{
     cookie::SessionId,
-    data::Data,
+    data::{self, Data},
     layer::Config,
     locked::{LockedError, SealContext, Write as Update},
     plan::{plan_save, SavePlan, TooLarge},
@@ -176,8 +176,9 @@ impl Session {
     /// or by [`SessionLayerBuilder::with_reserved_key`](super::SessionLayerBuilder::with_reserved_key),
     /// [`SessionError::TooLarge`] when the data would exceed the size limit
     /// (the session is left as it was either way), [`SessionError::Serde`]
-    /// when `value` does not serialize, [`SessionError::Store`] when loading
-    /// fails.
+    /// when `value` does not serialize, [`SessionError::Unstorable`] when the
+    /// table's `sess` is `jsonb` and `key` or `value` holds a NUL character,
+    /// [`SessionError::Store`] when loading fails.
     pub async fn insert<T: Serialize + ?Sized>(
         &self,
         key: &str,
@@ -197,6 +198,7 @@ impl Session {
             key: key.to_owned(),
             source,
         })?;
+        self.check_storable(key, &raw).await?;
         let mut st = self.shared.state.lock().await;
         self.ensure_loaded(&mut st).await?;
         let mut next = st.data.clone();
@@ -366,8 +368,10 @@ impl Session {
     ///
     /// # Errors
     /// As [`Session::get`]; [`SessionError::Unsupported`] when the table lacks
-    /// the column and may not be upgraded.
+    /// the column and may not be upgraded; [`SessionError::Unstorable`] when
+    /// `user` holds a NUL character, which Postgres text cannot store.
     pub async fn set_user_id(&self, user: Option<&str>) -> Result<(), SessionError> {
+        storable("the user id", user)?;
         self.set_meta(|st| st.user_id = user.map(str::to_owned))
             .await
     }
@@ -378,6 +382,7 @@ impl Session {
     /// # Errors
     /// As [`Session::set_user_id`].
     pub async fn set_provider_sid(&self, sid: Option<&str>) -> Result<(), SessionError> {
+        storable("the provider session id", sid)?;
         self.set_meta(|st| st.provider_sid = sid.map(str::to_owned))
             .await
     }
@@ -394,6 +399,8 @@ impl Session {
         if !self.shared.store.has_extended_columns() {
             return Ok(());
         }
+        storable("the user id", Some(user))?;
+        storable("the provider session id", provider_sid)?;
         self.set_meta(|st| {
             st.user_id = Some(user.to_owned());
             st.provider_sid = provider_sid.map(str::to_owned);
@@ -480,6 +487,25 @@ impl Session {
 
     /// Refuses the keys application code may not write, before anything is
     /// read or changed.
+    /// Refuses a NUL character in a key or value when the table's `sess` is
+    /// `jsonb`, which cannot hold one (a `json` column holds it escaped).
+    async fn check_storable(&self, key: &str, raw: &RawValue) -> Result<(), SessionError> {
+        if !key.contains('\0') && !data::holds_nul(raw.get()) {
+            return Ok(());
+        }
+        self.shared
+            .store
+            .prepared()
+            .await
+            .map_err(SessionError::Store)?;
+        if !self.shared.store.data_is_jsonb() {
+            return Ok(());
+        }
+        Err(SessionError::Unstorable {
+            what: format!("session value \"{}\"", untrusted(key)),
+        })
+    }
+
     fn check_writable(&self, key: &str) -> Result<(), SessionError> {
         if reserved::is_reserved(key, &self.shared.config.reserved) {
             return Err(SessionError::ReservedKey {
@@ -1010,5 +1036,16 @@ fn apply_changes(data: &mut Data, changes: &[(String, Option<Box<RawValue>>)]) {
                 data.remove(k);
             }
         }
+    }
+}
+
+/// Refuses text Postgres cannot store (a NUL character) before anything
+/// changes.
+fn storable(what: &str, value: Option<&str>) -> Result<(), SessionError> {
+    match value {
+        Some(v) if v.contains('\0') => Err(SessionError::Unstorable {
+            what: what.to_owned(),
+        }),
+        _ => Ok(()),
     }
 }

@@ -92,6 +92,16 @@ pub enum SessionError {
     /// The operation needs something the store lacks.
     #[error("unsupported: {0}")]
     Unsupported(&'static str),
+    /// A value the session table cannot hold, refused before anything was
+    /// changed: a NUL character in a user id or provider session id (Postgres
+    /// text has none), or in a key or value of a `jsonb` column's data.
+    #[error(
+        "{what} holds a NUL character, which the session table cannot store; nothing was changed"
+    )]
+    Unstorable {
+        /// What was refused, with its key if it has one (escaped).
+        what: String,
+    },
     /// Application code tried to write or remove a reserved key: the login
     /// guard's own (`oidc`, `oidc.login.*`) or the vault's (`vault.connect.*`),
     /// always reserved, or one reserved

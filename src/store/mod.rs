@@ -66,7 +66,7 @@ pub(crate) use self::handle::{handle, handle_sql};
 pub use self::pooler::Pooler;
 pub use self::prune::{PruneConfig, PruneOutcome, Pruner};
 pub(crate) use self::save::{Merge, OwnedRow, Write, Written};
-use self::schema::{Ident, Layout, TableName};
+use self::schema::{Ident, Layout, SessType, TableName};
 use self::sql::{to_col, to_instant, Sql};
 use crate::error::ConfigError;
 
@@ -661,6 +661,15 @@ impl PgStore {
             .ready
             .get()
             .map_or(self.inner.create_table, |r| r.layout.extended)
+    }
+
+    /// Whether `sess` is `jsonb`, which refuses a NUL character; `false`
+    /// until the table is prepared.
+    pub(crate) fn data_is_jsonb(&self) -> bool {
+        self.inner
+            .ready
+            .get()
+            .is_some_and(|r| r.layout.sess == SessType::Jsonb)
     }
 
     /// Prepares the table unless done already.
