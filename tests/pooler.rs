@@ -365,6 +365,68 @@ async fn kept_connections_killed_while_idle_cost_no_request() {
     db.drop_schema().await;
 }
 
+/// The text loads leave the expiry check to the store: an expired row is
+/// read, then dropped, alone or among others in a shared load.
+#[tokio::test]
+async fn expired_sessions_read_through_the_pooler_are_not_loaded() {
+    let bouncer = PgBouncer::start().await;
+    let db = Db::new().await;
+    let config = db
+        .config()
+        .with_pooler(Pooler::Transaction)
+        .with_load_concurrency(1)
+        .unwrap();
+    let store = PgStore::new(bouncer.pool(8).await, config).await.unwrap();
+    let app = app(layer(store), Gate::default());
+    let mut clients = Vec::new();
+    for _ in 0..16 {
+        let mut c = Client::new(app.clone());
+        assert_eq!(c.get("/counter").await.body, json!({"count": 1}));
+        clients.push(c);
+    }
+    // Every other session expired a second ago.
+    sqlx::query(&format!(
+        "UPDATE {t} SET expire = now() - interval '1 second' WHERE sid IN \
+         (SELECT sid FROM {t} ORDER BY created_at LIMIT 8 OFFSET 0)",
+        t = db.table()
+    ))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let expired: Vec<String> = sqlx::query_scalar(&format!(
+        "SELECT sid FROM {} WHERE expire < now()",
+        db.table()
+    ))
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(expired.len(), 8);
+    let want = [[0; 8], [1; 8]].concat();
+    // One at a time: each a lone load, one statement even when expired
+    // (not also the statement that extends rows due).
+    let before = db.statements().await;
+    let mut seen = Vec::new();
+    for c in &mut clients {
+        seen.push(c.get("/peek").await.body["count"].as_u64().unwrap());
+    }
+    assert_eq!(db.statements().await - before, 16, "one statement each");
+    seen.sort_unstable();
+    assert_eq!(seen, want, "lone loads");
+    // All at once: with one slot, the loads queue and share statements.
+    let tasks: Vec<_> = clients
+        .iter()
+        .cloned()
+        .map(|mut c| tokio::spawn(async move { c.get("/peek").await.body }))
+        .collect();
+    let mut seen = Vec::new();
+    for t in tasks {
+        seen.push(t.await.unwrap()["count"].as_u64().unwrap());
+    }
+    seen.sort_unstable();
+    assert_eq!(seen, want, "shared loads\n{}", bouncer.log());
+    db.drop_schema().await;
+}
+
 #[tokio::test]
 async fn concurrent_requests_share_statements_and_each_gets_its_own_session() {
     let bouncer = PgBouncer::start().await;

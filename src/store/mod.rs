@@ -684,7 +684,9 @@ impl PgStore {
         let ready = self.ready().await?;
         let stmt = ready.sql.load_one_stmt(key, at.now, self.text());
         let rows = self.rows(stmt).await?;
-        let Some(loaded) = rows.first().map(self.decoder()).transpose()? else {
+        let loaded = rows.first().map(self.decoder()).transpose()?;
+        // The text statement leaves expired rows to be dropped here.
+        let Some(loaded) = loaded.filter(|l| l.expire > at.now) else {
             return Ok(None);
         };
         if !at.touch_due(&loaded) {
@@ -705,11 +707,15 @@ impl PgStore {
             return Ok(Vec::new());
         };
         let decode = self.decoder();
-        self.rows(stmt)
-            .await?
-            .iter()
-            .map(|r| Ok((r.try_get(7)?, decode(r)?)))
-            .collect()
+        let mut rows = Vec::new();
+        for r in self.rows(stmt).await? {
+            let loaded = decode(&r)?;
+            // The text statement leaves expired rows to be dropped here.
+            if loaded.expire > now {
+                rows.push((r.try_get(7)?, loaded));
+            }
+        }
+        Ok(rows)
     }
 
     /// Whether the hot path's statements go as simple-protocol text (see
@@ -1080,17 +1086,26 @@ pub(crate) struct Loaded {
 
 impl Loaded {
     /// The columns of the loads for the simple query protocol: instants as
-    /// microseconds.
+    /// seconds since the epoch, in decimal. Every column of a simple query
+    /// comes as text, so reading one as text needs no type check.
     fn from_text_row(r: &sqlx::postgres::PgRow) -> Result<Self, StoreError> {
-        let instant = |micros: i64| {
-            OffsetDateTime::from_unix_timestamp_nanos(i128::from(micros) * 1000)
-                .map_err(|e| StoreError::Database(sqlx::Error::Decode(Box::new(e))))
+        let instant = |i: usize| -> Result<Option<OffsetDateTime>, StoreError> {
+            let Some(text) = r.try_get_unchecked::<Option<&str>, _>(i)? else {
+                return Ok(None);
+            };
+            sql::epoch_seconds(text).map(Some).ok_or_else(|| {
+                let e = format!("column {i}: {text:?} is not seconds since the epoch");
+                StoreError::Database(sqlx::Error::Decode(e.into()))
+            })
         };
+        let expire = instant(1)?.ok_or_else(|| {
+            StoreError::Database(sqlx::Error::Decode("column 1: expire is null".into()))
+        })?;
         Ok(Self {
             sess: r.try_get(0)?,
-            expire: instant(r.try_get(1)?)?,
+            expire,
             version: r.try_get(2)?,
-            created_at: r.try_get::<Option<i64>, _>(3)?.map(instant).transpose()?,
+            created_at: instant(3)?,
             user_id: r.try_get(4)?,
             provider_sid: r.try_get(5)?,
             touched: r.try_get(6)?,

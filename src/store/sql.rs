@@ -118,12 +118,11 @@ impl Sql {
         now: OffsetDateTime,
         text: bool,
     ) -> Stmt<'q> {
-        let sql = if text {
-            &self.load_one_text
+        if text {
+            Stmt::new(&self.load_one_text).text(key)
         } else {
-            &self.load_one
-        };
-        Stmt::new(sql).text(key).at(now)
+            Stmt::new(&self.load_one).text(key).at(now)
+        }
     }
 
     /// [`Table::load_read`] of `keys`, padded to the next arity; in `text`,
@@ -135,12 +134,11 @@ impl Sql {
         text: bool,
     ) -> Option<Stmt<'q>> {
         let (index, keys) = padded(keys)?;
-        let statements = if text {
-            &self.load_read_text
+        let stmt = if text {
+            Stmt::new(self.load_read_text.get(index)?)
         } else {
-            &self.load_read
+            Stmt::new(self.load_read.get(index)?).at(now)
         };
-        let stmt = Stmt::new(statements.get(index)?).at(now);
         Some(keys.fold(stmt, |stmt, key| stmt.text(key)))
     }
 
@@ -402,43 +400,42 @@ impl<'a> Table<'a> {
 
     /// The columns of [`Table::load`] but the key, for the simple query
     /// protocol, from rows with the table's columns. Results come as text,
-    /// so instants are microseconds since the epoch: no time zone setting
-    /// of the server connection can change how they read.
+    /// so instants are seconds since the epoch (`extract` answers a decimal
+    /// with six places): no date style or time zone setting of the server
+    /// connection can change how they read.
     fn text_cols(&self) -> String {
-        let micros = |column: &str| format!("(extract(epoch FROM {column}) * 1000000)::int8");
+        let epoch = |column: &str| format!("extract(epoch FROM {column})");
         let ext = if self.layout.extended {
-            format!("{}, user_id, provider_sid", micros("created_at"))
+            format!("{}, user_id, provider_sid", epoch("created_at"))
         } else {
-            "NULL::int8, NULL::text, NULL::text".to_owned()
+            "NULL, NULL, NULL".to_owned()
         };
         format!(
             "sess::text, {}, xmin::text, {ext}, false",
-            micros(&to_instant(&self.layout.expire, "expire"))
+            epoch(&to_instant(&self.layout.expire, "expire"))
         )
     }
 
-    /// [`Self::load_one`] for the simple query protocol. Parameters: $1
-    /// key, $2 now.
+    /// [`Self::load_one`] for the simple query protocol, which Postgres
+    /// plans at each run. Parameters: $1 key. The caller drops an expired
+    /// row: a time compared in the statement would have the planner probe
+    /// the `expire` index for its bounds at each run, costing more than
+    /// the rest of the statement.
     fn load_one_text(&self) -> String {
-        format!(
-            "SELECT {} FROM {} WHERE sid = $1 AND expire > {}",
-            self.text_cols(),
-            self.t,
-            self.to_col("$2")
-        )
+        format!("SELECT {} FROM {} WHERE sid = $1", self.text_cols(), self.t)
     }
 
-    /// [`Self::load_read`] for the simple query protocol; the key last.
+    /// [`Self::load_read`] for the simple query protocol; the keys.
     /// Planned anew at each run, with the keys in view: a plain `= ANY`
     /// gets the primary-key index scan, and plans faster than the shape a
-    /// generic plan needs ([`by_key`]).
+    /// generic plan needs ([`by_key`]). As [`Self::load_one_text`], the
+    /// caller drops expired rows.
     fn load_read_text(&self, keys: usize) -> String {
-        let list = placeholders(2, keys);
+        let list = placeholders(1, keys);
         format!(
-            "SELECT {}, sid::text FROM {} WHERE sid = ANY(ARRAY[{list}]::text[]) AND expire > {}",
+            "SELECT {}, sid::text FROM {} WHERE sid = ANY(ARRAY[{list}]::text[])",
             self.text_cols(),
             self.t,
-            self.to_col("$1")
         )
     }
 
@@ -772,6 +769,34 @@ impl<'q> Stmt<'q> {
     }
 }
 
+/// The instant `text` names in seconds since the epoch, as `extract(epoch
+/// …)` answers it: a decimal with up to six places (numeric), or more when
+/// the server answers a float (before Postgres 14), rounded to the
+/// microsecond.
+pub(crate) fn epoch_seconds(text: &str) -> Option<OffsetDateTime> {
+    let (negative, digits) = match text.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, text),
+    };
+    let (whole, fraction) = digits.split_once('.').unwrap_or((digits, ""));
+    let all_digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+    if whole.is_empty() || !all_digits(whole) || !all_digits(fraction) {
+        return None;
+    }
+    let mut micros: i128 = whole.parse::<i128>().ok()?.checked_mul(1_000_000)?;
+    let mut scale = 100_000;
+    for digit in fraction.bytes().map(|b| i128::from(b - b'0')) {
+        if scale == 0 {
+            micros += i128::from(digit >= 5);
+            break;
+        }
+        micros += digit * scale;
+        scale /= 10;
+    }
+    let micros = if negative { -micros } else { micros };
+    OffsetDateTime::from_unix_timestamp_nanos(micros.checked_mul(1000)?).ok()
+}
+
 /// `value` as an escape string literal: read the same whatever
 /// `standard_conforming_strings` says. `None` for a NUL byte, which no
 /// Postgres text holds.
@@ -1030,6 +1055,29 @@ mod tests {
             sql.update_many[1],
             "WITH v (sid, sess, expire, version, user_id, provider_sid) AS (VALUES ($2::text, $3::text, $4::timestamptz, $5::xid, $6::text, $7::text), ($8::text, $9::text, $10::timestamptz, $11::xid, $12::text, $13::text)), cur AS MATERIALIZED (SELECT r.* FROM (SELECT DISTINCT k FROM unnest(ARRAY[$2, $8]::text[]) AS k) AS keys CROSS JOIN LATERAL (SELECT ctid AS row_id, expire FROM \"auth\".\"web_sessions\" WHERE sid = keys.k LIMIT 1) AS r), free AS (SELECT ctid AS row_id, sid, xmin FROM \"auth\".\"web_sessions\" WHERE ctid = ANY(ARRAY(SELECT row_id FROM cur WHERE expire > ($1 AT TIME ZONE 'Europe/Berlin'))) FOR UPDATE SKIP LOCKED) UPDATE \"auth\".\"web_sessions\" AS t SET sess = v.sess::jsonb, expire = (v.expire AT TIME ZONE 'Europe/Berlin'), user_id = v.user_id, provider_sid = v.provider_sid, last_seen = $1 FROM v JOIN free ON free.sid = v.sid AND free.xmin = v.version WHERE t.ctid = ANY(ARRAY(SELECT row_id FROM free)) AND t.ctid = free.row_id RETURNING v.sid::text, t.xmin::text"
         );
+    }
+
+    #[test]
+    fn epoch_seconds_read_as_numeric_or_float_text() {
+        let at = |s| epoch_seconds(s).map(|t| t.unix_timestamp_nanos() / 1000);
+        assert_eq!(at("1764586200.123456"), Some(1_764_586_200_123_456));
+        assert_eq!(at("1764586200"), Some(1_764_586_200_000_000));
+        assert_eq!(at("1764586200.5"), Some(1_764_586_200_500_000));
+        // A float's extra digits round to the microsecond.
+        assert_eq!(at("1764586200.1234567"), Some(1_764_586_200_123_457));
+        assert_eq!(at("-1.5"), Some(-1_500_000));
+        for bad in [
+            "",
+            "-",
+            ".5",
+            "1e9",
+            "1.2.3",
+            "12a",
+            " 1",
+            "99999999999999999999",
+        ] {
+            assert_eq!(at(bad), None, "{bad:?}");
+        }
     }
 
     #[test]
