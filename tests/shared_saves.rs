@@ -13,10 +13,10 @@ use axum::{
     routing::{get, put},
     Json, Router,
 };
-use common::*;
+use common::{pgbouncer::PgBouncer, *};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, Mutex, Notify};
-use tower_pg_session::{PgStore, Session, SessionError};
+use tower_pg_session::{PgStore, Pooler, Session, SessionError, SessionLayer};
 
 /// Holds each request between its load and its write until the test lets
 /// that request go.
@@ -38,6 +38,11 @@ impl Hold {
 }
 
 fn held_app(store: PgStore) -> (Router, Hold, mpsc::UnboundedReceiver<String>) {
+    held_app_with(layer(store))
+}
+
+/// As [`held_app`], under `layer`.
+fn held_app_with(layer: SessionLayer) -> (Router, Hold, mpsc::UnboundedReceiver<String>) {
     let (entered, rx) = mpsc::unbounded_channel();
     let hold = Hold {
         entered,
@@ -63,7 +68,7 @@ fn held_app(store: PgStore) -> (Router, Hold, mpsc::UnboundedReceiver<String>) {
         .route("/kv", get(get_kv))
         .route("/kv/{key}", put(put_kv))
         .with_state(hold.clone())
-        .layer(layer(store));
+        .layer(layer);
     (router, hold, rx)
 }
 
@@ -94,7 +99,18 @@ struct Queued {
 }
 
 async fn three_held_saves(db: &Db) -> Queued {
-    let (app, hold, mut entered) = held_app(db.one_slot_store().await);
+    three_held_saves_on(db, db.one_slot_store().await).await
+}
+
+/// As [`three_held_saves`], on `store` (which runs one statement at a time).
+async fn three_held_saves_on(db: &Db, store: PgStore) -> Queued {
+    three_held_saves_under(db, layer(store)).await
+}
+
+/// As [`three_held_saves`], under `layer` (whose store runs one statement
+/// at a time).
+async fn three_held_saves_under(db: &Db, layer: SessionLayer) -> Queued {
+    let (app, hold, mut entered) = held_app_with(layer);
     let (blocker, a, b) = (
         session(&app, "blocker").await,
         session(&app, "a").await,
@@ -234,13 +250,37 @@ async fn a_save_of_a_row_locked_elsewhere_holds_up_only_its_own_request() {
 #[tokio::test]
 async fn a_shared_save_of_a_row_changed_since_its_load_is_merged() {
     let db = Db::new().await;
+    let store = db.one_slot_store().await;
+    changed_since_load_is_merged(db, store).await;
+}
+
+#[tokio::test]
+async fn through_the_pooler_a_shared_save_of_a_row_changed_since_its_load_is_merged() {
+    let bouncer = PgBouncer::start().await;
+    let db = Db::new().await;
+    let store = pooled_one_slot_store(&bouncer, &db).await;
+    changed_since_load_is_merged(db, store).await;
+}
+
+/// A store through `bouncer` in transaction mode that runs one load or save
+/// statement at a time.
+async fn pooled_one_slot_store(bouncer: &PgBouncer, db: &Db) -> PgStore {
+    let config = db
+        .config()
+        .with_pooler(Pooler::Transaction)
+        .with_load_concurrency(1)
+        .unwrap();
+    PgStore::new(bouncer.pool(8).await, config).await.unwrap()
+}
+
+async fn changed_since_load_is_merged(db: Db, store: PgStore) {
     let Queued {
         hold,
         blocker_tx,
         saves,
         mut a,
         mut b,
-    } = three_held_saves(&db).await;
+    } = three_held_saves_on(&db, store).await;
     // Another instance writes a's session after a's request loaded it.
     let mut other = a.clone();
     assert_eq!(
@@ -258,6 +298,61 @@ async fn a_shared_save_of_a_row_changed_since_its_load_is_merged() {
     );
     assert_eq!(b.get("/kv").await.body, json!({"who": "b", "b": 1}));
     db.drop_schema().await;
+}
+
+#[tokio::test]
+async fn a_shared_save_of_a_row_expired_since_its_load_does_not_revive_it() {
+    let db = Db::new().await;
+    let store = db.one_slot_store().await;
+    expired_since_load_is_not_revived(db, store).await;
+}
+
+#[tokio::test]
+async fn through_the_pooler_a_shared_save_of_a_row_expired_since_its_load_does_not_revive_it() {
+    let bouncer = PgBouncer::start().await;
+    let db = Db::new().await;
+    let store = pooled_one_slot_store(&bouncer, &db).await;
+    expired_since_load_is_not_revived(db, store).await;
+}
+
+async fn expired_since_load_is_not_revived(db: Db, store: PgStore) {
+    let idle = Duration::from_secs(2);
+    let layer = builder(store)
+        .with_idle_timeout(Some(idle))
+        .build()
+        .unwrap();
+    let Queued {
+        hold,
+        blocker_tx,
+        saves,
+        mut a,
+        mut b,
+    } = three_held_saves_under(&db, layer).await;
+    // The sessions expire while their requests are held, loaded.
+    tokio::time::sleep(idle + Duration::from_millis(200)).await;
+    let before = rows(&db).await;
+    release(&hold, blocker_tx).await;
+    for t in saves {
+        assert_eq!(t.await.unwrap(), StatusCode::NO_CONTENT);
+    }
+    // Each session ended with its expiry: its row is neither written nor
+    // extended, and each starts afresh.
+    assert_eq!(rows(&db).await, before);
+    assert!(before.iter().all(|(_, live)| !live));
+    assert_eq!(a.get("/kv").await.body, json!({}));
+    assert_eq!(b.get("/kv").await.body, json!({}));
+    db.drop_schema().await;
+}
+
+/// Each row's data and whether it is live, in order of data.
+async fn rows(db: &Db) -> Vec<(String, bool)> {
+    sqlx::query_as(&format!(
+        "SELECT sess::text, expire > now() FROM {} ORDER BY sess::text",
+        db.table()
+    ))
+    .fetch_all(&db.pool)
+    .await
+    .unwrap()
 }
 
 #[tokio::test]

@@ -868,7 +868,7 @@ impl PgStore {
         jobs: &[&batch::UpdateJob],
     ) -> Result<Vec<(String, String)>, StoreError> {
         let ready = self.ready().await?;
-        let Some(stmt) = ready.sql.update_many_stmt(jobs) else {
+        let Some(stmt) = ready.sql.update_many_stmt(jobs, self.text()) else {
             return Ok(Vec::new());
         };
         key_versions(&self.rows(stmt).await?)

@@ -32,6 +32,8 @@ pub(super) struct Sql {
     pub(super) update: String,
     /// Updates of 1, 2, 4, … [`batch::MAX_KEYS`] rows (index 0 unused).
     pub(super) update_many: Vec<String>,
+    /// The same for the simple query protocol.
+    update_many_text: Vec<String>,
     pub(super) select_for_update: String,
     pub(super) update_locked: String,
     pub(super) delete: String,
@@ -73,6 +75,7 @@ impl Sql {
             insert_many: arities().map(|rows| table.insert_many(rows)).collect(),
             update: table.update(),
             update_many: arities().map(|rows| table.update_many(rows)).collect(),
+            update_many_text: arities().map(|rows| table.update_many_text(rows)).collect(),
             select_for_update: table.select_for_update(),
             update_locked: table.update_locked(),
             delete: table.delete(),
@@ -208,10 +211,19 @@ impl Sql {
 
     /// [`Table::update_many`] of `jobs`, padded to the next arity (the same
     /// row twice is written once); `None` for none.
-    pub(super) fn update_many_stmt<'q>(&'q self, jobs: &[&'q UpdateJob]) -> Option<Stmt<'q>> {
+    pub(super) fn update_many_stmt<'q>(
+        &'q self,
+        jobs: &[&'q UpdateJob],
+        text: bool,
+    ) -> Option<Stmt<'q>> {
         let first = jobs.first()?;
         let (index, padded) = padded(jobs)?;
-        let mut stmt = Stmt::new(self.update_many.get(index)?).at(first.now);
+        let statements = if text {
+            &self.update_many_text
+        } else {
+            &self.update_many
+        };
+        let mut stmt = Stmt::new(statements.get(index)?).at(first.now);
         for j in padded {
             let row = &j.row;
             stmt = stmt
@@ -543,6 +555,32 @@ impl<'a> Table<'a> {
     fn update_many(&self, rows: usize) -> String {
         let (t, layout) = (&self.t, self.layout);
         let per = if layout.extended { 6 } else { 4 };
+        let (values, v_ext, set_ext) = self.update_values(rows, per);
+        // As for loads: primary key, then physical row ids, whatever
+        // the planner thinks of the table's size or the time.
+        let keys = row_keys(rows, per);
+        let rows = by_key(t, "ctid AS row_id, expire", &keys);
+        format!(
+            "WITH v (sid, sess, expire, version{v_ext}) AS (VALUES {values}), \
+             cur AS MATERIALIZED ({rows}), \
+             free AS (\
+               SELECT ctid AS row_id, sid, xmin FROM {t} \
+               WHERE ctid = ANY(ARRAY(SELECT row_id FROM cur WHERE expire > {now})) \
+               FOR UPDATE SKIP LOCKED) \
+             UPDATE {t} AS t SET sess = v.sess::{json}, expire = {expire}{set_ext} \
+             FROM v JOIN free ON free.sid = v.sid AND free.xmin = v.version \
+             WHERE t.ctid = ANY(ARRAY(SELECT row_id FROM free)) AND t.ctid = free.row_id \
+             RETURNING v.sid::text, t.xmin::text",
+            json = self.json(),
+            now = self.to_col("$1"),
+            expire = self.to_col("v.expire"),
+        )
+    }
+
+    /// The `VALUES` rows of the shared updates, `per` parameters each after
+    /// $1; with the names and assignments of the optional columns.
+    fn update_values(&self, rows: usize, per: usize) -> (String, &'static str, &'static str) {
+        let layout = self.layout;
         let values = (0..rows)
             .map(|r| {
                 let p = |i: usize| format!("${}", 2 + r * per + i);
@@ -569,23 +607,30 @@ impl<'a> Table<'a> {
         } else {
             ("", "")
         };
-        // As for loads: primary key, then physical row ids, whatever
-        // the planner thinks of the table's size or the time.
-        let keys = (0..rows)
-            .map(|r| format!("${}", 2 + r * per))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let rows = by_key(t, "ctid AS row_id, expire", &keys);
+        (values, v_ext, set_ext)
+    }
+
+    /// [`Self::update_many`] for the simple query protocol, which Postgres
+    /// plans at each run: the rows found by `= ANY` with the keys in view,
+    /// and the time compared only on the locked rows (compared in the scan,
+    /// it would have the planner probe the `expire` index for its bounds).
+    /// A row changed since its request loaded it is locked at its latest
+    /// version, whose `xmin` then fails the version check. Parameters as
+    /// for [`Self::update_many`].
+    fn update_many_text(&self, rows: usize) -> String {
+        let (t, layout) = (&self.t, self.layout);
+        let per = if layout.extended { 6 } else { 4 };
+        let (values, v_ext, set_ext) = self.update_values(rows, per);
+        let keys = row_keys(rows, per);
         format!(
             "WITH v (sid, sess, expire, version{v_ext}) AS (VALUES {values}), \
-             cur AS MATERIALIZED ({rows}), \
              free AS (\
-               SELECT ctid AS row_id, sid, xmin FROM {t} \
-               WHERE ctid = ANY(ARRAY(SELECT row_id FROM cur WHERE expire > {now})) \
-               FOR UPDATE SKIP LOCKED) \
+               SELECT ctid AS row_id, sid, xmin, expire FROM {t} \
+               WHERE sid = ANY(ARRAY[{keys}]::text[]) FOR UPDATE SKIP LOCKED) \
              UPDATE {t} AS t SET sess = v.sess::{json}, expire = {expire}{set_ext} \
              FROM v JOIN free ON free.sid = v.sid AND free.xmin = v.version \
              WHERE t.ctid = ANY(ARRAY(SELECT row_id FROM free)) AND t.ctid = free.row_id \
+             AND free.expire > {now} \
              RETURNING v.sid::text, t.xmin::text",
             json = self.json(),
             now = self.to_col("$1"),
@@ -642,6 +687,14 @@ impl<'a> Table<'a> {
             expire = self.to_col("$3"),
         )
     }
+}
+
+/// The key parameters of `rows` rows of `per` parameters each after $1.
+fn row_keys(rows: usize, per: usize) -> String {
+    (0..rows)
+        .map(|r| format!("${}", 2 + r * per))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// `$first, …` for `count` parameters.
