@@ -57,11 +57,10 @@ pub use self::{
     layer::SessionLayer,
     service::SessionService,
 };
+#[cfg(feature = "__fuzz")]
+pub(crate) use self::data::Data;
 #[cfg(feature = "oidc")]
-pub(crate) use self::{
-    data::Data,
-    locked::{LockedError, SealContext, Write},
-};
+pub(crate) use self::locked::{LockedError, SealContext, Write};
 use crate::store::StoreError;
 
 /// Errors a handler gets from [`Session`].
