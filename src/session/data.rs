@@ -84,9 +84,6 @@ impl Data {
     }
 }
 
-/// The length of `s` as `serde_json` writes it as a string, quotes included:
-/// `"` and `\` take two bytes, `\b \f \n \r \t` two, other control
-/// characters six (`\u00XX`), everything else its UTF-8 bytes.
 /// Whether serialized JSON holds a NUL character (`\u0000` in a string or
 /// key), which a `jsonb` column refuses. `raw` is valid JSON, so every
 /// backslash starts an escape; an escaped backslash followed by `u0000` is
@@ -104,6 +101,9 @@ pub(crate) fn holds_nul(raw: &str) -> bool {
     false
 }
 
+/// The length of `s` as `serde_json` writes it as a string, quotes included:
+/// `"` and `\` take two bytes, `\b \f \n \r \t` two, other control
+/// characters six (`\u00XX`), everything else its UTF-8 bytes.
 fn escaped_len(s: &str) -> usize {
     2 + s
         .bytes()

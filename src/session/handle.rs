@@ -485,8 +485,6 @@ impl Session {
             })
     }
 
-    /// Refuses the keys application code may not write, before anything is
-    /// read or changed.
     /// Refuses a NUL character in a key or value when the table's `sess` is
     /// `jsonb`, which cannot hold one (a `json` column holds it escaped).
     async fn check_storable(&self, key: &str, raw: &RawValue) -> Result<(), SessionError> {
@@ -506,6 +504,8 @@ impl Session {
         })
     }
 
+    /// Refuses the keys application code may not write, before anything is
+    /// read or changed.
     fn check_writable(&self, key: &str) -> Result<(), SessionError> {
         if reserved::is_reserved(key, &self.shared.config.reserved) {
             return Err(SessionError::ReservedKey {

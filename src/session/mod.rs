@@ -49,6 +49,10 @@ mod service;
 
 #[cfg(feature = "__fuzz")]
 pub(crate) use self::cookie::{Codec, CookieConfig};
+#[cfg(feature = "__fuzz")]
+pub(crate) use self::data::Data;
+#[cfg(feature = "oidc")]
+pub(crate) use self::locked::{LockedError, SealContext, Write};
 pub use self::{
     builder::SessionLayerBuilder,
     cookie::{ExpressSecrets, SameSite, SigningKeys},
@@ -57,10 +61,6 @@ pub use self::{
     layer::SessionLayer,
     service::SessionService,
 };
-#[cfg(feature = "__fuzz")]
-pub(crate) use self::data::Data;
-#[cfg(feature = "oidc")]
-pub(crate) use self::locked::{LockedError, SealContext, Write};
 use crate::store::StoreError;
 
 /// Errors a handler gets from [`Session`].
