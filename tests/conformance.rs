@@ -20,13 +20,7 @@ async fn provider() -> Setup {
 
 /// The users the session table holds logged in.
 async fn logged_in_users(s: &Setup) -> Vec<String> {
-    sqlx::query_scalar::<_, Option<String>>(&format!("SELECT user_id FROM {}", s.db.table()))
-        .fetch_all(&s.db.pool)
-        .await
-        .unwrap()
-        .into_iter()
-        .flatten()
-        .collect()
+    s.db.user_ids().await.into_iter().flatten().collect()
 }
 
 /// Logs `user` in up to the provider's redirect back; returns the browser

@@ -683,10 +683,7 @@ impl PgStore {
     async fn load_one(&self, key: &str, at: &LoadParams) -> Result<Option<Loaded>, StoreError> {
         let ready = self.ready().await?;
         let stmt = ready.sql.load_one_stmt(key, at.now, self.text());
-        let rows = self.rows(stmt).await?;
-        let loaded = rows.first().map(self.decoder()).transpose()?;
-        // The text statement leaves expired rows to be dropped here.
-        let Some(loaded) = loaded.filter(|l| l.expire > at.now) else {
+        let Some((_, loaded)) = self.live_rows(stmt, at.now).await?.pop() else {
             return Ok(None);
         };
         if !at.touch_due(&loaded) {
@@ -706,16 +703,30 @@ impl PgStore {
         let Some(stmt) = ready.sql.load_read_stmt(keys, now, self.text()) else {
             return Ok(Vec::new());
         };
+        self.live_rows(stmt, now)
+            .await?
+            .into_iter()
+            .map(|(r, loaded)| Ok((r.try_get(7)?, loaded)))
+            .collect()
+    }
+
+    /// Runs a load statement; each row with what it holds, expired ones
+    /// dropped: the text statements leave that to the store, so that
+    /// Postgres plans them without comparing times.
+    async fn live_rows(
+        &self,
+        stmt: sql::Stmt<'_>,
+        now: OffsetDateTime,
+    ) -> Result<Vec<(sqlx::postgres::PgRow, Loaded)>, StoreError> {
         let decode = self.decoder();
-        let mut rows = Vec::new();
+        let mut live = Vec::new();
         for r in self.rows(stmt).await? {
             let loaded = decode(&r)?;
-            // The text statement leaves expired rows to be dropped here.
             if loaded.expire > now {
-                rows.push((r.try_get(7)?, loaded));
+                live.push((r, loaded));
             }
         }
-        Ok(rows)
+        Ok(live)
     }
 
     /// Whether the hot path's statements go as simple-protocol text (see
@@ -725,7 +736,7 @@ impl PgStore {
     }
 
     /// How a load's rows read: binary columns from a prepared statement,
-    /// instants as microseconds from a simple-protocol one.
+    /// text from a simple-protocol one (instants as seconds since the epoch).
     fn decoder(&self) -> fn(&sqlx::postgres::PgRow) -> Result<Loaded, StoreError> {
         if self.text() {
             Loaded::from_text_row

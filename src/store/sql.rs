@@ -826,7 +826,7 @@ impl<'q> Stmt<'q> {
 /// …)` answers it: a decimal with up to six places (numeric), or more when
 /// the server answers a float (before Postgres 14), rounded to the
 /// microsecond.
-pub(crate) fn epoch_seconds(text: &str) -> Option<OffsetDateTime> {
+pub(super) fn epoch_seconds(text: &str) -> Option<OffsetDateTime> {
     let (negative, digits) = match text.strip_prefix('-') {
         Some(rest) => (true, rest),
         None => (false, text),

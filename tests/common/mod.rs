@@ -156,6 +156,14 @@ impl Db {
             .unwrap()
     }
 
+    /// Who owns each session, as the `user_id` column holds it.
+    pub async fn user_ids(&self) -> Vec<Option<String>> {
+        sqlx::query_scalar(&format!("SELECT user_id FROM {}", self.table()))
+            .fetch_all(&self.pool)
+            .await
+            .unwrap()
+    }
+
     pub async fn only_sess(&self) -> Value {
         let all: Vec<String> =
             sqlx::query_scalar(&format!("SELECT sess::text FROM {}", self.table()))
@@ -548,4 +556,15 @@ impl Relay {
     pub fn restore(&self) {
         self.up.send_replace(true);
     }
+}
+
+/// Logs in as alice, then as a user id with a NUL character (which Postgres
+/// text cannot hold): refused with 400, and alice's session and row intact.
+pub async fn a_nul_user_id_is_refused(app: Router, db: &Db) {
+    let mut c = Client::new(app);
+    assert_eq!(c.post("/login/alice").await.status, StatusCode::NO_CONTENT);
+    let r = c.post("/login/a%00b").await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{:?}", r.body);
+    assert_eq!(c.get("/kv").await.body["user"], json!("alice"));
+    assert_eq!(db.user_ids().await, [Some("alice".to_owned())]);
 }
