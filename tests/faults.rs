@@ -30,18 +30,6 @@ async fn bounded_store(db: &Db, size: u32, wait: Duration) -> (String, PgStore) 
     (name, PgStore::new(pool, db.config()).await.unwrap())
 }
 
-/// The pool's backends that are not idle (running, waiting, or inside a
-/// transaction).
-async fn busy(db: &Db, name: &str) -> i64 {
-    sqlx::query_scalar(
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND state <> 'idle'",
-    )
-    .bind(name)
-    .fetch_one(&db.pool)
-    .await
-    .unwrap()
-}
-
 #[tokio::test]
 async fn a_save_on_a_connection_that_died_while_idle_is_retried() {
     let db = Db::new().await;
@@ -67,45 +55,7 @@ async fn a_row_locked_elsewhere_past_the_timeout_gets_a_clean_503_within_the_bou
     let db = Db::new().await;
     let bound = Duration::from_millis(800);
     let (name, store) = bounded_store(&db, 2, bound).await;
-    let mut c = Client::new(app(layer(store), Gate::default()));
-    c.put("/kv/me", json!(1)).await;
-
-    let mut tx = db.pool.begin().await.unwrap();
-    sqlx::query(&format!("SELECT 1 FROM {} FOR UPDATE", db.table()))
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    for (method, path) in [("PUT", "/kv/x"), ("POST", "/logout"), ("POST", "/take/me")] {
-        let started = Instant::now();
-        let r = tokio::time::timeout(
-            Duration::from_secs(10),
-            c.send(method, path, Some(json!(2))),
-        )
-        .await
-        .unwrap_or_else(|_| panic!("{method} {path} still waits for the row after 10 s"));
-        let took = started.elapsed();
-        assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{method} {path}");
-        assert!(
-            r.set_cookie().is_none(),
-            "{method} {path}: cookie left alone"
-        );
-        assert!(
-            took < bound + Duration::from_millis(700),
-            "{method} {path} took {took:?}"
-        );
-        // (A failed transaction's rollback reaches the server just after.)
-        eventually("no connection left waiting or in a transaction", || async {
-            busy(&db, &name).await == 0
-        })
-        .await;
-    }
-    tx.commit().await.unwrap();
-    assert_eq!(c.get("/kv").await.body, json!({"me": 1}), "nothing written");
-    assert_eq!(
-        c.put("/kv/x", json!(2)).await.status,
-        StatusCode::NO_CONTENT
-    );
-    assert_eq!(c.get("/kv").await.body, json!({"me": 1, "x": 2}));
+    a_locked_row_is_waited_for_within_the_bound(store, &db, &name, bound).await;
     db.drop_schema().await;
 }
 

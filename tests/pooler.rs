@@ -215,6 +215,20 @@ async fn a_user_id_with_a_nul_is_refused_before_the_pooler_sees_it() {
     db.drop_schema().await;
 }
 
+#[tokio::test]
+async fn a_row_locked_elsewhere_past_the_timeout_gets_a_clean_503_within_the_bound() {
+    let bouncer = PgBouncer::start().await;
+    let db = Db::new().await;
+    let bound = Duration::from_millis(800);
+    let config = db.config().with_pooler(Pooler::Transaction);
+    let store = PgStore::new(bouncer.pool_waiting(4, bound).await, config)
+        .await
+        .unwrap();
+    let name = bouncer.application_name();
+    a_locked_row_is_waited_for_within_the_bound(store, &db, &name, bound).await;
+    db.drop_schema().await;
+}
+
 /// A store straight on Postgres (no transaction pooler), counted by
 /// PgBouncer in session mode, which relays each client's round trips as
 /// they are.

@@ -181,7 +181,7 @@ async fn queued_saves_share_one_statement_and_each_lands_on_its_row() {
     hold.gate("blocker").await.notify_one();
     eventually("the first save waits for its row", || async {
         sqlx::query_scalar::<_, i64>(
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'WITH lock_wait%) UPDATE %'",
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'UPDATE % AND set_config(%'",
         )
         .fetch_one(&db.pool)
         .await

@@ -568,3 +568,67 @@ pub async fn a_nul_user_id_is_refused(app: Router, db: &Db) {
     assert_eq!(c.get("/kv").await.body["user"], json!("alice"));
     assert_eq!(db.user_ids().await, [Some("alice".to_owned())]);
 }
+
+/// The backends named `name` that are not idle (running, waiting, or inside
+/// a transaction).
+pub async fn busy(db: &Db, name: &str) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND state <> 'idle'",
+    )
+    .bind(name)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap()
+}
+
+/// `store`'s pool waits `bound` at most; its connections are named `name`.
+/// While a transaction elsewhere holds the session's row, a save, a logout
+/// and a take each answer 503 within the bound, leave the cookie alone and
+/// no connection waiting or in a transaction; once the row is free, nothing
+/// was written and writes go through again.
+pub async fn a_locked_row_is_waited_for_within_the_bound(
+    store: PgStore,
+    db: &Db,
+    name: &str,
+    bound: Duration,
+) {
+    let mut c = Client::new(app(layer(store), Gate::default()));
+    c.put("/kv/me", json!(1)).await;
+
+    let mut tx = db.pool.begin().await.unwrap();
+    sqlx::query(&format!("SELECT 1 FROM {} FOR UPDATE", db.table()))
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    for (method, path) in [("PUT", "/kv/x"), ("POST", "/logout"), ("POST", "/take/me")] {
+        let started = std::time::Instant::now();
+        let r = tokio::time::timeout(
+            Duration::from_secs(10),
+            c.send(method, path, Some(json!(2))),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{method} {path} still waits for the row after 10 s"));
+        let took = started.elapsed();
+        assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{method} {path}");
+        assert!(
+            r.set_cookie().is_none(),
+            "{method} {path}: cookie left alone"
+        );
+        assert!(
+            took < bound + Duration::from_millis(700),
+            "{method} {path} took {took:?}"
+        );
+        // (A failed transaction's rollback reaches the server just after.)
+        eventually("no connection left waiting or in a transaction", || async {
+            busy(db, name).await == 0
+        })
+        .await;
+    }
+    tx.commit().await.unwrap();
+    assert_eq!(c.get("/kv").await.body, json!({"me": 1}), "nothing written");
+    assert_eq!(
+        c.put("/kv/x", json!(2)).await.status,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(c.get("/kv").await.body, json!({"me": 1, "x": 2}));
+}

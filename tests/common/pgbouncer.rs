@@ -143,10 +143,16 @@ impl PgBouncer {
     /// 10 s. Its connections carry [`Self::application_name`], which
     /// PgBouncer sets on the server connection each transaction runs on.
     pub async fn pool(&self, size: u32) -> PgPool {
+        self.pool_waiting(size, Duration::from_secs(10)).await
+    }
+
+    /// [`Self::pool`], giving up after `wait` (which also bounds a store's
+    /// row lock waits).
+    pub async fn pool_waiting(&self, size: u32, wait: Duration) -> PgPool {
         let options: sqlx::postgres::PgConnectOptions = self.url().parse().unwrap();
         PgPoolOptions::new()
             .max_connections(size)
-            .acquire_timeout(Duration::from_secs(10))
+            .acquire_timeout(wait)
             .test_before_acquire(false)
             .connect_with(options.application_name(&self.application_name()))
             .await
