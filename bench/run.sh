@@ -21,7 +21,8 @@
 # SCALE (0), SCALE_ROWS (1000000, 90 % expired; several: one scale run each), SCALE_CONTENDERS,
 # MEMORY (0), MEMORY_SESSIONS ("10000 1000000"),
 # PGHOST/PGPORT/PGUSER (127.0.0.1/5432/postgres), BENCH_DB (tower_pg_session_bench),
-# PGBOUNCER_PORT (16432; PgBouncer gets POOL server connections, as many as the others' pools).
+# PGBOUNCER_PORT (16432; PgBouncer gets POOL server connections, as many as the others' pools),
+# BENCH_SERVER (a bench-server built earlier, to compare two builds of the crate; default: this tree's).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")"
@@ -47,7 +48,7 @@ export PGSSLMODE=disable
 export BENCH_DATABASE_URL="postgres://$PGUSER@$PGHOST:$PGPORT/$BENCH_DB?sslmode=disable" BENCH_POOL=$POOL
 [[ $PGHOST == 127.0.0.1 || $PGHOST == localhost ]] || { echo "PGHOST must be local" >&2; exit 2; }
 
-BIN=$BENCH/target/release/bench-server
+BIN=${BENCH_SERVER:-$BENCH/target/release/bench-server}
 RESULTS=$BENCH/results REPORT=${REPORT:-latest}
 RAW=$RESULTS/$REPORT.tsv
 WORK=$(mktemp -d)

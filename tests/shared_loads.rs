@@ -207,18 +207,24 @@ async fn a_stalled_load_statement_lets_the_next_load_open_another() {
     let db = Db::new().await;
     let app = app(layer(db.store().await), Gate::default());
     let (mut a, mut b) = a_and_b(&app).await;
+    let mut c = Client::new(app.clone());
+    c.put("/kv/me", json!("c")).await;
 
     let lock = db.lock_table().await;
     let first = tokio::spawn(async move { a.get("/kv").await });
     db.until_blocked(1).await;
-    // The running statement has made no progress for longer than the stall
-    // limit: this load does not queue behind it but runs beside it.
-    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    // A second statement starts beside the first at once.
     let second = tokio::spawn(async move { b.get("/kv").await });
     db.until_blocked(2).await;
+    // The running statements have made no progress for longer than the
+    // stall limit: this load does not queue behind them but runs beside.
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let third = tokio::spawn(async move { c.get("/kv").await });
+    db.until_blocked(3).await;
     lock.commit().await.unwrap();
     assert_eq!(first.await.unwrap().body, json!({"me": "a"}));
     assert_eq!(second.await.unwrap().body, json!({"me": "b"}));
+    assert_eq!(third.await.unwrap().body, json!({"me": "c"}));
     db.drop_schema().await;
 }
 

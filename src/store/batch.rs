@@ -5,9 +5,10 @@
 //! primary-key statement: under light load nothing waits and nothing is
 //! spent on a shape made for many keys. While one runs, a second starts at
 //! once beside it ([`EAGER`]); beyond that loads queue, and the next
-//! statement to start reads every queued key. Under heavy load one round
-//! trip then serves many requests, which is what makes a read cheaper than
-//! one statement per request. Reads are read only; the rows due for their
+//! statement to start reads every queued key. Once statements carry many
+//! keys ([`CROWD`]), requests are many and one statement runs at a time.
+//! Under heavy load one round trip then serves many requests, which is
+//! what makes a read cheaper than one statement per request. Reads are read only; the rows due for their
 //! idle extension (once per share of the idle timeout) are then extended
 //! and read again by one statement for all of them.
 //!
@@ -51,6 +52,14 @@ const STALL: Duration = Duration::from_millis(5);
 /// concurrency a second request should not wait a whole statement for the
 /// first; beyond this, requests are many and sharing pays.
 const EAGER: usize = 2;
+
+/// Jobs in one statement from which requests count as many: once a
+/// statement started from the queue carries this many, a second one no
+/// longer starts at once, and a slot that ran one leaves what is queued to
+/// the slot still running. One statement at a time then carries every
+/// queued job, which takes fewer statements (each parsed, and behind a
+/// transaction pooler also planned) than two sharing them.
+const CROWD: usize = 4;
 
 /// How a load extends the idle expiry; fixed per session layer. Loads are
 /// folded together only when their policies are equal.
@@ -120,6 +129,8 @@ struct Queue<J: Job> {
     running: usize,
     /// When a statement last started or finished.
     progress: Instant,
+    /// Jobs in the latest statement started from the queue.
+    shared: usize,
 }
 
 /// The queue of jobs waiting for a slot.
@@ -135,6 +146,7 @@ impl<J: Job> Batcher<J> {
                 waiting: Vec::new(),
                 running: 0,
                 progress: Instant::now(),
+                shared: 0,
             }),
             slots: slots.max(1),
         }
@@ -168,12 +180,13 @@ impl PgStore {
                 Start::Here(pending)
             } else {
                 queue.waiting.push(pending);
-                let free = queue.running < EAGER.min(batcher.slots)
-                    || (queue.running < batcher.slots && now - queue.progress >= STALL);
+                let eager = queue.running < EAGER.min(batcher.slots) && queue.shared < CROWD;
+                let free =
+                    eager || (queue.running < batcher.slots && now - queue.progress >= STALL);
                 if free {
                     queue.running += 1;
                     queue.progress = now;
-                    Start::Task(take_batch(&mut queue.waiting))
+                    Start::Task(queue.take())
                 } else {
                     Start::Queued
                 }
@@ -258,6 +271,15 @@ enum Start<J: Job> {
     Queued,
 }
 
+impl<J: Job> Queue<J> {
+    /// The next statement's jobs ([`take_batch`]), counted in `shared`.
+    fn take(&mut self) -> Vec<Pending<J>> {
+        let batch = take_batch(&mut self.waiting);
+        self.shared = batch.len();
+        batch
+    }
+}
+
 /// The first job's group decides; other groups stay queued. Jobs whose
 /// request stopped waiting (its time for database waits ran out, or it was
 /// dropped) are left out: no statement writes for a request that has
@@ -283,21 +305,24 @@ fn take_batch<J: Job>(waiting: &mut Vec<Pending<J>>) -> Vec<Pending<J>> {
     batch
 }
 
-/// Runs batches in one slot until the queue is empty.
+/// Runs batches in one slot until the queue is empty, or until requests
+/// are many ([`CROWD`]) and another slot runs, which takes what is queued
+/// when its statement finishes.
 async fn run<J: Job>(store: PgStore, mut batch: Vec<Pending<J>>) {
     let mut slot = Slot::<J>::new(store.clone());
     loop {
+        let ran = batch.len();
         J::execute(&store, batch).await;
         let mut queue = J::batcher(&store).lock();
         queue.progress = Instant::now();
-        if queue.waiting.is_empty() {
+        if queue.waiting.is_empty() || (queue.running > 1 && ran >= CROWD) {
             // Released under the lock that a new job checks: nothing queued
             // from here on is left without a slot to run it.
             queue.running -= 1;
             slot.armed = false;
             return;
         }
-        batch = take_batch(&mut queue.waiting);
+        batch = queue.take();
     }
 }
 
@@ -328,7 +353,7 @@ impl<J: Job> Drop for Slot<J> {
         if queue.waiting.is_empty() {
             queue.running -= 1;
         } else {
-            let batch = take_batch(&mut queue.waiting);
+            let batch = queue.take();
             tokio::spawn(run(self.store.clone(), batch));
         }
     }
@@ -559,5 +584,109 @@ impl Job for InsertJob {
             }
         };
         reply_versions(batch, result);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    //! The scheduling of shared statements, with a job that records each
+    //! statement's jobs and finishes it only when the test lets it.
+
+    use std::sync::LazyLock;
+
+    use tokio::sync::Semaphore;
+
+    use super::*;
+
+    /// Statements so far, each as the ids of its jobs.
+    static STARTED: Mutex<Vec<Vec<usize>>> = Mutex::new(Vec::new());
+    /// One permit finishes one statement, in the order they started.
+    static FINISH: Semaphore = Semaphore::const_new(0);
+    static BATCHER: LazyLock<Batcher<Probe>> = LazyLock::new(|| Batcher::new(4));
+
+    struct Probe(usize);
+
+    impl Job for Probe {
+        type Output = ();
+        type Group = ();
+
+        fn group(&self) {}
+
+        fn batcher(_: &PgStore) -> &Batcher<Self> {
+            &BATCHER
+        }
+
+        async fn execute(_: &PgStore, batch: Vec<Pending<Self>>) {
+            let ids = batch.iter().map(|p| p.job.0).collect();
+            STARTED.lock().unwrap().push(ids);
+            FINISH.acquire().await.unwrap().forget();
+            for p in batch {
+                let _ = p.reply.send(Ok(()));
+            }
+        }
+    }
+
+    fn started() -> Vec<Vec<usize>> {
+        STARTED.lock().unwrap().clone()
+    }
+
+    /// Lets spawned statements run up to their wait for [`FINISH`].
+    async fn settle() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    /// Submits jobs `ids` from tasks of their own, each answered once.
+    fn submit(store: &PgStore, ids: std::ops::Range<usize>) -> Vec<tokio::task::JoinHandle<()>> {
+        ids.map(|id| {
+            let store = store.clone();
+            tokio::spawn(async move { store.submit(Probe(id)).await.unwrap() })
+        })
+        .collect()
+    }
+
+    #[tokio::test]
+    async fn once_statements_carry_many_jobs_one_runs_at_a_time() {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(10)
+            .connect_lazy("postgres://127.0.0.1:9/none")
+            .unwrap();
+        let store = PgStore::build(pool, super::super::PgStoreConfig::new(), None);
+        let mut jobs = submit(&store, 0..1);
+
+        // Few jobs per statement: a second one starts beside the first at
+        // once; the jobs after it queue.
+        settle().await;
+        jobs.extend(submit(&store, 1..8));
+        settle().await;
+        assert_eq!(started(), [vec![0], vec![1]]);
+
+        // The queue goes in one statement of many jobs. A job arriving
+        // while it runs queues too.
+        FINISH.add_permits(2);
+        jobs.extend(submit(&store, 8..9));
+        settle().await;
+        assert_eq!(started().len(), 3, "{:?}", started());
+        assert_eq!(started()[2][..6], [2, 3, 4, 5, 6, 7]);
+
+        // A statement that stalls lets a job open another slot. Then two
+        // run, one of them crowded: that one, once done, leaves the queue
+        // to the other instead of starting a statement beside it.
+        tokio::time::sleep(STALL * 2).await;
+        jobs.extend(submit(&store, 9..13));
+        settle().await;
+        assert_eq!(started().len(), 4, "a stall opens a slot: {:?}", started());
+        let opened = started()[3].clone();
+        assert_eq!(opened.last(), Some(&9));
+        FINISH.add_permits(1);
+        settle().await;
+        assert_eq!(started().len(), 4, "the crowded slot left the queue");
+        FINISH.add_permits(1);
+        settle().await;
+        assert_eq!(started()[4], [10, 11, 12]);
+        FINISH.add_permits(1);
+        for job in jobs {
+            job.await.unwrap();
+        }
     }
 }

@@ -287,12 +287,14 @@ impl PgStoreConfig {
     /// How many session load statements may run at once (default: 4, at
     /// most the pool's size).
     ///
-    /// A load arriving while none runs is sent at once. One arriving while
-    /// one runs waits for it to finish, and the next statement carries every
-    /// waiting load: under load, one round trip serves many requests. Only
-    /// when the running statements have gone 5 ms without one finishing does
-    /// a waiting load open another, up to this number, so that one slow
-    /// statement does not hold up every request.
+    /// A load arriving while none runs is sent at once, and under light
+    /// load a second starts beside it. Beyond that, and whenever statements
+    /// carry several loads each, a load waits for the running statement to
+    /// finish, and the next statement carries every waiting load: under
+    /// load, one round trip serves many requests. Only when the running
+    /// statements have gone 5 ms without one finishing does a waiting load
+    /// open another, up to this number, so that one slow statement does not
+    /// hold up every request.
     ///
     /// ```
     /// # use tower_pg_session::PgStoreConfig;
