@@ -137,6 +137,8 @@ struct Queue<J: Job> {
 pub(crate) struct Batcher<J: Job> {
     queue: Mutex<Queue<J>>,
     slots: usize,
+    /// [`STALL`], but in tests.
+    stall: Duration,
 }
 
 impl<J: Job> Batcher<J> {
@@ -149,6 +151,7 @@ impl<J: Job> Batcher<J> {
                 shared: 0,
             }),
             slots: slots.max(1),
+            stall: STALL,
         }
     }
 
@@ -181,8 +184,8 @@ impl PgStore {
             } else {
                 queue.waiting.push(pending);
                 let eager = queue.running < EAGER.min(batcher.slots) && queue.shared < CROWD;
-                let free =
-                    eager || (queue.running < batcher.slots && now - queue.progress >= STALL);
+                let free = eager
+                    || (queue.running < batcher.slots && now - queue.progress >= batcher.stall);
                 if free {
                     queue.running += 1;
                     queue.progress = now;
@@ -603,7 +606,13 @@ mod tests {
     static STARTED: Mutex<Vec<Vec<usize>>> = Mutex::new(Vec::new());
     /// One permit finishes one statement, in the order they started.
     static FINISH: Semaphore = Semaphore::const_new(0);
-    static BATCHER: LazyLock<Batcher<Probe>> = LazyLock::new(|| Batcher::new(4));
+    /// Two slots, so that only a stall opens the second under a crowd; a
+    /// stall long enough that no pause of a loaded machine passes for one.
+    static BATCHER: LazyLock<Batcher<Probe>> = LazyLock::new(|| Batcher {
+        stall: STALL_HERE,
+        ..Batcher::new(2)
+    });
+    const STALL_HERE: Duration = Duration::from_millis(100);
 
     struct Probe(usize);
 
@@ -672,7 +681,7 @@ mod tests {
         // A statement that stalls lets a job open another slot. Then two
         // run, one of them crowded: that one, once done, leaves the queue
         // to the other instead of starting a statement beside it.
-        tokio::time::sleep(STALL * 2).await;
+        tokio::time::sleep(STALL_HERE * 2).await;
         jobs.extend(submit(&store, 9..13));
         settle().await;
         assert_eq!(started().len(), 4, "a stall opens a slot: {:?}", started());
