@@ -571,7 +571,7 @@ pub async fn a_nul_user_id_is_refused(app: Router, db: &Db) {
 
 /// The backends named `name` that are not idle (running, waiting, or inside
 /// a transaction).
-pub async fn busy(db: &Db, name: &str) -> i64 {
+async fn busy(db: &Db, name: &str) -> i64 {
     sqlx::query_scalar(
         "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND state <> 'idle'",
     )
@@ -619,11 +619,23 @@ pub async fn a_locked_row_is_waited_for_within_the_bound(
             "{method} {path} took {took:?}"
         );
         // (A failed transaction's rollback reaches the server just after.)
-        eventually("no connection left waiting or in a transaction", || async {
-            busy(db, name).await == 0
-        })
-        .await;
+        until_idle(db, name).await;
     }
+    release_and_write(&mut c, tx).await;
+}
+
+/// Waits until no backend named `name` is running, waiting or inside a
+/// transaction.
+pub async fn until_idle(db: &Db, name: &str) {
+    eventually("no connection left waiting or in a transaction", || async {
+        busy(db, name).await == 0
+    })
+    .await;
+}
+
+/// Commits `tx`, which held the row of `c`'s session (`{"me": 1}`): nothing
+/// was written meanwhile, and a write now goes through.
+pub async fn release_and_write(c: &mut Client, tx: sqlx::Transaction<'static, sqlx::Postgres>) {
     tx.commit().await.unwrap();
     assert_eq!(c.get("/kv").await.body, json!({"me": 1}), "nothing written");
     assert_eq!(
