@@ -202,11 +202,7 @@ async fn a_dropped_request_does_not_merge_its_save_over_a_later_write() {
     assert_eq!(c.get("/count").await.body, json!({"count": 1}));
 
     // Hold the row: the save of the next request waits for it.
-    let mut tx = db.pool.begin().await.unwrap();
-    sqlx::query(&format!("SELECT 1 FROM {} FOR UPDATE", db.table()))
-        .execute(&mut *tx)
-        .await
-        .unwrap();
+    let mut tx = db.lock_rows().await;
     let mut dropped = c.clone();
     let request = tokio::spawn(async move { dropped.get("/count").await });
     let waiting = || async {

@@ -73,11 +73,7 @@ async fn a_request_waiting_for_its_load_and_its_save_answers_within_one_bound() 
 
     // The save will wait for this row lock; the load does not (it skips
     // locked rows), but first waits for the pool's one connection.
-    let mut tx = db.pool.begin().await.unwrap();
-    sqlx::query(&format!("SELECT 1 FROM {} FOR UPDATE", db.table()))
-        .execute(&mut *tx)
-        .await
-        .unwrap();
+    let tx = db.lock_rows().await;
     let held = pool.acquire().await.unwrap();
     let started = Instant::now();
     let mut client = c.clone();

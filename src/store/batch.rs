@@ -8,9 +8,10 @@
 //! statement to start reads every queued key. Once statements carry many
 //! keys ([`CROWD`]), requests are many and one statement runs at a time.
 //! Under heavy load one round trip then serves many requests, which is
-//! what makes a read cheaper than one statement per request. Reads are read only; the rows due for their
-//! idle extension (once per share of the idle timeout) are then extended
-//! and read again by one statement for all of them.
+//! what makes a read cheaper than one statement per request. Reads are
+//! read only; the rows due for their idle extension (once per share of the
+//! idle timeout) are then extended and read again by one statement for all
+//! of them.
 //!
 //! Few statements at a time batch best, but a statement that stalls (a
 //! slow disk read, a descheduled backend) would hold up every load behind

@@ -107,6 +107,17 @@ impl Db {
         tx
     }
 
+    /// A transaction holding every row of the table (`FOR UPDATE`): writes
+    /// of those rows wait for it, reads do not.
+    pub async fn lock_rows(&self) -> sqlx::Transaction<'static, sqlx::Postgres> {
+        let mut tx = self.pool.begin().await.unwrap();
+        sqlx::query(&format!("SELECT 1 FROM {} FOR UPDATE", self.table()))
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        tx
+    }
+
     pub fn table(&self) -> String {
         format!("\"{}\".\"session\"", self.schema)
     }
@@ -595,11 +606,7 @@ pub async fn a_locked_row_is_waited_for_within_the_bound(
     let mut c = Client::new(app(layer(store), Gate::default()));
     c.put("/kv/me", json!(1)).await;
 
-    let mut tx = db.pool.begin().await.unwrap();
-    sqlx::query(&format!("SELECT 1 FROM {} FOR UPDATE", db.table()))
-        .execute(&mut *tx)
-        .await
-        .unwrap();
+    let tx = db.lock_rows().await;
     for (method, path) in [("PUT", "/kv/x"), ("POST", "/logout"), ("POST", "/take/me")] {
         let started = std::time::Instant::now();
         let r = tokio::time::timeout(
