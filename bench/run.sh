@@ -88,7 +88,8 @@ if [[ " $CONTENDERS " == *" demo "* ]]; then
 fi
 DEMO_BIN=$(cargo metadata --format-version 1 --no-deps --manifest-path "$BENCH/../Cargo.toml" |
   sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')/release/examples/demo
-if [[ " $CONTENDERS " == *" express "* ]]; then
+if [[ " $CONTENDERS " == *" express "* ||
+      ($SCALE == 1 && " $SCALE_CONTENDERS " == *" express "*) ]]; then
   log "npm ci (bench/express)"
   (cd "$BENCH/express" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
 fi
@@ -436,6 +437,7 @@ fi
 
 # --------------------------------------------------------------- report
 printf 'meta\tload average at end\t%s\n' "$(cut -d' ' -f1-3 /proc/loadavg)" >>"$RAW"
+rm -f "$RESULTS/$REPORT.svg" # written again only if the run has cells to chart
 "$BIN" report "$RAW" "$RESULTS/$REPORT.svg" >"$RESULTS/$REPORT.md"
 if [[ -s $WORK/details.md ]]; then
   {

@@ -333,9 +333,10 @@ async fn main() -> ExitCode {
         return match std::fs::read_to_string(&path) {
             Ok(raw) => {
                 // The chart beside the report, named relative to it.
-                let name = svg.as_deref().and_then(|p| p.rsplit('/').next());
-                if let Some(svg) = &svg {
-                    if let Err(e) = std::fs::write(svg, report::chart(&raw)) {
+                let chart = svg.as_deref().zip(report::chart(&raw));
+                let name = chart.as_ref().and_then(|(p, _)| p.rsplit('/').next());
+                if let Some((svg, chart)) = &chart {
+                    if let Err(e) = std::fs::write(svg, chart) {
                         eprintln!("bench-server: {svg}: {e}");
                         return ExitCode::FAILURE;
                     }

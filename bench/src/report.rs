@@ -603,8 +603,9 @@ fn targets(run: &Run, levels: &[u32]) -> Vec<Target> {
 }
 
 /// The chart: for each workload, req/s and p99 against concurrency, one line
-/// per contender. Plain SVG; concurrency levels evenly spaced.
-pub fn chart(raw: &str) -> String {
+/// per contender. Plain SVG; concurrency levels evenly spaced. `None` when
+/// the run has no such cells (only its scale or memory parts).
+pub fn chart(raw: &str) -> Option<String> {
     const PALETTE: [&str; 8] = [
         "#888888", "#d62728", "#ff7f0e", "#9467bd", "#1f77b4", "#17becf", "#2ca02c", "#8c564b",
     ];
@@ -624,6 +625,9 @@ pub fn chart(raw: &str) -> String {
         // The contenders' keys: the tables' names lean on the rows above them.
         .map(|(i, (c, _))| (i, *c, *c))
         .collect();
+    if present.is_empty() {
+        return None;
+    }
     let workloads: Vec<&str> = WORKLOADS
         .iter()
         .copied()
@@ -744,5 +748,5 @@ pub fn chart(raw: &str) -> String {
         }
     }
     svg.push_str("</svg>\n");
-    svg
+    Some(svg)
 }
