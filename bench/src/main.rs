@@ -164,6 +164,11 @@ async fn app(args: &Args) -> Result<(Router, Store), Error> {
             {
                 config = config.with_load_concurrency(n)?;
             }
+            // KEPT: connections the store keeps between statements (default:
+            // half the pool); 0 returns each to the pool, as other stores do.
+            if let Some(n) = std::env::var("KEPT").ok().and_then(|n| n.parse().ok()) {
+                config = config.with_kept_connections(n);
+            }
             let store = PgStore::connect_with(&url, args.pool, config).await?;
             let layer = SessionLayer::builder(store.clone(), SigningKeys::new([SIGNING_KEY])?)
                 .with_insecure_http_cookie()
