@@ -580,7 +580,7 @@ fn targets(run: &Run, levels: &[u32]) -> Vec<Target> {
             // Without shared statements a request costs about pgbench's time
             // for its statements plus the HTTP ceiling's for the request: a
             // ratio near ceiling ÷ (ceiling + pgbench), below 1. An estimate:
-            // close where the machine is saturated, loose at 1 connection,
+            // a bound where the machine is saturated, not at 1 connection,
             // where idle waits overlap.
             let bound = run.rps("ceiling", w, *n).zip(pg).map(|(c, p)| c / (c + p));
             if let (Some(got), Some(bound)) = (&mut row.1, bound) {
