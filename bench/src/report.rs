@@ -40,6 +40,8 @@ const POOLED: &str = "pg-session-pgbouncer";
 const PEER: &str = "tower-sessions-noping";
 /// The demo app, measured beside the minimal server.
 const DEMO: &str = "demo";
+/// axum without sessions: the HTTP ceiling.
+const CEILING: &str = "ceiling";
 /// The connections of lines written before the concurrency sweep.
 const DEFAULT_CONNECTIONS: u32 = 32;
 /// The concurrency the under-load targets are read at.
@@ -282,7 +284,7 @@ pub fn report(raw: &str, chart: Option<&str>) -> String {
                 for w in WORKLOADS {
                     let _ = write!(out, " {} |", num(run.rps(c, w, *n), 0));
                 }
-                let s = if *c == "ceiling" {
+                let s = if *c == CEILING {
                     String::new()
                 } else {
                     WORKLOADS
@@ -582,7 +584,7 @@ fn targets(run: &Run, levels: &[u32]) -> Vec<Target> {
             // ratio near ceiling ÷ (ceiling + pgbench), below 1. An estimate:
             // a bound where the machine is saturated, not at 1 connection,
             // where idle waits overlap.
-            let bound = run.rps("ceiling", w, *n).zip(pg).map(|(c, p)| c / (c + p));
+            let bound = run.rps(CEILING, w, *n).zip(pg).map(|(c, p)| c / (c + p));
             if let (Some(got), Some(bound)) = (&mut row.1, bound) {
                 let _ = write!(
                     got,
