@@ -38,6 +38,11 @@ async fn four_instances_starting_at_once_make_one_table() {
         store(&bouncer, &db, 2),
     );
     assert_eq!(db.rows().await, 0, "the table exists and is empty");
+    let functions = db.functions().await;
+    assert!(
+        matches!(functions.as_slice(), [f] if f.starts_with("session_save_")),
+        "one function for the shared saves: {functions:?}"
+    );
     db.drop_schema().await;
 }
 

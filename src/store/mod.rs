@@ -341,7 +341,10 @@ impl PgStoreConfig {
     /// (PgBouncer `pool_mode = transaction`, RDS Proxy, Supavisor): the store
     /// then sends no named prepared statements, runs each statement in a
     /// transaction of its own, and holds no session-level state (its
-    /// advisory locks are transaction-scoped). PgBouncer must also list
+    /// advisory locks are transaction-scoped). Where it creates its table
+    /// ([`Self::with_create_table`]), it also creates a function beside it
+    /// for its shared saves, which Postgres then plans once per server
+    /// connection rather than at every run. PgBouncer must also list
     /// `extra_float_digits` in `ignore_startup_parameters`, as sqlx sends it.
     ///
     /// ```
@@ -544,7 +547,20 @@ impl PgStore {
         // for a connection: a row held elsewhere costs that request the
         // unavailable status, not an unbounded wait.
         let lock_wait = inner.pool.options().get_acquire_timeout();
-        let sql = Sql::new(&inner.name, &layout, lock_wait);
+        let save_function = match inner.pooler {
+            Pooler::Transaction => {
+                schema::save_function(
+                    &inner.pool,
+                    inner.pooler,
+                    &inner.name,
+                    &layout,
+                    inner.create_table,
+                )
+                .await
+            }
+            _ => None,
+        };
+        let sql = Sql::new(&inner.name, &layout, lock_wait, save_function.as_deref());
         tracing::debug!(table = %inner.name.qualified(), ?layout, "session store ready");
         Ok(inner.ready.get_or_init(|| Ready { layout, sql }))
     }

@@ -23,6 +23,11 @@
 //! advisory locks are transaction-scoped and settings are `SET LOCAL`. The
 //! price there is two more round trips (`BEGIN`, `COMMIT`) and a parse per
 //! statement.
+//!
+//! Postgres plans a simple-protocol query at each run. The shared save,
+//! whose plan costs more than its writes, is therefore a call of a plpgsql
+//! function that holds the statement (see `schema::save_function`): its
+//! plan is kept per server connection.
 
 use std::{sync::Arc, time::Instant};
 

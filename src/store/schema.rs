@@ -1,11 +1,11 @@
 //! Table names, DDL and column-type detection: everything that shapes SQL text
 //! lives here, so user input reaches SQL only after [`Ident::new`] accepted it.
 
-use std::fmt;
+use std::{fmt, time::Duration};
 
 use sqlx::PgPool;
 
-use super::{Pooler, StoreError};
+use super::{sql::Table, Pooler, StoreError};
 use crate::error::ConfigError;
 
 /// Postgres truncates identifiers at 63 bytes (NAMEDATALEN - 1); refusing longer
@@ -122,6 +122,22 @@ impl TableName {
         Ident(name)
     }
 
+    /// The qualified name of this table's function for `what`, defined by
+    /// `definition`: the table's name, shortened to the identifier limit,
+    /// then `what` and 48 bits of the definition's digest.
+    pub(crate) fn function(&self, what: &str, definition: &str) -> String {
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::digest(definition.as_bytes());
+        let suffix = format!("_{what}_{}", crate::hex::encode(&digest[..6]));
+        let mut table = self.table.as_str().to_owned();
+        table.truncate(MAX_IDENT.saturating_sub(suffix.len()));
+        let function = Ident(table + &suffix);
+        match &self.schema {
+            Some(s) => format!("{s}.{function}"),
+            None => function.to_string(),
+        }
+    }
+
     /// A stable 64-bit key for advisory locks scoped to this table.
     pub(crate) fn lock_key(&self, purpose: &str) -> i64 {
         use sha2::{Digest, Sha256};
@@ -216,6 +232,113 @@ pub(crate) async fn prepare(
         sess,
         expire,
         extended: has_extended(&columns),
+    })
+}
+
+/// Behind a transaction pooler: the shared save's function
+/// ([`Table::save_function`]), created if missing when the store creates
+/// its table. `None` where it is not there and cannot be made (a role
+/// without `CREATE` on the schema, say), with a warning: the shared save
+/// then goes as a query that Postgres plans at each run.
+pub(crate) async fn save_function(
+    pool: &PgPool,
+    pooler: Pooler,
+    name: &TableName,
+    layout: &Layout,
+    create: bool,
+) -> Option<String> {
+    match install_save_function(pool, pooler, name, layout, create).await {
+        Ok(Some(function)) => Some(function),
+        Ok(None) => {
+            tracing::warn!(
+                table = %name.qualified(),
+                "the shared save's function is missing and the store creates no schema \
+                 objects: shared saves are planned at each run"
+            );
+            None
+        }
+        Err(e) => {
+            tracing::warn!(
+                table = %name.qualified(),
+                error = %crate::log_safe::untrusted(&e),
+                "the shared save's function could not be made: shared saves are planned at each run"
+            );
+            None
+        }
+    }
+}
+
+async fn install_save_function(
+    pool: &PgPool,
+    pooler: Pooler,
+    name: &TableName,
+    layout: &Layout,
+    create: bool,
+) -> Result<Option<String>, StoreError> {
+    let qualified = in_its_schema(pool, pooler, name).await?;
+    let function = Table::new(&qualified, layout, Duration::ZERO).save_function(&qualified);
+    // In a transaction the store's connection closes if dropped inside it.
+    let mut conn = pooler.conn(pool).await?;
+    let mut found = function_exists(conn.get(), &function.name).await?;
+    if !found && create {
+        // Under the table's DDL lock: instances starting at once make it once.
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .persistent(false)
+            .bind(name.lock_key("ddl"))
+            .execute(conn.get())
+            .await?;
+        if !function_exists(conn.get(), &function.name).await? {
+            sqlx::query(&function.ddl)
+                .persistent(false)
+                .execute(conn.get())
+                .await?;
+        }
+        found = true;
+    }
+    conn.done().await?;
+    Ok(found.then_some(function.name))
+}
+
+async fn function_exists(conn: &mut sqlx::PgConnection, name: &str) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("SELECT to_regproc($1) IS NOT NULL")
+        .persistent(false)
+        .bind(name)
+        .fetch_one(conn)
+        .await
+}
+
+/// `name` with the schema its table is in: the function pins its search
+/// path, so it names the table in full.
+async fn in_its_schema(
+    pool: &PgPool,
+    pooler: Pooler,
+    name: &TableName,
+) -> Result<TableName, StoreError> {
+    if name.schema.is_some() {
+        return Ok(name.clone());
+    }
+    let mut conn = pooler.conn(pool).await?;
+    let schema: Option<String> = sqlx::query_scalar(
+        "SELECT n.nspname::text FROM pg_class c \
+         JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = to_regclass($1)",
+    )
+    .persistent(false)
+    .bind(name.qualified())
+    .fetch_optional(conn.get())
+    .await?;
+    conn.done().await?;
+    let Some(schema) = schema else {
+        return Err(StoreError::MissingTable(name.qualified()));
+    };
+    let schema = Ident::new(&schema).map_err(|_| {
+        StoreError::Schema(format!(
+            "the schema of {} has a name this crate does not write into SQL",
+            name.qualified()
+        ))
+    })?;
+    Ok(TableName {
+        schema: Some(schema),
+        table: name.table.clone(),
     })
 }
 

@@ -32,7 +32,8 @@ pub(super) struct Sql {
     pub(super) update: String,
     /// Updates of 1, 2, 4, … [`batch::MAX_KEYS`] rows (index 0 unused).
     pub(super) update_many: Vec<String>,
-    /// The same for the simple query protocol.
+    /// The same for the simple query protocol, or calls of the function
+    /// that holds it.
     update_many_text: Vec<String>,
     pub(super) select_for_update: String,
     pub(super) update_locked: String,
@@ -59,8 +60,22 @@ pub(super) struct Table<'a> {
     bound: String,
 }
 
+/// [`Table::save_function`]: its qualified name and its creation.
+#[derive(Debug)]
+pub(super) struct SaveFunction {
+    pub(super) name: String,
+    pub(super) ddl: String,
+}
+
 impl Sql {
-    pub(super) fn new(name: &TableName, layout: &Layout, lock_wait: std::time::Duration) -> Self {
+    /// `save_function`: the name of [`Table::save_function`], where it was
+    /// installed, for the shared saves behind a transaction pooler.
+    pub(super) fn new(
+        name: &TableName,
+        layout: &Layout,
+        lock_wait: std::time::Duration,
+        save_function: Option<&str>,
+    ) -> Self {
         let table = Table::new(name, layout, lock_wait);
         Self {
             load: arities().map(|k| table.load(k, true)).collect(),
@@ -75,7 +90,12 @@ impl Sql {
             insert_many: arities().map(|rows| table.insert_many(rows)).collect(),
             update: table.update(),
             update_many: arities().map(|rows| table.update_many(rows)).collect(),
-            update_many_text: arities().map(|rows| table.update_many_text(rows)).collect(),
+            update_many_text: arities()
+                .map(|rows| match save_function {
+                    Some(function) => table.update_many_call(function, rows),
+                    None => table.update_many_text(rows),
+                })
+                .collect(),
             select_for_update: table.select_for_update(),
             update_locked: table.update_locked(),
             delete: table.delete(),
@@ -637,6 +657,75 @@ impl<'a> Table<'a> {
         )
     }
 
+    /// The function that runs [`Self::update_many_text`]'s statement with
+    /// the rows as arrays, any number of them: behind a transaction pooler
+    /// every query is parsed and planned at each run, and the shared save's
+    /// plan costs more than its writes, while a plpgsql function's statement
+    /// is planned once per server connection. Its name ends in a digest of
+    /// its definition, so that instances running two versions of this crate
+    /// each call their own. The search path is pinned: only the table is
+    /// named outside `pg_catalog`, qualified. Parameters of the call as for
+    /// [`Self::update_many`].
+    pub(super) fn save_function(&self, name: &TableName) -> SaveFunction {
+        let extended = self.layout.extended;
+        let (params, arrays, v_ext, set_ext) = if extended {
+            (
+                ", p_user_id text[], p_provider_sid text[]",
+                ", p_user_id, p_provider_sid",
+                ", user_id, provider_sid",
+                ", user_id = v.user_id, provider_sid = v.provider_sid, last_seen = p_now",
+            )
+        } else {
+            ("", "", "", "")
+        };
+        let definition = format!(
+            "(p_now timestamptz, p_sid text[], p_sess text[], p_expire timestamptz[], \
+             p_version xid[]{params}) \
+             RETURNS TABLE (sid text, version text) LANGUAGE plpgsql VOLATILE \
+             SET search_path = pg_catalog, pg_temp AS $fn$ #variable_conflict use_column\n\
+             BEGIN RETURN QUERY \
+             WITH v AS (SELECT * FROM unnest(p_sid, p_sess, p_expire, p_version{arrays}) \
+               AS v (sid, sess, expire, version{v_ext})), \
+             free AS (\
+               SELECT s.ctid AS row_id, s.sid, s.xmin, s.expire FROM {t} AS s \
+               WHERE s.sid = ANY(p_sid) FOR UPDATE SKIP LOCKED) \
+             UPDATE {t} AS t SET sess = v.sess::{json}, expire = {expire}{set_ext} \
+             FROM v JOIN free ON free.sid = v.sid AND free.xmin = v.version \
+             WHERE t.ctid = ANY(ARRAY(SELECT row_id FROM free)) AND t.ctid = free.row_id \
+             AND free.expire > {now} \
+             RETURNING v.sid::text, t.xmin::text; END $fn$",
+            t = self.t,
+            json = self.json(),
+            now = self.to_col("p_now"),
+            expire = self.to_col("v.expire"),
+        );
+        let function = name.function("save", &definition);
+        SaveFunction {
+            ddl: format!("CREATE FUNCTION {function}{definition}"),
+            name: function,
+        }
+    }
+
+    /// A call of [`Self::save_function`] (named `function`) with `rows`
+    /// rows; parameters as for [`Self::update_many`].
+    fn update_many_call(&self, function: &str, rows: usize) -> String {
+        let per = if self.layout.extended { 6 } else { 4 };
+        let array = |i: usize, ty: &str| {
+            let items = (0..rows)
+                .map(|r| format!("${}", 2 + r * per + i))
+                .collect::<Vec<_>>()
+                .join(", ");
+            format!(", ARRAY[{items}]::{ty}[]")
+        };
+        let types = ["text", "text", "timestamptz", "xid", "text", "text"];
+        let arrays: String = types[..per]
+            .iter()
+            .enumerate()
+            .map(|(i, ty)| array(i, ty))
+            .collect();
+        format!("SELECT sid, version FROM {function}($1{arrays})")
+    }
+
     /// Reads and locks a live row. Parameters: $1 key, $2 now.
     fn select_for_update(&self) -> String {
         format!(
@@ -908,7 +997,7 @@ mod tests {
             schema: schema.map(ident),
             table: ident(table),
         };
-        Sql::new(&name, &layout, std::time::Duration::from_millis(5000))
+        Sql::new(&name, &layout, std::time::Duration::from_millis(5000), None)
     }
 
     /// connect-pg-simple's own table: `json`, `timestamp` (read in UTC), no extra columns.
@@ -1175,5 +1264,48 @@ mod tests {
         assert_eq!(Stmt::new("SELECT $1").text("a\0b").inlined(), None);
         assert_eq!(Stmt::new("SELECT $2").text("a").inlined(), None);
         assert_eq!(Stmt::new("SELECT $0").inlined(), None);
+    }
+
+    /// Behind a transaction pooler: the function that holds the shared
+    /// save, and its call with the rows as arrays.
+    #[test]
+    fn the_shared_saves_function_and_its_call() {
+        let ident = |s: &str| Ident::new(s).unwrap_or_else(|_| unreachable!());
+        let name = TableName {
+            schema: Some(ident("app")),
+            table: ident("session"),
+        };
+        let layout = Layout {
+            sess: SessType::Json,
+            expire: ExpireType::WithoutTimeZone("UTC".into()),
+            extended: true,
+        };
+        let function = Table::new(&name, &layout, std::time::Duration::ZERO).save_function(&name);
+        assert_eq!(function.name, "\"app\".\"session_save_b7e1a70a6fe0\"");
+        assert_eq!(
+            function.ddl,
+            "CREATE FUNCTION \"app\".\"session_save_b7e1a70a6fe0\"(p_now timestamptz, p_sid text[], p_sess text[], p_expire timestamptz[], p_version xid[], p_user_id text[], p_provider_sid text[]) RETURNS TABLE (sid text, version text) LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$ #variable_conflict use_column\nBEGIN RETURN QUERY WITH v AS (SELECT * FROM unnest(p_sid, p_sess, p_expire, p_version, p_user_id, p_provider_sid) AS v (sid, sess, expire, version, user_id, provider_sid)), free AS (SELECT s.ctid AS row_id, s.sid, s.xmin, s.expire FROM \"app\".\"session\" AS s WHERE s.sid = ANY(p_sid) FOR UPDATE SKIP LOCKED) UPDATE \"app\".\"session\" AS t SET sess = v.sess::json, expire = (v.expire AT TIME ZONE 'UTC'), user_id = v.user_id, provider_sid = v.provider_sid, last_seen = p_now FROM v JOIN free ON free.sid = v.sid AND free.xmin = v.version WHERE t.ctid = ANY(ARRAY(SELECT row_id FROM free)) AND t.ctid = free.row_id AND free.expire > (p_now AT TIME ZONE 'UTC') RETURNING v.sid::text, t.xmin::text; END $fn$"
+        );
+        let sql = Sql::new(
+            &name,
+            &layout,
+            std::time::Duration::from_millis(5000),
+            Some(&function.name),
+        );
+        assert_eq!(
+            sql.update_many_text[1],
+            "SELECT sid, version FROM \"app\".\"session_save_b7e1a70a6fe0\"($1, ARRAY[$2, $8]::text[], ARRAY[$3, $9]::text[], ARRAY[$4, $10]::timestamptz[], ARRAY[$5, $11]::xid[], ARRAY[$6, $12]::text[], ARRAY[$7, $13]::text[])"
+        );
+        // A longer table name is shortened, never the digest.
+        let long = TableName {
+            schema: None,
+            table: ident(&"s".repeat(63)),
+        };
+        let name = Table::new(&long, &layout, std::time::Duration::ZERO)
+            .save_function(&long)
+            .name;
+        let parts = name.trim_matches('"').rsplit_once("_save_");
+        let lengths = parts.map(|(table, digest)| (table.len(), digest.len()));
+        assert_eq!(lengths, Some((63 - 18, 12)), "{name}");
     }
 }

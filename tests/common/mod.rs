@@ -122,6 +122,18 @@ impl Db {
         format!("\"{}\".\"session\"", self.schema)
     }
 
+    /// The functions in this test's schema.
+    pub async fn functions(&self) -> Vec<String> {
+        sqlx::query_scalar(
+            "SELECT p.proname::text FROM pg_proc p \
+             JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = $1",
+        )
+        .bind(&self.schema)
+        .fetch_all(&self.pool)
+        .await
+        .unwrap()
+    }
+
     /// Statements run so far on this test's schema, by any connection.
     pub async fn statements(&self) -> i64 {
         self.statements_like("%").await
