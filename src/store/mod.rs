@@ -549,14 +549,8 @@ impl PgStore {
         let lock_wait = inner.pool.options().get_acquire_timeout();
         let save_function = match inner.pooler {
             Pooler::Transaction => {
-                schema::save_function(
-                    &inner.pool,
-                    inner.pooler,
-                    &inner.name,
-                    &layout,
-                    inner.create_table,
-                )
-                .await
+                let (pool, create) = (&inner.pool, inner.create_table);
+                schema::save_function(pool, inner.pooler, &inner.name, &layout, create).await
             }
             _ => None,
         };

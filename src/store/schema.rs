@@ -261,7 +261,8 @@ pub(crate) async fn save_function(
             tracing::warn!(
                 table = %name.qualified(),
                 error = %crate::log_safe::untrusted(&e),
-                "the shared save's function could not be made: shared saves are planned at each run"
+                "the shared save's function could not be made: shared saves are planned at \
+                 each run"
             );
             None
         }

@@ -60,16 +60,18 @@ pub(super) struct Table<'a> {
     bound: String,
 }
 
-/// [`Table::save_function`]: its qualified name and its creation.
+/// A function of the table ([`Table::plpgsql`]): its qualified name and
+/// its creation.
 #[derive(Debug)]
-pub(super) struct SaveFunction {
+pub(super) struct Function {
     pub(super) name: String,
     pub(super) ddl: String,
 }
 
 impl Sql {
     /// `save_function`: the name of [`Table::save_function`], where it was
-    /// installed, for the shared saves behind a transaction pooler.
+    /// installed (behind a transaction pooler), which the shared saves'
+    /// text statements then call.
     pub(super) fn new(
         name: &TableName,
         layout: &Layout,
@@ -386,7 +388,7 @@ impl<'a> Table<'a> {
         let rows = by_key(
             t,
             &format!("ctid AS row_id, sid, sess, expire, xmin, {ext_cols}"),
-            &list,
+            &text_array(&list),
         );
         format!(
             "WITH cur AS MATERIALIZED ({rows}), \
@@ -479,7 +481,7 @@ impl<'a> Table<'a> {
         let rows = by_key(
             &self.t,
             &format!("sid, sess, expire, xmin, {}", self.ext_cols()),
-            &list,
+            &text_array(&list),
         );
         format!(
             "SELECT sess::text, {}, xmin::text, created_at, user_id, provider_sid, false, \
@@ -578,7 +580,7 @@ impl<'a> Table<'a> {
         // As for loads: primary key, then physical row ids, whatever
         // the planner thinks of the table's size or the time.
         let keys = row_keys(rows, per);
-        let rows = by_key(t, "ctid AS row_id, expire", &keys);
+        let rows = by_key(t, "ctid AS row_id, expire", &text_array(&keys));
         format!(
             "WITH v (sid, sess, expire, version{v_ext}) AS (VALUES {values}), \
              cur AS MATERIALIZED ({rows}), \
@@ -657,17 +659,12 @@ impl<'a> Table<'a> {
         )
     }
 
-    /// The function that runs [`Self::update_many_text`]'s statement with
-    /// the rows as arrays, any number of them: behind a transaction pooler
-    /// every query is parsed and planned at each run, and the shared save's
-    /// plan costs more than its writes, while a plpgsql function's statement
-    /// is planned once per server connection. Its name ends in a digest of
-    /// its definition, so that instances running two versions of this crate
-    /// each call their own. The search path is pinned: only the table is
-    /// named outside `pg_catalog`, qualified. Parameters of the call as for
-    /// [`Self::update_many`].
-    pub(super) fn save_function(&self, name: &TableName) -> SaveFunction {
-        let extended = self.layout.extended;
+    /// The function that runs [`Self::update_many`]'s statement with the
+    /// rows as arrays, any number of them (see [`Self::plpgsql`]): the
+    /// shared saves call it behind a transaction pooler. Parameters of the
+    /// call as for [`Self::update_many`].
+    pub(super) fn save_function(&self, name: &TableName) -> Function {
+        let (t, extended) = (&self.t, self.layout.extended);
         let (params, arrays, v_ext, set_ext) = if extended {
             (
                 ", p_user_id text[], p_provider_sid text[]",
@@ -678,29 +675,58 @@ impl<'a> Table<'a> {
         } else {
             ("", "", "", "")
         };
+        let rows = by_key(t, "ctid AS row_id, expire", "p_sid");
+        self.plpgsql(
+            name,
+            "save",
+            &format!(
+                "p_now timestamptz, p_sid text[], p_sess text[], p_expire timestamptz[], \
+                 p_version xid[]{params}"
+            ),
+            "sid text, version text",
+            &format!(
+                "WITH v AS (SELECT * FROM unnest(p_sid, p_sess, p_expire, p_version{arrays}) \
+                   AS v (sid, sess, expire, version{v_ext})), \
+                 cur AS MATERIALIZED ({rows}), \
+                 free AS (\
+                   SELECT ctid AS row_id, sid, xmin FROM {t} \
+                   WHERE ctid = ANY(ARRAY(SELECT row_id FROM cur WHERE expire > {now})) \
+                   FOR UPDATE SKIP LOCKED) \
+                 UPDATE {t} AS t SET sess = v.sess::{json}, expire = {expire}{set_ext} \
+                 FROM v JOIN free ON free.sid = v.sid AND free.xmin = v.version \
+                 WHERE t.ctid = ANY(ARRAY(SELECT row_id FROM free)) AND t.ctid = free.row_id \
+                 RETURNING v.sid::text, t.xmin::text",
+                json = self.json(),
+                now = self.to_col("p_now"),
+                expire = self.to_col("v.expire"),
+            ),
+        )
+    }
+
+    /// A plpgsql function of this table that returns `query`'s rows. Behind
+    /// a transaction pooler every query is parsed and planned at each run;
+    /// a function's statement is planned once per server connection, which
+    /// the pooler cannot undo, and its generic plan is kept (the statement
+    /// finds rows by key alone, whatever the table's size). Its name ends in
+    /// a digest of its definition, so that instances running two versions
+    /// of this crate each call their own. Its search path is pinned: only
+    /// the table is named outside `pg_catalog`, qualified; its columns win
+    /// over the function's names.
+    fn plpgsql(
+        &self,
+        name: &TableName,
+        what: &str,
+        params: &str,
+        returns: &str,
+        query: &str,
+    ) -> Function {
         let definition = format!(
-            "(p_now timestamptz, p_sid text[], p_sess text[], p_expire timestamptz[], \
-             p_version xid[]{params}) \
-             RETURNS TABLE (sid text, version text) LANGUAGE plpgsql VOLATILE \
-             SET search_path = pg_catalog, pg_temp AS $fn$ #variable_conflict use_column\n\
-             BEGIN RETURN QUERY \
-             WITH v AS (SELECT * FROM unnest(p_sid, p_sess, p_expire, p_version{arrays}) \
-               AS v (sid, sess, expire, version{v_ext})), \
-             free AS (\
-               SELECT s.ctid AS row_id, s.sid, s.xmin, s.expire FROM {t} AS s \
-               WHERE s.sid = ANY(p_sid) FOR UPDATE SKIP LOCKED) \
-             UPDATE {t} AS t SET sess = v.sess::{json}, expire = {expire}{set_ext} \
-             FROM v JOIN free ON free.sid = v.sid AND free.xmin = v.version \
-             WHERE t.ctid = ANY(ARRAY(SELECT row_id FROM free)) AND t.ctid = free.row_id \
-             AND free.expire > {now} \
-             RETURNING v.sid::text, t.xmin::text; END $fn$",
-            t = self.t,
-            json = self.json(),
-            now = self.to_col("p_now"),
-            expire = self.to_col("v.expire"),
+            "({params}) RETURNS TABLE ({returns}) LANGUAGE plpgsql VOLATILE \
+             SET search_path = pg_catalog, pg_temp SET plan_cache_mode = force_generic_plan \
+             AS $fn$ #variable_conflict use_column\nBEGIN RETURN QUERY {query}; END $fn$"
         );
-        let function = name.function("save", &definition);
-        SaveFunction {
+        let function = name.function(what, &definition);
+        Function {
             ddl: format!("CREATE FUNCTION {function}{definition}"),
             name: function,
         }
@@ -785,6 +811,11 @@ fn row_keys(rows: usize, per: usize) -> String {
         .join(", ")
 }
 
+/// `items` as a `text[]`.
+fn text_array(items: &str) -> String {
+    format!("ARRAY[{items}]::text[]")
+}
+
 /// `$first, …` for `count` parameters.
 fn placeholders(first: usize, count: usize) -> String {
     (first..first + count)
@@ -793,14 +824,14 @@ fn placeholders(first: usize, count: usize) -> String {
         .join(", ")
 }
 
-/// The rows of `t` whose `sid` is one of `keys` (a list of parameters,
-/// repeats allowed), `columns` of each: one primary-key lookup per distinct
+/// The rows of `t` whose `sid` is one of `keys` (a `text[]`, repeats
+/// allowed), `columns` of each: one primary-key lookup per distinct
 /// key. Unlike `sid IN (…)`, which Postgres answers with a sequential scan
 /// once the list is long and the table small, this plan never depends on
 /// the table's size.
 fn by_key(t: &str, columns: &str, keys: &str) -> String {
     format!(
-        "SELECT r.* FROM (SELECT DISTINCT k FROM unnest(ARRAY[{keys}]::text[]) AS k) AS keys \
+        "SELECT r.* FROM (SELECT DISTINCT k FROM unnest({keys}) AS k) AS keys \
          CROSS JOIN LATERAL (SELECT {columns} FROM {t} WHERE sid = keys.k LIMIT 1) AS r"
     )
 }
@@ -1280,22 +1311,16 @@ mod tests {
             expire: ExpireType::WithoutTimeZone("UTC".into()),
             extended: true,
         };
-        let function = Table::new(&name, &layout, std::time::Duration::ZERO).save_function(&name);
-        assert_eq!(function.name, "\"app\".\"session_save_b7e1a70a6fe0\"");
-        assert_eq!(
-            function.ddl,
-            "CREATE FUNCTION \"app\".\"session_save_b7e1a70a6fe0\"(p_now timestamptz, p_sid text[], p_sess text[], p_expire timestamptz[], p_version xid[], p_user_id text[], p_provider_sid text[]) RETURNS TABLE (sid text, version text) LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$ #variable_conflict use_column\nBEGIN RETURN QUERY WITH v AS (SELECT * FROM unnest(p_sid, p_sess, p_expire, p_version, p_user_id, p_provider_sid) AS v (sid, sess, expire, version, user_id, provider_sid)), free AS (SELECT s.ctid AS row_id, s.sid, s.xmin, s.expire FROM \"app\".\"session\" AS s WHERE s.sid = ANY(p_sid) FOR UPDATE SKIP LOCKED) UPDATE \"app\".\"session\" AS t SET sess = v.sess::json, expire = (v.expire AT TIME ZONE 'UTC'), user_id = v.user_id, provider_sid = v.provider_sid, last_seen = p_now FROM v JOIN free ON free.sid = v.sid AND free.xmin = v.version WHERE t.ctid = ANY(ARRAY(SELECT row_id FROM free)) AND t.ctid = free.row_id AND free.expire > (p_now AT TIME ZONE 'UTC') RETURNING v.sid::text, t.xmin::text; END $fn$"
-        );
+        let save = Table::new(&name, &layout, std::time::Duration::ZERO).save_function(&name);
+        assert_eq!(save.name, "\"app\".\"session_save_dff8d36523bd\"");
+        assert_eq!(save.ddl, "CREATE FUNCTION \"app\".\"session_save_dff8d36523bd\"(p_now timestamptz, p_sid text[], p_sess text[], p_expire timestamptz[], p_version xid[], p_user_id text[], p_provider_sid text[]) RETURNS TABLE (sid text, version text) LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp SET plan_cache_mode = force_generic_plan AS $fn$ #variable_conflict use_column\nBEGIN RETURN QUERY WITH v AS (SELECT * FROM unnest(p_sid, p_sess, p_expire, p_version, p_user_id, p_provider_sid) AS v (sid, sess, expire, version, user_id, provider_sid)), cur AS MATERIALIZED (SELECT r.* FROM (SELECT DISTINCT k FROM unnest(p_sid) AS k) AS keys CROSS JOIN LATERAL (SELECT ctid AS row_id, expire FROM \"app\".\"session\" WHERE sid = keys.k LIMIT 1) AS r), free AS (SELECT ctid AS row_id, sid, xmin FROM \"app\".\"session\" WHERE ctid = ANY(ARRAY(SELECT row_id FROM cur WHERE expire > (p_now AT TIME ZONE 'UTC'))) FOR UPDATE SKIP LOCKED) UPDATE \"app\".\"session\" AS t SET sess = v.sess::json, expire = (v.expire AT TIME ZONE 'UTC'), user_id = v.user_id, provider_sid = v.provider_sid, last_seen = p_now FROM v JOIN free ON free.sid = v.sid AND free.xmin = v.version WHERE t.ctid = ANY(ARRAY(SELECT row_id FROM free)) AND t.ctid = free.row_id RETURNING v.sid::text, t.xmin::text; END $fn$");
         let sql = Sql::new(
             &name,
             &layout,
             std::time::Duration::from_millis(5000),
-            Some(&function.name),
+            Some(&save.name),
         );
-        assert_eq!(
-            sql.update_many_text[1],
-            "SELECT sid, version FROM \"app\".\"session_save_b7e1a70a6fe0\"($1, ARRAY[$2, $8]::text[], ARRAY[$3, $9]::text[], ARRAY[$4, $10]::timestamptz[], ARRAY[$5, $11]::xid[], ARRAY[$6, $12]::text[], ARRAY[$7, $13]::text[])"
-        );
+        assert_eq!(sql.update_many_text[1], "SELECT sid, version FROM \"app\".\"session_save_dff8d36523bd\"($1, ARRAY[$2, $8]::text[], ARRAY[$3, $9]::text[], ARRAY[$4, $10]::timestamptz[], ARRAY[$5, $11]::xid[], ARRAY[$6, $12]::text[], ARRAY[$7, $13]::text[])");
         // A longer table name is shortened, never the digest.
         let long = TableName {
             schema: None,
