@@ -119,6 +119,11 @@ async fn through_pgbouncer_in_transaction_mode() {
     let (code, out, err) = run(&["init"]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("is ready"), "{out}");
+    let functions = db.functions().await;
+    assert!(
+        matches!(functions.as_slice(), [f] if f.starts_with("session_save_")),
+        "init makes the shared save's function too: {functions:?}"
+    );
     use sqlx::Executor;
     db.pool
         .execute(&*format!(
