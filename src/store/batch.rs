@@ -4,7 +4,8 @@
 //! from the request's own future (no task hop) and as the plain
 //! primary-key statement: under light load nothing waits and nothing is
 //! spent on a shape made for many keys. While one runs, a second starts at
-//! once beside it ([`EAGER`]); beyond that loads queue, and the next
+//! once beside it ([`EAGER`]), from its request's own future as well when
+//! nothing else was queued; beyond that loads queue, and the next
 //! statement to start reads every queued key. Once statements carry many
 //! keys ([`CROWD`]), requests are many and one statement runs at a time.
 //! Under heavy load one round trip then serves many requests, which is
@@ -190,7 +191,14 @@ impl PgStore {
                 if free {
                     queue.running += 1;
                     queue.progress = now;
-                    Start::Task(queue.take())
+                    let mut batch = queue.take();
+                    // Nothing else was queued: its own, as a lone job is.
+                    match batch.pop() {
+                        Some(own) if batch.is_empty() && queue.waiting.is_empty() => {
+                            Start::Here(own)
+                        }
+                        last => Start::Task(batch.into_iter().chain(last).collect()),
+                    }
                 } else {
                     Start::Queued
                 }
