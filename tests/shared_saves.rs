@@ -262,12 +262,32 @@ async fn through_the_pooler_a_shared_save_of_a_row_changed_since_its_load_is_mer
     changed_since_load_is_merged(db, store).await;
 }
 
-/// Calls of the shared save's function, and shared saves sent as they are.
-async fn shared_saves(db: &Db) -> (i64, i64) {
-    (
-        db.statements_like("SELECT sid, version FROM %").await,
-        db.statements_like("WITH v (sid%").await,
-    )
+/// Lets the held saves of the blocker, a and b go on `store` (a's and b's
+/// share a statement) and checks that each landed. The calls of the shared
+/// save's function made meanwhile, and the shared saves sent as they are.
+async fn shared_save_of_a_and_b(db: &Db, store: PgStore) -> (i64, i64) {
+    let counts = || async {
+        (
+            db.statements_like("SELECT sid, version FROM %").await,
+            db.statements_like("WITH v (sid%").await,
+        )
+    };
+    let Queued {
+        hold,
+        blocker_tx,
+        saves,
+        mut a,
+        mut b,
+    } = three_held_saves_on(db, store).await;
+    let before = counts().await;
+    release(&hold, blocker_tx).await;
+    for t in saves {
+        assert_eq!(t.await.unwrap(), StatusCode::NO_CONTENT);
+    }
+    let after = counts().await;
+    assert_eq!(a.get("/kv").await.body, json!({"who": "a", "a": 1}));
+    assert_eq!(b.get("/kv").await.body, json!({"who": "b", "b": 1}));
+    (after.0 - before.0, after.1 - before.1)
 }
 
 #[tokio::test]
@@ -275,26 +295,11 @@ async fn through_the_pooler_a_shared_save_is_one_call_of_the_tables_function() {
     let bouncer = PgBouncer::start().await;
     let db = Db::new().await;
     let store = pooled_one_slot_store(&bouncer, &db).await;
-    let Queued {
-        hold,
-        blocker_tx,
-        saves,
-        mut a,
-        mut b,
-    } = three_held_saves_on(&db, store).await;
-    let before = shared_saves(&db).await;
-    release(&hold, blocker_tx).await;
-    for t in saves {
-        assert_eq!(t.await.unwrap(), StatusCode::NO_CONTENT);
-    }
-    let after = shared_saves(&db).await;
     assert_eq!(
-        (after.0 - before.0, after.1 - before.1),
+        shared_save_of_a_and_b(&db, store).await,
         (1, 0),
         "a's and b's saves: one call, planned once per server connection"
     );
-    assert_eq!(a.get("/kv").await.body, json!({"who": "a", "a": 1}));
-    assert_eq!(b.get("/kv").await.body, json!({"who": "b", "b": 1}));
     db.drop_schema().await;
 }
 
@@ -323,27 +328,12 @@ async fn a_role_that_may_not_create_the_function_shares_saves_all_the_same() {
         .with_load_concurrency(1)
         .unwrap();
     let store = PgStore::new(pool.clone(), config).await.unwrap();
-    let Queued {
-        hold,
-        blocker_tx,
-        saves,
-        mut a,
-        mut b,
-    } = three_held_saves_on(&db, store).await;
-    let before = shared_saves(&db).await;
-    release(&hold, blocker_tx).await;
-    for t in saves {
-        assert_eq!(t.await.unwrap(), StatusCode::NO_CONTENT);
-    }
-    let after = shared_saves(&db).await;
     assert_eq!(
-        (after.0 - before.0, after.1 - before.1),
+        shared_save_of_a_and_b(&db, store).await,
         (0, 1),
         "no function: one shared save as it is"
     );
     assert!(db.functions().await.is_empty());
-    assert_eq!(a.get("/kv").await.body, json!({"who": "a", "a": 1}));
-    assert_eq!(b.get("/kv").await.body, json!({"who": "b", "b": 1}));
     pool.close().await;
     let admin = db.pool.clone();
     db.drop_schema().await;

@@ -574,33 +574,54 @@ impl<'a> Table<'a> {
     /// request loaded and no one else holds it. Parameters: $1 now, then per
     /// row: key, sess, expire, version[, `user_id`, `provider_sid`].
     fn update_many(&self, rows: usize) -> String {
-        let (t, layout) = (&self.t, self.layout);
-        let per = if layout.extended { 6 } else { 4 };
-        let (values, v_ext, set_ext) = self.update_values(rows, per);
-        // As for loads: primary key, then physical row ids, whatever
-        // the planner thinks of the table's size or the time.
-        let keys = row_keys(rows, per);
-        let rows = by_key(t, "ctid AS row_id, expire", &text_array(&keys));
+        let per = if self.layout.extended { 6 } else { 4 };
+        let (values, v_ext) = self.update_values(rows, per);
+        let keys = text_array(&row_keys(rows, per));
+        self.shared_update(
+            &format!("(sid, sess, expire, version{v_ext}) AS (VALUES {values})"),
+            &keys,
+            "$1",
+        )
+    }
+
+    /// The shared save's statement: the rows of `v` (the CTE's columns and
+    /// body) found by primary key (`keys`, a `text[]`), then by physical row
+    /// id, as loads are, whatever the planner thinks of the table's size or
+    /// the time; each written only if it is live at `now` (a timestamptz),
+    /// still at the version its request loaded and held by no one else.
+    fn shared_update(&self, v: &str, keys: &str, now: &str) -> String {
+        let t = &self.t;
+        let rows = by_key(t, "ctid AS row_id, expire", keys);
         format!(
-            "WITH v (sid, sess, expire, version{v_ext}) AS (VALUES {values}), \
+            "WITH v {v}, \
              cur AS MATERIALIZED ({rows}), \
              free AS (\
                SELECT ctid AS row_id, sid, xmin FROM {t} \
-               WHERE ctid = ANY(ARRAY(SELECT row_id FROM cur WHERE expire > {now})) \
+               WHERE ctid = ANY(ARRAY(SELECT row_id FROM cur WHERE expire > {now_col})) \
                FOR UPDATE SKIP LOCKED) \
              UPDATE {t} AS t SET sess = v.sess::{json}, expire = {expire}{set_ext} \
              FROM v JOIN free ON free.sid = v.sid AND free.xmin = v.version \
              WHERE t.ctid = ANY(ARRAY(SELECT row_id FROM free)) AND t.ctid = free.row_id \
              RETURNING v.sid::text, t.xmin::text",
             json = self.json(),
-            now = self.to_col("$1"),
+            now_col = self.to_col(now),
             expire = self.to_col("v.expire"),
+            set_ext = self.set_ext(now),
         )
     }
 
+    /// The optional columns a shared save writes, `now` the instant.
+    fn set_ext(&self, now: &str) -> String {
+        if self.layout.extended {
+            format!(", user_id = v.user_id, provider_sid = v.provider_sid, last_seen = {now}")
+        } else {
+            String::new()
+        }
+    }
+
     /// The `VALUES` rows of the shared updates, `per` parameters each after
-    /// $1; with the names and assignments of the optional columns.
-    fn update_values(&self, rows: usize, per: usize) -> (String, &'static str, &'static str) {
+    /// $1; with the names of the optional columns.
+    fn update_values(&self, rows: usize, per: usize) -> (String, &'static str) {
         let layout = self.layout;
         let values = (0..rows)
             .map(|r| {
@@ -620,15 +641,12 @@ impl<'a> Table<'a> {
             })
             .collect::<Vec<_>>()
             .join(", ");
-        let (v_ext, set_ext) = if layout.extended {
-            (
-                ", user_id, provider_sid",
-                ", user_id = v.user_id, provider_sid = v.provider_sid, last_seen = $1",
-            )
+        let v_ext = if layout.extended {
+            ", user_id, provider_sid"
         } else {
-            ("", "")
+            ""
         };
-        (values, v_ext, set_ext)
+        (values, v_ext)
     }
 
     /// [`Self::update_many`] for the simple query protocol, which Postgres
@@ -641,7 +659,8 @@ impl<'a> Table<'a> {
     fn update_many_text(&self, rows: usize) -> String {
         let (t, layout) = (&self.t, self.layout);
         let per = if layout.extended { 6 } else { 4 };
-        let (values, v_ext, set_ext) = self.update_values(rows, per);
+        let (values, v_ext) = self.update_values(rows, per);
+        let set_ext = self.set_ext("$1");
         let keys = row_keys(rows, per);
         format!(
             "WITH v (sid, sess, expire, version{v_ext}) AS (VALUES {values}), \
@@ -664,18 +683,19 @@ impl<'a> Table<'a> {
     /// shared saves call it behind a transaction pooler. Parameters of the
     /// call as for [`Self::update_many`].
     pub(super) fn save_function(&self, name: &TableName) -> Function {
-        let (t, extended) = (&self.t, self.layout.extended);
-        let (params, arrays, v_ext, set_ext) = if extended {
+        let (params, arrays, v_ext) = if self.layout.extended {
             (
                 ", p_user_id text[], p_provider_sid text[]",
                 ", p_user_id, p_provider_sid",
                 ", user_id, provider_sid",
-                ", user_id = v.user_id, provider_sid = v.provider_sid, last_seen = p_now",
             )
         } else {
-            ("", "", "", "")
+            ("", "", "")
         };
-        let rows = by_key(t, "ctid AS row_id, expire", "p_sid");
+        let v = format!(
+            "AS (SELECT * FROM unnest(p_sid, p_sess, p_expire, p_version{arrays}) \
+             AS v (sid, sess, expire, version{v_ext}))"
+        );
         self.plpgsql(
             name,
             "save",
@@ -684,22 +704,7 @@ impl<'a> Table<'a> {
                  p_version xid[]{params}"
             ),
             "sid text, version text",
-            &format!(
-                "WITH v AS (SELECT * FROM unnest(p_sid, p_sess, p_expire, p_version{arrays}) \
-                   AS v (sid, sess, expire, version{v_ext})), \
-                 cur AS MATERIALIZED ({rows}), \
-                 free AS (\
-                   SELECT ctid AS row_id, sid, xmin FROM {t} \
-                   WHERE ctid = ANY(ARRAY(SELECT row_id FROM cur WHERE expire > {now})) \
-                   FOR UPDATE SKIP LOCKED) \
-                 UPDATE {t} AS t SET sess = v.sess::{json}, expire = {expire}{set_ext} \
-                 FROM v JOIN free ON free.sid = v.sid AND free.xmin = v.version \
-                 WHERE t.ctid = ANY(ARRAY(SELECT row_id FROM free)) AND t.ctid = free.row_id \
-                 RETURNING v.sid::text, t.xmin::text",
-                json = self.json(),
-                now = self.to_col("p_now"),
-                expire = self.to_col("v.expire"),
-            ),
+            &self.shared_update(&v, "p_sid", "p_now"),
         )
     }
 
