@@ -213,6 +213,18 @@ async fn db_pooler_transaction_serves_and_prunes_through_pgbouncer() {
             );
         }
     }
+    // The table, named without its schema, got its shared save's function
+    // in that schema, and the shared saves called it.
+    let functions = db.functions().await;
+    assert!(
+        matches!(functions.as_slice(), [f] if f.starts_with("session_save_")),
+        "{functions:?}"
+    );
+    let calls = db.statements_like("SELECT sid, version FROM %").await;
+    assert!(
+        calls > 0,
+        "160 saves from 32 browsers at once share statements"
+    );
     // The pruner, every second, through the pooler.
     sqlx::query(&format!(
         "INSERT INTO {} (sid, sess, expire) SELECT 'expired' || g, '{{}}', \

@@ -300,12 +300,16 @@ async fn install_save_function(
     Ok(found.then_some(function.name))
 }
 
+/// Whether the function `name` exists and the store's role may call it
+/// (one it may not call exists all the same: creating it fails).
 async fn function_exists(conn: &mut sqlx::PgConnection, name: &str) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar("SELECT to_regproc($1) IS NOT NULL")
-        .persistent(false)
-        .bind(name)
-        .fetch_one(conn)
-        .await
+    sqlx::query_scalar(
+        "SELECT coalesce(has_function_privilege(to_regproc($1)::oid, 'EXECUTE'), false)",
+    )
+    .persistent(false)
+    .bind(name)
+    .fetch_one(conn)
+    .await
 }
 
 /// `name` with the schema its table is in: the function pins its search
