@@ -104,12 +104,12 @@ async fn three_held_saves(db: &Db) -> Queued {
 
 /// As [`three_held_saves`], on `store` (which runs one statement at a time).
 async fn three_held_saves_on(db: &Db, store: PgStore) -> Queued {
-    three_held_saves_under(db, layer(store)).await
+    three_held_saves_under(db, layer(store), json!(1)).await
 }
 
 /// As [`three_held_saves`], under `layer` (whose store runs one statement
 /// at a time).
-async fn three_held_saves_under(db: &Db, layer: SessionLayer) -> Queued {
+async fn three_held_saves_under(db: &Db, layer: SessionLayer, value: Value) -> Queued {
     let (app, hold, mut entered) = held_app_with(layer);
     let (blocker, a, b) = (
         session(&app, "blocker").await,
@@ -119,8 +119,8 @@ async fn three_held_saves_under(db: &Db, layer: SessionLayer) -> Queued {
     let mut blocker_tx = db.pool.begin().await.unwrap();
     lock_row(db, &mut blocker_tx, "blocker").await;
     let put = |c: &Client, name: &str| {
-        let (mut c, name) = (c.clone(), name.to_owned());
-        tokio::spawn(async move { c.put(&format!("/held/{name}"), json!(1)).await.status })
+        let (mut c, name, value) = (c.clone(), name.to_owned(), value.clone());
+        tokio::spawn(async move { c.put(&format!("/held/{name}"), value).await.status })
     };
     let saves = [put(&blocker, "blocker"), put(&a, "a"), put(&b, "b")];
     for _ in 0..3 {
@@ -263,8 +263,9 @@ async fn through_the_pooler_a_shared_save_of_a_row_changed_since_its_load_is_mer
 }
 
 /// Lets the held saves of the blocker, a and b go on `store` (a's and b's
-/// share a statement) and checks that each landed. The calls of the shared
-/// save's function made meanwhile, and the shared saves sent as they are.
+/// share a statement) and checks that each landed as written, hostile
+/// values and all. The calls of the shared save's function made meanwhile,
+/// and the shared saves sent as they are.
 async fn shared_save_of_a_and_b(db: &Db, store: PgStore) -> (i64, i64) {
     let counts = || async {
         (
@@ -272,21 +273,26 @@ async fn shared_save_of_a_and_b(db: &Db, store: PgStore) -> (i64, i64) {
             db.statements_like("WITH v (sid%").await,
         )
     };
+    let hostile = json!({
+        "'; DROP TABLE session; --": "\\' $1 $$ E'\\x00' \u{0} ünïcødé 🦀",
+        "nested": ["'", "\\", "$2::xid", "NULL", "{\"a\",\"b\"}", "ARRAY['x']"],
+    });
     let Queued {
         hold,
         blocker_tx,
         saves,
         mut a,
         mut b,
-    } = three_held_saves_on(db, store).await;
+    } = three_held_saves_under(db, layer(store), hostile.clone()).await;
     let before = counts().await;
     release(&hold, blocker_tx).await;
     for t in saves {
         assert_eq!(t.await.unwrap(), StatusCode::NO_CONTENT);
     }
     let after = counts().await;
-    assert_eq!(a.get("/kv").await.body, json!({"who": "a", "a": 1}));
-    assert_eq!(b.get("/kv").await.body, json!({"who": "b", "b": 1}));
+    assert_eq!(a.get("/kv").await.body, json!({"who": "a", "a": hostile}));
+    assert_eq!(b.get("/kv").await.body, json!({"who": "b", "b": hostile}));
+    assert_eq!(db.rows().await, 3, "the table intact");
     (after.0 - before.0, after.1 - before.1)
 }
 
@@ -430,7 +436,7 @@ async fn expired_since_load_is_not_revived(db: Db, store: PgStore) {
         saves,
         mut a,
         mut b,
-    } = three_held_saves_under(&db, layer).await;
+    } = three_held_saves_under(&db, layer, json!(1)).await;
     // The sessions expire while their requests are held, loaded.
     tokio::time::sleep(idle + Duration::from_millis(200)).await;
     let before = rows(&db).await;
