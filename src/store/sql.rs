@@ -60,8 +60,8 @@ pub(super) struct Table<'a> {
     bound: String,
 }
 
-/// A function of the table ([`Table::plpgsql`]): its qualified name and
-/// its creation.
+/// A function of the table ([`Table::save_function`]): its qualified name
+/// and its creation.
 #[derive(Debug)]
 pub(super) struct Function {
     pub(super) name: String,
@@ -574,9 +574,9 @@ impl<'a> Table<'a> {
     /// request loaded and no one else holds it. Parameters: $1 now, then per
     /// row: key, sess, expire, version[, `user_id`, `provider_sid`].
     fn update_many(&self, rows: usize) -> String {
-        let per = if self.layout.extended { 6 } else { 4 };
+        let per = self.per_row();
         let (values, v_ext) = self.update_values(rows, per);
-        let keys = text_array(&row_keys(rows, per));
+        let keys = text_array(&row_column(rows, per, 0));
         self.shared_update(
             &format!("(sid, sess, expire, version{v_ext}) AS (VALUES {values})"),
             &keys,
@@ -619,6 +619,16 @@ impl<'a> Table<'a> {
         }
     }
 
+    /// The parameters of each row of a shared update: key, sess, expire,
+    /// version[, `user_id`, `provider_sid`].
+    fn per_row(&self) -> usize {
+        if self.layout.extended {
+            6
+        } else {
+            4
+        }
+    }
+
     /// The `VALUES` rows of the shared updates, `per` parameters each after
     /// $1; with the names of the optional columns.
     fn update_values(&self, rows: usize, per: usize) -> (String, &'static str) {
@@ -657,11 +667,11 @@ impl<'a> Table<'a> {
     /// version, whose `xmin` then fails the version check. Parameters as
     /// for [`Self::update_many`].
     fn update_many_text(&self, rows: usize) -> String {
-        let (t, layout) = (&self.t, self.layout);
-        let per = if layout.extended { 6 } else { 4 };
+        let t = &self.t;
+        let per = self.per_row();
         let (values, v_ext) = self.update_values(rows, per);
         let set_ext = self.set_ext("$1");
-        let keys = row_keys(rows, per);
+        let keys = row_column(rows, per, 0);
         format!(
             "WITH v (sid, sess, expire, version{v_ext}) AS (VALUES {values}), \
              free AS (\
@@ -679,9 +689,16 @@ impl<'a> Table<'a> {
     }
 
     /// The function that runs [`Self::update_many`]'s statement with the
-    /// rows as arrays, any number of them (see [`Self::plpgsql`]): the
-    /// shared saves call it behind a transaction pooler. Parameters of the
-    /// call as for [`Self::update_many`].
+    /// rows as arrays, any number of them: the shared saves call it behind a
+    /// transaction pooler, where every query is parsed and planned at each
+    /// run. A function's statement is planned once per server connection,
+    /// which the pooler cannot undo, and its generic plan is kept (the
+    /// statement finds rows by key alone, whatever the table's size). Its
+    /// name ends in a digest of its definition, so that instances running
+    /// two versions of this crate each call their own. Its search path is
+    /// pinned: only the table is named outside `pg_catalog`, qualified; its
+    /// columns win over the function's names. Parameters of the call as for
+    /// [`Self::update_many`].
     pub(super) fn save_function(&self, name: &TableName) -> Function {
         let (params, arrays, v_ext) = if self.layout.extended {
             (
@@ -696,41 +713,15 @@ impl<'a> Table<'a> {
             "AS (SELECT * FROM unnest(p_sid, p_sess, p_expire, p_version{arrays}) \
              AS v (sid, sess, expire, version{v_ext}))"
         );
-        self.plpgsql(
-            name,
-            "save",
-            &format!(
-                "p_now timestamptz, p_sid text[], p_sess text[], p_expire timestamptz[], \
-                 p_version xid[]{params}"
-            ),
-            "sid text, version text",
-            &self.shared_update(&v, "p_sid", "p_now"),
-        )
-    }
-
-    /// A plpgsql function of this table that returns `query`'s rows. Behind
-    /// a transaction pooler every query is parsed and planned at each run;
-    /// a function's statement is planned once per server connection, which
-    /// the pooler cannot undo, and its generic plan is kept (the statement
-    /// finds rows by key alone, whatever the table's size). Its name ends in
-    /// a digest of its definition, so that instances running two versions
-    /// of this crate each call their own. Its search path is pinned: only
-    /// the table is named outside `pg_catalog`, qualified; its columns win
-    /// over the function's names.
-    fn plpgsql(
-        &self,
-        name: &TableName,
-        what: &str,
-        params: &str,
-        returns: &str,
-        query: &str,
-    ) -> Function {
         let definition = format!(
-            "({params}) RETURNS TABLE ({returns}) LANGUAGE plpgsql VOLATILE \
+            "(p_now timestamptz, p_sid text[], p_sess text[], p_expire timestamptz[], \
+             p_version xid[]{params}) RETURNS TABLE (sid text, version text) \
+             LANGUAGE plpgsql VOLATILE \
              SET search_path = pg_catalog, pg_temp SET plan_cache_mode = force_generic_plan \
-             AS $fn$ #variable_conflict use_column\nBEGIN RETURN QUERY {query}; END $fn$"
+             AS $fn$ #variable_conflict use_column\nBEGIN RETURN QUERY {query}; END $fn$",
+            query = self.shared_update(&v, "p_sid", "p_now"),
         );
-        let function = name.function(what, &definition);
+        let function = name.function("save", &definition);
         Function {
             ddl: format!("CREATE FUNCTION {function}{definition}"),
             name: function,
@@ -740,19 +731,12 @@ impl<'a> Table<'a> {
     /// A call of [`Self::save_function`] (named `function`) with `rows`
     /// rows; parameters as for [`Self::update_many`].
     fn update_many_call(&self, function: &str, rows: usize) -> String {
-        let per = if self.layout.extended { 6 } else { 4 };
-        let array = |i: usize, ty: &str| {
-            let items = (0..rows)
-                .map(|r| format!("${}", 2 + r * per + i))
-                .collect::<Vec<_>>()
-                .join(", ");
-            format!(", ARRAY[{items}]::{ty}[]")
-        };
+        let per = self.per_row();
         let types = ["text", "text", "timestamptz", "xid", "text", "text"];
         let arrays: String = types[..per]
             .iter()
             .enumerate()
-            .map(|(i, ty)| array(i, ty))
+            .map(|(i, ty)| format!(", ARRAY[{}]::{ty}[]", row_column(rows, per, i)))
             .collect();
         format!("SELECT sid, version FROM {function}($1{arrays})")
     }
@@ -808,10 +792,11 @@ impl<'a> Table<'a> {
     }
 }
 
-/// The key parameters of `rows` rows of `per` parameters each after $1.
-fn row_keys(rows: usize, per: usize) -> String {
+/// The `i`-th parameter of each of `rows` rows of `per` parameters after
+/// $1 (`i` 0: the keys).
+fn row_column(rows: usize, per: usize, i: usize) -> String {
     (0..rows)
-        .map(|r| format!("${}", 2 + r * per))
+        .map(|r| format!("${}", 2 + r * per + i))
         .collect::<Vec<_>>()
         .join(", ")
 }
