@@ -547,12 +547,12 @@ impl PgStore {
         // for a connection: a row held elsewhere costs that request the
         // unavailable status, not an unbounded wait.
         let lock_wait = inner.pool.options().get_acquire_timeout();
-        let save_function = match inner.pooler {
-            Pooler::Transaction => {
-                let (pool, create) = (&inner.pool, inner.create_table);
-                schema::save_function(pool, inner.pooler, &inner.name, &layout, create).await
-            }
-            _ => None,
+        // Behind a transaction pooler only: elsewhere statements are prepared.
+        let save_function = if self.text() {
+            let (pool, create) = (&inner.pool, inner.create_table);
+            schema::save_function(pool, inner.pooler, &inner.name, &layout, create).await
+        } else {
+            None
         };
         let sql = Sql::new(&inner.name, &layout, lock_wait, save_function.as_deref());
         tracing::debug!(table = %inner.name.qualified(), ?layout, "session store ready");

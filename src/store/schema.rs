@@ -276,10 +276,10 @@ async fn install_save_function(
     layout: &Layout,
     create: bool,
 ) -> Result<Option<String>, StoreError> {
-    let qualified = in_its_schema(pool, pooler, name).await?;
-    let function = Table::new(&qualified, layout, Duration::ZERO).save_function(&qualified);
     // In a transaction the store's connection closes if dropped inside it.
     let mut conn = pooler.conn(pool).await?;
+    let qualified = in_its_schema(conn.get(), name).await?;
+    let function = Table::new(&qualified, layout, Duration::ZERO).save_function(&qualified);
     let mut found = function_exists(conn.get(), &function.name).await?;
     if !found && create {
         // Under the table's DDL lock: instances starting at once make it once.
@@ -315,23 +315,20 @@ async fn function_exists(conn: &mut sqlx::PgConnection, name: &str) -> Result<bo
 /// `name` with the schema its table is in: the function pins its search
 /// path, so it names the table in full.
 async fn in_its_schema(
-    pool: &PgPool,
-    pooler: Pooler,
+    conn: &mut sqlx::PgConnection,
     name: &TableName,
 ) -> Result<TableName, StoreError> {
     if name.schema.is_some() {
         return Ok(name.clone());
     }
-    let mut conn = pooler.conn(pool).await?;
     let schema: Option<String> = sqlx::query_scalar(
         "SELECT n.nspname::text FROM pg_class c \
          JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = to_regclass($1)",
     )
     .persistent(false)
     .bind(name.qualified())
-    .fetch_optional(conn.get())
+    .fetch_optional(conn)
     .await?;
-    conn.done().await?;
     let Some(schema) = schema else {
         return Err(StoreError::MissingTable(name.qualified()));
     };
