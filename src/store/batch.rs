@@ -192,12 +192,11 @@ impl PgStore {
                     queue.running += 1;
                     queue.progress = now;
                     let mut batch = queue.take();
-                    // Nothing else was queued: its own, as a lone job is.
-                    match batch.pop() {
-                        Some(own) if batch.is_empty() && queue.waiting.is_empty() => {
-                            Start::Here(own)
-                        }
-                        last => Start::Task(batch.into_iter().chain(last).collect()),
+                    if batch.len() == 1 && queue.waiting.is_empty() {
+                        // Nothing else was queued: its own, run as a lone job is.
+                        Start::Here(batch.swap_remove(0))
+                    } else {
+                        Start::Task(batch)
                     }
                 } else {
                     Start::Queued
