@@ -98,6 +98,17 @@ struct Queued {
     b: Client,
 }
 
+impl Queued {
+    /// Lets the held saves go ([`release`]), each answered 204; a and b.
+    async fn land(self) -> (Client, Client) {
+        release(&self.hold, self.blocker_tx).await;
+        for t in self.saves {
+            assert_eq!(t.await.unwrap(), StatusCode::NO_CONTENT);
+        }
+        (self.a, self.b)
+    }
+}
+
 async fn three_held_saves(db: &Db) -> Queued {
     three_held_saves_on(db, db.one_slot_store().await).await
 }
@@ -277,18 +288,9 @@ async fn shared_save_of_a_and_b(db: &Db, store: PgStore) -> (i64, i64) {
         "'; DROP TABLE session; --": "\\' $1 $$ E'\\x00' \u{0} ünïcødé 🦀",
         "nested": ["'", "\\", "$2::xid", "NULL", "{\"a\",\"b\"}", "ARRAY['x']"],
     });
-    let Queued {
-        hold,
-        blocker_tx,
-        saves,
-        mut a,
-        mut b,
-    } = three_held_saves_under(db, layer(store), hostile.clone()).await;
+    let queued = three_held_saves_under(db, layer(store), hostile.clone()).await;
     let before = counts().await;
-    release(&hold, blocker_tx).await;
-    for t in saves {
-        assert_eq!(t.await.unwrap(), StatusCode::NO_CONTENT);
-    }
+    let (mut a, mut b) = queued.land().await;
     let after = counts().await;
     assert_eq!(a.get("/kv").await.body, json!({"who": "a", "a": hostile}));
     assert_eq!(b.get("/kv").await.body, json!({"who": "b", "b": hostile}));
@@ -383,23 +385,14 @@ async fn pooled_one_slot_store(bouncer: &PgBouncer, db: &Db) -> PgStore {
 }
 
 async fn changed_since_load_is_merged(db: Db, store: PgStore) {
-    let Queued {
-        hold,
-        blocker_tx,
-        saves,
-        mut a,
-        mut b,
-    } = three_held_saves_on(&db, store).await;
+    let queued = three_held_saves_on(&db, store).await;
     // Another instance writes a's session after a's request loaded it.
-    let mut other = a.clone();
+    let mut other = queued.a.clone();
     assert_eq!(
         other.put("/kv/elsewhere", json!(true)).await.status,
         StatusCode::NO_CONTENT
     );
-    release(&hold, blocker_tx).await;
-    for t in saves {
-        assert_eq!(t.await.unwrap(), StatusCode::NO_CONTENT);
-    }
+    let (mut a, mut b) = queued.land().await;
     assert_eq!(
         a.get("/kv").await.body,
         json!({"who": "a", "elsewhere": true, "a": 1}),
@@ -430,20 +423,11 @@ async fn expired_since_load_is_not_revived(db: Db, store: PgStore) {
         .with_idle_timeout(Some(idle))
         .build()
         .unwrap();
-    let Queued {
-        hold,
-        blocker_tx,
-        saves,
-        mut a,
-        mut b,
-    } = three_held_saves_under(&db, layer, json!(1)).await;
+    let queued = three_held_saves_under(&db, layer, json!(1)).await;
     // The sessions expire while their requests are held, loaded.
     tokio::time::sleep(idle + Duration::from_millis(200)).await;
     let before = rows(&db).await;
-    release(&hold, blocker_tx).await;
-    for t in saves {
-        assert_eq!(t.await.unwrap(), StatusCode::NO_CONTENT);
-    }
+    let (mut a, mut b) = queued.land().await;
     // Each session ended with its expiry: its row is neither written nor
     // extended, and each starts afresh.
     assert_eq!(rows(&db).await, before);
