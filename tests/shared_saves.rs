@@ -229,6 +229,49 @@ async fn queued_saves_share_one_statement_and_each_lands_on_its_row() {
     db.drop_schema().await;
 }
 
+/// Under light load saves do not queue behind one another: each waits
+/// mostly for its commit, which Postgres shares among the commits that
+/// arrive together. Four saves of rows locked elsewhere all wait in
+/// Postgres at once (none queued in the store), then each lands on its row.
+#[tokio::test]
+async fn under_light_load_four_saves_start_at_once_and_each_lands() {
+    let db = Db::new().await;
+    let (app, hold, mut entered) = held_app(db.store().await);
+    let mut clients = Vec::new();
+    for i in 0..4 {
+        clients.push(session(&app, &format!("w{i}")).await);
+    }
+    let mut tx = db.pool.begin().await.unwrap();
+    for i in 0..4 {
+        lock_row(&db, &mut tx, &format!("w{i}")).await;
+    }
+    let saves: Vec<_> = clients
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let mut c = c.clone();
+            tokio::spawn(async move { c.put(&format!("/held/w{i}"), json!(i)).await.status })
+        })
+        .collect();
+    // All four loaded; their saves then start together.
+    for _ in 0..4 {
+        entered.recv().await.unwrap();
+    }
+    for i in 0..4 {
+        hold.gate(&format!("w{i}")).await.notify_one();
+    }
+    db.until_blocked(4).await;
+    tx.commit().await.unwrap();
+    for t in saves {
+        assert_eq!(t.await.unwrap(), StatusCode::NO_CONTENT);
+    }
+    for (i, c) in clients.iter_mut().enumerate() {
+        let who = format!("w{i}");
+        assert_eq!(c.get("/kv").await.body, json!({"who": who, who.clone(): i}));
+    }
+    db.drop_schema().await;
+}
+
 #[tokio::test]
 async fn a_save_of_a_row_locked_elsewhere_holds_up_only_its_own_request() {
     let db = Db::new().await;
@@ -484,6 +527,37 @@ async fn a_failed_shared_save_fails_every_request_in_it_and_loses_nothing() {
 /// Statements on this test's table that inserted several rows at once.
 async fn shared_inserts(db: &Db) -> i64 {
     db.statements_like("INSERT INTO%), (%").await
+}
+
+/// As saves, the inserts of new sessions under light load start side by
+/// side: four new sessions' inserts into a table held elsewhere all wait in
+/// Postgres at once, then each gets a row of its own.
+#[tokio::test]
+async fn under_light_load_four_new_sessions_insert_at_once_and_each_gets_its_row() {
+    let db = Db::new().await;
+    let (app, hold, mut entered) = held_app(db.store().await);
+    let lock = db.lock_table().await;
+    let tasks: Vec<_> = (0..4)
+        .map(|i| {
+            let mut c = Client::new(app.clone());
+            tokio::spawn(async move { (c.put(&format!("/held/n{i}"), json!(i)).await.status, c) })
+        })
+        .collect();
+    for _ in 0..4 {
+        entered.recv().await.unwrap();
+    }
+    for i in 0..4 {
+        hold.gate(&format!("n{i}")).await.notify_one();
+    }
+    db.until_blocked(4).await;
+    lock.commit().await.unwrap();
+    for (i, t) in tasks.into_iter().enumerate() {
+        let (status, mut c) = t.await.unwrap();
+        assert_eq!(status, StatusCode::NO_CONTENT);
+        assert_eq!(c.get("/kv").await.body, json!({format!("n{i}"): i}));
+    }
+    assert_eq!(db.rows().await, 4, "one row per new session");
+    db.drop_schema().await;
 }
 
 #[tokio::test]

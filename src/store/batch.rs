@@ -21,7 +21,8 @@
 //!
 //! New sessions' inserts are shared the same way: one multi-row insert for
 //! the inserts queued at that moment, each id taken left out for its request
-//! to draw another.
+//! to draw another. Inserts and saves start up to [`WRITES_EAGER`] at once
+//! rather than two: their commits then share a WAL flush.
 //!
 //! A queued load only joins a statement that starts after it was queued, so
 //! it always sees every write committed before its request arrived.
@@ -54,6 +55,12 @@ const STALL: Duration = Duration::from_millis(5);
 /// concurrency a second request should not wait a whole statement for the
 /// first; beyond this, requests are many and sharing pays.
 const EAGER: usize = 2;
+
+/// [`EAGER`] for inserts and saves. A write waits mostly for its commit's
+/// WAL flush, which Postgres shares among the commits that arrive together:
+/// side by side, a few writes take one flush; queued, each waits a whole
+/// flush more.
+const WRITES_EAGER: usize = 4;
 
 /// Jobs in one statement from which requests count as many: once a
 /// statement started from the queue carries this many, a second one no
@@ -112,6 +119,8 @@ pub(crate) trait Job: Send + Sized + 'static {
     type Output: Send + 'static;
     /// Jobs share a statement only when their groups are equal.
     type Group: PartialEq + Copy;
+    /// Statements that start at once, without waiting for [`STALL`].
+    const EAGER: usize = EAGER;
     fn group(&self) -> Self::Group;
     fn batcher(store: &PgStore) -> &Batcher<Self>;
     /// Runs the jobs and answers every one of them.
@@ -185,7 +194,7 @@ impl PgStore {
                 Start::Here(pending)
             } else {
                 queue.waiting.push(pending);
-                let eager = queue.running < EAGER.min(batcher.slots) && queue.shared < CROWD;
+                let eager = queue.running < J::EAGER.min(batcher.slots) && queue.shared < CROWD;
                 let free = eager
                     || (queue.running < batcher.slots && now - queue.progress >= batcher.stall);
                 if free {
@@ -459,6 +468,7 @@ pub(crate) struct UpdateJob {
 impl Job for UpdateJob {
     type Output = Option<String>;
     type Group = ();
+    const EAGER: usize = WRITES_EAGER;
 
     fn group(&self) {}
 
@@ -560,6 +570,7 @@ pub(crate) struct InsertJob {
 impl Job for InsertJob {
     type Output = Option<String>;
     type Group = ();
+    const EAGER: usize = WRITES_EAGER;
 
     fn group(&self) {}
 

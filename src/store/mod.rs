@@ -285,10 +285,12 @@ impl PgStoreConfig {
     }
 
     /// How many session load statements may run at once (default: 4, at
-    /// most the pool's size).
+    /// most the pool's size); as many saves, and as many inserts of new
+    /// sessions.
     ///
     /// A load arriving while none runs is sent at once, and under light
-    /// load a second starts beside it. Beyond that, and whenever statements
+    /// load a second starts beside it (saves and inserts: up to four, whose
+    /// commits then share a WAL flush). Beyond that, and whenever statements
     /// carry several loads each, a load waits for the running statement to
     /// finish, and the next statement carries every waiting load: under
     /// load, one round trip serves many requests. Only when the running
