@@ -62,6 +62,12 @@ const EAGER: usize = 2;
 /// flush more.
 const WRITES_EAGER: usize = 4;
 
+/// [`CROWD`] for inserts and saves: with more statements starting at once,
+/// any statement taken from the queue with more than one write means
+/// requests are many. (With four's threshold, four slots each carrying
+/// two or three writes would keep starting statements side by side.)
+const WRITES_CROWD: usize = 2;
+
 /// Jobs in one statement from which requests count as many: once a
 /// statement started from the queue carries this many, a second one no
 /// longer starts at once, and a slot that ran one leaves what is queued to
@@ -121,6 +127,8 @@ pub(crate) trait Job: Send + Sized + 'static {
     type Group: PartialEq + Copy;
     /// Statements that start at once, without waiting for [`STALL`].
     const EAGER: usize = EAGER;
+    /// Jobs in one statement from which requests count as many.
+    const CROWD: usize = CROWD;
     fn group(&self) -> Self::Group;
     fn batcher(store: &PgStore) -> &Batcher<Self>;
     /// Runs the jobs and answers every one of them.
@@ -194,7 +202,7 @@ impl PgStore {
                 Start::Here(pending)
             } else {
                 queue.waiting.push(pending);
-                let eager = queue.running < J::EAGER.min(batcher.slots) && queue.shared < CROWD;
+                let eager = queue.running < J::EAGER.min(batcher.slots) && queue.shared < J::CROWD;
                 let free = eager
                     || (queue.running < batcher.slots && now - queue.progress >= batcher.stall);
                 if free {
@@ -335,7 +343,7 @@ async fn run<J: Job>(store: PgStore, mut batch: Vec<Pending<J>>) {
         J::execute(&store, batch).await;
         let mut queue = J::batcher(&store).lock();
         queue.progress = Instant::now();
-        if queue.waiting.is_empty() || (queue.running > 1 && ran >= CROWD) {
+        if queue.waiting.is_empty() || (queue.running > 1 && ran >= J::CROWD) {
             // Released under the lock that a new job checks: nothing queued
             // from here on is left without a slot to run it.
             queue.running -= 1;
@@ -469,6 +477,7 @@ impl Job for UpdateJob {
     type Output = Option<String>;
     type Group = ();
     const EAGER: usize = WRITES_EAGER;
+    const CROWD: usize = WRITES_CROWD;
 
     fn group(&self) {}
 
@@ -571,6 +580,7 @@ impl Job for InsertJob {
     type Output = Option<String>;
     type Group = ();
     const EAGER: usize = WRITES_EAGER;
+    const CROWD: usize = WRITES_CROWD;
 
     fn group(&self) {}
 
