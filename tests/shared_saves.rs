@@ -158,6 +158,22 @@ async fn release(hold: &Hold, blocker_tx: sqlx::Transaction<'static, sqlx::Postg
     blocker_tx.commit().await.unwrap();
 }
 
+/// Waits until the `count` held requests named `prefix0`, `prefix1`, … have
+/// all loaded, then lets them all go at once: their writes start together.
+async fn together(
+    hold: &Hold,
+    entered: &mut mpsc::UnboundedReceiver<String>,
+    prefix: &str,
+    count: usize,
+) {
+    for _ in 0..count {
+        entered.recv().await.unwrap();
+    }
+    for i in 0..count {
+        hold.gate(&format!("{prefix}{i}")).await.notify_one();
+    }
+}
+
 async fn session(app: &Router, name: &str) -> Client {
     let mut c = Client::new(app.clone());
     c.put("/kv/who", json!(name)).await;
@@ -253,13 +269,7 @@ async fn under_light_load_four_saves_start_at_once_and_each_lands() {
             tokio::spawn(async move { c.put(&format!("/held/w{i}"), json!(i)).await.status })
         })
         .collect();
-    // All four loaded; their saves then start together.
-    for _ in 0..4 {
-        entered.recv().await.unwrap();
-    }
-    for i in 0..4 {
-        hold.gate(&format!("w{i}")).await.notify_one();
-    }
+    together(&hold, &mut entered, "w", 4).await;
     db.until_blocked(4).await;
     tx.commit().await.unwrap();
     for t in saves {
@@ -543,12 +553,7 @@ async fn under_light_load_four_new_sessions_insert_at_once_and_each_gets_its_row
             tokio::spawn(async move { (c.put(&format!("/held/n{i}"), json!(i)).await.status, c) })
         })
         .collect();
-    for _ in 0..4 {
-        entered.recv().await.unwrap();
-    }
-    for i in 0..4 {
-        hold.gate(&format!("n{i}")).await.notify_one();
-    }
+    together(&hold, &mut entered, "n", 4).await;
     db.until_blocked(4).await;
     lock.commit().await.unwrap();
     for (i, t) in tasks.into_iter().enumerate() {
