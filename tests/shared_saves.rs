@@ -129,10 +129,7 @@ async fn three_held_saves_under(db: &Db, layer: SessionLayer, value: Value) -> Q
     );
     let mut blocker_tx = db.pool.begin().await.unwrap();
     lock_row(db, &mut blocker_tx, "blocker").await;
-    let put = |c: &Client, name: &str| {
-        let (mut c, name, value) = (c.clone(), name.to_owned(), value.clone());
-        tokio::spawn(async move { c.put(&format!("/held/{name}"), value).await.status })
-    };
+    let put = |c: &Client, name: &str| held_put(c, name, value.clone());
     let saves = [put(&blocker, "blocker"), put(&a, "a"), put(&b, "b")];
     for _ in 0..3 {
         entered.recv().await.unwrap();
@@ -174,6 +171,12 @@ async fn together(
     }
 }
 
+/// Sends `c`'s held save of `{name: value}` from a task of its own; its status.
+fn held_put(c: &Client, name: &str, value: Value) -> tokio::task::JoinHandle<StatusCode> {
+    let (mut c, path) = (c.clone(), format!("/held/{name}"));
+    tokio::spawn(async move { c.put(&path, value).await.status })
+}
+
 async fn session(app: &Router, name: &str) -> Client {
     let mut c = Client::new(app.clone());
     c.put("/kv/who", json!(name)).await;
@@ -189,18 +192,14 @@ async fn queued_saves_share_one_statement_and_each_lands_on_its_row() {
     for i in 0..40 {
         clients.push(session(&app, &format!("s{i}")).await);
     }
-    let put = |c: &Client, name: String, v: Value| {
-        let mut c = c.clone();
-        tokio::spawn(async move { c.put(&format!("/held/{name}"), v).await.status })
-    };
     // The first save waits for a row lock and holds the one slot meanwhile.
     let mut tx = db.pool.begin().await.unwrap();
     lock_row(&db, &mut tx, "blocker").await;
-    let first = put(&blocker, "blocker".into(), json!("done"));
+    let first = held_put(&blocker, "blocker", json!("done"));
     let tasks: Vec<_> = clients
         .iter()
         .enumerate()
-        .map(|(i, c)| put(c, format!("s{i}"), json!(i)))
+        .map(|(i, c)| held_put(c, &format!("s{i}"), json!(i)))
         .collect();
     for _ in 0..41 {
         entered.recv().await.unwrap();
@@ -264,10 +263,7 @@ async fn under_light_load_four_saves_start_at_once_and_each_lands() {
     let saves: Vec<_> = clients
         .iter()
         .enumerate()
-        .map(|(i, c)| {
-            let mut c = c.clone();
-            tokio::spawn(async move { c.put(&format!("/held/w{i}"), json!(i)).await.status })
-        })
+        .map(|(i, c)| held_put(c, &format!("w{i}"), json!(i)))
         .collect();
     together(&hold, &mut entered, "w", 4).await;
     db.until_blocked(4).await;
