@@ -6,7 +6,9 @@
 # tower-sessions also with its pool's connection ping off (tower-sessions-noping);
 # and the demo (examples/demo.rs, built in release) beside the minimal server.
 # Each HTTP cell runs at every concurrency of CONCURRENCY (wrk connections);
-# pgbench runs at the same client counts, at most POOL (the servers' pools).
+# pgbench runs at the same client counts, at most POOL (the servers' pools);
+# with pg-session-pgbouncer, its READ and WRITE statements also run through
+# PgBouncer (the pooler's own cost, beside the crate's).
 #
 #   bash bench/run.sh              # 10 s x 3 per cell, median (about 15 minutes)
 #   QUICK=1 bash bench/run.sh      # 3 s x 1 at concurrency 1 and 32: a smoke test
@@ -276,30 +278,43 @@ done
 CUR= && export_routes
 
 # --------------------------------------------------------------- pgbench
+# pgbench_cell SCRIPT CONNECTIONS REP LABEL ARGS...: one run, one raw line.
+pgbench_cell() {
+  local script=$1 n=$2 rep=$3 label=$4
+  # As many clients as HTTP connections, at most as many as the servers' pools hold.
+  local clients=$((n < POOL ? n : POOL))
+  shift 4
+  # Postgres CPU: the backends' ticks between 1 s after the start and 1 s before the end.
+  timeout $((DURATION + 60)) pgbench -n "$@" -c "$clients" -j "$((clients < THREADS ? clients : THREADS))" -T "$DURATION" \
+    -D rows="$SESSIONS" -f "$BENCH/pgbench/$script.sql" "$BENCH_DB" >"$WORK/pgbench.out" 2>&1 &
+  sleep 1
+  local t0 pg0 t1 pg1 out tps lat cpu
+  t0=$(date +%s%N) pg0=$(ticks $(backends))
+  sleep $((DURATION > 2 ? DURATION - 2 : 0))
+  t1=$(date +%s%N) pg1=$(ticks $(backends))
+  wait $! || { cat "$WORK/pgbench.out" >&2; exit 1; }
+  out=$(<"$WORK/pgbench.out")
+  tps=$(sed -n 's/^tps = \([0-9.]*\) (without.*/\1/p' <<<"$out")
+  lat=$(sed -n 's/^latency average = \([0-9.]*\) ms/\1/p' <<<"$out")
+  cpu=$(awk -v t="$(ticks_spent "$pg0" "$pg1")" -v us="$TICK_US" -v tps="$tps" -v s="$(((t1 - t0) / 1000000))" \
+    'BEGIN { if (s > 0 && tps > 0) printf "%.1f", t * us / (tps * s / 1000) }')
+  printf 'pgbench\t%s\t%s\t%s\t%s\t%s\t%s\n' "$label" "$rep" "$tps" "$lat" "$cpu" "$n" | tee -a "$RAW" | cut -f2- | tr '\t' ' ' >&2
+}
+
 if [[ $PGBENCH == 1 ]]; then
   log "pgbench: $SESSIONS rows"
   sql -v rows="$SESSIONS" -f "$BENCH/pgbench/setup.sql" >/dev/null
   for n in $CONCURRENCY; do
-  # As many clients as HTTP connections, at most as many as the servers' pools hold.
-  clients=$((n < POOL ? n : POOL))
-  for s in select select_upsert upsert; do
-    for rep in $(seq "$REPS"); do
-      # Postgres CPU: the backends' ticks between 1 s after the start and 1 s before the end.
-      timeout $((DURATION + 60)) pgbench -n -M prepared -c "$clients" -j "$((clients < THREADS ? clients : THREADS))" -T "$DURATION" \
-        -D rows="$SESSIONS" -f "$BENCH/pgbench/$s.sql" "$BENCH_DB" >"$WORK/pgbench.out" 2>&1 &
-      sleep 1
-      t0=$(date +%s%N) pg0=$(ticks $(backends))
-      sleep $((DURATION > 2 ? DURATION - 2 : 0))
-      t1=$(date +%s%N) pg1=$(ticks $(backends))
-      wait $! || { cat "$WORK/pgbench.out" >&2; exit 1; }
-      out=$(<"$WORK/pgbench.out")
-      tps=$(sed -n 's/^tps = \([0-9.]*\) (without.*/\1/p' <<<"$out")
-      lat=$(sed -n 's/^latency average = \([0-9.]*\) ms/\1/p' <<<"$out")
-      cpu=$(awk -v t="$(ticks_spent "$pg0" "$pg1")" -v us="$TICK_US" -v tps="$tps" -v s="$(((t1 - t0) / 1000000))" \
-        'BEGIN { if (s > 0 && tps > 0) printf "%.1f", t * us / (tps * s / 1000) }')
-      printf 'pgbench\t%s\t%s\t%s\t%s\t%s\t%s\n' "$s" "$rep" "$tps" "$lat" "$cpu" "$n" | tee -a "$RAW" | cut -f2- | tr '\t' ' ' >&2
+    for s in select select_upsert upsert; do
+      for rep in $(seq "$REPS"); do
+        pgbench_cell "$s" "$n" "$rep" "$s" -M prepared
+        # The pooler's own cost: the same statements through PgBouncer, unnamed
+        # (its transaction mode keeps no prepared statement), as the crate's are.
+        if [[ -n ${PGBOUNCER_PID:-} && $s != upsert ]]; then
+          pgbench_cell "$s" "$n" "$rep" "$s@pgbouncer" -M extended -h 127.0.0.1 -p "$PGBOUNCER_PORT"
+        fi
+      done
     done
-  done
   done
 fi
 

@@ -36,6 +36,8 @@ const PGBENCH: [(&str, &str); 3] = [
 const OURS: &str = "pg-session";
 /// Ours with `Pooler::Transaction`, through PgBouncer in transaction mode.
 const POOLED: &str = "pg-session-pgbouncer";
+/// The suffix of pgbench's scripts run through PgBouncer.
+const PGBOUNCER: &str = "@pgbouncer";
 /// The best-configured peer: tower-sessions with its pool's ping off.
 const PEER: &str = "tower-sessions-noping";
 /// The demo app, measured beside the minimal server.
@@ -160,6 +162,15 @@ impl Run {
             .get(&(script.into(), n))
             .or_else(|| self.pgbench.get(&(script.into(), 0)))
             .and_then(|p| median(&p[0]))
+    }
+    /// pgbench's req/s through PgBouncer ÷ direct, for the script workload
+    /// `w` is compared with: what the pooler costs the database's own client.
+    fn pooler_cost(&self, w: &str, n: u32) -> Option<f64> {
+        let (_, script) = PGBENCH.iter().find(|(pw, _)| *pw == w)?;
+        ratio(
+            self.pg_tps(&format!("{script}{PGBOUNCER}"), n),
+            self.pg_tps(script, n),
+        )
     }
     /// The connections measured in the workloads, in order.
     fn levels(&self) -> Vec<u32> {
@@ -303,6 +314,15 @@ pub fn report(raw: &str, chart: Option<&str>) -> String {
                     num(run.pg_tps("select_upsert", *n), 0),
                     num(run.pg_tps("upsert", *n), 0)
                 );
+                let pooled = |s: &str| run.pg_tps(&format!("{s}{PGBOUNCER}"), *n);
+                if pooled("select").is_some() {
+                    let _ = writeln!(
+                        out,
+                        "| pgbench through PgBouncer: PK select / select+upsert | {n} | {} | {} | | | 1 / 2 |",
+                        num(pooled("select"), 0),
+                        num(pooled("select_upsert"), 0)
+                    );
+                }
             }
         }
 
@@ -332,9 +352,13 @@ pub fn report(raw: &str, chart: Option<&str>) -> String {
             }
         }
         for ((script, n), [tps, lat, cpu]) in &run.pgbench {
+            let script = match script.strip_suffix(PGBOUNCER) {
+                Some(s) => format!("{s}.sql through PgBouncer"),
+                None => format!("{script}.sql"),
+            };
             let _ = writeln!(
                 out,
-                "| pgbench | {script}.sql | {n} | {} | avg {} | | | | | | | {} |",
+                "| pgbench | {script} | {n} | {} | avg {} | | | | | | | {} |",
                 num(median(tps), 0),
                 num(median(lat), 2),
                 num(median(cpu), 0)
@@ -371,19 +395,22 @@ pub fn report(raw: &str, chart: Option<&str>) -> String {
         if present.iter().any(|(c, _)| *c == POOLED) {
             out.push_str("\n## tower-pg-session through PgBouncer in transaction mode ÷ direct\n\n\
                 Each statement in a transaction of its own, unnamed (BEGIN and COMMIT count as \
-                statements; PgBouncer's own CPU is in neither column of CPU).\n\n\
-                | workload | connections | req/s direct | req/s through PgBouncer | ratio | statements/request direct | through PgBouncer |\n\
-                |---|---:|---:|---:|---:|---:|---:|\n");
+                statements; PgBouncer's own CPU is in neither column of CPU). The pooler's own \
+                cost: pgbench's statements through PgBouncer, unnamed, ÷ the same prepared \
+                direct.\n\n\
+                | workload | connections | req/s direct | req/s through PgBouncer | ratio | pgbench's ratio | statements/request direct | through PgBouncer |\n\
+                |---|---:|---:|---:|---:|---:|---:|---:|\n");
             for w in WORKLOADS {
                 for n in &levels {
                     let stmts = |c: &str| run.cell(c, w, *n).and_then(|x| median(&x.stmts));
                     let _ = writeln!(
                         out,
-                        "| {} | {n} | {} | {} | {} | {} | {} |",
+                        "| {} | {n} | {} | {} | {} | {} | {} | {} |",
                         w.to_uppercase(),
                         num(run.rps(OURS, w, *n), 0),
                         num(run.rps(POOLED, w, *n), 0),
                         times(ratio(run.rps(POOLED, w, *n), run.rps(OURS, w, *n))),
+                        times(run.pooler_cost(w, *n)),
                         num(stmts(OURS), 2),
                         num(stmts(POOLED), 2)
                     );
@@ -607,14 +634,18 @@ fn targets(run: &Run, levels: &[u32]) -> Vec<Target> {
         ));
     }
     for w in ["read", "write"] {
-        rows.push(at_least(
+        let mut row = at_least(
             format!(
                 "{LOADED} conn. {} through PgBouncer within 20 % of direct",
                 w.to_uppercase()
             ),
             ratio(run.rps(POOLED, w, LOADED), run.rps(OURS, w, LOADED)),
             0.8,
-        ));
+        );
+        if let (Some(got), Some(own)) = (&mut row.1, run.pooler_cost(w, LOADED)) {
+            let _ = write!(got, " (pgbench's own: {})", times(Some(own)));
+        }
+        rows.push(row);
     }
     rows
 }
