@@ -210,26 +210,32 @@ ticks_spent() {
     END { n = split(after, a, "\n"); for (i = 1; i <= n; i++) { split(a[i], f, " "); if (f[1] != "") s += f[2] - t0[f[1]] }; print s + 0 }'
 }
 server_ticks() { ticks "$(pgrep -P "$SERVER_PID" | head -n1)" | awk '{ print $2 }'; }
+# PgBouncer's own (a child of its `timeout`): 0 without it.
+pooler_ticks() {
+  local p=
+  [[ -n ${PGBOUNCER_PID:-} ]] && p=$(pgrep -P "$PGBOUNCER_PID" | head -n1)
+  [[ -n $p ]] && ticks "$p" | awk '{ print $2 }' || echo 0
+}
 
 # One wrk run; appends `wrk contender label rep rps p50 p99 max requests errors
-# stmts/req pg_exec_us/req server_cpu_us/req pg_cpu_us/req connections`.
+# stmts/req pg_exec_us/req server_cpu_us/req pg_cpu_us/req connections pgbouncer_cpu_us/req`.
 run_wrk() { # contender workload label rep port duration [cookie file [connections]]
   local c=$1 w=$2 label=$3 rep=$4 port=$5 d=$6 cookies=${7:-$WORK/$1.cookies} conns=${8:-$CONNECTIONS}
-  local out stats srv0 srv1 pg0 pg1 pg
+  local out stats srv0 srv1 pg0 pg1 pg pb0 pb1
   stats_reset
-  srv0=$(server_ticks) pg0=$(ticks $(backends))
+  srv0=$(server_ticks) pg0=$(ticks $(backends)) pb0=$(pooler_ticks)
   out=$(COOKIES="$cookies" timeout $((d + 30)) wrk -t"$((conns < THREADS ? conns : THREADS))" -c"$conns" -d"${d}s" \
     --timeout 5s -s "$BENCH/wrk/$w.lua" "http://127.0.0.1:$port" | grep '^RESULT') ||
     { log "wrk failed: $c $w"; return 1; }
-  srv1=$(server_ticks) pg1=$(ticks $(backends))
+  srv1=$(server_ticks) pg1=$(ticks $(backends)) pb1=$(pooler_ticks)
   pg=$(ticks_spent "$pg0" "$pg1")
   stats=$(sql -F ' ' -c "SELECT coalesce(sum(calls), 0), coalesce(sum(total_exec_time), 0) FROM pg_stat_statements WHERE $OURS")
-  echo "$out $stats $((srv1 - srv0)) $pg" | awk -v c="$c" -v l="$label" -v r="$rep" -v tick="$TICK_US" -v n_conns="$conns" '{
+  echo "$out $stats $((srv1 - srv0)) $pg $((pb1 - pb0))" | awk -v c="$c" -v l="$label" -v r="$rep" -v tick="$TICK_US" -v n_conns="$conns" '{
     for (i = 2; i <= 9; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
     n = v["requests"]; if (n == 0) n = 1
-    printf "wrk\t%s\t%s\t%s\t%s\t%d\t%d\t%d\t%d\t%d\t%.3f\t%.1f\t%.1f\t%.1f\t%d\n", c, l, r, v["rps"], v["p50_us"],
+    printf "wrk\t%s\t%s\t%s\t%s\t%d\t%d\t%d\t%d\t%d\t%.3f\t%.1f\t%.1f\t%.1f\t%d\t%.1f\n", c, l, r, v["rps"], v["p50_us"],
       v["p99_us"], v["max_us"], v["requests"], v["socket_errors"] + v["non2xx"], $10 / n, $11 * 1000 / n,
-      $12 * tick / n, $13 * tick / n, n_conns
+      $12 * tick / n, $13 * tick / n, n_conns, $14 * tick / n
   }' | tee -a "$RAW" | cut -f2- | tr '\t' ' ' >&2
 }
 

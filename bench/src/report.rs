@@ -4,7 +4,7 @@
 //! Raw lines (tab-separated):
 //! `meta KEY VALUE`,
 //! `wrk CONTENDER WORKLOAD REP RPS P50_US P99_US MAX_US REQUESTS ERRORS STMTS/REQ PG_EXEC_US/REQ
-//! SERVER_CPU_US/REQ PG_CPU_US/REQ CONNECTIONS`,
+//! SERVER_CPU_US/REQ PG_CPU_US/REQ CONNECTIONS PGBOUNCER_CPU_US/REQ`,
 //! `pgbench SCRIPT REP TPS LATENCY_AVG_MS PG_CPU_US/TX CONCURRENCY`,
 //! `prune CONTENDER ROWS PRUNE_MS SLICES LONGEST_DELETE_MS EXPIRED_LEFT`.
 
@@ -60,6 +60,7 @@ struct Cell {
     pg_us: Vec<f64>,
     server_cpu: Vec<f64>,
     pg_cpu: Vec<f64>,
+    pooler_cpu: Vec<f64>,
 }
 
 fn median(v: &[f64]) -> Option<f64> {
@@ -226,6 +227,7 @@ fn parse(raw: &str) -> (Meta, Run, Prunes, Memory) {
                 c.pg_us.push(x(11));
                 c.server_cpu.push(x(12));
                 c.pg_cpu.push(x(13));
+                c.pooler_cpu.push(x(15));
             }
             "pgbench" if f.len() >= 5 => {
                 let e = run.pgbench.entry((f[1].to_owned(), int(6, 0))).or_default();
@@ -395,24 +397,25 @@ pub fn report(raw: &str, chart: Option<&str>) -> String {
         if present.iter().any(|(c, _)| *c == POOLED) {
             out.push_str("\n## tower-pg-session through PgBouncer in transaction mode ÷ direct\n\n\
                 Each statement in a transaction of its own, unnamed (BEGIN and COMMIT count as \
-                statements; PgBouncer's own CPU is in neither column of CPU). The pooler's own \
-                cost: pgbench's statements through PgBouncer, unnamed, ÷ the same prepared \
-                direct.\n\n\
-                | workload | connections | req/s direct | req/s through PgBouncer | ratio | pgbench's ratio | statements/request direct | through PgBouncer |\n\
-                |---|---:|---:|---:|---:|---:|---:|---:|\n");
+                statements). The pooler's own cost: pgbench's statements through PgBouncer, \
+                unnamed, ÷ the same prepared direct; and PgBouncer's CPU per request.\n\n\
+                | workload | connections | req/s direct | req/s through PgBouncer | ratio | pgbench's ratio | statements/request direct | through PgBouncer | PgBouncer CPU µs/request |\n\
+                |---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
             for w in WORKLOADS {
                 for n in &levels {
                     let stmts = |c: &str| run.cell(c, w, *n).and_then(|x| median(&x.stmts));
+                    let pooler_cpu = run.cell(POOLED, w, *n).and_then(|x| median(&x.pooler_cpu));
                     let _ = writeln!(
                         out,
-                        "| {} | {n} | {} | {} | {} | {} | {} | {} |",
+                        "| {} | {n} | {} | {} | {} | {} | {} | {} | {} |",
                         w.to_uppercase(),
                         num(run.rps(OURS, w, *n), 0),
                         num(run.rps(POOLED, w, *n), 0),
                         times(ratio(run.rps(POOLED, w, *n), run.rps(OURS, w, *n))),
                         times(run.pooler_cost(w, *n)),
                         num(stmts(OURS), 2),
-                        num(stmts(POOLED), 2)
+                        num(stmts(POOLED), 2),
+                        num(pooler_cpu, 1)
                     );
                 }
             }
