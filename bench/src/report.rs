@@ -164,14 +164,15 @@ impl Run {
             .or_else(|| self.pgbench.get(&(script.into(), 0)))
             .and_then(|p| median(&p[0]))
     }
+    /// [`Self::pg_tps`] of `script` run through PgBouncer.
+    fn pg_tps_pooled(&self, script: &str, n: u32) -> Option<f64> {
+        self.pg_tps(&format!("{script}{PGBOUNCER}"), n)
+    }
     /// pgbench's req/s through PgBouncer ÷ direct, for the script workload
     /// `w` is compared with: what the pooler costs the database's own client.
     fn pooler_cost(&self, w: &str, n: u32) -> Option<f64> {
         let (_, script) = PGBENCH.iter().find(|(pw, _)| *pw == w)?;
-        ratio(
-            self.pg_tps(&format!("{script}{PGBOUNCER}"), n),
-            self.pg_tps(script, n),
-        )
+        ratio(self.pg_tps_pooled(script, n), self.pg_tps(script, n))
     }
     /// The connections measured in the workloads, in order.
     fn levels(&self) -> Vec<u32> {
@@ -316,7 +317,7 @@ pub fn report(raw: &str, chart: Option<&str>) -> String {
                     num(run.pg_tps("select_upsert", *n), 0),
                     num(run.pg_tps("upsert", *n), 0)
                 );
-                let pooled = |s: &str| run.pg_tps(&format!("{s}{PGBOUNCER}"), *n);
+                let pooled = |s: &str| run.pg_tps_pooled(s, *n);
                 if pooled("select").is_some() {
                     let _ = writeln!(
                         out,
