@@ -67,6 +67,7 @@ stop_server() {
 }
 cleanup() {
   stop_server
+  declare -F stop_servers >/dev/null && stop_servers
   [[ -n ${LIVE_PID:-} ]] && kill -TERM "$LIVE_PID" 2>/dev/null
   [[ -n ${PRUNE_PID:-} ]] && kill -TERM "$PRUNE_PID" 2>/dev/null
   [[ -n ${PGBOUNCER_PID:-} ]] && kill -TERM "$PGBOUNCER_PID" 2>/dev/null
@@ -130,7 +131,7 @@ fi
 
 {
   printf 'meta\tdate\t%s\n' "$(date -u '+%F %T UTC')"
-  printf 'meta\tsettings\twrk %s s x %s (median) at %s connections, %s threads; pool %s; %s sessions\n' \
+  printf 'meta\tsettings\twrk %s s x %s (median; contenders interleaved, their order rotated every repetition) at %s connections, %s threads; pool %s; %s sessions\n' \
     "$DURATION" "$REPS" "${CONCURRENCY// /, }" "$THREADS" "$POOL" "$SESSIONS"
   printf 'meta\tmachine\t%s cores, %s; %s; node %s\n' "$(nproc)" "$(uname -sr)" \
     "$(psql -X -At -d "$BENCH_DB" -c 'SHOW server_version' | cut -d' ' -f1 | sed 's/^/PostgreSQL /')" "$(node --version)"
@@ -249,6 +250,17 @@ statement_details() { # contender workload connections
 }
 
 # --------------------------------------------------------------- HTTP contenders
+# Every contender's server runs from the start, each on its own port, and their
+# cells interleave: each repetition of a cell runs every contender once, in an
+# order rotated from one to the next. The machine's drift over a long run then
+# falls on all of them alike, not on whichever ran last, and the ratios compare
+# runs minutes apart at most. One server is under load at a time; the others idle.
+declare -A PID_OF PORT_OF
+stop_servers() {
+  local c
+  for c in "${!PID_OF[@]}"; do SERVER_PID=${PID_OF[$c]} && stop_server; done
+  PID_OF=()
+}
 port=18080
 for c in $CONTENDERS; do
   port=$((port + 1)) CUR=$c
@@ -268,19 +280,31 @@ for c in $CONTENDERS; do
     seed "$c" "$SESSIONS" >"$WORK/$c.cookies"
     start_server "$c" "$port"
   fi
+  PID_OF[$c]=$SERVER_PID PORT_OF[$c]=$port
+  SERVER_PID=
   [[ $(wc -l <"$WORK/$c.cookies") -eq $SESSIONS ]] || { log "$c: seeding failed"; exit 1; }
   log "$c: warm-up"
   warm "$port" "$WORK/$c.cookies"
-  for n in $CONCURRENCY; do
-    for w in $WORKLOADS; do
-      for rep in $(seq "$REPS"); do
-        run_wrk "$c" "$w" "$w" "$rep" "$port" "$DURATION" "$WORK/$c.cookies" "$n"
+done
+read -ra ORDER <<<"$CONTENDERS"
+turn=0
+for n in $CONCURRENCY; do
+  for w in $WORKLOADS; do
+    for rep in $(seq "$REPS"); do
+      for i in "${!ORDER[@]}"; do
+        c=${ORDER[$(((i + turn) % ${#ORDER[@]}))]}
+        CUR=$c SERVER_PID=${PID_OF[$c]}
+        export_routes
+        run_wrk "$c" "$w" "$w" "$rep" "${PORT_OF[$c]}" "$DURATION" "$WORK/$c.cookies" "$n"
+        # Right after its last repetition: the next run resets the statistics.
+        [[ $c == ceiling || $rep != "$REPS" ]] || statement_details "$c" "$w" "$n"
       done
-      [[ $c == ceiling ]] || statement_details "$c" "$w" "$n"
+      turn=$((turn + 1))
     done
   done
-  stop_server
 done
+SERVER_PID=
+stop_servers
 CUR= && export_routes
 
 # --------------------------------------------------------------- pgbench
