@@ -4,7 +4,9 @@
 # without sessions (the HTTP ceiling), and pgbench (the database's limit); and
 # tower-pg-session through PgBouncer in transaction mode (pg-session-pgbouncer);
 # tower-sessions also with its pool's connection ping off (tower-sessions-noping);
-# and the demo (examples/demo.rs, built in release) beside the minimal server.
+# and the demo (examples/demo.rs, built in release) beside the minimal server;
+# and pg-session-b, the minimal server built from another tree (BENCH_SERVER_B),
+# to compare two builds of the crate cell by cell.
 # Each HTTP cell runs at every concurrency of CONCURRENCY (wrk connections);
 # pgbench runs at the same client counts, at most POOL (the servers' pools);
 # with pg-session-pgbouncer, its READ and WRITE statements also run through
@@ -24,7 +26,7 @@
 # MEMORY (0), MEMORY_SESSIONS ("10000 1000000"),
 # PGHOST/PGPORT/PGUSER (127.0.0.1/5432/postgres), BENCH_DB (tower_pg_session_bench),
 # PGBOUNCER_PORT (16432; PgBouncer gets POOL server connections, as many as the others' pools),
-# BENCH_SERVER (a bench-server built earlier, to compare two builds of the crate; default: this tree's).
+# BENCH_SERVER (a bench-server built earlier; default: this tree's), BENCH_SERVER_B (pg-session-b's).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")"
@@ -51,6 +53,11 @@ export BENCH_DATABASE_URL="postgres://$PGUSER@$PGHOST:$PGPORT/$BENCH_DB?sslmode=
 [[ $PGHOST == 127.0.0.1 || $PGHOST == localhost ]] || { echo "PGHOST must be local" >&2; exit 2; }
 
 BIN=${BENCH_SERVER:-$BENCH/target/release/bench-server}
+BIN_B=${BENCH_SERVER_B:-}
+if [[ " $CONTENDERS " == *" pg-session-b "* && ! -x $BIN_B ]]; then
+  echo "pg-session-b needs BENCH_SERVER_B, a bench-server built from the other tree" >&2
+  exit 2
+fi
 RESULTS=$BENCH/results REPORT=${REPORT:-latest}
 RAW=$RESULTS/$REPORT.tsv
 WORK=$(mktemp -d)
@@ -100,7 +107,7 @@ fi
 psql -X -q -d postgres -At -c "SELECT 1 FROM pg_database WHERE datname = '$BENCH_DB'" | grep -q 1 ||
   psql -X -q -d postgres -c "CREATE DATABASE $BENCH_DB"
 sql -c "CREATE EXTENSION IF NOT EXISTS pg_stat_statements" \
-  -c "DROP SCHEMA IF EXISTS bench_pg, bench_pgb, bench_ts, bench_ts_noping, bench_ts_always, bench_express, bench_pgbench CASCADE" \
+  -c "DROP SCHEMA IF EXISTS bench_pg, bench_pg_b, bench_pgb, bench_ts, bench_ts_noping, bench_ts_always, bench_express, bench_pgbench CASCADE" \
   -c "DROP SCHEMA IF EXISTS bench_demo CASCADE" -c "CREATE SCHEMA bench_demo" \
   -c "DROP SCHEMA IF EXISTS bench_pg_live, bench_ts_live, bench_ts_always_live, bench_express_live CASCADE"
 
@@ -154,6 +161,9 @@ start_server() { # contender port [schema suffix]
     # Not through a function: $! must be timeout's own process, whose
     # child is the server (CPU from /proc, TERM passed on).
     env "${DEMO_ENV[@]}" BIND_ADDR="127.0.0.1:$port" timeout 3600 "$DEMO_BIN" >"$WORK/$c.log" 2>&1 &
+  elif [[ $c == pg-session-b ]]; then
+    BENCH_SCHEMA_SUFFIX=_b timeout 3600 "$BIN_B" serve --contender pg-session --port "$port" --pool "$POOL" \
+      >"$WORK/$c.log" 2>&1 &
   else
     timeout 3600 "$BIN" serve --contender "$c" --port "$port" --pool "$POOL" >"$WORK/$c${3:-}.log" 2>&1 &
   fi
@@ -195,6 +205,8 @@ seed() { # contender count [schema suffix] > cookie file
     seq "$2" | xargs -P "$POOL" -n 1 sh -c \
       'curl -fs -o /dev/null -D - "$0" | sed -n "s/^[Ss]et-[Cc]ookie: \([^;]*\);.*/\1/p"' \
       "http://127.0.0.1:$port/counter"
+  elif [[ $1 == pg-session-b ]]; then
+    BENCH_SCHEMA_SUFFIX=_b timeout 600 "$BIN_B" seed "$2" --contender pg-session --pool "$POOL"
   else
     BENCH_SCHEMA_SUFFIX=${3:-} timeout 600 "$BIN" seed "$2" --contender "$1" --pool "$POOL"
   fi

@@ -13,9 +13,13 @@ use std::{
     fmt::Write,
 };
 
-const CONTENDERS: [(&str, &str); 8] = [
+const CONTENDERS: [(&str, &str); 9] = [
     ("ceiling", "axum without sessions (HTTP ceiling)"),
     ("pg-session", "**tower-pg-session**"),
+    (
+        "pg-session-b",
+        "tower-pg-session, second build (BENCH_SERVER_B)",
+    ),
     (DEMO, "the demo app (examples/demo.rs)"),
     (
         POOLED,
@@ -658,8 +662,9 @@ fn targets(run: &Run, levels: &[u32]) -> Vec<Target> {
 /// per contender. Plain SVG; concurrency levels evenly spaced. `None` when
 /// the run has no such cells (only its scale or memory parts).
 pub fn chart(raw: &str) -> Option<String> {
-    const PALETTE: [&str; 8] = [
-        "#888888", "#d62728", "#ff7f0e", "#9467bd", "#1f77b4", "#17becf", "#2ca02c", "#8c564b",
+    const PALETTE: [&str; 9] = [
+        "#888888", "#d62728", "#e377c2", "#ff7f0e", "#9467bd", "#1f77b4", "#17becf", "#2ca02c",
+        "#8c564b",
     ];
     const W: f64 = 420.0;
     const H: f64 = 240.0;
