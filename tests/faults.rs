@@ -99,6 +99,54 @@ async fn a_request_waiting_for_its_load_and_its_save_answers_within_one_bound() 
     db.drop_schema().await;
 }
 
+/// An application shutting down closes its pool. The connections the store
+/// keeps between statements go back to it at once and are closed with the
+/// rest, rather than when the store's sweep next finds them idle (every
+/// second): none outlives the close on the server.
+#[tokio::test]
+async fn closing_the_pool_closes_the_connections_the_store_keeps_at_once() {
+    let db = Db::new().await;
+    let (name, store) = bounded_store(&db, 4, Duration::from_secs(2)).await;
+    let pool = store.pool().clone();
+    let mut c = Client::new(app(layer(store), Gate::default()));
+    c.put("/kv/me", json!(1)).await;
+    assert_eq!(c.get("/kv").await.body, json!({"me": 1}));
+    assert!(
+        pool.num_idle() < pool.size() as usize,
+        "the store keeps a connection: {} idle of {}",
+        pool.num_idle(),
+        pool.size()
+    );
+
+    let started = Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), pool.close())
+        .await
+        .expect("the pool still closing after 10 s");
+    // Its server connections end with it (a backend leaves the server's
+    // view a moment after its client's goodbye), the kept one included.
+    let left = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+        )
+        .bind(&name)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+    };
+    while left().await > 0 {
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_millis(500),
+            "still open after {took:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A store whose pool is closed answers as one whose database is down.
+    assert_eq!(c.get("/kv").await.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(pool.size(), 0, "and keeps nothing");
+    db.drop_schema().await;
+}
+
 #[tokio::test]
 async fn an_exhausted_pool_answers_503_after_the_bound_and_recovers() {
     let db = Db::new().await;

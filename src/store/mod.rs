@@ -326,7 +326,9 @@ impl PgStoreConfig {
     /// is instead kept for the store's next statement, and skips that round
     /// trip. A connection kept idle for a second, or out of the pool for
     /// ten, goes back to the pool; the rest of the application always has
-    /// the other connections of a shared pool.
+    /// the other connections of a shared pool. When the pool is closed
+    /// ([`sqlx::Pool::close`], at shutdown), the kept ones go back at once
+    /// and are closed with the rest.
     ///
     /// ```
     /// # use tower_pg_session::PgStoreConfig;
@@ -504,6 +506,7 @@ impl PgStore {
             .load_slots
             .unwrap_or_else(|| DEFAULT_LOAD_SLOTS.min(max));
         let kept = config.kept.unwrap_or(max / 2);
+        let warm = warm::Warm::new(kept, pool.clone());
         Self {
             inner: Arc::new(Inner {
                 pool,
@@ -517,7 +520,7 @@ impl PgStore {
                 loads: batch::Batcher::new(slots),
                 updates: batch::Batcher::new(slots),
                 inserts: batch::Batcher::new(slots),
-                warm: warm::Warm::new(kept),
+                warm,
             }),
         }
     }

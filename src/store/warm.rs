@@ -17,7 +17,10 @@
 //! - one taken from the pool more than [`RECHECK`] ago goes back after its
 //!   statement, so the pool's lifetime limit and checks still apply;
 //! - after the store found its server demoted (the pool moved to another
-//!   host), none taken before is reused.
+//!   host), none taken before is reused;
+//! - once the pool is closed (an application shutting down), every kept
+//!   connection goes back at once, to be closed with the rest, and none is
+//!   kept any more.
 
 use std::{
     sync::{
@@ -27,7 +30,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use sqlx::{pool::PoolConnection, Postgres};
+use sqlx::{pool::PoolConnection, PgPool, Postgres};
 
 /// A kept connection unused this long goes back to the pool.
 pub(crate) const IDLE: Duration = Duration::from_secs(1);
@@ -61,16 +64,19 @@ impl Kept {
 pub(crate) struct Warm {
     kept: Mutex<Vec<Kept>>,
     cap: usize,
+    /// The pool they come from: once it is closed, none is kept.
+    pool: PgPool,
     /// The sweeper task runs (started by the first connection kept, from
     /// within the runtime).
     sweeping: AtomicBool,
 }
 
 impl Warm {
-    pub(crate) fn new(cap: usize) -> Arc<Self> {
+    pub(crate) fn new(cap: usize, pool: PgPool) -> Arc<Self> {
         Arc::new(Self {
             kept: Mutex::new(Vec::with_capacity(cap)),
             cap,
+            pool,
             sweeping: AtomicBool::new(false),
         })
     }
@@ -124,7 +130,9 @@ impl Warm {
                 .first()
                 .is_some_and(|k| now.saturating_duration_since(k.since) >= IDLE);
             let back = stale.then(|| kept.remove(0));
-            if kept.len() < self.cap {
+            // Checked under the lock that the sweep empties the list under
+            // once the pool is closed: nothing is kept after that.
+            if kept.len() < self.cap && !self.pool.is_closed() {
                 kept.push(Kept { leased, since: now });
                 back.map(|k| k.leased)
             } else {
@@ -142,13 +150,21 @@ impl Warm {
 }
 
 /// Every [`IDLE`], gives the connections kept idle that long back to the
-/// pool; ends with the store.
+/// pool; when the pool is closed, gives every kept connection back at once
+/// (the pool closes each). Ends with the store or with the pool.
 async fn sweep(warm: Weak<Warm>) {
+    let Some(mut closed) = warm.upgrade().map(|w| w.pool.close_event()) else {
+        return;
+    };
     loop {
-        tokio::time::sleep(IDLE).await;
+        let closing = tokio::time::timeout(IDLE, &mut closed).await.is_ok();
         let Some(warm) = warm.upgrade() else {
             return;
         };
+        if closing {
+            warm.clear();
+            return;
+        }
         let now = Instant::now();
         let idle: Vec<Kept> = {
             let mut kept = warm.lock();
