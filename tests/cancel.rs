@@ -232,17 +232,7 @@ async fn a_dropped_request_does_not_merge_its_save_over_a_later_write() {
     tx.commit().await.unwrap();
 
     // The dropped request's save resumes, finds the row changed, and stops.
-    eventually("the save is over", || async {
-        sqlx::query_scalar::<_, i64>(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND state <> 'idle'",
-        )
-        .bind(&name)
-        .fetch_one(&db.pool)
-        .await
-        .unwrap()
-            == 0
-    })
-    .await;
+    until_idle(&db, &name).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(db.only_sess().await["count"], json!(10));
     assert_eq!(c.get("/count").await.body, json!({"count": 11}));

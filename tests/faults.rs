@@ -124,16 +124,7 @@ async fn closing_the_pool_closes_the_connections_the_store_keeps_at_once() {
         .expect("the pool still closing after 10 s");
     // Its server connections end with it (a backend leaves the server's
     // view a moment after its client's goodbye), the kept one included.
-    let left = || async {
-        sqlx::query_scalar::<_, i64>(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
-        )
-        .bind(&name)
-        .fetch_one(&db.pool)
-        .await
-        .unwrap()
-    };
-    while left().await > 0 {
+    while connections(&db, &name, false).await > 0 {
         let took = started.elapsed();
         assert!(
             took < Duration::from_millis(500),

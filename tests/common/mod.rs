@@ -592,13 +592,14 @@ pub async fn a_nul_user_id_is_refused(app: Router, db: &Db) {
     assert_eq!(db.user_ids().await, [Some("alice".to_owned())]);
 }
 
-/// The backends named `name` that are not idle (running, waiting, or inside
-/// a transaction).
-async fn busy(db: &Db, name: &str) -> i64 {
+/// Server connections named `name`: every one, or (`busy`) those not idle.
+pub async fn connections(db: &Db, name: &str, busy: bool) -> i64 {
     sqlx::query_scalar(
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND state <> 'idle'",
+        "SELECT count(*) FROM pg_stat_activity \
+         WHERE application_name = $1 AND (NOT $2 OR state <> 'idle')",
     )
     .bind(name)
+    .bind(busy)
     .fetch_one(&db.pool)
     .await
     .unwrap()
@@ -647,7 +648,7 @@ pub async fn a_locked_row_is_waited_for_within_the_bound(
 /// transaction.
 pub async fn until_idle(db: &Db, name: &str) {
     eventually("no connection left waiting or in a transaction", || async {
-        busy(db, name).await == 0
+        connections(db, name, true).await == 0
     })
     .await;
 }
