@@ -152,6 +152,16 @@ stats_reset() { sql -c "SELECT pg_stat_statements_reset(0, (SELECT oid FROM pg_d
 OURS="dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
       AND query NOT LIKE '%pg_stat_statements%' AND query NOT LIKE '%pg_stat_activity%'"
 
+# The bench-server that runs contender $1, the contender it runs as, and the
+# schema suffix of its tables ($2): pg-session-b is pg-session run from
+# BENCH_SERVER_B, on tables of its own. Sets AS_BIN, AS_CONTENDER, AS_SUFFIX.
+bench_server_of() { # contender [schema suffix]
+  AS_BIN=$BIN AS_CONTENDER=$1 AS_SUFFIX=${2:-}
+  if [[ $1 == pg-session-b ]]; then
+    AS_BIN=$BIN_B AS_CONTENDER=pg-session AS_SUFFIX=_b${2:-}
+  fi
+}
+
 start_server() { # contender port [schema suffix]
   local c=$1 port=$2
   export BENCH_SCHEMA_SUFFIX=${3:-}
@@ -161,11 +171,10 @@ start_server() { # contender port [schema suffix]
     # Not through a function: $! must be timeout's own process, whose
     # child is the server (CPU from /proc, TERM passed on).
     env "${DEMO_ENV[@]}" BIND_ADDR="127.0.0.1:$port" timeout 3600 "$DEMO_BIN" >"$WORK/$c.log" 2>&1 &
-  elif [[ $c == pg-session-b ]]; then
-    BENCH_SCHEMA_SUFFIX=_b timeout 3600 "$BIN_B" serve --contender pg-session --port "$port" --pool "$POOL" \
-      >"$WORK/$c.log" 2>&1 &
   else
-    timeout 3600 "$BIN" serve --contender "$c" --port "$port" --pool "$POOL" >"$WORK/$c${3:-}.log" 2>&1 &
+    bench_server_of "$c" "${3:-}"
+    BENCH_SCHEMA_SUFFIX=$AS_SUFFIX timeout 3600 "$AS_BIN" serve --contender "$AS_CONTENDER" --port "$port" \
+      --pool "$POOL" >"$WORK/$c${3:-}.log" 2>&1 &
   fi
   unset BENCH_SCHEMA_SUFFIX
   SERVER_PID=$!
@@ -205,10 +214,9 @@ seed() { # contender count [schema suffix] > cookie file
     seq "$2" | xargs -P "$POOL" -n 1 sh -c \
       'curl -fs -o /dev/null -D - "$0" | sed -n "s/^[Ss]et-[Cc]ookie: \([^;]*\);.*/\1/p"' \
       "http://127.0.0.1:$port/counter"
-  elif [[ $1 == pg-session-b ]]; then
-    BENCH_SCHEMA_SUFFIX=_b timeout 600 "$BIN_B" seed "$2" --contender pg-session --pool "$POOL"
   else
-    BENCH_SCHEMA_SUFFIX=${3:-} timeout 600 "$BIN" seed "$2" --contender "$1" --pool "$POOL"
+    bench_server_of "$1" "${3:-}"
+    BENCH_SCHEMA_SUFFIX=$AS_SUFFIX timeout 600 "$AS_BIN" seed "$2" --contender "$AS_CONTENDER" --pool "$POOL"
   fi
 }
 
