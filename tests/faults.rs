@@ -135,6 +135,11 @@ async fn closing_the_pool_closes_the_connections_the_store_keeps_at_once() {
     // A store whose pool is closed answers as one whose database is down.
     assert_eq!(c.get("/kv").await.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(pool.size(), 0, "and keeps nothing");
+    assert_eq!(
+        db.only_sess().await,
+        json!({"me": 1}),
+        "the stored session intact"
+    );
     db.drop_schema().await;
 }
 
