@@ -8,7 +8,8 @@
 # and pg-session-b, the minimal server built from another tree (BENCH_SERVER_B),
 # to compare two builds of the crate cell by cell.
 # Each HTTP cell runs at every concurrency of CONCURRENCY (wrk connections);
-# pgbench runs at the same client counts, at most POOL (the servers' pools);
+# pgbench runs at the same client counts, at most POOL (the servers' pools), in the
+# same rotation as the HTTP contenders;
 # with pg-session-pgbouncer, its READ and WRITE statements also run through
 # PgBouncer (the pooler's own cost, beside the crate's).
 #
@@ -138,7 +139,7 @@ fi
 
 {
   printf 'meta\tdate\t%s\n' "$(date -u '+%F %T UTC')"
-  printf 'meta\tsettings\twrk %s s x %s (median; contenders interleaved, their order rotated every repetition) at %s connections, %s threads; pool %s; %s sessions\n' \
+  printf 'meta\tsettings\twrk %s s x %s (median; contenders, pgbench among them, interleaved, their order rotated every repetition) at %s connections, %s threads; pool %s; %s sessions\n' \
     "$DURATION" "$REPS" "${CONCURRENCY// /, }" "$THREADS" "$POOL" "$SESSIONS"
   printf 'meta\tmachine\t%s cores, %s; %s; node %s\n' "$(nproc)" "$(uname -sr)" \
     "$(psql -X -At -d "$BENCH_DB" -c 'SHOW server_version' | cut -d' ' -f1 | sed 's/^/PostgreSQL /')" "$(node --version)"
@@ -269,6 +270,70 @@ statement_details() { # contender workload connections
           FROM pg_stat_statements WHERE $OURS ORDER BY calls DESC LIMIT 6" >>"$WORK/details.md"
 }
 
+# --------------------------------------------------------------- pgbench
+# pgbench runs in the HTTP cells' rotation, as one more contender: for each
+# workload the script of the same statements (pgbench_of), and with
+# pg-session-pgbouncer the same through PgBouncer, so that its ratios too
+# compare runs minutes apart at most.
+# pgbench_cell SCRIPT CONNECTIONS REP LABEL ARGS...: one run, one raw line.
+pgbench_cell() {
+  local script=$1 n=$2 rep=$3 label=$4
+  # As many clients as HTTP connections, at most as many as the servers' pools hold.
+  local clients=$((n < POOL ? n : POOL))
+  shift 4
+  # Postgres CPU: the backends' ticks between 1 s after the start and 1 s before the end.
+  timeout $((DURATION + 60)) pgbench -n "$@" -c "$clients" -j "$((clients < THREADS ? clients : THREADS))" -T "$DURATION" \
+    -D rows="$SESSIONS" -f "$BENCH/pgbench/$script.sql" "$BENCH_DB" >"$WORK/pgbench.out" 2>&1 &
+  sleep 1
+  local t0 pg0 t1 pg1 out tps lat cpu
+  t0=$(date +%s%N) pg0=$(ticks $(backends))
+  sleep $((DURATION > 2 ? DURATION - 2 : 0))
+  t1=$(date +%s%N) pg1=$(ticks $(backends))
+  wait $! || { cat "$WORK/pgbench.out" >&2; exit 1; }
+  out=$(<"$WORK/pgbench.out")
+  tps=$(sed -n 's/^tps = \([0-9.]*\) (without.*/\1/p' <<<"$out")
+  lat=$(sed -n 's/^latency average = \([0-9.]*\) ms/\1/p' <<<"$out")
+  cpu=$(awk -v t="$(ticks_spent "$pg0" "$pg1")" -v us="$TICK_US" -v tps="$tps" -v s="$(((t1 - t0) / 1000000))" \
+    'BEGIN { if (s > 0 && tps > 0) printf "%.1f", t * us / (tps * s / 1000) }')
+  printf 'pgbench\t%s\t%s\t%s\t%s\t%s\t%s\n' "$label" "$rep" "$tps" "$lat" "$cpu" "$n" | tee -a "$RAW" | cut -f2- | tr '\t' ' ' >&2
+}
+
+# The pgbench script beside workload $1 (none for mixed).
+pgbench_of() {
+  case $1 in read) echo select ;; write) echo select_upsert ;; new) echo upsert ;; esac
+}
+# The cell's contenders: the HTTP ones, then pgbench's runs of its script.
+cell_order() { # workload
+  CELL=("${ORDER[@]}")
+  local s
+  s=$(pgbench_of "$1")
+  [[ $PGBENCH == 1 && -n $s ]] || return 0
+  CELL+=("pgbench:$s")
+  # The pooler's own cost: the same statements through PgBouncer, unnamed
+  # (its transaction mode keeps no prepared statement), as the crate's are.
+  [[ -z ${PGBOUNCER_PID:-} || $s == upsert ]] || CELL+=("pgbench:$s@pgbouncer")
+}
+run_cell() { # contender workload rep connections
+  local c=$1 w=$2 rep=$3 n=$4 s
+  if [[ $c == pgbench:* ]]; then
+    s=${c#pgbench:}
+    case $s in
+      *@pgbouncer) pgbench_cell "${s%@pgbouncer}" "$n" "$rep" "$s" -M extended -h 127.0.0.1 -p "$PGBOUNCER_PORT" ;;
+      *) pgbench_cell "$s" "$n" "$rep" "$s" -M prepared ;;
+    esac
+    return
+  fi
+  CUR=$c SERVER_PID=${PID_OF[$c]}
+  export_routes
+  run_wrk "$c" "$w" "$w" "$rep" "${PORT_OF[$c]}" "$DURATION" "$WORK/$c.cookies" "$n"
+  # Right after its last repetition: the next run resets the statistics.
+  [[ $c == ceiling || $rep != "$REPS" ]] || statement_details "$c" "$w" "$n"
+}
+if [[ $PGBENCH == 1 ]]; then
+  log "pgbench: $SESSIONS rows"
+  sql -v rows="$SESSIONS" -f "$BENCH/pgbench/setup.sql" >/dev/null
+fi
+
 # --------------------------------------------------------------- HTTP contenders
 # Every contender's server runs from the start, each on its own port, and their
 # cells interleave: each repetition of a cell runs every contender once, in an
@@ -311,13 +376,9 @@ turn=0
 for n in $CONCURRENCY; do
   for w in $WORKLOADS; do
     for rep in $(seq "$REPS"); do
-      for i in "${!ORDER[@]}"; do
-        c=${ORDER[$(((i + turn) % ${#ORDER[@]}))]}
-        CUR=$c SERVER_PID=${PID_OF[$c]}
-        export_routes
-        run_wrk "$c" "$w" "$w" "$rep" "${PORT_OF[$c]}" "$DURATION" "$WORK/$c.cookies" "$n"
-        # Right after its last repetition: the next run resets the statistics.
-        [[ $c == ceiling || $rep != "$REPS" ]] || statement_details "$c" "$w" "$n"
+      cell_order "$w"
+      for i in "${!CELL[@]}"; do
+        run_cell "${CELL[$(((i + turn) % ${#CELL[@]}))]}" "$w" "$rep" "$n"
       done
       turn=$((turn + 1))
     done
@@ -326,47 +387,6 @@ done
 SERVER_PID=
 stop_servers
 CUR= && export_routes
-
-# --------------------------------------------------------------- pgbench
-# pgbench_cell SCRIPT CONNECTIONS REP LABEL ARGS...: one run, one raw line.
-pgbench_cell() {
-  local script=$1 n=$2 rep=$3 label=$4
-  # As many clients as HTTP connections, at most as many as the servers' pools hold.
-  local clients=$((n < POOL ? n : POOL))
-  shift 4
-  # Postgres CPU: the backends' ticks between 1 s after the start and 1 s before the end.
-  timeout $((DURATION + 60)) pgbench -n "$@" -c "$clients" -j "$((clients < THREADS ? clients : THREADS))" -T "$DURATION" \
-    -D rows="$SESSIONS" -f "$BENCH/pgbench/$script.sql" "$BENCH_DB" >"$WORK/pgbench.out" 2>&1 &
-  sleep 1
-  local t0 pg0 t1 pg1 out tps lat cpu
-  t0=$(date +%s%N) pg0=$(ticks $(backends))
-  sleep $((DURATION > 2 ? DURATION - 2 : 0))
-  t1=$(date +%s%N) pg1=$(ticks $(backends))
-  wait $! || { cat "$WORK/pgbench.out" >&2; exit 1; }
-  out=$(<"$WORK/pgbench.out")
-  tps=$(sed -n 's/^tps = \([0-9.]*\) (without.*/\1/p' <<<"$out")
-  lat=$(sed -n 's/^latency average = \([0-9.]*\) ms/\1/p' <<<"$out")
-  cpu=$(awk -v t="$(ticks_spent "$pg0" "$pg1")" -v us="$TICK_US" -v tps="$tps" -v s="$(((t1 - t0) / 1000000))" \
-    'BEGIN { if (s > 0 && tps > 0) printf "%.1f", t * us / (tps * s / 1000) }')
-  printf 'pgbench\t%s\t%s\t%s\t%s\t%s\t%s\n' "$label" "$rep" "$tps" "$lat" "$cpu" "$n" | tee -a "$RAW" | cut -f2- | tr '\t' ' ' >&2
-}
-
-if [[ $PGBENCH == 1 ]]; then
-  log "pgbench: $SESSIONS rows"
-  sql -v rows="$SESSIONS" -f "$BENCH/pgbench/setup.sql" >/dev/null
-  for n in $CONCURRENCY; do
-    for s in select select_upsert upsert; do
-      for rep in $(seq "$REPS"); do
-        pgbench_cell "$s" "$n" "$rep" "$s" -M prepared
-        # The pooler's own cost: the same statements through PgBouncer, unnamed
-        # (its transaction mode keeps no prepared statement), as the crate's are.
-        if [[ -n ${PGBOUNCER_PID:-} && $s != upsert ]]; then
-          pgbench_cell "$s" "$n" "$rep" "$s@pgbouncer" -M extended -h 127.0.0.1 -p "$PGBOUNCER_PORT"
-        fi
-      done
-    done
-  done
-fi
 
 # --------------------------------------------------------------- scale
 # READ on a table holding only the live sessions, then with SCALE_ROWS more rows
