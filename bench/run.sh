@@ -60,6 +60,13 @@ if [[ " $CONTENDERS " == *" pg-session-b "* && ! -x $BIN_B ]]; then
   exit 2
 fi
 RESULTS=$BENCH/results REPORT=${REPORT:-latest}
+# The servers and PgBouncer run for the whole run, and stop by themselves after
+# at most this long: each cell's runs at 20 s over DURATION, plus an hour for
+# seeding, the scale and memory runs.
+set -f
+words() { echo $#; }
+LIFETIME=$(($(words $CONCURRENCY) * ($(words $WORKLOADS) + 1) * ($(words $CONTENDERS) + 2) * REPS * (DURATION + 20) + 3600))
+set +f
 RAW=$RESULTS/$REPORT.tsv
 WORK=$(mktemp -d)
 SERVER_PID=
@@ -125,7 +132,7 @@ if [[ " $CONTENDERS " == *" pg-session-pgbouncer "* ]]; then
     "auth_type = any" "pool_mode = transaction" "default_pool_size = $POOL" "max_client_conn = 1000" \
     "ignore_startup_parameters = extra_float_digits" "server_reset_query =" >"$WORK/pgbouncer.ini"
   # PgBouncer refuses to run as root: it switches to postgres itself.
-  timeout 7200 "$(command -v pgbouncer || echo /usr/sbin/pgbouncer)" $([[ $(id -u) == 0 ]] && echo -u postgres) \
+  timeout "$LIFETIME" "$(command -v pgbouncer || echo /usr/sbin/pgbouncer)" $([[ $(id -u) == 0 ]] && echo -u postgres) \
     "$WORK/pgbouncer.ini" >"$WORK/pgbouncer.log" 2>&1 &
   PGBOUNCER_PID=$!
   for _ in $(seq 50); do
@@ -167,14 +174,14 @@ start_server() { # contender port [schema suffix]
   local c=$1 port=$2
   export BENCH_SCHEMA_SUFFIX=${3:-}
   if [[ $c == express ]]; then
-    timeout 3600 node "$BENCH/express/server.js" serve "$port" >"$WORK/$c${3:-}.log" 2>&1 &
+    timeout "$LIFETIME" node "$BENCH/express/server.js" serve "$port" >"$WORK/$c${3:-}.log" 2>&1 &
   elif [[ $c == demo ]]; then
     # Not through a function: $! must be timeout's own process, whose
     # child is the server (CPU from /proc, TERM passed on).
-    env "${DEMO_ENV[@]}" BIND_ADDR="127.0.0.1:$port" timeout 3600 "$DEMO_BIN" >"$WORK/$c.log" 2>&1 &
+    env "${DEMO_ENV[@]}" BIND_ADDR="127.0.0.1:$port" timeout "$LIFETIME" "$DEMO_BIN" >"$WORK/$c.log" 2>&1 &
   else
     bench_server_of "$c" "${3:-}"
-    BENCH_SCHEMA_SUFFIX=$AS_SUFFIX timeout 3600 "$AS_BIN" serve --contender "$AS_CONTENDER" --port "$port" \
+    BENCH_SCHEMA_SUFFIX=$AS_SUFFIX timeout "$LIFETIME" "$AS_BIN" serve --contender "$AS_CONTENDER" --port "$port" \
       --pool "$POOL" >"$WORK/$c${3:-}.log" 2>&1 &
   fi
   unset BENCH_SCHEMA_SUFFIX
@@ -248,7 +255,7 @@ run_wrk() { # contender workload label rep port duration [cookie file [connectio
   srv0=$(server_ticks) pg0=$(ticks $(backends)) pb0=$(pooler_ticks)
   out=$(COOKIES="$cookies" timeout $((d + 30)) wrk -t"$((conns < THREADS ? conns : THREADS))" -c"$conns" -d"${d}s" \
     --timeout 5s -s "$BENCH/wrk/$w.lua" "http://127.0.0.1:$port" | grep '^RESULT') ||
-    { log "wrk failed: $c $w"; return 1; }
+    { log "wrk failed: $c $w$(kill -0 "$SERVER_PID" 2>/dev/null || echo ": its server has exited")"; return 1; }
   srv1=$(server_ticks) pg1=$(ticks $(backends)) pb1=$(pooler_ticks)
   pg=$(ticks_spent "$pg0" "$pg1")
   stats=$(sql -F ' ' -c "SELECT coalesce(sum(calls), 0), coalesce(sum(total_exec_time), 0) FROM pg_stat_statements WHERE $OURS")
