@@ -13,7 +13,7 @@
 # with pg-session-pgbouncer, its READ and WRITE statements also run through
 # PgBouncer (the pooler's own cost, beside the crate's).
 #
-#   bash bench/run.sh              # 10 s x 3 per cell, median (about 15 minutes)
+#   bash bench/run.sh              # 10 s x 3 per cell, median (about 1.5 hours)
 #   QUICK=1 bash bench/run.sh      # 3 s x 1 at concurrency 1 and 32: a smoke test
 #   SCALE=1 bash bench/run.sh      # adds the table-size and prune-under-load runs
 #   MEMORY=1 bash bench/run.sh     # adds the server's memory over 10k then 1M sessions
