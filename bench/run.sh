@@ -61,7 +61,8 @@ if [[ " $CONTENDERS " == *" pg-session-b "* && ! -x $BIN_B ]]; then
 fi
 RESULTS=$BENCH/results REPORT=${REPORT:-latest}
 # The servers and PgBouncer run for the whole run, and stop by themselves after
-# at most this long: each cell's runs at 20 s over DURATION, plus an hour for
+# at most this long: every cell's runs (the contenders and pgbench's two, one
+# workload more as a margin) at 20 s over DURATION each, plus an hour for
 # seeding, the scale and memory runs.
 set -f
 words() { echo $#; }
